@@ -1,0 +1,362 @@
+//! The service's own configuration (`config.toml`): every key has a default, environment
+//! variables `HARVEST_*` override the file, and command-line flags override both (in `cli`).
+//!
+//! Unknown keys are refused with their path, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A configuration error, naming the key and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config: cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a bad key or value.
+    #[error("config: {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the key path.
+        message: String,
+    },
+    /// A value is out of range, or keys do not go together.
+    #[error("config: {key}: {message}")]
+    Invalid {
+        /// The key path, e.g. `workers.concurrency`.
+        key: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// Which storage backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded sled under `data_dir` (one process).
+    #[default]
+    Sled,
+    /// PostgreSQL at `database_url` (many processes).
+    Postgres,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// sled directory.
+    pub data_dir: PathBuf,
+    /// Backend.
+    pub store: StoreKind,
+    /// PostgreSQL URL when `store = "postgres"`.
+    pub database_url: Option<String>,
+    /// HTTP server.
+    pub server: ServerConfig,
+    /// Workers of this process.
+    pub workers: WorkersConfig,
+    /// Session defaults.
+    pub sessions: SessionsConfig,
+    /// Metrics.
+    pub metrics: MetricsConfig,
+    /// Request-forgery guard.
+    pub http_guard: HttpGuardConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// API clients (tenants). Empty: single user, loopback only.
+    pub clients: Vec<ClientConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            store: StoreKind::Sled,
+            database_url: None,
+            server: ServerConfig::default(),
+            workers: WorkersConfig::default(),
+            sessions: SessionsConfig::default(),
+            metrics: MetricsConfig::default(),
+            http_guard: HttpGuardConfig::default(),
+            log: LogConfig::default(),
+            clients: Vec::new(),
+        }
+    }
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub bind: SocketAddr,
+    /// Request body limit (413 beyond).
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { bind: SocketAddr::from(([127, 0, 0, 1], 8080)), max_body_bytes: 1 << 20 }
+    }
+}
+
+/// `[workers]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// Sessions at once in this process (0: no workers).
+    pub concurrency: usize,
+    /// Lease length; renewed every third of it.
+    pub lease_secs: u64,
+    /// On SIGTERM, how long running sessions may finish before they are handed back.
+    pub shutdown_grace_secs: u64,
+    /// Safety-net poll when no wakeup arrives (milliseconds).
+    pub poll_interval_ms: u64,
+    /// First retry backoff (doubles per failed attempt, with jitter).
+    pub retry_backoff_ms: u64,
+    /// Largest retry backoff.
+    pub retry_backoff_max_secs: u64,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        WorkersConfig {
+            concurrency: 4,
+            lease_secs: 30,
+            shutdown_grace_secs: 30,
+            poll_interval_ms: 1000,
+            retry_backoff_ms: 1000,
+            retry_backoff_max_secs: 300,
+        }
+    }
+}
+
+impl WorkersConfig {
+    /// The lease length.
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_secs)
+    }
+}
+
+/// `[sessions]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// `session_timeout` when a submission gives none.
+    pub default_timeout_secs: u64,
+    /// `max_attempts` when a submission gives none.
+    pub max_attempts: u32,
+    /// How often the scheduler looks for expired leases, timeouts and cleanups (seconds).
+    pub maintenance_interval_secs: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig { default_timeout_secs: 86_400, max_attempts: 3, maintenance_interval_secs: 1 }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Add a `client` label to per-session metrics (bounded by the configured clients).
+    pub per_client_labels: bool,
+    /// A separate listen address for `/metrics` (for `harvest worker`).
+    pub bind: Option<SocketAddr>,
+}
+
+/// `[http_guard]`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpGuardConfig {
+    /// Force the guard on even without clients (it is on whenever clients are configured).
+    pub enabled: Option<bool>,
+    /// CIDRs sessions may fetch despite the guard.
+    pub allow_networks: Vec<String>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: "text".into() }
+    }
+}
+
+/// `[[clients]]`: one tenant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Client id (owner of its sessions and agents).
+    pub id: String,
+    /// Bearer token.
+    pub token: String,
+}
+
+impl Config {
+    /// Reads `path` (a missing file is an error), then applies `HARVEST_*` variables.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut cfg = Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no environment).
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim().to_string())
+    }
+
+    /// Applies environment overrides: `HARVEST_DATA_DIR`, `HARVEST_STORE`,
+    /// `HARVEST_DATABASE_URL`, `HARVEST_BIND`, `HARVEST_WORKERS`, `HARVEST_LEASE_SECS`,
+    /// `HARVEST_SHUTDOWN_GRACE_SECS`, `HARVEST_LOG_FORMAT`, `HARVEST_METRICS_BIND`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse().map_err(|e: T::Err| ConfigError::Invalid {
+                key: key.into(),
+                message: format!("cannot parse {v:?}: {e}"),
+            })
+        }
+        if let Some(v) = get("HARVEST_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get("HARVEST_STORE") {
+            self.store = match v.as_str() {
+                "sled" => StoreKind::Sled,
+                "postgres" => StoreKind::Postgres,
+                other => {
+                    return Err(ConfigError::Invalid {
+                        key: "HARVEST_STORE".into(),
+                        message: format!("unknown store {other:?}; use \"sled\" or \"postgres\""),
+                    });
+                }
+            };
+        }
+        if let Some(v) = get("HARVEST_DATABASE_URL") {
+            self.database_url = Some(v);
+        }
+        if let Some(v) = get("HARVEST_BIND") {
+            self.server.bind = parse("HARVEST_BIND", &v)?;
+        }
+        if let Some(v) = get("HARVEST_WORKERS") {
+            self.workers.concurrency = parse("HARVEST_WORKERS", &v)?;
+        }
+        if let Some(v) = get("HARVEST_LEASE_SECS") {
+            self.workers.lease_secs = parse("HARVEST_LEASE_SECS", &v)?;
+        }
+        if let Some(v) = get("HARVEST_SHUTDOWN_GRACE_SECS") {
+            self.workers.shutdown_grace_secs = parse("HARVEST_SHUTDOWN_GRACE_SECS", &v)?;
+        }
+        if let Some(v) = get("HARVEST_LOG_FORMAT") {
+            self.log.format = v;
+        }
+        if let Some(v) = get("HARVEST_METRICS_BIND") {
+            self.metrics.bind = Some(parse("HARVEST_METRICS_BIND", &v)?);
+        }
+        Ok(())
+    }
+
+    /// Checks ranges and combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid { key: key.into(), message: message.into() })
+        };
+        if self.workers.lease_secs < 2 {
+            return invalid("workers.lease_secs", "must be at least 2 (heartbeats renew it every third)");
+        }
+        if self.workers.concurrency > 10_000 {
+            return invalid("workers.concurrency", "must be at most 10000");
+        }
+        if self.sessions.max_attempts == 0 {
+            return invalid("sessions.max_attempts", "must be at least 1");
+        }
+        if self.sessions.maintenance_interval_secs == 0 {
+            return invalid("sessions.maintenance_interval_secs", "must be at least 1");
+        }
+        if self.server.max_body_bytes < 1024 {
+            return invalid("server.max_body_bytes", "must be at least 1024");
+        }
+        if self.store == StoreKind::Postgres && self.database_url.is_none() {
+            return invalid(
+                "database_url",
+                "store = \"postgres\" needs database_url (or HARVEST_DATABASE_URL)",
+            );
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return invalid("log.format", "must be \"text\" or \"json\"");
+        }
+        for (i, net) in self.http_guard.allow_networks.iter().enumerate() {
+            if net.parse::<ipnet::IpNet>().is_err() {
+                return invalid(
+                    &format!("http_guard.allow_networks[{i}]"),
+                    &format!("{net:?} is not a CIDR like \"10.1.0.0/16\""),
+                );
+            }
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            if c.id.is_empty() || c.token.len() < 8 {
+                return invalid(
+                    &format!("clients[{i}]"),
+                    "needs a non-empty id and a token of at least 8 characters",
+                );
+            }
+            if !ids.insert(&c.id) {
+                return invalid(&format!("clients[{i}].id"), &format!("{:?} is listed twice", c.id));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_parses_and_validates() {
+        let text = include_str!("../config.toml");
+        let cfg = Config::from_toml(text).expect("config.toml parses");
+        cfg.validate().expect("config.toml validates");
+        assert_eq!(cfg.data_dir, PathBuf::from("./data"));
+        assert_eq!(cfg.workers.concurrency, 4);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[workers]\nconcurency = 3\n").unwrap_err();
+        assert!(err.contains("concurency"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let mut cfg = Config::from_toml("[workers]\nconcurrency = 3\n").unwrap();
+        cfg.apply_env(|k| (k == "HARVEST_WORKERS").then(|| "7".to_string())).unwrap();
+        assert_eq!(cfg.workers.concurrency, 7);
+        let err = cfg.apply_env(|k| (k == "HARVEST_WORKERS").then(|| "x".to_string()));
+        assert!(err.is_err());
+    }
+}

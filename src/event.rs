@@ -1,0 +1,109 @@
+//! Session events, fanned out to subscribers on a tokio broadcast channel.
+//!
+//! Publishing never blocks: a subscriber that falls more than the channel's capacity behind
+//! loses the oldest events (it sees `Lagged`), so a slow consumer can never stall a worker.
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::session::{Session, SessionId, SessionStatus};
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// Submitted and durable.
+    Created,
+    /// Claimed by a worker (each attempt).
+    Started,
+    /// A checkpoint was committed (throttled by consumers that show it).
+    Progress,
+    /// Ended COMPLETED.
+    Completed,
+    /// Ended FAILED.
+    Failed,
+    /// Ended CANCELLED.
+    Cancelled,
+    /// Handed back to PENDING (retry, reclaim or shutdown).
+    Requeued,
+    /// Removed (close, cleanup, or a single agent's new run).
+    Removed,
+}
+
+impl EventKind {
+    /// The event that a terminal status produces.
+    pub fn for_status(status: SessionStatus) -> EventKind {
+        match status {
+            SessionStatus::Completed => EventKind::Completed,
+            SessionStatus::Failed => EventKind::Failed,
+            SessionStatus::Cancelled => EventKind::Cancelled,
+            SessionStatus::Running => EventKind::Started,
+            SessionStatus::Pending => EventKind::Requeued,
+        }
+    }
+
+    /// Lower-case name (the SSE `event:` field).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::Started => "started",
+            EventKind::Progress => "progress",
+            EventKind::Completed => "completed",
+            EventKind::Failed => "failed",
+            EventKind::Cancelled => "cancelled",
+            EventKind::Requeued => "requeued",
+            EventKind::Removed => "removed",
+        }
+    }
+}
+
+/// One event about one session.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// What happened.
+    pub kind: EventKind,
+    /// Which session.
+    pub session_id: SessionId,
+    /// Its owner.
+    pub client_id: String,
+    /// The session after the change (`None` for `removed` when it was already gone).
+    pub session: Option<Box<Session>>,
+}
+
+/// The process-wide event channel.
+#[derive(Debug, Clone)]
+pub struct EventBus {
+    tx: broadcast::Sender<Event>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus::new(4096)
+    }
+}
+
+impl EventBus {
+    /// A bus whose subscribers may fall `capacity` events behind before losing the oldest.
+    pub fn new(capacity: usize) -> EventBus {
+        let (tx, _) = broadcast::channel(capacity.max(16));
+        EventBus { tx }
+    }
+
+    /// Publishes (never blocks; no subscribers is fine).
+    pub fn publish(&self, kind: EventKind, session: &Session) {
+        if self.tx.receiver_count() == 0 {
+            return;
+        }
+        let _ = self.tx.send(Event {
+            kind,
+            session_id: session.id.clone(),
+            client_id: session.client.client_id().to_string(),
+            session: Some(Box::new(session.clone())),
+        });
+    }
+
+    /// A new subscription that sees events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+}

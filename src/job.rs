@@ -1,0 +1,157 @@
+//! The seam between the durable core and the work a session does.
+//!
+//! A [`Job`] validates configs at submission and runs one attempt of a session. It never touches
+//! the store: it hands its progress to a [`CheckpointSink`] (the worker's, which commits under the
+//! lease; or `harvest run`'s, which prints records) and watches a [`StopSignal`] between steps.
+//! The scraper engine is one `Job`; the queue benchmark's no-op job and the tests' jobs are
+//! others.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::session::{Session, SessionError};
+use crate::store::{CheckpointBatch, ResumeState};
+
+/// The lease is gone: another attempt owns the session now. Stop without writing anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the lease on this session was lost; another attempt owns it")]
+pub struct LeaseLost;
+
+/// Where a running job commits its progress.
+#[async_trait]
+pub trait CheckpointSink: Send + Sync {
+    /// Commits a batch atomically (durable on return).
+    async fn commit(&self, batch: CheckpointBatch) -> Result<(), LeaseLost>;
+}
+
+/// Why a job is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StopReason {
+    /// A client cancelled the session: end CANCELLED.
+    Cancelled = 1,
+    /// The attempt ran past `max_duration`: end FAILED (`max_duration_exceeded`).
+    MaxDuration = 2,
+    /// The process is shutting down: hand the session back without spending an attempt.
+    Shutdown = 3,
+    /// The lease was lost: stop, write nothing.
+    LeaseLost = 4,
+}
+
+/// A cooperative stop request with its reason. Cheap to clone; the first reason wins.
+#[derive(Debug, Clone, Default)]
+pub struct StopSignal {
+    token: CancellationToken,
+    reason: Arc<AtomicU8>,
+}
+
+impl StopSignal {
+    /// A signal that has not fired.
+    pub fn new() -> StopSignal {
+        StopSignal::default()
+    }
+
+    /// Fires the signal (only the first reason is kept).
+    pub fn stop(&self, reason: StopReason) {
+        let _ = self.reason.compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
+        self.token.cancel();
+    }
+
+    /// Whether it fired.
+    pub fn is_stopped(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// The reason, once fired.
+    pub fn reason(&self) -> Option<StopReason> {
+        match self.reason.load(Ordering::Acquire) {
+            1 => Some(StopReason::Cancelled),
+            2 => Some(StopReason::MaxDuration),
+            3 => Some(StopReason::Shutdown),
+            4 => Some(StopReason::LeaseLost),
+            _ => None,
+        }
+    }
+
+    /// Resolves when the signal fires.
+    pub async fn stopped(&self) {
+        self.token.cancelled().await
+    }
+}
+
+/// Whether a failure is worth another attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Permanent: end FAILED now.
+    Never,
+    /// Retry with the worker's exponential backoff and jitter.
+    Backoff,
+    /// Retry not before this long.
+    After(Duration),
+}
+
+/// How an attempt ended.
+#[derive(Debug)]
+pub enum JobOutcome {
+    /// The work is done; commit this last batch with COMPLETED.
+    Completed(CheckpointBatch),
+    /// The job saw the stop signal and stopped between steps; the worker picks the status from the
+    /// signal's reason. The batch holds what finished before it stopped.
+    Stopped(CheckpointBatch),
+    /// The attempt failed.
+    Failed {
+        /// What went wrong.
+        error: SessionError,
+        /// Whether to try again.
+        retry: Retry,
+        /// Progress made before the failure (committed with the requeue or the FAILED status).
+        batch: CheckpointBatch,
+    },
+}
+
+/// Everything one attempt gets.
+pub struct JobContext {
+    /// The session as claimed (attempt, options, job spec).
+    pub session: Session,
+    /// Where to resume: frontier, seen set, counts of the last checkpoint.
+    pub resume: ResumeState,
+    /// Where to commit progress.
+    pub sink: Arc<dyn CheckpointSink>,
+    /// Checked between steps.
+    pub stop: StopSignal,
+}
+
+/// A kind of work a session can do.
+#[async_trait]
+pub trait Job: Send + Sync + 'static {
+    /// Checks a config (and params) at submission. The error names the field and what is wrong,
+    /// e.g. `pages.product.fields.price.regex: unclosed group`.
+    fn validate(
+        &self,
+        config: &serde_json::Value,
+        params: &BTreeMap<String, String>,
+    ) -> Result<(), String>;
+
+    /// Runs one attempt.
+    async fn run(&self, ctx: JobContext) -> JobOutcome;
+}
+
+/// A job that does nothing and completes at once: the queue benchmark's work.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopJob;
+
+#[async_trait]
+impl Job for NoopJob {
+    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn run(&self, _ctx: JobContext) -> JobOutcome {
+        JobOutcome::Completed(CheckpointBatch::default())
+    }
+}

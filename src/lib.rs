@@ -1,0 +1,26 @@
+//! harvest: a durable queue of web-scraping sessions.
+//!
+//! A client submits a scraper config (inline, or a saved agent) through [`Harvest`] or over HTTP;
+//! the session is persisted, a worker claims it under a lease, runs the scrape, and commits the
+//! extracted records together with the final status. See `DESIGN.md` for the contract.
+//!
+//! Components, one module each: [`session`] (the domain model), [`store`] (the durable driver
+//! and its sled and PostgreSQL backends), [`job`] (the seam to the work a session does),
+//! [`engine`] (the scraper), [`worker`] (claims and runs sessions), [`service`] (the library API,
+//! [`Harvest`]), [`event`] (the event bus), [`config`] (config.toml).
+#![deny(missing_docs)]
+
+pub mod clock;
+pub mod config;
+pub mod event;
+pub mod job;
+pub mod service;
+pub mod session;
+pub mod store;
+pub mod worker;
+
+pub use service::{Harvest, SessionHandle, SubmitRequest};
+pub use session::{
+    ClientContext, Record, Session, SessionId, SessionMetrics, SessionOptions, SessionStatus,
+    TokenUsage,
+};

@@ -1,0 +1,469 @@
+//! Durable storage of sessions, their records, crawl frontier, log and agents.
+//!
+//! The [`Store`] trait is shaped like a driver (River's `riverdriver`): one method per
+//! operation, named noun-verb, each taking a params struct, with the current time passed in and
+//! never read inside. Every state transition is a compare-and-set that names its precondition
+//! (`..._if_running`, `..._if_pending`) and says whether it applied: a worker whose lease was
+//! taken over learns it from a `false`, never by overwriting a newer attempt.
+//!
+//! Two backends implement it and pass one conformance suite: `sled` (embedded, one process per
+//! data directory) and `postgres` (many processes on many hosts). Nothing outside this module
+//! knows how either lays out its data. An acknowledged write is durable when the call returns.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::session::{
+    FrontierEntry, LogLine, Record, Session, SessionError, SessionId, SessionMetrics,
+    SessionStatus, Timestamp, TokenUsage,
+};
+
+pub mod codec;
+pub mod postgres;
+pub mod sled;
+
+/// Version of the stored format this build writes. A store written with a higher version is
+/// refused with [`StoreError::NewerVersion`] instead of being misread.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `session_insert` with an id that exists.
+    #[error("session {0} already exists; session ids are never reused")]
+    Duplicate(SessionId),
+    /// A value could not be decoded.
+    #[error("stored value at {key} is corrupt: {reason}")]
+    Corrupt {
+        /// The key (or table and id) of the value.
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The store, or one value in it, was written by a newer harvest.
+    #[error(
+        "{what} has schema version {found}, but this harvest understands up to {supported}; upgrade harvest"
+    )]
+    NewerVersion {
+        /// The store, or the key of the value.
+        what: String,
+        /// The version found.
+        found: u32,
+        /// [`SCHEMA_VERSION`].
+        supported: u32,
+    },
+    /// The backend failed (I/O, connection, SQL).
+    #[error("storage backend: {0}")]
+    Backend(String),
+    /// A parameter was out of range (e.g. a limit of 0).
+    #[error("invalid store request: {0}")]
+    Invalid(String),
+}
+
+/// Result of every store call.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Insert a new PENDING session. `session.seq` is assigned by the store; `session.status` must be
+/// PENDING.
+#[derive(Debug, Clone)]
+pub struct SessionInsert {
+    /// The session to insert.
+    pub session: Session,
+    /// If the session runs for an agent with `sessions = "single"`: refuse with
+    /// [`InsertOutcome::AgentBusy`] when another session of that agent is active. Checked in the
+    /// same atomic step as the insert.
+    pub single_agent: Option<String>,
+}
+
+/// What `session_insert` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InsertOutcome {
+    /// Inserted; the stored session (with its `seq`).
+    Inserted(Box<Session>),
+    /// An active session of the single-session agent exists: this one.
+    AgentBusy(SessionId),
+}
+
+/// List sessions, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct SessionList {
+    /// Only this client's.
+    pub client_id: Option<String>,
+    /// Only in this status.
+    pub status: Option<SessionStatus>,
+    /// Only this agent's.
+    pub agent: Option<String>,
+    /// At most this many (1..=1000).
+    pub limit: usize,
+    /// Continue after this cursor (from a previous page's `next_cursor`).
+    pub cursor: Option<String>,
+}
+
+/// One page of sessions.
+#[derive(Debug, Clone, Default)]
+pub struct SessionPage {
+    /// The sessions, newest first.
+    pub sessions: Vec<Session>,
+    /// Pass as `cursor` to get the next page; `None` at the end.
+    pub next_cursor: Option<String>,
+}
+
+/// Claim up to `limit` due PENDING sessions, in order of (priority desc, run_at, seq), making
+/// them RUNNING under a lease held by `owner`, with `attempt + 1`.
+#[derive(Debug, Clone)]
+pub struct SessionClaim {
+    /// Who will hold the leases.
+    pub owner: String,
+    /// How many at most (a worker never claims more than its free slots).
+    pub limit: usize,
+    /// Lease length.
+    pub lease: Duration,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// Identifies one attempt of one session under one lease: the precondition of every
+/// compare-and-set a worker makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRef {
+    /// The session.
+    pub id: SessionId,
+    /// The attempt the worker claimed.
+    pub attempt: u32,
+    /// The lease owner.
+    pub owner: String,
+}
+
+/// Renew a lease while RUNNING with this attempt and owner.
+#[derive(Debug, Clone)]
+pub struct SessionHeartbeat {
+    /// Which attempt.
+    pub attempt: AttemptRef,
+    /// New lease length from `now`.
+    pub lease: Duration,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatOutcome {
+    /// Renewed. `cancel_requested`: a client asked to cancel.
+    Renewed {
+        /// A client asked to cancel; stop and finish CANCELLED.
+        cancel_requested: bool,
+    },
+    /// The lease is no longer ours (reclaimed, finished, removed): stop without writing.
+    Lost,
+}
+
+/// Everything an engine did since its last checkpoint, committed atomically.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckpointBatch {
+    /// New records, in order; numbered by the store after the session's last record.
+    pub records: Vec<serde_json::Value>,
+    /// URLs to add to the frontier.
+    pub frontier_add: Vec<FrontierEntry>,
+    /// URLs (canonical) done: removed from the frontier.
+    pub frontier_done: Vec<String>,
+    /// URLs (canonical) to add to the seen set.
+    pub seen_add: Vec<String>,
+    /// Pages processed in this batch (added to the session's count).
+    pub pages: u64,
+    /// Usage in this batch (added to the session's counters).
+    pub usage: TokenUsage,
+    /// Log lines (the store keeps the last [`LOG_LINES_MAX`] per session).
+    pub log: Vec<LogLine>,
+}
+
+impl CheckpointBatch {
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+            && self.frontier_add.is_empty()
+            && self.frontier_done.is_empty()
+            && self.seen_add.is_empty()
+            && self.pages == 0
+            && self.usage == TokenUsage::default()
+            && self.log.is_empty()
+    }
+}
+
+/// Log lines kept per session; older lines are dropped.
+pub const LOG_LINES_MAX: u64 = 1000;
+
+/// Commit a checkpoint while RUNNING with this attempt and owner; also renews the lease.
+#[derive(Debug, Clone)]
+pub struct CheckpointCommit {
+    /// Which attempt.
+    pub attempt: AttemptRef,
+    /// What to write.
+    pub batch: CheckpointBatch,
+    /// New lease length from `now`.
+    pub lease: Duration,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// End a RUNNING attempt: commit its last checkpoint and its terminal status together.
+#[derive(Debug, Clone)]
+pub struct SessionFinish {
+    /// Which attempt.
+    pub attempt: AttemptRef,
+    /// COMPLETED, FAILED or CANCELLED.
+    pub status: SessionStatus,
+    /// Why, when FAILED.
+    pub error: Option<SessionError>,
+    /// The last checkpoint.
+    pub batch: CheckpointBatch,
+    /// When the session is removed (now + session_timeout).
+    pub cleanup_at: Timestamp,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// Give a RUNNING attempt back: to PENDING, or FAILED when it was its last.
+#[derive(Debug, Clone)]
+pub struct SessionRequeue {
+    /// Which attempt.
+    pub attempt: AttemptRef,
+    /// Counts against `max_attempts` (a retryable failure does; a graceful shutdown does not).
+    pub spend_attempt: bool,
+    /// Not claimed again before this (backoff).
+    pub run_at: Timestamp,
+    /// The error that caused it, if any.
+    pub error: Option<SessionError>,
+    /// When the session is removed, if the requeue ends it FAILED.
+    pub cleanup_at: Timestamp,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// What a requeue or reclaim did to one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequeueOutcome {
+    /// Back to PENDING.
+    Requeued,
+    /// Attempts exhausted: now FAILED.
+    Failed,
+    /// The precondition did not hold (not running with that attempt and owner, or lease not
+    /// expired): nothing changed.
+    NotApplied,
+}
+
+/// Reclaim RUNNING sessions whose lease expired before `expired_before`. An attempt that
+/// committed no progress counts against `max_attempts`; one that did is free.
+#[derive(Debug, Clone)]
+pub struct LeaseReclaim {
+    /// Leases that expire at or before this instant are reclaimed. The sled backend passes
+    /// `Timestamp(i64::MAX)` at open: every RUNNING session belongs to a dead process.
+    pub expired_before: Timestamp,
+    /// At most this many.
+    pub limit: usize,
+    /// Backoff of the reclaimed sessions (run_at = now + backoff).
+    pub backoff: Duration,
+    /// Cleanup time of sessions that end FAILED.
+    pub cleanup_after: Duration,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// One reclaimed session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Which.
+    pub id: SessionId,
+    /// The attempt that was reclaimed.
+    pub attempt: u32,
+    /// Requeued or Failed.
+    pub outcome: RequeueOutcome,
+}
+
+/// Cancel a session.
+#[derive(Debug, Clone)]
+pub struct SessionCancel {
+    /// Which.
+    pub id: SessionId,
+    /// When a PENDING session becomes CANCELLED, it is removed at this time.
+    pub cleanup_at: Timestamp,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// Was PENDING, now CANCELLED.
+    Cancelled(Box<Session>),
+    /// Is RUNNING: the flag is set; the worker ends it CANCELLED.
+    Requested(Box<Session>),
+    /// Already terminal (CANCELLED or not): unchanged.
+    AlreadyTerminal(Box<Session>),
+    /// No such session.
+    NotFound,
+}
+
+/// Remove terminal sessions whose cleanup time has passed.
+#[derive(Debug, Clone)]
+pub struct SessionsExpire {
+    /// Now.
+    pub now: Timestamp,
+    /// At most this many per call.
+    pub limit: usize,
+}
+
+/// A page of a session's records.
+#[derive(Debug, Clone)]
+pub struct RecordsPage {
+    /// Which session.
+    pub id: SessionId,
+    /// First record's seq.
+    pub offset: u64,
+    /// At most this many (1..=10000).
+    pub limit: usize,
+}
+
+/// Counts of sessions, for gauges that stay true across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionCounts {
+    /// Sessions per status.
+    pub by_status: BTreeMap<SessionStatus, u64>,
+    /// PENDING sessions that are due now.
+    pub queue_depth: u64,
+}
+
+/// What a session's next attempt resumes from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResumeState {
+    /// URLs still to fetch.
+    pub frontier: Vec<FrontierEntry>,
+    /// URLs already seen (fetched or enqueued).
+    pub seen: Vec<String>,
+    /// Records committed so far.
+    pub records: u64,
+    /// Metrics so far.
+    pub metrics: SessionMetrics,
+    /// Usage so far.
+    pub usage: TokenUsage,
+}
+
+/// A saved scraper config with defaults and an optional schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Agent {
+    /// Unique per client; same rules as a session id.
+    pub name: String,
+    /// Owner.
+    pub client_id: String,
+    /// Scraper config as JSON.
+    #[serde(with = "crate::session::json_text")]
+    pub config: serde_json::Value,
+    /// Default params.
+    pub params: BTreeMap<String, String>,
+    /// Default options.
+    pub options: crate::session::SessionOptions,
+    /// Cron expression (6 fields, with seconds), if scheduled.
+    pub schedule: Option<String>,
+    /// `multiple` or `single`.
+    pub sessions: AgentSessions,
+    /// Last change.
+    pub updated_at: Timestamp,
+}
+
+/// Whether an agent may run concurrently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentSessions {
+    /// Concurrent sessions, each with its own data.
+    #[default]
+    Multiple,
+    /// At most one active; a new run removes the previous run's data.
+    Single,
+}
+
+/// The storage driver. See the module docs for the rules every method follows.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Backend name (`sled`, `postgres`).
+    fn backend(&self) -> &'static str;
+
+    /// Insert a new PENDING session (durable on return). A duplicate id is
+    /// [`StoreError::Duplicate`], never an overwrite.
+    async fn session_insert(&self, p: SessionInsert) -> StoreResult<InsertOutcome>;
+
+    /// One session.
+    async fn session_get(&self, id: &SessionId) -> StoreResult<Option<Session>>;
+
+    /// Sessions, newest first, filtered, paginated by cursor.
+    async fn session_list(&self, p: SessionList) -> StoreResult<SessionPage>;
+
+    /// Claim due PENDING sessions (see [`SessionClaim`]).
+    async fn session_claim(&self, p: SessionClaim) -> StoreResult<Vec<Session>>;
+
+    /// Renew a lease if RUNNING with this attempt and owner.
+    async fn session_heartbeat_if_running(
+        &self,
+        p: SessionHeartbeat,
+    ) -> StoreResult<HeartbeatOutcome>;
+
+    /// Commit a checkpoint if RUNNING with this attempt and owner. `false`: not applied.
+    async fn checkpoint_commit_if_running(&self, p: CheckpointCommit) -> StoreResult<bool>;
+
+    /// Commit the last checkpoint and a terminal status if RUNNING with this attempt and owner.
+    async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<bool>;
+
+    /// Back to PENDING (or FAILED when attempts are exhausted) if RUNNING with this attempt and
+    /// owner.
+    async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<RequeueOutcome>;
+
+    /// Reclaim sessions whose lease expired (see [`LeaseReclaim`]).
+    async fn leases_reclaim(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>>;
+
+    /// Cancel: PENDING becomes CANCELLED; RUNNING gets the flag.
+    async fn session_cancel(&self, p: SessionCancel) -> StoreResult<CancelOutcome>;
+
+    /// Remove a session and everything of it (records, frontier, seen set, log, index entries).
+    /// Returns the removed session, `None` when there was none.
+    async fn session_remove(&self, id: &SessionId) -> StoreResult<Option<Session>>;
+
+    /// Remove terminal sessions whose cleanup time is due (O(expired)); returns them.
+    async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>>;
+
+    /// Records of a session (committed ones only), by seq.
+    async fn records_page(&self, p: RecordsPage) -> StoreResult<Vec<Record>>;
+
+    /// Where a session's next attempt resumes.
+    async fn resume_load(&self, id: &SessionId) -> StoreResult<ResumeState>;
+
+    /// The last `limit` log lines of a session, oldest first.
+    async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>>;
+
+    /// Session counts per status and due queue depth.
+    async fn session_counts(&self, now: Timestamp) -> StoreResult<SessionCounts>;
+
+    /// Save (create or replace) an agent.
+    async fn agent_put(&self, agent: Agent) -> StoreResult<()>;
+
+    /// One agent of a client.
+    async fn agent_get(&self, client_id: &str, name: &str) -> StoreResult<Option<Agent>>;
+
+    /// Delete an agent; `false` when there was none.
+    async fn agent_delete(&self, client_id: &str, name: &str) -> StoreResult<bool>;
+
+    /// All agents (every client), by client and name.
+    async fn agent_list(&self) -> StoreResult<Vec<Agent>>;
+
+    /// Wait until a session may have become claimable (a submission or requeue, here or, for
+    /// shared backends, in another process) or `timeout` passes. Spurious wakeups are allowed.
+    async fn pending_wait(&self, timeout: Duration);
+
+    /// Make every acknowledged write durable and release resources.
+    async fn close(&self) -> StoreResult<()>;
+}
+
+/// The id text of a session's store key, for error messages.
+pub(crate) fn key_name(kind: &str, id: &SessionId) -> String {
+    format!("{kind}/{id}")
+}

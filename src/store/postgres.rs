@@ -1,0 +1,1 @@
+//! The PostgreSQL backend (placeholder until the PostgreSQL store lands).

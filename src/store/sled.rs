@@ -1,0 +1,1 @@
+//! The embedded sled backend (placeholder until the sled store lands).
