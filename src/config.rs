@@ -104,7 +104,10 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { bind: SocketAddr::from(([127, 0, 0, 1], 8080)), max_body_bytes: 1 << 20 }
+        ServerConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1 << 20,
+        }
     }
 }
 
@@ -160,7 +163,11 @@ pub struct SessionsConfig {
 
 impl Default for SessionsConfig {
     fn default() -> Self {
-        SessionsConfig { default_timeout_secs: 86_400, max_attempts: 3, maintenance_interval_secs: 1 }
+        SessionsConfig {
+            default_timeout_secs: 86_400,
+            max_attempts: 3,
+            maintenance_interval_secs: 1,
+        }
     }
 }
 
@@ -194,7 +201,9 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: "text".into() }
+        LogConfig {
+            format: "text".into(),
+        }
     }
 }
 
@@ -211,8 +220,10 @@ pub struct ClientConfig {
 impl Config {
     /// Reads `path` (a missing file is an error), then applies `HARVEST_*` variables.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut cfg = Config::from_toml(&text).map_err(|message| ConfigError::Parse {
             path: path.to_path_buf(),
             message,
@@ -282,10 +293,16 @@ impl Config {
     /// Checks ranges and combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: &str| {
-            Err(ConfigError::Invalid { key: key.into(), message: message.into() })
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                message: message.into(),
+            })
         };
         if self.workers.lease_secs < 2 {
-            return invalid("workers.lease_secs", "must be at least 2 (heartbeats renew it every third)");
+            return invalid(
+                "workers.lease_secs",
+                "must be at least 2 (heartbeats renew it every third)",
+            );
         }
         if self.workers.concurrency > 10_000 {
             return invalid("workers.concurrency", "must be at most 10000");
@@ -325,7 +342,10 @@ impl Config {
                 );
             }
             if !ids.insert(&c.id) {
-                return invalid(&format!("clients[{i}].id"), &format!("{:?} is listed twice", c.id));
+                return invalid(
+                    &format!("clients[{i}].id"),
+                    &format!("{:?} is listed twice", c.id),
+                );
             }
         }
         Ok(())
@@ -354,7 +374,8 @@ mod tests {
     #[test]
     fn env_overrides_file() {
         let mut cfg = Config::from_toml("[workers]\nconcurrency = 3\n").unwrap();
-        cfg.apply_env(|k| (k == "HARVEST_WORKERS").then(|| "7".to_string())).unwrap();
+        cfg.apply_env(|k| (k == "HARVEST_WORKERS").then(|| "7".to_string()))
+            .unwrap();
         assert_eq!(cfg.workers.concurrency, 7);
         let err = cfg.apply_env(|k| (k == "HARVEST_WORKERS").then(|| "x".to_string()));
         assert!(err.is_err());

@@ -102,6 +102,11 @@ impl EventBus {
         });
     }
 
+    /// Whether anyone listens (lets publishers skip building events nobody reads).
+    pub fn has_subscribers(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
     /// A new subscription that sees events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()

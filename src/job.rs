@@ -58,7 +58,9 @@ impl StopSignal {
 
     /// Fires the signal (only the first reason is kept).
     pub fn stop(&self, reason: StopReason) {
-        let _ = self.reason.compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self
+            .reason
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
         self.token.cancel();
     }
 

@@ -10,10 +10,15 @@
 //! [`Harvest`]), [`event`] (the event bus), [`config`] (config.toml).
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod bench;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod event;
 pub mod job;
+pub mod metrics;
+pub mod scheduler;
 pub mod service;
 pub mod session;
 pub mod store;

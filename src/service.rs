@@ -1,7 +1,565 @@
-//! The library API (placeholder).
-/// Placeholder.
-pub struct Harvest;
-/// Placeholder.
-pub struct SessionHandle;
-/// Placeholder.
-pub struct SubmitRequest;
+//! The library API: [`Harvest`] (the seed's WebHarvestService and SessionRegistry in one).
+//!
+//! It validates submissions, writes them durably through the [`Store`], publishes events, and
+//! owns the worker pool and the maintenance loop of this process. The HTTP API and the CLI are
+//! thin layers over it, so tests and benches use exactly what users run.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, StoreKind};
+use crate::event::{Event, EventBus, EventKind};
+use crate::job::Job;
+use crate::scheduler::Maintenance;
+use crate::session::{
+    ClientContext, JobSpec, Record, Session, SessionId, SessionIdError, SessionMetrics,
+    SessionOptions, SessionStatus, Timestamp, TokenUsage,
+};
+use crate::store::{
+    CancelOutcome, InsertOutcome, LeaseReclaim, RecordsPage, SessionInsert, SessionList,
+    SessionPage, Store, StoreError,
+};
+use crate::worker::{WorkerPool, WorkerSettings};
+
+/// Errors of the library API.
+#[derive(Debug, thiserror::Error)]
+pub enum HarvestError {
+    /// The storage layer failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The scraper config (or params) does not validate; the message names the field.
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    /// A caller-supplied session id is not acceptable.
+    #[error("invalid session id: {0}")]
+    InvalidId(#[from] SessionIdError),
+    /// A request field is out of range.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// A session with this id exists (ids are never reused).
+    #[error("session {0} already exists")]
+    Duplicate(SessionId),
+    /// No such session (or not this client's).
+    #[error("session {0} not found")]
+    NotFound(SessionId),
+    /// The operation conflicts with the session's state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The service could not start.
+    #[error("startup: {0}")]
+    Startup(String),
+}
+
+/// A submission.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitRequest {
+    /// The scraper config as JSON (see `engine::parse_config_text` for TOML text).
+    pub config: serde_json::Value,
+    /// Parameters overriding the config's `[vars]`.
+    pub params: BTreeMap<String, String>,
+    /// Who submits it.
+    pub client: ClientContext,
+    /// Options; unset ones take the service defaults.
+    pub options: SessionOptions,
+    /// A caller-chosen id (validated, unique); `None`: a new UUID v7.
+    pub session_id: Option<SessionId>,
+    /// The agent this run belongs to.
+    pub agent: Option<String>,
+    /// For a `sessions = "single"` agent: refuse when another run is active.
+    pub single_agent: bool,
+}
+
+impl SubmitRequest {
+    /// A request for `config` with defaults for everything else.
+    pub fn new(config: serde_json::Value) -> SubmitRequest {
+        SubmitRequest {
+            config,
+            ..SubmitRequest::default()
+        }
+    }
+
+    /// Sets the client.
+    pub fn client(mut self, client: ClientContext) -> Self {
+        self.client = client;
+        self
+    }
+
+    /// Sets the options.
+    pub fn options(mut self, options: SessionOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Sets a caller-chosen session id.
+    pub fn session_id(mut self, id: SessionId) -> Self {
+        self.session_id = Some(id);
+        self
+    }
+
+    /// Adds a parameter.
+    pub fn param(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.params.insert(k.into(), v.into());
+        self
+    }
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    job: Arc<dyn Job>,
+    events: EventBus,
+    clock: Arc<dyn Clock>,
+    config: Config,
+    workers: Mutex<Option<WorkerPool>>,
+    maintenance: Mutex<Option<Maintenance>>,
+}
+
+/// The harvest service of this process: submit, look up, cancel and close sessions; run workers.
+#[derive(Clone)]
+pub struct Harvest {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Harvest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harvest")
+            .field("store", &self.inner.store.backend())
+            .finish()
+    }
+}
+
+/// Builds a [`Harvest`] with parts replaced (store, job, clock): for tests and embedding.
+pub struct HarvestBuilder {
+    config: Config,
+    store: Option<Arc<dyn Store>>,
+    job: Option<Arc<dyn Job>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl HarvestBuilder {
+    /// Uses this store instead of opening the one the config names.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Runs this job instead of the scraper engine.
+    pub fn job(mut self, job: Arc<dyn Job>) -> Self {
+        self.job = Some(job);
+        self
+    }
+
+    /// Uses this clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Opens the store (unless given), recovers sessions left RUNNING by a dead process (sled),
+    /// and returns the service. Workers are not started: see [`Harvest::start`].
+    pub async fn open(self) -> Result<Harvest, HarvestError> {
+        let store = match self.store {
+            Some(s) => s,
+            None => open_store(&self.config).await?,
+        };
+        let job = match self.job {
+            Some(j) => j,
+            None => default_job(&self.config),
+        };
+        let harvest = Harvest {
+            inner: Arc::new(Inner {
+                store,
+                job,
+                events: EventBus::default(),
+                clock: self.clock,
+                config: self.config,
+                workers: Mutex::new(None),
+                maintenance: Mutex::new(None),
+            }),
+        };
+        harvest.recover_dead_process_sessions().await?;
+        Ok(harvest)
+    }
+}
+
+/// Opens the store the config names.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, HarvestError> {
+    match config.store {
+        StoreKind::Sled => {
+            let store = crate::store::sled::SledStore::open(&config.data_dir)?;
+            Ok(store)
+        }
+        StoreKind::Postgres => {
+            let url = config.database_url.as_deref().ok_or_else(|| {
+                HarvestError::Startup(
+                    "store = \"postgres\" needs database_url (or HARVEST_DATABASE_URL)".into(),
+                )
+            })?;
+            let store = crate::store::postgres::PostgresStore::connect(url).await?;
+            Ok(store)
+        }
+    }
+}
+
+/// The job sessions run when none is given: the scraper engine.
+fn default_job(_config: &Config) -> Arc<dyn Job> {
+    // Replaced by the scraper engine when it lands (branch `engine`).
+    Arc::new(crate::job::NoopJob)
+}
+
+impl Harvest {
+    /// Opens the service with the store and engine the config names.
+    pub async fn open(config: Config) -> Result<Harvest, HarvestError> {
+        Harvest::builder(config).open().await
+    }
+
+    /// A builder to replace parts.
+    pub fn builder(config: Config) -> HarvestBuilder {
+        HarvestBuilder {
+            config,
+            store: None,
+            job: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    /// The job sessions run.
+    pub fn job(&self) -> &Arc<dyn Job> {
+        &self.inner.job
+    }
+
+    /// The event bus.
+    pub fn events(&self) -> &EventBus {
+        &self.inner.events
+    }
+
+    /// sled is one process per data directory: every RUNNING session found at open belongs to a
+    /// dead process, so it is requeued now rather than after its lease runs out. Shared backends
+    /// leave this to lease expiry (another live process may hold the lease).
+    async fn recover_dead_process_sessions(&self) -> Result<(), HarvestError> {
+        if self.inner.store.backend() != "sled" {
+            return Ok(());
+        }
+        let now = self.inner.clock.now();
+        loop {
+            let batch = self
+                .inner
+                .store
+                .leases_reclaim(LeaseReclaim {
+                    expired_before: Timestamp(i64::MAX),
+                    limit: 1000,
+                    backoff: Duration::ZERO,
+                    cleanup_after: Duration::from_secs(
+                        self.inner.config.sessions.default_timeout_secs,
+                    ),
+                    now,
+                })
+                .await?;
+            for r in &batch {
+                tracing::info!(session = %r.id, attempt = r.attempt, outcome = ?r.outcome,
+                    "recovered a session left RUNNING by a previous process");
+            }
+            crate::metrics::lease_reclaims(batch.len() as u64);
+            if batch.len() < 1000 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Starts this process's workers and maintenance loop (idempotent).
+    pub fn start(&self) {
+        let mut workers = lock(&self.inner.workers);
+        if workers.is_none() && self.inner.config.workers.concurrency > 0 {
+            *workers = Some(WorkerPool::start(WorkerSettings {
+                store: self.inner.store.clone(),
+                job: self.inner.job.clone(),
+                events: self.inner.events.clone(),
+                clock: self.inner.clock.clone(),
+                workers: self.inner.config.workers.clone(),
+                sessions: self.inner.config.sessions.clone(),
+            }));
+        }
+        drop(workers);
+        let mut maintenance = lock(&self.inner.maintenance);
+        if maintenance.is_none() {
+            *maintenance = Some(Maintenance::start(self.clone()));
+        }
+    }
+
+    /// Whether workers are running.
+    pub fn workers_running(&self) -> bool {
+        lock(&self.inner.workers)
+            .as_ref()
+            .is_some_and(|w| !w.is_stopped())
+    }
+
+    /// Two-phase shutdown: stop claiming, let running sessions finish for `grace`, then hand the
+    /// rest back to PENDING without spending an attempt; stop maintenance; flush the store.
+    pub async fn shutdown(&self, grace: Duration) -> Result<(), HarvestError> {
+        let workers = lock(&self.inner.workers).take();
+        if let Some(w) = workers {
+            w.shutdown(grace).await;
+        }
+        let maintenance = lock(&self.inner.maintenance).take();
+        if let Some(m) = maintenance {
+            m.shutdown().await;
+        }
+        self.inner.store.close().await?;
+        Ok(())
+    }
+
+    /// Validates and durably stores a new session; returns as soon as it is durable.
+    pub async fn submit(&self, req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
+        if !req.config.is_object() {
+            return Err(HarvestError::InvalidConfig(
+                "config must be an object (JSON) or a TOML document".into(),
+            ));
+        }
+        self.inner
+            .job
+            .validate(&req.config, &req.params)
+            .map_err(HarvestError::InvalidConfig)?;
+        let mut options = req.options;
+        if let Some(0) = options.max_attempts {
+            return Err(HarvestError::Invalid(
+                "options.max_attempts must be at least 1".into(),
+            ));
+        }
+        if let Some(0) = options.max_duration_secs {
+            return Err(HarvestError::Invalid(
+                "options.max_duration_secs must be at least 1 (omit it for no limit)".into(),
+            ));
+        }
+        options
+            .max_attempts
+            .get_or_insert(self.inner.config.sessions.max_attempts);
+        options
+            .session_timeout_secs
+            .get_or_insert(self.inner.config.sessions.default_timeout_secs);
+        let now = self.inner.clock.now();
+        let id = req.session_id.unwrap_or_else(SessionId::generate);
+        let session = Session {
+            id: id.clone(),
+            seq: 0,
+            client: req.client,
+            status: SessionStatus::Pending,
+            job: JobSpec {
+                config: req.config,
+                params: req.params,
+                agent: req.agent.clone(),
+            },
+            run_at: options.run_at.unwrap_or(now),
+            options,
+            attempt: 0,
+            failures: 0,
+            progress_this_attempt: false,
+            lease: None,
+            cancel_requested: false,
+            created_at: now,
+            updated_at: now,
+            cleanup_at: None,
+            metrics: SessionMetrics::default(),
+            usage: TokenUsage::default(),
+            error: None,
+            checkpoints: 0,
+        };
+        let single_agent = if req.single_agent { req.agent } else { None };
+        match self
+            .inner
+            .store
+            .session_insert(SessionInsert {
+                session,
+                single_agent,
+            })
+            .await
+        {
+            Ok(InsertOutcome::Inserted(session)) => {
+                crate::metrics::session_submitted(session.client.client_id());
+                self.inner.events.publish(EventKind::Created, &session);
+                Ok(SessionHandle {
+                    id,
+                    harvest: self.clone(),
+                })
+            }
+            Ok(InsertOutcome::AgentBusy(active)) => Err(HarvestError::Conflict(format!(
+                "agent allows a single session and session {active} is still active"
+            ))),
+            Err(StoreError::Duplicate(id)) => Err(HarvestError::Duplicate(id)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// One session.
+    pub async fn get(&self, id: &SessionId) -> Result<Option<Session>, HarvestError> {
+        Ok(self.inner.store.session_get(id).await?)
+    }
+
+    /// A handle to wait on a session.
+    pub fn handle(&self, id: SessionId) -> SessionHandle {
+        SessionHandle {
+            id,
+            harvest: self.clone(),
+        }
+    }
+
+    /// Sessions, newest first (`limit` 1..=1000, default 50 when 0).
+    pub async fn list(&self, mut query: SessionList) -> Result<SessionPage, HarvestError> {
+        if query.limit == 0 {
+            query.limit = 50;
+        }
+        if query.limit > 1000 {
+            return Err(HarvestError::Invalid(format!(
+                "limit {} is over the maximum of 1000",
+                query.limit
+            )));
+        }
+        Ok(self.inner.store.session_list(query).await?)
+    }
+
+    /// Cancels a session: PENDING ends CANCELLED now; RUNNING is flagged and the worker ends it
+    /// CANCELLED after the step in flight. Idempotent.
+    pub async fn cancel(&self, id: &SessionId) -> Result<CancelOutcome, HarvestError> {
+        let now = self.inner.clock.now();
+        let cleanup_at = now.add(Duration::from_secs(
+            self.inner.config.sessions.default_timeout_secs,
+        ));
+        let out = self
+            .inner
+            .store
+            .session_cancel(crate::store::SessionCancel {
+                id: id.clone(),
+                cleanup_at,
+                now,
+            })
+            .await?;
+        match &out {
+            CancelOutcome::Cancelled(s) => {
+                crate::metrics::session_finished(s);
+                self.inner.events.publish(EventKind::Cancelled, s);
+            }
+            CancelOutcome::Requested(_) => self.inner.store.pending_wait(Duration::ZERO).await,
+            _ => {}
+        }
+        Ok(out)
+    }
+
+    /// Closes a session: removes it and all its data now (the seed's CloseSession). A RUNNING
+    /// session's worker finds the session gone at its next write or heartbeat and stops.
+    pub async fn close(&self, id: &SessionId) -> Result<Option<Session>, HarvestError> {
+        let removed = self.inner.store.session_remove(id).await?;
+        if let Some(s) = &removed {
+            crate::metrics::session_cleaned();
+            self.inner.events.publish(EventKind::Removed, s);
+        }
+        Ok(removed)
+    }
+
+    /// Committed records of a session, by seq.
+    pub async fn records(
+        &self,
+        id: &SessionId,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, HarvestError> {
+        if limit == 0 || limit > 10_000 {
+            return Err(HarvestError::Invalid(format!(
+                "limit {limit} must be 1..=10000"
+            )));
+        }
+        Ok(self
+            .inner
+            .store
+            .records_page(RecordsPage {
+                id: id.clone(),
+                offset,
+                limit,
+            })
+            .await?)
+    }
+
+    /// Events from now on (created, started, progress, completed, failed, cancelled, requeued,
+    /// removed).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A submitted session, to wait on.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    id: SessionId,
+    harvest: Harvest,
+}
+
+impl SessionHandle {
+    /// The session's id.
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    /// The session now.
+    pub async fn session(&self) -> Result<Session, HarvestError> {
+        self.harvest
+            .get(&self.id)
+            .await?
+            .ok_or_else(|| HarvestError::NotFound(self.id.clone()))
+    }
+
+    /// Waits until the session is terminal, at most `timeout`. `Ok(Some)`: the terminal session;
+    /// `Ok(None)`: still active when the time ran out. Wakes on this process's events and checks
+    /// the store at least every second (another process may finish it).
+    pub async fn await_completion(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<Session>, HarvestError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut events = self.harvest.subscribe();
+        loop {
+            let s = self.session().await?;
+            if s.status.is_terminal() {
+                return Ok(Some(s));
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let wait = (deadline - now).min(Duration::from_secs(1));
+            let _ = tokio::time::timeout(wait, async {
+                loop {
+                    match events.recv().await {
+                        Ok(e) if e.session_id == self.id => return,
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                }
+            })
+            .await;
+        }
+    }
+}

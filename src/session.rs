@@ -32,8 +32,12 @@ impl Timestamp {
     }
 
     /// This instant plus a duration (saturating).
+    #[allow(clippy::should_implement_trait)]
     pub fn add(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(d.as_millis().min(i64::MAX as u128) as i64))
+        Timestamp(
+            self.0
+                .saturating_add(d.as_millis().min(i64::MAX as u128) as i64),
+        )
     }
 
     /// Time from `earlier` to `self`, zero when `earlier` is later.
@@ -200,7 +204,10 @@ pub struct ClientContext {
 impl ClientContext {
     /// A context with only a client id.
     pub fn of(client_id: impl Into<String>) -> ClientContext {
-        ClientContext { client_id: client_id.into(), metadata: BTreeMap::new() }
+        ClientContext {
+            client_id: client_id.into(),
+            metadata: BTreeMap::new(),
+        }
     }
 
     /// A builder for a context with metadata.
@@ -278,7 +285,10 @@ impl SessionStatus {
 
     /// COMPLETED, FAILED or CANCELLED.
     pub fn is_terminal(self) -> bool {
-        matches!(self, SessionStatus::Completed | SessionStatus::Failed | SessionStatus::Cancelled)
+        matches!(
+            self,
+            SessionStatus::Completed | SessionStatus::Failed | SessionStatus::Cancelled
+        )
     }
 
     /// COMPLETED.
@@ -391,7 +401,11 @@ impl SessionMetrics {
     /// Records per second over [`SessionMetrics::duration`].
     pub fn processing_rate(&self, now: Timestamp) -> f64 {
         let secs = self.duration(now).as_secs_f64();
-        if secs > 0.0 { self.processed_elements as f64 / secs } else { 0.0 }
+        if secs > 0.0 {
+            self.processed_elements as f64 / secs
+        } else {
+            0.0
+        }
     }
 }
 
@@ -433,7 +447,10 @@ pub struct SessionError {
 impl SessionError {
     /// A new error.
     pub fn new(kind: impl Into<String>, message: impl Into<String>) -> SessionError {
-        SessionError { kind: kind.into(), message: message.into() }
+        SessionError {
+            kind: kind.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -549,13 +566,25 @@ mod tests {
         assert!(SessionId::parse("ry37456r").is_ok());
         assert!(SessionId::parse("a.b_c:d-e").is_ok());
         assert_eq!(SessionId::parse(""), Err(SessionIdError::Empty));
-        assert_eq!(SessionId::parse(&"x".repeat(129)), Err(SessionIdError::TooLong(129)));
+        assert_eq!(
+            SessionId::parse(&"x".repeat(129)),
+            Err(SessionIdError::TooLong(129))
+        );
         assert!(SessionId::parse(&"x".repeat(128)).is_ok());
-        assert!(matches!(SessionId::parse("a/b"), Err(SessionIdError::BadChar('/', 1))));
-        assert!(matches!(SessionId::parse("a\nb"), Err(SessionIdError::BadChar('\n', 1))));
+        assert!(matches!(
+            SessionId::parse("a/b"),
+            Err(SessionIdError::BadChar('/', 1))
+        ));
+        assert!(matches!(
+            SessionId::parse("a\nb"),
+            Err(SessionIdError::BadChar('\n', 1))
+        ));
         assert_eq!(SessionId::parse(".."), Err(SessionIdError::Dots));
         assert_eq!(SessionId::parse("a..b"), Err(SessionIdError::Dots));
-        assert!(matches!(SessionId::parse("é"), Err(SessionIdError::BadChar('é', 0))));
+        assert!(matches!(
+            SessionId::parse("é"),
+            Err(SessionIdError::BadChar('é', 0))
+        ));
     }
 
     #[test]

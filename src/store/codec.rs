@@ -25,7 +25,10 @@ pub fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
 /// Decodes a value written by [`encode`]; `key` names it in errors.
 pub fn decode<T: DeserializeOwned>(key: &dyn Fn() -> String, bytes: &[u8]) -> StoreResult<T> {
     let Some((&version, body)) = bytes.split_first() else {
-        return Err(StoreError::Corrupt { key: key(), reason: "empty value".into() });
+        return Err(StoreError::Corrupt {
+            key: key(),
+            reason: "empty value".into(),
+        });
     };
     if u32::from(version) > SCHEMA_VERSION {
         return Err(StoreError::NewerVersion {
@@ -35,10 +38,16 @@ pub fn decode<T: DeserializeOwned>(key: &dyn Fn() -> String, bytes: &[u8]) -> St
         });
     }
     if version == 0 {
-        return Err(StoreError::Corrupt { key: key(), reason: "schema version 0".into() });
+        return Err(StoreError::Corrupt {
+            key: key(),
+            reason: "schema version 0".into(),
+        });
     }
-    let (value, used) = bincode::serde::decode_from_slice(body, config())
-        .map_err(|e| StoreError::Corrupt { key: key(), reason: e.to_string() })?;
+    let (value, used) =
+        bincode::serde::decode_from_slice(body, config()).map_err(|e| StoreError::Corrupt {
+            key: key(),
+            reason: e.to_string(),
+        })?;
     if used != body.len() {
         return Err(StoreError::Corrupt {
             key: key(),
@@ -55,7 +64,10 @@ mod tests {
 
     #[test]
     fn round_trip_and_version_checks() {
-        let ctx = ClientContext::builder().client_id("c").metadata("tier", "gold").build();
+        let ctx = ClientContext::builder()
+            .client_id("c")
+            .metadata("tier", "gold")
+            .build();
         let bytes = encode(&ctx).unwrap();
         let back: ClientContext = decode(&|| "k".into(), &bytes).unwrap();
         assert_eq!(back, ctx);

@@ -1,0 +1,195 @@
+//! The command line (clap): `serve`, `worker`, `run`, `bench`, and the HTTP client commands.
+//!
+//! `main.rs` only calls [`main`]; every command is a call into the library. Flags override
+//! `HARVEST_*` variables, which override config.toml.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::service::Harvest;
+
+/// harvest: a durable queue of web-scraping sessions.
+#[derive(Debug, Parser)]
+#[command(name = "harvest", version, about)]
+pub struct Cli {
+    /// The service configuration file (missing: built-in defaults, unless given explicitly).
+    #[arg(
+        long,
+        short = 'c',
+        env = "HARVEST_CONFIG",
+        default_value = "config.toml",
+        global = true
+    )]
+    pub config: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP API, the workers and the scheduler.
+    Serve(ServeArgs),
+    /// Run workers (and maintenance) without the HTTP API, sharing the store.
+    Worker(ServeArgs),
+    /// Benchmarks: a temporary store (and a generated local site), one JSON object of results.
+    Bench {
+        /// Which benchmark.
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+/// Flags of `serve` and `worker`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Listen address (overrides server.bind).
+    #[arg(long)]
+    pub bind: Option<std::net::SocketAddr>,
+    /// sled directory (overrides data_dir).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Sessions at once in this process (overrides workers.concurrency).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+/// `harvest bench ...`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Durable submit → claim → complete of no-op sessions.
+    Queue(crate::bench::queue::QueueBenchArgs),
+}
+
+/// Loads config.toml (or defaults when the default path is missing), then the environment.
+pub fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    if !path.exists() && path == std::path::Path::new("config.toml") {
+        let mut cfg = Config::default();
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        return Ok(cfg);
+    }
+    Ok(Config::load(path)?)
+}
+
+/// Sets up logging: `RUST_LOG` (default `info`), text or JSON.
+pub fn init_tracing(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Runs the command line.
+pub async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(&cli.config, args, true).await,
+        Command::Worker(args) => serve(&cli.config, args, false).await,
+        Command::Bench { which } => match which {
+            BenchCommand::Queue(args) => crate::bench::queue::main(args).await,
+        },
+    }
+}
+
+async fn serve(config: &std::path::Path, args: ServeArgs, http: bool) -> anyhow::Result<()> {
+    let mut cfg = load_config(config)?;
+    if let Some(b) = args.bind {
+        cfg.server.bind = b;
+    }
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(w) = args.workers {
+        cfg.workers.concurrency = w;
+    }
+    cfg.validate()?;
+    init_tracing(&cfg.log.format);
+    if http && cfg.clients.is_empty() && !cfg.server.bind.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to bind {}: no [[clients]] are configured, so the API would be open to anyone; \
+             bind a loopback address or configure clients with tokens",
+            cfg.server.bind
+        );
+    }
+    let metrics = crate::metrics::install(cfg.metrics.per_client_labels);
+    let grace = Duration::from_secs(cfg.workers.shutdown_grace_secs);
+    let harvest = Harvest::open(cfg.clone())
+        .await
+        .context("opening the store")?;
+    harvest.start();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    let mut binds = Vec::new();
+    if http {
+        binds.push(cfg.server.bind);
+    }
+    if let Some(b) = cfg.metrics.bind {
+        binds.push(b);
+    }
+    for bind in binds {
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("binding {bind}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "listening");
+        let app = crate::api::router(harvest.clone(), metrics.clone());
+        let mut rx = stop_rx.clone();
+        servers.push(tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.changed().await;
+                })
+                .await
+        }));
+    }
+    tracing::info!(
+        backend = harvest.store().backend(),
+        workers = cfg.workers.concurrency,
+        "harvest started"
+    );
+    shutdown_signal().await;
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: no new claims; running sessions get the grace period"
+    );
+    let _ = stop_tx.send(true);
+    harvest.shutdown(grace).await?;
+    for s in servers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
