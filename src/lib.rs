@@ -10,6 +10,7 @@
 //! [`Harvest`]), [`event`] (the event bus), [`config`] (config.toml).
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod api;
 pub mod bench;
 pub mod cli;

@@ -30,6 +30,7 @@ pub const NAMES: &[&str] = &[
     "harvest_records_extracted_total",
     "harvest_pages_processed_total",
     "harvest_sessions_cleaned_total",
+    "harvest_agent_runs_total",
 ];
 
 static PER_CLIENT: AtomicBool = AtomicBool::new(false);
@@ -190,4 +191,14 @@ pub fn set_counts(c: &SessionCounts) {
         gauge!("harvest_sessions", "status" => st.as_str()).set(n as f64);
     }
     gauge!("harvest_queue_depth").set(c.queue_depth as f64);
+}
+
+/// A cron tick started an agent run.
+pub fn agent_run_fired() {
+    counter!("harvest_agent_runs_total", "outcome" => "started").increment(1);
+}
+
+/// A cron tick was skipped because the agent's previous run is active.
+pub fn agent_run_skipped() {
+    counter!("harvest_agent_runs_total", "outcome" => "skipped").increment(1);
 }

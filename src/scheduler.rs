@@ -1,10 +1,18 @@
-//! Maintenance of the store: reclaim expired leases, remove sessions whose timeout has passed,
-//! and keep the session gauges true. One task, one tick every `sessions.maintenance_interval_secs`.
+//! Maintenance of the store and cron agents.
 //!
-//! Each job costs O(work due) per tick: the store's lease-expiry and cleanup-deadline indexes
-//! hand over only what is due.
+//! One task ticks every `sessions.maintenance_interval_secs`: reclaim expired leases, remove
+//! sessions whose timeout has passed, keep the session gauges true, and keep the cron scheduler
+//! (tokio-cron-scheduler) in step with the saved agents. Each job costs O(work due) per tick: the
+//! store's lease-expiry and cleanup-deadline indexes hand over only what is due. [`run_once`]
+//! takes its time from the service's clock, so tests drive it with a manual clock.
+//!
+//! A cron agent fires a run on its schedule, but skips a tick (logged and counted) while its
+//! previous run is still PENDING or RUNNING, so runs never pile up.
 
+use std::collections::HashMap;
 use std::time::Duration;
+
+use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 
 use tokio::sync::watch;
 
@@ -27,16 +35,23 @@ impl Maintenance {
         let (stop, mut stop_rx) = watch::channel(false);
         let every = Duration::from_secs(harvest.config().sessions.maintenance_interval_secs.max(1));
         let task = tokio::spawn(async move {
+            let mut cron = CronAgents::new().await;
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = stop_rx.changed() => return,
+                    _ = stop_rx.changed() => break,
                 }
                 if let Err(e) = run_once(&harvest).await {
                     tracing::warn!(error = %e, "maintenance tick failed; retrying next tick");
                 }
+                if let Some(c) = cron.as_mut() {
+                    c.sync(&harvest).await;
+                }
+            }
+            if let Some(c) = cron {
+                c.shutdown().await;
             }
         });
         Maintenance { stop, task }
@@ -100,4 +115,118 @@ pub struct MaintenanceReport {
     pub reclaimed: usize,
     /// Sessions removed after their timeout.
     pub expired: usize,
+}
+
+/// The cron scheduler and which agents it has, keyed by (client, name), with the schedule they
+/// were registered with.
+struct CronAgents {
+    sched: JobScheduler,
+    jobs: HashMap<(String, String), (String, uuid::Uuid)>,
+}
+
+impl CronAgents {
+    async fn new() -> Option<CronAgents> {
+        let sched = match JobScheduler::new().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cron scheduler could not start; scheduled agents will not run");
+                return None;
+            }
+        };
+        if let Err(e) = sched.start().await {
+            tracing::error!(error = %e, "cron scheduler could not start; scheduled agents will not run");
+            return None;
+        }
+        Some(CronAgents {
+            sched,
+            jobs: HashMap::new(),
+        })
+    }
+
+    /// Adds, replaces and removes cron jobs so they match the saved agents.
+    async fn sync(&mut self, harvest: &Harvest) {
+        let agents = match harvest.agent_list(None).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing agents for cron failed");
+                return;
+            }
+        };
+        let mut wanted = HashMap::new();
+        for a in agents {
+            if let Some(s) = a.schedule {
+                wanted.insert((a.client_id, a.name), s);
+            }
+        }
+        let stale: Vec<_> = self
+            .jobs
+            .iter()
+            .filter(|(k, (sched, _))| wanted.get(*k) != Some(sched))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            if let Some((_, id)) = self.jobs.remove(&k) {
+                let _ = self.sched.remove(&id).await;
+            }
+        }
+        for (key, schedule) in wanted {
+            if self.jobs.contains_key(&key) {
+                continue;
+            }
+            let h = harvest.clone();
+            let (client, name) = key.clone();
+            let job = CronJob::new_async(schedule.as_str(), move |_, _| {
+                let h = h.clone();
+                let (client, name) = (client.clone(), name.clone());
+                Box::pin(async move { fire(&h, &client, &name).await })
+            });
+            match job {
+                Ok(job) => match self.sched.add(job).await {
+                    Ok(id) => {
+                        self.jobs.insert(key, (schedule, id));
+                    }
+                    Err(e) => tracing::warn!(agent = %key.1, error = %e, "cannot schedule agent"),
+                },
+                Err(e) => tracing::warn!(agent = %key.1, error = %e, "cannot schedule agent"),
+            }
+        }
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.sched.shutdown().await;
+    }
+}
+
+/// One cron tick of an agent: a run, unless its previous run is still active.
+pub async fn fire(harvest: &Harvest, client_id: &str, name: &str) {
+    let agent = match harvest.agent_get(client_id, name).await {
+        Ok(Some(a)) => a,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(agent = name, error = %e, "cron: cannot read agent");
+            return;
+        }
+    };
+    match harvest.agent_active_session(&agent).await {
+        Ok(Some(active)) => {
+            tracing::info!(agent = name, session = %active, "cron: previous run still active; skipping this tick");
+            crate::metrics::agent_run_skipped();
+            return;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(agent = name, error = %e, "cron: cannot check the agent's runs");
+            return;
+        }
+    }
+    match harvest
+        .agent_run(client_id, name, crate::agent::AgentRun::default())
+        .await
+    {
+        Ok(h) => {
+            crate::metrics::agent_run_fired();
+            tracing::info!(agent = name, session = %h.id(), "cron: started a run");
+        }
+        Err(e) => tracing::warn!(agent = name, error = %e, "cron: run refused"),
+    }
 }

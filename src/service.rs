@@ -46,6 +46,9 @@ pub enum HarvestError {
     /// No such session (or not this client's).
     #[error("session {0} not found")]
     NotFound(SessionId),
+    /// No such agent (or not this client's).
+    #[error("agent {0} not found")]
+    AgentNotFound(String),
     /// The operation conflicts with the session's state.
     #[error("{0}")]
     Conflict(String),

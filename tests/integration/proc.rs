@@ -1,0 +1,100 @@
+//! Runs the real `harvest` binary for crash and shutdown tests: start it on a data directory,
+//! learn its address from its log, kill it (SIGKILL or SIGTERM), start it again.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A running `harvest serve`.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// Log lines after the address was found (drained by a thread so the pipe never fills).
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts `harvest serve` on `data_dir` with a port chosen by the OS and waits (at most 60 s)
+    /// until it listens.
+    pub fn start(data_dir: &Path, workers: usize, extra_env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harvest"));
+        cmd.args(["serve", "--bind", "127.0.0.1:0", "--workers", &workers.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("HARVEST_LOG_FORMAT", "text")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn harvest");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("listening addr=").nth(1) {
+                        let addr = rest.split_whitespace().next().unwrap_or_default();
+                        let addr: SocketAddr = addr.parse().expect("address in the listening line");
+                        return Server { child, addr, log: rx };
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("harvest did not start listening within 60 s; its log:\n{}", seen.join("\n"));
+                }
+            }
+        }
+    }
+
+    /// The API's base URL.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait (at most `limit`) for the exit code.
+    pub fn terminate(mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id() as i32;
+        // The `kill` command keeps `unsafe` (libc::kill) out of the tests.
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
