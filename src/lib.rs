@@ -10,12 +10,15 @@
 //! [`Harvest`]), [`event`] (the event bus), [`config`] (config.toml).
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod clock;
 pub mod config;
+pub mod engine;
 pub mod event;
 pub mod job;
 pub mod service;
 pub mod session;
+pub mod sitegen;
 pub mod store;
 pub mod worker;
 
