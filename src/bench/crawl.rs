@@ -17,6 +17,9 @@ use crate::store::{CheckpointBatch, ResumeState};
 /// The config every crawl bench runs: DESIGN §4's example (examples/catalog.toml).
 pub const CATALOG_TOML: &str = include_str!("../../examples/catalog.toml");
 
+/// Products per list page of the generated site.
+const PER_LIST: usize = 20;
+
 /// Why the bench could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -79,6 +82,8 @@ pub async fn crawl(products: usize, concurrency: usize) -> Result<serde_json::Va
         parse_config_text(CATALOG_TOML).map_err(|e| BenchError::Config(e.to_string()))?;
     config["start_urls"] = serde_json::json!([site.url("/index.html")]);
     config["limits"]["max_pages"] = serde_json::json!(products as u64 * 2 + 100);
+    // The list pages form a chain (one `next` each): its length is the crawl's depth.
+    config["limits"]["max_depth"] = serde_json::json!(products.div_ceil(PER_LIST) + 10);
     config["http"]["concurrency"] = serde_json::json!(concurrency);
     config["http"]["per_host_concurrency"] = serde_json::json!(concurrency);
     let cfg = Arc::new(

@@ -106,7 +106,7 @@ pub struct ScraperConfig {
 pub struct Limits {
     /// Pages fetched at most (1..=10,000,000).
     pub max_pages: u64,
-    /// Links followed from a start URL at most (0..=1000).
+    /// Links followed from a start URL at most (0..=100000).
     pub max_depth: u32,
     /// Records extracted at most (1..=100,000,000).
     pub max_records: u64,
@@ -505,7 +505,7 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
     }
     let l = cfg.limits;
     range("limits.max_pages", l.max_pages, 1, 10_000_000)?;
-    range("limits.max_depth", l.max_depth, 0, 1000)?;
+    range("limits.max_depth", l.max_depth, 0, 100_000)?;
     range("limits.max_records", l.max_records, 1, 100_000_000)?;
     let h = &cfg.http;
     range("http.concurrency", h.concurrency, 1, 512)?;

@@ -528,6 +528,23 @@ async fn guard_refuses_loopback_unless_allow_listed() {
         r.log()
     );
 
+    // A name is checked on the address it resolves to (the resolver path, not the IP literal).
+    let mut by_name = catalog(&site);
+    by_name["start_urls"] = json!([site.url("/index.html").replace("127.0.0.1", "localhost")]);
+    let r = run_job(&guarded, by_name).await;
+    assert_eq!(
+        site.total_hits(),
+        0,
+        "the guard let a request to localhost through"
+    );
+    assert!(
+        r.log()
+            .iter()
+            .any(|(l, m)| l == "error" && m.contains("network guard")),
+        "{:?}",
+        r.log()
+    );
+
     let allowed = ScrapeJob::new(EngineSettings {
         guard: Some(NetGuard::from_cidrs(&["127.0.0.0/8"]).unwrap()),
         ..Default::default()
@@ -600,4 +617,21 @@ async fn run_local_writes_json_lines_and_a_summary() {
     )
     .await;
     assert!(bad.is_err_and(|e| e.to_string().contains("start_urls[0]")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_ms_spaces_requests_to_one_host() {
+    let site = shop(4, false).await;
+    let mut cfg = catalog(&site);
+    cfg["http"]["delay_ms"] = json!(100);
+    cfg["http"]["obey_robots_txt"] = json!(false);
+    let started = std::time::Instant::now();
+    let r = run(&cfg).await;
+    // 5 pages, each 100 ms after the previous one on this host.
+    assert_eq!(r.pages(), 5);
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "took {:?}",
+        started.elapsed()
+    );
 }
