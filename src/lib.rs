@@ -16,12 +16,14 @@ pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod engine;
 pub mod event;
 pub mod job;
 pub mod metrics;
 pub mod scheduler;
 pub mod service;
 pub mod session;
+pub mod sitegen;
 pub mod store;
 pub mod worker;
 

@@ -170,7 +170,7 @@ impl HarvestBuilder {
         };
         let job = match self.job {
             Some(j) => j,
-            None => default_job(&self.config),
+            None => default_job(&self.config)?,
         };
         let harvest = Harvest {
             inner: Arc::new(Inner {
@@ -208,9 +208,30 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, HarvestError>
 }
 
 /// The job sessions run when none is given: the scraper engine.
-fn default_job(_config: &Config) -> Arc<dyn Job> {
-    // Replaced by the scraper engine when it lands (branch `engine`).
-    Arc::new(crate::job::NoopJob)
+fn default_job(config: &Config) -> Result<Arc<dyn Job>, HarvestError> {
+    Ok(Arc::new(crate::engine::ScrapeJob::new(engine_settings(
+        config,
+    )?)))
+}
+
+/// The engine settings the config asks for: the request-forgery guard is on whenever clients
+/// (tenants) are configured, or when `http_guard.enabled = true`.
+pub fn engine_settings(config: &Config) -> Result<crate::engine::EngineSettings, HarvestError> {
+    let guarded = config
+        .http_guard
+        .enabled
+        .unwrap_or(!config.clients.is_empty());
+    let guard = if guarded {
+        let g = crate::engine::NetGuard::from_cidrs(&config.http_guard.allow_networks)
+            .map_err(|e| HarvestError::Startup(format!("http_guard.allow_networks: {e}")))?;
+        Some(g)
+    } else {
+        None
+    };
+    Ok(crate::engine::EngineSettings {
+        guard,
+        ..Default::default()
+    })
 }
 
 impl Harvest {

@@ -1,6 +1,7 @@
 //! Benchmarks behind `harvest bench`: each builds what it measures in a temporary place (a store
 //! in a temp directory, a generated site on loopback) and returns one JSON object of results.
 
+pub mod crawl;
 pub mod queue;
 
 /// Peak resident set size of this process in MB (VmHWM), 0 when unknown.

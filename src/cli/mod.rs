@@ -37,6 +37,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run workers (and maintenance) without the HTTP API, sharing the store.
     Worker(ServeArgs),
+    /// One local crawl without the service: records as JSON lines on stdout, progress on stderr.
+    Run(RunArgs),
+    /// Serve the generated test shop (the tour's site) until Ctrl-C.
+    Testsite(TestsiteArgs),
     /// Benchmarks: a temporary store (and a generated local site), one JSON object of results.
     Bench {
         /// Which benchmark.
@@ -64,6 +68,54 @@ pub struct ServeArgs {
 pub enum BenchCommand {
     /// Durable submit → claim → complete of no-op sessions.
     Queue(crate::bench::queue::QueueBenchArgs),
+    /// One crawl of a generated site on loopback: pages/s, records/s, peak memory.
+    Crawl(CrawlBenchArgs),
+}
+
+/// Flags of `harvest bench crawl`.
+#[derive(Debug, clap::Args)]
+pub struct CrawlBenchArgs {
+    /// Product pages on the generated site.
+    #[arg(long, default_value_t = 5000)]
+    pub products: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Print only the JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `harvest run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The scraper config (TOML or JSON).
+    pub config: PathBuf,
+    /// A parameter overriding the config's `[vars]`, as `name=value` (repeatable).
+    #[arg(long = "param", short = 'p', value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
+    /// Refuse fetching private, loopback and link-local addresses.
+    #[arg(long)]
+    pub guard: bool,
+}
+
+/// Flags of `harvest testsite`.
+#[derive(Debug, clap::Args)]
+pub struct TestsiteArgs {
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:18080")]
+    pub bind: std::net::SocketAddr,
+    /// Product pages.
+    #[arg(long, default_value_t = 100)]
+    pub products: usize,
+}
+
+/// Parses `name=value`.
+pub fn parse_param(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not name=value")),
+    }
 }
 
 /// Loads config.toml (or defaults when the default path is missing), then the environment.
@@ -99,7 +151,20 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Worker(args) => serve(&cli.config, args, false).await,
         Command::Bench { which } => match which {
             BenchCommand::Queue(args) => crate::bench::queue::main(args).await,
+            BenchCommand::Crawl(args) => {
+                if !args.json {
+                    eprintln!(
+                        "bench crawl: {} products at concurrency {} on a generated loopback site",
+                        args.products, args.concurrency
+                    );
+                }
+                let out = crate::bench::crawl::crawl(args.products, args.concurrency).await?;
+                println!("{}", serde_json::to_string(&out)?);
+                Ok(())
+            }
         },
+        Command::Run(args) => run_local(args).await,
+        Command::Testsite(args) => testsite(args).await,
     }
 }
 
@@ -192,4 +257,62 @@ async fn shutdown_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+async fn run_local(args: RunArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    let config = crate::engine::parse_config_text(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    let params = args.params.into_iter().collect();
+    let settings = crate::engine::EngineSettings {
+        guard: args.guard.then(|| crate::engine::NetGuard::new(Vec::new())),
+        ..Default::default()
+    };
+    let stop = crate::job::StopSignal::new();
+    let on_ctrl_c = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("harvest run: stopping after the pages in flight (Ctrl-C again to abort)");
+            on_ctrl_c.stop(crate::job::StopReason::Cancelled);
+            let _ = tokio::signal::ctrl_c().await;
+            std::process::exit(130);
+        }
+    });
+    let summary = crate::engine::run_local(
+        &config,
+        &params,
+        settings,
+        Box::new(std::io::stdout()),
+        crate::engine::Progress::Stderr,
+        stop,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    eprintln!("{summary}");
+    if summary.status == "completed" {
+        Ok(())
+    } else {
+        anyhow::bail!("the crawl did not complete")
+    }
+}
+
+async fn testsite(args: TestsiteArgs) -> anyhow::Result<()> {
+    let site = crate::sitegen::serve_at(
+        args.bind,
+        crate::sitegen::SiteOptions {
+            products: args.products,
+            ..Default::default()
+        },
+    )
+    .await
+    .with_context(|| format!("binding {}", args.bind))?;
+    eprintln!(
+        "test shop with {} products at {}/index.html (Ctrl-C to stop)",
+        args.products,
+        site.base_url()
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    site.shutdown().await;
+    Ok(())
 }

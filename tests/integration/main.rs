@@ -1,1 +1,3 @@
-
+mod engine;
+mod engine_bench;
+mod engine_config;

@@ -1,0 +1,401 @@
+//! Polite HTTP fetching for one session: per-host concurrency and delay, robots.txt once per
+//! host, manual redirects (every hop checked by the guard, loops detected), retries with
+//! exponential backoff honouring `Retry-After`, and a body cap enforced while streaming.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use texting_robots::Robot;
+use tokio::sync::{OnceCell, Semaphore};
+use tokio::time::Instant;
+use url::{Host, Url};
+
+use super::config::HttpSettings;
+use super::guard::{GuardRefused, GuardedResolver, NetGuard};
+use crate::job::StopSignal;
+use crate::session::TokenUsage;
+
+/// Longest `Retry-After` honoured; a server asking for more gets this (the page still retries).
+const RETRY_AFTER_CAP: Duration = Duration::from_secs(30);
+/// First backoff step; doubled per retry.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Largest backoff step.
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// robots.txt bodies beyond this are cut (Google reads 500 KiB).
+const ROBOTS_MAX_BYTES: usize = 512 * 1024;
+
+/// Why a page was not fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    /// robots.txt disallows the URL (not an error of the site; counted as robots_blocked).
+    #[error("robots.txt disallows this URL")]
+    RobotsBlocked,
+    /// The network guard refused the address.
+    #[error(transparent)]
+    Guard(#[from] GuardRefused),
+    /// The request timed out (after retries).
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    /// Could not connect or the transfer broke (after retries).
+    #[error("request failed: {0}")]
+    Transport(String),
+    /// An error status (after retries for 429/5xx).
+    #[error("HTTP status {0}")]
+    Status(u16),
+    /// Redirects came back to a URL already visited.
+    #[error("redirect loop back to {0}")]
+    RedirectLoop(String),
+    /// More redirects than allowed.
+    #[error("more than {0} redirects")]
+    TooManyRedirects(usize),
+    /// A redirect without a usable http(s) `Location`.
+    #[error("redirect with a bad Location: {0}")]
+    BadRedirect(String),
+    /// The body exceeds `max_body_bytes`; it was cut off, not buffered.
+    #[error("body larger than max_body_bytes ({0} bytes); page skipped")]
+    TooLarge(usize),
+    /// Not an HTML content type.
+    #[error("not HTML (content-type {0}); page skipped")]
+    NotHtml(String),
+    /// The stop signal fired while the page waited for a retry.
+    #[error("stopped")]
+    Stopped,
+}
+
+impl PageError {
+    /// Counted in `http_errors`.
+    pub fn is_http_error(&self) -> bool {
+        !matches!(
+            self,
+            PageError::RobotsBlocked | PageError::NotHtml(_) | PageError::Stopped
+        )
+    }
+}
+
+/// A fetched HTML page.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The URL after redirects (links resolve against it).
+    pub url: Url,
+    /// The raw body.
+    pub body: Vec<u8>,
+    /// The Content-Type header, if any.
+    pub content_type: Option<String>,
+}
+
+struct HostState {
+    permits: Semaphore,
+    next_slot: Mutex<Instant>,
+    robots: OnceCell<Option<Robot>>,
+}
+
+/// The fetching half of one session.
+pub struct Fetcher {
+    client: reqwest::Client,
+    http: HttpSettings,
+    guard: Option<Arc<NetGuard>>,
+    robots_agent: String,
+    hosts: Mutex<HashMap<String, Arc<HostState>>>,
+}
+
+enum Attempt {
+    Retry(Option<Duration>, PageError),
+    Final(PageError),
+}
+
+impl Fetcher {
+    /// A fetcher for these settings (one HTTP connection pool per session).
+    pub fn new(http: &HttpSettings, guard: Option<NetGuard>) -> Result<Fetcher, reqwest::Error> {
+        let guard = guard.map(Arc::new);
+        let mut b = reqwest::Client::builder()
+            .user_agent(http.user_agent.clone())
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_millis(http.timeout_ms))
+            .connect_timeout(Duration::from_millis(http.timeout_ms.min(10_000)))
+            .pool_max_idle_per_host(http.per_host_concurrency)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .gzip(true)
+            .brotli(true);
+        if let Some(g) = &guard {
+            b = b.dns_resolver(Arc::new(GuardedResolver { guard: g.clone() }));
+        }
+        let robots_agent = http
+            .user_agent
+            .split(|c: char| c == '/' || c.is_whitespace())
+            .next()
+            .unwrap_or("harvest")
+            .to_string();
+        Ok(Fetcher {
+            client: b.build()?,
+            http: http.clone(),
+            guard,
+            robots_agent,
+            hosts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn host(&self, url: &Url) -> Arc<HostState> {
+        let key = url.origin().ascii_serialization();
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        hosts
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(HostState {
+                    permits: Semaphore::new(self.http.per_host_concurrency),
+                    next_slot: Mutex::new(Instant::now()),
+                    robots: OnceCell::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// Fetches an HTML page, counting what it did into `usage`.
+    pub async fn fetch(
+        &self,
+        url: &Url,
+        stop: &StopSignal,
+        usage: &mut TokenUsage,
+    ) -> Result<Fetched, PageError> {
+        let host = self.host(url);
+        if self.http.obey_robots_txt {
+            let mut robots_usage = TokenUsage::default();
+            let robot = host
+                .robots
+                .get_or_init(|| self.fetch_robots(url, &mut robots_usage))
+                .await;
+            *usage += robots_usage;
+            if let Some(r) = robot
+                && !r.allowed(url.as_str())
+            {
+                usage.robots_blocked += 1;
+                return Err(PageError::RobotsBlocked);
+            }
+        }
+        // The semaphore is never closed, so acquire cannot fail; treat it as a stop if it did.
+        let _permit = host
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| PageError::Stopped)?;
+        let mut attempt = 0u32;
+        // Bounded: `attempt` grows every iteration and `retries` is at most 10.
+        loop {
+            self.politeness_wait(&host).await;
+            let result = self
+                .attempt(url, usage, self.http.max_body_bytes, true)
+                .await;
+            let (wait, err) = match result {
+                Ok(f) => return Ok(f),
+                Err(Attempt::Final(e)) => return Err(e),
+                Err(Attempt::Retry(wait, e)) => (wait, e),
+            };
+            if attempt >= self.http.retries {
+                return Err(err);
+            }
+            let backoff = BACKOFF_BASE
+                .saturating_mul(1 << attempt.min(16))
+                .min(BACKOFF_CAP);
+            let wait = wait.map(|w| w.min(RETRY_AFTER_CAP)).unwrap_or(backoff);
+            attempt += 1;
+            usage.retries += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.stopped() => return Err(PageError::Stopped),
+            }
+        }
+    }
+
+    async fn politeness_wait(&self, host: &HostState) {
+        if self.http.delay_ms == 0 {
+            return;
+        }
+        let at = {
+            let mut next = host.next_slot.lock().unwrap_or_else(|p| p.into_inner());
+            let at = (*next).max(Instant::now());
+            *next = at + Duration::from_millis(self.http.delay_ms);
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+
+    fn check_guard(&self, url: &Url) -> Result<(), PageError> {
+        let Some(g) = &self.guard else { return Ok(()) };
+        match url.host() {
+            Some(Host::Ipv4(ip)) => g.check(ip.into())?,
+            Some(Host::Ipv6(ip)) => g.check(ip.into())?,
+            // Names are checked by the guarded resolver at connect time.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// One attempt: the request and its redirect chain, then the body.
+    async fn attempt(
+        &self,
+        start: &Url,
+        usage: &mut TokenUsage,
+        max_body: usize,
+        html_only: bool,
+    ) -> Result<Fetched, Attempt> {
+        let mut current = start.clone();
+        let mut visited: Vec<Url> = Vec::new();
+        let mut hops = 0usize;
+        let resp = loop {
+            self.check_guard(&current).map_err(|e| {
+                usage.http_errors += 1;
+                Attempt::Final(e)
+            })?;
+            usage.http_requests += 1;
+            let resp = match self.client.get(current.clone()).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    usage.http_errors += 1;
+                    return Err(self.classify(e));
+                }
+            };
+            let status = resp.status();
+            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+                let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
+                    return Err(Attempt::Final(PageError::BadRedirect(format!(
+                        "{status} without Location"
+                    ))));
+                };
+                let next = match current.join(loc) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") => u,
+                    _ => return Err(Attempt::Final(PageError::BadRedirect(loc.to_string()))),
+                };
+                visited.push(current);
+                if visited.iter().any(|v| v.as_str() == next.as_str()) {
+                    usage.http_errors += 1;
+                    return Err(Attempt::Final(PageError::RedirectLoop(next.to_string())));
+                }
+                hops += 1;
+                if hops > self.http.max_redirects {
+                    usage.http_errors += 1;
+                    return Err(Attempt::Final(PageError::TooManyRedirects(
+                        self.http.max_redirects,
+                    )));
+                }
+                current = next;
+                continue;
+            }
+            break resp;
+        };
+        let status = resp.status();
+        if status.is_client_error() || status.is_server_error() {
+            usage.http_errors += 1;
+            let err = PageError::Status(status.as_u16());
+            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                return Err(Attempt::Retry(retry_after(&resp), err));
+            }
+            return Err(Attempt::Final(err));
+        }
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if let Some(ct) = content_type.as_ref().filter(|_| html_only) {
+            let essence = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if essence != "text/html" && essence != "application/xhtml+xml" {
+                return Err(Attempt::Final(PageError::NotHtml(ct.clone())));
+            }
+        }
+        let body = self.read_body(resp, usage, max_body).await?;
+        Ok(Fetched {
+            url: current,
+            body,
+            content_type,
+        })
+    }
+
+    async fn read_body(
+        &self,
+        mut resp: reqwest::Response,
+        usage: &mut TokenUsage,
+        max_body: usize,
+    ) -> Result<Vec<u8>, Attempt> {
+        let declared = resp
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > max_body as u64) {
+            usage.http_errors += 1;
+            return Err(Attempt::Final(PageError::TooLarge(max_body)));
+        }
+        let mut body = Vec::with_capacity(declared.map_or(16 * 1024, |n| n as usize));
+        // Bounded: stops at max_body bytes or the end of the body, within the request timeout.
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    usage.bytes_received += chunk.len() as u64;
+                    if body.len() + chunk.len() > max_body {
+                        usage.http_errors += 1;
+                        return Err(Attempt::Final(PageError::TooLarge(max_body)));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body),
+                Err(e) => {
+                    usage.http_errors += 1;
+                    return Err(self.classify(e));
+                }
+            }
+        }
+    }
+
+    fn classify(&self, e: reqwest::Error) -> Attempt {
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        // Bounded by the length of the error's source chain.
+        while let Some(s) = src {
+            if let Some(g) = s.downcast_ref::<GuardRefused>() {
+                return Attempt::Final(PageError::Guard(g.clone()));
+            }
+            src = s.source();
+        }
+        if e.is_timeout() {
+            return Attempt::Retry(None, PageError::Timeout(self.http.timeout_ms));
+        }
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        if e.is_connect() || e.is_request() || e.is_body() {
+            return Attempt::Retry(None, PageError::Transport(msg));
+        }
+        Attempt::Final(PageError::Transport(msg))
+    }
+
+    /// robots.txt of `url`'s origin: `None` (allow all) when missing or unreadable.
+    async fn fetch_robots(&self, url: &Url, usage: &mut TokenUsage) -> Option<Robot> {
+        let robots_url = url.join("/robots.txt").ok()?;
+        let f = self
+            .attempt(&robots_url, usage, ROBOTS_MAX_BYTES, false)
+            .await
+            .ok()?;
+        Robot::new(&self.robots_agent, &f.body).ok()
+    }
+}
+
+fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    let v = resp.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let delta = when.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+    Some(Duration::from_millis(delta.max(0) as u64))
+}

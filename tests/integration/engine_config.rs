@@ -1,0 +1,285 @@
+//! The scraper config language: the DESIGN example parses, bad configs are refused by field.
+
+use std::collections::BTreeMap;
+
+use harvest::engine::{ConfigError, ScrapeJob, compile, parse_config_text};
+use harvest::job::Job;
+use serde_json::{Value, json};
+
+const CATALOG: &str = include_str!("../../examples/catalog.toml");
+
+fn catalog() -> Value {
+    parse_config_text(CATALOG).expect("the DESIGN example parses")
+}
+
+#[test]
+fn design_example_config_parses_and_compiles() {
+    let cfg = compile(&catalog(), &BTreeMap::new()).expect("the DESIGN example compiles");
+    assert_eq!(cfg.name, "catalog");
+    assert_eq!(
+        cfg.start_urls,
+        vec!["http://127.0.0.1:18080/index.html".to_string()]
+    );
+    assert_eq!(cfg.http.concurrency, 32);
+    assert_eq!(cfg.http.per_host_concurrency, 16);
+    assert_eq!(cfg.follow.len(), 2);
+    assert_eq!(cfg.pages["product"].fields.len(), 5);
+    assert!(
+        ScrapeJob::default()
+            .validate(&catalog(), &BTreeMap::new())
+            .is_ok()
+    );
+    // The same config as JSON is the same config.
+    let as_json = serde_json::to_string(&catalog()).unwrap();
+    assert_eq!(parse_config_text(&as_json).unwrap(), catalog());
+}
+
+#[test]
+fn params_override_vars() {
+    let mut cfg = catalog();
+    cfg["start_urls"] = json!(["http://127.0.0.1:1/{{category}}/index.html"]);
+    let c = compile(&cfg, &BTreeMap::new()).unwrap();
+    assert_eq!(c.start_urls[0], "http://127.0.0.1:1/all/index.html");
+    let params = BTreeMap::from([("category".to_string(), "shoes".to_string())]);
+    let c = compile(&cfg, &params).unwrap();
+    assert_eq!(c.start_urls[0], "http://127.0.0.1:1/shoes/index.html");
+}
+
+type Mutation = fn(&mut Value);
+
+#[test]
+fn bad_configs_are_refused_with_the_field_named() {
+    let cases: Vec<(&str, Mutation, &str)> = vec![
+        (
+            "no start urls",
+            |c| c["start_urls"] = json!([]),
+            "start_urls",
+        ),
+        (
+            "start urls missing",
+            |c| drop(c.as_object_mut().unwrap().remove("start_urls")),
+            "start_urls",
+        ),
+        (
+            "ftp start url",
+            |c| c["start_urls"] = json!(["ftp://x/"]),
+            "start_urls[0]",
+        ),
+        (
+            "relative start url",
+            |c| c["start_urls"] = json!(["/index.html"]),
+            "start_urls[0]",
+        ),
+        (
+            "start url not a string",
+            |c| c["start_urls"] = json!([5]),
+            "start_urls[0]",
+        ),
+        (
+            "unknown top key",
+            |c| c["star_urls"] = json!([]),
+            "star_urls",
+        ),
+        (
+            "unknown http key",
+            |c| c["http"]["concurency"] = json!(3),
+            "http.concurency",
+        ),
+        (
+            "zero concurrency",
+            |c| c["http"]["concurrency"] = json!(0),
+            "http.concurrency",
+        ),
+        (
+            "huge concurrency",
+            |c| c["http"]["concurrency"] = json!(100000),
+            "http.concurrency",
+        ),
+        (
+            "negative delay",
+            |c| c["http"]["delay_ms"] = json!(-1),
+            "http.delay_ms",
+        ),
+        (
+            "string timeout",
+            |c| c["http"]["timeout_ms"] = json!("10s"),
+            "http.timeout_ms",
+        ),
+        (
+            "tiny timeout",
+            |c| c["http"]["timeout_ms"] = json!(1),
+            "http.timeout_ms",
+        ),
+        (
+            "too many retries",
+            |c| c["http"]["retries"] = json!(99),
+            "http.retries",
+        ),
+        (
+            "tiny body cap",
+            |c| c["http"]["max_body_bytes"] = json!(10),
+            "http.max_body_bytes",
+        ),
+        (
+            "empty user agent",
+            |c| c["http"]["user_agent"] = json!(" "),
+            "http.user_agent",
+        ),
+        (
+            "newline in user agent",
+            |c| c["http"]["user_agent"] = json!("a\nb"),
+            "http.user_agent",
+        ),
+        (
+            "robots not bool",
+            |c| c["http"]["obey_robots_txt"] = json!("yes"),
+            "http.obey_robots_txt",
+        ),
+        (
+            "zero max pages",
+            |c| c["limits"]["max_pages"] = json!(0),
+            "limits.max_pages",
+        ),
+        (
+            "zero max records",
+            |c| c["limits"]["max_records"] = json!(0),
+            "limits.max_records",
+        ),
+        (
+            "deep max depth",
+            |c| c["limits"]["max_depth"] = json!(1_000_000),
+            "limits.max_depth",
+        ),
+        (
+            "unknown limits key",
+            |c| c["limits"]["max_time"] = json!(5),
+            "limits.max_time",
+        ),
+        (
+            "bad follow selector",
+            |c| c["follow"][0]["selector"] = json!("a[["),
+            "follow[0].selector",
+        ),
+        (
+            "empty follow selector",
+            |c| c["follow"][1]["selector"] = json!(""),
+            "follow[1].selector",
+        ),
+        (
+            "follow to unknown page",
+            |c| c["follow"][1]["page"] = json!("prodct"),
+            "follow[1].page",
+        ),
+        (
+            "unknown follow key",
+            |c| c["follow"][0]["selectr"] = json!("a"),
+            "follow[0].selectr",
+        ),
+        (
+            "bad field selector",
+            |c| c["pages"]["product"]["fields"]["title"] = json!("h1 >"),
+            "pages.product.fields.title.selector",
+        ),
+        (
+            "bad regex",
+            |c| c["pages"]["product"]["fields"]["price"]["regex"] = json!("(["),
+            "pages.product.fields.price.regex",
+        ),
+        (
+            "bad type",
+            |c| c["pages"]["product"]["fields"]["price"]["type"] = json!("float"),
+            "pages.product.fields.price.type",
+        ),
+        (
+            "unknown field key",
+            |c| c["pages"]["product"]["fields"]["sku"]["atr"] = json!("x"),
+            "pages.product.fields.sku.atr",
+        ),
+        (
+            "field not string or table",
+            |c| c["pages"]["product"]["fields"]["sku"] = json!(3),
+            "pages.product.fields.sku",
+        ),
+        (
+            "all not bool",
+            |c| c["pages"]["product"]["fields"]["tags"]["all"] = json!("yes"),
+            "pages.product.fields.tags.all",
+        ),
+        (
+            "absolute number",
+            |c| c["pages"]["product"]["fields"]["price"]["absolute_url"] = json!(true),
+            "pages.product.fields.price.absolute_url",
+        ),
+        (
+            "field without selector",
+            |c| c["pages"]["product"]["fields"]["sku"] = json!({"type": "string"}),
+            "pages.product.fields.sku.selector",
+        ),
+        (
+            "bad item selector",
+            |c| c["pages"]["product"]["item"] = json!("::"),
+            "pages.product.item",
+        ),
+        (
+            "no fields",
+            |c| c["pages"]["product"]["fields"] = json!({}),
+            "pages.product.fields",
+        ),
+        (
+            "unknown page key",
+            |c| c["pages"]["product"]["itme"] = json!("x"),
+            "pages.product.itme",
+        ),
+        (
+            "unknown var",
+            |c| c["start_urls"] = json!(["http://{{host}}/"]),
+            "start_urls[0]",
+        ),
+        (
+            "unclosed var",
+            |c| c["http"]["user_agent"] = json!("bot {{name"),
+            "http.user_agent",
+        ),
+        (
+            "var of a table",
+            |c| c["vars"]["x"] = json!({"a": 1}),
+            "vars.x",
+        ),
+        (
+            "unknown start page",
+            |c| c["start_page"] = json!("list"),
+            "start_page",
+        ),
+    ];
+    assert!(cases.len() >= 20);
+    let job = ScrapeJob::default();
+    for (name, mutate, path) in cases {
+        let mut cfg = catalog();
+        mutate(&mut cfg);
+        let err = compile(&cfg, &BTreeMap::new())
+            .err()
+            .unwrap_or_else(|| panic!("{name}: accepted"));
+        match &err {
+            ConfigError::Field { path: p, .. } => assert_eq!(p, path, "{name}: {err}"),
+            other => panic!("{name}: expected an error about {path}, got {other}"),
+        }
+        let msg = job.validate(&cfg, &BTreeMap::new()).expect_err(name);
+        assert!(msg.contains(path), "{name}: validate said {msg:?}");
+    }
+}
+
+#[test]
+fn bad_texts_are_refused() {
+    assert!(matches!(
+        parse_config_text("name = "),
+        Err(ConfigError::Syntax(_))
+    ));
+    assert!(matches!(
+        parse_config_text("{\"name\": }"),
+        Err(ConfigError::Syntax(_))
+    ));
+    assert!(matches!(
+        parse_config_text("[1, 2]"),
+        Err(ConfigError::Syntax(_))
+    ));
+}
