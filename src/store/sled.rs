@@ -57,7 +57,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -87,6 +87,10 @@ const PROMOTE_MAX: usize = 10_000;
 // session with millions of records.
 const PURGE_CHUNK: usize = 10_000;
 
+// The longest a flush waits for more writes to share it. Bounds the latency a lone writer can
+// lose when the previous flush released many callers that did not come back.
+const LINGER: Duration = Duration::from_micros(500);
+
 const LIST_LIMIT_MAX: usize = 1000;
 const RECORDS_LIMIT_MAX: usize = 10_000;
 
@@ -110,6 +114,8 @@ struct Durability {
     dirty: Mutex<bool>,
     wake: Condvar,
     shutdown: AtomicBool,
+    /// The flusher is waiting for more writes before it flushes: wake it on every ticket.
+    lingering: AtomicBool,
     flushes: AtomicU64,
     state: watch::Sender<Flushed>,
 }
@@ -129,8 +135,12 @@ impl Durability {
     fn ticket(&self) -> u64 {
         let t = self.written.fetch_add(1, Ordering::SeqCst) + 1;
         let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        *dirty = true;
-        self.wake.notify_one();
+        // Only the first writer after the flusher took its target wakes it: a notify is a
+        // syscall, and the flusher rechecks `dirty` before it sleeps.
+        if !*dirty || self.lingering.load(Ordering::SeqCst) {
+            *dirty = true;
+            self.wake.notify_one();
+        }
         t
     }
 
@@ -151,6 +161,9 @@ impl Durability {
     }
 
     fn run(&self, db: &sled::Db) {
+        // Tickets the previous flush acknowledged: as many writes are likely to be on their way.
+        let mut last_target = 0u64;
+        let mut expect = 0u64;
         loop {
             {
                 let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
@@ -160,11 +173,28 @@ impl Durability {
                 if !*dirty {
                     return; // shut down with nothing left to flush
                 }
+                // Linger (at most LINGER) until the callers the last flush released have written
+                // again: one flush then acknowledges all of them instead of a few.
+                let deadline = Instant::now() + LINGER;
+                self.lingering.store(true, Ordering::SeqCst);
+                while self.written.load(Ordering::SeqCst) - last_target < expect
+                    && !self.shutdown.load(Ordering::SeqCst)
+                {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    dirty =
+                        self.wake.wait_timeout(dirty, left).unwrap_or_else(|p| p.into_inner()).0;
+                }
+                self.lingering.store(false, Ordering::SeqCst);
                 *dirty = false;
             }
             let target = self.written.load(Ordering::SeqCst);
             let result = db.flush();
             self.flushes.fetch_add(1, Ordering::Relaxed);
+            expect = target - last_target;
+            last_target = target;
             self.state.send_modify(|f| match result {
                 Ok(_) => f.upto = f.upto.max(target),
                 Err(e) => {
@@ -422,6 +452,7 @@ impl SledStore {
             dirty: Mutex::new(false),
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
+            lingering: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
             state,
         });

@@ -226,8 +226,9 @@ fn throughput_group_commit_vs_naive() {
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = TempDir::new().unwrap();
-    let rate = rt.block_on(async {
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let (rate, flushes) = rt.block_on(async {
+        let sled_store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let store: Arc<dyn Store> = sled_store.clone();
         let start = Instant::now();
         let mut tasks = Vec::new();
         for t in 0..16 {
@@ -244,9 +245,11 @@ fn throughput_group_commit_vs_naive() {
         for t in tasks {
             t.await.unwrap();
         }
-        N as f64 / start.elapsed().as_secs_f64()
+        (N as f64 / start.elapsed().as_secs_f64(), sled_store.flush_count())
     });
-    println!("group commit: {rate:.0} durable session_insert/s (16 async submitters, {N} inserts)");
+    println!(
+        "group commit: {rate:.0} durable session_insert/s (16 async submitters, {N} inserts, {flushes} flushes)"
+    );
 
     let dir = TempDir::new().unwrap();
     let db = sled::open(dir.path()).unwrap();
@@ -267,4 +270,70 @@ fn throughput_group_commit_vs_naive() {
     });
     let naive = naive_n as f64 / start.elapsed().as_secs_f64();
     println!("naive: {naive:.0} insert+flush/s (16 threads, {naive_n} inserts)");
+
+    // The ceiling without durability: the same number of keys per insert as session_insert
+    // (session, 4 indexes, counters), 16 threads, no flush.
+    let dir = TempDir::new().unwrap();
+    let db = sled::Config::new().path(dir.path()).flush_every_ms(None).open().unwrap();
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..16 {
+            let db = &db;
+            let value = &value;
+            scope.spawn(move || {
+                for i in 0..N / 16 {
+                    let mut b = sled::Batch::default();
+                    b.insert(format!("S{t}-{i}").as_bytes(), value.clone());
+                    for tag in ["G", "C", "T", "W"] {
+                        b.insert(format!("{tag}{t}-{i}").as_bytes(), &[][..]);
+                    }
+                    b.insert(&b"counters"[..], &[0u8; 24][..]);
+                    db.apply_batch(b).unwrap();
+                }
+            });
+        }
+    });
+    let ceiling = N as f64 / start.elapsed().as_secs_f64();
+    println!("no flush: {ceiling:.0} six-key batches/s (16 threads, {N} batches)");
+
+    // The same with one thread flushing in a loop: what continuous flushing costs the writers.
+    let dir = TempDir::new().unwrap();
+    let db = sled::Config::new().path(dir.path()).flush_every_ms(None).open().unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let start = Instant::now();
+    let mut flushes = 0u64;
+    std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..16)
+            .map(|t| {
+                let db = &db;
+                let value = &value;
+                scope.spawn(move || {
+                    for i in 0..N / 16 {
+                        let mut b = sled::Batch::default();
+                        b.insert(format!("S{t}-{i}").as_bytes(), value.clone());
+                        for tag in ["G", "C", "T", "W"] {
+                            b.insert(format!("{tag}{t}-{i}").as_bytes(), &[][..]);
+                        }
+                        b.insert(&b"counters"[..], &[0u8; 24][..]);
+                        db.apply_batch(b).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let flusher = scope.spawn(|| {
+            let mut n = 0u64;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                db.flush().unwrap();
+                n += 1;
+            }
+            n
+        });
+        for w in writers {
+            w.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        flushes = flusher.join().unwrap();
+    });
+    let rate = N as f64 / start.elapsed().as_secs_f64();
+    println!("flush loop: {rate:.0} six-key batches/s with {flushes} concurrent flushes");
 }
