@@ -3,8 +3,12 @@
 //! Publishing never blocks: a subscriber that falls more than the channel's capacity behind
 //! loses the oldest events (it sees `Lagged`), so a slow consumer can never stall a worker.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use crate::session::{Session, SessionId, SessionStatus};
 
@@ -74,6 +78,35 @@ pub struct Event {
 #[derive(Debug, Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Event>,
+    /// Sessions being submitted whose `created` event is not out yet. A worker can claim a
+    /// session the moment it is stored, before the submitter publishes `created`; its `started`
+    /// waits here so subscribers always see `created` first.
+    creating: Arc<Mutex<HashMap<SessionId, watch::Receiver<bool>>>>,
+}
+
+/// Held by a submitter between storing a session and publishing its `created` event.
+pub struct CreatingGuard {
+    bus: EventBus,
+    id: SessionId,
+    done: watch::Sender<bool>,
+}
+
+impl CreatingGuard {
+    /// Publishes `created` and releases whoever waits to publish `started`.
+    pub fn created(self, session: &Session) {
+        self.bus.publish(EventKind::Created, session);
+    }
+}
+
+impl Drop for CreatingGuard {
+    fn drop(&mut self) {
+        self.bus
+            .creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        let _ = self.done.send(true);
+    }
 }
 
 impl Default for EventBus {
@@ -86,7 +119,10 @@ impl EventBus {
     /// A bus whose subscribers may fall `capacity` events behind before losing the oldest.
     pub fn new(capacity: usize) -> EventBus {
         let (tx, _) = broadcast::channel(capacity.max(16));
-        EventBus { tx }
+        EventBus {
+            tx,
+            creating: Arc::default(),
+        }
     }
 
     /// Publishes (never blocks; no subscribers is fine).
@@ -100,6 +136,35 @@ impl EventBus {
             client_id: session.client.client_id().to_string(),
             session: Some(Box::new(session.clone())),
         });
+    }
+
+    /// Marks a session as being created (call before storing it).
+    pub fn creating(&self, id: &SessionId) -> CreatingGuard {
+        let (done, rx) = watch::channel(false);
+        self.creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), rx);
+        CreatingGuard {
+            bus: self.clone(),
+            id: id.clone(),
+            done,
+        }
+    }
+
+    /// Publishes `started` once the session's `created` is out (waits at most a second: the
+    /// submitter publishes right after its store call returns).
+    pub async fn publish_started(&self, session: &Session) {
+        let pending = self
+            .creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&session.id)
+            .cloned();
+        if let Some(mut rx) = pending {
+            let _ = tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|done| *done)).await;
+        }
+        self.publish(EventKind::Started, session);
     }
 
     /// Whether anyone listens (lets publishers skip building events nobody reads).

@@ -193,7 +193,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, HarvestError>
     match config.store {
         StoreKind::Sled => {
             let store = crate::store::sled::SledStore::open(&config.data_dir)?;
-            Ok(store)
+            Ok(Arc::new(store))
         }
         StoreKind::Postgres => {
             let url = config.database_url.as_deref().ok_or_else(|| {
@@ -406,6 +406,7 @@ impl Harvest {
             checkpoints: 0,
         };
         let single_agent = if req.single_agent { req.agent } else { None };
+        let creating = self.inner.events.creating(&id);
         match self
             .inner
             .store
@@ -417,7 +418,7 @@ impl Harvest {
         {
             Ok(InsertOutcome::Inserted(session)) => {
                 crate::metrics::session_submitted(session.client.client_id());
-                self.inner.events.publish(EventKind::Created, &session);
+                creating.created(&session);
                 Ok(SessionHandle {
                     id,
                     harvest: self.clone(),

@@ -288,7 +288,7 @@ async fn run_attempt(s: &Arc<WorkerSettings>, session: Session, owner: String, s
     let span = tracing::info_span!("session", session = %session.id, attempt = session.attempt);
     let _enter = span.enter();
     drop(_enter);
-    s.events.publish(EventKind::Started, &session);
+    s.events.publish_started(&session).await;
     tracing::debug!(parent: &span, "attempt started");
 
     let resume = match s.store.resume_load(&session.id).await {

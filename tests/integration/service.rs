@@ -18,23 +18,34 @@ use serde_json::json;
 /// A service on a fresh sled directory running `job`, with `tweak` applied to the config.
 pub struct Fixture {
     pub harvest: Harvest,
-    pub dir: tempfile::TempDir,
+    pub _dir: tempfile::TempDir,
 }
 
 pub async fn fixture(job: impl Job, tweak: impl FnOnce(&mut Config)) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let harvest = open_at(dir.path(), Arc::new(job), tweak).await;
-    Fixture { harvest, dir }
+    Fixture { harvest, _dir: dir }
 }
 
-async fn open_at(dir: &std::path::Path, job: Arc<dyn Job>, tweak: impl FnOnce(&mut Config)) -> Harvest {
-    let mut cfg = Config { data_dir: dir.to_path_buf(), ..Config::default() };
+async fn open_at(
+    dir: &std::path::Path,
+    job: Arc<dyn Job>,
+    tweak: impl FnOnce(&mut Config),
+) -> Harvest {
+    let mut cfg = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
     cfg.workers.concurrency = 4;
     cfg.workers.poll_interval_ms = 50;
     cfg.workers.retry_backoff_ms = 10;
     cfg.workers.lease_secs = 3;
     tweak(&mut cfg);
-    Harvest::builder(cfg).job(job).open().await.expect("open harvest")
+    Harvest::builder(cfg)
+        .job(job)
+        .open()
+        .await
+        .expect("open harvest")
 }
 
 fn req() -> SubmitRequest {
@@ -52,7 +63,11 @@ pub struct RecordsJob {
 #[async_trait]
 impl Job for RecordsJob {
     fn validate(&self, c: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
-        if c.get("bad").is_some() { Err("bad: this key is refused by the test job".into()) } else { Ok(()) }
+        if c.get("bad").is_some() {
+            Err("bad: this key is refused by the test job".into())
+        } else {
+            Ok(())
+        }
     }
     async fn run(&self, ctx: JobContext) -> JobOutcome {
         let mut next = ctx.resume.records;
@@ -85,7 +100,10 @@ impl Job for WaitForStop {
     }
     async fn run(&self, ctx: JobContext) -> JobOutcome {
         ctx.stop.stopped().await;
-        JobOutcome::Stopped(CheckpointBatch { records: vec![json!({"stopped": true})], ..Default::default() })
+        JobOutcome::Stopped(CheckpointBatch {
+            records: vec![json!({"stopped": true})],
+            ..Default::default()
+        })
     }
 }
 
@@ -110,7 +128,10 @@ impl Job for Flaky {
                 batch: CheckpointBatch::default(),
             }
         } else {
-            JobOutcome::Completed(CheckpointBatch { records: vec![json!({"ok": n})], ..Default::default() })
+            JobOutcome::Completed(CheckpointBatch {
+                records: vec![json!({"ok": n})],
+                ..Default::default()
+            })
         }
     }
 }
@@ -150,31 +171,59 @@ async fn wait_status(h: &Harvest, id: &SessionId, want: SessionStatus) -> harves
         if s.status == want {
             return s;
         }
-        assert!(tokio::time::Instant::now() < deadline, "session {id} is {} after {WAIT:?}, wanted {want}", s.status);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "session {id} is {} after {WAIT:?}, wanted {want}",
+            s.status
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 #[tokio::test]
 async fn session_runs_to_completion_with_records_and_events_in_order() {
-    let f = fixture(RecordsJob { n: 250, per_batch: 100 }, |_| {}).await;
+    let f = fixture(
+        RecordsJob {
+            n: 250,
+            per_batch: 100,
+        },
+        |_| {},
+    )
+    .await;
     let mut events = f.harvest.subscribe();
     f.harvest.start();
     let handle = f.harvest.submit(req()).await.expect("submit");
-    let done = handle.await_completion(WAIT).await.expect("await").expect("finished in time");
+    let done = handle
+        .await_completion(WAIT)
+        .await
+        .expect("await")
+        .expect("finished in time");
     assert_eq!(done.status, SessionStatus::Completed);
     assert_eq!(done.metrics.processed_elements, 250);
     assert_eq!(done.metrics.pages_processed, 3);
     assert_eq!(done.attempt, 1);
     assert!(done.metrics.end_time.is_some() && done.cleanup_at.is_some());
 
-    let recs = f.harvest.records(handle.id(), 0, 1000).await.expect("records");
+    let recs = f
+        .harvest
+        .records(handle.id(), 0, 1000)
+        .await
+        .expect("records");
     let seqs: Vec<u64> = recs.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (0..250).collect::<Vec<_>>());
-    assert!(recs.iter().enumerate().all(|(i, r)| r.data == json!({"i": i})));
+    assert!(
+        recs.iter()
+            .enumerate()
+            .all(|(i, r)| r.data == json!({"i": i}))
+    );
 
+    // await_completion reads the store; the Completed event is published just after the commit.
     let mut kinds = Vec::new();
-    while let Ok(e) = events.try_recv() {
+    while kinds.last() != Some(&EventKind::Completed) {
+        let e = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("events in time")
+            .expect("event");
         if &e.session_id == handle.id() {
             kinds.push(e.kind);
         }
@@ -182,33 +231,73 @@ async fn session_runs_to_completion_with_records_and_events_in_order() {
     assert_eq!(kinds.first(), Some(&EventKind::Created), "{kinds:?}");
     assert_eq!(kinds.get(1), Some(&EventKind::Started), "{kinds:?}");
     assert_eq!(kinds.last(), Some(&EventKind::Completed), "{kinds:?}");
-    assert_eq!(kinds.iter().filter(|k| **k == EventKind::Progress).count(), 3, "{kinds:?}");
-    f.harvest.shutdown(Duration::from_secs(1)).await.expect("shutdown");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == EventKind::Progress).count(),
+        3,
+        "{kinds:?}"
+    );
+    f.harvest
+        .shutdown(Duration::from_secs(1))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test]
 async fn await_completion_returns_none_on_timeout() {
-    let f = fixture(RecordsJob { n: 1, per_batch: 1 }, |c| c.workers.concurrency = 0).await;
+    let f = fixture(RecordsJob { n: 1, per_batch: 1 }, |c| {
+        c.workers.concurrency = 0
+    })
+    .await;
     let h = f.harvest.submit(req()).await.expect("submit");
     let t = tokio::time::Instant::now();
-    let res = h.await_completion(Duration::from_millis(300)).await.expect("await");
+    let res = h
+        .await_completion(Duration::from_millis(300))
+        .await
+        .expect("await");
     assert!(res.is_none(), "a session with no workers cannot finish");
     assert!(t.elapsed() >= Duration::from_millis(300));
-    assert_eq!(h.session().await.expect("get").status, SessionStatus::Pending);
+    assert_eq!(
+        h.session().await.expect("get").status,
+        SessionStatus::Pending
+    );
 }
 
 #[tokio::test]
 async fn invalid_config_and_duplicate_id_are_refused() {
-    let f = fixture(RecordsJob { n: 1, per_batch: 1 }, |c| c.workers.concurrency = 0).await;
-    let err = f.harvest.submit(SubmitRequest::new(json!({"bad": 1}))).await.unwrap_err();
-    assert!(matches!(&err, HarvestError::InvalidConfig(m) if m.contains("bad")), "{err}");
-    let err = f.harvest.submit(SubmitRequest::new(json!("not an object"))).await.unwrap_err();
+    let f = fixture(RecordsJob { n: 1, per_batch: 1 }, |c| {
+        c.workers.concurrency = 0
+    })
+    .await;
+    let err = f
+        .harvest
+        .submit(SubmitRequest::new(json!({"bad": 1})))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, HarvestError::InvalidConfig(m) if m.contains("bad")),
+        "{err}"
+    );
+    let err = f
+        .harvest
+        .submit(SubmitRequest::new(json!("not an object")))
+        .await
+        .unwrap_err();
     assert!(matches!(err, HarvestError::InvalidConfig(_)), "{err}");
 
     let id = SessionId::parse("ry37456r").expect("valid id");
-    f.harvest.submit(req().session_id(id.clone())).await.expect("first submit");
-    let err = f.harvest.submit(req().session_id(id.clone())).await.unwrap_err();
-    assert!(matches!(&err, HarvestError::Duplicate(d) if *d == id), "{err}");
+    f.harvest
+        .submit(req().session_id(id.clone()))
+        .await
+        .expect("first submit");
+    let err = f
+        .harvest
+        .submit(req().session_id(id.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, HarvestError::Duplicate(d) if *d == id),
+        "{err}"
+    );
     // The original is untouched.
     let s = f.harvest.get(&id).await.expect("get").expect("exists");
     assert_eq!(s.status, SessionStatus::Pending);
@@ -222,7 +311,9 @@ async fn cancel_pending_then_running_and_idempotence() {
     let out = f.harvest.cancel(pending.id()).await.expect("cancel");
     assert!(matches!(out, CancelOutcome::Cancelled(_)), "{out:?}");
     let again = f.harvest.cancel(pending.id()).await.expect("cancel again");
-    assert!(matches!(again, CancelOutcome::AlreadyTerminal(s) if s.status == SessionStatus::Cancelled));
+    assert!(
+        matches!(again, CancelOutcome::AlreadyTerminal(s) if s.status == SessionStatus::Cancelled)
+    );
 
     // RUNNING: the flag is set; the heartbeat relays it; the job stops; the session ends CANCELLED
     // with what the job committed on its way out.
@@ -231,61 +322,154 @@ async fn cancel_pending_then_running_and_idempotence() {
     wait_status(&f.harvest, running.id(), SessionStatus::Running).await;
     let out = f.harvest.cancel(running.id()).await.expect("cancel");
     assert!(matches!(out, CancelOutcome::Requested(_)), "{out:?}");
-    let s = running.await_completion(WAIT).await.expect("await").expect("ended");
+    let s = running
+        .await_completion(WAIT)
+        .await
+        .expect("await")
+        .expect("ended");
     assert_eq!(s.status, SessionStatus::Cancelled);
     assert_eq!(s.metrics.processed_elements, 1);
-    f.harvest.shutdown(Duration::from_secs(1)).await.expect("shutdown");
+    f.harvest
+        .shutdown(Duration::from_secs(1))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test]
 async fn close_removes_session_and_records() {
-    let f = fixture(RecordsJob { n: 10, per_batch: 5 }, |_| {}).await;
+    let f = fixture(
+        RecordsJob {
+            n: 10,
+            per_batch: 5,
+        },
+        |_| {},
+    )
+    .await;
     f.harvest.start();
     let h = f.harvest.submit(req()).await.expect("submit");
-    h.await_completion(WAIT).await.expect("await").expect("done");
-    assert_eq!(f.harvest.records(h.id(), 0, 100).await.expect("records").len(), 10);
+    h.await_completion(WAIT)
+        .await
+        .expect("await")
+        .expect("done");
+    assert_eq!(
+        f.harvest
+            .records(h.id(), 0, 100)
+            .await
+            .expect("records")
+            .len(),
+        10
+    );
     let removed = f.harvest.close(h.id()).await.expect("close");
     assert!(removed.is_some());
     assert!(f.harvest.get(h.id()).await.expect("get").is_none());
-    assert!(f.harvest.records(h.id(), 0, 100).await.expect("records").is_empty());
-    assert!(f.harvest.close(h.id()).await.expect("close again").is_none());
-    f.harvest.shutdown(Duration::from_secs(1)).await.expect("shutdown");
+    assert!(
+        f.harvest
+            .records(h.id(), 0, 100)
+            .await
+            .expect("records")
+            .is_empty()
+    );
+    assert!(
+        f.harvest
+            .close(h.id())
+            .await
+            .expect("close again")
+            .is_none()
+    );
+    f.harvest
+        .shutdown(Duration::from_secs(1))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test]
 async fn retryable_failure_is_retried_then_completes() {
     let runs = Arc::new(AtomicU32::new(0));
-    let f = fixture(Flaky { fail: 2, runs: runs.clone(), retry: Retry::Backoff }, |_| {}).await;
+    let f = fixture(
+        Flaky {
+            fail: 2,
+            runs: runs.clone(),
+            retry: Retry::Backoff,
+        },
+        |_| {},
+    )
+    .await;
     f.harvest.start();
     let h = f.harvest.submit(req()).await.expect("submit");
-    let s = h.await_completion(WAIT).await.expect("await").expect("done");
+    let s = h
+        .await_completion(WAIT)
+        .await
+        .expect("await")
+        .expect("done");
     assert_eq!(s.status, SessionStatus::Completed, "{s:?}");
     assert_eq!(s.attempt, 3);
     assert_eq!(runs.load(Ordering::SeqCst), 3);
-    f.harvest.shutdown(Duration::from_secs(1)).await.expect("shutdown");
+    f.harvest
+        .shutdown(Duration::from_secs(1))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test]
 async fn attempts_exhausted_ends_failed_with_last_error() {
     let runs = Arc::new(AtomicU32::new(0));
-    let f = fixture(Flaky { fail: 100, runs: runs.clone(), retry: Retry::Backoff }, |_| {}).await;
+    let f = fixture(
+        Flaky {
+            fail: 100,
+            runs: runs.clone(),
+            retry: Retry::Backoff,
+        },
+        |_| {},
+    )
+    .await;
     f.harvest.start();
-    let opts = SessionOptions { max_attempts: Some(2), ..SessionOptions::default() };
+    let opts = SessionOptions {
+        max_attempts: Some(2),
+        ..SessionOptions::default()
+    };
     let h = f.harvest.submit(req().options(opts)).await.expect("submit");
-    let s = h.await_completion(WAIT).await.expect("await").expect("done");
+    let s = h
+        .await_completion(WAIT)
+        .await
+        .expect("await")
+        .expect("done");
     assert_eq!(s.status, SessionStatus::Failed);
     assert_eq!(runs.load(Ordering::SeqCst), 2);
-    assert_eq!(s.error.as_ref().map(|e| e.message.as_str()), Some("failure 1"));
+    assert_eq!(
+        s.error.as_ref().map(|e| e.message.as_str()),
+        Some("failure 1")
+    );
 
     // A permanent failure is not retried.
     let runs = Arc::new(AtomicU32::new(0));
-    let g = fixture(Flaky { fail: 100, runs: runs.clone(), retry: Retry::Never }, |_| {}).await;
+    let g = fixture(
+        Flaky {
+            fail: 100,
+            runs: runs.clone(),
+            retry: Retry::Never,
+        },
+        |_| {},
+    )
+    .await;
     g.harvest.start();
     let h = g.harvest.submit(req()).await.expect("submit");
-    let s = h.await_completion(WAIT).await.expect("await").expect("done");
-    assert_eq!((s.status, runs.load(Ordering::SeqCst)), (SessionStatus::Failed, 1));
-    f.harvest.shutdown(Duration::from_secs(1)).await.expect("shutdown");
-    g.harvest.shutdown(Duration::from_secs(1)).await.expect("shutdown");
+    let s = h
+        .await_completion(WAIT)
+        .await
+        .expect("await")
+        .expect("done");
+    assert_eq!(
+        (s.status, runs.load(Ordering::SeqCst)),
+        (SessionStatus::Failed, 1)
+    );
+    f.harvest
+        .shutdown(Duration::from_secs(1))
+        .await
+        .expect("shutdown");
+    g.harvest
+        .shutdown(Duration::from_secs(1))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test]
@@ -293,37 +477,70 @@ async fn panicking_job_is_a_poison_input_that_ends_failed() {
     let f = fixture(Panics, |_| {}).await;
     f.harvest.start();
     let h = f.harvest.submit(req()).await.expect("submit");
-    let s = h.await_completion(WAIT).await.expect("await").expect("done");
+    let s = h
+        .await_completion(WAIT)
+        .await
+        .expect("await")
+        .expect("done");
     assert_eq!(s.status, SessionStatus::Failed);
     assert_eq!(s.attempt, 3);
     assert_eq!(s.error.map(|e| e.kind), Some("job_panicked".to_string()));
-    f.harvest.shutdown(Duration::from_secs(1)).await.expect("shutdown");
+    f.harvest
+        .shutdown(Duration::from_secs(1))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test]
 async fn max_duration_ends_a_cooperative_session_failed() {
     let f = fixture(WaitForStop, |_| {}).await;
     f.harvest.start();
-    let opts = SessionOptions { max_duration_secs: Some(1), ..SessionOptions::default() };
+    let opts = SessionOptions {
+        max_duration_secs: Some(1),
+        ..SessionOptions::default()
+    };
     let h = f.harvest.submit(req().options(opts)).await.expect("submit");
-    let s = h.await_completion(WAIT).await.expect("await").expect("done");
+    let s = h
+        .await_completion(WAIT)
+        .await
+        .expect("await")
+        .expect("done");
     assert_eq!(s.status, SessionStatus::Failed);
-    assert_eq!(s.error.as_ref().map(|e| e.kind.as_str()), Some("max_duration_exceeded"));
+    assert_eq!(
+        s.error.as_ref().map(|e| e.kind.as_str()),
+        Some("max_duration_exceeded")
+    );
     // What the job handed back when it stopped is committed with the status.
     assert_eq!(s.metrics.processed_elements, 1);
-    f.harvest.shutdown(Duration::from_secs(1)).await.expect("shutdown");
+    f.harvest
+        .shutdown(Duration::from_secs(1))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test]
 async fn max_duration_ends_a_session_that_never_stops() {
     let f = fixture(Stubborn, |_| {}).await;
     f.harvest.start();
-    let opts = SessionOptions { max_duration_secs: Some(1), ..SessionOptions::default() };
+    let opts = SessionOptions {
+        max_duration_secs: Some(1),
+        ..SessionOptions::default()
+    };
     let h = f.harvest.submit(req().options(opts)).await.expect("submit");
-    let s = h.await_completion(Duration::from_secs(30)).await.expect("await").expect("done");
+    let s = h
+        .await_completion(Duration::from_secs(30))
+        .await
+        .expect("await")
+        .expect("done");
     assert_eq!(s.status, SessionStatus::Failed);
-    assert_eq!(s.error.map(|e| e.kind), Some("max_duration_exceeded".to_string()));
-    f.harvest.shutdown(Duration::from_secs(1)).await.expect("shutdown");
+    assert_eq!(
+        s.error.map(|e| e.kind),
+        Some("max_duration_exceeded".to_string())
+    );
+    f.harvest
+        .shutdown(Duration::from_secs(1))
+        .await
+        .expect("shutdown");
 }
 
 #[tokio::test]
@@ -331,19 +548,31 @@ async fn shutdown_hands_running_sessions_back_without_spending_an_attempt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let h1 = open_at(dir.path(), Arc::new(WaitForStop), |_| {}).await;
     h1.start();
-    let h = h1.submit(req()).await.expect("submit");
-    wait_status(&h1, h.id(), SessionStatus::Running).await;
-    h1.shutdown(Duration::from_millis(100)).await.expect("shutdown");
+    let id = h1.submit(req()).await.expect("submit").id().clone();
+    wait_status(&h1, &id, SessionStatus::Running).await;
+    h1.shutdown(Duration::from_millis(100))
+        .await
+        .expect("shutdown");
     drop(h1);
 
-    let h2 = open_at(dir.path(), Arc::new(RecordsJob { n: 3, per_batch: 3 }), |_| {}).await;
-    let s = h2.get(h.id()).await.expect("get").expect("exists");
+    let h2 = open_at(
+        dir.path(),
+        Arc::new(RecordsJob { n: 3, per_batch: 3 }),
+        |_| {},
+    )
+    .await;
+    let s = h2.get(&id).await.expect("get").expect("exists");
     assert_eq!(s.status, SessionStatus::Pending, "{s:?}");
     assert_eq!(s.failures, 0, "a graceful hand-back spends no attempt");
     // The record the job handed back on its way out was committed before the hand-back.
     assert_eq!(s.metrics.processed_elements, 1);
     h2.start();
-    let done = h2.handle(h.id().clone()).await_completion(WAIT).await.expect("await").expect("done");
+    let done = h2
+        .handle(id)
+        .await_completion(WAIT)
+        .await
+        .expect("await")
+        .expect("done");
     assert_eq!(done.status, SessionStatus::Completed);
     assert_eq!(done.metrics.processed_elements, 3);
     h2.shutdown(Duration::from_secs(1)).await.expect("shutdown");
@@ -354,7 +583,10 @@ async fn sessions_left_running_by_a_dead_process_are_requeued_at_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     let id;
     {
-        let h1 = open_at(dir.path(), Arc::new(WaitForStop), |c| c.workers.concurrency = 0).await;
+        let h1 = open_at(dir.path(), Arc::new(WaitForStop), |c| {
+            c.workers.concurrency = 0
+        })
+        .await;
         id = h1.submit(req()).await.expect("submit").id().clone();
         // A "process" claims it and dies without a word.
         let claimed = h1
@@ -370,30 +602,61 @@ async fn sessions_left_running_by_a_dead_process_are_requeued_at_open() {
         assert_eq!(claimed.len(), 1);
         h1.store().close().await.expect("close store");
     }
-    let h2 = open_at(dir.path(), Arc::new(RecordsJob { n: 2, per_batch: 2 }), |_| {}).await;
+    let h2 = open_at(
+        dir.path(),
+        Arc::new(RecordsJob { n: 2, per_batch: 2 }),
+        |_| {},
+    )
+    .await;
     let s = h2.get(&id).await.expect("get").expect("exists");
-    assert_eq!(s.status, SessionStatus::Pending, "recovered at open, not after the hour-long lease");
-    assert_eq!(s.failures, 1, "the dead attempt made no progress, so it counts");
+    assert_eq!(
+        s.status,
+        SessionStatus::Pending,
+        "recovered at open, not after the hour-long lease"
+    );
+    assert_eq!(
+        s.failures, 1,
+        "the dead attempt made no progress, so it counts"
+    );
     h2.start();
-    let done = h2.handle(id).await_completion(WAIT).await.expect("await").expect("done");
+    let done = h2
+        .handle(id)
+        .await_completion(WAIT)
+        .await
+        .expect("await")
+        .expect("done");
     assert_eq!(done.status, SessionStatus::Completed);
     h2.shutdown(Duration::from_secs(1)).await.expect("shutdown");
 }
 
 #[tokio::test]
 async fn list_is_newest_first_and_paginates() {
-    let f = fixture(RecordsJob { n: 1, per_batch: 1 }, |c| c.workers.concurrency = 0).await;
+    let f = fixture(RecordsJob { n: 1, per_batch: 1 }, |c| {
+        c.workers.concurrency = 0
+    })
+    .await;
     let mut ids = Vec::new();
     for i in 0..7 {
         let client = harvest::ClientContext::of(if i % 2 == 0 { "even" } else { "odd" });
-        ids.push(f.harvest.submit(req().client(client)).await.expect("submit").id().clone());
+        ids.push(
+            f.harvest
+                .submit(req().client(client))
+                .await
+                .expect("submit")
+                .id()
+                .clone(),
+        );
     }
     let mut seen = Vec::new();
     let mut cursor = None;
     loop {
         let page = f
             .harvest
-            .list(SessionList { limit: 3, cursor: cursor.clone(), ..SessionList::default() })
+            .list(SessionList {
+                limit: 3,
+                cursor: cursor.clone(),
+                ..SessionList::default()
+            })
             .await
             .expect("list");
         seen.extend(page.sessions.into_iter().map(|s| s.id));
@@ -407,12 +670,23 @@ async fn list_is_newest_first_and_paginates() {
     assert_eq!(seen, ids);
     let odd = f
         .harvest
-        .list(SessionList { client_id: Some("odd".into()), limit: 10, ..SessionList::default() })
+        .list(SessionList {
+            client_id: Some("odd".into()),
+            limit: 10,
+            ..SessionList::default()
+        })
         .await
         .expect("list");
     assert_eq!(odd.sessions.len(), 3);
     assert!(odd.sessions.iter().all(|s| s.client.client_id() == "odd"));
-    let err = f.harvest.list(SessionList { limit: 1001, ..SessionList::default() }).await.unwrap_err();
+    let err = f
+        .harvest
+        .list(SessionList {
+            limit: 1001,
+            ..SessionList::default()
+        })
+        .await
+        .unwrap_err();
     assert!(matches!(err, HarvestError::Invalid(_)));
 }
 
