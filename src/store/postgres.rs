@@ -1,1 +1,0 @@
-//! The PostgreSQL backend (placeholder until the PostgreSQL store lands).
