@@ -65,7 +65,8 @@ async fn listen_once(
     stop: &CancellationToken,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
-    let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<Option<tokio_postgres::Error>>();
+    let (closed_tx, mut closed_rx) =
+        tokio::sync::oneshot::channel::<Option<tokio_postgres::Error>>();
     let forward = Arc::clone(notify);
     let schema_owned = schema.to_string();
     let driver = tokio::spawn(async move {

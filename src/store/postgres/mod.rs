@@ -153,7 +153,9 @@ impl PostgresStore {
         let (ready_tx, ready_rx) = watch::channel(false);
         let stop = CancellationToken::new();
         let mut listen_config = config;
-        listen_config.application_name("harvest-listener");
+        // Named per schema so an operator (or a test) can find this connection in
+        // pg_stat_activity; the server truncates it to 63 bytes.
+        listen_config.application_name(format!("harvest-listener {schema}"));
         let listener = tokio::spawn(listen::run(
             listen_config,
             schema.to_string(),
@@ -388,8 +390,11 @@ impl Store for PostgresStore {
             filters.push(format!("seq < ${}", params.len()));
         }
         params.push(&limit);
-        let where_clause =
-            if filters.is_empty() { String::new() } else { format!("WHERE {}", filters.join(" AND ")) };
+        let where_clause = if filters.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", filters.join(" AND "))
+        };
         let sql = format!(
             "SELECT {SESSION_COLUMNS} FROM sessions {where_clause} ORDER BY seq DESC LIMIT ${}",
             params.len()
@@ -409,7 +414,8 @@ impl Store for PostgresStore {
 
     async fn session_claim(&self, p: SessionClaim) -> StoreResult<Vec<Session>> {
         if p.limit == 0 {
-            return Err(StoreError::Invalid("claim limit is 0; claim at least 1".into()));
+            // A worker with no free slot claims nothing (the conformance suite's rule).
+            return Ok(Vec::new());
         }
         let limit = i64::try_from(p.limit).unwrap_or(i64::MAX);
         let expires = p.now.add(p.lease).0;
@@ -497,21 +503,21 @@ impl Store for PostgresStore {
             .prepare_cached(&format!(
                 "WITH u AS (
                      UPDATE sessions SET
-                         failures = failures + $4,
+                         failures = failures + $4::int,
                          status = CASE WHEN $4 = 1 AND failures + 1 >= max_attempts
                                   THEN 'FAILED' ELSE 'PENDING' END,
                          run_at = $5,
                          error_kind = CASE WHEN $4 = 1 AND failures + 1 >= max_attempts
-                                      THEN coalesce($6, 'attempts_exhausted') ELSE $6 END,
+                                      THEN coalesce($6::text, 'attempts_exhausted') ELSE $6::text END,
                          error_message = CASE WHEN $4 = 1 AND failures + 1 >= max_attempts
-                                         THEN coalesce($7, format('attempt %s failed and no \
+                                         THEN coalesce($7::text, format('attempt %s failed and no \
                                              attempts are left (max_attempts %s)', attempt,
                                              max_attempts))
-                                         ELSE $7 END,
+                                         ELSE $7::text END,
                          cleanup_at = CASE WHEN $4 = 1 AND failures + 1 >= max_attempts
-                                      THEN $8 ELSE NULL END,
+                                      THEN $8::bigint ELSE NULL END,
                          end_time = CASE WHEN $4 = 1 AND failures + 1 >= max_attempts
-                                    THEN $9 ELSE end_time END,
+                                    THEN $9::bigint ELSE end_time END,
                          lease_owner = NULL, lease_expires_at = NULL, updated_at = $9
                      WHERE {IF_RUNNING}
                      RETURNING status)
@@ -542,7 +548,9 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_err(&format!("requeueing session {}", a.id)))?;
-        let Some(row) = row else { return Ok(RequeueOutcome::NotApplied) };
+        let Some(row) = row else {
+            return Ok(RequeueOutcome::NotApplied);
+        };
         let status: String = row_get(&row, 0, &key_name("sessions", &a.id))?;
         if status == "PENDING" {
             self.wake_local();
@@ -554,7 +562,7 @@ impl Store for PostgresStore {
 
     async fn leases_reclaim(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>> {
         if p.limit == 0 {
-            return Err(StoreError::Invalid("reclaim limit is 0; reclaim at least 1".into()));
+            return Ok(Vec::new());
         }
         let limit = i64::try_from(p.limit).unwrap_or(i64::MAX);
         let client = self.client().await?;
@@ -586,10 +594,10 @@ impl Store for PostgresStore {
                                              stopped or was cut off); retrying', attempt) END,
                          cleanup_at = CASE WHEN NOT progress_this_attempt
                                            AND failures + 1 >= max_attempts
-                                      THEN $4 ELSE NULL END,
+                                      THEN $4::bigint ELSE NULL END,
                          end_time = CASE WHEN NOT progress_this_attempt
                                          AND failures + 1 >= max_attempts
-                                    THEN $5 ELSE end_time END,
+                                    THEN $5::bigint ELSE end_time END,
                          lease_owner = NULL, lease_expires_at = NULL, updated_at = $5
                      FROM expired WHERE id = exp_id AND status = 'RUNNING'
                      RETURNING id, attempt, status)
@@ -610,7 +618,7 @@ impl Store for PostgresStore {
             .map_err(db_err("reclaiming expired leases"))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let id: String = row_get(&row, 0, "sessions/id")?;
+            let id: String = row_get(row, 0, "sessions/id")?;
             let key = format!("sessions/{id}");
             let id = SessionId::parse(&id)
                 .map_err(|e| StoreError::Corrupt { key: key.clone(), reason: e.to_string() })?;
@@ -637,7 +645,9 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_err(&format!("reading session {} to cancel it", p.id)))?;
-        let Some(row) = row else { return Ok(CancelOutcome::NotFound) };
+        let Some(row) = row else {
+            return Ok(CancelOutcome::NotFound);
+        };
         let current = session_from_row(&row)?;
         let id = p.id.as_str();
         let (sql, params): (String, Vec<&(dyn ToSql + Sync)>) = match current.status {
@@ -691,7 +701,7 @@ impl Store for PostgresStore {
 
     async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {
         if p.limit == 0 {
-            return Err(StoreError::Invalid("expire limit is 0; expire at least 1".into()));
+            return Ok(Vec::new());
         }
         let limit = i64::try_from(p.limit).unwrap_or(i64::MAX);
         let mut client = self.client().await?;
@@ -766,12 +776,15 @@ impl Store for PostgresStore {
             .map_err(db_err("starting a read transaction"))?;
         let key = key_name("sessions", id);
         let row = tx
-            .query_opt(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"), &[
-                &id.as_str(),
-            ])
+            .query_opt(
+                &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"),
+                &[&id.as_str()],
+            )
             .await
             .map_err(db_err(&format!("reading session {id}")))?;
-        let Some(row) = row else { return Ok(ResumeState::default()) };
+        let Some(row) = row else {
+            return Ok(ResumeState::default());
+        };
         let session = session_from_row(&row)?;
         let frontier = tx
             .query(
@@ -846,8 +859,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_err("preparing the session counts"))?;
-        let rows =
-            client.query(&stmt, &[&now.0]).await.map_err(db_err("counting sessions"))?;
+        let rows = client.query(&stmt, &[&now.0]).await.map_err(db_err("counting sessions"))?;
         let mut counts = SessionCounts::default();
         for status in SessionStatus::ALL {
             counts.by_status.insert(status, 0);
@@ -881,9 +893,10 @@ impl Store for PostgresStore {
     async fn agent_get(&self, client_id: &str, name: &str) -> StoreResult<Option<Agent>> {
         let client = self.client().await?;
         let row = client
-            .query_opt("SELECT body FROM agents WHERE client_id = $1 AND name = $2", &[
-                &client_id, &name,
-            ])
+            .query_opt(
+                "SELECT body FROM agents WHERE client_id = $1 AND name = $2",
+                &[&client_id, &name],
+            )
             .await
             .map_err(db_err(&format!("reading agent {name:?}")))?;
         let key = || format!("agents/{client_id}/{name}");
@@ -980,21 +993,24 @@ impl PostgresStore {
                     ))
                     .await
                     .map_err(db_err("preparing a checkpoint"))?;
-                tx.query_opt(&stmt, &[
-                    &a.id.as_str(),
-                    &attempt,
-                    &a.owner,
-                    &pages,
-                    &records,
-                    &u[0],
-                    &u[1],
-                    &u[2],
-                    &u[3],
-                    &u[4],
-                    &checkpoint,
-                    &now.0,
-                    &lease_expires_at.0,
-                ])
+                tx.query_opt(
+                    &stmt,
+                    &[
+                        &a.id.as_str(),
+                        &attempt,
+                        &a.owner,
+                        &pages,
+                        &records,
+                        &u[0],
+                        &u[1],
+                        &u[2],
+                        &u[3],
+                        &u[4],
+                        &checkpoint,
+                        &now.0,
+                        &lease_expires_at.0,
+                    ],
+                )
                 .await
             }
             Ending::Finish { status, error, cleanup_at } => {
@@ -1008,24 +1024,27 @@ impl PostgresStore {
                     .await
                     .map_err(db_err("preparing a finish"))?;
                 let (error_kind, error_message) = error_columns(error.as_ref());
-                tx.query_opt(&stmt, &[
-                    &a.id.as_str(),
-                    &attempt,
-                    &a.owner,
-                    &pages,
-                    &records,
-                    &u[0],
-                    &u[1],
-                    &u[2],
-                    &u[3],
-                    &u[4],
-                    &checkpoint,
-                    &now.0,
-                    &status.as_str(),
-                    &error_kind,
-                    &error_message,
-                    &cleanup_at.0,
-                ])
+                tx.query_opt(
+                    &stmt,
+                    &[
+                        &a.id.as_str(),
+                        &attempt,
+                        &a.owner,
+                        &pages,
+                        &records,
+                        &u[0],
+                        &u[1],
+                        &u[2],
+                        &u[3],
+                        &u[4],
+                        &checkpoint,
+                        &now.0,
+                        &status.as_str(),
+                        &error_kind,
+                        &error_message,
+                        &cleanup_at.0,
+                    ],
+                )
                 .await
             }
         }
@@ -1099,9 +1118,7 @@ async fn write_batch(
             .prepare_cached("DELETE FROM frontier WHERE session_id = $1 AND url = ANY($2)")
             .await
             .map_err(db_err("preparing a frontier delete"))?;
-        tx.execute(&stmt, &[&id, &batch.frontier_done])
-            .await
-            .map_err(db_err(&ctx("frontier")))?;
+        tx.execute(&stmt, &[&id, &batch.frontier_done]).await.map_err(db_err(&ctx("frontier")))?;
     }
     if !batch.seen_add.is_empty() {
         let stmt = tx
@@ -1136,9 +1153,7 @@ async fn write_batch(
             )
             .await
             .map_err(db_err("preparing a log trim"))?;
-        tx.execute(&trim, &[&id, &(LOG_LINES_MAX as i64)])
-            .await
-            .map_err(db_err(&ctx("log")))?;
+        tx.execute(&trim, &[&id, &(LOG_LINES_MAX as i64)]).await.map_err(db_err(&ctx("log")))?;
     }
     Ok(())
 }
@@ -1244,7 +1259,8 @@ fn session_from_row(row: &Row) -> StoreResult<Session> {
     };
     let error_kind: Option<String> = row_get(row, 22, &key)?;
     let error_message: Option<String> = row_get(row, 23, &key)?;
-    let error = error_kind.map(|kind| SessionError { kind, message: error_message.unwrap_or_default() });
+    let error =
+        error_kind.map(|kind| SessionError { kind, message: error_message.unwrap_or_default() });
     let spec_bytes: Vec<u8> = row_get(row, 25, &key)?;
     let spec: Spec = codec::decode(&|| key.clone(), &spec_bytes)?;
     Ok(Session {
