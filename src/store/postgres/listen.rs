@@ -105,3 +105,36 @@ async fn listen_once(
     driver.abort();
     result
 }
+
+/// Sends `NOTIFY harvest_pending` after commits that made a session claimable, coalescing
+/// bursts: every signal that arrives while one NOTIFY is in flight is answered by one more.
+///
+/// Not sent inside the writing transaction: a transaction that notifies takes a database-wide
+/// lock at commit that serializes all such commits and defeats group commit (pgbench, 8
+/// clients, this machine: 3,300 inserts/s plain, 500/s with `pg_notify` in each). Sent after
+/// the commit the data is already visible when a listener wakes; a crash between commit and
+/// NOTIFY costs other processes at most their poll interval.
+pub(crate) async fn announce(
+    pool: deadpool_postgres::Pool,
+    schema: String,
+    signal: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = signal.notified() => {}
+        }
+        let sent = async {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            client
+                .execute("SELECT pg_notify($1, $2)", &[&PENDING_CHANNEL, &schema])
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "harvest: could not NOTIFY {PENDING_CHANNEL}; other processes will find new sessions at their next poll");
+        }
+    }
+}

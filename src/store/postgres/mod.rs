@@ -5,9 +5,10 @@
 //! `frontier`, `seen`, `log` and `agents`. Each transition is one SQL compare-and-set on
 //! `(status, attempt, lease_owner)` and reports whether it applied; a claim is one
 //! `UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)` statement, so racing claimers never
-//! block on, nor double-claim, a row. Submissions, requeues and reclaims `NOTIFY` the channel
-//! [`listen::PENDING_CHANNEL`] in the same transaction; each store keeps one dedicated `LISTEN`
-//! connection that wakes [`Store::pending_wait`].
+//! block on, nor double-claim, a row. After a submission, requeue or reclaim commits, the store
+//! sends `NOTIFY harvest_pending` (payload: the schema name; coalesced; `listen::announce` says
+//! why not inside the transaction); each store keeps one dedicated `LISTEN` connection that
+//! wakes [`Store::pending_wait`].
 //!
 //! Every store works inside one schema (its `search_path`), created and migrated at connect, so
 //! several deployments or tests can share a database. This module never reads the clock.
@@ -75,6 +76,7 @@ pub struct PostgresStore {
     pool: Pool,
     schema: String,
     notify: Arc<Notify>,
+    announce: Arc<Notify>,
     listener_ready: watch::Receiver<bool>,
     stop: CancellationToken,
     listener: Mutex<Option<JoinHandle<()>>>,
@@ -163,10 +165,18 @@ impl PostgresStore {
             ready_tx,
             stop.clone(),
         ));
+        let announce = Arc::new(Notify::new());
+        tokio::spawn(listen::announce(
+            pool.clone(),
+            schema.to_string(),
+            Arc::clone(&announce),
+            stop.clone(),
+        ));
         Ok(PostgresStore {
             pool,
             schema: schema.to_string(),
             notify,
+            announce,
             listener_ready: ready_rx,
             stop,
             listener: Mutex::new(Some(listener)),
@@ -196,9 +206,11 @@ impl PostgresStore {
         })
     }
 
-    /// Wakes this process's waiters at once; other processes learn through NOTIFY.
+    /// A session became claimable: wakes this process's waiters at once and has the announcer
+    /// NOTIFY other processes.
     fn wake_local(&self) {
         listen::wake(&self.notify);
+        self.announce.notify_one();
     }
 
     async fn insert_row(
@@ -210,7 +222,7 @@ impl PostgresStore {
         let spec = codec::encode(&SpecRef { client: &s.client, job: &s.job, options: &s.options })?;
         let (error_kind, error_message) = error_columns(s.error.as_ref());
         let stmt = client
-            .prepare_cached(&format!(
+            .prepare_cached(
                 "WITH ins AS (
                      INSERT INTO sessions (id, client_id, agent, status, priority, run_at,
                          max_attempts, attempt, failures, progress_this_attempt, lease_owner,
@@ -222,9 +234,8 @@ impl PostgresStore {
                          $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)
                      ON CONFLICT (id) DO NOTHING
                      RETURNING seq)
-                 SELECT seq, pg_notify('{}', $29) IS NULL FROM ins",
-                listen::PENDING_CHANNEL
-            ))
+                 SELECT seq FROM ins",
+            )
             .await
             .map_err(db_err("preparing the session insert"))?;
         let priority = s.options.priority;
@@ -237,7 +248,7 @@ impl PostgresStore {
         let pages = to_i64(s.metrics.pages_processed, "pages_processed")?;
         let elements = to_i64(s.metrics.processed_elements, "processed_elements")?;
         let checkpoints = to_i64(s.checkpoints, "checkpoints")?;
-        let params: [&(dyn ToSql + Sync); 29] = [
+        let params: [&(dyn ToSql + Sync); 28] = [
             &s.id.as_str(),
             &s.client.client_id(),
             &agent,
@@ -266,7 +277,6 @@ impl PostgresStore {
             &error_message,
             &checkpoints,
             &spec,
-            &self.schema,
         ];
         let row = client.query_opt(&stmt, &params).await.map_err(|e| {
             if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
@@ -521,8 +531,7 @@ impl Store for PostgresStore {
                          lease_owner = NULL, lease_expires_at = NULL, updated_at = $9
                      WHERE {IF_RUNNING}
                      RETURNING status)
-                 SELECT status, status = 'PENDING' AND pg_notify('{}', $10) IS NULL FROM u",
-                listen::PENDING_CHANNEL
+                 SELECT status FROM u"
             ))
             .await
             .map_err(db_err("preparing a requeue"))?;
@@ -543,7 +552,6 @@ impl Store for PostgresStore {
                     &error_message,
                     &p.cleanup_at.0,
                     &p.now.0,
-                    &self.schema,
                 ],
             )
             .await
@@ -568,7 +576,7 @@ impl Store for PostgresStore {
         let client = self.client().await?;
         // An attempt that committed progress is free: it is not counted in `failures`.
         let stmt = client
-            .prepare_cached(&format!(
+            .prepare_cached(
                 "WITH expired AS (
                      SELECT id AS exp_id FROM sessions
                      WHERE status = 'RUNNING' AND lease_expires_at <= $1
@@ -601,19 +609,14 @@ impl Store for PostgresStore {
                          lease_owner = NULL, lease_expires_at = NULL, updated_at = $5
                      FROM expired WHERE id = exp_id AND status = 'RUNNING'
                      RETURNING id, attempt, status)
-                 SELECT id, attempt, status, status = 'PENDING' AND pg_notify('{}', $6) IS NULL
-                 FROM u",
-                listen::PENDING_CHANNEL
-            ))
+                 SELECT id, attempt, status FROM u",
+            )
             .await
             .map_err(db_err("preparing the lease reclaim"))?;
         let run_at = p.now.add(p.backoff).0;
         let cleanup_at = p.now.add(p.cleanup_after).0;
         let rows = client
-            .query(
-                &stmt,
-                &[&p.expired_before.0, &limit, &run_at, &cleanup_at, &p.now.0, &self.schema],
-            )
+            .query(&stmt, &[&p.expired_before.0, &limit, &run_at, &cleanup_at, &p.now.0])
             .await
             .map_err(db_err("reclaiming expired leases"))?;
         let mut out = Vec::with_capacity(rows.len());
