@@ -120,10 +120,13 @@ pub(crate) async fn announce(
     signal: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    while !stop.is_cancelled() {
+    // Bounded by `stop`; a signal already given when the store stops is still sent (biased
+    // select), so a process that submits and exits at once does not lose its NOTIFY.
+    loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            biased;
             () = signal.notified() => {}
+            () = stop.cancelled() => return,
         }
         let sent = async {
             let client = pool.get().await.map_err(|e| e.to_string())?;

@@ -79,7 +79,8 @@ pub struct PostgresStore {
     announce: Arc<Notify>,
     listener_ready: watch::Receiver<bool>,
     stop: CancellationToken,
-    listener: Mutex<Option<JoinHandle<()>>>,
+    /// The listener and the announcer; awaited by `close`.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -166,7 +167,7 @@ impl PostgresStore {
             stop.clone(),
         ));
         let announce = Arc::new(Notify::new());
-        tokio::spawn(listen::announce(
+        let announcer = tokio::spawn(listen::announce(
             pool.clone(),
             schema.to_string(),
             Arc::clone(&announce),
@@ -179,7 +180,7 @@ impl PostgresStore {
             announce,
             listener_ready: ready_rx,
             stop,
-            listener: Mutex::new(Some(listener)),
+            tasks: Mutex::new(vec![listener, announcer]),
         })
     }
 
@@ -946,9 +947,10 @@ impl Store for PostgresStore {
         // Every acknowledged write is already committed (and, with the server's default
         // synchronous_commit, on disk); closing only releases connections.
         self.stop.cancel();
-        let listener = self.listener.lock().ok().and_then(|mut l| l.take());
-        if let Some(handle) = listener {
-            let _ = handle.await;
+        let tasks = self.tasks.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        for task in tasks {
+            // Each ends promptly once `stop` is cancelled (the announcer after a NOTIFY it owes).
+            let _ = task.await;
         }
         self.pool.close();
         Ok(())
