@@ -41,6 +41,7 @@ pub struct Fixture {
     /// The store under test.
     pub store: Arc<dyn Store>,
     /// Keeps the backing data alive (TempDir, database schema...) until the check ends.
+    #[allow(dead_code)] // held only for its Drop
     pub guard: Box<dyn Any + Send>,
 }
 
