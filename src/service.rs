@@ -202,7 +202,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, HarvestError>
                 )
             })?;
             let store = crate::store::postgres::PostgresStore::connect(url).await?;
-            Ok(store)
+            Ok(Arc::new(store))
         }
     }
 }

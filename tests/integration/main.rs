@@ -5,4 +5,5 @@ mod engine_bench;
 mod engine_config;
 mod service;
 mod store_conformance;
+mod store_postgres;
 mod store_sled;

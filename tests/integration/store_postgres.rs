@@ -1,0 +1,578 @@
+//! The PostgreSQL store: the shared conformance suite, plus what only PostgreSQL has (racing
+//! claims across connection pools, LISTEN/NOTIFY across stores, listener reconnect, schema
+//! versioning and concurrent migrations).
+//!
+//! Every test uses its own schema, created by the store and dropped afterwards, so the tests run
+//! in parallel against one database. The database is `HARVEST_TEST_DATABASE_URL`; when it is not
+//! set each test prints that it is skipped and passes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use harvest::session::SessionStatus;
+use harvest::store::postgres::PostgresStore;
+use harvest::store::{SessionClaim, SessionInsert, Store, StoreError};
+
+use crate::store_conformance::{Fixture, at, insert, session};
+
+const URL_ENV: &str = "HARVEST_TEST_DATABASE_URL";
+
+/// The test database URL, or `None` after printing why the test is skipped.
+fn database_url() -> Option<String> {
+    match std::env::var(URL_ENV) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("skipped: {URL_ENV} is not set");
+            None
+        }
+    }
+}
+
+/// A schema name no other test (in this or a parallel run) uses.
+fn unique_schema() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("harvest_t_{}_{n}_{nanos}", std::process::id())
+}
+
+/// Drops its schema (and everything in it) when dropped.
+struct SchemaGuard {
+    url: String,
+    schema: String,
+}
+
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot be blocked on; a thread with its own
+        // runtime does the cleanup and is joined so the schema is gone when the test ends.
+        let url = self.url.clone();
+        let schema = self.schema.clone();
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let client = admin(&url).await?;
+                client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .await?;
+                anyhow::Ok(())
+            })
+        });
+        match cleanup.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop test schema {}: {e}", self.schema),
+            Err(_) => eprintln!("dropping test schema {} panicked", self.schema),
+        }
+    }
+}
+
+/// A plain connection for inspecting and tampering with the database.
+async fn admin(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A store in a fresh schema, and the guard that drops the schema.
+async fn fresh(url: &str) -> (PostgresStore, SchemaGuard) {
+    let schema = unique_schema();
+    let guard = SchemaGuard {
+        url: url.to_string(),
+        schema: schema.clone(),
+    };
+    let store = PostgresStore::connect_with_schema(url, &schema)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url} (schema {schema}): {e}"));
+    (store, guard)
+}
+
+async fn fixture(url: &str) -> Fixture {
+    let (store, guard) = fresh(url).await;
+    Fixture {
+        store: Arc::new(store),
+        guard: Box::new(guard),
+    }
+}
+
+/// One test per conformance check, skipping when there is no database. The list must name every
+/// check of the suite; `conformance_list_is_complete` fails when one is missing.
+macro_rules! postgres_conformance {
+    ($($name:ident),* $(,)?) => {
+        const CONFORMANCE_CHECKS: &[&str] = &[$(stringify!($name)),*];
+        mod conformance {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(url) = super::database_url() else { return };
+                    let fixture = super::fixture(&url).await;
+                    crate::store_conformance::$name(fixture.store.clone()).await;
+                    fixture.store.close().await.expect("close the store");
+                    drop(fixture);
+                }
+            )*
+        }
+    };
+}
+
+postgres_conformance!(
+    insert_get_duplicate,
+    claim_makes_running,
+    claim_order_priority_run_at_seq_and_limit,
+    claim_limit_zero_claims_nothing,
+    transitions_refused_when_precondition_fails,
+    finish_each_terminal_status,
+    finish_with_non_terminal_status_is_invalid,
+    stale_worker_fenced_after_reclaim,
+    heartbeat_renews_lease,
+    list_newest_first_with_cursor_and_filters,
+    list_limit_and_cursor_validation,
+    cancel_pending_running_terminal,
+    remove_leaves_no_data_and_spares_prefix_ids,
+    requeue_with_and_without_spending_attempts,
+    reclaim_with_and_without_progress,
+    reclaim_respects_limit_and_expiry,
+    checkpoint_numbering_across_attempts_and_resume,
+    records_page_validation,
+    log_keeps_last_lines,
+    sessions_expire_only_due,
+    counts_by_status_and_queue_depth,
+    agents_crud,
+    single_agent_refuses_second_active_session,
+    claims_racing_never_share_a_session,
+    pending_wait_wakes_on_insert,
+    pending_wait_times_out,
+);
+
+#[test]
+fn conformance_list_is_complete() {
+    let suite = include_str!("store_conformance.rs");
+    let start = suite
+        .find("@each $factory;")
+        .expect("the suite's macro lists its checks");
+    let rest = &suite[start + "@each $factory;".len()..];
+    let end = rest.find(");").expect("the check list ends");
+    let listed: Vec<&str> = rest[..end]
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    assert!(listed.len() > 10, "parsed too few checks: {listed:?}");
+    for name in &listed {
+        assert!(
+            CONFORMANCE_CHECKS.contains(name),
+            "conformance check {name} is not instantiated for PostgreSQL; add it to \
+             postgres_conformance! in store_postgres.rs"
+        );
+    }
+}
+
+/// 8 tasks over 4 stores (4 pools, as if 4 processes) claim 400 sessions: each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_locked_claims_from_many_pools_never_double_claim() {
+    let Some(url) = database_url() else { return };
+    let (first, _guard) = fresh(&url).await;
+    let mut stores: Vec<Arc<dyn Store>> = vec![Arc::new(first)];
+    for _ in 1..4 {
+        let other = PostgresStore::connect_with_schema(&url, &_guard.schema)
+            .await
+            .expect("connect");
+        stores.push(Arc::new(other));
+    }
+    const N: usize = 400;
+    for i in 0..N {
+        insert(&stores[i % 4], session(&format!("s{i:04}"))).await;
+    }
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = stores[t % 4].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            // Bounded: N claims of at least one session each would drain the queue.
+            for _ in 0..N {
+                let got = store
+                    .session_claim(SessionClaim {
+                        owner: format!("w{t}"),
+                        limit: 5,
+                        lease: Duration::from_secs(30),
+                        now: at(1),
+                    })
+                    .await
+                    .expect("claim");
+                if got.is_empty() {
+                    break;
+                }
+                mine.extend(got.into_iter().map(|s| s.id.to_string()));
+            }
+            (t, mine)
+        }));
+    }
+    let mut owners: BTreeMap<String, usize> = BTreeMap::new();
+    for task in tasks {
+        let (t, mine) = task.await.expect("claim task");
+        for id in mine {
+            if let Some(prev) = owners.insert(id.clone(), t) {
+                panic!("{id} was claimed by w{prev} and w{t}");
+            }
+        }
+    }
+    assert_eq!(owners.len(), N, "every session claimed exactly once");
+    let counts = stores[0].session_counts(at(1)).await.expect("counts");
+    assert_eq!(
+        counts.by_status.get(&SessionStatus::Running),
+        Some(&(N as u64)),
+        "{counts:?}"
+    );
+    for s in stores {
+        s.close().await.expect("close");
+    }
+}
+
+/// A session inserted through one store wakes a waiter of another (only NOTIFY connects them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_from_another_store_wakes_pending_wait() {
+    let Some(url) = database_url() else { return };
+    let (waiter_store, guard) = fresh(&url).await;
+    let waiter_store = Arc::new(waiter_store);
+    let submitter = PostgresStore::connect_with_schema(&url, &guard.schema)
+        .await
+        .expect("connect");
+    assert!(
+        waiter_store.listener_ready(Duration::from_secs(10)).await,
+        "listener never connected"
+    );
+    // The listener leaves one permit when it connects; use it up so the wait below is real.
+    waiter_store.pending_wait(Duration::ZERO).await;
+
+    let waiter = {
+        let store = waiter_store.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            store.pending_wait(Duration::from_secs(60)).await;
+            start.elapsed()
+        })
+    };
+    insert(&(Arc::new(submitter) as Arc<dyn Store>), session("a")).await;
+    let waited = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("the waiter did not wake within 30 s of another store's insert")
+        .expect("waiter task");
+    assert!(waited < Duration::from_secs(30), "woke after {waited:?}");
+}
+
+/// A requeue through one store wakes a waiter of another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_on_requeue_wakes_other_store() {
+    let Some(url) = database_url() else { return };
+    let (waiter_store, guard) = fresh(&url).await;
+    let waiter_store = Arc::new(waiter_store);
+    let worker: Arc<dyn Store> = Arc::new(
+        PostgresStore::connect_with_schema(&url, &guard.schema)
+            .await
+            .expect("connect"),
+    );
+    insert(&worker, session("a")).await;
+    let s = crate::store_conformance::claim(&worker, "w", 1, at(1))
+        .await
+        .remove(0);
+    assert!(
+        waiter_store.listener_ready(Duration::from_secs(10)).await,
+        "listener never connected"
+    );
+    waiter_store.pending_wait(Duration::ZERO).await;
+
+    let waiter = {
+        let store = waiter_store.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            store.pending_wait(Duration::from_secs(60)).await;
+            start.elapsed()
+        })
+    };
+    let outcome = worker
+        .session_requeue_if_running(harvest::store::SessionRequeue {
+            attempt: harvest::store::AttemptRef {
+                id: s.id.clone(),
+                attempt: s.attempt,
+                owner: "w".into(),
+            },
+            spend_attempt: false,
+            run_at: at(2),
+            error: None,
+            cleanup_at: at(100),
+            now: at(2),
+        })
+        .await
+        .expect("requeue");
+    assert_eq!(outcome, harvest::store::RequeueOutcome::Requeued);
+    let waited = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("the waiter did not wake within 30 s of another store's requeue")
+        .expect("waiter task");
+    assert!(waited < Duration::from_secs(30), "woke after {waited:?}");
+}
+
+/// When the server kills the listener's connection, the store reconnects and keeps waking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_reconnects_after_its_connection_is_killed() {
+    let Some(url) = database_url() else { return };
+    let (store, guard) = fresh(&url).await;
+    let store = Arc::new(store);
+    assert!(
+        store.listener_ready(Duration::from_secs(10)).await,
+        "listener never connected"
+    );
+    let db = admin(&url).await.expect("admin connection");
+    let app = format!("harvest-listener {}", guard.schema);
+    let killed = db
+        .query(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .expect("terminate the listener");
+    assert_eq!(killed.len(), 1, "exactly one listener connection for {app}");
+    let old_pid: i32 = killed[0].get(0);
+
+    // Wait (bounded) until a new listener backend is there and listening.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = db
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 AND pid <> $2",
+                &[&app, &old_pid],
+            )
+            .await
+            .expect("pg_stat_activity");
+        if !rows.is_empty() && store.listener_ready(Duration::from_millis(0)).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the listener did not reconnect within 20 s"
+        );
+        // A polled condition with a deadline: the server's view has no event to wait on. A
+        // new backend means the task saw the old one die (it clears `ready` before
+        // reconnecting), so `ready` is then about the new connection.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store.pending_wait(Duration::ZERO).await;
+
+    let other: Arc<dyn Store> = Arc::new(
+        PostgresStore::connect_with_schema(&url, &guard.schema)
+            .await
+            .expect("connect"),
+    );
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            store.pending_wait(Duration::from_secs(60)).await;
+            start.elapsed()
+        })
+    };
+    insert(&other, session("after-reconnect")).await;
+    let waited = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("no wake-up after the listener reconnected")
+        .expect("waiter task");
+    assert!(waited < Duration::from_secs(30), "woke after {waited:?}");
+}
+
+/// A schema migrated by a newer harvest is refused with a message that says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_schema_version_is_refused() {
+    let Some(url) = database_url() else { return };
+    let (store, guard) = fresh(&url).await;
+    store.close().await.expect("close");
+    let db = admin(&url).await.expect("admin connection");
+    db.batch_execute(&format!(
+        "INSERT INTO {}.harvest_schema_version (version) VALUES (99)",
+        guard.schema
+    ))
+    .await
+    .expect("pretend a newer harvest migrated");
+    match PostgresStore::connect_with_schema(&url, &guard.schema).await {
+        Err(e @ StoreError::NewerVersion { found: 99, .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&guard.schema),
+                "the message names the schema: {msg}"
+            );
+            assert!(
+                msg.contains("upgrade harvest"),
+                "the message says what to do: {msg}"
+            );
+        }
+        Err(e) => panic!("expected NewerVersion, got {e}"),
+        Ok(_) => panic!("a schema of version 99 was accepted"),
+    }
+}
+
+/// Several processes starting at once migrate once; reconnecting changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_idempotent_and_race_free() {
+    let Some(url) = database_url() else { return };
+    let schema = unique_schema();
+    let guard = SchemaGuard {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
+    let mut starts = Vec::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        let schema = schema.clone();
+        starts.push(tokio::spawn(async move {
+            PostgresStore::connect_with_schema(&url, &schema).await
+        }));
+    }
+    let mut stores = Vec::new();
+    for s in starts {
+        stores.push(s.await.expect("connect task").expect("concurrent connect"));
+    }
+    let store: Arc<dyn Store> = Arc::new(stores.remove(0));
+    insert(&store, session("kept")).await;
+    let again = PostgresStore::connect_with_schema(&url, &schema)
+        .await
+        .expect("reconnect");
+    assert!(
+        again
+            .session_get(&"kept".parse().unwrap())
+            .await
+            .unwrap()
+            .is_some(),
+        "data kept"
+    );
+
+    let db = admin(&url).await.expect("admin connection");
+    let rows = db
+        .query(
+            &format!(
+                "SELECT version FROM {}.harvest_schema_version",
+                guard.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("versions");
+    let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(versions, [1], "each migration recorded once");
+}
+
+/// A bad schema name and a bad URL are refused before anything is sent.
+#[tokio::test]
+async fn bad_schema_name_and_url_are_invalid() {
+    let r = PostgresStore::connect_with_schema("postgres://x@127.0.0.1/db", "Robert'); DROP").await;
+    assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+    let r = PostgresStore::connect("not a url at all ::").await;
+    assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+}
+
+/// A single-session agent admits one of many racing submissions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_agent_racing_inserts_admit_one() {
+    let Some(url) = database_url() else { return };
+    let (store, _guard) = fresh(&url).await;
+    let store = Arc::new(store);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = session(&format!("run{i}"));
+            s.job.agent = Some("nightly".into());
+            store
+                .session_insert(SessionInsert {
+                    session: s,
+                    single_agent: Some("nightly".into()),
+                })
+                .await
+        }));
+    }
+    let mut inserted = 0;
+    for t in tasks {
+        if let harvest::store::InsertOutcome::Inserted(_) = t.await.expect("task").expect("insert")
+        {
+            inserted += 1;
+        }
+    }
+    assert_eq!(
+        inserted, 1,
+        "exactly one racing submission of a single-session agent is admitted"
+    );
+}
+
+/// Claims per second, 8 claimers of 10 over 4 pools; run with
+/// `cargo test --release --test integration store_postgres::claim_throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn claim_throughput() {
+    let Some(url) = database_url() else { return };
+    let (first, guard) = fresh(&url).await;
+    let mut stores: Vec<Arc<dyn Store>> = vec![Arc::new(first)];
+    for _ in 1..4 {
+        stores.push(Arc::new(
+            PostgresStore::connect_with_schema(&url, &guard.schema)
+                .await
+                .expect("connect"),
+        ));
+    }
+    const N: usize = 20_000;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = stores[t % 4].clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (t..N).step_by(8) {
+                insert(&store, session(&format!("s{i:06}"))).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("insert task");
+    }
+    let inserted = start.elapsed();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = stores[t % 4].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            for _ in 0..N {
+                let got = store
+                    .session_claim(SessionClaim {
+                        owner: format!("w{t}"),
+                        limit: 10,
+                        lease: Duration::from_secs(30),
+                        now: at(1),
+                    })
+                    .await
+                    .expect("claim");
+                if got.is_empty() {
+                    break;
+                }
+                n += got.len();
+            }
+            n
+        }));
+    }
+    let mut claimed = 0;
+    for t in tasks {
+        claimed += t.await.expect("claim task");
+    }
+    let took = start.elapsed();
+    assert_eq!(claimed, N);
+    println!(
+        "postgres: {N} inserts in {inserted:?} ({:.0}/s); {N} claims in {took:?} ({:.0}/s)",
+        N as f64 / inserted.as_secs_f64(),
+        N as f64 / took.as_secs_f64()
+    );
+}
