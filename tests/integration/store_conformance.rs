@@ -875,6 +875,14 @@ pub async fn log_keeps_last_lines(store: Arc<dyn Store>) {
     assert_eq!(all.len() as u64, LOG_LINES_MAX);
     assert_eq!(all.first(), Some(&line(total - LOG_LINES_MAX)));
     assert!(store.log_tail(&sid("a"), 0).await.unwrap().is_empty());
+
+    // One batch longer than the cap keeps only its own last lines.
+    let big = CheckpointBatch { log: (total..total * 2).map(line).collect(), ..Default::default() };
+    assert!(checkpoint(&store, &a, big, at(2)).await);
+    let all = store.log_tail(&sid("a"), usize::MAX).await.unwrap();
+    assert_eq!(all.len() as u64, LOG_LINES_MAX);
+    assert_eq!(all.first(), Some(&line(total * 2 - LOG_LINES_MAX)));
+    assert_eq!(all.last(), Some(&line(total * 2 - 1)));
     assert!(store.log_tail(&sid("missing"), 10).await.unwrap().is_empty());
 }
 
