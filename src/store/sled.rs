@@ -50,7 +50,13 @@
 //! flusher thread has completed a `db.flush()` that started after the ticket was taken. The
 //! flusher loops "target = written; flush; flushed = target", so one flush acknowledges every
 //! write that was applied before it began, however many callers wait. Sled's own periodic flush is
-//! disabled: this is the only one.
+//! disabled: this is the only one. Before it flushes, the flusher lingers (at most 500 µs)
+//! until as many writes have arrived as its previous flush acknowledged, so that the callers it
+//! just released share the next flush instead of trickling into several.
+//!
+//! Store calls run their sled operations on the calling task's thread: in the common case these
+//! are memory operations under the store mutex (never held across an `.await`); the only call
+//! that waits for the disk is the flush, on its own thread.
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -461,7 +467,16 @@ impl SledStore {
             let db = db.clone();
             std::thread::Builder::new()
                 .name("harvest-sled-flush".into())
-                .spawn(move || durability.run(&db))
+                .spawn(move || {
+                    let run = std::panic::AssertUnwindSafe(|| durability.run(&db));
+                    if std::panic::catch_unwind(run).is_err() {
+                        // Fail every waiting and future write rather than leave them hanging.
+                        durability.state.send_modify(|f| {
+                            f.failed_upto = u64::MAX;
+                            f.error = Some("the flusher thread panicked".into());
+                        });
+                    }
+                })
                 .map_err(|e| {
                     StoreError::Backend(format!("starting the sled flusher thread: {e}"))
                 })?
