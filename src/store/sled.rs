@@ -503,13 +503,6 @@ impl SledStore {
         self.durability.flushes.load(Ordering::Relaxed)
     }
 
-    /// The underlying sled database, for diagnostics and tests (key layout in the module docs).
-    /// Writing to it bypasses every invariant of the store.
-    #[doc(hidden)]
-    pub fn raw_db(&self) -> &sled::Db {
-        &self.db
-    }
-
     fn lock(&self) -> MutexGuard<'_, Counters> {
         // A panic while holding the lock cannot leave a half-applied batch (batches are atomic),
         // and the counters are only replaced after a successful apply, so the state is sound.
