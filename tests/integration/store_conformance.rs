@@ -98,6 +98,9 @@ pub(crate) use store_conformance;
 /// The suite's epoch: every check's "now" is derived from it.
 pub const T0: Timestamp = Timestamp(1_700_000_000_000);
 
+/// Later than any lease in the suite (an SQL timestamp column cannot hold `i64::MAX` ms).
+pub const FAR_FUTURE: Timestamp = Timestamp(T0.0 + 10_000_000_000);
+
 /// `T0 + secs` seconds.
 pub fn at(secs: i64) -> Timestamp {
     Timestamp(T0.0 + secs * 1000)
@@ -401,7 +404,7 @@ pub async fn transitions_refused_when_precondition_fails(store: Arc<dyn Store>) 
     assert!(!checkpoint(&store, &good, CheckpointBatch::default(), at(4)).await);
     assert!(!finish(&store, &good, SessionStatus::Failed, at(4)).await);
     assert_eq!(requeue(&store, &good, false, at(4), at(4)).await, RequeueOutcome::NotApplied);
-    assert!(reclaim(&store, Timestamp(i64::MAX), at(4)).await.is_empty());
+    assert!(reclaim(&store, FAR_FUTURE, at(4)).await.is_empty());
     assert!(claim(&store, "w", 10, at(4)).await.is_empty(), "a terminal session is never claimed");
     assert_eq!(get(&store, "a").await, done, "terminal states never change");
 }
@@ -655,7 +658,7 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
     );
     let by_agent = SessionList { agent: Some("ag".into()), limit: 10, ..Default::default() };
     assert_eq!(list_all(&store, by_agent).await, ["a", "abc"]);
-    assert!(reclaim(&store, Timestamp(i64::MAX), at(3)).await.iter().all(|r| r.0 != "ab"));
+    assert!(reclaim(&store, FAR_FUTURE, at(3)).await.iter().all(|r| r.0 != "ab"));
     assert_eq!(store.session_remove(&sid("ab")).await.expect("remove again"), None);
 
     for id in ["abc", "a"] {
@@ -764,7 +767,7 @@ pub async fn reclaim_respects_limit_and_expiry(store: Arc<dyn Store>) {
     assert_eq!(ids, ["s0", "s1"], "earliest expiries first");
     assert_eq!(reclaim(&store, at(32), at(40)).await.len(), 1, "s2 expires at 32, s3 at 33");
     assert_eq!(get(&store, "s3").await.status, SessionStatus::Running);
-    assert_eq!(reclaim(&store, Timestamp(i64::MAX), at(40)).await.len(), 2);
+    assert_eq!(reclaim(&store, FAR_FUTURE, at(40)).await.len(), 2);
 }
 
 /// Checkpoint records are numbered after the committed count, across attempts; resume_load
