@@ -427,3 +427,25 @@ async fn removal_interrupted_by_a_crash_is_finished_at_open() {
     assert_eq!(stale, 0);
     assert_eq!(db.scan_prefix(lp(b'U', "half")).count(), 0, "the seen set was purged");
 }
+
+/// At open the service reclaims every lease with `expired_before = i64::MAX` (all RUNNING
+/// sessions belonged to a dead process); the key bound must not overflow.
+#[tokio::test]
+async fn reclaim_everything_at_open_with_max_timestamp() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    insert(&store, session("a")).await;
+    claim(&store, "w", 1, at(0)).await;
+    let reclaimed = store
+        .leases_reclaim(harvest::store::LeaseReclaim {
+            expired_before: harvest::session::Timestamp(i64::MAX),
+            limit: 10,
+            backoff: Duration::ZERO,
+            cleanup_after: Duration::from_secs(60),
+            now: at(1),
+        })
+        .await
+        .unwrap();
+    assert_eq!(reclaimed.len(), 1);
+    assert_eq!(reclaimed[0].outcome, harvest::store::RequeueOutcome::Requeued);
+}
