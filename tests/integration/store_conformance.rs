@@ -98,6 +98,9 @@ pub(crate) use store_conformance;
 /// The suite's epoch: every check's "now" is derived from it.
 pub const T0: Timestamp = Timestamp(1_700_000_000_000);
 
+/// Later than any lease in the suite (an SQL timestamp column cannot hold `i64::MAX` ms).
+pub const FAR_FUTURE: Timestamp = Timestamp(T0.0 + 10_000_000_000);
+
 /// `T0 + secs` seconds.
 pub fn at(secs: i64) -> Timestamp {
     Timestamp(T0.0 + secs * 1000)
@@ -504,7 +507,7 @@ pub async fn transitions_refused_when_precondition_fails(store: Arc<dyn Store>) 
         requeue(&store, &good, false, at(4), at(4)).await,
         RequeueOutcome::NotApplied
     );
-    assert!(reclaim(&store, Timestamp(i64::MAX), at(4)).await.is_empty());
+    assert!(reclaim(&store, FAR_FUTURE, at(4)).await.is_empty());
     assert!(
         claim(&store, "w", 10, at(4)).await.is_empty(),
         "a terminal session is never claimed"
@@ -862,7 +865,7 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
     };
     assert_eq!(list_all(&store, by_agent).await, ["a", "abc"]);
     assert!(
-        reclaim(&store, Timestamp(i64::MAX), at(3))
+        reclaim(&store, FAR_FUTURE, at(3))
             .await
             .iter()
             .all(|r| r.0 != "ab")
@@ -1032,7 +1035,7 @@ pub async fn reclaim_respects_limit_and_expiry(store: Arc<dyn Store>) {
         "s2 expires at 32, s3 at 33"
     );
     assert_eq!(get(&store, "s3").await.status, SessionStatus::Running);
-    assert_eq!(reclaim(&store, Timestamp(i64::MAX), at(40)).await.len(), 2);
+    assert_eq!(reclaim(&store, FAR_FUTURE, at(40)).await.len(), 2);
 }
 
 /// Checkpoint records are numbered after the committed count, across attempts; resume_load
@@ -1216,6 +1219,17 @@ pub async fn log_keeps_last_lines(store: Arc<dyn Store>) {
     assert_eq!(all.len() as u64, LOG_LINES_MAX);
     assert_eq!(all.first(), Some(&line(total - LOG_LINES_MAX)));
     assert!(store.log_tail(&sid("a"), 0).await.unwrap().is_empty());
+
+    // One batch longer than the cap keeps only its own last lines.
+    let big = CheckpointBatch {
+        log: (total..total * 2).map(line).collect(),
+        ..Default::default()
+    };
+    assert!(checkpoint(&store, &a, big, at(2)).await);
+    let all = store.log_tail(&sid("a"), usize::MAX).await.unwrap();
+    assert_eq!(all.len() as u64, LOG_LINES_MAX);
+    assert_eq!(all.first(), Some(&line(total * 2 - LOG_LINES_MAX)));
+    assert_eq!(all.last(), Some(&line(total * 2 - 1)));
     assert!(
         store
             .log_tail(&sid("missing"), 10)

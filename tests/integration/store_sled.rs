@@ -25,8 +25,23 @@ async fn fixture() -> Fixture {
 
 crate::store_conformance::store_conformance!(fixture);
 
+/// Retries `f` while the directory is still locked by a just-dropped instance: sled's I/O
+/// threads release its file lock shortly after the drop returns (polled, 10 s deadline).
+fn reopening<T, E: std::fmt::Display>(mut f: impl FnMut() -> Result<T, E>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("reopening the store: {e}"),
+        }
+    }
+}
+
 fn open(dir: &TempDir) -> Arc<dyn Store> {
-    Arc::new(SledStore::open(dir.path()).expect("open sled store"))
+    Arc::new(reopening(|| SledStore::open(dir.path())))
 }
 
 fn sid(id: &str) -> SessionId {
@@ -35,7 +50,7 @@ fn sid(id: &str) -> SessionId {
 
 /// Opens the raw sled database of a closed store (the store must be dropped first).
 fn raw(dir: &TempDir) -> sled::Db {
-    sled::open(dir.path()).expect("open raw sled db")
+    reopening(|| sled::open(dir.path()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,10 +118,25 @@ async fn reopen_after_drop_keeps_everything() {
     );
 }
 
+/// The error of opening a store that must be refused (retrying while a dropped instance still
+/// holds the directory lock).
+fn refused(dir: &TempDir) -> StoreError {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match SledStore::open(dir.path()) {
+            Ok(_) => panic!("a store with a newer schema version was opened"),
+            Err(StoreError::Backend(m)) if Instant::now() < deadline && m.contains("lock") => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return e,
+        }
+    }
+}
+
 #[tokio::test]
 async fn newer_schema_version_is_refused() {
     let dir = TempDir::new().unwrap();
-    drop(SledStore::open(dir.path()).unwrap());
+    drop(open(&dir));
     {
         let db = raw(&dir);
         let mut newer = codec::encode(&(SCHEMA_VERSION + 1)).unwrap();
@@ -114,7 +144,7 @@ async fn newer_schema_version_is_refused() {
         db.insert(b"\0meta", newer).unwrap();
         db.flush().unwrap();
     }
-    let err = SledStore::open(dir.path()).expect_err("a newer store must be refused");
+    let err = refused(&dir);
     assert!(
         matches!(err, StoreError::NewerVersion { found, .. } if found == SCHEMA_VERSION + 1),
         "{err:?}"
@@ -132,7 +162,7 @@ async fn newer_schema_version_is_refused() {
             .unwrap();
         db.flush().unwrap();
     }
-    let err = SledStore::open(dir.path()).expect_err("a newer store must be refused");
+    let err = refused(&dir);
     assert!(matches!(err, StoreError::NewerVersion { .. }), "{err:?}");
 }
 
@@ -328,7 +358,7 @@ fn throughput_group_commit_vs_naive() {
     let dir = TempDir::new().unwrap();
     let db = sled::open(dir.path()).unwrap();
     let value = codec::encode(&session("x")).unwrap();
-    let naive_n = 2_000;
+    let naive_n = 8_000;
     let start = Instant::now();
     std::thread::scope(|scope| {
         for t in 0..16 {
@@ -343,7 +373,31 @@ fn throughput_group_commit_vs_naive() {
         }
     });
     let naive = naive_n as f64 / start.elapsed().as_secs_f64();
-    println!("naive: {naive:.0} insert+flush/s (16 threads, {naive_n} inserts)");
+    println!("naive: {naive:.0} one-key insert+flush/s (16 threads, {naive_n} inserts)");
+
+    // The same work as session_insert (session value, 4 indexes, counters) + flush, per thread.
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..16 {
+            let db = &db;
+            let value = &value;
+            scope.spawn(move || {
+                for i in 0..naive_n / 16 {
+                    let mut b = sled::Batch::default();
+                    b.insert(format!("s{t}-{i}").as_bytes(), value.clone());
+                    for tag in ["G", "C", "T", "W"] {
+                        b.insert(format!("{tag}{t}-{i}").as_bytes(), &[][..]);
+                    }
+                    b.insert(&b"counters"[..], &[0u8; 24][..]);
+                    db.apply_batch(b).unwrap();
+                    db.flush().unwrap();
+                }
+            });
+        }
+    });
+    let naive6 = naive_n as f64 / start.elapsed().as_secs_f64();
+    println!("naive: {naive6:.0} six-key batch+flush/s (16 threads, {naive_n} batches)");
+    println!("session value: {} bytes", value.len());
 
     // The ceiling without durability: the same number of keys per insert as session_insert
     // (session, 4 indexes, counters), 16 threads, no flush.
@@ -418,4 +472,87 @@ fn throughput_group_commit_vs_naive() {
     });
     let rate = N as f64 / start.elapsed().as_secs_f64();
     println!("flush loop: {rate:.0} six-key batches/s with {flushes} concurrent flushes");
+}
+
+#[tokio::test]
+async fn removal_interrupted_by_a_crash_is_finished_at_open() {
+    let dir = TempDir::new().unwrap();
+    drop(open(&dir));
+    let lp = |tag: u8, id: &str| {
+        let mut k = vec![tag];
+        k.extend_from_slice(&(id.len() as u32).to_be_bytes());
+        k.extend_from_slice(id.as_bytes());
+        k
+    };
+    {
+        // What a crash between the removal batch and the end of the data purge leaves.
+        let db = raw(&dir);
+        db.insert(b"Zhalf", &[][..]).unwrap();
+        for n in 0u64..3 {
+            let mut k = lp(b'R', "half");
+            k.extend_from_slice(&n.to_be_bytes());
+            db.insert(k, codec::encode(&"{}".to_string()).unwrap())
+                .unwrap();
+        }
+        let mut seen = lp(b'U', "half");
+        seen.extend_from_slice(b"http://x/");
+        db.insert(seen, &[][..]).unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(&dir);
+    let left = store
+        .records_page(RecordsPage {
+            id: sid("half"),
+            offset: 0,
+            limit: 10,
+        })
+        .await;
+    assert!(left.unwrap().is_empty(), "the purge was finished at open");
+    let err = store.session_insert(SessionInsert {
+        session: session("half"),
+        single_agent: None,
+    });
+    assert!(
+        matches!(err.await.unwrap(), InsertOutcome::Inserted(_)),
+        "the marker is gone"
+    );
+    drop(store);
+    let db = raw(&dir);
+    let stale = db
+        .iter()
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.starts_with(b"Z"))
+        .count();
+    assert_eq!(stale, 0);
+    assert_eq!(
+        db.scan_prefix(lp(b'U', "half")).count(),
+        0,
+        "the seen set was purged"
+    );
+}
+
+/// At open the service reclaims every lease with `expired_before = i64::MAX` (all RUNNING
+/// sessions belonged to a dead process); the key bound must not overflow.
+#[tokio::test]
+async fn reclaim_everything_at_open_with_max_timestamp() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    insert(&store, session("a")).await;
+    claim(&store, "w", 1, at(0)).await;
+    let reclaimed = store
+        .leases_reclaim(harvest::store::LeaseReclaim {
+            expired_before: harvest::session::Timestamp(i64::MAX),
+            limit: 10,
+            backoff: Duration::ZERO,
+            cleanup_after: Duration::from_secs(60),
+            now: at(1),
+        })
+        .await
+        .unwrap();
+    assert_eq!(reclaimed.len(), 1);
+    assert_eq!(
+        reclaimed[0].outcome,
+        harvest::store::RequeueOutcome::Requeued
+    );
 }
