@@ -1,1 +1,4 @@
+//! The integration tests: one binary, one module per component.
 
+mod store_conformance;
+mod store_sled;
