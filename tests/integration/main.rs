@@ -1,4 +1,6 @@
 //! The integration tests: one binary, one module per component.
 
+mod api;
+mod api_support;
 mod store_conformance;
 mod store_sled;
