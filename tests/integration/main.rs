@@ -4,3 +4,5 @@ mod api;
 mod api_support;
 mod store_conformance;
 mod store_sled;
+mod api_events;
+mod api_tenants;
