@@ -202,7 +202,10 @@ impl RecordStream {
                 let columns = self.columns.get_or_insert_with(|| csv_columns(page));
                 let mut w = csv::Writer::from_writer(Vec::new());
                 if !self.started {
-                    let _ = w.write_record(columns.iter());
+                    // No columns (no records): an empty body, not a row holding "".
+                    if !columns.is_empty() {
+                        let _ = w.write_record(columns.iter());
+                    }
                     self.started = true;
                 }
                 for r in page {

@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 use crate::service::Harvest;
 
+pub mod client;
+
 /// harvest: a durable queue of web-scraping sessions.
 #[derive(Debug, Parser)]
 #[command(name = "harvest", version, about)]
@@ -25,6 +27,9 @@ pub struct Cli {
         global = true
     )]
     pub config: PathBuf,
+    /// Server and token of the client commands.
+    #[command(flatten)]
+    pub remote: client::ServerArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -43,6 +48,9 @@ pub enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+    /// Client commands, talking to a running server over HTTP.
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 /// Flags of `serve` and `worker`.
@@ -100,6 +108,7 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Bench { which } => match which {
             BenchCommand::Queue(args) => crate::bench::queue::main(args).await,
         },
+        Command::Client(cmd) => client::run(&cli.remote, cmd).await,
     }
 }
 

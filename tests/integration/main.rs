@@ -6,3 +6,5 @@ mod store_conformance;
 mod store_sled;
 mod api_events;
 mod api_tenants;
+mod api_load;
+mod api_cli;
