@@ -1,53 +1,264 @@
-//! The HTTP API (axum): `/v1` routes, `/metrics`, `/healthz`, `/readyz`.
+//! The HTTP API (axum): `/v1` routes, `/metrics`, `/healthz`, `/readyz`, `/v1/openapi.json`.
 //!
 //! Handlers are thin: they validate input, call [`Harvest`], and map its errors to
-//! `{"error": {"code", "message"}}` with the right status.
+//! `{"error": {"code", "message"}}` with the right status ([`error::ApiError`]). axum's own
+//! rejections (bad JSON, wrong content type, body over `server.max_body_bytes`, unknown route,
+//! wrong method) are answered in the same shape, so no plain-text error leaves the server.
+//!
+//! Authentication ([`auth`]): with `[[clients]]` configured, every `/v1` data route needs
+//! `Authorization: Bearer <token>`, and a client sees only its own sessions. `/healthz`, `/readyz`,
+//! `/metrics` and `/v1/openapi.json` stay open: probes and scrapers carry no tokens, and neither
+//! the metrics (bounded labels, no session ids) nor the spec reveal a tenant's data.
+//!
+//! Every route is registered through [`Routes`], which also keeps the list of (method, path)
+//! pairs; a test checks that list against the OpenAPI document, so the spec cannot silently miss
+//! a route.
+
+pub mod auth;
+pub mod error;
+pub mod events;
+pub mod records;
+pub mod sessions;
+pub mod view;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, delete, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
+use utoipa::OpenApi;
 
 use crate::service::Harvest;
+use error::{ApiError, ErrorBody};
+use view::HealthView;
 
+pub use sessions::config_from_text;
+
+/// What every handler gets.
 #[derive(Clone)]
-struct AppState {
+pub struct AppState {
     harvest: Harvest,
     metrics: Option<PrometheusHandle>,
 }
 
+/// The OpenAPI document of the API, generated from the handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "harvest",
+        description = "A durable queue of web-scraping sessions. Errors are {\"error\": {\"code\", \"message\"}}. \
+With [[clients]] configured, /v1 data routes need Authorization: Bearer <token>."
+    ),
+    paths(
+        sessions::submit,
+        sessions::list_sessions,
+        sessions::get_session,
+        sessions::cancel,
+        sessions::close,
+        sessions::log,
+        records::records,
+        events::session_events,
+        events::all_events,
+        healthz,
+        readyz,
+        metrics_text,
+        openapi_json,
+    ),
+    components(schemas(ErrorBody, error::ErrorDetail, view::SessionView, view::EventView)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "sessions", description = "Submit, watch, read and remove sessions"),
+        (name = "events", description = "Server-Sent Events"),
+        (name = "operations", description = "Health, readiness, metrics, this document"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// A router that remembers the (method, path) of every route it registers.
+pub struct Routes {
+    router: Router<AppState>,
+    list: Vec<(&'static str, &'static str)>,
+}
+
+impl Routes {
+    fn new() -> Routes {
+        Routes {
+            router: Router::new(),
+            list: Vec::new(),
+        }
+    }
+
+    /// Registers `handler` for `methods` (lower case, e.g. `["get", "delete"]`) on `path`.
+    fn route(
+        mut self,
+        path: &'static str,
+        methods: &[&'static str],
+        handler: MethodRouter<AppState>,
+    ) -> Routes {
+        for m in methods {
+            self.list.push((m, path));
+        }
+        self.router = self.router.route(path, handler);
+        self
+    }
+}
+
+fn routes() -> Routes {
+    Routes::new()
+        .route("/healthz", &["get"], get(healthz))
+        .route("/readyz", &["get"], get(readyz))
+        .route("/metrics", &["get"], get(metrics_text))
+        .route("/v1/openapi.json", &["get"], get(openapi_json))
+        .route(
+            "/v1/sessions",
+            &["get", "post"],
+            get(sessions::list_sessions).post(sessions::submit),
+        )
+        .route(
+            "/v1/sessions/{id}",
+            &["get", "delete"],
+            get(sessions::get_session).merge(delete(sessions::close)),
+        )
+        .route(
+            "/v1/sessions/{id}/cancel",
+            &["post"],
+            post(sessions::cancel),
+        )
+        .route("/v1/sessions/{id}/records", &["get"], get(records::records))
+        .route("/v1/sessions/{id}/log", &["get"], get(sessions::log))
+        .route(
+            "/v1/sessions/{id}/events",
+            &["get"],
+            get(events::session_events),
+        )
+        .route("/v1/events", &["get"], get(events::all_events))
+}
+
+/// Every (method, path) the router serves, methods in lower case, paths as in OpenAPI
+/// (`{id}`).
+pub fn route_list() -> Vec<(&'static str, &'static str)> {
+    routes().list
+}
+
+/// The OpenAPI document as JSON.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
 /// The application's routes.
 pub fn router(harvest: Harvest, metrics: Option<PrometheusHandle>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+    let limit = harvest.config().server.max_body_bytes;
+    routes()
+        .router
+        .fallback(error::not_found_route)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
         .with_state(AppState { harvest, metrics })
 }
 
-async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process is alive", body = HealthView))
+)]
+pub async fn healthz() -> axum::Json<HealthView> {
+    axum::Json(HealthView {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness: the store answers and this process's workers run (when it has any).
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = HealthView),
+        (status = 503, description = "Store unavailable or workers stopped", body = ErrorBody),
+    )
+)]
+pub async fn readyz(State(st): State<AppState>) -> Result<axum::Json<HealthView>, ApiError> {
     let workers = st.harvest.config().workers.concurrency == 0 || st.harvest.workers_running();
     let store = st
         .harvest
         .store()
         .session_counts(st.harvest.clock().now())
-        .await
-        .is_ok();
-    if workers && store {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        .await;
+    match (workers, store) {
+        (true, Ok(_)) => Ok(axum::Json(HealthView {
+            status: "ready".into(),
+        })),
+        (false, _) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the workers of this process are not running",
+        )),
+        (true, Err(e)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("the store does not answer: {e}"),
+        )),
     }
 }
 
-async fn metrics_text(State(st): State<AppState>) -> impl IntoResponse {
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format", content((String = "text/plain"))),
+        (status = 404, description = "No metrics recorder in this process", body = ErrorBody),
+    )
+)]
+pub async fn metrics_text(State(st): State<AppState>) -> Response {
     match &st.metrics {
-        Some(h) => (StatusCode::OK, h.render()),
-        None => (
+        Some(h) => (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            h.render(),
+        )
+            .into_response(),
+        None => ApiError::new(
             StatusCode::NOT_FOUND,
-            "metrics recorder not installed\n".to_string(),
-        ),
+            "not_found",
+            "no metrics recorder is installed in this process",
+        )
+        .into_response(),
+    }
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content((Object = "application/json"))))
+)]
+pub async fn openapi_json() -> Response {
+    match openapi().to_json() {
+        Ok(text) => ([(CONTENT_TYPE, "application/json")], text).into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot render the OpenAPI document: {e}"),
+        )
+        .into_response(),
     }
 }

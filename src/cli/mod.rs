@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 use crate::service::Harvest;
 
+pub mod client;
+
 /// harvest: a durable queue of web-scraping sessions.
 #[derive(Debug, Parser)]
 #[command(name = "harvest", version, about)]
@@ -25,6 +27,9 @@ pub struct Cli {
         global = true
     )]
     pub config: PathBuf,
+    /// Server and token of the client commands.
+    #[command(flatten)]
+    pub remote: client::ServerArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -47,6 +52,9 @@ pub enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+    /// Client commands, talking to a running server over HTTP.
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 /// Flags of `serve` and `worker`.
@@ -133,8 +141,10 @@ pub fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 pub fn init_tracing(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if format == "json" {
         builder.json().try_init()
@@ -165,6 +175,7 @@ pub async fn main() -> anyhow::Result<()> {
         },
         Command::Run(args) => run_local(args).await,
         Command::Testsite(args) => testsite(args).await,
+        Command::Client(cmd) => client::run(&cli.remote, cmd).await,
     }
 }
 

@@ -15,7 +15,11 @@ use crate::proc::Server;
 const PRODUCTS: usize = 30;
 
 async fn shop() -> harvest::sitegen::Site {
-    let opts = harvest::sitegen::SiteOptions { products: PRODUCTS, per_list: 10, specials: false };
+    let opts = harvest::sitegen::SiteOptions {
+        products: PRODUCTS,
+        per_list: 10,
+        specials: false,
+    };
     harvest::sitegen::serve(opts).await.expect("fixture site")
 }
 
@@ -40,7 +44,12 @@ fields.sku = {{ selector = "td.sku" }}
 }
 
 async fn submit(client: &reqwest::Client, server: &str, body: &Value) -> Option<String> {
-    let resp = client.post(format!("{server}/v1/sessions")).json(body).send().await.ok()?;
+    let resp = client
+        .post(format!("{server}/v1/sessions"))
+        .json(body)
+        .send()
+        .await
+        .ok()?;
     if resp.status() != reqwest::StatusCode::CREATED {
         return None;
     }
@@ -49,7 +58,11 @@ async fn submit(client: &reqwest::Client, server: &str, body: &Value) -> Option<
 }
 
 async fn get_session(client: &reqwest::Client, server: &str, id: &str) -> Option<Value> {
-    let resp = client.get(format!("{server}/v1/sessions/{id}")).send().await.ok()?;
+    let resp = client
+        .get(format!("{server}/v1/sessions/{id}"))
+        .send()
+        .await
+        .ok()?;
     if !resp.status().is_success() {
         return None;
     }
@@ -59,11 +72,19 @@ async fn get_session(client: &reqwest::Client, server: &str, id: &str) -> Option
 async fn records(client: &reqwest::Client, server: &str, id: &str) -> Vec<Value> {
     let url = format!("{server}/v1/sessions/{id}/records?format=json&limit=10000");
     let resp = client.get(url).send().await.expect("records request");
-    assert!(resp.status().is_success(), "records of {id}: {}", resp.status());
+    assert!(
+        resp.status().is_success(),
+        "records of {id}: {}",
+        resp.status()
+    );
     let v: Value = resp.json().await.expect("records JSON");
     match v {
         Value::Array(items) => items,
-        other => other.get("records").and_then(Value::as_array).cloned().unwrap_or_default(),
+        other => other
+            .get("records")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
     }
 }
 
@@ -75,9 +96,14 @@ fn record_data(r: &Value) -> &Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let site = shop().await;
-    let cfg = config(site.base_url());
+    // A politeness delay keeps each crawl running for a few hundred milliseconds, so kills land
+    // in the middle of crawls and checkpoints, not only between sessions.
+    let cfg = config(site.base_url()).replace("concurrency = 4", "concurrency = 2\ndelay_ms = 10");
     let dir = tempfile::tempdir().expect("tempdir");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let kills = 20;
     let mut rng_state = 0x9e3779b97f4a7c15u64;
@@ -92,14 +118,19 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         let server = Server::start(dir.path(), 4, &[]);
         let base = server.url("");
         // Every session acknowledged before any earlier kill is still there.
-        for id in acked.lock().expect("acked").iter() {
+        let so_far = acked.lock().expect("acked").clone();
+        for id in &so_far {
             let s = get_session(&client, &base, id).await;
-            assert!(s.is_some(), "round {round}: acknowledged session {id} is missing after restart");
+            assert!(
+                s.is_some(),
+                "round {round}: acknowledged session {id} is missing after restart"
+            );
         }
         // Submit while the workers run, then kill at a random moment.
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let submitter = {
-            let (client, base, acked, stop) = (client.clone(), base.clone(), acked.clone(), stop.clone());
+            let (client, base, acked, stop) =
+                (client.clone(), base.clone(), acked.clone(), stop.clone());
             let body = json!({"config": cfg});
             tokio::spawn(async move {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -115,42 +146,85 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         server.kill9();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = tokio::time::timeout(Duration::from_secs(15), submitter).await;
-        assert!(started.elapsed() < Duration::from_secs(300), "crash rounds took over 5 minutes");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "crash rounds took over 5 minutes"
+        );
     }
 
     // Let the last process finish everything, then check every session.
     let server = Server::start(dir.path(), 4, &[]);
     let base = server.url("");
     let ids = acked.lock().expect("acked").clone();
-    assert!(ids.len() >= kills, "only {} sessions were acknowledged", ids.len());
+    assert!(
+        ids.len() >= kills,
+        "only {} sessions were acknowledged",
+        ids.len()
+    );
     let unique: BTreeSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "an id was acknowledged twice");
     let deadline = Instant::now() + Duration::from_secs(240);
     let mut statuses: HashMap<String, String> = HashMap::new();
     for id in &ids {
         loop {
-            let s = get_session(&client, &base, id).await.unwrap_or_else(|| panic!("session {id} lost"));
+            let s = get_session(&client, &base, id)
+                .await
+                .unwrap_or_else(|| panic!("session {id} lost"));
             let status = s["status"].as_str().unwrap_or_default().to_string();
             if matches!(status.as_str(), "COMPLETED" | "FAILED" | "CANCELLED") {
                 statuses.insert(id.clone(), status);
                 break;
             }
-            assert!(Instant::now() < deadline, "session {id} still {status} after the final restart");
+            assert!(
+                Instant::now() < deadline,
+                "session {id} still {status} after the final restart"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    let mut attempts = 0;
     for id in &ids {
-        assert_eq!(statuses[id], "COMPLETED", "session {id} ended {}", statuses[id]);
+        let s = get_session(&client, &base, id).await.expect("session");
+        attempts += s["attempt"].as_u64().unwrap_or(0);
+    }
+    eprintln!(
+        "crash test: {} sessions acknowledged across {kills} SIGKILLs, {attempts} attempts in all",
+        ids.len()
+    );
+    assert!(
+        attempts > ids.len() as u64,
+        "no session was ever interrupted: the kills missed the work"
+    );
+    for id in &ids {
+        assert_eq!(
+            statuses[id], "COMPLETED",
+            "session {id} ended {}",
+            statuses[id]
+        );
         let recs = records(&client, &base, id).await;
         let skus: Vec<String> = recs
             .iter()
-            .map(|r| record_data(r)["sku"].as_str().unwrap_or_default().to_string())
+            .map(|r| {
+                record_data(r)["sku"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
             .collect();
         let distinct: BTreeSet<&String> = skus.iter().collect();
-        assert_eq!(recs.len(), PRODUCTS, "session {id}: {} records, want {PRODUCTS} (skus {skus:?})", recs.len());
+        assert_eq!(
+            recs.len(),
+            PRODUCTS,
+            "session {id}: {} records, want {PRODUCTS} (skus {skus:?})",
+            recs.len()
+        );
         assert_eq!(distinct.len(), PRODUCTS, "session {id}: duplicated records");
         let s = get_session(&client, &base, id).await.expect("session");
-        assert_eq!(s["metrics"]["processed_elements"].as_u64(), Some(PRODUCTS as u64), "session {id}: {s}");
+        assert_eq!(
+            s["metrics"]["processed_elements"].as_u64(),
+            Some(PRODUCTS as u64),
+            "session {id}: {s}"
+        );
     }
     server.kill9();
 }
@@ -162,28 +236,45 @@ async fn sigterm_mid_crawl_hands_the_session_back_and_it_completes_after_restart
     // A slow site keeps the crawl running when SIGTERM arrives.
     let site = shop().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
     let server = Server::start(dir.path(), 2, &[("HARVEST_SHUTDOWN_GRACE_SECS", "0")]);
     let base = server.url("");
     let mut cfg = config(site.base_url());
     cfg = cfg.replace("concurrency = 4", "concurrency = 1\ndelay_ms = 100");
-    let id = submit(&client, &base, &json!({"config": cfg})).await.expect("submitted");
+    let id = submit(&client, &base, &json!({"config": cfg}))
+        .await
+        .expect("submitted");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let s = get_session(&client, &base, &id).await.expect("session");
-        if s["status"] == "RUNNING" && s["metrics"]["processed_elements"].as_u64().unwrap_or(0) > 0 {
+        if s["status"] == "RUNNING" && s["metrics"]["processed_elements"].as_u64().unwrap_or(0) > 0
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "the crawl did not start making progress: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "the crawl did not start making progress: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let exit = server.terminate(Duration::from_secs(30)).expect("exited after SIGTERM");
+    let exit = server
+        .terminate(Duration::from_secs(30))
+        .expect("exited after SIGTERM");
     assert!(exit.success(), "exit status {exit:?}");
 
     let server = Server::start(dir.path(), 0, &[]);
-    let s = get_session(&client, &server.url(""), &id).await.expect("session");
+    let s = get_session(&client, &server.url(""), &id)
+        .await
+        .expect("session");
     assert_eq!(s["status"], "PENDING", "{s}");
-    assert_eq!(s["attempt"].as_u64(), Some(1), "a hand-back keeps the attempt count: {s}");
+    assert_eq!(
+        s["attempt"].as_u64(),
+        Some(1),
+        "a hand-back keeps the attempt count: {s}"
+    );
     server.kill9();
 
     let server = Server::start(dir.path(), 2, &[]);
@@ -196,7 +287,10 @@ async fn sigterm_mid_crawl_hands_the_session_back_and_it_completes_after_restart
             assert_eq!(recs.len(), PRODUCTS);
             break;
         }
-        assert!(Instant::now() < deadline, "not completed after restart: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "not completed after restart: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -1,8 +1,16 @@
 //! The integration tests: one binary (it links once), one module per component.
 
+mod api;
+mod api_cli;
+mod api_events;
+mod api_load;
+mod api_support;
+mod api_tenants;
+mod crash;
 mod engine;
 mod engine_bench;
 mod engine_config;
+mod proc;
 mod service;
 mod store_conformance;
 mod store_postgres;

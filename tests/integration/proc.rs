@@ -12,8 +12,8 @@ use std::time::Duration;
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
-    /// Log lines after the address was found (drained by a thread so the pipe never fills).
-    pub log: mpsc::Receiver<String>,
+    /// Log lines after the address was found (kept so the draining thread keeps the pipe empty).
+    pub _log: mpsc::Receiver<String>,
 }
 
 impl Server {
@@ -21,13 +21,19 @@ impl Server {
     /// until it listens.
     pub fn start(data_dir: &Path, workers: usize, extra_env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_harvest"));
-        cmd.args(["serve", "--bind", "127.0.0.1:0", "--workers", &workers.to_string()])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("HARVEST_LOG_FORMAT", "text")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--workers",
+            &workers.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("HARVEST_LOG_FORMAT", "text")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
@@ -50,13 +56,21 @@ impl Server {
                     if let Some(rest) = line.split("listening addr=").nth(1) {
                         let addr = rest.split_whitespace().next().unwrap_or_default();
                         let addr: SocketAddr = addr.parse().expect("address in the listening line");
-                        return Server { child, addr, log: rx };
+                        return Server {
+                            child,
+                            addr,
+                            _log: rx,
+                        };
                     }
                     seen.push(line);
                 }
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("harvest did not start listening within 60 s; its log:\n{}", seen.join("\n"));
+                    let _ = child.wait();
+                    panic!(
+                        "harvest did not start listening within 60 s; its log:\n{}",
+                        seen.join("\n")
+                    );
                 }
             }
         }
@@ -77,7 +91,9 @@ impl Server {
     pub fn terminate(mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let pid = self.child.id() as i32;
         // The `kill` command keeps `unsafe` (libc::kill) out of the tests.
-        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
         let deadline = std::time::Instant::now() + limit;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {

@@ -1,0 +1,247 @@
+//! The API's one error shape, `{"error": {"code", "message"}}`, and the extractors that make
+//! axum's own rejections (bad JSON, wrong content type, body too large, bad query or path) use it.
+//!
+//! No handler returns plain text on failure: every 4xx/5xx goes through [`ApiError`].
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use utoipa::ToSchema;
+
+use crate::service::HarvestError;
+use crate::store::StoreError;
+
+/// An error answer: an HTTP status, a stable machine-readable code, and a message for a person.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// A stable code, e.g. `not_found`, `invalid_config`, `duplicate_session`.
+    pub code: &'static str,
+    /// What was wrong and what to do.
+    pub message: String,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Code and message of an error.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code.
+    pub code: String,
+    /// What was wrong and what to do.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 `invalid_request`.
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 404 `not_found` for a session (also for another client's session: its existence is not
+    /// revealed).
+    pub fn session_not_found(id: impl std::fmt::Display) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("session {id} not found"),
+        )
+    }
+
+    /// 401 `unauthorized`.
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// The code for a status when nothing more specific is known.
+    fn code_for(status: StatusCode) -> &'static str {
+        match status {
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::CONFLICT => "conflict",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            s if s.is_server_error() => "internal",
+            _ => "error",
+        }
+    }
+
+    /// An error from one of axum's rejections; 422 (data that does not fit the type) is answered
+    /// as 400 like every other invalid request.
+    fn from_rejection(status: StatusCode, text: String) -> ApiError {
+        let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+            StatusCode::BAD_REQUEST
+        } else {
+            status
+        };
+        ApiError::new(status, ApiError::code_for(status), text)
+    }
+}
+
+impl From<HarvestError> for ApiError {
+    fn from(e: HarvestError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            HarvestError::InvalidConfig(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", message)
+            }
+            HarvestError::InvalidId(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_session_id", message)
+            }
+            HarvestError::Invalid(_) => ApiError::invalid(message),
+            HarvestError::Duplicate(_) => {
+                ApiError::new(StatusCode::CONFLICT, "duplicate_session", message)
+            }
+            HarvestError::NotFound(_) | HarvestError::AgentNotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
+            HarvestError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            // A bad cursor (or another out-of-range parameter) is the caller's mistake.
+            HarvestError::Store(StoreError::Invalid(m)) => ApiError::invalid(m),
+            HarvestError::Store(StoreError::Duplicate(id)) => ApiError::new(
+                StatusCode::CONFLICT,
+                "duplicate_session",
+                format!("session {id} already exists; session ids are never reused"),
+            ),
+            HarvestError::Store(_) | HarvestError::Startup(_) => {
+                tracing::error!(error = %message, "request failed in the store");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store_error",
+                    format!("{message}; retry later, and check the server log if it persists"),
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> ApiError {
+        let text = match &r {
+            JsonRejection::MissingJsonContentType(_) => {
+                "the request body must be JSON: send Content-Type: application/json".to_string()
+            }
+            _ => r.body_text(),
+        };
+        ApiError::from_rejection(r.status(), text)
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> ApiError {
+        ApiError::from_rejection(r.status(), r.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> ApiError {
+        ApiError::from_rejection(r.status(), r.body_text())
+    }
+}
+
+/// `axum::Json` whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(ApiJson(v))
+    }
+}
+
+/// `axum::extract::Query` whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Query(v) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiQuery(v))
+    }
+}
+
+/// `axum::extract::Path` whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone)]
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(v) =
+            axum::extract::Path::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiPath(v))
+    }
+}
+
+/// 404 for every path the router does not know.
+pub async fn not_found_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route {}; see /v1/openapi.json for the API", uri.path()),
+    )
+}
+
+/// 405 for a known path with a method it does not take.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{method} is not allowed on {}; see /v1/openapi.json",
+            uri.path()
+        ),
+    )
+}

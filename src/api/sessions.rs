@@ -1,0 +1,334 @@
+//! Session routes: submit, get, list, cancel, close, and the session's log.
+//!
+//! Handlers validate input, check that the caller owns the session (another client's session is
+//! a 404), call [`Harvest`](crate::Harvest), and answer with a [`SessionView`].
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::view::{ListQuery, LogQuery, LogView, SessionListView, SessionView, SubmitBody};
+use crate::service::SubmitRequest;
+use crate::session::{ClientContext, Session, SessionId, SessionStatus};
+use crate::store::{CancelOutcome, SessionList};
+
+/// Converts a config given as text (TOML, or JSON when it starts with `{`) to the JSON value the
+/// service takes, with the engine's parser (errors name the line and field).
+pub fn config_from_text(text: &str) -> Result<serde_json::Value, String> {
+    crate::engine::parse_config_text(text).map_err(|e| e.to_string())
+}
+
+/// Parses a session id from a path; a malformed id cannot name a session, so it is a 404 like
+/// any unknown one (the message says why).
+pub(crate) fn path_id(raw: &str) -> Result<SessionId, ApiError> {
+    SessionId::parse(raw).map_err(|e| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("session {raw:?} not found: {e}"),
+        )
+    })
+}
+
+/// The session if it exists and the caller owns it; 404 otherwise.
+pub(crate) async fn owned_session(
+    st: &AppState,
+    caller: &Caller,
+    id: &SessionId,
+) -> Result<Session, ApiError> {
+    match st.harvest.get(id).await? {
+        Some(s) if caller.owns(&s) => Ok(s),
+        _ => Err(ApiError::session_not_found(id)),
+    }
+}
+
+fn view(st: &AppState, s: &Session) -> SessionView {
+    SessionView::of(s, st.harvest.clock().now())
+}
+
+fn params_to_strings(
+    params: BTreeMap<String, serde_json::Value>,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in params {
+        let text = match v {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "params.{k}: must be a string, number or boolean"
+                )));
+            }
+        };
+        out.insert(k, text);
+    }
+    Ok(out)
+}
+
+/// Submit a session.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions",
+    tag = "sessions",
+    request_body = SubmitBody,
+    responses(
+        (status = 201, description = "Submitted and durable", body = SessionView),
+        (status = 400, description = "Invalid JSON, TOML, config, options or session id", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 409, description = "A session with this id exists", body = ErrorBody),
+        (status = 413, description = "Body over server.max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Body is not application/json", body = ErrorBody),
+    )
+)]
+pub async fn submit(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<SubmitBody>,
+) -> Result<Response, ApiError> {
+    let config = match body.config {
+        serde_json::Value::String(text) => config_from_text(&text)
+            .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", m))?,
+        v @ serde_json::Value::Object(_) => v,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_config",
+                "config must be a JSON object or a string of TOML",
+            ));
+        }
+    };
+    let client_body = body.client.unwrap_or_default();
+    // A tenant's sessions always carry its own id, whatever the body says.
+    let client_id = match caller.client_id() {
+        Some(id) => id.to_string(),
+        None => client_body.client_id.unwrap_or_default(),
+    };
+    let mut client = ClientContext::builder().client_id(client_id);
+    for (k, v) in client_body.metadata {
+        client = client.metadata(k, v);
+    }
+    let mut req = SubmitRequest::new(config)
+        .client(client.build())
+        .options(body.options.unwrap_or_default());
+    req.params = params_to_strings(body.params)?;
+    if let Some(id) = body.session_id {
+        req = req.session_id(SessionId::parse(&id).map_err(crate::service::HarvestError::from)?);
+    }
+    let handle = st.harvest.submit(req).await?;
+    let session = handle.session().await?;
+    Ok((StatusCode::CREATED, axum::Json(view(&st, &session))).into_response())
+}
+
+/// One session.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session", body = SessionView),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such session (or another client's)", body = ErrorBody),
+    )
+)]
+pub async fn get_session(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<SessionView>, ApiError> {
+    let id = path_id(&id)?;
+    let s = owned_session(&st, &caller, &id).await?;
+    Ok(axum::Json(view(&st, &s)))
+}
+
+/// Sessions, newest first, paginated.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions",
+    tag = "sessions",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of sessions", body = SessionListView),
+        (status = 400, description = "Bad status, limit or cursor", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "client_id names another client", body = ErrorBody),
+    )
+)]
+pub async fn list_sessions(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<axum::Json<SessionListView>, ApiError> {
+    let client_id = scope_client(&caller, q.client_id)?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            s.parse::<SessionStatus>()
+                .map_err(|m| ApiError::invalid(format!("status: {m}")))?,
+        ),
+    };
+    let limit = match q.limit {
+        None => 50,
+        Some(n @ 1..=1000) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(format!(
+                "limit: {n} is out of range; use 1..=1000"
+            )));
+        }
+    };
+    if let Some(c) = &q.cursor
+        && (c.is_empty() || c.len() > 512)
+    {
+        return Err(ApiError::invalid(
+            "cursor: not a cursor; pass the next_cursor of the previous page unchanged",
+        ));
+    }
+    let page = st
+        .harvest
+        .list(SessionList {
+            client_id,
+            status,
+            agent: None,
+            limit,
+            cursor: q.cursor,
+        })
+        .await?;
+    let now = st.harvest.clock().now();
+    Ok(axum::Json(SessionListView {
+        sessions: page
+            .sessions
+            .iter()
+            .map(|s| SessionView::of(s, now))
+            .collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// The client filter a caller may use: tenants are held to their own id (asking for another
+/// client's is a 404, as if that client had nothing).
+pub(crate) fn scope_client(
+    caller: &Caller,
+    requested: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let requested = requested.filter(|c| !c.is_empty());
+    match (caller.client_id(), requested) {
+        (None, r) => Ok(r),
+        (Some(own), None) => Ok(Some(own.to_string())),
+        (Some(own), Some(r)) if r == own => Ok(Some(r)),
+        (Some(_), Some(r)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("client {r:?} not found"),
+        )),
+    }
+}
+
+/// Cancel a session (idempotent).
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/cancel",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 202, description = "Cancelled (PENDING), cancel requested (RUNNING), or already CANCELLED", body = SessionView),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such session (or another client's)", body = ErrorBody),
+        (status = 409, description = "Already COMPLETED or FAILED", body = ErrorBody),
+    )
+)]
+pub async fn cancel(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id)?;
+    owned_session(&st, &caller, &id).await?;
+    let session = match st.harvest.cancel(&id).await? {
+        CancelOutcome::Cancelled(s) | CancelOutcome::Requested(s) => s,
+        CancelOutcome::AlreadyTerminal(s) if s.status == SessionStatus::Cancelled => s,
+        CancelOutcome::AlreadyTerminal(s) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "session {id} already ended {}; only an active session can be cancelled",
+                    s.status
+                ),
+            ));
+        }
+        CancelOutcome::NotFound => return Err(ApiError::session_not_found(&id)),
+    };
+    Ok((StatusCode::ACCEPTED, axum::Json(view(&st, &session))).into_response())
+}
+
+/// Close a session: remove it and all its data now. Answers the session as it was removed.
+#[utoipa::path(
+    delete,
+    path = "/v1/sessions/{id}",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "Removed; the session as it was", body = SessionView),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such session (or another client's)", body = ErrorBody),
+    )
+)]
+pub async fn close(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<SessionView>, ApiError> {
+    let id = path_id(&id)?;
+    owned_session(&st, &caller, &id).await?;
+    match st.harvest.close(&id).await? {
+        Some(s) => Ok(axum::Json(view(&st, &s))),
+        None => Err(ApiError::session_not_found(&id)),
+    }
+}
+
+/// The last lines of a session's log.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/log",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id"), LogQuery),
+    responses(
+        (status = 200, description = "Log lines, oldest first", body = LogView),
+        (status = 400, description = "Bad limit", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such session (or another client's)", body = ErrorBody),
+    )
+)]
+pub async fn log(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<LogQuery>,
+) -> Result<axum::Json<LogView>, ApiError> {
+    let id = path_id(&id)?;
+    let limit = match q.limit {
+        None => 1000,
+        Some(n @ 1..=1000) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(format!(
+                "limit: {n} is out of range; use 1..=1000"
+            )));
+        }
+    };
+    owned_session(&st, &caller, &id).await?;
+    let lines = st
+        .harvest
+        .store()
+        .log_tail(&id, limit)
+        .await
+        .map_err(crate::service::HarvestError::from)?;
+    Ok(axum::Json(LogView {
+        lines: lines.into_iter().map(Into::into).collect(),
+    }))
+}

@@ -1,0 +1,342 @@
+//! The JSON shapes of the API: request bodies, query strings, and views of sessions.
+//!
+//! Views are separate structs rather than the stored [`Session`] serialized as is, so the wire
+//! format is a deliberate contract (documented in the OpenAPI spec) and internal fields (lease,
+//! seq, failures, the job spec) never leak.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::event::Event;
+use crate::session::{LogLine, Session, SessionOptions, Timestamp};
+
+/// `POST /v1/sessions` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBody {
+    /// The scraper config: a JSON object, or a string of TOML (or of JSON).
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    /// Parameters overriding the config's `[vars]` (scalar values; numbers and booleans are
+    /// taken as their text).
+    #[serde(default)]
+    #[schema(value_type = Option<BTreeMap<String, Object>>)]
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// Who submits it. With clients configured, `client_id` is the caller's, whatever is sent.
+    #[serde(default)]
+    pub client: Option<ClientBody>,
+    /// Options; unset ones take the service defaults.
+    #[serde(default)]
+    #[schema(value_type = Option<OptionsView>)]
+    pub options: Option<SessionOptions>,
+    /// A caller-chosen unique id (1–128 characters of `[A-Za-z0-9._:-]`); default a UUID v7.
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// The submitter of a session.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientBody {
+    /// Client id (ignored when the server has clients: the token decides).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Immutable metadata, string to JSON value.
+    #[serde(default)]
+    #[schema(value_type = Option<BTreeMap<String, Object>>)]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+/// Session options as JSON (durations in whole seconds).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OptionsView {
+    /// Wall clock of one attempt; exceeding it ends the session FAILED. Null: no limit.
+    pub max_duration_secs: Option<u64>,
+    /// How long a terminal session and its data stay before automatic cleanup.
+    pub session_timeout_secs: Option<u64>,
+    /// Keep usage counters.
+    pub token_tracking: bool,
+    /// Attempts before a failing session ends FAILED.
+    pub max_attempts: Option<u32>,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Not before this time (RFC 3339).
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub run_at: Option<Timestamp>,
+    /// Remove the records once they were all read.
+    pub remove_after_export: bool,
+    /// Remove externally exported rows at cleanup.
+    pub cleanup_external: bool,
+}
+
+impl From<&SessionOptions> for OptionsView {
+    fn from(o: &SessionOptions) -> OptionsView {
+        OptionsView {
+            max_duration_secs: o.max_duration_secs,
+            session_timeout_secs: o.session_timeout_secs,
+            token_tracking: o.token_tracking,
+            max_attempts: o.max_attempts,
+            priority: o.priority,
+            run_at: o.run_at,
+            remove_after_export: o.remove_after_export,
+            cleanup_external: o.cleanup_external,
+        }
+    }
+}
+
+/// Who owns a session.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClientView {
+    /// Client id ("" for the single user of a server without clients).
+    pub client_id: String,
+    /// Metadata given at submission.
+    #[schema(value_type = BTreeMap<String, Object>)]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+/// Progress of a session.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MetricsView {
+    /// When the current (or last) attempt started.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub start_time: Option<Timestamp>,
+    /// When the session ended.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub end_time: Option<Timestamp>,
+    /// From start to end (or to now while running), in seconds.
+    pub duration_secs: f64,
+    /// Pages fetched and processed.
+    pub pages_processed: u64,
+    /// Records extracted and committed.
+    pub processed_elements: u64,
+    /// Records per second.
+    pub processing_rate: f64,
+}
+
+/// Usage counters.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageView {
+    /// HTTP requests sent (retries included).
+    pub http_requests: u64,
+    /// Requests that ended in an error.
+    pub http_errors: u64,
+    /// Response body bytes received.
+    pub bytes_received: u64,
+    /// Retries sent.
+    pub retries: u64,
+    /// URLs skipped because robots.txt disallows them.
+    pub robots_blocked: u64,
+}
+
+/// Why a session failed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorView {
+    /// Stable kind, e.g. `max_duration_exceeded`.
+    pub kind: String,
+    /// What happened.
+    pub message: String,
+}
+
+/// A session as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionView {
+    /// Unique id.
+    pub id: String,
+    /// PENDING, RUNNING, COMPLETED, FAILED or CANCELLED.
+    #[schema(value_type = String, example = "PENDING")]
+    pub status: crate::session::SessionStatus,
+    /// Who owns it.
+    pub client: ClientView,
+    /// How many times it has been claimed.
+    pub attempt: u32,
+    /// Options, with service defaults filled in.
+    pub options: OptionsView,
+    /// Progress.
+    pub metrics: MetricsView,
+    /// Usage counters.
+    pub usage: UsageView,
+    /// Why it failed (or the last retryable error while PENDING again).
+    pub error: Option<ErrorView>,
+    /// A client asked to cancel it while RUNNING.
+    pub cancel_requested: bool,
+    /// When it was submitted.
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
+    /// Last change.
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: Timestamp,
+    /// Not claimed before this time.
+    #[schema(value_type = String, format = DateTime)]
+    pub run_at: Timestamp,
+    /// When a terminal session will be removed.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub cleanup_at: Option<Timestamp>,
+    /// The agent it runs for.
+    pub agent: Option<String>,
+    /// Committed records.
+    pub records: u64,
+}
+
+impl SessionView {
+    /// The view of a session at `now` (durations of running sessions count to `now`).
+    pub fn of(s: &Session, now: Timestamp) -> SessionView {
+        SessionView {
+            id: s.id.to_string(),
+            status: s.status,
+            client: ClientView {
+                client_id: s.client.client_id().to_string(),
+                metadata: s.client.all_metadata().clone(),
+            },
+            attempt: s.attempt,
+            options: OptionsView::from(&s.options),
+            metrics: MetricsView {
+                start_time: s.metrics.start_time,
+                end_time: s.metrics.end_time,
+                duration_secs: s.metrics.duration(now).as_secs_f64(),
+                pages_processed: s.metrics.pages_processed,
+                processed_elements: s.metrics.processed_elements,
+                processing_rate: s.metrics.processing_rate(now),
+            },
+            usage: UsageView {
+                http_requests: s.usage.http_requests,
+                http_errors: s.usage.http_errors,
+                bytes_received: s.usage.bytes_received,
+                retries: s.usage.retries,
+                robots_blocked: s.usage.robots_blocked,
+            },
+            error: s.error.as_ref().map(|e| ErrorView {
+                kind: e.kind.clone(),
+                message: e.message.clone(),
+            }),
+            cancel_requested: s.cancel_requested,
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+            run_at: s.run_at,
+            cleanup_at: s.cleanup_at,
+            agent: s.job.agent.clone(),
+            records: s.metrics.processed_elements,
+        }
+    }
+}
+
+/// A page of sessions.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionListView {
+    /// Newest first.
+    pub sessions: Vec<SessionView>,
+    /// Pass as `cursor` for the next page; null at the end.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/sessions` query.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only this client's sessions (with clients configured: must be the caller's own).
+    pub client_id: Option<String>,
+    /// Only sessions in this status (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED).
+    pub status: Option<String>,
+    /// Page size, 1..=1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u64>,
+    /// `next_cursor` of the previous page (opaque).
+    pub cursor: Option<String>,
+}
+
+/// `GET /v1/sessions/{id}/records` query.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RecordsQuery {
+    /// `json` (an array, the default), `jsonl` (one object per line) or `csv`.
+    pub format: Option<String>,
+    /// First record (0-based seq).
+    #[param(minimum = 0)]
+    pub offset: Option<u64>,
+    /// At most this many records, 1..=10000; default: all of them, streamed.
+    #[param(minimum = 1, maximum = 10000)]
+    pub limit: Option<u64>,
+}
+
+/// `GET /v1/sessions/{id}/log` query.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
+    /// The last this many lines, 1..=1000 (default 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u64>,
+}
+
+/// `GET /v1/events` query.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Only this client's sessions (with clients configured: must be the caller's own).
+    pub client_id: Option<String>,
+}
+
+/// One line of a session's log.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogLineView {
+    /// When.
+    #[schema(value_type = String, format = DateTime)]
+    pub at: Timestamp,
+    /// `info`, `warn` or `error`.
+    pub level: String,
+    /// What.
+    pub message: String,
+}
+
+impl From<LogLine> for LogLineView {
+    fn from(l: LogLine) -> LogLineView {
+        LogLineView {
+            at: l.at,
+            level: l.level,
+            message: l.message,
+        }
+    }
+}
+
+/// A session's log, oldest line first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogView {
+    /// The lines.
+    pub lines: Vec<LogLineView>,
+}
+
+/// The `data` of one Server-Sent Event.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventView {
+    /// created, started, progress, completed, failed, cancelled, requeued or removed.
+    pub kind: String,
+    /// Which session.
+    pub session_id: String,
+    /// Its owner.
+    pub client_id: String,
+    /// The session after the change (null for `removed` when it was already gone).
+    pub session: Option<SessionView>,
+}
+
+impl EventView {
+    /// The view of a bus event at `now`.
+    pub fn of(e: &Event, now: Timestamp) -> EventView {
+        EventView {
+            kind: e.kind.as_str().to_string(),
+            session_id: e.session_id.to_string(),
+            client_id: e.client_id.clone(),
+            session: e.session.as_deref().map(|s| SessionView::of(s, now)),
+        }
+    }
+}
+
+/// `/healthz` and `/readyz` answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthView {
+    /// `ok` or `ready`.
+    pub status: String,
+}

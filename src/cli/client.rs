@@ -1,0 +1,397 @@
+//! The HTTP client commands: `submit`, `status`, `cancel`, `close`, `sessions`, `records`, `log`.
+//!
+//! They talk to a running `harvest serve` at `--server` (env `HARVEST_SERVER`, default
+//! `http://127.0.0.1:8080`) with `--token` (env `HARVEST_TOKEN`) as the bearer token. Output is
+//! the server's JSON (pretty), except `records` (the body as the server streams it), `log` (one
+//! line per log line) and `sessions` (one line per session). Errors show the server's message.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// Where the server is and how to authenticate (global flags).
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Base URL of the harvest server.
+    #[arg(
+        long,
+        env = "HARVEST_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub server: String,
+    /// Bearer token (when the server has [[clients]]).
+    #[arg(long, env = "HARVEST_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// Client subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Submit a session: CONFIG is a scraper config file (TOML or JSON).
+    Submit(SubmitArgs),
+    /// Show a session.
+    Status {
+        /// Session id.
+        id: String,
+    },
+    /// Cancel a session (idempotent).
+    Cancel {
+        /// Session id.
+        id: String,
+    },
+    /// Close a session: remove it and its data now.
+    Close {
+        /// Session id.
+        id: String,
+    },
+    /// List sessions, newest first.
+    Sessions(SessionsArgs),
+    /// Print a session's records.
+    Records(RecordsArgs),
+    /// Print a session's log.
+    Log {
+        /// Session id.
+        id: String,
+    },
+}
+
+/// `harvest submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The scraper config file (TOML, or JSON).
+    pub config: PathBuf,
+    /// A parameter overriding the config's [vars], as key=value (repeatable).
+    #[arg(long = "param", short = 'p', value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
+    /// A caller-chosen session id (1-128 characters of [A-Za-z0-9._:-]).
+    #[arg(long)]
+    pub session_id: Option<String>,
+    /// Options as JSON, e.g. '{"max_duration_secs": 600, "priority": 5}'.
+    #[arg(long)]
+    pub options: Option<String>,
+    /// Wait until the session ends, with a progress bar on stderr; exit non-zero unless it
+    /// COMPLETED.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds (the session keeps running).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+}
+
+/// `harvest sessions`.
+#[derive(Debug, Args)]
+pub struct SessionsArgs {
+    /// Only sessions in this status.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only this client's sessions.
+    #[arg(long)]
+    pub client: Option<String>,
+    /// At most this many (1..=1000).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// The next_cursor printed by a previous call.
+    #[arg(long)]
+    pub cursor: Option<String>,
+    /// Print the server's JSON instead of one line per session.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `harvest records`.
+#[derive(Debug, Args)]
+pub struct RecordsArgs {
+    /// Session id.
+    pub id: String,
+    /// json, jsonl or csv.
+    #[arg(long, default_value = "jsonl")]
+    pub format: String,
+    /// First record.
+    #[arg(long)]
+    pub offset: Option<u64>,
+    /// At most this many (1..=10000); default all.
+    #[arg(long)]
+    pub limit: Option<u64>,
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+/// A small client of the HTTP API.
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    fn new(args: &ServerArgs) -> anyhow::Result<Client> {
+        let base = args.server.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!("--server {base:?} must start with http:// or https://");
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Client {
+            http,
+            base,
+            token: args.token.clone().filter(|t| !t.is_empty()),
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        req
+    }
+
+    /// Sends a request; a non-2xx answer becomes an error with the server's message.
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let resp = req.send().await.map_err(|e| {
+            anyhow!(
+                "cannot reach the harvest server at {}: {e} (is `harvest serve` running? set --server or HARVEST_SERVER)",
+                self.base
+            )
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let parsed: Option<Value> = serde_json::from_str(&text).ok();
+        match parsed.as_ref().and_then(|v| v.get("error")) {
+            Some(e) => bail!(
+                "server: {} ({}, HTTP {})",
+                e["message"].as_str().unwrap_or("no message"),
+                e["code"].as_str().unwrap_or("error"),
+                status.as_u16()
+            ),
+            None => bail!("server answered HTTP {status}: {}", text.trim()),
+        }
+    }
+
+    async fn json(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let resp = self.send(req).await?;
+        let bytes = resp.bytes().await.context("reading the server's answer")?;
+        serde_json::from_slice(&bytes).context("the server's answer is not JSON")
+    }
+
+    async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let req = self
+            .request(reqwest::Method::POST, path)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(body)?);
+        self.json(req).await
+    }
+}
+
+fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Runs a client command.
+pub async fn run(server: &ServerArgs, cmd: ClientCommand) -> anyhow::Result<()> {
+    let client = Client::new(server)?;
+    match cmd {
+        ClientCommand::Submit(args) => submit(&client, args).await,
+        ClientCommand::Status { id } => {
+            let v = client
+                .json(client.request(reqwest::Method::GET, &format!("/v1/sessions/{}", enc(&id))))
+                .await?;
+            print_json(&v)
+        }
+        ClientCommand::Cancel { id } => {
+            let v = client
+                .post_json(&format!("/v1/sessions/{}/cancel", enc(&id)), &json!({}))
+                .await?;
+            print_json(&v)
+        }
+        ClientCommand::Close { id } => {
+            let v = client
+                .json(client.request(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/sessions/{}", enc(&id)),
+                ))
+                .await?;
+            print_json(&v)
+        }
+        ClientCommand::Sessions(args) => sessions(&client, args).await,
+        ClientCommand::Records(args) => records(&client, args).await,
+        ClientCommand::Log { id } => {
+            let v = client
+                .json(client.request(
+                    reqwest::Method::GET,
+                    &format!("/v1/sessions/{}/log", enc(&id)),
+                ))
+                .await?;
+            let mut out = std::io::stdout().lock();
+            for l in v["lines"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "{} {:5} {}",
+                    l["at"].as_str().unwrap_or(""),
+                    l["level"].as_str().unwrap_or(""),
+                    l["message"].as_str().unwrap_or("")
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading the config {}", args.config.display()))?;
+    let params: BTreeMap<String, String> = args.params.into_iter().collect();
+    let mut body = json!({"config": text, "params": params});
+    if let Some(id) = &args.session_id {
+        body["session_id"] = json!(id);
+    }
+    if let Some(o) = &args.options {
+        let v: Value =
+            serde_json::from_str(o).context("--options must be a JSON object of options")?;
+        body["options"] = v;
+    }
+    let session = client.post_json("/v1/sessions", &body).await?;
+    let id = session["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the server's answer has no session id"))?
+        .to_string();
+    if !args.wait {
+        return print_json(&session);
+    }
+    eprintln!("submitted session {id}");
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let deadline = args
+        .timeout
+        .map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
+    let path = format!("/v1/sessions/{}", enc(&id));
+    let last = loop {
+        let s = client
+            .json(client.request(reqwest::Method::GET, &path))
+            .await?;
+        let status = s["status"].as_str().unwrap_or("?").to_string();
+        bar.set_message(format!(
+            "{id} {status}: {} pages, {} records",
+            s["metrics"]["pages_processed"], s["records"]
+        ));
+        if matches!(status.as_str(), "COMPLETED" | "FAILED" | "CANCELLED") {
+            break s;
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            bar.abandon();
+            bail!("session {id} is still {status} after --timeout; it keeps running on the server");
+        }
+        // Polling every 500 ms is cheap for the server and quick enough for a person watching.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    bar.finish();
+    print_json(&last)?;
+    match last["status"].as_str() {
+        Some("COMPLETED") => Ok(()),
+        Some(other) => {
+            let why = match last["error"].as_object() {
+                Some(e) => format!(
+                    ": {} ({})",
+                    e.get("message").and_then(Value::as_str).unwrap_or(""),
+                    e.get("kind").and_then(Value::as_str).unwrap_or("")
+                ),
+                None => String::new(),
+            };
+            bail!("session {id} ended {other}{why}")
+        }
+        None => bail!("session {id}: the server's answer has no status"),
+    }
+}
+
+async fn sessions(client: &Client, args: SessionsArgs) -> anyhow::Result<()> {
+    let mut q = vec![format!("limit={}", args.limit)];
+    if let Some(s) = &args.status {
+        q.push(format!("status={}", enc(s)));
+    }
+    if let Some(c) = &args.client {
+        q.push(format!("client_id={}", enc(c)));
+    }
+    if let Some(c) = &args.cursor {
+        q.push(format!("cursor={}", enc(c)));
+    }
+    let v = client
+        .json(client.request(
+            reqwest::Method::GET,
+            &format!("/v1/sessions?{}", q.join("&")),
+        ))
+        .await?;
+    if args.json {
+        return print_json(&v);
+    }
+    let mut out = std::io::stdout().lock();
+    for s in v["sessions"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "{}\t{}\t{}\t{} records\t{}",
+            s["id"].as_str().unwrap_or(""),
+            s["status"].as_str().unwrap_or(""),
+            s["client"]["client_id"].as_str().unwrap_or(""),
+            s["records"],
+            s["created_at"].as_str().unwrap_or("")
+        )?;
+    }
+    if let Some(c) = v["next_cursor"].as_str() {
+        eprintln!("more: --cursor {c}");
+    }
+    Ok(())
+}
+
+async fn records(client: &Client, args: RecordsArgs) -> anyhow::Result<()> {
+    let mut q = vec![format!("format={}", enc(&args.format))];
+    if let Some(o) = args.offset {
+        q.push(format!("offset={o}"));
+    }
+    if let Some(l) = args.limit {
+        q.push(format!("limit={l}"));
+    }
+    let resp = client
+        .send(client.request(
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{}/records?{}", enc(&args.id), q.join("&")),
+        ))
+        .await?;
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.context("the records stream was cut off")?;
+        std::io::stdout().write_all(&chunk)?;
+    }
+    let mut out = std::io::stdout().lock();
+    if args.format == "json" {
+        writeln!(out)?;
+    }
+    out.flush()?;
+    Ok(())
+}
