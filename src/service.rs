@@ -193,7 +193,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, HarvestError>
     match config.store {
         StoreKind::Sled => {
             let store = crate::store::sled::SledStore::open(&config.data_dir)?;
-            Ok(store)
+            Ok(Arc::new(store))
         }
         StoreKind::Postgres => {
             let url = config.database_url.as_deref().ok_or_else(|| {

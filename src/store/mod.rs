@@ -462,3 +462,8 @@ pub trait Store: Send + Sync + 'static {
     /// Make every acknowledged write durable and release resources.
     async fn close(&self) -> StoreResult<()>;
 }
+
+/// The id text of a session's store key, for error messages.
+pub(crate) fn key_name(kind: &str, id: &SessionId) -> String {
+    format!("{kind}/{id}")
+}

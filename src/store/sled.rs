@@ -1,17 +1,1309 @@
-//! The embedded sled backend (placeholder until the sled store lands on branch `sled`).
+//! The embedded sled backend: one process per data directory, durable on return.
+//!
+//! # Layout
+//!
+//! Everything lives in sled's default tree, one keyspace per leading byte, so that every
+//! multi-key change is one `apply_batch` (atomic and crash-consistent in sled). A store-level
+//! `std::sync::Mutex` serializes every read-check-write (the compare-and-sets), so no two
+//! writers ever interleave. `id` below is the session id's bytes; `lp(s)` is a 4-byte big-endian
+//! length followed by the bytes, so that a prefix scan of session `ab` never sees `abc`'s keys.
+//! Integers are big-endian; timestamps have their sign bit flipped so they sort as numbers;
+//! `!seq` is the bitwise complement (newest first).
+//!
+//! | key | value | what |
+//! |---|---|---|
+//! | `\0meta` | `u32` | schema version, written at first open |
+//! | `\0counters` | `Counters` | next seq, sessions per status, size of the due index |
+//! | `S` id | `Session` | the sessions |
+//! | `W` run_at seq prio id | empty | PENDING sessions not yet moved to the due index |
+//! | `P` !prio run_at seq id | empty | due PENDING sessions, in claim order |
+//! | `G` !seq id | empty | every session, newest first |
+//! | `C` lp(client) !seq id | empty | per client, newest first |
+//! | `A` lp(agent) !seq id | empty | per agent, newest first |
+//! | `T` status !seq id | empty | per status, newest first |
+//! | `Y` lp(agent) id | empty | active (PENDING or RUNNING) sessions per agent |
+//! | `L` expires_at id | empty | RUNNING sessions by lease expiry |
+//! | `X` cleanup_at id | empty | terminal sessions by cleanup time |
+//! | `R` lp(id) n | JSON text | records |
+//! | `F` lp(id) url | `FrontierEntry` | frontier |
+//! | `U` lp(id) url | empty | seen-URL set |
+//! | `O` lp(id) n | `LogLine` | log (the last [`LOG_LINES_MAX`]) |
+//! | `N` lp(client) name | `Agent` | agents |
+//! | `Z` id | empty | a removal whose data purge has not finished (resumed at open) |
+//!
+//! Values go through [`codec`] (version byte + bincode); index entries and set members are empty
+//! and all they say is in their key, which is parsed defensively. A corrupt session value is
+//! [`StoreError::Corrupt`] from `session_get` (and `session_remove`) of that id; listings and
+//! claims skip it with a `tracing::warn` so the rest of the store keeps working.
+//!
+//! # Claims
+//!
+//! New and requeued sessions go to `W` (keyed by run_at). A claim first moves the due ones (run_at
+//! at or before its `now`) to `P`, whose order is the claim order, then takes the first `limit`
+//! entries of `P`: O(log n + claimed + promoted), and a not-yet-due high-priority session is never
+//! scanned by a claim. A session promoted to `P` stays due even if a later claim passes an
+//! earlier `now` (clocks only move forward in practice).
+//!
+//! # Durability: group commit
+//!
+//! Every write applies its batch, takes a ticket (`written + 1`) and waits until a dedicated
+//! flusher thread has completed a `db.flush()` that started after the ticket was taken. The
+//! flusher loops "target = written; flush; flushed = target", so one flush acknowledges every
+//! write that was applied before it began, however many callers wait. Sled's own periodic flush is
+//! disabled: this is the only one.
 
-use std::path::Path;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use super::{StoreError, StoreResult};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sled::{Batch, IVec};
+use tokio::sync::{Notify, watch};
 
-/// Placeholder for the sled store.
-pub struct SledStore;
+use super::{
+    Agent, CancelOutcome, CheckpointBatch, CheckpointCommit, HeartbeatOutcome, InsertOutcome,
+    LOG_LINES_MAX, LeaseReclaim, Reclaimed, RecordsPage, RequeueOutcome, ResumeState,
+    SCHEMA_VERSION, SessionCancel, SessionClaim, SessionCounts, SessionFinish, SessionHeartbeat,
+    SessionInsert, SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError,
+    StoreResult, codec, key_name,
+};
+use crate::session::{
+    FrontierEntry, Lease, LogLine, Record, Session, SessionError, SessionId, SessionStatus,
+    Timestamp,
+};
+
+const META_KEY: &[u8] = b"\0meta";
+const COUNTERS_KEY: &[u8] = b"\0counters";
+
+// Sessions moved from `W` to `P` per claim at most: bounds the claim's batch; any remainder moves
+// at the next claim.
+const PROMOTE_MAX: usize = 10_000;
+
+// Keys removed per batch when purging a removed session's data: bounds one batch's memory for a
+// session with millions of records.
+const PURGE_CHUNK: usize = 10_000;
+
+// The longest a flush waits for more writes to share it. Bounds the latency a lone writer can
+// lose when the previous flush released many callers that did not come back.
+const LINGER: Duration = Duration::from_micros(500);
+
+const LIST_LIMIT_MAX: usize = 1000;
+const RECORDS_LIMIT_MAX: usize = 10_000;
+
+/// Persistent counters, rewritten in the same batch as every change that moves them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Counters {
+    /// The next session's seq.
+    next_seq: u64,
+    /// Sessions per status, indexed by [`SessionStatus::code`].
+    by_status: [u64; 5],
+    /// Entries in the due index `P`.
+    due: u64,
+}
+
+/// The durability handshake between writers and the flusher thread.
+#[derive(Debug)]
+struct Durability {
+    /// Tickets handed out: writes applied and waiting to be flushed.
+    written: AtomicU64,
+    /// Set by writers, cleared by the flusher: there is something to flush.
+    dirty: Mutex<bool>,
+    wake: Condvar,
+    shutdown: AtomicBool,
+    /// The flusher is waiting for more writes before it flushes: wake it on every ticket.
+    lingering: AtomicBool,
+    flushes: AtomicU64,
+    state: watch::Sender<Flushed>,
+}
+
+/// What the flusher has done so far.
+#[derive(Clone, Debug, Default)]
+struct Flushed {
+    /// Every ticket up to this is durable.
+    upto: u64,
+    /// Every ticket up to this was covered by a failed flush (unless `upto` covers it).
+    failed_upto: u64,
+    /// The last flush error.
+    error: Option<String>,
+}
+
+impl Durability {
+    fn ticket(&self) -> u64 {
+        let t = self.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the first writer after the flusher took its target wakes it: a notify is a
+        // syscall, and the flusher rechecks `dirty` before it sleeps.
+        if !*dirty || self.lingering.load(Ordering::SeqCst) {
+            *dirty = true;
+            self.wake.notify_one();
+        }
+        t
+    }
+
+    async fn wait(&self, ticket: u64) -> StoreResult<()> {
+        let mut rx = self.state.subscribe();
+        let seen = rx
+            .wait_for(|f| f.upto >= ticket || f.failed_upto >= ticket)
+            .await
+            .map_err(|_| StoreError::Backend("the sled flusher thread stopped".into()))?;
+        if seen.upto >= ticket {
+            Ok(())
+        } else {
+            Err(StoreError::Backend(format!(
+                "flushing the sled store to disk failed ({}); the write may be lost: check the disk",
+                seen.error.as_deref().unwrap_or("unknown error")
+            )))
+        }
+    }
+
+    fn run(&self, db: &sled::Db) {
+        // Tickets the previous flush acknowledged: as many writes are likely to be on their way.
+        let mut last_target = 0u64;
+        let mut expect = 0u64;
+        loop {
+            {
+                let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                while !*dirty && !self.shutdown.load(Ordering::SeqCst) {
+                    dirty = self.wake.wait(dirty).unwrap_or_else(|p| p.into_inner());
+                }
+                if !*dirty {
+                    return; // shut down with nothing left to flush
+                }
+                // Linger (at most LINGER) until the callers the last flush released have written
+                // again: one flush then acknowledges all of them instead of a few.
+                let deadline = Instant::now() + LINGER;
+                self.lingering.store(true, Ordering::SeqCst);
+                while self.written.load(Ordering::SeqCst) - last_target < expect
+                    && !self.shutdown.load(Ordering::SeqCst)
+                {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    dirty =
+                        self.wake.wait_timeout(dirty, left).unwrap_or_else(|p| p.into_inner()).0;
+                }
+                self.lingering.store(false, Ordering::SeqCst);
+                *dirty = false;
+            }
+            let target = self.written.load(Ordering::SeqCst);
+            let result = db.flush();
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            expect = target - last_target;
+            last_target = target;
+            self.state.send_modify(|f| match result {
+                Ok(_) => f.upto = f.upto.max(target),
+                Err(e) => {
+                    tracing::error!(error = %e, "flushing the sled store failed");
+                    f.failed_upto = f.failed_upto.max(target);
+                    f.error = Some(e.to_string());
+                }
+            });
+        }
+    }
+}
+
+/// The sled store. Open one per data directory per process (sled locks the directory).
+pub struct SledStore {
+    db: sled::Db,
+    path: PathBuf,
+    /// Serializes every read-check-write; holds the counters as last committed.
+    write: Mutex<Counters>,
+    durability: Arc<Durability>,
+    flusher: Option<JoinHandle<()>>,
+    pending: Notify,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(format!("sled: {e}"))
+}
+
+// ----- key encoding ---------------------------------------------------------------------------
+
+fn ts(t: Timestamp) -> [u8; 8] {
+    ((t.0 as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn prio_desc(p: i32) -> [u8; 4] {
+    (!((p as u32) ^ (1 << 31))).to_be_bytes()
+}
+
+fn lp(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+    k.push(tag);
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+/// `tag lp(s)`: the prefix of a per-string keyspace.
+fn lp_prefix(tag: u8, s: &str) -> Vec<u8> {
+    let mut k = vec![tag];
+    lp(&mut k, s.as_bytes());
+    k
+}
+
+fn k_session(id: &SessionId) -> Vec<u8> {
+    key(b'S', &[id.as_str().as_bytes()])
+}
+fn k_wait(s: &Session) -> Vec<u8> {
+    key(
+        b'W',
+        &[
+            &ts(s.run_at),
+            &s.seq.to_be_bytes(),
+            &prio_desc(s.options.priority),
+            s.id.as_str().as_bytes(),
+        ],
+    )
+}
+fn k_pending(prio: [u8; 4], run_at: [u8; 8], seq: [u8; 8], id: &[u8]) -> Vec<u8> {
+    key(b'P', &[&prio, &run_at, &seq, id])
+}
+fn k_pending_of(s: &Session) -> Vec<u8> {
+    k_pending(
+        prio_desc(s.options.priority),
+        ts(s.run_at),
+        s.seq.to_be_bytes(),
+        s.id.as_str().as_bytes(),
+    )
+}
+fn newest(seq: u64) -> [u8; 8] {
+    (!seq).to_be_bytes()
+}
+fn k_global(s: &Session) -> Vec<u8> {
+    key(b'G', &[&newest(s.seq), s.id.as_str().as_bytes()])
+}
+fn k_client(s: &Session) -> Vec<u8> {
+    let mut k = lp_prefix(b'C', s.client.client_id());
+    k.extend_from_slice(&newest(s.seq));
+    k.extend_from_slice(s.id.as_str().as_bytes());
+    k
+}
+fn k_agent(agent: &str, s: &Session) -> Vec<u8> {
+    let mut k = lp_prefix(b'A', agent);
+    k.extend_from_slice(&newest(s.seq));
+    k.extend_from_slice(s.id.as_str().as_bytes());
+    k
+}
+fn status_prefix(status: SessionStatus) -> Vec<u8> {
+    vec![b'T', status.code()]
+}
+fn k_status(s: &Session) -> Vec<u8> {
+    key(b'T', &[&[s.status.code()], &newest(s.seq), s.id.as_str().as_bytes()])
+}
+fn k_active(agent: &str, id: &SessionId) -> Vec<u8> {
+    let mut k = lp_prefix(b'Y', agent);
+    k.extend_from_slice(id.as_str().as_bytes());
+    k
+}
+fn k_lease(expires: Timestamp, id: &SessionId) -> Vec<u8> {
+    key(b'L', &[&ts(expires), id.as_str().as_bytes()])
+}
+fn k_cleanup(at: Timestamp, id: &SessionId) -> Vec<u8> {
+    key(b'X', &[&ts(at), id.as_str().as_bytes()])
+}
+fn k_tombstone(id: &SessionId) -> Vec<u8> {
+    key(b'Z', &[id.as_str().as_bytes()])
+}
+/// Prefix of a session's data keyspace (`R`, `F`, `U`, `O`).
+fn data_prefix(tag: u8, id: &SessionId) -> Vec<u8> {
+    lp_prefix(tag, id.as_str())
+}
+fn k_record(id: &SessionId, n: u64) -> Vec<u8> {
+    let mut k = data_prefix(b'R', id);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+fn k_log(id: &SessionId, n: u64) -> Vec<u8> {
+    let mut k = data_prefix(b'O', id);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+fn k_url(tag: u8, id: &SessionId, url: &str) -> Vec<u8> {
+    let mut k = data_prefix(tag, id);
+    k.extend_from_slice(url.as_bytes());
+    k
+}
+fn k_agent_def(client: &str, name: &str) -> Vec<u8> {
+    let mut k = lp_prefix(b'N', client);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// Every index key the session has in its current state, except `W`/`P` (whose presence depends
+/// on promotion, not on the session).
+fn index_keys(s: &Session) -> Vec<Vec<u8>> {
+    let mut keys = vec![k_global(s), k_client(s), k_status(s)];
+    if let Some(agent) = &s.job.agent {
+        keys.push(k_agent(agent, s));
+        if s.status.is_active() {
+            keys.push(k_active(agent, &s.id));
+        }
+    }
+    if let (SessionStatus::Running, Some(lease)) = (s.status, &s.lease) {
+        keys.push(k_lease(lease.expires_at, &s.id));
+    }
+    if let (true, Some(at)) = (s.status.is_terminal(), s.cleanup_at) {
+        keys.push(k_cleanup(at, &s.id));
+    }
+    keys
+}
+
+fn show_key(k: &[u8]) -> String {
+    k.escape_ascii().to_string()
+}
+
+fn corrupt_key(k: &[u8], reason: &str) -> StoreError {
+    StoreError::Corrupt { key: show_key(k), reason: reason.into() }
+}
+
+/// The session id at the end of an index key, after `fixed` bytes.
+fn id_after(k: &[u8], fixed: usize) -> StoreResult<SessionId> {
+    let tail = k.get(fixed..).ok_or_else(|| corrupt_key(k, "index key too short"))?;
+    let text = std::str::from_utf8(tail).map_err(|_| corrupt_key(k, "session id is not UTF-8"))?;
+    SessionId::parse(text).map_err(|e| corrupt_key(k, &format!("bad session id: {e}")))
+}
+
+fn u64_at(k: &[u8], at: usize) -> StoreResult<u64> {
+    k.get(at..at + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt_key(k, "index key too short"))
+}
+
+/// The upper bound (exclusive) of keys `prefix ts(t) ...`: every id byte is below 0xFF.
+fn upto(prefix: &[u8], t: Timestamp) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(&ts(t));
+    k.push(0xFF);
+    k
+}
+
+fn validate_terminal(status: SessionStatus) -> StoreResult<()> {
+    if status.is_terminal() {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "a session can only finish COMPLETED, FAILED or CANCELLED, not {status}"
+        )))
+    }
+}
 
 impl SledStore {
-    /// Not yet implemented on this branch.
-    pub fn open(_path: &Path) -> StoreResult<std::sync::Arc<dyn super::Store>> {
-        Err(StoreError::Backend(
-            "the sled store is not merged yet".into(),
-        ))
+    /// Opens (or creates) the store in `path`. A store written by a newer harvest is refused with
+    /// [`StoreError::NewerVersion`]; removals interrupted by a crash are finished here.
+    pub fn open(path: &Path) -> StoreResult<SledStore> {
+        let db = sled::Config::new().path(path).flush_every_ms(None).open().map_err(|e| {
+            StoreError::Backend(format!("opening the sled store at {}: {e}", path.display()))
+        })?;
+        let what = || format!("the sled store at {}", path.display());
+        match db.get(META_KEY).map_err(backend)? {
+            Some(bytes) => {
+                let found: u32 = codec::decode(&|| format!("{} (key \\0meta)", what()), &bytes)
+                    .map_err(|e| match e {
+                        StoreError::NewerVersion { found, supported, .. } => {
+                            StoreError::NewerVersion { what: what(), found, supported }
+                        }
+                        other => other,
+                    })?;
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerVersion {
+                        what: what(),
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+            }
+            None => {
+                let mut b = Batch::default();
+                b.insert(META_KEY, codec::encode(&SCHEMA_VERSION)?);
+                b.insert(
+                    COUNTERS_KEY,
+                    codec::encode(&Counters { next_seq: 1, ..Default::default() })?,
+                );
+                db.apply_batch(b).map_err(backend)?;
+                db.flush().map_err(backend)?;
+            }
+        }
+        let counters: Counters = match db.get(COUNTERS_KEY).map_err(backend)? {
+            Some(bytes) => codec::decode(&|| "\\0counters".into(), &bytes)?,
+            None => return Err(corrupt_key(COUNTERS_KEY, "missing although the meta key exists")),
+        };
+        let (state, _) = watch::channel(Flushed::default());
+        let durability = Arc::new(Durability {
+            written: AtomicU64::new(0),
+            dirty: Mutex::new(false),
+            wake: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+            lingering: AtomicBool::new(false),
+            flushes: AtomicU64::new(0),
+            state,
+        });
+        let flusher = {
+            let durability = durability.clone();
+            let db = db.clone();
+            std::thread::Builder::new()
+                .name("harvest-sled-flush".into())
+                .spawn(move || durability.run(&db))
+                .map_err(|e| {
+                    StoreError::Backend(format!("starting the sled flusher thread: {e}"))
+                })?
+        };
+        let store = SledStore {
+            db,
+            path: path.to_path_buf(),
+            write: Mutex::new(counters),
+            durability,
+            flusher: Some(flusher),
+            pending: Notify::new(),
+        };
+        store.purge_interrupted()?;
+        Ok(store)
+    }
+
+    /// Flushes done by the group-commit thread since open (each acknowledges every write applied
+    /// before it started): writes / flushes is the group-commit batching factor.
+    pub fn flush_count(&self) -> u64 {
+        self.durability.flushes.load(Ordering::Relaxed)
+    }
+
+    /// The underlying sled database, for diagnostics and tests (key layout in the module docs).
+    /// Writing to it bypasses every invariant of the store.
+    #[doc(hidden)]
+    pub fn raw_db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Counters> {
+        // A panic while holding the lock cannot leave a half-applied batch (batches are atomic),
+        // and the counters are only replaced after a successful apply, so the state is sound.
+        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `b` with the new counters; returns the durability ticket.
+    fn commit(&self, st: &mut Counters, next: Counters, mut b: Batch) -> StoreResult<u64> {
+        b.insert(COUNTERS_KEY, codec::encode(&next)?);
+        self.db.apply_batch(b).map_err(backend)?;
+        *st = next;
+        Ok(self.durability.ticket())
+    }
+
+    fn load(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+        match self.db.get(k_session(id)).map_err(backend)? {
+            Some(bytes) => Ok(Some(codec::decode(&|| key_name("sessions", id), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The session when it is RUNNING with this attempt and owner.
+    fn load_running(&self, a: &super::AttemptRef) -> StoreResult<Option<Session>> {
+        Ok(self.load(&a.id)?.filter(|s| {
+            s.status == SessionStatus::Running
+                && s.attempt == a.attempt
+                && s.lease.as_ref().is_some_and(|l| l.owner == a.owner)
+        }))
+    }
+
+    /// Stages `new` (replacing `old`): the value, index changes and status counters.
+    fn stage(
+        c: &mut Counters,
+        b: &mut Batch,
+        old: Option<&Session>,
+        new: &Session,
+    ) -> StoreResult<()> {
+        let new_keys = index_keys(new);
+        let old_keys = old.map(index_keys).unwrap_or_default();
+        for k in &old_keys {
+            if !new_keys.contains(k) {
+                b.remove(k.as_slice());
+            }
+        }
+        for k in new_keys {
+            if !old_keys.contains(&k) {
+                b.insert(k, IVec::default());
+            }
+        }
+        if let Some(old) = old {
+            let slot = &mut c.by_status[old.status.code() as usize];
+            *slot = slot.saturating_sub(1);
+        }
+        c.by_status[new.status.code() as usize] += 1;
+        b.insert(k_session(&new.id), codec::encode(new)?);
+        Ok(())
+    }
+
+    /// Stages taking a PENDING session out of the claim queue (`W` or `P`).
+    fn unqueue(&self, c: &mut Counters, b: &mut Batch, s: &Session) -> StoreResult<()> {
+        let p = k_pending_of(s);
+        if self.db.contains_key(&p).map_err(backend)? {
+            c.due = c.due.saturating_sub(1);
+            b.remove(p);
+        }
+        b.remove(k_wait(s));
+        Ok(())
+    }
+
+    /// Stages a checkpoint's writes into `b` and `s`.
+    fn stage_batch(
+        &self,
+        b: &mut Batch,
+        s: &mut Session,
+        batch: &CheckpointBatch,
+    ) -> StoreResult<()> {
+        let id = s.id.clone();
+        let first = s.metrics.processed_elements;
+        for (i, record) in batch.records.iter().enumerate() {
+            let text = serde_json::to_string(record)
+                .map_err(|e| StoreError::Invalid(format!("record {i} is not valid JSON: {e}")))?;
+            b.insert(k_record(&id, first + i as u64), codec::encode(&text)?);
+        }
+        for e in &batch.frontier_add {
+            b.insert(k_url(b'F', &id, &e.url), codec::encode(e)?);
+        }
+        // After the additions: a URL found and done in the same batch ends up done.
+        for url in &batch.frontier_done {
+            b.remove(k_url(b'F', &id, url));
+        }
+        for url in &batch.seen_add {
+            b.insert(k_url(b'U', &id, url), IVec::default());
+        }
+        if !batch.log.is_empty() {
+            self.stage_log(b, &id, &batch.log)?;
+        }
+        s.metrics.processed_elements = first + batch.records.len() as u64;
+        s.metrics.pages_processed += batch.pages;
+        s.usage += batch.usage;
+        Ok(())
+    }
+
+    fn stage_log(&self, b: &mut Batch, id: &SessionId, lines: &[LogLine]) -> StoreResult<()> {
+        let prefix = data_prefix(b'O', id);
+        let next = match self.db.scan_prefix(&prefix).next_back() {
+            Some(kv) => u64_at(&kv.map_err(backend)?.0, prefix.len())? + 1,
+            None => 0,
+        };
+        let end = next + lines.len() as u64;
+        let keep_from = end.saturating_sub(LOG_LINES_MAX);
+        for (i, line) in lines.iter().enumerate() {
+            let n = next + i as u64;
+            if n >= keep_from {
+                b.insert(k_log(id, n), codec::encode(line)?);
+            }
+        }
+        // Older lines beyond the cap: at most `lines.len()` of them, since the cap always held.
+        for kv in self.db.range(prefix.clone()..k_log(id, keep_from)) {
+            b.remove(kv.map_err(backend)?.0);
+        }
+        Ok(())
+    }
+
+    /// Moves due sessions from `W` to `P` (at most [`PROMOTE_MAX`]).
+    fn promote(&self, st: &mut Counters, now: Timestamp) -> StoreResult<()> {
+        let mut c = st.clone();
+        let mut b = Batch::default();
+        let mut moved = 0;
+        for kv in self.db.range(vec![b'W']..upto(b"W", now)).take(PROMOTE_MAX) {
+            let (k, _) = kv.map_err(backend)?;
+            // W run_at(8) seq(8) prio(4) id
+            let (Some(run_at), Some(seq), Some(prio)) = (k.get(1..9), k.get(9..17), k.get(17..21))
+            else {
+                tracing::warn!(key = %show_key(&k), "dropping a malformed scheduled-index key");
+                b.remove(k);
+                continue;
+            };
+            let id = k.get(21..).unwrap_or_default();
+            let (Ok(run_at), Ok(seq), Ok(prio)) =
+                (run_at.try_into(), seq.try_into(), prio.try_into())
+            else {
+                continue;
+            };
+            b.insert(k_pending(prio, run_at, seq, id), IVec::default());
+            b.remove(k);
+            c.due += 1;
+            moved += 1;
+        }
+        if moved > 0 {
+            // Promotion alone need not be durable: if lost, the next claim redoes it.
+            b.insert(COUNTERS_KEY, codec::encode(&c)?);
+            self.db.apply_batch(b).map_err(backend)?;
+            *st = c;
+        }
+        Ok(())
+    }
+
+    /// Removes a session and, in bounded chunks, all its data. Returns it and the ticket.
+    fn remove_sync(&self, id: &SessionId) -> StoreResult<(Option<Session>, Option<u64>)> {
+        let removed = {
+            let mut st = self.lock();
+            let Some(s) = self.load(id)? else {
+                return Ok((None, None));
+            };
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            for k in index_keys(&s) {
+                b.remove(k);
+            }
+            if s.status == SessionStatus::Pending {
+                self.unqueue(&mut c, &mut b, &s)?;
+            }
+            let slot = &mut c.by_status[s.status.code() as usize];
+            *slot = slot.saturating_sub(1);
+            b.remove(k_session(id));
+            b.insert(k_tombstone(id), IVec::default());
+            self.commit(&mut st, c, b)?;
+            s
+        };
+        let ticket = self.purge(id)?;
+        Ok((Some(removed), Some(ticket)))
+    }
+
+    /// Deletes a removed session's data keyspaces in chunks, then its tombstone.
+    fn purge(&self, id: &SessionId) -> StoreResult<u64> {
+        for tag in [b'R', b'F', b'U', b'O'] {
+            let prefix = data_prefix(tag, id);
+            // Each round deletes up to PURGE_CHUNK keys; 1 << 32 rounds bound the loop far beyond
+            // any real session.
+            for _ in 0..(1u64 << 32) {
+                let _st = self.lock();
+                let mut b = Batch::default();
+                let mut n = 0;
+                for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
+                    b.remove(kv.map_err(backend)?.0);
+                    n += 1;
+                }
+                if n == 0 {
+                    break;
+                }
+                self.db.apply_batch(b).map_err(backend)?;
+            }
+        }
+        let _st = self.lock();
+        self.db.remove(k_tombstone(id)).map_err(backend)?;
+        Ok(self.durability.ticket())
+    }
+
+    fn purge_interrupted(&self) -> StoreResult<()> {
+        let mut ids = Vec::new();
+        for kv in self.db.scan_prefix(b"Z") {
+            let (k, _) = kv.map_err(backend)?;
+            match id_after(&k, 1) {
+                Ok(id) => ids.push(id),
+                Err(e) => tracing::warn!(error = %e, "skipping a malformed removal marker"),
+            }
+        }
+        for id in ids {
+            tracing::info!(session = %id, "finishing the removal of a session's data");
+            self.purge(&id)?;
+        }
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    /// Ends a RUNNING session as FAILED after its last attempt (stages into `b`).
+    fn fail(s: &mut Session, error: Option<SessionError>, cleanup_at: Timestamp, now: Timestamp) {
+        s.status = SessionStatus::Failed;
+        s.error = error;
+        s.lease = None;
+        s.cleanup_at = Some(cleanup_at);
+        s.metrics.end_time = Some(now);
+    }
+
+    /// Back to PENDING, due at `run_at` (caller stages `W`).
+    fn back_to_pending(s: &mut Session, run_at: Timestamp) {
+        s.status = SessionStatus::Pending;
+        s.lease = None;
+        s.run_at = run_at;
+    }
+
+    fn list_sync(&self, p: &SessionList) -> StoreResult<SessionPage> {
+        if p.limit == 0 || p.limit > LIST_LIMIT_MAX {
+            return Err(StoreError::Invalid(format!(
+                "list limit {} is out of range; use 1 to {LIST_LIMIT_MAX}",
+                p.limit
+            )));
+        }
+        let cursor = match &p.cursor {
+            Some(c) => Some(c.parse::<u64>().map_err(|_| {
+                StoreError::Invalid(format!(
+                    "cursor {c:?} is not one this store returned; pass a next_cursor as is"
+                ))
+            })?),
+            None => None,
+        };
+        // The most selective index available; the other filters are checked on each session.
+        let prefix = if let Some(client) = &p.client_id {
+            lp_prefix(b'C', client)
+        } else if let Some(agent) = &p.agent {
+            lp_prefix(b'A', agent)
+        } else if let Some(status) = p.status {
+            status_prefix(status)
+        } else {
+            vec![b'G']
+        };
+        let start = match cursor {
+            Some(seq) => {
+                let mut k = prefix.clone();
+                k.extend_from_slice(&newest(seq));
+                k.push(0xFF);
+                Bound::Excluded(k)
+            }
+            None => Bound::Included(prefix.clone()),
+        };
+        let mut sessions = Vec::new();
+        let mut more = false;
+        for kv in self.db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            let (k, _) = kv.map_err(backend)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let id = match id_after(&k, prefix.len() + 8) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a malformed list-index key");
+                    continue;
+                }
+            };
+            let s = match self.load(&id) {
+                Ok(Some(s)) => s,
+                Ok(None) => continue, // removed since the index was read
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an unreadable session in a listing");
+                    continue;
+                }
+            };
+            let keep = p.client_id.as_deref().is_none_or(|c| c == s.client.client_id())
+                && p.status.is_none_or(|st| st == s.status)
+                && p.agent.as_ref().is_none_or(|a| s.job.agent.as_ref() == Some(a));
+            if !keep {
+                continue;
+            }
+            if sessions.len() == p.limit {
+                more = true;
+                break;
+            }
+            sessions.push(s);
+        }
+        let next_cursor =
+            if more { sessions.last().map(|s: &Session| s.seq.to_string()) } else { None };
+        Ok(SessionPage { sessions, next_cursor })
+    }
+
+    fn resume_sync(&self, id: &SessionId) -> StoreResult<ResumeState> {
+        let s = self.load(id)?.ok_or_else(|| {
+            StoreError::Invalid(format!("no session {id} to resume; it was removed"))
+        })?;
+        let mut frontier = Vec::new();
+        for kv in self.db.scan_prefix(data_prefix(b'F', id)) {
+            let (k, v) = kv.map_err(backend)?;
+            let e: FrontierEntry = codec::decode(&|| show_key(&k), &v)?;
+            frontier.push(e);
+        }
+        let mut seen = Vec::new();
+        let prefix = data_prefix(b'U', id);
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(backend)?;
+            let url = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|_| corrupt_key(&k, "seen URL is not UTF-8"))?;
+            seen.push(url.to_string());
+        }
+        Ok(ResumeState {
+            frontier,
+            seen,
+            records: s.metrics.processed_elements,
+            metrics: s.metrics,
+            usage: s.usage,
+        })
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        self.durability.shutdown.store(true, Ordering::SeqCst);
+        {
+            let _dirty = self.durability.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            self.durability.wake.notify_one();
+        }
+        if let Some(handle) = self.flusher.take() {
+            // The flusher flushes what is pending, then returns; it holds a clone of the db, so
+            // joining it is what lets the directory be reopened after a drop.
+            if handle.join().is_err() {
+                tracing::error!("the sled flusher thread panicked");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    fn backend(&self) -> &'static str {
+        "sled"
+    }
+
+    async fn session_insert(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
+        let mut s = p.session;
+        if s.status != SessionStatus::Pending {
+            return Err(StoreError::Invalid(format!(
+                "a new session must be PENDING, not {}",
+                s.status
+            )));
+        }
+        let ticket = {
+            let mut st = self.lock();
+            if self.db.contains_key(k_session(&s.id)).map_err(backend)?
+                || self.db.contains_key(k_tombstone(&s.id)).map_err(backend)?
+            {
+                return Err(StoreError::Duplicate(s.id));
+            }
+            if let Some(agent) = &p.single_agent {
+                let prefix = lp_prefix(b'Y', agent);
+                if let Some(kv) = self.db.scan_prefix(&prefix).next() {
+                    let (k, _) = kv.map_err(backend)?;
+                    return Ok(InsertOutcome::AgentBusy(id_after(&k, prefix.len())?));
+                }
+            }
+            let mut c = st.clone();
+            s.seq = c.next_seq;
+            c.next_seq += 1;
+            let mut b = Batch::default();
+            Self::stage(&mut c, &mut b, None, &s)?;
+            b.insert(k_wait(&s), IVec::default());
+            self.commit(&mut st, c, b)?
+        };
+        self.durability.wait(ticket).await?;
+        self.pending.notify_one();
+        Ok(InsertOutcome::Inserted(Box::new(s)))
+    }
+
+    async fn session_get(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+        self.load(id)
+    }
+
+    async fn session_list(&self, p: SessionList) -> StoreResult<SessionPage> {
+        self.list_sync(&p)
+    }
+
+    async fn session_claim(&self, p: SessionClaim) -> StoreResult<Vec<Session>> {
+        if p.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (claimed, ticket) = {
+            let mut st = self.lock();
+            self.promote(&mut st, p.now)?;
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            let mut claimed = Vec::new();
+            let mut changed = false;
+            for kv in self.db.scan_prefix(b"P") {
+                if claimed.len() >= p.limit {
+                    break;
+                }
+                let (k, _) = kv.map_err(backend)?;
+                let old = match id_after(&k, 1 + 4 + 8 + 8).and_then(|id| self.load(&id)) {
+                    Ok(Some(s)) if s.status == SessionStatus::Pending => s,
+                    other => {
+                        // Unclaimable: drop it from the queue so no claim scans it again.
+                        if let Err(e) = other {
+                            tracing::warn!(error = %e, "dropping an unreadable session from the queue");
+                        }
+                        b.remove(k);
+                        c.due = c.due.saturating_sub(1);
+                        changed = true;
+                        continue;
+                    }
+                };
+                b.remove(k);
+                c.due = c.due.saturating_sub(1);
+                let mut s = old.clone();
+                s.status = SessionStatus::Running;
+                s.attempt += 1;
+                s.lease = Some(Lease { owner: p.owner.clone(), expires_at: p.now.add(p.lease) });
+                s.progress_this_attempt = false;
+                s.metrics.start_time = Some(p.now);
+                s.updated_at = p.now;
+                Self::stage(&mut c, &mut b, Some(&old), &s)?;
+                changed = true;
+                claimed.push(s);
+            }
+            if !changed {
+                return Ok(claimed);
+            }
+            let ticket = self.commit(&mut st, c, b)?;
+            (claimed, ticket)
+        };
+        self.durability.wait(ticket).await?;
+        Ok(claimed)
+    }
+
+    async fn session_heartbeat_if_running(
+        &self,
+        p: SessionHeartbeat,
+    ) -> StoreResult<HeartbeatOutcome> {
+        let (cancel_requested, ticket) = {
+            let mut st = self.lock();
+            let Some(old) = self.load_running(&p.attempt)? else {
+                return Ok(HeartbeatOutcome::Lost);
+            };
+            let mut s = old.clone();
+            if let Some(lease) = &mut s.lease {
+                lease.expires_at = p.now.add(p.lease);
+            }
+            s.updated_at = p.now;
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            Self::stage(&mut c, &mut b, Some(&old), &s)?;
+            (s.cancel_requested, self.commit(&mut st, c, b)?)
+        };
+        self.durability.wait(ticket).await?;
+        Ok(HeartbeatOutcome::Renewed { cancel_requested })
+    }
+
+    async fn checkpoint_commit_if_running(&self, p: CheckpointCommit) -> StoreResult<bool> {
+        let ticket = {
+            let mut st = self.lock();
+            let Some(old) = self.load_running(&p.attempt)? else {
+                return Ok(false);
+            };
+            let mut s = old.clone();
+            let mut b = Batch::default();
+            self.stage_batch(&mut b, &mut s, &p.batch)?;
+            s.progress_this_attempt = true;
+            s.checkpoints += 1;
+            if let Some(lease) = &mut s.lease {
+                lease.expires_at = p.now.add(p.lease);
+            }
+            s.updated_at = p.now;
+            let mut c = st.clone();
+            Self::stage(&mut c, &mut b, Some(&old), &s)?;
+            self.commit(&mut st, c, b)?
+        };
+        self.durability.wait(ticket).await?;
+        Ok(true)
+    }
+
+    async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<bool> {
+        validate_terminal(p.status)?;
+        let ticket = {
+            let mut st = self.lock();
+            let Some(old) = self.load_running(&p.attempt)? else {
+                return Ok(false);
+            };
+            let mut s = old.clone();
+            let mut b = Batch::default();
+            if !p.batch.is_empty() {
+                self.stage_batch(&mut b, &mut s, &p.batch)?;
+                s.progress_this_attempt = true;
+                s.checkpoints += 1;
+            }
+            s.status = p.status;
+            s.error = p.error;
+            s.lease = None;
+            s.cleanup_at = Some(p.cleanup_at);
+            s.metrics.end_time = Some(p.now);
+            s.updated_at = p.now;
+            let mut c = st.clone();
+            Self::stage(&mut c, &mut b, Some(&old), &s)?;
+            self.commit(&mut st, c, b)?
+        };
+        self.durability.wait(ticket).await?;
+        Ok(true)
+    }
+
+    async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<RequeueOutcome> {
+        let (outcome, ticket) = {
+            let mut st = self.lock();
+            let Some(old) = self.load_running(&p.attempt)? else {
+                return Ok(RequeueOutcome::NotApplied);
+            };
+            let mut s = old.clone();
+            let mut b = Batch::default();
+            if p.spend_attempt {
+                s.failures += 1;
+            }
+            s.updated_at = p.now;
+            let outcome = if s.failures >= s.max_attempts() {
+                Self::fail(&mut s, p.error, p.cleanup_at, p.now);
+                RequeueOutcome::Failed
+            } else {
+                s.error = p.error.or(s.error);
+                Self::back_to_pending(&mut s, p.run_at);
+                b.insert(k_wait(&s), IVec::default());
+                RequeueOutcome::Requeued
+            };
+            let mut c = st.clone();
+            Self::stage(&mut c, &mut b, Some(&old), &s)?;
+            (outcome, self.commit(&mut st, c, b)?)
+        };
+        self.durability.wait(ticket).await?;
+        if outcome == RequeueOutcome::Requeued {
+            self.pending.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    async fn leases_reclaim(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>> {
+        let (reclaimed, ticket) = {
+            let mut st = self.lock();
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            let mut reclaimed = Vec::new();
+            let mut changed = false;
+            for kv in self.db.range(vec![b'L']..upto(b"L", p.expired_before)) {
+                if reclaimed.len() >= p.limit {
+                    break;
+                }
+                let (k, _) = kv.map_err(backend)?;
+                let old = match id_after(&k, 1 + 8).and_then(|id| self.load(&id)) {
+                    Ok(Some(s))
+                        if s.status == SessionStatus::Running
+                            && s.lease.as_ref().is_some_and(|l| {
+                                l.expires_at <= p.expired_before
+                                    && k_lease(l.expires_at, &s.id) == *k
+                            }) =>
+                    {
+                        s
+                    }
+                    other => {
+                        if let Err(e) = other {
+                            tracing::warn!(error = %e, "dropping an unreadable session's lease entry");
+                        }
+                        b.remove(k);
+                        changed = true;
+                        continue;
+                    }
+                };
+                changed = true;
+                let mut s = old.clone();
+                if !s.progress_this_attempt {
+                    s.failures += 1;
+                }
+                s.updated_at = p.now;
+                let outcome = if s.failures >= s.max_attempts() {
+                    let error = SessionError::new(
+                        "attempts_exhausted",
+                        format!(
+                            "the lease of attempt {} expired after {} attempts without progress",
+                            s.attempt, s.failures
+                        ),
+                    );
+                    Self::fail(&mut s, Some(error), p.now.add(p.cleanup_after), p.now);
+                    RequeueOutcome::Failed
+                } else {
+                    Self::back_to_pending(&mut s, p.now.add(p.backoff));
+                    b.insert(k_wait(&s), IVec::default());
+                    RequeueOutcome::Requeued
+                };
+                Self::stage(&mut c, &mut b, Some(&old), &s)?;
+                reclaimed.push(Reclaimed { id: s.id.clone(), attempt: old.attempt, outcome });
+            }
+            if !changed {
+                return Ok(reclaimed);
+            }
+            (reclaimed, self.commit(&mut st, c, b)?)
+        };
+        self.durability.wait(ticket).await?;
+        for r in &reclaimed {
+            if r.outcome == RequeueOutcome::Requeued {
+                self.pending.notify_one();
+            }
+        }
+        Ok(reclaimed)
+    }
+
+    async fn session_cancel(&self, p: SessionCancel) -> StoreResult<CancelOutcome> {
+        let (outcome, ticket) = {
+            let mut st = self.lock();
+            let Some(old) = self.load(&p.id)? else {
+                return Ok(CancelOutcome::NotFound);
+            };
+            let mut s = old.clone();
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            let outcome = match old.status {
+                SessionStatus::Pending => {
+                    self.unqueue(&mut c, &mut b, &old)?;
+                    s.status = SessionStatus::Cancelled;
+                    s.cleanup_at = Some(p.cleanup_at);
+                    s.metrics.end_time = Some(p.now);
+                    s.updated_at = p.now;
+                    CancelOutcome::Cancelled(Box::new(s.clone()))
+                }
+                SessionStatus::Running => {
+                    if old.cancel_requested {
+                        return Ok(CancelOutcome::Requested(Box::new(old)));
+                    }
+                    s.cancel_requested = true;
+                    s.updated_at = p.now;
+                    CancelOutcome::Requested(Box::new(s.clone()))
+                }
+                _ => return Ok(CancelOutcome::AlreadyTerminal(Box::new(old))),
+            };
+            Self::stage(&mut c, &mut b, Some(&old), &s)?;
+            (outcome, self.commit(&mut st, c, b)?)
+        };
+        self.durability.wait(ticket).await?;
+        // A claimer may be waiting for a slot this frees up (spurious wakeups are allowed).
+        self.pending.notify_one();
+        Ok(outcome)
+    }
+
+    async fn session_remove(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+        let (removed, ticket) = self.remove_sync(id)?;
+        if let Some(t) = ticket {
+            self.durability.wait(t).await?;
+        }
+        Ok(removed)
+    }
+
+    async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {
+        let mut due = Vec::new();
+        for kv in self.db.range(vec![b'X']..upto(b"X", p.now)).take(p.limit) {
+            let (k, _) = kv.map_err(backend)?;
+            match id_after(&k, 1 + 8) {
+                Ok(id) => due.push((k, id)),
+                Err(e) => tracing::warn!(error = %e, "skipping a malformed cleanup-index key"),
+            }
+        }
+        let mut removed = Vec::new();
+        let mut last = None;
+        for (k, id) in due {
+            match self.remove_sync(&id) {
+                Ok((Some(s), t)) => {
+                    removed.push(s);
+                    last = t.or(last);
+                }
+                Ok((None, _)) => {
+                    // A stale entry whose session is gone: drop it.
+                    let _st = self.lock();
+                    self.db.remove(k).map_err(backend)?;
+                }
+                Err(e) => tracing::warn!(session = %id, error = %e, "could not expire a session"),
+            }
+        }
+        if let Some(t) = last {
+            self.durability.wait(t).await?;
+        }
+        Ok(removed)
+    }
+
+    async fn records_page(&self, p: RecordsPage) -> StoreResult<Vec<Record>> {
+        if p.limit == 0 || p.limit > RECORDS_LIMIT_MAX {
+            return Err(StoreError::Invalid(format!(
+                "records limit {} is out of range; use 1 to {RECORDS_LIMIT_MAX}",
+                p.limit
+            )));
+        }
+        let prefix = data_prefix(b'R', &p.id);
+        let mut out = Vec::with_capacity(p.limit.min(1024));
+        for kv in self.db.range(k_record(&p.id, p.offset)..).take(p.limit) {
+            let (k, v) = kv.map_err(backend)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let seq = u64_at(&k, prefix.len())?;
+            let text: String = codec::decode(&|| show_key(&k), &v)?;
+            let data = serde_json::from_str(&text)
+                .map_err(|e| corrupt_key(&k, &format!("record is not JSON: {e}")))?;
+            out.push(Record { seq, data });
+        }
+        Ok(out)
+    }
+
+    async fn resume_load(&self, id: &SessionId) -> StoreResult<ResumeState> {
+        self.resume_sync(id)
+    }
+
+    async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {
+        let mut lines = Vec::new();
+        for kv in self.db.scan_prefix(data_prefix(b'O', id)).rev().take(limit) {
+            let (k, v) = kv.map_err(backend)?;
+            lines.push(codec::decode(&|| show_key(&k), &v)?);
+        }
+        lines.reverse();
+        Ok(lines)
+    }
+
+    /// Status counts are persistent counters (O(1)); the queue depth is the due index's counter
+    /// plus a scan of the sessions that became due since the last claim (O(those)).
+    async fn session_counts(&self, now: Timestamp) -> StoreResult<SessionCounts> {
+        let c = self.lock().clone();
+        let mut waiting_due = 0u64;
+        for kv in self.db.range(vec![b'W']..upto(b"W", now)) {
+            kv.map_err(backend)?;
+            waiting_due += 1;
+        }
+        let by_status =
+            SessionStatus::ALL.into_iter().map(|s| (s, c.by_status[s.code() as usize])).collect();
+        Ok(SessionCounts { by_status, queue_depth: c.due + waiting_due })
+    }
+
+    async fn agent_put(&self, agent: Agent) -> StoreResult<()> {
+        let ticket = {
+            let _st = self.lock();
+            self.db
+                .insert(k_agent_def(&agent.client_id, &agent.name), codec::encode(&agent)?)
+                .map_err(backend)?;
+            self.durability.ticket()
+        };
+        self.durability.wait(ticket).await
+    }
+
+    async fn agent_get(&self, client_id: &str, name: &str) -> StoreResult<Option<Agent>> {
+        let k = k_agent_def(client_id, name);
+        match self.db.get(&k).map_err(backend)? {
+            Some(v) => Ok(Some(codec::decode(&|| show_key(&k), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn agent_delete(&self, client_id: &str, name: &str) -> StoreResult<bool> {
+        let ticket = {
+            let _st = self.lock();
+            if self.db.remove(k_agent_def(client_id, name)).map_err(backend)?.is_none() {
+                return Ok(false);
+            }
+            self.durability.ticket()
+        };
+        self.durability.wait(ticket).await?;
+        Ok(true)
+    }
+
+    async fn agent_list(&self) -> StoreResult<Vec<Agent>> {
+        let mut agents: Vec<Agent> = Vec::new();
+        for kv in self.db.scan_prefix(b"N") {
+            let (k, v) = kv.map_err(backend)?;
+            match codec::decode(&|| show_key(&k), &v) {
+                Ok(a) => agents.push(a),
+                Err(e) => tracing::warn!(error = %e, "skipping an unreadable agent"),
+            }
+        }
+        // Keys sort by client length first; the contract is by client then name.
+        agents.sort_by(|a, b| (&a.client_id, &a.name).cmp(&(&b.client_id, &b.name)));
+        Ok(agents)
+    }
+
+    async fn pending_wait(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.pending.notified()).await;
+    }
+
+    async fn close(&self) -> StoreResult<()> {
+        let ticket = self.durability.ticket();
+        self.durability.wait(ticket).await
     }
 }

@@ -1,0 +1,1089 @@
+//! The `Store` conformance suite: every backend must pass every check here.
+//!
+//! Each check is a backend-agnostic `pub async fn name(store: Arc<dyn Store>)`. A backend
+//! instantiates the whole suite with one macro call in its own test module:
+//!
+//! ```ignore
+//! // A fixture owns the store and whatever keeps its data alive (a TempDir, a PostgreSQL
+//! // schema that is dropped on Drop, ...).
+//! async fn fixture() -> crate::store_conformance::Fixture {
+//!     let dir = tempfile::TempDir::new().unwrap();
+//!     let store = harvest::store::sled::SledStore::open(dir.path()).unwrap();
+//!     crate::store_conformance::Fixture { store: Arc::new(store), guard: Box::new(dir) }
+//! }
+//! crate::store_conformance::store_conformance!(fixture);
+//! ```
+//!
+//! The factory is any path to an `async fn() -> Fixture`; the macro expands to one
+//! `#[tokio::test]` per check (multi-threaded runtime, 2 workers), each with a fresh fixture that
+//! is dropped after the check (the store first, then the guard). Time is always passed in as
+//! explicit [`Timestamp`]s; no check sleeps.
+
+use std::any::Any;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use harvest::session::{
+    ClientContext, FrontierEntry, JobSpec, LogLine, Session, SessionError, SessionId,
+    SessionMetrics, SessionOptions, SessionStatus, Timestamp, TokenUsage,
+};
+use harvest::store::{
+    Agent, AgentSessions, AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit,
+    HeartbeatOutcome, InsertOutcome, LOG_LINES_MAX, LeaseReclaim, RecordsPage, RequeueOutcome,
+    SessionCancel, SessionClaim, SessionFinish, SessionHeartbeat, SessionInsert, SessionList,
+    SessionRequeue, SessionsExpire, Store, StoreError,
+};
+
+/// What a backend's factory returns: the store under test and the guard that keeps its data
+/// alive. Fields drop in declaration order: the store first, then the guard.
+pub struct Fixture {
+    /// The store under test.
+    pub store: Arc<dyn Store>,
+    /// Keeps the backing data alive (TempDir, database schema...) until the check ends.
+    #[allow(dead_code)] // held only for its Drop
+    pub guard: Box<dyn Any + Send>,
+}
+
+/// Expands to one `#[tokio::test]` per conformance check, each using a fresh fixture from
+/// `$factory` (a path to an `async fn() -> Fixture`).
+macro_rules! store_conformance {
+    ($factory:path) => {
+        $crate::store_conformance::store_conformance!(@each $factory;
+            insert_get_duplicate,
+            claim_makes_running,
+            claim_order_priority_run_at_seq_and_limit,
+            claim_limit_zero_claims_nothing,
+            transitions_refused_when_precondition_fails,
+            finish_each_terminal_status,
+            finish_with_non_terminal_status_is_invalid,
+            stale_worker_fenced_after_reclaim,
+            heartbeat_renews_lease,
+            list_newest_first_with_cursor_and_filters,
+            list_limit_and_cursor_validation,
+            cancel_pending_running_terminal,
+            remove_leaves_no_data_and_spares_prefix_ids,
+            requeue_with_and_without_spending_attempts,
+            reclaim_with_and_without_progress,
+            reclaim_respects_limit_and_expiry,
+            checkpoint_numbering_across_attempts_and_resume,
+            records_page_validation,
+            log_keeps_last_lines,
+            sessions_expire_only_due,
+            counts_by_status_and_queue_depth,
+            agents_crud,
+            single_agent_refuses_second_active_session,
+            claims_racing_never_share_a_session,
+            pending_wait_wakes_on_insert,
+            pending_wait_times_out,
+        );
+    };
+    (@each $factory:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let fixture: $crate::store_conformance::Fixture = $factory().await;
+                $crate::store_conformance::$name(fixture.store.clone()).await;
+                fixture.store.close().await.expect("close the store");
+                drop(fixture);
+            }
+        )*
+    };
+}
+pub(crate) use store_conformance;
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+/// The suite's epoch: every check's "now" is derived from it.
+pub const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+/// `T0 + secs` seconds.
+pub fn at(secs: i64) -> Timestamp {
+    Timestamp(T0.0 + secs * 1000)
+}
+
+/// A PENDING session with defaults: client `c1`, no agent, priority 0, due at `T0`, created at
+/// `T0`, max 3 attempts. Change fields on the result to state what a check is about.
+pub fn session(id: &str) -> Session {
+    Session {
+        id: SessionId::parse(id).expect("test ids are valid"),
+        seq: 0,
+        client: ClientContext::of("c1"),
+        status: SessionStatus::Pending,
+        job: JobSpec {
+            config: serde_json::json!({"name": "t", "start_urls": ["http://127.0.0.1:1/"]}),
+            params: BTreeMap::new(),
+            agent: None,
+        },
+        options: SessionOptions { max_attempts: Some(3), ..SessionOptions::default() },
+        attempt: 0,
+        failures: 0,
+        progress_this_attempt: false,
+        lease: None,
+        cancel_requested: false,
+        run_at: T0,
+        created_at: T0,
+        updated_at: T0,
+        cleanup_at: None,
+        metrics: SessionMetrics::default(),
+        usage: TokenUsage::default(),
+        error: None,
+        checkpoints: 0,
+    }
+}
+
+fn sid(id: &str) -> SessionId {
+    SessionId::parse(id).expect("test ids are valid")
+}
+
+/// Inserts `s` and returns the stored session (panics on anything but `Inserted`).
+pub async fn insert(store: &Arc<dyn Store>, s: Session) -> Session {
+    let id = s.id.clone();
+    match store.session_insert(SessionInsert { session: s, single_agent: None }).await {
+        Ok(InsertOutcome::Inserted(s)) => *s,
+        other => panic!("inserting {id}: expected Inserted, got {other:?}"),
+    }
+}
+
+/// Claims up to `limit` sessions for `owner` at `now` with a 30 s lease.
+pub async fn claim(
+    store: &Arc<dyn Store>,
+    owner: &str,
+    limit: usize,
+    now: Timestamp,
+) -> Vec<Session> {
+    store
+        .session_claim(SessionClaim {
+            owner: owner.into(),
+            limit,
+            lease: Duration::from_secs(30),
+            now,
+        })
+        .await
+        .expect("claim")
+}
+
+fn ids(sessions: &[Session]) -> Vec<String> {
+    sessions.iter().map(|s| s.id.to_string()).collect()
+}
+
+fn aref(s: &Session) -> AttemptRef {
+    let owner = s.lease.as_ref().map(|l| l.owner.clone()).unwrap_or_default();
+    AttemptRef { id: s.id.clone(), attempt: s.attempt, owner }
+}
+
+async fn get(store: &Arc<dyn Store>, id: &str) -> Session {
+    store.session_get(&sid(id)).await.expect("get").unwrap_or_else(|| panic!("{id} is missing"))
+}
+
+fn records(n: usize, from: usize) -> Vec<serde_json::Value> {
+    (from..from + n).map(|i| serde_json::json!({"i": i})).collect()
+}
+
+fn entry(url: &str) -> FrontierEntry {
+    FrontierEntry { url: url.into(), depth: 1, page: Some("product".into()) }
+}
+
+fn line(i: u64) -> LogLine {
+    LogLine { at: Timestamp(T0.0 + i as i64), level: "info".into(), message: format!("line {i}") }
+}
+
+async fn checkpoint(
+    store: &Arc<dyn Store>,
+    a: &AttemptRef,
+    batch: CheckpointBatch,
+    now: Timestamp,
+) -> bool {
+    store
+        .checkpoint_commit_if_running(CheckpointCommit {
+            attempt: a.clone(),
+            batch,
+            lease: Duration::from_secs(30),
+            now,
+        })
+        .await
+        .expect("checkpoint")
+}
+
+async fn finish(
+    store: &Arc<dyn Store>,
+    a: &AttemptRef,
+    status: SessionStatus,
+    now: Timestamp,
+) -> bool {
+    store
+        .session_finish_if_running(SessionFinish {
+            attempt: a.clone(),
+            status,
+            error: None,
+            batch: CheckpointBatch::default(),
+            cleanup_at: now.add(Duration::from_secs(3600)),
+            now,
+        })
+        .await
+        .expect("finish")
+}
+
+async fn heartbeat(store: &Arc<dyn Store>, a: &AttemptRef, now: Timestamp) -> HeartbeatOutcome {
+    store
+        .session_heartbeat_if_running(SessionHeartbeat {
+            attempt: a.clone(),
+            lease: Duration::from_secs(30),
+            now,
+        })
+        .await
+        .expect("heartbeat")
+}
+
+async fn requeue(
+    store: &Arc<dyn Store>,
+    a: &AttemptRef,
+    spend_attempt: bool,
+    run_at: Timestamp,
+    now: Timestamp,
+) -> RequeueOutcome {
+    store
+        .session_requeue_if_running(SessionRequeue {
+            attempt: a.clone(),
+            spend_attempt,
+            run_at,
+            error: Some(SessionError::new("job_failed", "boom")),
+            cleanup_at: now.add(Duration::from_secs(3600)),
+            now,
+        })
+        .await
+        .expect("requeue")
+}
+
+async fn reclaim(
+    store: &Arc<dyn Store>,
+    expired_before: Timestamp,
+    now: Timestamp,
+) -> Vec<(String, u32, RequeueOutcome)> {
+    let mut out: Vec<_> = store
+        .leases_reclaim(LeaseReclaim {
+            expired_before,
+            limit: 1000,
+            backoff: Duration::from_secs(10),
+            cleanup_after: Duration::from_secs(3600),
+            now,
+        })
+        .await
+        .expect("reclaim")
+        .into_iter()
+        .map(|r| (r.id.to_string(), r.attempt, r.outcome))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+async fn list(store: &Arc<dyn Store>, p: SessionList) -> (Vec<String>, Option<String>) {
+    let page = store.session_list(p).await.expect("list");
+    (ids(&page.sessions), page.next_cursor)
+}
+
+/// Every page of a listing, following cursors (bounded).
+async fn list_all(store: &Arc<dyn Store>, mut p: SessionList) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..1000 {
+        let page = store.session_list(p.clone()).await.expect("list");
+        assert!(page.sessions.len() <= p.limit, "page longer than the limit");
+        out.extend(ids(&page.sessions));
+        match page.next_cursor {
+            Some(c) => p.cursor = Some(c),
+            None => return out,
+        }
+    }
+    panic!("listing did not end after 1000 pages");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+
+/// Insert assigns increasing seqs and stores the session as given; a duplicate is refused.
+pub async fn insert_get_duplicate(store: Arc<dyn Store>) {
+    let a = insert(&store, session("a")).await;
+    let b = insert(&store, session("b")).await;
+    assert!(b.seq > a.seq, "seq must increase: {} then {}", a.seq, b.seq);
+    assert_eq!(a.status, SessionStatus::Pending);
+    let mut expected = session("a");
+    expected.seq = a.seq;
+    assert_eq!(a, expected, "insert must store the session as given, with its seq");
+    assert_eq!(store.session_get(&sid("a")).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.session_get(&sid("nope")).await.unwrap(), None);
+
+    let mut dup = session("a");
+    dup.client = ClientContext::of("someone-else");
+    let err = store.session_insert(SessionInsert { session: dup, single_agent: None }).await;
+    assert!(matches!(err, Err(StoreError::Duplicate(ref id)) if id.as_str() == "a"), "{err:?}");
+    assert_eq!(get(&store, "a").await, a, "a duplicate insert must not overwrite");
+}
+
+/// A claim makes the session RUNNING under a lease with attempt + 1.
+pub async fn claim_makes_running(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    let now = at(5);
+    let got = claim(&store, "w1", 10, now).await;
+    assert_eq!(ids(&got), ["a"]);
+    let s = &got[0];
+    assert_eq!(s.status, SessionStatus::Running);
+    assert_eq!(s.attempt, 1);
+    assert!(!s.progress_this_attempt);
+    let lease = s.lease.as_ref().expect("a claimed session has a lease");
+    assert_eq!(lease.owner, "w1");
+    assert_eq!(lease.expires_at, now.add(Duration::from_secs(30)));
+    assert_eq!(s.metrics.start_time, Some(now));
+    assert_eq!(&get(&store, "a").await, s, "the claim result is what is stored");
+    assert!(claim(&store, "w2", 10, now).await.is_empty(), "a RUNNING session is claimed once");
+}
+
+/// Claims go by priority (desc), then run_at, then seq; never before run_at; at most `limit`.
+pub async fn claim_order_priority_run_at_seq_and_limit(store: Arc<dyn Store>) {
+    let mk = |id: &str, priority: i32, run_at: Timestamp| {
+        let mut s = session(id);
+        s.options.priority = priority;
+        s.run_at = run_at;
+        s
+    };
+    insert(&store, mk("low1", 0, at(0))).await;
+    insert(&store, mk("high-late", 5, at(2))).await;
+    insert(&store, mk("high-early", 5, at(1))).await;
+    insert(&store, mk("future-top", 10, at(100))).await;
+    insert(&store, mk("low2", 0, at(0))).await;
+    insert(&store, mk("negative", -3, at(0))).await;
+
+    assert_eq!(ids(&claim(&store, "w", 2, at(10)).await), ["high-early", "high-late"]);
+    assert_eq!(ids(&claim(&store, "w", 10, at(10)).await), ["low1", "low2", "negative"]);
+    assert!(claim(&store, "w", 10, at(99)).await.is_empty(), "future-top is not due before 100");
+    assert_eq!(ids(&claim(&store, "w", 10, at(100)).await), ["future-top"]);
+}
+
+/// A claim with limit 0 claims nothing.
+pub async fn claim_limit_zero_claims_nothing(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    assert!(claim(&store, "w", 0, at(1)).await.is_empty());
+    assert_eq!(get(&store, "a").await.status, SessionStatus::Pending);
+}
+
+/// Every CAS is refused when the session is not RUNNING with that attempt and owner.
+pub async fn transitions_refused_when_precondition_fails(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    let pending_ref = AttemptRef { id: sid("a"), attempt: 0, owner: "w".into() };
+    assert_eq!(heartbeat(&store, &pending_ref, at(1)).await, HeartbeatOutcome::Lost);
+    assert!(!checkpoint(&store, &pending_ref, CheckpointBatch::default(), at(1)).await);
+    assert!(!finish(&store, &pending_ref, SessionStatus::Completed, at(1)).await);
+    assert_eq!(requeue(&store, &pending_ref, true, at(1), at(1)).await, RequeueOutcome::NotApplied);
+    assert_eq!(
+        get(&store, "a").await.status,
+        SessionStatus::Pending,
+        "refused CAS changed nothing"
+    );
+
+    let s = claim(&store, "w", 1, at(1)).await.remove(0);
+    let good = aref(&s);
+    let wrong_owner = AttemptRef { owner: "other".into(), ..good.clone() };
+    let wrong_attempt = AttemptRef { attempt: good.attempt + 1, ..good.clone() };
+    let missing = AttemptRef { id: sid("missing"), ..good.clone() };
+    for bad in [&wrong_owner, &wrong_attempt, &missing] {
+        assert_eq!(heartbeat(&store, bad, at(2)).await, HeartbeatOutcome::Lost, "{bad:?}");
+        let batch = CheckpointBatch { records: records(1, 0), ..Default::default() };
+        assert!(!checkpoint(&store, bad, batch, at(2)).await, "{bad:?}");
+        assert!(!finish(&store, bad, SessionStatus::Completed, at(2)).await, "{bad:?}");
+        assert_eq!(requeue(&store, bad, true, at(2), at(2)).await, RequeueOutcome::NotApplied);
+    }
+    let unchanged = get(&store, "a").await;
+    assert_eq!(unchanged, s, "refused CAS must not change the running session");
+
+    assert!(finish(&store, &good, SessionStatus::Completed, at(3)).await);
+    let done = get(&store, "a").await;
+    assert_eq!(heartbeat(&store, &good, at(4)).await, HeartbeatOutcome::Lost);
+    assert!(!checkpoint(&store, &good, CheckpointBatch::default(), at(4)).await);
+    assert!(!finish(&store, &good, SessionStatus::Failed, at(4)).await);
+    assert_eq!(requeue(&store, &good, false, at(4), at(4)).await, RequeueOutcome::NotApplied);
+    assert!(reclaim(&store, Timestamp(i64::MAX), at(4)).await.is_empty());
+    assert!(claim(&store, "w", 10, at(4)).await.is_empty(), "a terminal session is never claimed");
+    assert_eq!(get(&store, "a").await, done, "terminal states never change");
+}
+
+/// Finish ends a session in each terminal status with end_time, cleanup_at, error, no lease.
+pub async fn finish_each_terminal_status(store: Arc<dyn Store>) {
+    for (id, status) in [
+        ("done", SessionStatus::Completed),
+        ("failed", SessionStatus::Failed),
+        ("cancelled", SessionStatus::Cancelled),
+    ] {
+        insert(&store, session(id)).await;
+        let s = claim(&store, "w", 1, at(1)).await.remove(0);
+        assert_eq!(s.id.as_str(), id);
+        let error = (status == SessionStatus::Failed).then(|| SessionError::new("job_failed", "x"));
+        let ok = store
+            .session_finish_if_running(SessionFinish {
+                attempt: aref(&s),
+                status,
+                error: error.clone(),
+                batch: CheckpointBatch { records: records(2, 0), pages: 1, ..Default::default() },
+                cleanup_at: at(500),
+                now: at(7),
+            })
+            .await
+            .expect("finish");
+        assert!(ok);
+        let f = get(&store, id).await;
+        assert_eq!(f.status, status);
+        assert_eq!(f.error, error);
+        assert_eq!(f.lease, None);
+        assert_eq!(f.cleanup_at, Some(at(500)));
+        assert_eq!(f.metrics.end_time, Some(at(7)));
+        assert_eq!(f.metrics.processed_elements, 2, "the final batch commits with the status");
+        assert_eq!(f.metrics.pages_processed, 1);
+        let recs = store
+            .records_page(RecordsPage { id: sid(id), offset: 0, limit: 100 })
+            .await
+            .expect("records");
+        assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1]);
+    }
+}
+
+/// A finish whose status is not terminal is a caller bug: refused as Invalid, nothing changed.
+pub async fn finish_with_non_terminal_status_is_invalid(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    let s = claim(&store, "w", 1, at(1)).await.remove(0);
+    for status in [SessionStatus::Pending, SessionStatus::Running] {
+        let r = store
+            .session_finish_if_running(SessionFinish {
+                attempt: aref(&s),
+                status,
+                error: None,
+                batch: CheckpointBatch::default(),
+                cleanup_at: at(100),
+                now: at(2),
+            })
+            .await;
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "{status}: {r:?}");
+    }
+    assert_eq!(get(&store, "a").await, s);
+}
+
+/// After a reclaim and a new claim, the old attempt is fenced out even with the same owner name.
+pub async fn stale_worker_fenced_after_reclaim(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    let first = claim(&store, "w", 1, at(0)).await.remove(0);
+    let old = aref(&first);
+    let expiry = first.lease.as_ref().unwrap().expires_at;
+    assert_eq!(reclaim(&store, expiry, at(31)).await, [("a".into(), 1, RequeueOutcome::Requeued)]);
+    // The reclaimed session is due after the backoff (10 s).
+    let second = claim(&store, "w", 1, at(41)).await.remove(0);
+    assert_eq!(second.attempt, 2);
+    let new = aref(&second);
+
+    assert_eq!(heartbeat(&store, &old, at(42)).await, HeartbeatOutcome::Lost);
+    let batch = CheckpointBatch { records: records(3, 0), ..Default::default() };
+    assert!(!checkpoint(&store, &old, batch, at(42)).await);
+    assert!(!finish(&store, &old, SessionStatus::Completed, at(42)).await);
+    assert_eq!(requeue(&store, &old, true, at(42), at(42)).await, RequeueOutcome::NotApplied);
+    let s = get(&store, "a").await;
+    assert_eq!(s, second, "the stale attempt changed nothing");
+    assert_eq!(s.metrics.processed_elements, 0);
+
+    assert_eq!(
+        heartbeat(&store, &new, at(43)).await,
+        HeartbeatOutcome::Renewed { cancel_requested: false }
+    );
+    assert!(finish(&store, &new, SessionStatus::Completed, at(44)).await);
+}
+
+/// A heartbeat moves the lease expiry; a reclaim at the old expiry leaves the session alone.
+pub async fn heartbeat_renews_lease(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    let s = claim(&store, "w", 1, at(0)).await.remove(0);
+    let a = aref(&s);
+    assert_eq!(
+        heartbeat(&store, &a, at(20)).await,
+        HeartbeatOutcome::Renewed { cancel_requested: false }
+    );
+    let renewed = get(&store, "a").await;
+    assert_eq!(renewed.lease.as_ref().unwrap().expires_at, at(50));
+    assert!(reclaim(&store, at(30), at(30)).await.is_empty(), "the old expiry no longer applies");
+    assert_eq!(reclaim(&store, at(50), at(50)).await, [("a".into(), 1, RequeueOutcome::Requeued)]);
+}
+
+/// Listing is newest first, paginated by cursor, filtered by client, status and agent.
+pub async fn list_newest_first_with_cursor_and_filters(store: Arc<dyn Store>) {
+    for i in 0..7 {
+        let mut s = session(&format!("s{i}"));
+        s.client = ClientContext::of(if i % 2 == 0 { "even" } else { "odd" });
+        s.job.agent = (i % 3 == 0).then(|| "ag".to_string());
+        s.run_at = at(i);
+        insert(&store, s).await;
+    }
+    let all = |limit| SessionList { limit, ..Default::default() };
+    let newest_first: Vec<String> = (0..7).rev().map(|i| format!("s{i}")).collect();
+
+    let (first, cursor) = list(&store, all(3)).await;
+    assert_eq!(first, newest_first[..3]);
+    let cursor = cursor.expect("more pages after the first");
+    let (second, _) = list(&store, SessionList { cursor: Some(cursor), ..all(3) }).await;
+    assert_eq!(second, newest_first[3..6]);
+    assert_eq!(list_all(&store, all(3)).await, newest_first);
+    assert_eq!(list_all(&store, all(1)).await, newest_first);
+    let (whole, end) = list(&store, all(1000)).await;
+    assert_eq!(whole, newest_first);
+    assert_eq!(end, None, "no cursor after the last page");
+
+    let by_client = SessionList { client_id: Some("even".into()), ..all(2) };
+    assert_eq!(list_all(&store, by_client).await, ["s6", "s4", "s2", "s0"]);
+    let by_agent = SessionList { agent: Some("ag".into()), ..all(1) };
+    assert_eq!(list_all(&store, by_agent).await, ["s6", "s3", "s0"]);
+
+    // s0..s3 are due at 3: claim them, then filter by status.
+    assert_eq!(claim(&store, "w", 10, at(3)).await.len(), 4);
+    let running = SessionList { status: Some(SessionStatus::Running), ..all(3) };
+    assert_eq!(list_all(&store, running).await, ["s3", "s2", "s1", "s0"]);
+    let pending = SessionList { status: Some(SessionStatus::Pending), ..all(2) };
+    assert_eq!(list_all(&store, pending).await, ["s6", "s5", "s4"]);
+    let combined = SessionList {
+        status: Some(SessionStatus::Running),
+        client_id: Some("odd".into()),
+        ..all(10)
+    };
+    assert_eq!(list_all(&store, combined).await, ["s3", "s1"]);
+    let three = SessionList {
+        status: Some(SessionStatus::Pending),
+        client_id: Some("even".into()),
+        agent: Some("ag".into()),
+        ..all(10)
+    };
+    assert_eq!(list_all(&store, three).await, ["s6"]);
+    let nobody = SessionList { client_id: Some("nobody".into()), ..all(10) };
+    assert_eq!(list(&store, nobody).await, (vec![], None));
+}
+
+/// A limit outside 1..=1000 and a cursor that no page produced are Invalid.
+pub async fn list_limit_and_cursor_validation(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    for limit in [0, 1001] {
+        let r = store.session_list(SessionList { limit, ..Default::default() }).await;
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "limit {limit}: {r:?}");
+    }
+    let r = store
+        .session_list(SessionList {
+            limit: 10,
+            cursor: Some("not a cursor".into()),
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(r, Err(StoreError::Invalid(_))), "bad cursor: {r:?}");
+}
+
+/// Cancel: PENDING ends CANCELLED; RUNNING gets the flag (seen by heartbeat); terminal unchanged.
+pub async fn cancel_pending_running_terminal(store: Arc<dyn Store>) {
+    insert(&store, session("run")).await;
+    let running = claim(&store, "w", 1, at(1)).await.remove(0);
+    insert(&store, session("pend")).await;
+    let cancel = |id: &str| SessionCancel { id: sid(id), cleanup_at: at(900), now: at(5) };
+
+    match store.session_cancel(cancel("pend")).await.expect("cancel") {
+        CancelOutcome::Cancelled(s) => {
+            assert_eq!(s.status, SessionStatus::Cancelled);
+            assert_eq!(s.cleanup_at, Some(at(900)));
+            assert_eq!(*s, get(&store, "pend").await);
+        }
+        other => panic!("cancel of PENDING: {other:?}"),
+    }
+    assert!(claim(&store, "w", 10, at(6)).await.is_empty(), "a cancelled session is not claimed");
+
+    match store.session_cancel(cancel("run")).await.expect("cancel") {
+        CancelOutcome::Requested(s) => {
+            assert_eq!(s.status, SessionStatus::Running);
+            assert!(s.cancel_requested);
+        }
+        other => panic!("cancel of RUNNING: {other:?}"),
+    }
+    let a = aref(&running);
+    assert_eq!(
+        heartbeat(&store, &a, at(6)).await,
+        HeartbeatOutcome::Renewed { cancel_requested: true }
+    );
+    assert!(finish(&store, &a, SessionStatus::Cancelled, at(7)).await);
+
+    for id in ["pend", "run"] {
+        match store.session_cancel(cancel(id)).await.expect("cancel") {
+            CancelOutcome::AlreadyTerminal(s) => assert_eq!(s.status, SessionStatus::Cancelled),
+            other => panic!("cancel of terminal {id}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        store.session_cancel(cancel("missing")).await.expect("cancel"),
+        CancelOutcome::NotFound
+    );
+}
+
+/// `session_remove` removes the session and all its data; a session whose id is a prefix of the
+/// removed one's (or the other way round) keeps everything.
+pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) {
+    for id in ["ab", "abc", "a"] {
+        let mut s = session(id);
+        s.job.agent = Some("ag".into());
+        insert(&store, s).await;
+    }
+    for s in claim(&store, "w", 10, at(1)).await {
+        let batch = CheckpointBatch {
+            records: records(3, 0),
+            frontier_add: vec![entry("http://x/1"), entry("http://x/2")],
+            seen_add: vec!["http://x/0".into()],
+            log: vec![line(1), line(2)],
+            pages: 1,
+            ..Default::default()
+        };
+        assert!(checkpoint(&store, &aref(&s), batch, at(2)).await);
+    }
+    let removed = store.session_remove(&sid("ab")).await.expect("remove").expect("it existed");
+    assert_eq!(removed.id.as_str(), "ab");
+    assert_eq!(store.session_get(&sid("ab")).await.unwrap(), None);
+    assert!(
+        store
+            .records_page(RecordsPage { id: sid("ab"), offset: 0, limit: 100 })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.log_tail(&sid("ab"), 100).await.unwrap().is_empty());
+    assert_eq!(
+        list_all(&store, SessionList { limit: 10, ..Default::default() }).await,
+        ["a", "abc"]
+    );
+    let by_agent = SessionList { agent: Some("ag".into()), limit: 10, ..Default::default() };
+    assert_eq!(list_all(&store, by_agent).await, ["a", "abc"]);
+    assert!(reclaim(&store, Timestamp(i64::MAX), at(3)).await.iter().all(|r| r.0 != "ab"));
+    assert_eq!(store.session_remove(&sid("ab")).await.expect("remove again"), None);
+
+    for id in ["abc", "a"] {
+        let recs =
+            store.records_page(RecordsPage { id: sid(id), offset: 0, limit: 100 }).await.unwrap();
+        assert_eq!(recs.len(), 3, "{id} keeps its records");
+        assert_eq!(store.log_tail(&sid(id), 100).await.unwrap().len(), 2, "{id} keeps its log");
+        let resume = store.resume_load(&sid(id)).await.expect("resume");
+        assert_eq!(resume.frontier.len(), 2, "{id} keeps its frontier");
+        assert_eq!(resume.seen, ["http://x/0"], "{id} keeps its seen set");
+    }
+    let counts = store.session_counts(at(3)).await.unwrap();
+    let total: u64 = counts.by_status.values().sum();
+    assert_eq!(total, 2, "counts forget the removed session: {counts:?}");
+}
+
+/// Requeue without spending keeps failures; spending counts them; exhaustion ends FAILED.
+pub async fn requeue_with_and_without_spending_attempts(store: Arc<dyn Store>) {
+    let mut s = session("a");
+    s.options.max_attempts = Some(2);
+    insert(&store, s).await;
+
+    let c1 = claim(&store, "w", 1, at(0)).await.remove(0);
+    assert_eq!(requeue(&store, &aref(&c1), false, at(20), at(1)).await, RequeueOutcome::Requeued);
+    let p = get(&store, "a").await;
+    assert_eq!((p.status, p.failures, p.run_at), (SessionStatus::Pending, 0, at(20)));
+    assert_eq!(p.lease, None);
+    assert_eq!(p.error.as_ref().map(|e| e.kind.as_str()), Some("job_failed"));
+    assert!(claim(&store, "w", 1, at(19)).await.is_empty(), "not claimed before its run_at");
+
+    let c2 = claim(&store, "w", 1, at(20)).await.remove(0);
+    assert_eq!(c2.attempt, 2);
+    assert_eq!(requeue(&store, &aref(&c2), true, at(30), at(21)).await, RequeueOutcome::Requeued);
+    assert_eq!(get(&store, "a").await.failures, 1);
+
+    let c3 = claim(&store, "w", 1, at(30)).await.remove(0);
+    assert_eq!(c3.attempt, 3);
+    assert_eq!(requeue(&store, &aref(&c3), true, at(40), at(31)).await, RequeueOutcome::Failed);
+    let f = get(&store, "a").await;
+    assert_eq!((f.status, f.failures), (SessionStatus::Failed, 2));
+    assert_eq!(f.error.as_ref().map(|e| e.kind.as_str()), Some("job_failed"), "the error is kept");
+    assert_eq!(f.cleanup_at, Some(at(31).add(Duration::from_secs(3600))));
+    assert_eq!(f.lease, None);
+    assert!(claim(&store, "w", 1, at(100)).await.is_empty());
+}
+
+/// A reclaimed attempt without progress spends an attempt; one with progress does not.
+pub async fn reclaim_with_and_without_progress(store: Arc<dyn Store>) {
+    for id in ["idle", "busy"] {
+        let mut s = session(id);
+        s.options.max_attempts = Some(2);
+        insert(&store, s).await;
+    }
+    for round in 0..2u32 {
+        let now = at(100 * i64::from(round));
+        let claimed = claim(&store, "w", 10, now).await;
+        assert_eq!(claimed.len(), 2, "round {round}");
+        let busy = claimed.iter().find(|s| s.id.as_str() == "busy").unwrap();
+        let batch = CheckpointBatch { records: records(1, round as usize), ..Default::default() };
+        assert!(checkpoint(&store, &aref(busy), batch, now).await);
+        // The checkpoint renewed busy's lease to now + 30; idle's expires at now + 30 too.
+        let outcome =
+            reclaim(&store, now.add(Duration::from_secs(30)), now.add(Duration::from_secs(31)))
+                .await;
+        let idle_outcome =
+            if round == 0 { RequeueOutcome::Requeued } else { RequeueOutcome::Failed };
+        assert_eq!(
+            outcome,
+            [
+                ("busy".into(), round + 1, RequeueOutcome::Requeued),
+                ("idle".into(), round + 1, idle_outcome)
+            ]
+        );
+    }
+    let busy = get(&store, "busy").await;
+    assert_eq!((busy.status, busy.failures), (SessionStatus::Pending, 0));
+    assert_eq!(busy.run_at, at(131 + 10), "run_at = now + backoff");
+    assert_eq!(busy.metrics.processed_elements, 2);
+    let idle = get(&store, "idle").await;
+    assert_eq!((idle.status, idle.failures), (SessionStatus::Failed, 2));
+    assert_eq!(idle.error.as_ref().map(|e| e.kind.as_str()), Some("attempts_exhausted"));
+    assert_eq!(idle.cleanup_at, Some(at(131).add(Duration::from_secs(3600))));
+    assert_eq!(idle.lease, None);
+}
+
+/// Reclaim only touches leases expired at or before `expired_before`, at most `limit`.
+pub async fn reclaim_respects_limit_and_expiry(store: Arc<dyn Store>) {
+    for i in 0..5 {
+        insert(&store, session(&format!("s{i}"))).await;
+        claim(&store, "w", 1, at(i)).await; // lease expires at i + 30
+    }
+    assert!(reclaim(&store, at(29), at(29)).await.is_empty());
+    let two = store
+        .leases_reclaim(LeaseReclaim {
+            expired_before: at(40),
+            limit: 2,
+            backoff: Duration::ZERO,
+            cleanup_after: Duration::from_secs(1),
+            now: at(40),
+        })
+        .await
+        .unwrap();
+    assert_eq!(two.len(), 2, "limit respected");
+    let mut ids: Vec<String> = two.iter().map(|r| r.id.to_string()).collect();
+    ids.sort();
+    assert_eq!(ids, ["s0", "s1"], "earliest expiries first");
+    assert_eq!(reclaim(&store, at(32), at(40)).await.len(), 1, "s2 expires at 32, s3 at 33");
+    assert_eq!(get(&store, "s3").await.status, SessionStatus::Running);
+    assert_eq!(reclaim(&store, Timestamp(i64::MAX), at(40)).await.len(), 2);
+}
+
+/// Checkpoint records are numbered after the committed count, across attempts; resume_load
+/// returns the frontier, seen set and counters as of the last checkpoint.
+pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    let c1 = claim(&store, "w", 1, at(0)).await.remove(0);
+    let a1 = aref(&c1);
+    let usage = TokenUsage { http_requests: 3, bytes_received: 100, ..Default::default() };
+    let b1 = CheckpointBatch {
+        records: records(3, 0),
+        frontier_add: vec![entry("http://x/a"), entry("http://x/b"), entry("http://x/c")],
+        frontier_done: vec![],
+        seen_add: vec!["http://x/a".into(), "http://x/b".into(), "http://x/c".into()],
+        pages: 2,
+        usage,
+        log: vec![line(1)],
+    };
+    assert!(checkpoint(&store, &a1, b1, at(5)).await);
+    let s = get(&store, "a").await;
+    assert_eq!(s.metrics.processed_elements, 3);
+    assert_eq!(s.metrics.pages_processed, 2);
+    assert_eq!(s.checkpoints, 1);
+    assert!(s.progress_this_attempt);
+    assert_eq!(s.usage, usage);
+    assert_eq!(s.lease.as_ref().unwrap().expires_at, at(35), "a checkpoint renews the lease");
+
+    let b2 = CheckpointBatch {
+        records: records(2, 3),
+        frontier_add: vec![entry("http://x/d")],
+        frontier_done: vec!["http://x/a".into()],
+        seen_add: vec!["http://x/d".into()],
+        pages: 1,
+        usage,
+        log: vec![line(2)],
+    };
+    assert!(checkpoint(&store, &a1, b2, at(6)).await);
+    assert_eq!(reclaim(&store, at(36), at(40)).await, [("a".into(), 1, RequeueOutcome::Requeued)]);
+
+    let resume = store.resume_load(&sid("a")).await.expect("resume");
+    let frontier: BTreeSet<String> = resume.frontier.iter().map(|e| e.url.clone()).collect();
+    assert_eq!(frontier, ["http://x/b", "http://x/c", "http://x/d"].map(String::from).into());
+    assert_eq!(resume.frontier.iter().find(|e| e.url == "http://x/b"), Some(&entry("http://x/b")));
+    let seen: BTreeSet<String> = resume.seen.iter().cloned().collect();
+    assert_eq!(seen.len(), 4);
+    assert_eq!(resume.records, 5);
+    assert_eq!(resume.metrics.pages_processed, 3);
+    assert_eq!(resume.usage.http_requests, 6);
+
+    let c2 = claim(&store, "w", 1, at(50)).await.remove(0);
+    assert_eq!(c2.attempt, 2);
+    assert!(!c2.progress_this_attempt, "a new attempt starts without progress");
+    let a2 = aref(&c2);
+    let b3 = CheckpointBatch { records: records(1, 5), ..Default::default() };
+    assert!(checkpoint(&store, &a2, b3, at(51)).await);
+    let ok = store
+        .session_finish_if_running(SessionFinish {
+            attempt: a2,
+            status: SessionStatus::Completed,
+            error: None,
+            batch: CheckpointBatch { records: records(1, 6), ..Default::default() },
+            cleanup_at: at(1000),
+            now: at(52),
+        })
+        .await
+        .unwrap();
+    assert!(ok);
+    let all =
+        store.records_page(RecordsPage { id: sid("a"), offset: 0, limit: 100 }).await.unwrap();
+    assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5, 6]);
+    for r in &all {
+        assert_eq!(r.data, serde_json::json!({"i": r.seq}), "record {} holds its data", r.seq);
+    }
+    let tail = store.records_page(RecordsPage { id: sid("a"), offset: 5, limit: 1 }).await.unwrap();
+    assert_eq!(tail.iter().map(|r| r.seq).collect::<Vec<_>>(), [5]);
+    assert!(
+        store
+            .records_page(RecordsPage { id: sid("a"), offset: 7, limit: 10 })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(get(&store, "a").await.metrics.processed_elements, 7);
+}
+
+/// records_page refuses a limit outside 1..=10000.
+pub async fn records_page_validation(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    for limit in [0, 10_001] {
+        let r = store.records_page(RecordsPage { id: sid("a"), offset: 0, limit }).await;
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "limit {limit}: {r:?}");
+    }
+}
+
+/// The log keeps the last LOG_LINES_MAX lines; log_tail returns the newest, oldest first.
+pub async fn log_keeps_last_lines(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    let a = aref(&claim(&store, "w", 1, at(0)).await.remove(0));
+    let total = LOG_LINES_MAX + 200;
+    let half = total / 2;
+    for range in [0..half, half..total] {
+        let batch = CheckpointBatch { log: range.map(line).collect(), ..Default::default() };
+        assert!(checkpoint(&store, &a, batch, at(1)).await);
+    }
+    let tail = store.log_tail(&sid("a"), 3).await.unwrap();
+    assert_eq!(tail, [line(total - 3), line(total - 2), line(total - 1)]);
+    let all = store.log_tail(&sid("a"), usize::MAX).await.unwrap();
+    assert_eq!(all.len() as u64, LOG_LINES_MAX);
+    assert_eq!(all.first(), Some(&line(total - LOG_LINES_MAX)));
+    assert!(store.log_tail(&sid("a"), 0).await.unwrap().is_empty());
+    assert!(store.log_tail(&sid("missing"), 10).await.unwrap().is_empty());
+}
+
+/// sessions_expire removes only terminal sessions whose cleanup time has come, at most `limit`.
+pub async fn sessions_expire_only_due(store: Arc<dyn Store>) {
+    for (i, id) in ["e1", "e2", "e3"].into_iter().enumerate() {
+        insert(&store, session(id)).await;
+        let s = claim(&store, "w", 1, at(0)).await.remove(0);
+        let ok = store
+            .session_finish_if_running(SessionFinish {
+                attempt: aref(&s),
+                status: SessionStatus::Completed,
+                error: None,
+                batch: CheckpointBatch { records: records(2, 0), ..Default::default() },
+                cleanup_at: at(100 * (i as i64 + 1)),
+                now: at(1),
+            })
+            .await
+            .unwrap();
+        assert!(ok);
+    }
+    insert(&store, session("pending")).await;
+    let expire = |now, limit| SessionsExpire { now, limit };
+    assert!(store.sessions_expire(expire(at(99), 10)).await.unwrap().is_empty());
+    let one = store.sessions_expire(expire(at(200), 1)).await.unwrap();
+    assert_eq!(ids(&one), ["e1"], "limit respected, earliest first");
+    let next = store.sessions_expire(expire(at(200), 10)).await.unwrap();
+    assert_eq!(ids(&next), ["e2"], "only due ones");
+    for id in ["e1", "e2"] {
+        assert_eq!(store.session_get(&sid(id)).await.unwrap(), None);
+        assert!(
+            store
+                .records_page(RecordsPage { id: sid(id), offset: 0, limit: 10 })
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert_eq!(get(&store, "e3").await.status, SessionStatus::Completed);
+    assert_eq!(get(&store, "pending").await.status, SessionStatus::Pending);
+    assert!(store.sessions_expire(expire(at(200), 10)).await.unwrap().is_empty());
+}
+
+/// Counts per status and the due queue depth.
+pub async fn counts_by_status_and_queue_depth(store: Arc<dyn Store>) {
+    let empty = store.session_counts(at(0)).await.unwrap();
+    assert_eq!(empty.by_status.values().sum::<u64>(), 0);
+    assert_eq!(empty.queue_depth, 0);
+
+    for id in ["a", "b", "c", "d", "e"] {
+        insert(&store, session(id)).await;
+    }
+    let mut later = session("later");
+    later.run_at = at(1000);
+    insert(&store, later).await;
+    let claimed = claim(&store, "w", 2, at(1)).await; // a, b
+    assert!(finish(&store, &aref(&claimed[0]), SessionStatus::Completed, at(2)).await);
+    let cancel = SessionCancel { id: sid("c"), cleanup_at: at(100), now: at(2) };
+    assert!(matches!(store.session_cancel(cancel).await.unwrap(), CancelOutcome::Cancelled(_)));
+
+    let counts = store.session_counts(at(3)).await.unwrap();
+    let get_count = |st| counts.by_status.get(&st).copied().unwrap_or(0);
+    assert_eq!(get_count(SessionStatus::Pending), 3, "{counts:?}");
+    assert_eq!(get_count(SessionStatus::Running), 1, "{counts:?}");
+    assert_eq!(get_count(SessionStatus::Completed), 1, "{counts:?}");
+    assert_eq!(get_count(SessionStatus::Cancelled), 1, "{counts:?}");
+    assert_eq!(get_count(SessionStatus::Failed), 0, "{counts:?}");
+    assert_eq!(counts.queue_depth, 2, "d and e are due; later is not: {counts:?}");
+    assert_eq!(store.session_counts(at(1000)).await.unwrap().queue_depth, 3);
+}
+
+/// Agents: put (create and replace), get, list by client and name, delete.
+pub async fn agents_crud(store: Arc<dyn Store>) {
+    let agent = |client: &str, name: &str, schedule: Option<&str>| Agent {
+        name: name.into(),
+        client_id: client.into(),
+        config: serde_json::json!({"name": name}),
+        params: BTreeMap::from([("k".to_string(), "v".to_string())]),
+        options: SessionOptions::default(),
+        schedule: schedule.map(String::from),
+        sessions: AgentSessions::Single,
+        updated_at: T0,
+    };
+    assert_eq!(store.agent_get("c1", "x").await.unwrap(), None);
+    for (c, n) in [("c2", "b"), ("c1", "zz"), ("c1", "a"), ("", "anon")] {
+        store.agent_put(agent(c, n, None)).await.unwrap();
+    }
+    assert_eq!(store.agent_get("c1", "a").await.unwrap(), Some(agent("c1", "a", None)));
+    assert_eq!(store.agent_get("c2", "a").await.unwrap(), None, "agents are per client");
+    let replaced = agent("c1", "a", Some("0 0 * * * *"));
+    store.agent_put(replaced.clone()).await.unwrap();
+    assert_eq!(store.agent_get("c1", "a").await.unwrap(), Some(replaced));
+    let listed: Vec<(String, String)> =
+        store.agent_list().await.unwrap().into_iter().map(|a| (a.client_id, a.name)).collect();
+    let expected = [("", "anon"), ("c1", "a"), ("c1", "zz"), ("c2", "b")];
+    assert_eq!(listed, expected.map(|(c, n)| (c.to_string(), n.to_string())));
+    assert!(store.agent_delete("c1", "a").await.unwrap());
+    assert!(!store.agent_delete("c1", "a").await.unwrap());
+    assert_eq!(store.agent_get("c1", "a").await.unwrap(), None);
+    assert_eq!(store.agent_list().await.unwrap().len(), 3);
+}
+
+/// A single-session agent refuses a second active session until the first one ends.
+pub async fn single_agent_refuses_second_active_session(store: Arc<dyn Store>) {
+    let mk = |id: &str, agent: &str| {
+        let mut s = session(id);
+        s.job.agent = Some(agent.into());
+        SessionInsert { session: s, single_agent: Some(agent.into()) }
+    };
+    assert!(matches!(
+        store.session_insert(mk("one", "ag")).await.unwrap(),
+        InsertOutcome::Inserted(_)
+    ));
+    assert_eq!(
+        store.session_insert(mk("two", "ag")).await.unwrap(),
+        InsertOutcome::AgentBusy(sid("one"))
+    );
+    assert_eq!(
+        store.session_get(&sid("two")).await.unwrap(),
+        None,
+        "a refused insert stores nothing"
+    );
+    assert!(
+        matches!(
+            store.session_insert(mk("other", "ag2")).await.unwrap(),
+            InsertOutcome::Inserted(_)
+        ),
+        "another agent is not affected"
+    );
+    let mut multi = session("multi");
+    multi.job.agent = Some("ag".into());
+    insert(&store, multi).await; // without single_agent, no check
+
+    let running = claim(&store, "w", 1, at(0)).await.remove(0);
+    assert_eq!(running.id.as_str(), "one");
+    assert!(matches!(
+        store.session_insert(mk("three", "ag")).await.unwrap(),
+        InsertOutcome::AgentBusy(ref id) if id.as_str() == "one" || id.as_str() == "multi"
+    ));
+    assert!(finish(&store, &aref(&running), SessionStatus::Completed, at(1)).await);
+    let cancel = SessionCancel { id: sid("multi"), cleanup_at: at(100), now: at(1) };
+    assert!(matches!(store.session_cancel(cancel).await.unwrap(), CancelOutcome::Cancelled(_)));
+    assert!(
+        matches!(store.session_insert(mk("four", "ag")).await.unwrap(), InsertOutcome::Inserted(_)),
+        "once no session of the agent is active, a new one is accepted"
+    );
+}
+
+/// Claims racing from 8 tasks never hand one session to two claimers, and lose none.
+pub async fn claims_racing_never_share_a_session(store: Arc<dyn Store>) {
+    const N: usize = 60;
+    for i in 0..N {
+        insert(&store, session(&format!("s{i:03}"))).await;
+    }
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            for _ in 0..N {
+                let got = claim(&store, &format!("w{t}"), 3, at(1)).await;
+                if got.is_empty() {
+                    break;
+                }
+                mine.extend(got.into_iter().map(|s| (s.id.to_string(), t)));
+            }
+            mine
+        }));
+    }
+    let mut owners: BTreeMap<String, usize> = BTreeMap::new();
+    for task in tasks {
+        for (id, t) in task.await.expect("claim task") {
+            if let Some(prev) = owners.insert(id.clone(), t) {
+                panic!("{id} was claimed by w{prev} and w{t}");
+            }
+        }
+    }
+    assert_eq!(owners.len(), N, "every session claimed exactly once");
+    for (id, t) in owners {
+        let s = get(&store, &id).await;
+        assert_eq!(s.attempt, 1, "{id}");
+        assert_eq!(s.lease.map(|l| l.owner), Some(format!("w{t}")), "{id}");
+    }
+}
+
+/// A waiter wakes on an insert (well before its timeout).
+pub async fn pending_wait_wakes_on_insert(store: Arc<dyn Store>) {
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            store.pending_wait(Duration::from_secs(60)).await;
+            start.elapsed()
+        })
+    };
+    insert(&store, session("a")).await;
+    let waited = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("the waiter did not wake within 30 s of an insert")
+        .expect("waiter task");
+    assert!(waited < Duration::from_secs(30), "woke after {waited:?}");
+}
+
+/// With nothing happening, a wait returns at its timeout.
+pub async fn pending_wait_times_out(store: Arc<dyn Store>) {
+    let start = std::time::Instant::now();
+    // A spurious early return is allowed, so only the upper bound is checked.
+    tokio::time::timeout(Duration::from_secs(30), store.pending_wait(Duration::from_millis(50)))
+        .await
+        .expect("pending_wait ignored its timeout");
+    assert!(start.elapsed() < Duration::from_secs(30));
+}

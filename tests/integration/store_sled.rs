@@ -1,0 +1,339 @@
+//! The sled backend: the conformance suite, plus what only an embedded store has (reopening,
+//! the on-disk layout, corrupt values, group commit).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harvest::session::{SessionId, SessionStatus};
+use harvest::store::sled::SledStore;
+use harvest::store::{
+    CheckpointBatch, CheckpointCommit, InsertOutcome, RecordsPage, SCHEMA_VERSION, SessionInsert,
+    SessionList, Store, StoreError, codec,
+};
+use tempfile::TempDir;
+
+use crate::store_conformance::{Fixture, at, claim, insert, session};
+
+async fn fixture() -> Fixture {
+    let dir = TempDir::new().expect("temp dir");
+    let store = SledStore::open(dir.path()).expect("open sled store");
+    Fixture { store: Arc::new(store), guard: Box::new(dir) }
+}
+
+crate::store_conformance::store_conformance!(fixture);
+
+fn open(dir: &TempDir) -> Arc<dyn Store> {
+    Arc::new(SledStore::open(dir.path()).expect("open sled store"))
+}
+
+fn sid(id: &str) -> SessionId {
+    SessionId::parse(id).expect("valid id")
+}
+
+/// Opens the raw sled database of a closed store (the store must be dropped first).
+fn raw(dir: &TempDir) -> sled::Db {
+    sled::open(dir.path()).expect("open raw sled db")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_after_drop_keeps_everything() {
+    let dir = TempDir::new().unwrap();
+    let (running, pending) = {
+        let store = open(&dir);
+        insert(&store, session("a")).await;
+        let running = claim(&store, "w", 1, at(1)).await.remove(0);
+        let a = harvest::store::AttemptRef {
+            id: sid("a"),
+            attempt: running.attempt,
+            owner: "w".into(),
+        };
+        let batch = CheckpointBatch {
+            records: vec![serde_json::json!({"x": 1}), serde_json::json!({"x": 2})],
+            seen_add: vec!["http://x/".into()],
+            ..Default::default()
+        };
+        let ok = store
+            .checkpoint_commit_if_running(CheckpointCommit {
+                attempt: a,
+                batch,
+                lease: Duration::from_secs(30),
+                now: at(2),
+            })
+            .await
+            .unwrap();
+        assert!(ok);
+        let pending = insert(&store, session("b")).await;
+        // Dropped without close(): every acknowledged write must already be on disk.
+        (store.session_get(&sid("a")).await.unwrap().unwrap(), pending)
+    };
+    let store = open(&dir);
+    assert_eq!(store.session_get(&sid("a")).await.unwrap(), Some(running));
+    assert_eq!(store.session_get(&sid("b")).await.unwrap(), Some(pending.clone()));
+    let recs =
+        store.records_page(RecordsPage { id: sid("a"), offset: 0, limit: 10 }).await.unwrap();
+    assert_eq!(recs.len(), 2);
+    assert_eq!(store.resume_load(&sid("a")).await.unwrap().seen, ["http://x/"]);
+    let counts = store.session_counts(at(3)).await.unwrap();
+    assert_eq!(counts.by_status.get(&SessionStatus::Running), Some(&1));
+    assert_eq!(counts.by_status.get(&SessionStatus::Pending), Some(&1));
+    let c = insert(&store, session("c")).await;
+    assert!(c.seq > pending.seq, "seqs continue after a reopen");
+    assert_eq!(claim(&store, "w", 10, at(3)).await.len(), 2, "the queue survives a reopen");
+}
+
+#[tokio::test]
+async fn newer_schema_version_is_refused() {
+    let dir = TempDir::new().unwrap();
+    drop(SledStore::open(dir.path()).unwrap());
+    {
+        let db = raw(&dir);
+        let mut newer = codec::encode(&(SCHEMA_VERSION + 1)).unwrap();
+        newer[0] = SCHEMA_VERSION as u8 + 1;
+        db.insert(b"\0meta", newer).unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open(dir.path()).expect_err("a newer store must be refused");
+    assert!(
+        matches!(err, StoreError::NewerVersion { found, .. } if found == SCHEMA_VERSION + 1),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&dir.path().display().to_string()) && msg.contains("upgrade"), "{msg}");
+
+    // A newer version number inside a current-format value is refused too.
+    {
+        let db = raw(&dir);
+        db.insert(b"\0meta", codec::encode(&(SCHEMA_VERSION + 1)).unwrap()).unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open(dir.path()).expect_err("a newer store must be refused");
+    assert!(matches!(err, StoreError::NewerVersion { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn corrupt_session_names_its_key_and_the_rest_works() {
+    let dir = TempDir::new().unwrap();
+    {
+        let store = open(&dir);
+        for id in ["good", "bad", "later"] {
+            insert(&store, session(id)).await;
+        }
+    }
+    {
+        let db = raw(&dir);
+        db.insert(b"Sbad", vec![SCHEMA_VERSION as u8, 0xFF, 0xFF, 0xFF]).unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(&dir);
+    let err = store.session_get(&sid("bad")).await.expect_err("corrupt value");
+    assert!(matches!(err, StoreError::Corrupt { ref key, .. } if key.contains("bad")), "{err:?}");
+    assert!(store.session_get(&sid("good")).await.unwrap().is_some());
+    let page = store.session_list(SessionList { limit: 10, ..Default::default() }).await.unwrap();
+    let ids: Vec<&str> = page.sessions.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["later", "good"], "a listing skips the corrupt session");
+    let claimed = claim(&store, "w", 10, at(1)).await;
+    let ids: Vec<&str> = claimed.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["good", "later"], "a claim skips the corrupt session");
+    assert!(claim(&store, "w", 10, at(2)).await.is_empty(), "and drops it from the queue");
+    insert(&store, session("after")).await;
+}
+
+#[tokio::test]
+async fn remove_leaves_no_key_of_the_session() {
+    let dir = TempDir::new().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let store_dyn: Arc<dyn Store> = Arc::new(store);
+    for id in ["gone", "kept"] {
+        let mut s = session(id);
+        s.job.agent = Some("ag".into());
+        insert(&store_dyn, s).await;
+    }
+    for s in claim(&store_dyn, "w", 10, at(1)).await {
+        let a = harvest::store::AttemptRef { id: s.id.clone(), attempt: 1, owner: "w".into() };
+        let batch = CheckpointBatch {
+            records: vec![serde_json::json!(1)],
+            frontier_add: vec![harvest::session::FrontierEntry {
+                url: "http://x/1".into(),
+                depth: 0,
+                page: None,
+            }],
+            seen_add: vec!["http://x/0".into()],
+            log: vec![harvest::session::LogLine {
+                at: at(1),
+                level: "info".into(),
+                message: "m".into(),
+            }],
+            ..Default::default()
+        };
+        let commit =
+            CheckpointCommit { attempt: a, batch, lease: Duration::from_secs(30), now: at(2) };
+        assert!(store_dyn.checkpoint_commit_if_running(commit).await.unwrap());
+    }
+    store_dyn.session_remove(&sid("gone")).await.unwrap().expect("removed");
+    drop(store_dyn);
+    let db = raw(&dir);
+    let mut kept = 0;
+    for kv in db.iter() {
+        let (k, _) = kv.unwrap();
+        let has = |needle: &[u8]| k.windows(needle.len()).any(|w| w == needle);
+        assert!(
+            !has(b"gone"),
+            "a key of the removed session is left: {:?}",
+            k.escape_ascii().to_string()
+        );
+        kept += usize::from(has(b"kept"));
+    }
+    assert!(kept >= 8, "the other session keeps its keys ({kept})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_under_16_concurrent_writers() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    const PER: usize = 50;
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let store: Arc<dyn Store> = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER {
+                insert(&store, session(&format!("t{t}-{i}"))).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let flushes = store.flush_count();
+    assert!(flushes >= 1);
+    assert!(
+        (flushes as usize) < 16 * PER,
+        "{flushes} flushes for {} writes: concurrent writes must share flushes",
+        16 * PER
+    );
+    drop(store);
+    let store = open(&dir);
+    let counts = store.session_counts(at(0)).await.unwrap();
+    assert_eq!(counts.by_status.get(&SessionStatus::Pending), Some(&(16 * PER as u64)));
+}
+
+/// Durable inserts per second with 16 concurrent async submitters (group commit), against a
+/// naive 16-thread insert + flush loop. Run with
+/// `cargo test --release --test integration store_sled::throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement; run in release mode"]
+fn throughput_group_commit_vs_naive() {
+    const N: usize = 40_000;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = TempDir::new().unwrap();
+    let (rate, flushes) = rt.block_on(async {
+        let sled_store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let store: Arc<dyn Store> = sled_store.clone();
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..16 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..N / 16 {
+                    let s = session(&format!("t{t}-{i}"));
+                    let out =
+                        store.session_insert(SessionInsert { session: s, single_agent: None });
+                    assert!(matches!(out.await.unwrap(), InsertOutcome::Inserted(_)));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        (N as f64 / start.elapsed().as_secs_f64(), sled_store.flush_count())
+    });
+    println!(
+        "group commit: {rate:.0} durable session_insert/s (16 async submitters, {N} inserts, {flushes} flushes)"
+    );
+
+    let dir = TempDir::new().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let value = codec::encode(&session("x")).unwrap();
+    let naive_n = 2_000;
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..16 {
+            let db = &db;
+            let value = &value;
+            scope.spawn(move || {
+                for i in 0..naive_n / 16 {
+                    db.insert(format!("S{t}-{i}"), value.clone()).unwrap();
+                    db.flush().unwrap();
+                }
+            });
+        }
+    });
+    let naive = naive_n as f64 / start.elapsed().as_secs_f64();
+    println!("naive: {naive:.0} insert+flush/s (16 threads, {naive_n} inserts)");
+
+    // The ceiling without durability: the same number of keys per insert as session_insert
+    // (session, 4 indexes, counters), 16 threads, no flush.
+    let dir = TempDir::new().unwrap();
+    let db = sled::Config::new().path(dir.path()).flush_every_ms(None).open().unwrap();
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..16 {
+            let db = &db;
+            let value = &value;
+            scope.spawn(move || {
+                for i in 0..N / 16 {
+                    let mut b = sled::Batch::default();
+                    b.insert(format!("S{t}-{i}").as_bytes(), value.clone());
+                    for tag in ["G", "C", "T", "W"] {
+                        b.insert(format!("{tag}{t}-{i}").as_bytes(), &[][..]);
+                    }
+                    b.insert(&b"counters"[..], &[0u8; 24][..]);
+                    db.apply_batch(b).unwrap();
+                }
+            });
+        }
+    });
+    let ceiling = N as f64 / start.elapsed().as_secs_f64();
+    println!("no flush: {ceiling:.0} six-key batches/s (16 threads, {N} batches)");
+
+    // The same with one thread flushing in a loop: what continuous flushing costs the writers.
+    let dir = TempDir::new().unwrap();
+    let db = sled::Config::new().path(dir.path()).flush_every_ms(None).open().unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let start = Instant::now();
+    let mut flushes = 0u64;
+    std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..16)
+            .map(|t| {
+                let db = &db;
+                let value = &value;
+                scope.spawn(move || {
+                    for i in 0..N / 16 {
+                        let mut b = sled::Batch::default();
+                        b.insert(format!("S{t}-{i}").as_bytes(), value.clone());
+                        for tag in ["G", "C", "T", "W"] {
+                            b.insert(format!("{tag}{t}-{i}").as_bytes(), &[][..]);
+                        }
+                        b.insert(&b"counters"[..], &[0u8; 24][..]);
+                        db.apply_batch(b).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let flusher = scope.spawn(|| {
+            let mut n = 0u64;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                db.flush().unwrap();
+                n += 1;
+            }
+            n
+        });
+        for w in writers {
+            w.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        flushes = flusher.join().unwrap();
+    });
+    let rate = N as f64 / start.elapsed().as_secs_f64();
+    println!("flush loop: {rate:.0} six-key batches/s with {flushes} concurrent flushes");
+}
