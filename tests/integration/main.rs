@@ -3,5 +3,6 @@
 mod engine;
 mod engine_bench;
 mod engine_config;
+mod metrics;
 mod store_conformance;
 mod store_sled;
