@@ -232,10 +232,14 @@ fn describe() {
     initialize_counters();
 }
 
-/// Registers every counter series that has a fixed label set at 0, so that `rate()` and
-/// `increase()` answer 0 (not "no data") before the first event, and a series' first increment
-/// is not lost to a missing starting point. Per-client series appear with their first event.
+/// Registers every counter and histogram series that has a fixed label set at 0, so that
+/// `rate()` and `increase()` answer 0 (not "no data") before the first event, and the first
+/// events are not lost to a series that had no sample before them (Prometheus takes a series'
+/// first sample as its start). Per-client series appear with their first event.
 fn initialize_counters() {
+    // Registering a histogram exports its buckets with zero counts until the first sample.
+    let _ = histogram!("harvest_claim_latency_seconds");
+    let _ = histogram!("harvest_session_duration_seconds");
     for name in [
         "harvest_lease_reclaims_total",
         "harvest_http_retries_total",

@@ -184,6 +184,25 @@ async fn run_one_session(handle: PrometheusHandle) -> SessionRun {
             && get(m, "harvest_sessions", &[("status", "PENDING")]) == Some(0.0)
     })
     .await;
+    // Counters and histograms are exported at 0 before their first event, so that a scrape
+    // before it gives rate() its starting point.
+    let m = parse(&handle.render());
+    for name in [
+        "harvest_sessions_submitted_total",
+        "harvest_records_extracted_total",
+        "harvest_claim_latency_seconds_count",
+        "harvest_session_duration_seconds_count",
+    ] {
+        assert_eq!(val(&m, name, &[]), 0.0, "{name} before any session");
+    }
+    assert_eq!(
+        val(
+            &m,
+            "harvest_claim_latency_seconds_bucket",
+            &[("le", "+Inf")]
+        ),
+        0.0
+    );
 
     let h = harvest
         .submit(SubmitRequest::new(catalog(&site)).client(ClientContext::of("acme")))
