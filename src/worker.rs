@@ -461,6 +461,7 @@ async fn commit_batch(s: &WorkerSettings, attempt: &AttemptRef, batch: Checkpoin
     if batch.is_empty() {
         return true;
     }
+    let counts = crate::metrics::BatchCounts::of(&batch);
     let res = s
         .store
         .checkpoint_commit_if_running(CheckpointCommit {
@@ -471,7 +472,12 @@ async fn commit_batch(s: &WorkerSettings, attempt: &AttemptRef, batch: Checkpoin
         })
         .await;
     match res {
-        Ok(applied) => applied,
+        Ok(applied) => {
+            if applied {
+                counts.record();
+            }
+            applied
+        }
         Err(e) => {
             tracing::error!(session = %attempt.id, error = %e, "final checkpoint failed");
             false
@@ -482,8 +488,10 @@ async fn commit_batch(s: &WorkerSettings, attempt: &AttemptRef, batch: Checkpoin
 async fn finish_session(s: &WorkerSettings, p: SessionFinish) {
     let id = p.attempt.id.clone();
     let status = p.status;
+    let counts = crate::metrics::BatchCounts::of(&p.batch);
     match s.store.session_finish_if_running(p).await {
         Ok(true) => {
+            counts.record();
             if let Ok(Some(session)) = s.store.session_get(&id).await {
                 crate::metrics::session_finished(&session);
                 s.events.publish(EventKind::for_status(status), &session);

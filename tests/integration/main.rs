@@ -10,6 +10,7 @@ mod crash;
 mod engine;
 mod engine_bench;
 mod engine_config;
+mod metrics;
 mod proc;
 mod service;
 mod store_conformance;
