@@ -10,6 +10,11 @@
 //!   use json or jsonl for records whose keys vary that much. Strings are written as they are,
 //!   numbers and booleans as their JSON text, null and missing keys as an empty cell, arrays and
 //!   objects as JSON text.
+//!
+//! `remove_after_export`: when a session that was terminal before the read began is read to its
+//! end (the last page came back shorter than asked, or a full streamed read was sent), its records
+//! are removed; the session itself stays readable until its timeout. A page that exactly fills
+//! its `limit` is not the end: the next, shorter (possibly empty) page is.
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -64,7 +69,7 @@ impl Format {
     tag = "sessions",
     params(("id" = String, Path, description = "Session id"), RecordsQuery),
     responses(
-        (status = 200, description = "Records: a JSON array (json), one object per line (jsonl), or CSV with a header row",
+        (status = 200, description = "Records: a JSON array (json), one object per line (jsonl), or CSV with a header row. With remove_after_export, reading a terminal session's records to the end removes them",
             content(
                 (Vec<Object> = "application/json"),
                 (String = "application/x-ndjson"),

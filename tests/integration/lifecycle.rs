@@ -793,3 +793,82 @@ async fn remove_after_export_waits_for_the_session_to_end() {
         "the records read while it ran do not count"
     );
 }
+
+async fn cli(server: &str, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_harvest"))
+        .args(args)
+        .env("HARVEST_SERVER", server)
+        .env_remove("HARVEST_TOKEN")
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("harvest finished within 60 s")
+        .expect("harvest ran");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_agents_put_list_get_run_wait_delete() {
+    let s = start(CONFIG).await;
+    let dir = TempDir::new().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, "name = \"t\"\nrecords = 2\n").unwrap();
+    let base = s.base.as_str();
+    let path = cfg.to_str().unwrap();
+
+    let (ok, out, err) = cli(
+        base,
+        &[
+            "agents",
+            "put",
+            "nightly",
+            path,
+            "--single",
+            "--schedule",
+            "0 0 3 * * *",
+            "-p",
+            "k=v",
+        ],
+    )
+    .await;
+    assert!(ok, "put: {out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON agent");
+    assert_eq!(
+        (v["sessions"].as_str(), v["params"]["k"].as_str()),
+        (Some("single"), Some("v"))
+    );
+    let (ok, out, err) = cli(base, &["agents", "list"]).await;
+    assert!(ok, "list: {err}");
+    assert_eq!(out.trim(), "nightly\tsingle\t0 0 3 * * *");
+    let (ok, out, _) = cli(base, &["agents", "get", "nightly"]).await;
+    assert!(ok && out.contains("\"schedule\": \"0 0 3 * * *\""), "{out}");
+    let (ok, out, err) = cli(
+        base,
+        &[
+            "agents",
+            "run",
+            "nightly",
+            "--wait",
+            "--session-id",
+            "cli-run",
+        ],
+    )
+    .await;
+    assert!(ok, "run: {out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON session");
+    assert_eq!(
+        (v["status"].as_str(), v["records"].as_u64()),
+        (Some("COMPLETED"), Some(2))
+    );
+    assert_eq!(v["agent"], "nightly");
+    let (ok, _, err) = cli(base, &["agents", "get", "missing"]).await;
+    assert!(!ok && err.contains("not found"), "{err}");
+    let (ok, _, err) = cli(base, &["agents", "delete", "nightly"]).await;
+    assert!(ok, "delete: {err}");
+    let (ok, out, _) = cli(base, &["agents", "list"]).await;
+    assert!(ok && out.trim().is_empty(), "{out}");
+}
