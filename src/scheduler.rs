@@ -1,7 +1,8 @@
 //! Maintenance of the store and cron agents.
 //!
-//! One task ticks every `sessions.maintenance_interval_secs`: reclaim expired leases, remove
-//! sessions whose timeout has passed, keep the session gauges true, and keep the cron scheduler
+//! One task ticks every `sessions.maintenance_interval_secs`: reclaim expired leases, end
+//! attempts far past their `max_duration` whose worker failed to, remove sessions whose timeout
+//! has passed, keep the session gauges true, and keep the cron scheduler
 //! (tokio-cron-scheduler) in step with the saved agents. Each job costs O(work due) per tick: the
 //! store's lease-expiry and cleanup-deadline indexes hand over only what is due. [`run_once`]
 //! takes its time from the service's clock, so tests drive it with a manual clock.
@@ -90,6 +91,7 @@ pub async fn run_once(harvest: &Harvest) -> Result<MaintenanceReport, crate::sto
             harvest.events().publish(kind, &s);
         }
     }
+    let overdue = end_overdue(harvest, now).await?;
     let expired = store
         .sessions_expire(SessionsExpire {
             now,
@@ -104,8 +106,76 @@ pub async fn run_once(harvest: &Harvest) -> Result<MaintenanceReport, crate::sto
     crate::metrics::set_counts(&counts);
     Ok(MaintenanceReport {
         reclaimed: reclaimed.len(),
+        overdue,
         expired: expired.len(),
     })
+}
+
+/// How long past its `max_duration` an attempt may still run before maintenance ends it. The
+/// worker stops it at `max_duration` and aborts it 10 s later; only an attempt whose worker is
+/// alive (heartbeats) but cannot end it, e.g. a job blocking its thread, gets this far.
+pub const MAX_DURATION_BACKSTOP: Duration = Duration::from_secs(60);
+
+/// Ends RUNNING sessions past `max_duration + MAX_DURATION_BACKSTOP` as FAILED
+/// (`max_duration_exceeded`), with the same compare-and-set a worker uses, so exactly one of the
+/// worker and maintenance ends it. O(running sessions), at most [`PER_TICK`].
+async fn end_overdue(
+    harvest: &Harvest,
+    now: crate::session::Timestamp,
+) -> Result<usize, crate::store::StoreError> {
+    let store = harvest.store();
+    let page = store
+        .session_list(crate::store::SessionList {
+            status: Some(crate::session::SessionStatus::Running),
+            limit: PER_TICK,
+            ..Default::default()
+        })
+        .await?;
+    let mut ended = 0;
+    for s in page.sessions {
+        let (Some(max), Some(start), Some(lease)) = (
+            s.options.max_duration_secs,
+            s.metrics.start_time,
+            s.lease.as_ref(),
+        ) else {
+            continue;
+        };
+        if start.add(Duration::from_secs(max) + MAX_DURATION_BACKSTOP) > now {
+            continue;
+        }
+        let timeout = s
+            .options
+            .session_timeout_secs
+            .unwrap_or(harvest.config().sessions.default_timeout_secs);
+        let applied = store
+            .session_finish_if_running(crate::store::SessionFinish {
+                attempt: crate::store::AttemptRef {
+                    id: s.id.clone(),
+                    attempt: s.attempt,
+                    owner: lease.owner.clone(),
+                },
+                status: crate::session::SessionStatus::Failed,
+                error: Some(crate::session::SessionError::new(
+                    "max_duration_exceeded",
+                    format!(
+                        "the attempt ran longer than max_duration_secs = {max} and its worker did not stop it; ended by maintenance"
+                    ),
+                )),
+                batch: crate::store::CheckpointBatch::default(),
+                cleanup_at: now.add(Duration::from_secs(timeout)),
+                now,
+            })
+            .await?;
+        if applied {
+            ended += 1;
+            tracing::warn!(session = %s.id, attempt = s.attempt, "attempt past max_duration ended by maintenance");
+            if let Ok(Some(done)) = store.session_get(&s.id).await {
+                crate::metrics::session_finished(&done);
+                harvest.events().publish(EventKind::Failed, &done);
+            }
+        }
+    }
+    Ok(ended)
 }
 
 /// What one pass did.
@@ -113,6 +183,8 @@ pub async fn run_once(harvest: &Harvest) -> Result<MaintenanceReport, crate::sto
 pub struct MaintenanceReport {
     /// Sessions reclaimed.
     pub reclaimed: usize,
+    /// RUNNING sessions ended FAILED for running far past their `max_duration`.
+    pub overdue: usize,
     /// Sessions removed after their timeout.
     pub expired: usize,
 }

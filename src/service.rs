@@ -520,6 +520,23 @@ impl Harvest {
             .await?)
     }
 
+    /// A client read every record of a session that was terminal when the read began. With
+    /// `remove_after_export`, its records are removed now; the session itself stays readable
+    /// until its timeout. Returns whether records were removed.
+    pub async fn records_exported(&self, id: &SessionId) -> Result<bool, HarvestError> {
+        let Some(s) = self.inner.store.session_get(id).await? else {
+            return Ok(false);
+        };
+        if !s.options.remove_after_export || !s.status.is_terminal() {
+            return Ok(false);
+        }
+        let removed = self.inner.store.records_remove_if_terminal(id).await?;
+        if removed {
+            tracing::info!(session = %id, "records read to the end; removed (remove_after_export)");
+        }
+        Ok(removed)
+    }
+
     /// Events from now on (created, started, progress, completed, failed, cancelled, requeued,
     /// removed).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {

@@ -546,6 +546,7 @@ async fn requeue_with(
     let kind = match res {
         Ok(RequeueOutcome::Requeued) => EventKind::Requeued,
         Ok(RequeueOutcome::Failed) => EventKind::Failed,
+        Ok(RequeueOutcome::Cancelled) => EventKind::Cancelled,
         Ok(RequeueOutcome::NotApplied) => return,
         Err(e) => {
             tracing::error!(session = %attempt.id, error = %e, "requeue failed; the lease will expire");
@@ -553,7 +554,7 @@ async fn requeue_with(
         }
     };
     if let Ok(Some(session)) = s.store.session_get(&attempt.id).await {
-        if kind == EventKind::Failed {
+        if matches!(kind, EventKind::Failed | EventKind::Cancelled) {
             crate::metrics::session_finished(&session);
         }
         s.events.publish(kind, &session);

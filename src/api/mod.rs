@@ -6,7 +6,7 @@
 //! wrong method) are answered in the same shape, so no plain-text error leaves the server.
 //!
 //! Authentication ([`auth`]): with `[[clients]]` configured, every `/v1` data route needs
-//! `Authorization: Bearer <token>`, and a client sees only its own sessions. `/healthz`, `/readyz`,
+//! `Authorization: Bearer <token>`, and a client sees only its own sessions and agents. `/healthz`, `/readyz`,
 //! `/metrics` and `/v1/openapi.json` stay open: probes and scrapers carry no tokens, and neither
 //! the metrics (bounded labels, no session ids) nor the spec reveal a tenant's data.
 //!
@@ -14,6 +14,7 @@
 //! pairs; a test checks that list against the OpenAPI document, so the spec cannot silently miss
 //! a route.
 
+pub mod agents;
 pub mod auth;
 pub mod error;
 pub mod events;
@@ -61,16 +62,31 @@ With [[clients]] configured, /v1 data routes need Authorization: Bearer <token>.
         records::records,
         events::session_events,
         events::all_events,
+        agents::put_agent,
+        agents::get_agent,
+        agents::delete_agent,
+        agents::list_agents,
+        agents::run_agent,
         healthz,
         readyz,
         metrics_text,
         openapi_json,
     ),
-    components(schemas(ErrorBody, error::ErrorDetail, view::SessionView, view::EventView)),
+    components(schemas(
+        ErrorBody,
+        error::ErrorDetail,
+        view::SessionView,
+        view::EventView,
+        agents::AgentView,
+        agents::AgentBody,
+        agents::AgentRunBody,
+        agents::AgentListView
+    )),
     modifiers(&BearerAuth),
     tags(
         (name = "sessions", description = "Submit, watch, read and remove sessions"),
         (name = "events", description = "Server-Sent Events"),
+        (name = "agents", description = "Saved scraper configs, their schedules and runs"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]
@@ -147,6 +163,15 @@ fn routes() -> Routes {
             get(events::session_events),
         )
         .route("/v1/events", &["get"], get(events::all_events))
+        .route("/v1/agents", &["get"], get(agents::list_agents))
+        .route(
+            "/v1/agents/{name}",
+            &["get", "put", "delete"],
+            get(agents::get_agent)
+                .put(agents::put_agent)
+                .delete(agents::delete_agent),
+        )
+        .route("/v1/agents/{name}/run", &["post"], post(agents::run_agent))
 }
 
 /// Every (method, path) the router serves, methods in lower case, paths as in OpenAPI

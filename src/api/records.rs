@@ -10,6 +10,11 @@
 //!   use json or jsonl for records whose keys vary that much. Strings are written as they are,
 //!   numbers and booleans as their JSON text, null and missing keys as an empty cell, arrays and
 //!   objects as JSON text.
+//!
+//! `remove_after_export`: when a session that was terminal before the read began is read to its
+//! end (the last page came back shorter than asked, or a full streamed read was sent), its records
+//! are removed; the session itself stays readable until its timeout. A page that exactly fills
+//! its `limit` is not the end: the next, shorter (possibly empty) page is.
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -64,7 +69,7 @@ impl Format {
     tag = "sessions",
     params(("id" = String, Path, description = "Session id"), RecordsQuery),
     responses(
-        (status = 200, description = "Records: a JSON array (json), one object per line (jsonl), or CSV with a header row",
+        (status = 200, description = "Records: a JSON array (json), one object per line (jsonl), or CSV with a header row. With remove_after_export, reading a terminal session's records to the end removes them",
             content(
                 (Vec<Object> = "application/json"),
                 (String = "application/x-ndjson"),
@@ -93,7 +98,10 @@ pub async fn records(
         }
     };
     let offset = q.offset.unwrap_or(0);
-    owned_session(&st, &caller, &id).await?;
+    let session = owned_session(&st, &caller, &id).await?;
+    // Only a session that was terminal before the read began has a fixed set of records, so
+    // only then does reading to the end mean everything was exported.
+    let remove_at_end = session.options.remove_after_export && session.status.is_terminal();
     // The first page is read before answering, so a store failure is a proper 500 rather than
     // a cut-off 200.
     let first_len = limit.map_or(PAGE, |l| (l as usize).min(PAGE));
@@ -106,6 +114,8 @@ pub async fn records(
         remaining: limit,
         columns: None,
         started: false,
+        remove_at_end,
+        read_to_end: false,
     }
     .into_stream(first);
     Ok((
@@ -127,6 +137,10 @@ struct RecordStream {
     columns: Option<Vec<String>>,
     /// Whether a record was written (JSON needs commas between them).
     started: bool,
+    /// `remove_after_export` applies: remove the records once the last page was sent.
+    remove_at_end: bool,
+    /// The last page (shorter than asked) was produced.
+    read_to_end: bool,
 }
 
 impl RecordStream {
@@ -136,8 +150,17 @@ impl RecordStream {
     ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
         futures::stream::unfold(
             (self, Some(first), false),
-            |(mut s, mut pending, done)| async move {
+            |(mut s, mut pending, done): (RecordStream, Option<Vec<Record>>, bool)| async move {
                 if done {
+                    // Polled again after the last chunk: the body writer has taken it, so the
+                    // client has been sent every record.
+                    if s.remove_at_end && s.read_to_end {
+                        s.remove_at_end = false;
+                        if let Err(e) = s.harvest.records_exported(&s.id).await {
+                            tracing::warn!(session = %s.id, error = %e,
+                                "removing exported records failed; they stay until the session's timeout");
+                        }
+                    }
                     return None;
                 }
                 let page = match pending.take() {
@@ -172,6 +195,7 @@ impl RecordStream {
                 if let Some(r) = page.last() {
                     s.next_offset = r.seq + 1;
                 }
+                s.read_to_end |= last;
                 let finished = last || s.remaining == Some(0);
                 if finished {
                     out.extend_from_slice(s.trailer().as_bytes());

@@ -51,7 +51,7 @@ fn view(st: &AppState, s: &Session) -> SessionView {
     SessionView::of(s, st.harvest.clock().now())
 }
 
-fn params_to_strings(
+pub(crate) fn params_to_strings(
     params: BTreeMap<String, serde_json::Value>,
 ) -> Result<BTreeMap<String, String>, ApiError> {
     let mut out = BTreeMap::new();

@@ -1,4 +1,5 @@
-//! The HTTP client commands: `submit`, `status`, `cancel`, `close`, `sessions`, `records`, `log`.
+//! The HTTP client commands: `submit`, `status`, `cancel`, `close`, `sessions`, `records`, `log`,
+//! `agents`.
 //!
 //! They talk to a running `harvest serve` at `--server` (env `HARVEST_SERVER`, default
 //! `http://127.0.0.1:8080`) with `--token` (env `HARVEST_TOKEN`) as the bearer token. Output is
@@ -60,6 +61,81 @@ pub enum ClientCommand {
         /// Session id.
         id: String,
     },
+    /// Saved agents: list, get, put, delete, run.
+    Agents {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: AgentsCommand,
+    },
+}
+
+/// `harvest agents ...`.
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// List your agents (one line each: name, sessions, schedule).
+    List {
+        /// Print the server's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an agent.
+    Get {
+        /// Agent name.
+        name: String,
+    },
+    /// Save (create or replace) an agent from a scraper config file.
+    Put(AgentPutArgs),
+    /// Delete an agent (its sessions stay until their own cleanup).
+    Delete {
+        /// Agent name.
+        name: String,
+    },
+    /// Start a run of an agent.
+    Run(AgentRunArgs),
+}
+
+/// `harvest agents put`.
+#[derive(Debug, Args)]
+pub struct AgentPutArgs {
+    /// Agent name (1-128 characters of [A-Za-z0-9._:-]).
+    pub name: String,
+    /// The scraper config file (TOML, or JSON).
+    pub config: PathBuf,
+    /// Cron schedule with seconds, e.g. "0 */15 * * * *".
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// At most one active run; a new run removes the previous runs' data.
+    #[arg(long)]
+    pub single: bool,
+    /// A default parameter, as key=value (repeatable).
+    #[arg(long = "param", short = 'p', value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
+    /// Default options as JSON, e.g. '{"max_duration_secs": 600}'.
+    #[arg(long)]
+    pub options: Option<String>,
+}
+
+/// `harvest agents run`.
+#[derive(Debug, Args)]
+pub struct AgentRunArgs {
+    /// Agent name.
+    pub name: String,
+    /// A parameter merged over the agent's, as key=value (repeatable).
+    #[arg(long = "param", short = 'p', value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
+    /// A caller-chosen session id.
+    #[arg(long)]
+    pub session_id: Option<String>,
+    /// Options as JSON, replacing the agent's defaults.
+    #[arg(long)]
+    pub options: Option<String>,
+    /// Wait until the run ends, with a progress bar on stderr; exit non-zero unless it
+    /// COMPLETED.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds (the run keeps running).
+    #[arg(long)]
+    pub timeout: Option<u64>,
 }
 
 /// `harvest submit`.
@@ -192,8 +268,17 @@ impl Client {
     }
 
     async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.send_json(reqwest::Method::POST, path, body).await
+    }
+
+    async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> anyhow::Result<Value> {
         let req = self
-            .request(reqwest::Method::POST, path)
+            .request(method, path)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(serde_json::to_vec(body)?);
         self.json(req).await
@@ -258,6 +343,93 @@ pub async fn run(server: &ServerArgs, cmd: ClientCommand) -> anyhow::Result<()> 
             }
             Ok(())
         }
+        ClientCommand::Agents { cmd } => agents(&client, cmd).await,
+    }
+}
+
+fn options_arg(o: Option<&str>) -> anyhow::Result<Option<Value>> {
+    match o {
+        None => Ok(None),
+        Some(o) => {
+            let v: Value =
+                serde_json::from_str(o).context("--options must be a JSON object of options")?;
+            Ok(Some(v))
+        }
+    }
+}
+
+async fn agents(client: &Client, cmd: AgentsCommand) -> anyhow::Result<()> {
+    let path = |name: &str| format!("/v1/agents/{}", enc(name));
+    match cmd {
+        AgentsCommand::List { json } => {
+            let v = client
+                .json(client.request(reqwest::Method::GET, "/v1/agents"))
+                .await?;
+            if json {
+                return print_json(&v);
+            }
+            let mut out = std::io::stdout().lock();
+            for a in v["agents"].as_array().into_iter().flatten() {
+                writeln!(
+                    out,
+                    "{}\t{}\t{}",
+                    a["name"].as_str().unwrap_or(""),
+                    a["sessions"].as_str().unwrap_or(""),
+                    a["schedule"].as_str().unwrap_or("-"),
+                )?;
+            }
+            Ok(())
+        }
+        AgentsCommand::Get { name } => {
+            let v = client
+                .json(client.request(reqwest::Method::GET, &path(&name)))
+                .await?;
+            print_json(&v)
+        }
+        AgentsCommand::Delete { name } => {
+            let v = client
+                .json(client.request(reqwest::Method::DELETE, &path(&name)))
+                .await?;
+            print_json(&v)
+        }
+        AgentsCommand::Put(args) => {
+            let text = std::fs::read_to_string(&args.config)
+                .with_context(|| format!("reading the config {}", args.config.display()))?;
+            let params: BTreeMap<String, String> = args.params.into_iter().collect();
+            let mut body = json!({
+                "config": text,
+                "params": params,
+                "sessions": if args.single { "single" } else { "multiple" },
+            });
+            if let Some(s) = &args.schedule {
+                body["schedule"] = json!(s);
+            }
+            if let Some(o) = options_arg(args.options.as_deref())? {
+                body["options"] = o;
+            }
+            let v = client
+                .send_json(reqwest::Method::PUT, &path(&args.name), &body)
+                .await?;
+            print_json(&v)
+        }
+        AgentsCommand::Run(args) => {
+            let params: BTreeMap<String, String> = args.params.into_iter().collect();
+            let mut body = json!({"params": params});
+            if let Some(id) = &args.session_id {
+                body["session_id"] = json!(id);
+            }
+            if let Some(o) = options_arg(args.options.as_deref())? {
+                body["options"] = o;
+            }
+            let session = client
+                .post_json(&format!("{}/run", path(&args.name)), &body)
+                .await?;
+            if args.wait {
+                wait_session(client, session, args.timeout).await
+            } else {
+                print_json(&session)
+            }
+        }
     }
 }
 
@@ -275,13 +447,19 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<()> {
         body["options"] = v;
     }
     let session = client.post_json("/v1/sessions", &body).await?;
+    if !args.wait {
+        return print_json(&session);
+    }
+    wait_session(client, session, args.timeout).await
+}
+
+/// Polls a session until it ends (or `timeout` seconds pass), with a progress bar on stderr;
+/// prints it and fails unless it COMPLETED.
+async fn wait_session(client: &Client, session: Value, timeout: Option<u64>) -> anyhow::Result<()> {
     let id = session["id"]
         .as_str()
         .ok_or_else(|| anyhow!("the server's answer has no session id"))?
         .to_string();
-    if !args.wait {
-        return print_json(&session);
-    }
     eprintln!("submitted session {id}");
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
@@ -289,9 +467,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
-    let deadline = args
-        .timeout
-        .map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
     let path = format!("/v1/sessions/{}", enc(&id));
     let last = loop {
         let s = client

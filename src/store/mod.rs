@@ -249,13 +249,17 @@ pub enum RequeueOutcome {
     Requeued,
     /// Attempts exhausted: now FAILED.
     Failed,
+    /// A client had asked to cancel the session while it ran: now CANCELLED instead of being run
+    /// again (reclaim only).
+    Cancelled,
     /// The precondition did not hold (not running with that attempt and owner, or lease not
     /// expired): nothing changed.
     NotApplied,
 }
 
 /// Reclaim RUNNING sessions whose lease expired before `expired_before`. An attempt that
-/// committed no progress counts against `max_attempts`; one that did is free.
+/// committed no progress counts against `max_attempts`; one that did is free. A session whose
+/// cancel flag is set ends CANCELLED (the client's request outlives the worker that lost it).
 #[derive(Debug, Clone)]
 pub struct LeaseReclaim {
     /// Leases that expire at or before this instant are reclaimed. The sled backend passes
@@ -427,6 +431,11 @@ pub trait Store: Send + Sync + 'static {
     /// Remove a session and everything of it (records, frontier, seen set, log, index entries).
     /// Returns the removed session, `None` when there was none.
     async fn session_remove(&self, id: &SessionId) -> StoreResult<Option<Session>>;
+
+    /// Remove the records of a terminal session, keeping the session itself (its status stays
+    /// readable until its own cleanup): `remove_after_export` once a client has read them all.
+    /// `false` (nothing removed) when the session is missing or not terminal.
+    async fn records_remove_if_terminal(&self, id: &SessionId) -> StoreResult<bool>;
 
     /// Remove terminal sessions whose cleanup time is due (O(expired)); returns them.
     async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>>;

@@ -1266,7 +1266,13 @@ impl Store for SledStore {
                     s.failures += 1;
                 }
                 s.updated_at = p.now;
-                let outcome = if s.failures >= s.max_attempts() {
+                let outcome = if s.cancel_requested {
+                    s.status = SessionStatus::Cancelled;
+                    s.lease = None;
+                    s.cleanup_at = Some(p.now.add(p.cleanup_after));
+                    s.metrics.end_time = Some(p.now);
+                    RequeueOutcome::Cancelled
+                } else if s.failures >= s.max_attempts() {
                     let error = SessionError::new(
                         "attempts_exhausted",
                         format!(
@@ -1345,6 +1351,35 @@ impl Store for SledStore {
             self.durability.wait(t).await?;
         }
         Ok(removed)
+    }
+
+    async fn records_remove_if_terminal(&self, id: &SessionId) -> StoreResult<bool> {
+        {
+            let _st = self.lock();
+            match self.load(id)? {
+                Some(s) if s.status.is_terminal() => {}
+                _ => return Ok(false),
+            }
+        }
+        // Terminal: no attempt writes records any more, so the chunks below race only with a
+        // removal of the whole session, which deletes the same keys.
+        let prefix = data_prefix(b'R', id);
+        for _ in 0..(1u64 << 32) {
+            let _st = self.lock();
+            let mut b = Batch::default();
+            let mut n = 0;
+            for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
+                b.remove(kv.map_err(backend)?.0);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            self.apply_atomic(b)?;
+        }
+        let ticket = self.durability.ticket();
+        self.durability.wait(ticket).await?;
+        Ok(true)
     }
 
     async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {

@@ -204,6 +204,7 @@ async fn run_one_session(handle: PrometheusHandle) -> SessionRun {
         0.0
     );
 
+    let mut events = harvest.subscribe();
     let h = harvest
         .submit(SubmitRequest::new(catalog(&site)).client(ClientContext::of("acme")))
         .await
@@ -213,6 +214,19 @@ async fn run_one_session(handle: PrometheusHandle) -> SessionRun {
         .await
         .expect("await")
         .expect("finished in time");
+    // The store shows COMPLETED a moment before the worker records the finish metrics and
+    // publishes `completed`; wait for the event so the numbers below are final.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.recv().await {
+                Ok(e) if e.kind == harvest::event::EventKind::Completed => break,
+                Ok(_) => continue,
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("completed event in time");
     assert_eq!(
         session.status,
         SessionStatus::Completed,

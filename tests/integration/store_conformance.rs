@@ -66,6 +66,8 @@ macro_rules! store_conformance {
             requeue_with_and_without_spending_attempts,
             reclaim_with_and_without_progress,
             reclaim_respects_limit_and_expiry,
+            reclaim_of_a_cancel_requested_session_ends_cancelled,
+            records_remove_if_terminal_keeps_the_session,
             checkpoint_numbering_across_attempts_and_resume,
             records_page_validation,
             log_keeps_last_lines,
@@ -1507,4 +1509,130 @@ pub async fn pending_wait_times_out(store: Arc<dyn Store>) {
     .await
     .expect("pending_wait ignored its timeout");
     assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+/// A RUNNING session whose client asked to cancel it, and whose worker then vanished, ends
+/// CANCELLED at reclaim; it is not run again.
+pub async fn reclaim_of_a_cancel_requested_session_ends_cancelled(store: Arc<dyn Store>) {
+    for id in ["flagged", "plain"] {
+        insert(&store, session(id)).await;
+    }
+    let claimed = claim(&store, "w", 10, at(0)).await;
+    assert_eq!(claimed.len(), 2);
+    let out = store
+        .session_cancel(SessionCancel {
+            id: sid("flagged"),
+            cleanup_at: at(5000),
+            now: at(1),
+        })
+        .await
+        .expect("cancel");
+    assert!(matches!(out, CancelOutcome::Requested(_)), "{out:?}");
+    let outcome = reclaim(&store, at(30), at(31)).await;
+    assert_eq!(
+        outcome,
+        [
+            ("flagged".into(), 1, RequeueOutcome::Cancelled),
+            ("plain".into(), 1, RequeueOutcome::Requeued)
+        ]
+    );
+    let f = get(&store, "flagged").await;
+    assert_eq!(f.status, SessionStatus::Cancelled);
+    assert_eq!(f.lease, None);
+    assert_eq!(f.cleanup_at, Some(at(31).add(Duration::from_secs(3600))));
+    assert_eq!(f.metrics.end_time, Some(at(31)));
+    let again = claim(&store, "w", 10, at(1000)).await;
+    assert_eq!(
+        ids(&again),
+        ["plain"],
+        "the cancelled session is never claimed again"
+    );
+    let counts = store.session_counts(at(1000)).await.unwrap();
+    assert_eq!(
+        counts.by_status.get(&SessionStatus::Cancelled).copied(),
+        Some(1),
+        "{counts:?}"
+    );
+    let expired = store
+        .sessions_expire(SessionsExpire {
+            now: at(31).add(Duration::from_secs(3600)),
+            limit: 10,
+        })
+        .await
+        .expect("expire");
+    assert_eq!(
+        ids(&expired),
+        ["flagged"],
+        "it is cleaned up at its timeout"
+    );
+}
+
+/// Removing the records of a terminal session keeps the session (and other sessions' records);
+/// an active or missing session is refused.
+pub async fn records_remove_if_terminal_keeps_the_session(store: Arc<dyn Store>) {
+    for id in ["ab", "abc"] {
+        insert(&store, session(id)).await;
+    }
+    let claimed = claim(&store, "w", 10, at(0)).await;
+    for s in &claimed {
+        let batch = CheckpointBatch {
+            records: records(5, 0),
+            ..Default::default()
+        };
+        assert!(checkpoint(&store, &aref(s), batch, at(1)).await);
+    }
+    let page = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .records_page(RecordsPage {
+                    id: sid(id),
+                    offset: 0,
+                    limit: 100,
+                })
+                .await
+                .expect("records")
+                .len()
+        }
+    };
+    assert!(
+        !store.records_remove_if_terminal(&sid("ab")).await.unwrap(),
+        "a RUNNING session keeps its records"
+    );
+    assert!(
+        !store
+            .records_remove_if_terminal(&sid("nope"))
+            .await
+            .unwrap(),
+        "a missing session is no error"
+    );
+    assert_eq!(page("ab").await, 5);
+    let ab = claimed.iter().find(|s| s.id.as_str() == "ab").unwrap();
+    assert!(finish(&store, &aref(ab), SessionStatus::Completed, at(2)).await);
+    assert!(store.records_remove_if_terminal(&sid("ab")).await.unwrap());
+    assert_eq!(page("ab").await, 0, "the records are gone");
+    assert_eq!(
+        page("abc").await,
+        5,
+        "a session whose id extends it keeps its records"
+    );
+    let kept = get(&store, "ab").await;
+    assert_eq!(kept.status, SessionStatus::Completed, "the session stays");
+    assert_eq!(kept.cleanup_at, Some(at(2).add(Duration::from_secs(3600))));
+    assert!(
+        store.records_remove_if_terminal(&sid("ab")).await.unwrap(),
+        "idempotent"
+    );
+    let expired = store
+        .sessions_expire(SessionsExpire {
+            now: at(2).add(Duration::from_secs(3600)),
+            limit: 10,
+        })
+        .await
+        .expect("expire");
+    assert_eq!(
+        ids(&expired),
+        ["ab"],
+        "and is removed at its timeout as usual"
+    );
 }

@@ -140,6 +140,8 @@ postgres_conformance!(
     requeue_with_and_without_spending_attempts,
     reclaim_with_and_without_progress,
     reclaim_respects_limit_and_expiry,
+    reclaim_of_a_cancel_requested_session_ends_cancelled,
+    records_remove_if_terminal_keeps_the_session,
     checkpoint_numbering_across_attempts_and_resume,
     records_page_validation,
     log_keeps_last_lines,

@@ -633,24 +633,29 @@ impl Store for PostgresStore {
                  u AS (
                      UPDATE sessions SET
                          failures = failures + CASE WHEN progress_this_attempt THEN 0 ELSE 1 END,
-                         status = CASE WHEN NOT progress_this_attempt
+                         status = CASE WHEN cancel_requested THEN 'CANCELLED'
+                                  WHEN NOT progress_this_attempt
                                        AND failures + 1 >= max_attempts
                                   THEN 'FAILED' ELSE 'PENDING' END,
                          run_at = $3,
-                         error_kind = CASE WHEN NOT progress_this_attempt
+                         error_kind = CASE WHEN cancel_requested THEN error_kind
+                                      WHEN NOT progress_this_attempt
                                            AND failures + 1 >= max_attempts
                                       THEN 'attempts_exhausted' ELSE 'lease_expired' END,
-                         error_message = CASE WHEN NOT progress_this_attempt
+                         error_message = CASE WHEN cancel_requested THEN error_message
+                                         WHEN NOT progress_this_attempt
                                               AND failures + 1 >= max_attempts
                                          THEN format('attempt %s lost its lease (the worker \
                                              stopped or was cut off) and no attempts are left \
                                              (max_attempts %s)', attempt, max_attempts)
                                          ELSE format('attempt %s lost its lease (the worker \
                                              stopped or was cut off); retrying', attempt) END,
-                         cleanup_at = CASE WHEN NOT progress_this_attempt
+                         cleanup_at = CASE WHEN cancel_requested THEN $4::bigint
+                                      WHEN NOT progress_this_attempt
                                            AND failures + 1 >= max_attempts
                                       THEN $4::bigint ELSE NULL END,
-                         end_time = CASE WHEN NOT progress_this_attempt
+                         end_time = CASE WHEN cancel_requested THEN $5::bigint
+                                    WHEN NOT progress_this_attempt
                                          AND failures + 1 >= max_attempts
                                     THEN $5::bigint ELSE end_time END,
                          lease_owner = NULL, lease_expires_at = NULL, updated_at = $5
@@ -679,10 +684,10 @@ impl Store for PostgresStore {
             })?;
             let attempt = to_u32(row_get::<i32>(row, 1, &key)?, "attempt")?;
             let status: String = row_get(row, 2, &key)?;
-            let outcome = if status == "PENDING" {
-                RequeueOutcome::Requeued
-            } else {
-                RequeueOutcome::Failed
+            let outcome = match status.as_str() {
+                "PENDING" => RequeueOutcome::Requeued,
+                "CANCELLED" => RequeueOutcome::Cancelled,
+                _ => RequeueOutcome::Failed,
             };
             out.push(Reclaimed {
                 id,
@@ -767,6 +772,35 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err(&format!("committing the removal of session {id}")))?;
         Ok(Some(session))
+    }
+
+    async fn records_remove_if_terminal(&self, id: &SessionId) -> StoreResult<bool> {
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        // The row lock keeps a concurrent removal or finish from interleaving with the delete.
+        let row = tx
+            .query_opt(
+                "SELECT status FROM sessions WHERE id = $1 FOR UPDATE",
+                &[&id.as_str()],
+            )
+            .await
+            .map_err(db_err(&format!("reading session {id}")))?;
+        let Some(row) = row else { return Ok(false) };
+        let key = key_name("sessions", id);
+        let status: String = row_get(&row, 0, &key)?;
+        if !parse_status(&status, &key)?.is_terminal() {
+            return Ok(false);
+        }
+        tx.execute("DELETE FROM records WHERE session_id = $1", &[&id.as_str()])
+            .await
+            .map_err(db_err(&format!("removing the records of session {id}")))?;
+        tx.commit()
+            .await
+            .map_err(db_err(&format!("committing the record removal of {id}")))?;
+        Ok(true)
     }
 
     async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {
