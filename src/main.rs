@@ -3,6 +3,15 @@
 #[tokio::main]
 async fn main() {
     if let Err(e) = harvest::cli::main().await {
+        // `harvest records ID | head` closes the pipe early: that is the reader's choice, not an
+        // error worth a message.
+        let broken_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
+        if broken_pipe {
+            std::process::exit(0);
+        }
         eprintln!("harvest: {e:#}");
         std::process::exit(1);
     }
