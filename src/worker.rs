@@ -17,6 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::config::{SessionsConfig, WorkersConfig};
@@ -202,13 +203,19 @@ async fn claim_loop(
             let s2 = s.clone();
             let owner = owner.clone();
             let running = running.clone();
-            tasks.spawn(async move {
-                let signal = StopSignal::new();
-                let id = running.add(signal.clone());
-                run_attempt(&s2, session, owner, signal).await;
-                running.remove(id);
-                drop(permit);
-            });
+            // Every log line of the attempt, the engine's included, carries the session id.
+            let span =
+                tracing::info_span!("session", session = %session.id, attempt = session.attempt);
+            tasks.spawn(
+                async move {
+                    let signal = StopSignal::new();
+                    let id = running.add(signal.clone());
+                    run_attempt(&s2, session, owner, signal).await;
+                    running.remove(id);
+                    drop(permit);
+                }
+                .instrument(span),
+            );
         }
         while tasks.try_join_next().is_some() {}
     }
@@ -285,9 +292,7 @@ async fn run_attempt(s: &Arc<WorkerSettings>, session: Session, owner: String, s
         attempt: session.attempt,
         owner,
     };
-    let span = tracing::info_span!("session", session = %session.id, attempt = session.attempt);
-    let _enter = span.enter();
-    drop(_enter);
+    let span = tracing::Span::current();
     s.events.publish_started(&session).await;
     tracing::debug!(parent: &span, "attempt started");
 
@@ -322,7 +327,7 @@ async fn run_attempt(s: &Arc<WorkerSettings>, session: Session, owner: String, s
         stop: stop.clone(),
     };
     let job = s.job.clone();
-    let mut job_task = tokio::spawn(async move { job.run(ctx).await });
+    let mut job_task = tokio::spawn(async move { job.run(ctx).await }.instrument(span.clone()));
 
     let lease = s.workers.lease();
     let beat_every = (lease / 3).max(Duration::from_millis(200));

@@ -89,9 +89,19 @@ pub(crate) fn params_to_strings(
 pub async fn submit(
     State(st): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<SubmitBody>,
+    ApiJson(mut body): ApiJson<SubmitBody>,
 ) -> Result<Response, ApiError> {
+    if let Some(agent) = body.agent.take() {
+        return submit_agent_run(st, caller, agent, body).await;
+    }
     let config = match body.config {
+        serde_json::Value::Null => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the body needs `config` (a JSON object or a string of TOML) or `agent` (a saved agent's name)",
+            ));
+        }
         serde_json::Value::String(text) => config_from_text(&text)
             .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", m))?,
         v @ serde_json::Value::Object(_) => v,
@@ -121,6 +131,38 @@ pub async fn submit(
         req = req.session_id(SessionId::parse(&id).map_err(crate::service::HarvestError::from)?);
     }
     let handle = st.harvest.submit(req).await?;
+    let session = handle.session().await?;
+    Ok((StatusCode::CREATED, axum::Json(view(&st, &session))).into_response())
+}
+
+/// `POST /v1/sessions` with `agent`: a run of the caller's saved agent.
+async fn submit_agent_run(
+    st: AppState,
+    caller: Caller,
+    agent: String,
+    body: SubmitBody,
+) -> Result<Response, ApiError> {
+    if !body.config.is_null() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "give either `config` or `agent`, not both",
+        ));
+    }
+    let client_id = match caller.client_id() {
+        Some(id) => id.to_string(),
+        None => body.client.and_then(|c| c.client_id).unwrap_or_default(),
+    };
+    let session_id = match body.session_id {
+        Some(id) => Some(SessionId::parse(&id).map_err(crate::service::HarvestError::from)?),
+        None => None,
+    };
+    let run = crate::agent::AgentRun {
+        params: params_to_strings(body.params)?,
+        options: body.options,
+        session_id,
+    };
+    let handle = st.harvest.agent_run(&client_id, &agent, run).await?;
     let session = handle.session().await?;
     Ok((StatusCode::CREATED, axum::Json(view(&st, &session))).into_response())
 }

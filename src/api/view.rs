@@ -16,9 +16,15 @@ use crate::session::{LogLine, Session, SessionOptions, Timestamp};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
-    /// The scraper config: a JSON object, or a string of TOML (or of JSON).
-    #[schema(value_type = Object)]
+    /// The scraper config: a JSON object, or a string of TOML (or of JSON). Give either this or
+    /// `agent`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub config: serde_json::Value,
+    /// Run this saved agent (its config, params and options, overridden by this body's) instead
+    /// of an inline `config`.
+    #[serde(default)]
+    pub agent: Option<String>,
     /// Parameters overriding the config's `[vars]` (scalar values; numbers and booleans are
     /// taken as their text).
     #[serde(default)]

@@ -663,6 +663,43 @@ async fn agents_crud_and_tenant_isolation_over_http() {
     s.call(Method::GET, &format!("/v1/sessions/{id}"), b, None)
         .await
         .assert_error(404, "not_found");
+    // DESIGN §6: POST /v1/sessions also takes `{agent, ...}`.
+    let via_sessions = s
+        .call(
+            Method::POST,
+            "/v1/sessions",
+            a,
+            Some(&json!({"agent": "shared-name", "session_id": "via-sessions"})),
+        )
+        .await;
+    assert_eq!(
+        via_sessions.status,
+        StatusCode::CREATED,
+        "{}",
+        via_sessions.text
+    );
+    assert_eq!(via_sessions.json["id"], "via-sessions");
+    assert_eq!(via_sessions.json["agent"], "shared-name");
+    s.call(
+        Method::POST,
+        "/v1/sessions",
+        b,
+        Some(&json!({"agent": "shared-name"})),
+    )
+    .await
+    .assert_error(404, "not_found");
+    s.call(
+        Method::POST,
+        "/v1/sessions",
+        a,
+        Some(&json!({"agent": "shared-name", "config": {"name": "t"}})),
+    )
+    .await
+    .assert_error(400, "invalid_request");
+    s.call(Method::POST, "/v1/sessions", a, Some(&json!({})))
+        .await
+        .assert_error(400, "invalid_request");
+    s.wait_terminal("via-sessions").await;
     // Validation.
     s.call(
         Method::PUT,
