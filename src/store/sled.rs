@@ -229,6 +229,10 @@ pub struct SledStore {
     durability: Arc<Durability>,
     flusher: Option<JoinHandle<()>>,
     pending: Notify,
+    /// Leaderships: name → (owner, expiry). In memory: sled allows one process per data
+    /// directory (its file lock), so holders can only be tasks of this process, and a restart
+    /// rightly starts with no leader.
+    leaders: std::sync::Mutex<std::collections::HashMap<String, (String, Timestamp)>>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -521,6 +525,7 @@ impl SledStore {
             durability,
             flusher: Some(flusher),
             pending: Notify::new(),
+            leaders: std::sync::Mutex::new(std::collections::HashMap::new()),
         };
         store.purge_interrupted()?;
         Ok(store)
@@ -1372,6 +1377,20 @@ impl Store for SledStore {
         // Keys sort by client length first; the contract is by client then name.
         agents.sort_by(|a, b| (&a.client_id, &a.name).cmp(&(&b.client_id, &b.name)));
         Ok(agents)
+    }
+
+    async fn leader_acquire(&self, p: super::LeaderAcquire) -> StoreResult<bool> {
+        let expires = p.now.add(p.ttl);
+        // Plain data behind the lock; a panic elsewhere leaves it consistent.
+        let mut leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
+        let granted = match leaders.get(&p.name) {
+            Some((owner, until)) => *owner == p.owner || *until <= p.now,
+            None => true,
+        };
+        if granted {
+            leaders.insert(p.name, (p.owner, expires));
+        }
+        Ok(granted)
     }
 
     async fn pending_wait(&self, timeout: Duration) {
