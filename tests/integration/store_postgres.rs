@@ -20,7 +20,7 @@ use crate::store_conformance::{Fixture, at, insert, session};
 const URL_ENV: &str = "HARVEST_TEST_DATABASE_URL";
 
 /// The test database URL, or `None` after printing why the test is skipped.
-fn database_url() -> Option<String> {
+pub(crate) fn database_url() -> Option<String> {
     match std::env::var(URL_ENV) {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
@@ -31,7 +31,7 @@ fn database_url() -> Option<String> {
 }
 
 /// A schema name no other test (in this or a parallel run) uses.
-fn unique_schema() -> String {
+pub(crate) fn unique_schema() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
@@ -42,9 +42,9 @@ fn unique_schema() -> String {
 }
 
 /// Drops its schema (and everything in it) when dropped.
-struct SchemaGuard {
-    url: String,
-    schema: String,
+pub(crate) struct SchemaGuard {
+    pub(crate) url: String,
+    pub(crate) schema: String,
 }
 
 impl Drop for SchemaGuard {
@@ -74,7 +74,7 @@ impl Drop for SchemaGuard {
 }
 
 /// A plain connection for inspecting and tampering with the database.
-async fn admin(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+pub(crate) async fn admin(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
