@@ -128,6 +128,12 @@ async fn serve_and_workers_share_postgres_through_kills() {
         AgentSpec {
             config: scraper.clone(),
             schedule: Some("* * * * * *".into()),
+            // Ahead of the 2,000 queued sessions: a tick is skipped while the previous run is
+            // still PENDING or RUNNING.
+            options: harvest::SessionOptions {
+                priority: 10,
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
