@@ -303,7 +303,19 @@ async fn run_attempt(s: &Arc<WorkerSettings>, session: Session, owner: String, s
     s.events.publish_started(&session).await;
     tracing::debug!(parent: &span, "attempt started");
 
-    let resume = match s.store.resume_load(&session.id).await {
+    // Frontier, seen set and records are only ever written by checkpoints: a session that has
+    // committed none has nothing to resume, and skipping the read saves three queries per
+    // session on PostgreSQL (measured with bench queue).
+    let resume = if session.checkpoints == 0 {
+        Ok(crate::store::ResumeState {
+            metrics: session.metrics.clone(),
+            usage: session.usage,
+            ..Default::default()
+        })
+    } else {
+        s.store.resume_load(&session.id).await
+    };
+    let resume = match resume {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(parent: &span, error = %e, "cannot load resume state; handing the session back");
