@@ -220,6 +220,7 @@ impl Harvest {
                     if let Some(s) = self.store().session_remove(&id).await? {
                         crate::metrics::session_cleaned();
                         self.events().publish(EventKind::Removed, &s);
+                        crate::sink::cleanup_removed(self.sinks(), std::slice::from_ref(&s)).await;
                     }
                 }
             }

@@ -59,6 +59,9 @@ pub struct Config {
     pub store: StoreKind,
     /// PostgreSQL URL when `store = "postgres"`.
     pub database_url: Option<String>,
+    /// PostgreSQL schema the store works in (created and migrated at start), so several
+    /// deployments or tests can share one database. `[a-z_][a-z0-9_]*`, at most 63 bytes.
+    pub database_schema: String,
     /// HTTP server.
     pub server: ServerConfig,
     /// Workers of this process.
@@ -73,6 +76,8 @@ pub struct Config {
     pub log: LogConfig,
     /// API clients (tenants). Empty: single user, loopback only.
     pub clients: Vec<ClientConfig>,
+    /// Where sessions' `[export]` sinks write.
+    pub export: ExportConfig,
 }
 
 impl Default for Config {
@@ -81,6 +86,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             store: StoreKind::Sled,
             database_url: None,
+            database_schema: "public".into(),
             server: ServerConfig::default(),
             workers: WorkersConfig::default(),
             sessions: SessionsConfig::default(),
@@ -88,8 +94,44 @@ impl Default for Config {
             http_guard: HttpGuardConfig::default(),
             log: LogConfig::default(),
             clients: Vec::new(),
+            export: ExportConfig::default(),
         }
     }
+}
+
+/// `[export]`: where the sinks a scraper config asks for (its own `[export]` table) write. The
+/// service, not the scraper config, chooses the directory and the database, so a tenant cannot
+/// write files or connect anywhere the operator did not allow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Directory of the JSON lines and CSV files: `<dir>/<client_id>/<session_id>.jsonl|csv`.
+    pub dir: PathBuf,
+    /// Database of the PostgreSQL table sink; `None`: `database_url`.
+    pub database_url: Option<String>,
+    /// Schema of the exported tables (created when missing).
+    pub schema: String,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        ExportConfig {
+            dir: PathBuf::from("./exports"),
+            database_url: None,
+            schema: "harvest_export".into(),
+        }
+    }
+}
+
+/// Whether `name` is a plain lower-case SQL identifier (`[a-z_][a-z0-9_]*`, at most 63 bytes),
+/// safe to splice into SQL without quoting surprises.
+pub fn is_sql_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 63
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// `[server]`.
@@ -239,7 +281,7 @@ impl Config {
     }
 
     /// Applies environment overrides: `HARVEST_DATA_DIR`, `HARVEST_STORE`,
-    /// `HARVEST_DATABASE_URL`, `HARVEST_BIND`, `HARVEST_WORKERS`, `HARVEST_LEASE_SECS`,
+    /// `HARVEST_DATABASE_URL`, `HARVEST_DATABASE_SCHEMA`, `HARVEST_EXPORT_DIR`, `HARVEST_BIND`, `HARVEST_WORKERS`, `HARVEST_LEASE_SECS`,
     /// `HARVEST_SHUTDOWN_GRACE_SECS`, `HARVEST_LOG_FORMAT`, `HARVEST_METRICS_BIND`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn parse<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError>
@@ -268,6 +310,12 @@ impl Config {
         }
         if let Some(v) = get("HARVEST_DATABASE_URL") {
             self.database_url = Some(v);
+        }
+        if let Some(v) = get("HARVEST_DATABASE_SCHEMA") {
+            self.database_schema = v;
+        }
+        if let Some(v) = get("HARVEST_EXPORT_DIR") {
+            self.export.dir = PathBuf::from(v);
         }
         if let Some(v) = get("HARVEST_BIND") {
             self.server.bind = parse("HARVEST_BIND", &v)?;
@@ -320,6 +368,18 @@ impl Config {
             return invalid(
                 "database_url",
                 "store = \"postgres\" needs database_url (or HARVEST_DATABASE_URL)",
+            );
+        }
+        if !is_sql_identifier(&self.database_schema) {
+            return invalid(
+                "database_schema",
+                "must be a lower-case SQL name ([a-z_][a-z0-9_]*, at most 63 bytes)",
+            );
+        }
+        if !is_sql_identifier(&self.export.schema) {
+            return invalid(
+                "export.schema",
+                "must be a lower-case SQL name ([a-z_][a-z0-9_]*, at most 63 bytes)",
             );
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {

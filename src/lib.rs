@@ -7,7 +7,7 @@
 //! Components, one module each: [`session`] (the domain model), [`store`] (the durable driver
 //! and its sled and PostgreSQL backends), [`job`] (the seam to the work a session does),
 //! [`engine`] (the scraper), [`worker`] (claims and runs sessions), [`service`] (the library API,
-//! [`Harvest`]), [`event`] (the event bus), [`config`] (config.toml).
+//! [`Harvest`]), [`sink`] (export sinks), [`event`] (the event bus), [`config`] (config.toml).
 #![deny(missing_docs)]
 
 pub mod agent;
@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod scheduler;
 pub mod service;
 pub mod session;
+pub mod sink;
 pub mod sitegen;
 pub mod store;
 pub mod worker;

@@ -9,8 +9,19 @@
 //!
 //! A cron agent fires a run on its schedule, but skips a tick (logged and counted) while its
 //! previous run is still PENDING or RUNNING, so runs never pile up.
+//!
+//! Several processes may share a store (PostgreSQL): only the elected leader
+//! ([`Store::leader_acquire`], renewed every tick, term [`leader_ttl`]) runs the maintenance
+//! jobs and the cron scheduler; the others only refresh their gauges. Leadership saves work, it
+//! does not carry correctness: every maintenance write is a compare-and-set, and a cron run's
+//! session id is derived from (client, agent, scheduled instant), so two processes that both
+//! believe they lead (a stalled leader whose term ran out) still create one run per tick: the
+//! second insert is refused as a duplicate.
+//!
+//! [`Store::leader_acquire`]: crate::store::Store::leader_acquire
 
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::time::Duration;
 
 use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
@@ -19,7 +30,20 @@ use tokio::sync::watch;
 
 use crate::event::EventKind;
 use crate::service::Harvest;
-use crate::store::{LeaseReclaim, SessionsExpire};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::session::{SessionId, Timestamp};
+use crate::store::{LeaderAcquire, LeaseReclaim, SessionsExpire};
+
+/// The leadership maintenance and cron run under.
+pub const LEADER_NAME: &str = "maintenance";
+
+/// How long a leader's term lasts without renewal: 5 ticks (at least 5 s), so one slow tick
+/// does not lose it, and a dead leader is replaced within seconds.
+pub fn leader_ttl(interval: Duration) -> Duration {
+    (interval * 5).max(Duration::from_secs(5))
+}
 
 /// Most sessions one job handles per tick; the rest wait for the next tick.
 const PER_TICK: usize = 1000;
@@ -36,13 +60,45 @@ impl Maintenance {
         let (stop, mut stop_rx) = watch::channel(false);
         let every = Duration::from_secs(harvest.config().sessions.maintenance_interval_secs.max(1));
         let task = tokio::spawn(async move {
-            let mut cron = CronAgents::new().await;
+            let owner = crate::worker::process_owner();
+            let leading = Arc::new(AtomicBool::new(false));
+            let mut cron = CronAgents::new(leading.clone()).await;
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = stop_rx.changed() => break,
+                }
+                let elected = harvest
+                    .store()
+                    .leader_acquire(LeaderAcquire {
+                        name: LEADER_NAME.into(),
+                        owner: owner.clone(),
+                        ttl: leader_ttl(every),
+                        now: harvest.clock().now(),
+                    })
+                    .await;
+                let lead = match elected {
+                    Ok(l) => l,
+                    Err(e) => {
+                        // Cannot tell: act as a follower; the term of a past election runs out.
+                        tracing::warn!(error = %e, "leader election failed; not leading this tick");
+                        false
+                    }
+                };
+                if lead != leading.swap(lead, Ordering::AcqRel) {
+                    tracing::info!(owner = %owner, leader = lead, "maintenance leadership changed");
+                }
+                if !lead {
+                    if let Some(c) = cron.as_mut() {
+                        c.clear().await;
+                    }
+                    match harvest.store().session_counts(harvest.clock().now()).await {
+                        Ok(counts) => crate::metrics::set_counts(&counts),
+                        Err(e) => tracing::debug!(error = %e, "session counts failed"),
+                    }
+                    continue;
                 }
                 if let Err(e) = run_once(&harvest).await {
                     tracing::warn!(error = %e, "maintenance tick failed; retrying next tick");
@@ -102,6 +158,7 @@ pub async fn run_once(harvest: &Harvest) -> Result<MaintenanceReport, crate::sto
         crate::metrics::session_cleaned();
         harvest.events().publish(EventKind::Removed, s);
     }
+    crate::sink::cleanup_removed(harvest.sinks(), &expired).await;
     let counts = store.session_counts(now).await?;
     crate::metrics::set_counts(&counts);
     Ok(MaintenanceReport {
@@ -194,10 +251,12 @@ pub struct MaintenanceReport {
 struct CronAgents {
     sched: JobScheduler,
     jobs: HashMap<(String, String), (String, uuid::Uuid)>,
+    /// Whether this process leads; a job firing just after leadership was lost does nothing.
+    leading: Arc<AtomicBool>,
 }
 
 impl CronAgents {
-    async fn new() -> Option<CronAgents> {
+    async fn new(leading: Arc<AtomicBool>) -> Option<CronAgents> {
         let sched = match JobScheduler::new().await {
             Ok(s) => s,
             Err(e) => {
@@ -212,7 +271,15 @@ impl CronAgents {
         Some(CronAgents {
             sched,
             jobs: HashMap::new(),
+            leading,
         })
+    }
+
+    /// Removes every job (this process no longer leads).
+    async fn clear(&mut self) {
+        for (_, (_, id)) in self.jobs.drain() {
+            let _ = self.sched.remove(&id).await;
+        }
     }
 
     /// Adds, replaces and removes cron jobs so they match the saved agents.
@@ -247,10 +314,22 @@ impl CronAgents {
             }
             let h = harvest.clone();
             let (client, name) = key.clone();
+            let leading = self.leading.clone();
+            let expr = schedule.clone();
             let job = CronJob::new_async(schedule.as_str(), move |_, _| {
                 let h = h.clone();
-                let (client, name) = (client.clone(), name.clone());
-                Box::pin(async move { fire(&h, &client, &name).await })
+                let (client, name, expr) = (client.clone(), name.clone(), expr.clone());
+                let leading = leading.load(Ordering::Acquire);
+                Box::pin(async move {
+                    if !leading {
+                        return;
+                    }
+                    let Some(tick) = scheduled_tick(&expr, h.clock().now()) else {
+                        tracing::warn!(agent = %name, schedule = %expr, "cron: cannot find the scheduled instant; skipping");
+                        return;
+                    };
+                    fire_tick(&h, &client, &name, Some(tick)).await
+                })
             });
             match job {
                 Ok(job) => match self.sched.add(job).await {
@@ -269,8 +348,39 @@ impl CronAgents {
     }
 }
 
+/// The scheduled instant a cron job firing at `now` belongs to: the latest instant of `expr` at
+/// or before `now` (the scheduler fires at or shortly after it).
+pub fn scheduled_tick(expr: &str, now: Timestamp) -> Option<Timestamp> {
+    let cron = croner::Cron::from_str(expr).ok()?;
+    let now = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(now.0)?;
+    let tick = cron.find_previous_occurrence(&now, true).ok()?;
+    Some(Timestamp(tick.timestamp_millis()))
+}
+
+/// The session id of an agent's run for one cron tick: the same in every process, so a tick
+/// creates at most one session. `<agent>.cron.<tick secs>.<hash of client and agent>`, with the
+/// agent name shortened to keep it within the 128 characters of an id.
+pub fn cron_session_id(client_id: &str, name: &str, tick: Timestamp) -> Option<SessionId> {
+    // FNV-1a: stable across builds and processes (std's hasher is not guaranteed to be).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in client_id.bytes().chain([0u8]).chain(name.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let suffix = format!(".cron.{}.{h:016x}", tick.0.div_euclid(1000));
+    let keep = 128usize.saturating_sub(suffix.len());
+    let prefix: String = name.chars().take(keep).collect();
+    SessionId::parse(&format!("{prefix}{suffix}")).ok()
+}
+
 /// One cron tick of an agent: a run, unless its previous run is still active.
 pub async fn fire(harvest: &Harvest, client_id: &str, name: &str) {
+    fire_tick(harvest, client_id, name, None).await
+}
+
+/// One cron tick of an agent at its scheduled instant `tick` (`None`: an id of its own). A tick
+/// another process already fired is skipped.
+pub async fn fire_tick(harvest: &Harvest, client_id: &str, name: &str, tick: Option<Timestamp>) {
     let agent = match harvest.agent_get(client_id, name).await {
         Ok(Some(a)) => a,
         Ok(None) => return,
@@ -291,13 +401,17 @@ pub async fn fire(harvest: &Harvest, client_id: &str, name: &str) {
             return;
         }
     }
-    match harvest
-        .agent_run(client_id, name, crate::agent::AgentRun::default())
-        .await
-    {
+    let run = crate::agent::AgentRun {
+        session_id: tick.and_then(|t| cron_session_id(client_id, name, t)),
+        ..Default::default()
+    };
+    match harvest.agent_run(client_id, name, run).await {
         Ok(h) => {
             crate::metrics::agent_run_fired();
             tracing::info!(agent = name, session = %h.id(), "cron: started a run");
+        }
+        Err(crate::service::HarvestError::Duplicate(id)) => {
+            tracing::info!(agent = name, session = %id, "cron: this tick already ran (another process fired it)");
         }
         Err(e) => tracing::warn!(agent = name, error = %e, "cron: run refused"),
     }

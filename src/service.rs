@@ -118,6 +118,7 @@ struct Inner {
     config: Config,
     workers: Mutex<Option<WorkerPool>>,
     maintenance: Mutex<Option<Maintenance>>,
+    sinks: Arc<crate::sink::Sinks>,
 }
 
 /// The harvest service of this process: submit, look up, cancel and close sessions; run workers.
@@ -178,9 +179,10 @@ impl HarvestBuilder {
                 job,
                 events: EventBus::default(),
                 clock: self.clock,
-                config: self.config,
                 workers: Mutex::new(None),
                 maintenance: Mutex::new(None),
+                sinks: Arc::new(crate::sink::Sinks::new(&self.config)),
+                config: self.config,
             }),
         };
         harvest.recover_dead_process_sessions().await?;
@@ -201,7 +203,11 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, HarvestError>
                     "store = \"postgres\" needs database_url (or HARVEST_DATABASE_URL)".into(),
                 )
             })?;
-            let store = crate::store::postgres::PostgresStore::connect(url).await?;
+            let store = crate::store::postgres::PostgresStore::connect_with_schema(
+                url,
+                &config.database_schema,
+            )
+            .await?;
             Ok(Arc::new(store))
         }
     }
@@ -270,6 +276,11 @@ impl Harvest {
         &self.inner.job
     }
 
+    /// The export sinks.
+    pub fn sinks(&self) -> &Arc<crate::sink::Sinks> {
+        &self.inner.sinks
+    }
+
     /// The event bus.
     pub fn events(&self) -> &EventBus {
         &self.inner.events
@@ -319,6 +330,7 @@ impl Harvest {
                 clock: self.inner.clock.clone(),
                 workers: self.inner.config.workers.clone(),
                 sessions: self.inner.config.sessions.clone(),
+                sinks: self.inner.sinks.clone(),
             }));
         }
         drop(workers);
@@ -493,6 +505,7 @@ impl Harvest {
         if let Some(s) = &removed {
             crate::metrics::session_cleaned();
             self.inner.events.publish(EventKind::Removed, s);
+            crate::sink::cleanup_removed(&self.inner.sinks, std::slice::from_ref(s)).await;
         }
         Ok(removed)
     }

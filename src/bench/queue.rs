@@ -1,6 +1,10 @@
 //! `harvest bench queue`: durable submit → claim → complete of no-op sessions.
 //!
-//! Three phases, each on a fresh store in a temporary directory:
+//! With `--store postgres --database-url URL`, phases 2 and 3 also run on PostgreSQL, in a fresh
+//! schema dropped afterwards, and the result holds both backends' figures from the same run
+//! (PostgreSQL's at the top level, sled's under `"sled"`).
+//!
+//! Three phases, each on a fresh store (a temporary directory, or a fresh schema):
 //! 1. naive: 16 threads each doing sled `insert` + `flush` per write (the baseline group commit
 //!    must beat);
 //! 2. submit: 16 concurrent submitters, each waiting for its own durable acknowledgment;
@@ -37,6 +41,48 @@ pub struct QueueBenchArgs {
     /// Print only the JSON object (no progress on stderr).
     #[arg(long)]
     pub json: bool,
+    /// Backend to measure (`postgres` also measures sled, for comparison).
+    #[arg(long, value_enum, default_value_t = BenchStore::Sled)]
+    pub store: BenchStore,
+    /// PostgreSQL URL for `--store postgres` (a fresh schema is created and dropped).
+    #[arg(long, env = "HARVEST_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+/// Which backend `harvest bench queue` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchStore {
+    /// Embedded sled in a temporary directory.
+    Sled,
+    /// PostgreSQL at `--database-url`, in a fresh schema.
+    Postgres,
+}
+
+/// Where one measurement's store lives, and how to remove it afterwards.
+enum Backend<'a> {
+    Sled,
+    Postgres(&'a str),
+}
+
+/// Keeps a measurement's data: a temporary directory, or a schema dropped by [`Place::remove`].
+struct Place {
+    _dir: tempfile::TempDir,
+    schema: Option<(String, String)>,
+}
+
+impl Place {
+    async fn remove(self) -> anyhow::Result<()> {
+        if let Some((url, schema)) = self.schema {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            let conn = tokio::spawn(conn);
+            client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .await?;
+            drop(client);
+            let _ = conn.await;
+        }
+        Ok(())
+    }
 }
 
 /// Runs the benchmark and prints its JSON object on stdout.
@@ -65,21 +111,49 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<serde_json::Value> {
     let naive = naive_baseline(args.naive_writes, 16)?;
     say(args, &format!("naive: {naive:.0} writes/s"));
 
-    say(args, "phase 2/3: durable submissions");
+    let mut sled = phases(args, Backend::Sled).await?;
+    sled["naive_insert_flush_per_sec"] = json!(naive.round());
+    if let Some(submit) = sled["submit_per_sec"].as_f64() {
+        sled["submit_vs_naive"] = json!((submit / naive * 100.0).round() / 100.0);
+    }
+    let mut out = match args.store {
+        BenchStore::Sled => sled,
+        BenchStore::Postgres => {
+            let url = args.database_url.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("--store postgres needs --database-url (or HARVEST_DATABASE_URL)")
+            })?;
+            let mut pg = phases(args, Backend::Postgres(url)).await?;
+            pg["sled"] = sled;
+            pg
+        }
+    };
+    out["peak_rss_mb"] = json!(super::peak_rss_mb().round());
+    Ok(out)
+}
+
+/// Phases 2 and 3 on one backend.
+async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<serde_json::Value> {
+    let name = match backend {
+        Backend::Sled => "sled",
+        Backend::Postgres(_) => "postgres",
+    };
+    say(args, &format!("phase 2/3 ({name}): durable submissions"));
     let (submit_per_sec, submit_lat) = {
-        let dir = tempfile::tempdir()?;
-        let harvest = open(dir.path(), 0).await?;
+        let (harvest, place) = open(&backend, 0).await?;
         let t0 = Instant::now();
         let lats = submit_all(&harvest, args.sessions, args.submitters, None).await?;
         let secs = t0.elapsed().as_secs_f64();
         harvest.shutdown(Duration::from_secs(1)).await?;
+        place.remove().await?;
         (args.sessions as f64 / secs, lats)
     };
     say(args, &format!("submit: {submit_per_sec:.0}/s"));
 
-    say(args, "phase 3/3: submit → claim → complete");
-    let dir = tempfile::tempdir()?;
-    let harvest = open(dir.path(), args.workers).await?;
+    say(
+        args,
+        &format!("phase 3/3 ({name}): submit → claim → complete"),
+    );
+    let (harvest, place) = open(&backend, args.workers).await?;
     let submitted: Arc<Mutex<HashMap<SessionId, Instant>>> = Arc::default();
     let mut events = harvest.subscribe();
     let seen = submitted.clone();
@@ -113,6 +187,7 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<serde_json::Value> {
         .map_err(|_| anyhow::anyhow!("sessions did not complete within 600 s"))??;
     let e2e_secs = (last - t0).as_secs_f64();
     harvest.shutdown(Duration::from_secs(5)).await?;
+    place.remove().await?;
     lats.sort();
     let mut submit_lat = submit_lat;
     submit_lat.sort();
@@ -120,7 +195,7 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<serde_json::Value> {
     say(args, &format!("end to end: {sessions_per_sec:.0}/s"));
     Ok(json!({
         "bench": "queue",
-        "backend": "sled",
+        "backend": name,
         "sessions": args.sessions,
         "submitters": args.submitters,
         "workers": args.workers,
@@ -131,20 +206,39 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<serde_json::Value> {
         "latency_p50_ms": super::quantile_ms(&lats, 0.5),
         "latency_p99_ms": super::quantile_ms(&lats, 0.99),
         "events_lagged": lagged,
-        "naive_insert_flush_per_sec": naive.round(),
-        "submit_vs_naive": (submit_per_sec / naive * 100.0).round() / 100.0,
-        "peak_rss_mb": super::peak_rss_mb().round(),
     }))
 }
 
-async fn open(dir: &std::path::Path, workers: usize) -> anyhow::Result<Harvest> {
+async fn open(backend: &Backend<'_>, workers: usize) -> anyhow::Result<(Harvest, Place)> {
+    let dir = tempfile::tempdir()?;
     let mut cfg = Config {
-        data_dir: dir.to_path_buf(),
+        data_dir: dir.path().to_path_buf(),
         ..Config::default()
     };
+    let mut place = Place {
+        _dir: dir,
+        schema: None,
+    };
+    if let Backend::Postgres(url) = backend {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let schema = format!("harvest_bench_{}_{nanos}", std::process::id());
+        cfg.store = crate::config::StoreKind::Postgres;
+        cfg.database_url = Some(url.to_string());
+        cfg.database_schema = schema.clone();
+        place.schema = Some((url.to_string(), schema));
+    }
     cfg.workers.concurrency = workers;
     cfg.workers.poll_interval_ms = 100;
-    Ok(Harvest::builder(cfg).job(Arc::new(NoopJob)).open().await?)
+    match Harvest::builder(cfg).job(Arc::new(NoopJob)).open().await {
+        Ok(h) => Ok((h, place)),
+        Err(e) => {
+            let _ = place.remove().await;
+            Err(e.into())
+        }
+    }
 }
 
 async fn submit_all(

@@ -98,6 +98,9 @@ pub struct ScraperConfig {
     /// Extraction per page type.
     #[serde(default)]
     pub pages: BTreeMap<String, PageSpec>,
+    /// Export sinks of its sessions (the worker runs them; the engine ignores them).
+    #[serde(default)]
+    pub export: crate::sink::ExportSpec,
 }
 
 /// `[limits]`.
@@ -338,6 +341,11 @@ pub fn compile(
             "the config must be a table (a JSON object)".into(),
         ));
     };
+    // Checked on the raw config: the worker reads `[export]` without substituting variables.
+    crate::sink::ExportSpec::of(config).map_err(|e| match e.split_once(": ") {
+        Some((field, msg)) => ConfigError::field(field, msg),
+        None => ConfigError::field("export", e.as_str()),
+    })?;
     let mut vars: HashMap<String, String> = HashMap::new();
     if let Some(v) = obj.get("vars") {
         let Some(v) = v.as_object() else {

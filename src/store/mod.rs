@@ -354,6 +354,26 @@ pub struct ResumeState {
     pub usage: TokenUsage,
 }
 
+/// Take or renew a named leadership (e.g. `maintenance`) for `ttl`.
+///
+/// Maintenance (lease reclaim, timeouts, cleanup, cron) runs on one process at a time: the one
+/// whose `leader_acquire` returned `true` last. A holder renews by calling again before `ttl`
+/// runs out; another owner wins only once the holder's expiry (`now + ttl` of its last success)
+/// is at or before the caller's `now`. Leadership is an efficiency measure, not a safety one:
+/// every transition maintenance makes is itself a compare-and-set, so a stale leader (a stalled
+/// process whose term ran out) can waste work but never corrupt a session.
+#[derive(Debug, Clone)]
+pub struct LeaderAcquire {
+    /// Which leadership (one per kind of duty).
+    pub name: String,
+    /// Who asks: unique per process start.
+    pub owner: String,
+    /// How long the term lasts from `now` if granted.
+    pub ttl: Duration,
+    /// Now.
+    pub now: Timestamp,
+}
+
 /// A saved scraper config with defaults and an optional schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Agent {
@@ -463,6 +483,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// All agents (every client), by client and name.
     async fn agent_list(&self) -> StoreResult<Vec<Agent>>;
+
+    /// Take or renew a leadership (see [`LeaderAcquire`]); `true`: the caller holds it until
+    /// `now + ttl`.
+    async fn leader_acquire(&self, p: LeaderAcquire) -> StoreResult<bool>;
 
     /// Wait until a session may have become claimable (a submission or requeue, here or, for
     /// shared backends, in another process) or `timeout` passes. Spurious wakeups are allowed.

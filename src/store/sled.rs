@@ -320,6 +320,10 @@ pub struct SledStore {
     pending: Notify,
     /// Sequence of the next intent key (see [`SledStore::apply_atomic`]).
     intent_seq: AtomicU64,
+    /// Leaderships: name → (owner, expiry). In memory: sled allows one process per data
+    /// directory (its file lock), so holders can only be tasks of this process, and a restart
+    /// rightly starts with no leader.
+    leaders: std::sync::Mutex<std::collections::HashMap<String, (String, Timestamp)>>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -613,6 +617,7 @@ impl SledStore {
             flusher: Some(flusher),
             pending: Notify::new(),
             intent_seq: AtomicU64::new(1),
+            leaders: std::sync::Mutex::new(std::collections::HashMap::new()),
         };
         store.purge_interrupted()?;
         Ok(store)
@@ -1520,6 +1525,20 @@ impl Store for SledStore {
         // Keys sort by client length first; the contract is by client then name.
         agents.sort_by(|a, b| (&a.client_id, &a.name).cmp(&(&b.client_id, &b.name)));
         Ok(agents)
+    }
+
+    async fn leader_acquire(&self, p: super::LeaderAcquire) -> StoreResult<bool> {
+        let expires = p.now.add(p.ttl);
+        // Plain data behind the lock; a panic elsewhere leaves it consistent.
+        let mut leaders = self.leaders.lock().unwrap_or_else(|e| e.into_inner());
+        let granted = match leaders.get(&p.name) {
+            Some((owner, until)) => *owner == p.owner || *until <= p.now,
+            None => true,
+        };
+        if granted {
+            leaders.insert(p.name, (p.owner, expires));
+        }
+        Ok(granted)
     }
 
     async fn pending_wait(&self, timeout: Duration) {

@@ -20,20 +20,28 @@ impl Server {
     /// Starts `harvest serve` on `data_dir` with a port chosen by the OS and waits (at most 60 s)
     /// until it listens.
     pub fn start(data_dir: &Path, workers: usize, extra_env: &[(&str, &str)]) -> Server {
+        Server::spawn("serve", data_dir, workers, extra_env)
+    }
+
+    /// Starts `harvest worker` (no HTTP API) and waits (at most 60 s) until it has started;
+    /// `addr` is unspecified (0.0.0.0:0).
+    pub fn start_worker(data_dir: &Path, workers: usize, extra_env: &[(&str, &str)]) -> Server {
+        Server::spawn("worker", data_dir, workers, extra_env)
+    }
+
+    fn spawn(command: &str, data_dir: &Path, workers: usize, extra_env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_harvest"));
-        cmd.args([
-            "serve",
-            "--bind",
-            "127.0.0.1:0",
-            "--workers",
-            &workers.to_string(),
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("HARVEST_LOG_FORMAT", "text")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        cmd.arg(command);
+        if command == "serve" {
+            cmd.args(["--bind", "127.0.0.1:0"]);
+        }
+        cmd.args(["--workers", &workers.to_string()])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("HARVEST_LOG_FORMAT", "text")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
@@ -53,6 +61,13 @@ impl Server {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    if command == "worker" && line.contains("harvest started") {
+                        return Server {
+                            child,
+                            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                            _log: rx,
+                        };
+                    }
                     if let Some(rest) = line.split("listening addr=").nth(1) {
                         let addr = rest.split_whitespace().next().unwrap_or_default();
                         let addr: SocketAddr = addr.parse().expect("address in the listening line");
@@ -68,7 +83,7 @@ impl Server {
                     let _ = child.kill();
                     let _ = child.wait();
                     panic!(
-                        "harvest did not start listening within 60 s; its log:\n{}",
+                        "harvest {command} did not start within 60 s; its log:\n{}",
                         seen.join("\n")
                     );
                 }

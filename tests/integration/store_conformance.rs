@@ -30,9 +30,9 @@ use harvest::session::{
 };
 use harvest::store::{
     Agent, AgentSessions, AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit,
-    HeartbeatOutcome, InsertOutcome, LOG_LINES_MAX, LeaseReclaim, RecordsPage, RequeueOutcome,
-    SessionCancel, SessionClaim, SessionFinish, SessionHeartbeat, SessionInsert, SessionList,
-    SessionRequeue, SessionsExpire, Store, StoreError,
+    HeartbeatOutcome, InsertOutcome, LOG_LINES_MAX, LeaderAcquire, LeaseReclaim, RecordsPage,
+    RequeueOutcome, SessionCancel, SessionClaim, SessionFinish, SessionHeartbeat, SessionInsert,
+    SessionList, SessionRequeue, SessionsExpire, Store, StoreError,
 };
 
 /// What a backend's factory returns: the store under test and the guard that keeps its data
@@ -78,6 +78,8 @@ macro_rules! store_conformance {
             claims_racing_never_share_a_session,
             pending_wait_wakes_on_insert,
             pending_wait_times_out,
+            leader_one_owner_until_expiry,
+            leader_race_has_one_winner,
         );
     };
     (@each $factory:path; $($name:ident),* $(,)?) => {
@@ -1635,4 +1637,77 @@ pub async fn records_remove_if_terminal_keeps_the_session(store: Arc<dyn Store>)
         ["ab"],
         "and is removed at its timeout as usual"
     );
+}
+
+async fn lead(
+    store: &Arc<dyn Store>,
+    name: &str,
+    owner: &str,
+    ttl_secs: u64,
+    now: Timestamp,
+) -> bool {
+    store
+        .leader_acquire(LeaderAcquire {
+            name: name.into(),
+            owner: owner.into(),
+            ttl: Duration::from_secs(ttl_secs),
+            now,
+        })
+        .await
+        .expect("leader_acquire")
+}
+
+/// One owner holds a leadership until its term expires; the holder renews it; another owner
+/// takes over exactly at expiry; leaderships of different names are independent.
+pub async fn leader_one_owner_until_expiry(store: Arc<dyn Store>) {
+    assert!(
+        lead(&store, "maintenance", "a", 10, at(100)).await,
+        "first caller wins"
+    );
+    assert!(
+        !lead(&store, "maintenance", "b", 10, at(105)).await,
+        "b refused while a holds it"
+    );
+    assert!(
+        lead(&store, "maintenance", "a", 10, at(108)).await,
+        "holder renews (to 118)"
+    );
+    assert!(
+        !lead(&store, "maintenance", "b", 10, at(117)).await,
+        "renewal extended the term"
+    );
+    assert!(
+        lead(&store, "other", "b", 10, at(117)).await,
+        "another name is independent"
+    );
+    assert!(
+        lead(&store, "maintenance", "b", 10, at(118)).await,
+        "b wins at expiry"
+    );
+    assert!(
+        !lead(&store, "maintenance", "a", 10, at(119)).await,
+        "a lost it for good"
+    );
+    assert!(
+        lead(&store, "maintenance", "b", 10, at(119)).await,
+        "b renews"
+    );
+}
+
+/// Owners racing for a free leadership: exactly one wins.
+pub async fn leader_race_has_one_winner(store: Arc<dyn Store>) {
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            lead(&store, "race", &format!("owner-{i}"), 30, at(1)).await
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        if t.await.expect("racer") {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1, "exactly one of 8 racing owners leads");
 }

@@ -20,7 +20,7 @@ use crate::store_conformance::{Fixture, at, insert, session};
 const URL_ENV: &str = "HARVEST_TEST_DATABASE_URL";
 
 /// The test database URL, or `None` after printing why the test is skipped.
-fn database_url() -> Option<String> {
+pub(crate) fn database_url() -> Option<String> {
     match std::env::var(URL_ENV) {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
@@ -31,7 +31,7 @@ fn database_url() -> Option<String> {
 }
 
 /// A schema name no other test (in this or a parallel run) uses.
-fn unique_schema() -> String {
+pub(crate) fn unique_schema() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
@@ -42,9 +42,9 @@ fn unique_schema() -> String {
 }
 
 /// Drops its schema (and everything in it) when dropped.
-struct SchemaGuard {
-    url: String,
-    schema: String,
+pub(crate) struct SchemaGuard {
+    pub(crate) url: String,
+    pub(crate) schema: String,
 }
 
 impl Drop for SchemaGuard {
@@ -74,7 +74,7 @@ impl Drop for SchemaGuard {
 }
 
 /// A plain connection for inspecting and tampering with the database.
-async fn admin(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+pub(crate) async fn admin(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
@@ -152,6 +152,8 @@ postgres_conformance!(
     claims_racing_never_share_a_session,
     pending_wait_wakes_on_insert,
     pending_wait_times_out,
+    leader_one_owner_until_expiry,
+    leader_race_has_one_winner,
 );
 
 #[test]
@@ -467,7 +469,7 @@ async fn migrations_are_idempotent_and_race_free() {
         .await
         .expect("versions");
     let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(versions, [1], "each migration recorded once");
+    assert_eq!(versions, [1, 2], "each migration recorded once");
 }
 
 /// A bad schema name and a bad URL are refused before anything is sent.

@@ -17,10 +17,16 @@ struct Migration {
 }
 
 /// Every migration, in version order (versions 1, 2, ... without gaps).
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../../../migrations/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../../../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../../../migrations/0002_leaders.sql"),
+    },
+];
 
 /// The schema version this build creates and understands.
 pub(crate) fn latest_version() -> i32 {

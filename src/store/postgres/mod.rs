@@ -1061,6 +1061,30 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn leader_acquire(&self, p: super::LeaderAcquire) -> StoreResult<bool> {
+        // A row with an expiry rather than a session advisory lock: the lock would live on one
+        // pooled connection, vanish silently when that connection drops, and follow the
+        // server's clock; the row follows the injected `now`, so terms are testable, and a
+        // holder learns it lost by a `false` at its next renewal.
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO leaders (name, owner, expires_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE
+                     SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+                     WHERE leaders.owner = EXCLUDED.owner OR leaders.expires_at <= $4
+                 RETURNING owner",
+            )
+            .await
+            .map_err(db_err("preparing the leader election"))?;
+        let expires = p.now.add(p.ttl).0;
+        let row = client
+            .query_opt(&stmt, &[&p.name, &p.owner, &expires, &p.now.0])
+            .await
+            .map_err(db_err("electing a leader"))?;
+        Ok(row.is_some())
+    }
+
     async fn pending_wait(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
     }

@@ -1,0 +1,306 @@
+//! Export sinks: the PostgreSQL table sink writes each record exactly once across a crash between
+//! its row insert and the session's status commit; file sinks are complete or absent.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use harvest::config::Config;
+use harvest::job::{Job, JobContext, JobOutcome};
+use harvest::session::SessionStatus;
+use harvest::sink::ExportSpec;
+use harvest::store::postgres::PostgresStore;
+use harvest::store::{AttemptRef, CheckpointBatch, CheckpointCommit, SessionClaim, Store};
+use harvest::{Harvest, SubmitRequest};
+use serde_json::json;
+
+use crate::store_postgres::{SchemaGuard, admin, database_url, unique_schema};
+
+/// Emits `total` records, `per` per checkpoint, resuming after the records already committed.
+struct RecordsJob {
+    total: u64,
+    per: u64,
+}
+
+fn record(n: u64) -> serde_json::Value {
+    json!({"n": n, "name": format!("item, \"{n}\"")})
+}
+
+fn records(from: u64, n: u64) -> Vec<serde_json::Value> {
+    (from..from + n).map(record).collect()
+}
+
+#[async_trait]
+impl Job for RecordsJob {
+    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn run(&self, ctx: JobContext) -> JobOutcome {
+        let mut done = ctx.resume.records;
+        // Bounded: each pass commits at least one record or returns.
+        loop {
+            let n = self.per.min(self.total.saturating_sub(done));
+            let batch = CheckpointBatch {
+                records: records(done, n),
+                ..Default::default()
+            };
+            done += n;
+            if done >= self.total {
+                return JobOutcome::Completed(batch);
+            }
+            if ctx.sink.commit(batch).await.is_err() {
+                return JobOutcome::Stopped(CheckpointBatch::default());
+            }
+        }
+    }
+}
+
+fn config(export_schema: &str, url: &str, dir: &std::path::Path) -> Config {
+    let mut cfg = Config::default();
+    cfg.export.schema = export_schema.to_string();
+    cfg.export.database_url = Some(url.to_string());
+    cfg.export.dir = dir.to_path_buf();
+    cfg.workers.retry_backoff_ms = 10;
+    cfg.workers.concurrency = 2;
+    cfg
+}
+
+/// A worker commits all records, copies them to the table and writes the files, then dies before
+/// committing COMPLETED. After its lease is reclaimed and the session resumes elsewhere, the table
+/// holds each record exactly once, the files are whole, and closing the session deletes the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_sink_crash_between_rows_and_status_leaves_one_copy() {
+    let Some(url) = database_url() else { return };
+    let store_schema = unique_schema();
+    let export_schema = unique_schema();
+    let _g1 = SchemaGuard {
+        url: url.clone(),
+        schema: store_schema.clone(),
+    };
+    let _g2 = SchemaGuard {
+        url: url.clone(),
+        schema: export_schema.clone(),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(
+        PostgresStore::connect_with_schema(&url, &store_schema)
+            .await
+            .expect("store"),
+    );
+    let harvest = Harvest::builder(config(&export_schema, &url, dir.path()))
+        .store(store.clone())
+        .job(Arc::new(RecordsJob { total: 30, per: 10 }))
+        .open()
+        .await
+        .expect("open");
+    let spec_json = json!({"postgres_table": "items", "jsonl": true, "csv": true});
+    let handle = harvest
+        .submit(SubmitRequest::new(
+            json!({"name": "sink", "export": spec_json}),
+        ))
+        .await
+        .expect("submit");
+    let spec: ExportSpec = serde_json::from_value(spec_json).expect("spec");
+
+    // The worker that dies: all 30 records committed and exported (a retried export writes
+    // nothing), files written, then no status commit.
+    let now = harvest.clock().now();
+    let claimed = store
+        .session_claim(SessionClaim {
+            owner: "dead".into(),
+            limit: 1,
+            lease: Duration::from_millis(1),
+            now,
+        })
+        .await
+        .expect("claim");
+    let session = claimed.into_iter().next().expect("claimed the session");
+    let attempt = AttemptRef {
+        id: session.id.clone(),
+        attempt: session.attempt,
+        owner: "dead".into(),
+    };
+    for i in 0..3 {
+        let applied = store
+            .checkpoint_commit_if_running(CheckpointCommit {
+                attempt: attempt.clone(),
+                batch: CheckpointBatch {
+                    records: records(i * 10, 10),
+                    ..Default::default()
+                },
+                lease: Duration::from_millis(1),
+                now,
+            })
+            .await
+            .expect("checkpoint");
+        assert!(applied, "checkpoint {i} applied");
+        let written = harvest
+            .sinks()
+            .export_rows(&*store, &session, &spec)
+            .await
+            .expect("export");
+        assert_eq!(written, 10, "checkpoint {i} copies its 10 rows");
+        let again = harvest
+            .sinks()
+            .export_rows(&*store, &session, &spec)
+            .await
+            .expect("export again");
+        assert_eq!(
+            again, 0,
+            "a retried export of checkpoint {i} writes nothing"
+        );
+    }
+    harvest
+        .sinks()
+        .export_all(&*store, &session, &spec)
+        .await
+        .expect("export all");
+
+    // Resume: the lease expired at once; maintenance reclaims, a worker finishes it.
+    harvest.start();
+    let done = handle
+        .await_completion(Duration::from_secs(30))
+        .await
+        .expect("await")
+        .expect("the session completes after its resume");
+    assert_eq!(done.status, SessionStatus::Completed, "{done:?}");
+    assert_eq!(done.attempt, 2, "completed by the second attempt");
+    assert_eq!(done.metrics.processed_elements, 30);
+
+    let db = admin(&url).await.expect("admin");
+    let id = session.id.as_str().to_string();
+    let rows = db
+        .query(
+            &format!(
+                "SELECT seq, data FROM {export_schema}.items WHERE session_id = $1 ORDER BY seq"
+            ),
+            &[&id],
+        )
+        .await
+        .expect("rows");
+    let got: Vec<(i64, serde_json::Value)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let want: Vec<(i64, serde_json::Value)> = (0..30).map(|n| (n as i64, record(n))).collect();
+    assert_eq!(got, want, "each record exactly once, in order");
+    let next: i64 = db
+        .query_one(
+            &format!(
+                "SELECT next_seq FROM {export_schema}.harvest_export_marks WHERE session_id = $1"
+            ),
+            &[&id],
+        )
+        .await
+        .expect("marker")
+        .get(0);
+    assert_eq!(next, 30, "the marker is past every record");
+
+    // Files: whole, and no temp file left behind.
+    let jsonl_path = harvest.sinks().file_path(&done, "jsonl");
+    assert!(
+        jsonl_path.starts_with(dir.path()),
+        "{jsonl_path:?} under export.dir"
+    );
+    let client_dir = jsonl_path
+        .parent()
+        .expect("a client directory")
+        .to_path_buf();
+    let jsonl = std::fs::read_to_string(&jsonl_path).expect("jsonl");
+    let lines: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines, records(0, 30), "jsonl holds every record once");
+    let csv_text = std::fs::read_to_string(client_dir.join(format!("{id}.csv"))).expect("csv");
+    let mut reader = csv::Reader::from_reader(csv_text.as_bytes());
+    let header: Vec<String> = reader
+        .headers()
+        .expect("header")
+        .iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(header, ["n", "name"]);
+    let csv_rows: Vec<csv::StringRecord> = reader.records().map(|r| r.expect("csv row")).collect();
+    assert_eq!(csv_rows.len(), 30);
+    assert_eq!(&csv_rows[7][1], "item, \"7\"", "quoting survives");
+    let leftovers: Vec<_> = std::fs::read_dir(&client_dir)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+
+    // Close: cleanup_external (default) deletes the rows and the marker.
+    harvest.close(&session.id).await.expect("close");
+    let left: i64 = db
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM {export_schema}.items WHERE session_id = $1) + \
+                 (SELECT count(*) FROM {export_schema}.harvest_export_marks WHERE session_id = $1)"
+            ),
+            &[&id],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0, "closing removed the exported rows and the marker");
+    harvest
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+}
+
+/// A file sink that cannot write keeps the session from completing: it is retried and ends
+/// FAILED (`export_failed`), and no file (partial or whole) exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sink_failure_fails_the_session_and_leaves_no_file() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let blocker = data.path().join("not-a-dir");
+    std::fs::write(&blocker, b"x").expect("write blocker");
+    let mut cfg = Config {
+        data_dir: data.path().join("db"),
+        ..Config::default()
+    };
+    cfg.export.dir = blocker.join("exports");
+    cfg.workers.retry_backoff_ms = 10;
+    let harvest = Harvest::builder(cfg)
+        .job(Arc::new(RecordsJob { total: 5, per: 2 }))
+        .open()
+        .await
+        .expect("open");
+    harvest.start();
+    let options = harvest::SessionOptions {
+        max_attempts: Some(2),
+        ..Default::default()
+    };
+    let handle = harvest
+        .submit(
+            SubmitRequest::new(json!({"name": "f", "export": {"jsonl": true}})).options(options),
+        )
+        .await
+        .expect("submit");
+    let done = handle
+        .await_completion(Duration::from_secs(30))
+        .await
+        .expect("await")
+        .expect("the session ends");
+    assert_eq!(done.status, SessionStatus::Failed, "{done:?}");
+    assert_eq!(
+        done.error.as_ref().map(|e| e.kind.as_str()),
+        Some("export_failed")
+    );
+    assert_eq!(done.attempt, 2, "the export was retried once");
+    assert_eq!(
+        done.metrics.processed_elements, 5,
+        "records stay in the store"
+    );
+    assert!(
+        !blocker.join("exports").exists(),
+        "no export file or directory"
+    );
+    harvest
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+}
