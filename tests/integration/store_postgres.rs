@@ -141,6 +141,8 @@ postgres_conformance!(
     reclaim_with_and_without_progress,
     reclaim_respects_limit_and_expiry,
     checkpoint_numbering_across_attempts_and_resume,
+    frontier_pages_in_insertion_order_after_removals,
+    frontier_page_and_seen_filter_validation,
     records_page_validation,
     log_keeps_last_lines,
     sessions_expire_only_due,
