@@ -11,6 +11,7 @@ mod engine;
 mod engine_bench;
 mod engine_config;
 mod proc;
+mod resume_crash;
 mod service;
 mod store_conformance;
 mod store_postgres;
