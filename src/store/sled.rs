@@ -88,6 +88,11 @@ use crate::session::{
 };
 
 const META_KEY: &[u8] = b"\0meta";
+
+// sled's page cache. Its default (1 GiB) lets a crawl of millions of URLs grow the process far
+// beyond what the crawl needs. Measured with `harvest bench frontier --urls 300000` (release):
+// 64 MiB gave 308 MB peak RSS, 16 MiB 233 MB at no loss of pages/s.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 const COUNTERS_KEY: &[u8] = b"\0counters";
 
 // Sessions moved from `W` to `P` per claim at most: bounds the claim's batch; any remainder moves
@@ -446,6 +451,7 @@ impl SledStore {
         let db = sled::Config::new()
             .path(path)
             .flush_every_ms(None)
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|e| {
                 StoreError::Backend(format!("opening the sled store at {}: {e}", path.display()))
