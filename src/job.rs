@@ -2,7 +2,9 @@
 //!
 //! A [`Job`] validates configs at submission and runs one attempt of a session. It never touches
 //! the store: it hands its progress to a [`CheckpointSink`] (the worker's, which commits under the
-//! lease; or `harvest run`'s, which prints records) and watches a [`StopSignal`] between steps.
+//! lease; or `harvest run`'s, which prints records), reads what earlier checkpoints committed
+//! (the crawl frontier and seen set, which can be far larger than memory) through the read-only
+//! [`CrawlState`], and watches a [`StopSignal`] between steps.
 //! The scraper engine is one `Job`; the queue benchmark's no-op job and the tests' jobs are
 //! others.
 
@@ -15,7 +17,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::session::{Session, SessionError};
-use crate::store::{CheckpointBatch, ResumeState};
+use crate::store::{CheckpointBatch, FrontierItem, ResumeState};
 
 /// The lease is gone: another attempt owns the session now. Stop without writing anything else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +29,28 @@ pub struct LeaseLost;
 pub trait CheckpointSink: Send + Sync {
     /// Commits a batch atomically (durable on return).
     async fn commit(&self, batch: CheckpointBatch) -> Result<(), LeaseLost>;
+}
+
+/// The committed crawl state could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot read the session's crawl state: {0}")]
+pub struct CrawlStateError(pub String);
+
+/// Read-only view of what a session's committed checkpoints hold: its frontier (in the order URLs
+/// were added, with positions) and its seen set. Implemented by the worker over the store and by
+/// `harvest run` over its own local state; a job never gets write access to either.
+#[async_trait]
+pub trait CrawlState: Send + Sync {
+    /// Committed frontier entries after position `after_pos` (0: from the start), in position
+    /// order, at most `limit` (1..=10000). Positions follow [`FrontierItem`]'s rules.
+    async fn frontier_page(
+        &self,
+        after_pos: u64,
+        limit: usize,
+    ) -> Result<Vec<FrontierItem>, CrawlStateError>;
+
+    /// For each URL (at most 10000), whether a committed checkpoint added it to the seen set.
+    async fn seen_filter(&self, urls: Vec<String>) -> Result<Vec<bool>, CrawlStateError>;
 }
 
 /// Why a job is asked to stop.
@@ -120,8 +144,10 @@ pub enum JobOutcome {
 pub struct JobContext {
     /// The session as claimed (attempt, options, job spec).
     pub session: Session,
-    /// Where to resume: frontier, seen set, counts of the last checkpoint.
+    /// Where to resume: counts of the last checkpoint.
     pub resume: ResumeState,
+    /// The committed frontier and seen set (read-only).
+    pub state: Arc<dyn CrawlState>,
     /// Where to commit progress.
     pub sink: Arc<dyn CheckpointSink>,
     /// Checked between steps.

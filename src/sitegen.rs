@@ -5,12 +5,15 @@
 //! page: a cycle), and product pages with `h1`, `.price`, `td.sku`, `img.main` and `.tag`s. With
 //! `specials`, the first list page also links to pages that exercise the engine's edge cases:
 //! a folder robots.txt disallows, a latin-1 page, a page answering 503 once with `Retry-After`,
-//! a redirect loop, an oversized page and a JSON document. It never binds anything but loopback.
+//! a redirect loop, an oversized page and a JSON document. With `tree`, it also serves a tree of
+//! many small pages (`/n/I`, each linking `a.c` to its [`TREE_FANOUT`] children), for crawls of
+//! millions of distinct URLs; those are counted only in [`Site::total_hits`], so the site's own
+//! memory stays small. It never binds anything but loopback.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -33,7 +36,12 @@ pub struct SiteOptions {
     pub per_list: usize,
     /// Add the edge-case pages (see the module doc).
     pub specials: bool,
+    /// Pages of the tree of small pages (`/n/0` is its root); 0 for none.
+    pub tree: usize,
 }
+
+/// Children per page of the tree of small pages.
+pub const TREE_FANOUT: usize = 10;
 
 impl Default for SiteOptions {
     fn default() -> Self {
@@ -41,6 +49,7 @@ impl Default for SiteOptions {
             products: 100,
             per_list: 20,
             specials: true,
+            tree: 0,
         }
     }
 }
@@ -68,6 +77,7 @@ struct SiteState {
     lists: usize,
     flaky_failed: AtomicBool,
     hits: Mutex<HashMap<String, u64>>,
+    total_hits: AtomicU64,
 }
 
 /// A running site; stops when [`Site::shutdown`] is called or it is dropped.
@@ -97,8 +107,16 @@ impl Site {
 
     /// Total requests received.
     pub fn total_hits(&self) -> u64 {
+        self.state.total_hits.load(Ordering::Relaxed)
+    }
+
+    /// Requests received by paths starting with `prefix` (e.g. `/product/`), however often each.
+    pub fn hits_under(&self, prefix: &str) -> u64 {
         let hits = self.state.hits.lock().unwrap_or_else(|p| p.into_inner());
-        hits.values().sum()
+        hits.iter()
+            .filter(|(p, _)| p.starts_with(prefix))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Number of list pages.
@@ -140,6 +158,7 @@ pub async fn serve_at(addr: SocketAddr, opts: SiteOptions) -> std::io::Result<Si
         lists,
         flaky_failed: AtomicBool::new(false),
         hits: Mutex::new(HashMap::new()),
+        total_hits: AtomicU64::new(0),
     });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
@@ -165,6 +184,13 @@ fn html(body: String) -> Response {
 }
 
 async fn handle(State(st): State<Arc<SiteState>>, uri: Uri) -> Response {
+    st.total_hits.fetch_add(1, Ordering::Relaxed);
+    if let Some(n) = uri.path().strip_prefix("/n/") {
+        return match n.parse::<usize>() {
+            Ok(i) if i < st.opts.tree => html(tree_page(st.opts.tree, i)),
+            _ => StatusCode::NOT_FOUND.into_response(),
+        };
+    }
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
     {
         let mut hits = st.hits.lock().unwrap_or_else(|p| p.into_inner());
@@ -287,6 +313,20 @@ fn list_page(st: &SiteState, n: usize) -> String {
         s,
         "</section><a class=\"next\" href=\"{next}\">Next</a></body></html>"
     );
+    s
+}
+
+fn tree_page(pages: usize, i: usize) -> String {
+    let mut s = String::with_capacity(512);
+    let _ = write!(
+        s,
+        "<!doctype html><html><head><meta charset=\"utf-8\"></head><body><h1>Node {i}</h1>"
+    );
+    let first = i.saturating_mul(TREE_FANOUT).saturating_add(1);
+    for c in first..first.saturating_add(TREE_FANOUT).min(pages) {
+        let _ = write!(s, "<a class=\"c\" href=\"/n/{c}\">{c}</a>");
+    }
+    s.push_str("</body></html>");
     s
 }
 

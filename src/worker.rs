@@ -8,7 +8,8 @@
 //! owner), so a worker whose lease was reclaimed learns it from a `false` and stops.
 //!
 //! The worker is the only writer of a running session: the job (the engine) never touches the
-//! store; it hands checkpoints to the [`CheckpointSink`] the worker gives it.
+//! store; it hands checkpoints to the [`CheckpointSink`] the worker gives it and reads the
+//! committed frontier and seen set through the read-only [`StoreCrawlState`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,13 +24,15 @@ use crate::clock::Clock;
 use crate::config::{SessionsConfig, WorkersConfig};
 use crate::event::{EventBus, EventKind};
 use crate::job::{
-    CheckpointSink, Job, JobContext, JobOutcome, LeaseLost, Retry, StopReason, StopSignal,
+    CheckpointSink, CrawlState, CrawlStateError, Job, JobContext, JobOutcome, LeaseLost, Retry,
+    StopReason, StopSignal,
 };
-use crate::session::{Session, SessionError, SessionStatus, Timestamp};
+use crate::session::{Session, SessionError, SessionId, SessionStatus, Timestamp};
 use crate::sink::{ExportSpec, Sinks};
 use crate::store::{
-    AttemptRef, CheckpointBatch, CheckpointCommit, HeartbeatOutcome, RequeueOutcome, SessionClaim,
-    SessionFinish, SessionHeartbeat, SessionRequeue, Store,
+    AttemptRef, CheckpointBatch, CheckpointCommit, FrontierItem, FrontierPage, HeartbeatOutcome,
+    RequeueOutcome, SeenFilter, SessionClaim, SessionFinish, SessionHeartbeat, SessionRequeue,
+    Store,
 };
 
 /// What a worker pool needs.
@@ -227,6 +230,48 @@ async fn claim_loop(
     while tasks.join_next().await.is_some() {}
 }
 
+/// A session's committed frontier and seen set, read from the store: the [`CrawlState`] the
+/// worker (and `harvest run --resume`) hands a job. Read-only by construction.
+pub struct StoreCrawlState {
+    store: Arc<dyn Store>,
+    id: SessionId,
+}
+
+impl StoreCrawlState {
+    /// The state of session `id` in `store`.
+    pub fn new(store: Arc<dyn Store>, id: SessionId) -> StoreCrawlState {
+        StoreCrawlState { store, id }
+    }
+}
+
+#[async_trait]
+impl CrawlState for StoreCrawlState {
+    async fn frontier_page(
+        &self,
+        after_pos: u64,
+        limit: usize,
+    ) -> Result<Vec<FrontierItem>, CrawlStateError> {
+        self.store
+            .frontier_page(FrontierPage {
+                id: self.id.clone(),
+                after_pos,
+                limit,
+            })
+            .await
+            .map_err(|e| CrawlStateError(e.to_string()))
+    }
+
+    async fn seen_filter(&self, urls: Vec<String>) -> Result<Vec<bool>, CrawlStateError> {
+        self.store
+            .seen_filter(SeenFilter {
+                id: self.id.clone(),
+                urls,
+            })
+            .await
+            .map_err(|e| CrawlStateError(e.to_string()))
+    }
+}
+
 /// Commits checkpoints of one attempt under its lease.
 struct LeaseSink {
     store: Arc<dyn Store>,
@@ -378,6 +423,7 @@ async fn run_attempt(s: &Arc<WorkerSettings>, session: Session, owner: String, s
     let ctx = JobContext {
         session: session.clone(),
         resume,
+        state: Arc::new(StoreCrawlState::new(s.store.clone(), session.id.clone())),
         sink,
         stop: stop.clone(),
     };

@@ -1,18 +1,29 @@
-//! `harvest bench crawl`: one crawl of a generated shop served in-process on loopback, with a
-//! sink that only counts, so the figure is the engine's (fetch, decode, parse, extract), not a
-//! store's. Like `scrapy bench`, the site and the crawler share this machine's cores.
+//! `harvest bench crawl` and `harvest bench frontier`: one crawl of a generated site served
+//! in-process on loopback. `crawl` keeps the crawl state in memory by default, so the figure is
+//! the engine's (fetch, decode, parse, extract); with `--store` it checkpoints into a real sled
+//! store in a temporary directory, as a worker does. `frontier` crawls a tree of many small pages
+//! (millions of distinct URLs) through a sled store and reports peak memory. Like `scrapy bench`,
+//! the site and the crawler share this machine's cores.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use crate::engine::MemoryCrawlState;
 use crate::engine::{EngineSettings, ScrapeJob, compile, parse_config_text};
-use crate::job::{CheckpointSink, JobOutcome, LeaseLost, StopSignal};
+use crate::job::{CheckpointSink, CrawlState, JobOutcome, LeaseLost, StopSignal};
+use crate::session::{
+    ClientContext, JobSpec, Session, SessionId, SessionOptions, SessionStatus, Timestamp,
+};
 use crate::sitegen::{SiteOptions, serve};
-use crate::store::{CheckpointBatch, ResumeState};
+use crate::store::{
+    AttemptRef, CheckpointBatch, CheckpointCommit, ResumeState, SessionClaim, SessionFinish,
+    SessionInsert, Store,
+};
+use crate::worker::StoreCrawlState;
 
 /// The config every crawl bench runs: DESIGN §4's example (examples/catalog.toml).
 pub const CATALOG_TOML: &str = include_str!("../../examples/catalog.toml");
@@ -32,30 +43,175 @@ pub enum BenchError {
     /// The crawl did not complete.
     #[error("crawl did not complete: {0}")]
     Crawl(String),
+    /// The temporary store failed.
+    #[error("bench store: {0}")]
+    Store(String),
 }
 
-#[derive(Default)]
+/// Counts what was committed; commits it to the store or the in-memory state first.
 struct CountingSink {
     pages: AtomicU64,
     records: AtomicU64,
     errors: AtomicU64,
+    commits: AtomicU64,
+    target: Target,
 }
 
+enum Target {
+    Memory(Arc<MemoryCrawlState>),
+    Store(StoreRun),
+}
+
+/// A session claimed in a sled store in a temporary directory.
+struct StoreRun {
+    store: Arc<dyn Store>,
+    attempt: AttemptRef,
+    _dir: tempfile::TempDir,
+}
+
+impl StoreRun {
+    async fn open(config: &serde_json::Value) -> Result<StoreRun, BenchError> {
+        let dir = tempfile::TempDir::new().map_err(|e| BenchError::Store(e.to_string()))?;
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sled::SledStore::open(dir.path())
+                .map_err(|e| BenchError::Store(e.to_string()))?,
+        );
+        let now = Timestamp::now();
+        let id = SessionId::generate();
+        let session = Session {
+            id: id.clone(),
+            seq: 0,
+            client: ClientContext::of("bench"),
+            status: SessionStatus::Pending,
+            job: JobSpec {
+                config: config.clone(),
+                params: BTreeMap::new(),
+                agent: None,
+            },
+            options: SessionOptions::default(),
+            attempt: 0,
+            failures: 0,
+            progress_this_attempt: false,
+            lease: None,
+            cancel_requested: false,
+            run_at: now,
+            created_at: now,
+            updated_at: now,
+            cleanup_at: None,
+            metrics: Default::default(),
+            usage: Default::default(),
+            error: None,
+            checkpoints: 0,
+        };
+        let err = |e: crate::store::StoreError| BenchError::Store(e.to_string());
+        store
+            .session_insert(SessionInsert {
+                session,
+                single_agent: None,
+            })
+            .await
+            .map_err(err)?;
+        let claimed = store
+            .session_claim(SessionClaim {
+                owner: "bench".into(),
+                limit: 1,
+                lease: LEASE,
+                now,
+            })
+            .await
+            .map_err(err)?;
+        let Some(s) = claimed.into_iter().next() else {
+            return Err(BenchError::Store(
+                "the bench session was not claimed".into(),
+            ));
+        };
+        Ok(StoreRun {
+            store,
+            attempt: AttemptRef {
+                id,
+                attempt: s.attempt,
+                owner: "bench".into(),
+            },
+            _dir: dir,
+        })
+    }
+}
+
+/// Longer than any bench: nothing renews it.
+const LEASE: Duration = Duration::from_secs(86400);
+
 impl CountingSink {
-    fn add(&self, b: &CheckpointBatch) {
+    fn new(target: Target) -> CountingSink {
+        CountingSink {
+            pages: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            target,
+        }
+    }
+
+    fn state(&self) -> Arc<dyn CrawlState> {
+        match &self.target {
+            Target::Memory(m) => m.clone(),
+            Target::Store(r) => {
+                Arc::new(StoreCrawlState::new(r.store.clone(), r.attempt.id.clone()))
+            }
+        }
+    }
+
+    async fn add(&self, b: CheckpointBatch, last: bool) -> Result<(), BenchError> {
         self.pages.fetch_add(b.pages, Ordering::Relaxed);
         self.records
             .fetch_add(b.records.len() as u64, Ordering::Relaxed);
         self.errors
             .fetch_add(b.usage.http_errors, Ordering::Relaxed);
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        match &self.target {
+            Target::Memory(m) => {
+                m.apply(&b);
+                Ok(())
+            }
+            Target::Store(r) => {
+                let now = Timestamp::now();
+                let applied = if last {
+                    r.store
+                        .session_finish_if_running(SessionFinish {
+                            attempt: r.attempt.clone(),
+                            status: SessionStatus::Completed,
+                            error: None,
+                            batch: b,
+                            cleanup_at: now.add(LEASE),
+                            now,
+                        })
+                        .await
+                } else {
+                    r.store
+                        .checkpoint_commit_if_running(CheckpointCommit {
+                            attempt: r.attempt.clone(),
+                            batch: b,
+                            lease: LEASE,
+                            now,
+                        })
+                        .await
+                };
+                match applied {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(BenchError::Store("the bench lost its lease".into())),
+                    Err(e) => Err(BenchError::Store(e.to_string())),
+                }
+            }
+        }
     }
 }
 
 #[async_trait]
 impl CheckpointSink for CountingSink {
     async fn commit(&self, batch: CheckpointBatch) -> Result<(), LeaseLost> {
-        self.add(&batch);
-        Ok(())
+        self.add(batch, false).await.map_err(|e| {
+            tracing::error!(error = %e, "bench checkpoint failed");
+            LeaseLost
+        })
     }
 }
 
@@ -68,13 +224,24 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 /// Crawls a generated site of `products` product pages at `concurrency` requests in flight
-/// (per host too: the site is one host) and returns
+/// (per host too: the site is one host), keeping the crawl state in memory, and returns
 /// `{pages, records, seconds, pages_per_sec, records_per_sec, peak_rss_mb, ...}`.
 pub async fn crawl(products: usize, concurrency: usize) -> Result<serde_json::Value, BenchError> {
+    crawl_with(products, concurrency, false).await
+}
+
+/// [`crawl`], checkpointing into a real sled store in a temporary directory when `store` is set
+/// (`harvest bench crawl --store`): the engine's figure with durable checkpoints.
+pub async fn crawl_with(
+    products: usize,
+    concurrency: usize,
+    store: bool,
+) -> Result<serde_json::Value, BenchError> {
     let site = serve(SiteOptions {
         products,
         per_list: 20,
         specials: false,
+        tree: 0,
     })
     .await
     .map_err(BenchError::Site)?;
@@ -86,31 +253,90 @@ pub async fn crawl(products: usize, concurrency: usize) -> Result<serde_json::Va
     config["limits"]["max_depth"] = serde_json::json!(products.div_ceil(PER_LIST) + 10);
     config["http"]["concurrency"] = serde_json::json!(concurrency);
     config["http"]["per_host_concurrency"] = serde_json::json!(concurrency);
-    let cfg = Arc::new(
-        compile(&config, &BTreeMap::new()).map_err(|e| BenchError::Config(e.to_string()))?,
-    );
-    let sink = Arc::new(CountingSink::default());
+    let mut out = run(&config, store).await?;
+    site.shutdown().await;
+    out["bench"] = serde_json::json!("crawl");
+    out["products"] = serde_json::json!(products);
+    out["concurrency"] = serde_json::json!(concurrency);
+    Ok(out)
+}
+
+/// `harvest bench frontier`: crawls a tree of `urls` small pages (10 links each, so the frontier
+/// grows to most of the site) checkpointing into a real sled store in a temporary directory, and
+/// returns `{urls, pages, pages_per_sec, peak_rss_mb, ...}`. The crawl state stays bounded in
+/// memory (frontier window, seen cache); the store holds the rest.
+pub async fn frontier(urls: usize, concurrency: usize) -> Result<serde_json::Value, BenchError> {
+    let site = serve(SiteOptions {
+        products: 0,
+        per_list: 1,
+        specials: false,
+        tree: urls,
+    })
+    .await
+    .map_err(BenchError::Site)?;
+    let config = serde_json::json!({
+        "name": "frontier",
+        "start_urls": [site.url("/n/0")],
+        "limits": {"max_pages": urls as u64 + 10, "max_depth": 64, "max_records": urls as u64 + 10},
+        "http": {
+            "concurrency": concurrency,
+            "per_host_concurrency": concurrency,
+            "obey_robots_txt": false,
+        },
+        "follow": [{"selector": "a.c", "page": "node"}],
+        "start_page": "node",
+        "pages": {"node": {"fields": {"title": "h1"}}},
+    });
+    let mut out = run(&config, true).await?;
+    let total_hits = site.total_hits();
+    site.shutdown().await;
+    out["bench"] = serde_json::json!("frontier");
+    out["urls"] = serde_json::json!(urls);
+    out["concurrency"] = serde_json::json!(concurrency);
+    out["site_hits"] = serde_json::json!(total_hits);
+    Ok(out)
+}
+
+async fn run(config: &serde_json::Value, store: bool) -> Result<serde_json::Value, BenchError> {
+    let cfg =
+        Arc::new(compile(config, &BTreeMap::new()).map_err(|e| BenchError::Config(e.to_string()))?);
+    let target = if store {
+        Target::Store(StoreRun::open(config).await?)
+    } else {
+        Target::Memory(Arc::new(MemoryCrawlState::new()))
+    };
+    let sink = Arc::new(CountingSink::new(target));
     let job = ScrapeJob::new(EngineSettings::default());
     let started = Instant::now();
     let outcome = job
-        .crawl(cfg, ResumeState::default(), sink.clone(), StopSignal::new())
+        .crawl(
+            cfg,
+            ResumeState::default(),
+            sink.state(),
+            sink.clone(),
+            StopSignal::new(),
+        )
         .await;
-    let seconds = started.elapsed().as_secs_f64();
-    match &outcome {
-        JobOutcome::Completed(b) => sink.add(b),
+    match outcome {
+        JobOutcome::Completed(b) => sink.add(b, true).await?,
         JobOutcome::Stopped(_) => return Err(BenchError::Crawl("stopped".into())),
-        JobOutcome::Failed { error, .. } => return Err(BenchError::Crawl(error.message.clone())),
+        JobOutcome::Failed { error, .. } => return Err(BenchError::Crawl(error.message)),
     }
-    site.shutdown().await;
+    let seconds = started.elapsed().as_secs_f64();
+    if let Target::Store(r) = &sink.target {
+        r.store
+            .close()
+            .await
+            .map_err(|e| BenchError::Store(e.to_string()))?;
+    }
     let pages = sink.pages.load(Ordering::Relaxed);
     let records = sink.records.load(Ordering::Relaxed);
     Ok(serde_json::json!({
-        "bench": "crawl",
-        "products": products,
-        "concurrency": concurrency,
+        "store": if store { "sled" } else { "memory" },
         "pages": pages,
         "records": records,
         "http_errors": sink.errors.load(Ordering::Relaxed),
+        "checkpoints": sink.commits.load(Ordering::Relaxed),
         "seconds": seconds,
         "pages_per_sec": pages as f64 / seconds.max(1e-9),
         "records_per_sec": records as f64 / seconds.max(1e-9),

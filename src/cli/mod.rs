@@ -78,6 +78,23 @@ pub enum BenchCommand {
     Queue(crate::bench::queue::QueueBenchArgs),
     /// One crawl of a generated site on loopback: pages/s, records/s, peak memory.
     Crawl(CrawlBenchArgs),
+    /// A crawl of a tree of many small pages (millions of distinct URLs) checkpointing into a
+    /// sled store: urls, pages/s, peak memory.
+    Frontier(FrontierBenchArgs),
+}
+
+/// Flags of `harvest bench frontier`.
+#[derive(Debug, clap::Args)]
+pub struct FrontierBenchArgs {
+    /// Distinct URLs (pages) on the generated site.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub urls: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Print only the JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `harvest bench crawl`.
@@ -89,6 +106,10 @@ pub struct CrawlBenchArgs {
     /// Requests in flight.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Checkpoint into a sled store in a temporary directory (as a worker does) instead of
+    /// keeping the crawl state in memory.
+    #[arg(long)]
+    pub store: bool,
     /// Print only the JSON object.
     #[arg(long)]
     pub json: bool,
@@ -105,6 +126,11 @@ pub struct RunArgs {
     /// Refuse fetching private, loopback and link-local addresses.
     #[arg(long)]
     pub guard: bool,
+    /// Checkpoint into a sled store in DIR and resume from it: run the same command again after
+    /// Ctrl-C or a kill and it continues where it stopped. Records go to stdout once committed,
+    /// so across runs each is printed once.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
 }
 
 /// Flags of `harvest testsite`.
@@ -168,7 +194,21 @@ pub async fn main() -> anyhow::Result<()> {
                         args.products, args.concurrency
                     );
                 }
-                let out = crate::bench::crawl::crawl(args.products, args.concurrency).await?;
+                let out =
+                    crate::bench::crawl::crawl_with(args.products, args.concurrency, args.store)
+                        .await?;
+                println!("{}", serde_json::to_string(&out)?);
+                Ok(())
+            }
+            BenchCommand::Frontier(args) => {
+                if !args.json {
+                    eprintln!(
+                        "bench frontier: {} URLs at concurrency {} on a generated loopback site, \
+                         checkpointing into a temporary sled store",
+                        args.urls, args.concurrency
+                    );
+                }
+                let out = crate::bench::crawl::frontier(args.urls, args.concurrency).await?;
                 println!("{}", serde_json::to_string(&out)?);
                 Ok(())
             }
@@ -290,18 +330,18 @@ async fn run_local(args: RunArgs) -> anyhow::Result<()> {
             std::process::exit(130);
         }
     });
-    let summary = crate::engine::run_local(
-        &config,
-        &params,
-        settings,
-        Box::new(std::io::stdout()),
-        crate::engine::Progress::Stderr,
-        stop,
-    )
-    .await
+    let out = Box::new(std::io::stdout());
+    let progress = crate::engine::Progress::Stderr;
+    let summary = match &args.resume {
+        Some(dir) => {
+            crate::engine::run_local_resumable(&config, &params, settings, out, progress, stop, dir)
+                .await
+        }
+        None => crate::engine::run_local(&config, &params, settings, out, progress, stop).await,
+    }
     .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     eprintln!("{summary}");
-    if summary.status == "completed" {
+    if summary.status == "completed" || summary.status == "already completed" {
         Ok(())
     } else {
         anyhow::bail!("the crawl did not complete")

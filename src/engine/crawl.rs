@@ -1,9 +1,27 @@
-//! The crawl loop of one attempt: a frontier, a seen set, up to `concurrency` page tasks in
-//! flight, and checkpoints handed to the sink in bounded batches.
+//! The crawl loop of one attempt: up to `concurrency` page tasks in flight, progress handed to
+//! the sink in bounded batches, and only bounded state in memory.
 //!
-//! Invariant for exactly-once records across resumes: a URL enters `seen_add`/`frontier_add` in
-//! the batch of the page that discovered it, and enters `frontier_done` in the batch that holds
-//! its page's records. A resumed attempt refetches every frontier entry, and nothing else.
+//! # Memory
+//!
+//! The frontier and the seen set live in the committed checkpoints (the store), read through the
+//! job's [`CrawlState`]. In memory the crawl keeps:
+//! - a window of the frontier (at most [`BatchPolicy::window`] entries, oldest first). New URLs go
+//!   to the window while it has room and nothing older waits in the store; otherwise they are
+//!   only committed ("spilled"), and the window is refilled from the committed frontier, in the
+//!   order URLs were added, when it runs low. A refill first commits the batch, then continues
+//!   after the last position it read, skipping URLs it holds (in the window or in flight);
+//! - a cache of seen URLs (two generations, at most about [`BatchPolicy::seen_cache`] URLs),
+//!   rotated only right after a commit so that every uncommitted URL is in it. A URL the cache
+//!   does not know is looked up in the committed seen set, unless the cache is still complete (a
+//!   fresh attempt that never rotated it);
+//! - the uncommitted batch (bounded by the batch policy).
+//!
+//! # Exactly once
+//!
+//! A URL enters `seen_add`/`frontier_add` in the batch of the page that discovered it, and
+//! enters `frontier_done` in the batch that holds its page's records. A resumed attempt refetches
+//! every committed frontier entry, and nothing else: the pages in flight at a crash and the
+//! uncommitted batch are redone, their records were never committed.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -18,11 +36,12 @@ use url::Url;
 use super::config::CompiledConfig;
 use super::extract::{decode, extract_page};
 use super::fetch::{Fetcher, PageError};
-use crate::job::{CheckpointSink, JobOutcome, StopReason, StopSignal};
-use crate::session::{FrontierEntry, LogLine, Timestamp, TokenUsage};
-use crate::store::{CheckpointBatch, ResumeState};
+use crate::job::{CheckpointSink, CrawlState, JobOutcome, Retry, StopReason, StopSignal};
+use crate::session::{FrontierEntry, LogLine, SessionError, Timestamp, TokenUsage};
+use crate::store::{CheckpointBatch, FRONTIER_PAGE_MAX, ResumeState};
 
-/// When a batch is handed to the sink: whichever limit comes first.
+/// When a batch is handed to the sink (whichever limit comes first), and how much crawl state
+/// stays in memory.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchPolicy {
     /// Longest time progress waits before it is committed.
@@ -33,6 +52,10 @@ pub struct BatchPolicy {
     pub max_records: usize,
     /// Most log lines per batch; more are summarized in one line.
     pub max_log_lines: usize,
+    /// Most frontier entries held in memory; the rest is read back from the committed frontier.
+    pub window: usize,
+    /// About how many seen URLs are cached in memory in front of the committed seen set.
+    pub seen_cache: usize,
 }
 
 impl Default for BatchPolicy {
@@ -42,6 +65,10 @@ impl Default for BatchPolicy {
             max_pages: 500,
             max_records: 5000,
             max_log_lines: 100,
+            // 10k entries of ~100 bytes: ~1 MB, and a refill (one store read) every 5k pages.
+            window: 10_000,
+            // ~100 bytes per URL: ~20 MB at most, twice the window's reach many times over.
+            seen_cache: 200_000,
         }
     }
 }
@@ -119,10 +146,48 @@ async fn process(
     out
 }
 
+/// Seen URLs in two generations: lookups see both; a rotation drops the older one.
+struct SeenCache {
+    current: HashSet<String>,
+    previous: HashSet<String>,
+    cap: usize,
+    /// No URL was ever dropped: together with a fresh attempt, the cache knows every seen URL.
+    complete: bool,
+}
+
+impl SeenCache {
+    fn contains(&self, url: &str) -> bool {
+        self.current.contains(url) || self.previous.contains(url)
+    }
+
+    fn insert(&mut self, url: String) {
+        if !self.previous.contains(&url) {
+            self.current.insert(url);
+        }
+    }
+
+    /// Called only right after a commit: nothing uncommitted is dropped.
+    fn maybe_rotate(&mut self) {
+        if self.current.len() >= self.cap / 2 {
+            self.previous = std::mem::take(&mut self.current);
+            self.complete = false;
+        }
+    }
+}
+
 struct Crawl {
     cfg: Arc<CompiledConfig>,
-    frontier: VecDeque<FrontierEntry>,
-    seen: HashSet<String>,
+    /// The oldest frontier entries not yet dispatched (at most `policy.window`).
+    window: VecDeque<FrontierEntry>,
+    /// URLs in the window or in flight: a refill skips them.
+    held: HashSet<String>,
+    /// Frontier entries not done: committed ones, this batch's additions, the window, in flight.
+    frontier_len: u64,
+    /// Some frontier entries are neither held nor read yet: they wait in the store.
+    spilled: bool,
+    /// The last committed frontier position read.
+    cursor: u64,
+    seen: SeenCache,
     pages_done: u64,
     records_total: u64,
     records_full: bool,
@@ -156,11 +221,38 @@ impl Crawl {
         std::mem::take(&mut self.batch)
     }
 
-    fn enqueue(&mut self, url: String, depth: u32, page: Option<String>, in_flight: usize) {
-        // The in-memory frontier never holds more than the pages still allowed: bounded memory,
-        // and a link dropped here is not marked seen, so another page can rediscover it.
+    /// Of these URLs (unique, none in the cache), which the committed seen set holds.
+    async fn seen_in_store(
+        &self,
+        state: &dyn CrawlState,
+        urls: &[String],
+    ) -> Result<Vec<bool>, crate::job::CrawlStateError> {
+        if self.seen.complete || urls.is_empty() {
+            return Ok(vec![false; urls.len()]);
+        }
+        let mut out = Vec::with_capacity(urls.len());
+        for chunk in urls.chunks(FRONTIER_PAGE_MAX) {
+            out.extend(state.seen_filter(chunk.to_vec()).await?);
+        }
+        Ok(out)
+    }
+
+    /// The links worth a look in the committed seen set: not cached, each once.
+    fn candidates(&self, links: &[(String, Option<Arc<str>>)]) -> Vec<String> {
+        let mut seen_here = HashSet::new();
+        links
+            .iter()
+            .filter(|(u, _)| !self.seen.contains(u) && seen_here.insert(u.as_str()))
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+
+    fn enqueue(&mut self, url: String, depth: u32, page: Option<String>) {
+        // Never more frontier than pages still allowed: a link dropped here is not marked seen, so
+        // another page can rediscover it.
+        // (`frontier_len` counts the pages in flight too: they are not done.)
         let budget = self.cfg.limits.max_pages;
-        if self.pages_done + in_flight as u64 + self.frontier.len() as u64 >= budget {
+        if self.pages_done + self.frontier_len >= budget {
             return;
         }
         if self.seen.contains(&url) {
@@ -173,11 +265,20 @@ impl Crawl {
             page,
         };
         self.batch.seen_add.push(url);
-        self.batch.frontier_add.push(entry.clone());
-        self.frontier.push_back(entry);
+        self.frontier_len += 1;
+        if !self.spilled && self.window.len() < self.policy.window {
+            self.held.insert(entry.url.clone());
+            self.window.push_back(entry.clone());
+        } else {
+            self.spilled = true;
+        }
+        self.batch.frontier_add.push(entry);
     }
 
-    fn merge(&mut self, o: PageOutcome, in_flight: usize) {
+    /// Merges a finished page. `stored_seen[i]`: whether `candidates[i]` (see
+    /// [`Crawl::candidates`]) is in the committed seen set.
+    fn merge(&mut self, o: PageOutcome, stored_seen: &[(String, bool)]) {
+        self.held.remove(&o.entry.url);
         self.batch.usage += o.usage;
         for (level, msg) in o.log {
             self.log(level, msg);
@@ -186,11 +287,14 @@ impl Crawl {
             // Left in the stored frontier: the next attempt fetches it.
             Kind::Stopped => return,
             Kind::Blocked => {
+                self.frontier_len = self.frontier_len.saturating_sub(1);
                 self.batch.frontier_done.push(o.entry.url);
                 return;
             }
             Kind::Fetched | Kind::Failed => {}
         }
+        // Done before its links are counted against the page budget.
+        self.frontier_len = self.frontier_len.saturating_sub(1);
         self.pages_done += 1;
         self.batch.pages += 1;
         let max_records = self.cfg.limits.max_records;
@@ -205,10 +309,15 @@ impl Crawl {
         if self.records_total >= max_records {
             self.records_full = true;
         }
+        for (url, seen) in stored_seen {
+            if *seen {
+                self.seen.insert(url.clone());
+            }
+        }
         let depth = o.entry.depth + 1;
         if depth <= self.cfg.limits.max_depth && !self.records_full {
             for (url, page) in o.links {
-                self.enqueue(url, depth, page.map(|p| p.to_string()), in_flight);
+                self.enqueue(url, depth, page.map(|p| p.to_string()));
             }
         }
         self.batch.frontier_done.push(o.entry.url);
@@ -218,22 +327,82 @@ impl Crawl {
         self.batch.pages >= self.policy.max_pages
             || self.batch.records.len() >= self.policy.max_records
     }
+
+    /// Reads committed frontier entries after the cursor into the window, skipping held URLs.
+    /// The batch must have been committed first (so the store's frontier is complete).
+    async fn refill(&mut self, state: &dyn CrawlState) -> Result<(), crate::job::CrawlStateError> {
+        // Bounded: each round either adds to the window, skips held URLs (at most window +
+        // concurrency of them in all), or ends at the end of the stored frontier.
+        for _ in 0..1_000_000 {
+            let want = self
+                .policy
+                .window
+                .saturating_sub(self.window.len())
+                .clamp(1, FRONTIER_PAGE_MAX);
+            if self.window.len() >= self.policy.window {
+                return Ok(());
+            }
+            let items = state.frontier_page(self.cursor, want).await?;
+            let exhausted = items.len() < want;
+            for it in items {
+                self.cursor = self.cursor.max(it.pos);
+                if !self.held.contains(&it.entry.url) {
+                    self.held.insert(it.entry.url.clone());
+                    self.window.push_back(it.entry);
+                }
+            }
+            if exhausted {
+                self.spilled = false;
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Runs one attempt to its end. Never touches the store: progress goes to `sink`.
+fn state_failed(e: crate::job::CrawlStateError, batch: CheckpointBatch) -> JobOutcome {
+    JobOutcome::Failed {
+        error: SessionError::new("store_error", e.to_string()),
+        retry: Retry::Backoff,
+        batch,
+    }
+}
+
+/// Runs one attempt to its end. Never touches the store: progress goes to `sink`, committed state
+/// is read through `state`.
 pub async fn crawl(
     cfg: Arc<CompiledConfig>,
     fetcher: Arc<Fetcher>,
     resume: ResumeState,
+    state: Arc<dyn CrawlState>,
     sink: Arc<dyn CheckpointSink>,
     stop: StopSignal,
     policy: BatchPolicy,
 ) -> JobOutcome {
-    let resuming = !resume.frontier.is_empty() || !resume.seen.is_empty();
+    let policy = BatchPolicy {
+        window: policy.window.max(1),
+        seen_cache: policy.seen_cache.max(2),
+        ..policy
+    };
+    // Nothing was ever committed (usage counts even a page robots.txt blocked): the cache is
+    // all there is to know about seen URLs until it first drops some.
+    let fresh = resume.frontier_len == 0
+        && resume.records == 0
+        && resume.metrics.pages_processed == 0
+        && resume.usage == TokenUsage::default();
     let mut c = Crawl {
         cfg: cfg.clone(),
-        frontier: VecDeque::new(),
-        seen: resume.seen.into_iter().collect(),
+        window: VecDeque::new(),
+        held: HashSet::new(),
+        frontier_len: resume.frontier_len,
+        spilled: resume.frontier_len > 0,
+        cursor: 0,
+        seen: SeenCache {
+            current: HashSet::new(),
+            previous: HashSet::new(),
+            cap: policy.seen_cache,
+            complete: fresh,
+        },
         pages_done: resume.metrics.pages_processed,
         records_total: resume.records,
         records_full: resume.records >= cfg.limits.max_records,
@@ -241,29 +410,57 @@ pub async fn crawl(
         suppressed_logs: 0,
         policy,
     };
-    if resuming {
-        c.frontier = resume.frontier.into();
-    } else {
-        for u in &cfg.start_urls {
-            c.enqueue(u.clone(), 0, cfg.start_page.clone(), 0);
+    // Start URLs go through the seen set like any link: a resumed attempt skips them.
+    let starts: Vec<(String, Option<Arc<str>>)> =
+        cfg.start_urls.iter().map(|u| (u.clone(), None)).collect();
+    let cands = c.candidates(&starts);
+    match c.seen_in_store(state.as_ref(), &cands).await {
+        Ok(flags) => {
+            for (u, seen) in cands.into_iter().zip(flags) {
+                if seen {
+                    c.seen.insert(u);
+                } else {
+                    c.enqueue(u, 0, cfg.start_page.clone());
+                }
+            }
         }
+        Err(e) => return state_failed(e, CheckpointBatch::default()),
     }
     let concurrency = cfg.http.concurrency;
     let mut in_flight: JoinSet<PageOutcome> = JoinSet::new();
     let mut stopping = false;
     let mut last_commit = Instant::now();
-    // Bounded: every iteration either dispatches a frontier entry (at most max_pages), merges
-    // a finished task, commits, or observes the stop; it ends when nothing is in flight.
+    // Bounded: every iteration either refills the window (only while entries wait in the store),
+    // dispatches a frontier entry (at most max_pages), merges a finished task, commits, or
+    // observes the stop; it ends when nothing is in flight.
     loop {
         if stop.is_stopped() {
             stopping = true;
+        }
+        let can_dispatch = !stopping
+            && !c.records_full
+            && c.pages_done + (in_flight.len() as u64) < cfg.limits.max_pages;
+        if can_dispatch && c.spilled && c.window.len() <= c.policy.window / 2 {
+            if !c.batch.is_empty() {
+                let batch = c.take_batch();
+                last_commit = Instant::now();
+                if sink.commit(batch).await.is_err() {
+                    in_flight.abort_all();
+                    return JobOutcome::Stopped(CheckpointBatch::default());
+                }
+                c.seen.maybe_rotate();
+            }
+            if let Err(e) = c.refill(state.as_ref()).await {
+                in_flight.abort_all();
+                return state_failed(e, CheckpointBatch::default());
+            }
         }
         while !stopping
             && !c.records_full
             && in_flight.len() < concurrency
             && c.pages_done + (in_flight.len() as u64) < cfg.limits.max_pages
         {
-            let Some(entry) = c.frontier.pop_front() else {
+            let Some(entry) = c.window.pop_front() else {
                 break;
             };
             let (cfg, fetcher, stop) = (cfg.clone(), fetcher.clone(), stop.clone());
@@ -305,8 +502,22 @@ pub async fn crawl(
             Some(res) = in_flight.join_next() => {
                 // Tasks catch their own panics; a JoinError here means the task was aborted.
                 if let Ok(o) = res {
-                    let n = in_flight.len();
-                    c.merge(o, n);
+                    // Looked up before anything is merged: a failed lookup leaves the batch whole.
+                    let depth_ok = o.entry.depth < c.cfg.limits.max_depth;
+                    let cands = if o.kind == Kind::Fetched && depth_ok {
+                        c.candidates(&o.links)
+                    } else {
+                        Vec::new()
+                    };
+                    let flags = match c.seen_in_store(state.as_ref(), &cands).await {
+                        Ok(f) => f,
+                        Err(e) => {
+                            in_flight.abort_all();
+                            return state_failed(e, CheckpointBatch::default());
+                        }
+                    };
+                    let stored: Vec<(String, bool)> = cands.into_iter().zip(flags).collect();
+                    c.merge(o, &stored);
                 }
             }
             _ = tokio::time::sleep_until(deadline), if has_progress => {}
@@ -318,6 +529,7 @@ pub async fn crawl(
                 in_flight.abort_all();
                 return JobOutcome::Stopped(CheckpointBatch::default());
             }
+            c.seen.maybe_rotate();
         }
     }
     let batch = c.take_batch();

@@ -165,7 +165,7 @@ pub enum HeartbeatOutcome {
 pub struct CheckpointBatch {
     /// New records, in order; numbered by the store after the session's last record.
     pub records: Vec<serde_json::Value>,
-    /// URLs to add to the frontier.
+    /// URLs to add to the frontier, in order; one already in it is left as it is.
     pub frontier_add: Vec<FrontierEntry>,
     /// URLs (canonical) done: removed from the frontier.
     pub frontier_done: Vec<String>,
@@ -339,13 +339,14 @@ pub struct SessionCounts {
     pub queue_depth: u64,
 }
 
-/// What a session's next attempt resumes from.
+/// What a session's next attempt resumes from: the counters of its last checkpoint. The
+/// frontier and seen set stay in the store, read a page at a time through
+/// [`Store::frontier_page`] and [`Store::seen_filter`], so that resuming a crawl of millions of
+/// URLs needs no more memory than one of thousands.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ResumeState {
-    /// URLs still to fetch.
-    pub frontier: Vec<FrontierEntry>,
-    /// URLs already seen (fetched or enqueued).
-    pub seen: Vec<String>,
+    /// URLs in the frontier (still to fetch) as of the last checkpoint.
+    pub frontier_len: u64,
     /// Records committed so far.
     pub records: u64,
     /// Metrics so far.
@@ -373,6 +374,42 @@ pub struct LeaderAcquire {
     /// Now.
     pub now: Timestamp,
 }
+
+/// Read a page of a session's frontier, in the order its URLs were added.
+#[derive(Debug, Clone)]
+pub struct FrontierPage {
+    /// Which session.
+    pub id: SessionId,
+    /// Only entries whose position is greater than this (0: from the start). Pass the last
+    /// position of the previous page to continue.
+    pub after_pos: u64,
+    /// At most this many (1..=10000).
+    pub limit: usize,
+}
+
+/// One frontier entry and its position. Positions are assigned by the store when the entry is
+/// committed; they are positive, increase in the order entries were added (within a batch, in
+/// the batch's order), and are never reused within a session, so that a reader that continues
+/// after its last position sees every entry added since, and none twice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrontierItem {
+    /// Position (see the type's doc).
+    pub pos: u64,
+    /// The entry.
+    pub entry: FrontierEntry,
+}
+
+/// Ask which of some URLs are in a session's seen set.
+#[derive(Debug, Clone)]
+pub struct SeenFilter {
+    /// Which session.
+    pub id: SessionId,
+    /// Canonical URLs to look up (at most 10000).
+    pub urls: Vec<String>,
+}
+
+/// Most entries of one [`Store::frontier_page`] or URLs of one [`Store::seen_filter`] call.
+pub const FRONTIER_PAGE_MAX: usize = 10_000;
 
 /// A saved scraper config with defaults and an optional schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -463,8 +500,17 @@ pub trait Store: Send + Sync + 'static {
     /// Records of a session (committed ones only), by seq.
     async fn records_page(&self, p: RecordsPage) -> StoreResult<Vec<Record>>;
 
-    /// Where a session's next attempt resumes.
+    /// Where a session's next attempt resumes: the counters of its last checkpoint (cheap: it
+    /// never loads the frontier or the seen set).
     async fn resume_load(&self, id: &SessionId) -> StoreResult<ResumeState>;
+
+    /// Committed frontier entries of a session after a position, in position order (see
+    /// [`FrontierItem`]). Empty for an unknown session.
+    async fn frontier_page(&self, p: FrontierPage) -> StoreResult<Vec<FrontierItem>>;
+
+    /// For each URL, in order, whether it is in the session's committed seen set (added by a
+    /// checkpoint's `seen_add`). All `false` for an unknown session.
+    async fn seen_filter(&self, p: SeenFilter) -> StoreResult<Vec<bool>>;
 
     /// The last `limit` log lines of a session, oldest first.
     async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>>;

@@ -19,6 +19,7 @@ async fn shop() -> harvest::sitegen::Site {
         products: PRODUCTS,
         per_list: 10,
         specials: false,
+        tree: 0,
     };
     harvest::sitegen::serve(opts).await.expect("fixture site")
 }

@@ -1,13 +1,13 @@
 //! The scraper engine against a generated shop on 127.0.0.1:0.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use harvest::engine::{
-    BatchPolicy, EngineSettings, NetGuard, Progress, ScrapeJob, compile, parse_config_text,
-    run_local,
+    BatchPolicy, EngineSettings, MemoryCrawlState, NetGuard, Progress, ScrapeJob, compile,
+    parse_config_text, run_local,
 };
 use harvest::job::{
     CheckpointSink, Job, JobContext, JobOutcome, LeaseLost, StopReason, StopSignal,
@@ -19,10 +19,12 @@ use serde_json::{Value, json};
 
 const CATALOG: &str = include_str!("../../examples/catalog.toml");
 
-/// Collects batches; can fire a stop signal or lose the lease after `trip_after` commits.
+/// Collects batches (and applies them to `state`, as a store would); can fire a stop signal or
+/// lose the lease after `trip_after` commits.
 #[derive(Default)]
 struct MemorySink {
     batches: Mutex<Vec<CheckpointBatch>>,
+    state: Arc<MemoryCrawlState>,
     trip_after: Option<usize>,
     stop: Option<StopSignal>,
     lose_lease: bool,
@@ -35,6 +37,7 @@ impl CheckpointSink for MemorySink {
         if self.lose_lease && self.trip_after.is_some_and(|n| b.len() >= n) {
             return Err(LeaseLost);
         }
+        self.state.apply(&batch);
         b.push(batch);
         if let (Some(n), Some(stop)) = (self.trip_after, &self.stop)
             && b.len() >= n
@@ -103,7 +106,7 @@ async fn run_with(
     let job = ScrapeJob::new(settings);
     let outcome = tokio::time::timeout(
         Duration::from_secs(60),
-        job.crawl(cfg, resume, sink.clone(), stop),
+        job.crawl(cfg, resume, sink.state.clone(), sink.clone(), stop),
     )
     .await
     .expect("crawl ends within 60 s");
@@ -127,6 +130,7 @@ async fn shop(products: usize, specials: bool) -> Site {
         products,
         per_list: 10,
         specials,
+        tree: 0,
     })
     .await
     .expect("site starts")
@@ -358,55 +362,45 @@ async fn lost_lease_stops_at_once_without_a_batch() {
     }
 }
 
-/// What a store would hand the next attempt after these committed batches.
-fn resume_from(batches: &[CheckpointBatch]) -> ResumeState {
-    let mut frontier = Vec::new();
-    let mut done = HashSet::new();
-    let mut seen = Vec::new();
+/// What a store would hand the next attempt after these committed batches: the counters, and a
+/// sink whose committed state holds their frontier and seen set.
+fn resume_from(batches: &[CheckpointBatch]) -> (ResumeState, Arc<MemorySink>) {
+    let state = Arc::new(MemoryCrawlState::new());
     let mut rs = ResumeState::default();
     for b in batches {
-        frontier.extend(b.frontier_add.iter().cloned());
-        done.extend(b.frontier_done.iter().cloned());
-        seen.extend(b.seen_add.iter().cloned());
+        state.apply(b);
         rs.records += b.records.len() as u64;
         rs.metrics.pages_processed += b.pages;
         rs.usage += b.usage;
     }
-    rs.frontier = frontier
-        .into_iter()
-        .filter(|e| !done.contains(&e.url))
-        .collect();
-    rs.seen = seen;
-    rs
+    rs.frontier_len = state.frontier_len();
+    let sink = Arc::new(MemorySink {
+        state,
+        ..MemorySink::default()
+    });
+    (rs, sink)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resume_after_a_crash_gives_no_duplicates() {
-    let site = shop(120, false).await;
+/// A crawl stopped after a few checkpoints (its uncommitted batch lost, as in a crash), then
+/// resumed from what it committed: every product exactly once.
+async fn crash_and_resume(settings: EngineSettings, products: usize) {
+    let site = shop(products, false).await;
     let mut cfg = catalog(&site);
     cfg["http"]["concurrency"] = json!(4);
-    // First attempt: stopped after 3 checkpoints; its last, uncommitted batch is lost (a crash).
     let stop = StopSignal::new();
     let sink = Arc::new(MemorySink {
         trip_after: Some(3),
         stop: Some(stop.clone()),
         ..MemorySink::default()
     });
-    let first = run_with(&cfg, small_batches(), sink, ResumeState::default(), stop).await;
+    let first = run_with(&cfg, settings.clone(), sink, ResumeState::default(), stop).await;
     assert!(matches!(first.outcome, JobOutcome::Stopped(_)));
-    let resume = resume_from(&first.committed);
+    let (resume, sink) = resume_from(&first.committed);
     assert!(
-        !resume.frontier.is_empty(),
+        resume.frontier_len > 0,
         "the first attempt finished everything; test proves nothing"
     );
-    let second = run_with(
-        &cfg,
-        small_batches(),
-        Arc::new(MemorySink::default()),
-        resume,
-        StopSignal::new(),
-    )
-    .await;
+    let second = run_with(&cfg, settings, sink, resume, StopSignal::new()).await;
     assert!(second.completed());
     let mut records: Vec<Value> = first
         .committed
@@ -415,10 +409,61 @@ async fn resume_after_a_crash_gives_no_duplicates() {
         .collect();
     records.extend(second.records());
     let skus = by_sku(&records);
-    assert_eq!(skus.len(), 120, "missing records");
+    assert_eq!(skus.len(), products, "missing records");
     for (sku, recs) in &skus {
         assert_eq!(recs.len(), 1, "{sku} duplicated");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_a_crash_gives_no_duplicates() {
+    crash_and_resume(small_batches(), 120).await;
+}
+
+/// A frontier window of 3 and a seen cache of 8 URLs: the crawl spills its frontier to the
+/// committed state, refills from it and asks it about seen URLs, and still fetches each page once.
+fn tiny_memory() -> EngineSettings {
+    EngineSettings {
+        batch: BatchPolicy {
+            max_pages: 5,
+            window: 3,
+            seen_cache: 8,
+            ..BatchPolicy::default()
+        },
+        ..EngineSettings::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_window_and_seen_cache_fetch_each_page_once() {
+    let site = shop(150, false).await;
+    let mut cfg = catalog(&site);
+    cfg["http"]["concurrency"] = json!(4);
+    let r = run_with(
+        &cfg,
+        tiny_memory(),
+        Arc::new(MemorySink::default()),
+        ResumeState::default(),
+        StopSignal::new(),
+    )
+    .await;
+    assert!(r.completed());
+    let skus = by_sku(&r.records());
+    assert_eq!(skus.len(), 150, "missing records");
+    assert!(skus.values().all(|v| v.len() == 1), "duplicated records");
+    for i in 0..150 {
+        assert_eq!(site.hits(&format!("/product/{i}.html")), 1, "product {i}");
+    }
+    assert_eq!(
+        site.hits("/index.html"),
+        1,
+        "the cycle back to the first page"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_with_a_tiny_window_gives_no_duplicates() {
+    crash_and_resume(tiny_memory(), 150).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,6 +492,7 @@ async fn item_mode_gives_one_record_per_element_and_vars_substitute() {
         .crawl(
             compiled,
             ResumeState::default(),
+            sink.state.clone(),
             sink.clone(),
             StopSignal::new(),
         )
@@ -496,6 +542,7 @@ async fn run_job(job: &ScrapeJob, config: Value) -> Run {
     let ctx = JobContext {
         session: session(config),
         resume: ResumeState::default(),
+        state: sink.state.clone(),
         sink: sink.clone(),
         stop: StopSignal::new(),
     };

@@ -170,6 +170,7 @@ async fn run_one_session(handle: PrometheusHandle) -> SessionRun {
         products: 30,
         per_list: 10,
         specials: false,
+        tree: 0,
     })
     .await
     .expect("generated shop");

@@ -76,6 +76,7 @@ async fn serve_and_workers_share_postgres_through_kills() {
         products: 50,
         per_list: PER_SESSION as usize,
         specials: false,
+        tree: 0,
     })
     .await
     .expect("site");

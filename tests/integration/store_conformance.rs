@@ -20,7 +20,7 @@
 //! explicit [`Timestamp`]s; no check sleeps.
 
 use std::any::Any;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,9 +30,10 @@ use harvest::session::{
 };
 use harvest::store::{
     Agent, AgentSessions, AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit,
-    HeartbeatOutcome, InsertOutcome, LOG_LINES_MAX, LeaderAcquire, LeaseReclaim, RecordsPage,
-    RequeueOutcome, SessionCancel, SessionClaim, SessionFinish, SessionHeartbeat, SessionInsert,
-    SessionList, SessionRequeue, SessionsExpire, Store, StoreError,
+    FrontierPage, HeartbeatOutcome, InsertOutcome, LOG_LINES_MAX, LeaderAcquire, LeaseReclaim,
+    RecordsPage, RequeueOutcome, SeenFilter, SessionCancel, SessionClaim, SessionFinish,
+    SessionHeartbeat, SessionInsert, SessionList, SessionRequeue, SessionsExpire, Store,
+    StoreError,
 };
 
 /// What a backend's factory returns: the store under test and the guard that keeps its data
@@ -69,6 +70,8 @@ macro_rules! store_conformance {
             reclaim_of_a_cancel_requested_session_ends_cancelled,
             records_remove_if_terminal_keeps_the_session,
             checkpoint_numbering_across_attempts_and_resume,
+            frontier_pages_in_insertion_order_after_removals,
+            frontier_page_and_seen_filter_validation,
             records_page_validation,
             log_keeps_last_lines,
             sessions_expire_only_due,
@@ -898,8 +901,17 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
             "{id} keeps its log"
         );
         let resume = store.resume_load(&sid(id)).await.expect("resume");
-        assert_eq!(resume.frontier.len(), 2, "{id} keeps its frontier");
-        assert_eq!(resume.seen, ["http://x/0"], "{id} keeps its seen set");
+        assert_eq!(resume.frontier_len, 2, "{id} keeps its frontier");
+        assert_eq!(
+            frontier_urls(&store, id).await.len(),
+            2,
+            "{id} keeps its frontier"
+        );
+        assert_eq!(
+            seen(&store, id, &["http://x/0"]).await,
+            [true],
+            "{id} keeps its seen set"
+        );
     }
     let counts = store.session_counts(at(3)).await.unwrap();
     let total: u64 = counts.by_status.values().sum();
@@ -1099,19 +1111,39 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
     );
 
     let resume = store.resume_load(&sid("a")).await.expect("resume");
-    let frontier: BTreeSet<String> = resume.frontier.iter().map(|e| e.url.clone()).collect();
+    assert_eq!(resume.frontier_len, 3);
+    let frontier = store
+        .frontier_page(FrontierPage {
+            id: sid("a"),
+            after_pos: 0,
+            limit: 100,
+        })
+        .await
+        .expect("frontier page");
     assert_eq!(
-        frontier,
-        ["http://x/b", "http://x/c", "http://x/d"]
-            .map(String::from)
-            .into()
+        frontier
+            .iter()
+            .map(|i| i.entry.url.as_str())
+            .collect::<Vec<_>>(),
+        ["http://x/b", "http://x/c", "http://x/d"],
+        "in the order they were added"
     );
+    assert_eq!(frontier[0].entry, entry("http://x/b"));
     assert_eq!(
-        resume.frontier.iter().find(|e| e.url == "http://x/b"),
-        Some(&entry("http://x/b"))
+        seen(
+            &store,
+            "a",
+            &[
+                "http://x/a",
+                "http://x/b",
+                "http://x/c",
+                "http://x/d",
+                "http://x/e"
+            ]
+        )
+        .await,
+        [true, true, true, true, false]
     );
-    let seen: BTreeSet<String> = resume.seen.iter().cloned().collect();
-    assert_eq!(seen.len(), 4);
     assert_eq!(resume.records, 5);
     assert_eq!(resume.metrics.pages_processed, 3);
     assert_eq!(resume.usage.http_requests, 6);
@@ -1710,4 +1742,185 @@ pub async fn leader_race_has_one_winner(store: Arc<dyn Store>) {
         }
     }
     assert_eq!(winners, 1, "exactly one of 8 racing owners leads");
+}
+
+/// The frontier URLs of a session, in position order.
+async fn frontier_urls(store: &Arc<dyn Store>, id: &str) -> Vec<String> {
+    store
+        .frontier_page(FrontierPage {
+            id: sid(id),
+            after_pos: 0,
+            limit: 10_000,
+        })
+        .await
+        .expect("frontier page")
+        .into_iter()
+        .map(|i| i.entry.url)
+        .collect()
+}
+
+/// `seen_filter` of these URLs.
+async fn seen(store: &Arc<dyn Store>, id: &str, urls: &[&str]) -> Vec<bool> {
+    store
+        .seen_filter(SeenFilter {
+            id: sid(id),
+            urls: urls.iter().map(|u| u.to_string()).collect(),
+        })
+        .await
+        .expect("seen filter")
+}
+
+/// Frontier positions increase in the order entries were added (across batches, and within one),
+/// are never reused after removals (a reader continuing after its last position misses nothing
+/// added since), pages continue after a position, a re-added URL keeps its place, and a URL added
+/// and done in one batch never appears.
+pub async fn frontier_pages_in_insertion_order_after_removals(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    insert(&store, session("b")).await;
+    let claimed = claim(&store, "w", 2, at(0)).await;
+    let a = aref(
+        claimed
+            .iter()
+            .find(|s| s.id.as_str() == "a")
+            .expect("a claimed"),
+    );
+    let b = aref(
+        claimed
+            .iter()
+            .find(|s| s.id.as_str() == "b")
+            .expect("b claimed"),
+    );
+    let urls = |r: std::ops::Range<u32>| -> Vec<FrontierEntry> {
+        r.map(|i| entry(&format!("http://x/{i:03}"))).collect()
+    };
+    // Reverse alphabetical within a batch: the order is the batch's, not the URLs'.
+    let mut first = urls(0..5);
+    first.reverse();
+    let batch = CheckpointBatch {
+        frontier_add: first,
+        ..Default::default()
+    };
+    assert!(checkpoint(&store, &a, batch, at(1)).await);
+    let other = CheckpointBatch {
+        frontier_add: urls(100..103),
+        seen_add: vec!["http://x/100".into()],
+        ..Default::default()
+    };
+    assert!(checkpoint(&store, &b, other, at(1)).await);
+    let page1 = store
+        .frontier_page(FrontierPage {
+            id: sid("a"),
+            after_pos: 0,
+            limit: 2,
+        })
+        .await
+        .expect("page 1");
+    assert_eq!(
+        page1
+            .iter()
+            .map(|i| i.entry.url.as_str())
+            .collect::<Vec<_>>(),
+        ["http://x/004", "http://x/003"]
+    );
+    assert!(page1[0].pos > 0 && page1[0].pos < page1[1].pos);
+    let cursor = page1[1].pos;
+    // Remove the newest entry (the highest position), add more, re-add an existing URL, and
+    // add-and-finish one in the same batch.
+    let batch = CheckpointBatch {
+        frontier_add: vec![
+            entry("http://x/010"),
+            entry("http://x/002"),
+            entry("http://x/011"),
+            entry("http://x/012"),
+        ],
+        frontier_done: vec!["http://x/000".into(), "http://x/011".into()],
+        ..Default::default()
+    };
+    assert!(checkpoint(&store, &a, batch, at(2)).await);
+    let rest = store
+        .frontier_page(FrontierPage {
+            id: sid("a"),
+            after_pos: cursor,
+            limit: 100,
+        })
+        .await
+        .expect("rest");
+    assert_eq!(
+        rest.iter()
+            .map(|i| i.entry.url.as_str())
+            .collect::<Vec<_>>(),
+        [
+            "http://x/002",
+            "http://x/001",
+            "http://x/010",
+            "http://x/012"
+        ],
+        "positions continue after the removed newest entry; a re-added URL keeps its place"
+    );
+    assert!(rest.windows(2).all(|w| w[0].pos < w[1].pos));
+    assert!(rest[0].pos > cursor);
+    assert_eq!(
+        frontier_urls(&store, "a").await,
+        [
+            "http://x/004",
+            "http://x/003",
+            "http://x/002",
+            "http://x/001",
+            "http://x/010",
+            "http://x/012"
+        ]
+    );
+    assert_eq!(store.resume_load(&sid("a")).await.unwrap().frontier_len, 6);
+    assert_eq!(
+        frontier_urls(&store, "b").await,
+        ["http://x/100", "http://x/101", "http://x/102"],
+        "sessions do not share a frontier"
+    );
+    assert_eq!(seen(&store, "a", &["http://x/100"]).await, [false]);
+    assert_eq!(seen(&store, "b", &["http://x/100"]).await, [true]);
+    // A page after the last position is empty, and so is an unknown session's.
+    let last = rest.last().map(|i| i.pos).unwrap_or(0);
+    assert!(
+        store
+            .frontier_page(FrontierPage {
+                id: sid("a"),
+                after_pos: last,
+                limit: 10,
+            })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(frontier_urls(&store, "nobody").await.is_empty());
+    assert_eq!(seen(&store, "nobody", &["http://x/100"]).await, [false]);
+    // Removal takes the frontier and the seen set with it.
+    store.session_remove(&sid("b")).await.expect("remove");
+    assert!(frontier_urls(&store, "b").await.is_empty());
+    assert_eq!(seen(&store, "b", &["http://x/100"]).await, [false]);
+}
+
+/// Limits out of range are refused with `Invalid`; an empty filter gives an empty answer.
+pub async fn frontier_page_and_seen_filter_validation(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    for limit in [0, 10_001] {
+        let r = store
+            .frontier_page(FrontierPage {
+                id: sid("a"),
+                after_pos: 0,
+                limit,
+            })
+            .await;
+        assert!(
+            matches!(r, Err(StoreError::Invalid(_))),
+            "limit {limit}: {r:?}"
+        );
+    }
+    let r = store
+        .seen_filter(SeenFilter {
+            id: sid("a"),
+            urls: vec!["http://x/".into(); 10_001],
+        })
+        .await;
+    assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+    assert!(seen(&store, "a", &[]).await.is_empty());
 }

@@ -143,6 +143,8 @@ postgres_conformance!(
     reclaim_of_a_cancel_requested_session_ends_cancelled,
     records_remove_if_terminal_keeps_the_session,
     checkpoint_numbering_across_attempts_and_resume,
+    frontier_pages_in_insertion_order_after_removals,
+    frontier_page_and_seen_filter_validation,
     records_page_validation,
     log_keeps_last_lines,
     sessions_expire_only_due,

@@ -103,8 +103,14 @@ async fn reopen_after_drop_keeps_everything() {
         .unwrap();
     assert_eq!(recs.len(), 2);
     assert_eq!(
-        store.resume_load(&sid("a")).await.unwrap().seen,
-        ["http://x/"]
+        store
+            .seen_filter(harvest::store::SeenFilter {
+                id: sid("a"),
+                urls: vec!["http://x/".into()],
+            })
+            .await
+            .unwrap(),
+        [true]
     );
     let counts = store.session_counts(at(3)).await.unwrap();
     assert_eq!(counts.by_status.get(&SessionStatus::Running), Some(&1));

@@ -32,11 +32,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::codec;
 use super::{
-    Agent, AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit, HeartbeatOutcome,
-    InsertOutcome, LOG_LINES_MAX, LeaseReclaim, Reclaimed, RecordsPage, RequeueOutcome,
-    ResumeState, SessionCancel, SessionClaim, SessionCounts, SessionFinish, SessionHeartbeat,
-    SessionInsert, SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError,
-    StoreResult, key_name,
+    Agent, AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit, FRONTIER_PAGE_MAX,
+    FrontierItem, FrontierPage, HeartbeatOutcome, InsertOutcome, LOG_LINES_MAX, LeaseReclaim,
+    Reclaimed, RecordsPage, RequeueOutcome, ResumeState, SeenFilter, SessionCancel, SessionClaim,
+    SessionCounts, SessionFinish, SessionHeartbeat, SessionInsert, SessionList, SessionPage,
+    SessionRequeue, SessionsExpire, Store, StoreError, StoreResult, key_name,
 };
 use crate::session::{
     ClientContext, FrontierEntry, JobSpec, Lease, LogLine, Record, Session, SessionError,
@@ -898,42 +898,88 @@ impl Store for PostgresStore {
             return Ok(ResumeState::default());
         };
         let session = session_from_row(&row)?;
-        let frontier = tx
-            .query(
-                "SELECT url, depth, page FROM frontier WHERE session_id = $1 ORDER BY pos",
+        let frontier_len = tx
+            .query_one(
+                "SELECT count(*) FROM frontier WHERE session_id = $1",
                 &[&id.as_str()],
             )
             .await
-            .map_err(db_err(&format!("reading the frontier of session {id}")))?
-            .iter()
-            .map(|r| {
-                Ok(FrontierEntry {
-                    url: row_get(r, 0, &key)?,
-                    depth: to_u32(row_get::<i32>(r, 1, &key)?, "frontier.depth")?,
-                    page: row_get(r, 2, &key)?,
-                })
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
-        let seen = tx
-            .query(
-                "SELECT url FROM seen WHERE session_id = $1 ORDER BY url",
-                &[&id.as_str()],
-            )
-            .await
-            .map_err(db_err(&format!("reading the seen set of session {id}")))?
-            .iter()
-            .map(|r| row_get(r, 0, &key))
-            .collect::<StoreResult<Vec<String>>>()?;
+            .map_err(db_err(&format!("counting the frontier of session {id}")))?;
+        let frontier_len = to_u64(row_get::<i64>(&frontier_len, 0, &key)?, "frontier count")?;
         tx.commit()
             .await
             .map_err(db_err("ending a read transaction"))?;
         Ok(ResumeState {
-            frontier,
-            seen,
+            frontier_len,
             records: session.metrics.processed_elements,
             metrics: session.metrics,
             usage: session.usage,
         })
+    }
+
+    async fn frontier_page(&self, p: FrontierPage) -> StoreResult<Vec<FrontierItem>> {
+        if p.limit == 0 || p.limit > FRONTIER_PAGE_MAX {
+            return Err(StoreError::Invalid(format!(
+                "frontier page limit {} is out of range 1..={FRONTIER_PAGE_MAX}",
+                p.limit
+            )));
+        }
+        // Positions are a bigserial: anything beyond i64::MAX was never assigned.
+        let Ok(after) = i64::try_from(p.after_pos) else {
+            return Ok(Vec::new());
+        };
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT pos, url, depth, page FROM frontier WHERE session_id = $1 AND pos > $2 \
+                 ORDER BY pos LIMIT $3",
+            )
+            .await
+            .map_err(db_err("preparing a frontier read"))?;
+        let rows = client
+            .query(&stmt, &[&p.id.as_str(), &after, &(p.limit as i64)])
+            .await
+            .map_err(db_err(&format!("reading the frontier of session {}", p.id)))?;
+        let key = key_name("frontier", &p.id);
+        rows.iter()
+            .map(|r| {
+                Ok(FrontierItem {
+                    pos: to_u64(row_get::<i64>(r, 0, &key)?, "frontier.pos")?,
+                    entry: FrontierEntry {
+                        url: row_get(r, 1, &key)?,
+                        depth: to_u32(row_get::<i32>(r, 2, &key)?, "frontier.depth")?,
+                        page: row_get(r, 3, &key)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn seen_filter(&self, p: SeenFilter) -> StoreResult<Vec<bool>> {
+        if p.urls.len() > FRONTIER_PAGE_MAX {
+            return Err(StoreError::Invalid(format!(
+                "seen filter of {} URLs; at most {FRONTIER_PAGE_MAX} per call",
+                p.urls.len()
+            )));
+        }
+        if p.urls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT url FROM seen WHERE session_id = $1 AND url = ANY($2)")
+            .await
+            .map_err(db_err("preparing a seen-set read"))?;
+        let rows = client
+            .query(&stmt, &[&p.id.as_str(), &p.urls])
+            .await
+            .map_err(db_err(&format!("reading the seen set of session {}", p.id)))?;
+        let key = key_name("seen", &p.id);
+        let found = rows
+            .iter()
+            .map(|r| row_get::<String>(r, 0, &key))
+            .collect::<StoreResult<std::collections::HashSet<String>>>()?;
+        Ok(p.urls.iter().map(|u| found.contains(u)).collect())
     }
 
     async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {
