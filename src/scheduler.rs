@@ -100,8 +100,17 @@ impl Maintenance {
                     }
                     continue;
                 }
-                if let Err(e) = run_once(&harvest).await {
-                    tracing::warn!(error = %e, "maintenance tick failed; retrying next tick");
+                // A pass runs in its own task: a bug that panics in one pass must not end
+                // maintenance (reclaims, cleanup, cron) for every tenant for good.
+                let pass = harvest.clone();
+                match tokio::spawn(async move { run_once(&pass).await }).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "maintenance tick failed; retrying next tick")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "maintenance pass panicked; retrying next tick")
+                    }
                 }
                 if let Some(c) = cron.as_mut() {
                     c.sync(&harvest).await;
@@ -197,7 +206,8 @@ async fn end_overdue(
         ) else {
             continue;
         };
-        if start.add(Duration::from_secs(max) + MAX_DURATION_BACKSTOP) > now {
+        let limit = Duration::from_secs(max.min(crate::service::MAX_DURATION_SECS));
+        if start.add(limit.saturating_add(MAX_DURATION_BACKSTOP)) > now {
             continue;
         }
         let timeout = s
@@ -357,8 +367,11 @@ pub fn scheduled_tick(expr: &str, now: Timestamp) -> Option<Timestamp> {
     Some(Timestamp(tick.timestamp_millis()))
 }
 
+/// Start of every cron run's session id; ids starting with `_` are reserved for harvest.
+pub const CRON_ID_PREFIX: &str = "_cron.";
+
 /// The session id of an agent's run for one cron tick: the same in every process, so a tick
-/// creates at most one session. `<agent>.cron.<tick secs>.<hash of client and agent>`, with the
+/// creates at most one session. `_cron.<agent>.<tick secs>.<hash of client and agent>`, with the
 /// agent name shortened to keep it within the 128 characters of an id.
 pub fn cron_session_id(client_id: &str, name: &str, tick: Timestamp) -> Option<SessionId> {
     // FNV-1a: stable across builds and processes (std's hasher is not guaranteed to be).
@@ -367,10 +380,12 @@ pub fn cron_session_id(client_id: &str, name: &str, tick: Timestamp) -> Option<S
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    let suffix = format!(".cron.{}.{h:016x}", tick.0.div_euclid(1000));
-    let keep = 128usize.saturating_sub(suffix.len());
-    let prefix: String = name.chars().take(keep).collect();
-    SessionId::parse(&format!("{prefix}{suffix}")).ok()
+    // Ids starting with `_` are reserved: the API refuses them from clients, so no tenant can
+    // take a tick's id before the tick fires.
+    let suffix = format!(".{}.{h:016x}", tick.0.div_euclid(1000));
+    let keep = 128usize.saturating_sub(suffix.len() + CRON_ID_PREFIX.len());
+    let name: String = name.chars().take(keep).collect();
+    SessionId::parse(&format!("{CRON_ID_PREFIX}{name}{suffix}")).ok()
 }
 
 /// One cron tick of an agent: a run, unless its previous run is still active.

@@ -57,6 +57,12 @@ pub enum HarvestError {
     Startup(String),
 }
 
+/// Largest `max_duration_secs` a submission may ask for: one year.
+pub const MAX_DURATION_SECS: u64 = 365 * 86_400;
+
+/// Largest `session_timeout_secs` a submission may ask for: ten years.
+pub const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 86_400;
+
 /// A submission.
 #[derive(Debug, Clone, Default)]
 pub struct SubmitRequest {
@@ -383,6 +389,24 @@ impl Harvest {
             return Err(HarvestError::Invalid(
                 "options.max_duration_secs must be at least 1 (omit it for no limit)".into(),
             ));
+        }
+        // Bounds keep every deadline computed from these well inside the range of the clocks
+        // (an unchecked u64::MAX once overflowed the worker's and the scheduler's arithmetic).
+        if options
+            .max_duration_secs
+            .is_some_and(|d| d > MAX_DURATION_SECS)
+        {
+            return Err(HarvestError::Invalid(format!(
+                "options.max_duration_secs must be at most {MAX_DURATION_SECS} (one year)"
+            )));
+        }
+        if options
+            .session_timeout_secs
+            .is_some_and(|d| d > MAX_TIMEOUT_SECS)
+        {
+            return Err(HarvestError::Invalid(format!(
+                "options.session_timeout_secs must be at most {MAX_TIMEOUT_SECS} (ten years)"
+            )));
         }
         options
             .max_attempts

@@ -96,6 +96,35 @@ impl Running {
     }
 }
 
+/// An attempt's entry in [`Running`], removed when dropped.
+struct Registered {
+    running: Arc<Running>,
+    id: u64,
+}
+
+impl Registered {
+    fn new(running: Arc<Running>, signal: StopSignal) -> Registered {
+        let id = running.add(signal);
+        Registered { running, id }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.running.remove(self.id);
+    }
+}
+
+/// Aborts a task when dropped: the job of an attempt must not outlive the attempt, even when
+/// the attempt's own code panics.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A lease (and leadership) owner id unique to this process start: host, pid and a random
 /// suffix.
 pub fn process_owner() -> String {
@@ -147,7 +176,8 @@ async fn claim_loop(
     mut stop: watch::Receiver<bool>,
     running: Arc<Running>,
 ) {
-    let owner = process_owner();
+    let process = process_owner();
+    let mut claims = 0u64;
     let slots = Arc::new(Semaphore::new(s.workers.concurrency.max(1)));
     let mut tasks = JoinSet::new();
     let poll = Duration::from_millis(s.workers.poll_interval_ms.max(10));
@@ -162,6 +192,12 @@ async fn claim_loop(
         };
         let free = 1 + slots.available_permits();
         let started = tokio::time::Instant::now();
+        // A lease owner unique to this claim call, not just to the process: a session closed
+        // while RUNNING and submitted again under the same id starts over at attempt 1, and
+        // its old attempt (still running here until it notices) must not match the new
+        // lease's (attempt, owner).
+        claims += 1;
+        let owner = format!("{process}/{claims}");
         let claimed = s
             .store
             .session_claim(SessionClaim {
@@ -216,9 +252,10 @@ async fn claim_loop(
             tasks.spawn(
                 async move {
                     let signal = StopSignal::new();
-                    let id = running.add(signal.clone());
+                    // Unregisters even if the attempt panics.
+                    let registered = Registered::new(running, signal.clone());
                     run_attempt(&s2, session, owner, signal).await;
-                    running.remove(id);
+                    drop(registered);
                     drop(permit);
                 }
                 .instrument(span),
@@ -429,10 +466,16 @@ async fn run_attempt(s: &Arc<WorkerSettings>, session: Session, owner: String, s
     };
     let job = s.job.clone();
     let mut job_task = tokio::spawn(async move { job.run(ctx).await }.instrument(span.clone()));
+    let _abort_job = AbortOnDrop(job_task.abort_handle());
 
     let lease = s.workers.lease();
     let beat_every = (lease / 3).max(Duration::from_millis(200));
-    let max_duration = session.options.max_duration_secs.map(Duration::from_secs);
+    // Bounded at submission; the clamp keeps a stored value from an older build from
+    // overflowing `Instant` arithmetic below.
+    let max_duration = session
+        .options
+        .max_duration_secs
+        .map(|d| Duration::from_secs(d.min(crate::service::MAX_DURATION_SECS)));
     let started = tokio::time::Instant::now();
     let mut beat = tokio::time::interval_at(started + beat_every, beat_every);
     let mut stop_deadline: Option<tokio::time::Instant> = None;

@@ -23,7 +23,7 @@ use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::sessions::{config_from_text, params_to_strings};
 use super::view::{OptionsView, SessionView};
 use crate::agent::{AgentRun, AgentSpec};
-use crate::session::{SessionId, SessionOptions, Timestamp};
+use crate::session::{SessionOptions, Timestamp};
 use crate::store::{Agent, AgentSessions};
 
 /// `PUT /v1/agents/{name}` body.
@@ -268,7 +268,7 @@ pub async fn run_agent(
     ApiJson(body): ApiJson<AgentRunBody>,
 ) -> Result<Response, ApiError> {
     let session_id = match body.session_id {
-        Some(id) => Some(SessionId::parse(&id).map_err(crate::service::HarvestError::from)?),
+        Some(id) => Some(super::sessions::client_session_id(&id)?),
         None => None,
     };
     let run = AgentRun {

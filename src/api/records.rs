@@ -101,7 +101,10 @@ pub async fn records(
     let session = owned_session(&st, &caller, &id).await?;
     // Only a session that was terminal before the read began has a fixed set of records, so
     // only then does reading to the end mean everything was exported.
-    let remove_at_end = session.options.remove_after_export && session.status.is_terminal();
+    // A read that starts past the last record reads nothing: it must not count as an export.
+    let remove_at_end = session.options.remove_after_export
+        && session.status.is_terminal()
+        && offset <= session.metrics.processed_elements;
     // The first page is read before answering, so a store failure is a proper 500 rather than
     // a cut-off 200.
     let first_len = limit.map_or(PAGE, |l| (l as usize).min(PAGE));

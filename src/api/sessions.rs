@@ -23,6 +23,20 @@ pub fn config_from_text(text: &str) -> Result<serde_json::Value, String> {
     crate::engine::parse_config_text(text).map_err(|e| e.to_string())
 }
 
+/// A session id a client chose: valid, and not one of the ids starting with `_` that harvest
+/// reserves for itself (cron runs), so no tenant can take one before harvest uses it.
+pub(crate) fn client_session_id(raw: &str) -> Result<SessionId, ApiError> {
+    let id = SessionId::parse(raw).map_err(crate::service::HarvestError::from)?;
+    if raw.starts_with('_') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_session_id",
+            format!("session id {raw:?}: ids starting with \"_\" are reserved for harvest"),
+        ));
+    }
+    Ok(id)
+}
+
 /// Parses a session id from a path; a malformed id cannot name a session, so it is a 404 like
 /// any unknown one (the message says why).
 pub(crate) fn path_id(raw: &str) -> Result<SessionId, ApiError> {
@@ -81,7 +95,8 @@ pub(crate) fn params_to_strings(
         (status = 201, description = "Submitted and durable", body = SessionView),
         (status = 400, description = "Invalid JSON, TOML, config, options or session id", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
-        (status = 409, description = "A session with this id exists", body = ErrorBody),
+        (status = 404, description = "`agent` names no agent of this client", body = ErrorBody),
+        (status = 409, description = "A session with this id exists, or a single-session agent is busy", body = ErrorBody),
         (status = 413, description = "Body over server.max_body_bytes", body = ErrorBody),
         (status = 415, description = "Body is not application/json", body = ErrorBody),
     )
@@ -128,7 +143,7 @@ pub async fn submit(
         .options(body.options.unwrap_or_default());
     req.params = params_to_strings(body.params)?;
     if let Some(id) = body.session_id {
-        req = req.session_id(SessionId::parse(&id).map_err(crate::service::HarvestError::from)?);
+        req = req.session_id(client_session_id(&id)?);
     }
     let handle = st.harvest.submit(req).await?;
     let session = handle.session().await?;
@@ -149,12 +164,13 @@ async fn submit_agent_run(
             "give either `config` or `agent`, not both",
         ));
     }
+    crate::agent::validate_name(&agent)?;
     let client_id = match caller.client_id() {
         Some(id) => id.to_string(),
         None => body.client.and_then(|c| c.client_id).unwrap_or_default(),
     };
     let session_id = match body.session_id {
-        Some(id) => Some(SessionId::parse(&id).map_err(crate::service::HarvestError::from)?),
+        Some(id) => Some(client_session_id(&id)?),
         None => None,
     };
     let run = crate::agent::AgentRun {

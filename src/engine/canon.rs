@@ -19,17 +19,23 @@ pub fn canonicalize(mut url: Url) -> String {
     normalize_escapes(s)
 }
 
-/// Parses `href` relative to `base` and canonicalizes it; `None` unless it is http(s) with a host.
+/// Longest URL followed, in bytes. Browsers and servers commonly stop near 2 kB, and every
+/// followed URL is a key in the store's frontier and seen set (PostgreSQL's btree keys top out
+/// near 2.7 kB: one longer link used to fail every checkpoint of its session).
+pub const MAX_URL_BYTES: usize = 2048;
+
+/// Parses `href` relative to `base` and canonicalizes it; `None` unless it is http(s) with a host
+/// and at most [`MAX_URL_BYTES`] long.
 pub fn resolve(base: &Url, href: &str) -> Option<String> {
     let href = href.trim();
-    if href.is_empty() {
+    if href.is_empty() || href.len() > MAX_URL_BYTES * 4 {
         return None;
     }
     let url = base.join(href).ok()?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return None;
     }
-    Some(canonicalize(url))
+    Some(canonicalize(url)).filter(|u| u.len() <= MAX_URL_BYTES)
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -70,6 +76,14 @@ fn normalize_escapes(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn overlong_links_are_not_followed() {
+        let base = url::Url::parse("http://a.example/").expect("base");
+        let long = format!("/p?q={}", "x".repeat(super::MAX_URL_BYTES));
+        assert_eq!(super::resolve(&base, &long), None);
+        assert!(super::resolve(&base, "/p?q=x").is_some());
+    }
+
     use super::*;
 
     #[test]

@@ -501,7 +501,18 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
                 format!("{u:?}: only http and https URLs with a host"),
             ));
         }
-        start_urls.push(canonicalize(url));
+        let url = canonicalize(url);
+        if url.len() > super::canon::MAX_URL_BYTES {
+            return Err(ConfigError::field(
+                &path,
+                format!(
+                    "is {} bytes long; the limit is {}",
+                    url.len(),
+                    super::canon::MAX_URL_BYTES
+                ),
+            ));
+        }
+        start_urls.push(url);
     }
     if let Some(p) = &cfg.start_page
         && !cfg.pages.contains_key(p)

@@ -115,7 +115,10 @@ pub struct SessionPage {
 /// them RUNNING under a lease held by `owner`, with `attempt + 1`.
 #[derive(Debug, Clone)]
 pub struct SessionClaim {
-    /// Who will hold the leases.
+    /// Who will hold the leases. Use a new owner for every claim call (the worker appends a
+    /// counter to its process id): a session id can be reused after a close, and the new
+    /// session's attempt 1 must not match a lease (attempt 1, owner) its predecessor's dying
+    /// attempt still holds.
     pub owner: String,
     /// How many at most (a worker never claims more than its free slots).
     pub limit: usize,
@@ -475,8 +478,8 @@ pub trait Store: Send + Sync + 'static {
     /// Commit the last checkpoint and a terminal status if RUNNING with this attempt and owner.
     async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<bool>;
 
-    /// Back to PENDING (or FAILED when attempts are exhausted) if RUNNING with this attempt and
-    /// owner.
+    /// Back to PENDING if RUNNING with this attempt and owner; FAILED instead when attempts are
+    /// exhausted, CANCELLED when a client asked to cancel meanwhile.
     async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<RequeueOutcome>;
 
     /// Reclaim sessions whose lease expired (see [`LeaseReclaim`]).

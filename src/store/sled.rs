@@ -22,7 +22,7 @@
 //! | `C` lp(client) !seq id | empty | per client, newest first |
 //! | `A` lp(agent) !seq id | empty | per agent, newest first |
 //! | `T` status !seq id | empty | per status, newest first |
-//! | `Y` lp(agent) id | empty | active (PENDING or RUNNING) sessions per agent |
+//! | `Y` lp(client) lp(agent) id | empty | active (PENDING or RUNNING) sessions per client's agent |
 //! | `L` expires_at id | empty | RUNNING sessions by lease expiry |
 //! | `X` cleanup_at id | empty | terminal sessions by cleanup time |
 //! | `R` lp(id) n | JSON text | records |
@@ -330,6 +330,8 @@ pub struct SledStore {
     pending: Notify,
     /// Sequence of the next intent key (see [`SledStore::apply_atomic`]).
     intent_seq: AtomicU64,
+    /// A batch failed half-way: no more writes until reopened.
+    poisoned: AtomicBool,
     /// Leaderships: name → (owner, expiry). In memory: sled allows one process per data
     /// directory (its file lock), so holders can only be tasks of this process, and a restart
     /// rightly starts with no leader.
@@ -431,8 +433,15 @@ fn k_status(s: &Session) -> Vec<u8> {
         &[&[s.status.code()], &newest(s.seq), s.id.as_str().as_bytes()],
     )
 }
-fn k_active(agent: &str, id: &SessionId) -> Vec<u8> {
-    let mut k = lp_prefix(b'Y', agent);
+/// Active sessions of one client's agent: agents are named per client, so two tenants' agents
+/// of the same name never block each other.
+fn active_prefix(client: &str, agent: &str) -> Vec<u8> {
+    let mut k = lp_prefix(b'Y', client);
+    lp(&mut k, agent.as_bytes());
+    k
+}
+fn k_active(client: &str, agent: &str, id: &SessionId) -> Vec<u8> {
+    let mut k = active_prefix(client, agent);
     k.extend_from_slice(id.as_str().as_bytes());
     k
 }
@@ -482,7 +491,7 @@ fn index_keys(s: &Session) -> Vec<Vec<u8>> {
     if let Some(agent) = &s.job.agent {
         keys.push(k_agent(agent, s));
         if s.status.is_active() {
-            keys.push(k_active(agent, &s.id));
+            keys.push(k_active(s.client.client_id(), agent, &s.id));
         }
     }
     if let (SessionStatus::Running, Some(lease)) = (s.status, &s.lease) {
@@ -633,6 +642,7 @@ impl SledStore {
             flusher: Some(flusher),
             pending: Notify::new(),
             intent_seq: AtomicU64::new(1),
+            poisoned: AtomicBool::new(false),
             leaders: std::sync::Mutex::new(std::collections::HashMap::new()),
         };
         store.purge_interrupted()?;
@@ -674,13 +684,28 @@ impl SledStore {
     /// still present are exactly the batches that may be partly applied, in order; [`open`]
     /// applies them again (the same values: idempotent). Callers hold the store mutex, so
     /// batches never interleave.
+    ///
+    /// If a write fails after the intent is stored, the batch is half applied and its intent
+    /// would be replayed over newer data at the next open: the store refuses every later write
+    /// until it is reopened (which completes the batch).
     fn apply_atomic(&self, b: Batch) -> StoreResult<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(StoreError::Backend(
+                "an earlier write failed half-way; restart harvest to complete it before writing more"
+                    .into(),
+            ));
+        }
         let seq = self.intent_seq.fetch_add(1, Ordering::Relaxed);
         let key = k_intent(seq);
         self.db.insert(&key, b.encode()).map_err(backend)?;
-        b.apply_to(&self.db)?;
-        self.db.remove(&key).map_err(backend)?;
-        Ok(())
+        let applied = b
+            .apply_to(&self.db)
+            .and_then(|()| self.db.remove(&key).map(|_| ()).map_err(backend));
+        if applied.is_err() {
+            self.poisoned.store(true, Ordering::Release);
+            tracing::error!("a sled write failed half-way; refusing further writes until restart");
+        }
+        applied
     }
 
     fn load(&self, id: &SessionId) -> StoreResult<Option<Session>> {
@@ -1095,7 +1120,7 @@ impl Store for SledStore {
                 return Err(StoreError::Duplicate(s.id));
             }
             if let Some(agent) = &p.single_agent {
-                let prefix = lp_prefix(b'Y', agent);
+                let prefix = active_prefix(s.client.client_id(), agent);
                 if let Some(kv) = self.db.scan_prefix(&prefix).next() {
                     let (k, _) = kv.map_err(backend)?;
                     return Ok(InsertOutcome::AgentBusy(id_after(&k, prefix.len())?));
@@ -1260,7 +1285,15 @@ impl Store for SledStore {
                 s.failures += 1;
             }
             s.updated_at = p.now;
-            let outcome = if s.failures >= s.max_attempts() {
+            // A client asked to cancel while this attempt ran: honour it rather than run the
+            // session again.
+            let outcome = if s.cancel_requested {
+                s.status = SessionStatus::Cancelled;
+                s.lease = None;
+                s.cleanup_at = Some(p.cleanup_at);
+                s.metrics.end_time = Some(p.now);
+                RequeueOutcome::Cancelled
+            } else if s.failures >= s.max_attempts() {
                 Self::fail(&mut s, p.error, p.cleanup_at, p.now);
                 RequeueOutcome::Failed
             } else {

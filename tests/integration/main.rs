@@ -14,6 +14,7 @@ mod lifecycle;
 mod metrics;
 mod multiprocess;
 mod proc;
+mod regressions;
 mod resume_crash;
 mod service;
 mod sink;

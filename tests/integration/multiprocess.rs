@@ -292,10 +292,10 @@ async fn serve_and_workers_share_postgres_through_kills() {
     let mut ticks = HashSet::new();
     for s in &cron_runs {
         let id = s.id.to_string();
+        // `_cron.<agent>.<tick secs>.<hash>`
         let tick = id
-            .split(".cron.")
-            .nth(1)
-            .and_then(|rest| rest.split('.').next())
+            .strip_prefix(harvest::scheduler::CRON_ID_PREFIX)
+            .and_then(|rest| rest.rsplit('.').nth(1))
             .unwrap_or_else(|| panic!("cron run {id} has no tick in its id"));
         assert!(ticks.insert(tick.to_string()), "tick {tick} fired twice");
     }

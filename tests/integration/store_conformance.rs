@@ -68,6 +68,7 @@ macro_rules! store_conformance {
             reclaim_with_and_without_progress,
             reclaim_respects_limit_and_expiry,
             reclaim_of_a_cancel_requested_session_ends_cancelled,
+            requeue_of_a_cancel_requested_session_ends_cancelled,
             records_remove_if_terminal_keeps_the_session,
             checkpoint_numbering_across_attempts_and_resume,
             frontier_pages_in_insertion_order_after_removals,
@@ -1923,4 +1924,32 @@ pub async fn frontier_page_and_seen_filter_validation(store: Arc<dyn Store>) {
         .await;
     assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
     assert!(seen(&store, "a", &[]).await.is_empty());
+}
+
+/// A requeue (retryable failure, shutdown hand-back) of a session whose client asked to cancel
+/// it ends it CANCELLED instead of queueing it to run again.
+pub async fn requeue_of_a_cancel_requested_session_ends_cancelled(store: Arc<dyn Store>) {
+    insert(&store, session("c")).await;
+    let s = claim(&store, "w", 1, at(0)).await.remove(0);
+    let out = store
+        .session_cancel(SessionCancel {
+            id: sid("c"),
+            cleanup_at: at(5000),
+            now: at(1),
+        })
+        .await
+        .expect("cancel");
+    assert!(matches!(out, CancelOutcome::Requested(_)), "{out:?}");
+    assert_eq!(
+        requeue(&store, &aref(&s), false, at(2), at(2)).await,
+        RequeueOutcome::Cancelled
+    );
+    let got = get(&store, "c").await;
+    assert_eq!(got.status, SessionStatus::Cancelled);
+    assert_eq!(got.lease, None);
+    assert_eq!(got.cleanup_at, Some(at(2).add(Duration::from_secs(3600))));
+    assert!(
+        claim(&store, "w", 10, at(100)).await.is_empty(),
+        "never claimed again"
+    );
 }

@@ -141,6 +141,7 @@ postgres_conformance!(
     reclaim_with_and_without_progress,
     reclaim_respects_limit_and_expiry,
     reclaim_of_a_cancel_requested_session_ends_cancelled,
+    requeue_of_a_cancel_requested_session_ends_cancelled,
     records_remove_if_terminal_keeps_the_session,
     checkpoint_numbering_across_attempts_and_resume,
     frontier_pages_in_insertion_order_after_removals,

@@ -561,19 +561,24 @@ impl Store for PostgresStore {
                 "WITH u AS (
                      UPDATE sessions SET
                          failures = failures + $4::int,
-                         status = CASE WHEN $4 = 1 AND failures + 1 >= max_attempts
+                         status = CASE WHEN cancel_requested THEN 'CANCELLED'
+                                  WHEN $4 = 1 AND failures + 1 >= max_attempts
                                   THEN 'FAILED' ELSE 'PENDING' END,
                          run_at = $5,
-                         error_kind = CASE WHEN $4 = 1 AND failures + 1 >= max_attempts
+                         error_kind = CASE WHEN cancel_requested THEN error_kind
+                                      WHEN $4 = 1 AND failures + 1 >= max_attempts
                                       THEN coalesce($6::text, 'attempts_exhausted') ELSE $6::text END,
-                         error_message = CASE WHEN $4 = 1 AND failures + 1 >= max_attempts
+                         error_message = CASE WHEN cancel_requested THEN error_message
+                                         WHEN $4 = 1 AND failures + 1 >= max_attempts
                                          THEN coalesce($7::text, format('attempt %s failed and no \
                                              attempts are left (max_attempts %s)', attempt,
                                              max_attempts))
                                          ELSE $7::text END,
-                         cleanup_at = CASE WHEN $4 = 1 AND failures + 1 >= max_attempts
+                         cleanup_at = CASE WHEN cancel_requested
+                                           OR ($4 = 1 AND failures + 1 >= max_attempts)
                                       THEN $8::bigint ELSE NULL END,
-                         end_time = CASE WHEN $4 = 1 AND failures + 1 >= max_attempts
+                         end_time = CASE WHEN cancel_requested
+                                         OR ($4 = 1 AND failures + 1 >= max_attempts)
                                     THEN $9::bigint ELSE end_time END,
                          lease_owner = NULL, lease_expires_at = NULL, updated_at = $9
                      WHERE {IF_RUNNING}
@@ -607,11 +612,13 @@ impl Store for PostgresStore {
             return Ok(RequeueOutcome::NotApplied);
         };
         let status: String = row_get(&row, 0, &key_name("sessions", &a.id))?;
-        if status == "PENDING" {
-            self.wake_local();
-            Ok(RequeueOutcome::Requeued)
-        } else {
-            Ok(RequeueOutcome::Failed)
+        match status.as_str() {
+            "PENDING" => {
+                self.wake_local();
+                Ok(RequeueOutcome::Requeued)
+            }
+            "CANCELLED" => Ok(RequeueOutcome::Cancelled),
+            _ => Ok(RequeueOutcome::Failed),
         }
     }
 
