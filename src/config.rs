@@ -401,6 +401,12 @@ impl Config {
                     "needs a non-empty id and a token of at least 8 characters",
                 );
             }
+            if self.clients[..i].iter().any(|o| o.token == c.token) {
+                return invalid(
+                    &format!("clients[{i}].token"),
+                    "is also another client's token; every client needs its own",
+                );
+            }
             if !ids.insert(&c.id) {
                 return invalid(
                     &format!("clients[{i}].id"),
@@ -429,6 +435,16 @@ mod tests {
     fn unknown_key_is_named() {
         let err = Config::from_toml("[workers]\nconcurency = 3\n").unwrap_err();
         assert!(err.contains("concurency"), "{err}");
+    }
+
+    #[test]
+    fn two_clients_with_one_token_are_refused() {
+        let cfg = Config::from_toml(
+            "[[clients]]\nid = \"a\"\ntoken = \"same-token-1\"\n[[clients]]\nid = \"b\"\ntoken = \"same-token-1\"\n",
+        )
+        .unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("clients[1].token"), "{err}");
     }
 
     #[test]

@@ -459,10 +459,10 @@ impl Sinks {
 
     /// Deletes what the table sink exported for a removed session, when its options ask for it
     /// (`cleanup_external`, the default). Files stay.
+    ///
+    /// The progress marker goes in any case: it is keyed by session id, and a later session
+    /// reusing the id must start exporting from its own first record.
     pub async fn cleanup(&self, session: &Session) -> Result<(), SinkError> {
-        if !session.options.cleanup_external {
-            return Ok(());
-        }
         let Ok(spec) = ExportSpec::of(&session.job.config) else {
             return Ok(());
         };
@@ -477,12 +477,14 @@ impl Sinks {
             .await
             .map_err(db_err("starting the export cleanup"))?;
         let id = session.id.as_str();
-        tx.execute(
-            &format!("DELETE FROM {s}.{table} WHERE session_id = $1"),
-            &[&id],
-        )
-        .await
-        .map_err(db_err("deleting exported rows"))?;
+        if session.options.cleanup_external {
+            tx.execute(
+                &format!("DELETE FROM {s}.{table} WHERE session_id = $1"),
+                &[&id],
+            )
+            .await
+            .map_err(db_err("deleting exported rows"))?;
+        }
         tx.execute(
             &format!("DELETE FROM {s}.harvest_export_marks WHERE session_id = $1 AND tbl = $2"),
             &[&id, table],

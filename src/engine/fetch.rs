@@ -111,6 +111,8 @@ impl Fetcher {
     pub fn new(http: &HttpSettings, guard: Option<NetGuard>) -> Result<Fetcher, reqwest::Error> {
         let guard = guard.map(Arc::new);
         let mut b = reqwest::Client::builder()
+            // HTTP(S)_PROXY would send requests around the guarded resolver.
+            .no_proxy()
             .user_agent(http.user_agent.clone())
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_millis(http.timeout_ms))
