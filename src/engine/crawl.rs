@@ -36,7 +36,9 @@ use url::Url;
 use super::config::CompiledConfig;
 use super::extract::{decode, extract_page};
 use super::fetch::{Fetcher, PageError};
-use crate::job::{CheckpointSink, CrawlState, JobOutcome, Retry, StopReason, StopSignal};
+use crate::job::{
+    CheckpointSink, CrawlState, JobOutcome, LeaseLost, Retry, StopReason, StopSignal,
+};
 use crate::session::{FrontierEntry, LogLine, SessionError, Timestamp, TokenUsage};
 use crate::store::{CheckpointBatch, FRONTIER_PAGE_MAX, ResumeState};
 
@@ -360,6 +362,76 @@ impl Crawl {
     }
 }
 
+/// What woke the crawl loop.
+enum Event {
+    Stop,
+    Committed(Result<(), LeaseLost>),
+    Page(Result<PageOutcome, tokio::task::JoinError>),
+    Tick,
+}
+
+/// Checkpoint commits, at most one in flight while the crawl goes on (the sink's work, e.g. a
+/// store write and its flush, overlaps with fetching and parsing). Batches commit one at a time
+/// and in order, so a URL's records still commit with or before its `frontier_done`.
+struct Pipeline {
+    sink: Arc<dyn CheckpointSink>,
+    in_flight: Option<tokio::task::JoinHandle<Result<(), LeaseLost>>>,
+}
+
+impl Pipeline {
+    fn new(sink: Arc<dyn CheckpointSink>) -> Pipeline {
+        Pipeline {
+            sink,
+            in_flight: None,
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Starts committing `batch`. Only when not [`Pipeline::busy`].
+    fn start(&mut self, batch: CheckpointBatch) {
+        debug_assert!(self.in_flight.is_none(), "one commit in flight at most");
+        let sink = self.sink.clone();
+        self.in_flight = Some(tokio::spawn(async move { sink.commit(batch).await }));
+    }
+
+    /// Resolves when the commit in flight is done (never, when none is).
+    async fn done(&mut self) -> Result<(), LeaseLost> {
+        let Some(handle) = self.in_flight.as_mut() else {
+            return std::future::pending().await;
+        };
+        let res = handle.await;
+        self.in_flight = None;
+        // A commit task that panicked committed nothing we can count on: stop the attempt.
+        res.unwrap_or(Err(LeaseLost))
+    }
+
+    /// Waits for the commit in flight, if any.
+    async fn finish(&mut self) -> Result<(), LeaseLost> {
+        if self.busy() {
+            self.done().await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits for the commit in flight, then commits `batch` (if not empty) and waits for it too.
+    async fn commit_now(&mut self, batch: CheckpointBatch) -> Result<(), LeaseLost> {
+        self.finish().await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.sink.commit(batch).await
+    }
+}
+
+fn lease_lost(mut in_flight: JoinSet<PageOutcome>) -> JobOutcome {
+    in_flight.abort_all();
+    JobOutcome::Stopped(CheckpointBatch::default())
+}
+
 fn state_failed(e: crate::job::CrawlStateError, batch: CheckpointBatch) -> JobOutcome {
     JobOutcome::Failed {
         error: SessionError::new("store_error", e.to_string()),
@@ -428,11 +500,12 @@ pub async fn crawl(
     }
     let concurrency = cfg.http.concurrency;
     let mut in_flight: JoinSet<PageOutcome> = JoinSet::new();
+    let mut commits = Pipeline::new(sink);
     let mut stopping = false;
     let mut last_commit = Instant::now();
     // Bounded: every iteration either refills the window (only while entries wait in the store),
-    // dispatches a frontier entry (at most max_pages), merges a finished task, commits, or
-    // observes the stop; it ends when nothing is in flight.
+    // dispatches a frontier entry (at most max_pages), merges a finished task, finishes or starts
+    // a commit, or observes the stop; it ends when nothing is in flight.
     loop {
         if stop.is_stopped() {
             stopping = true;
@@ -441,15 +514,13 @@ pub async fn crawl(
             && !c.records_full
             && c.pages_done + (in_flight.len() as u64) < cfg.limits.max_pages;
         if can_dispatch && c.spilled && c.window.len() <= c.policy.window / 2 {
-            if !c.batch.is_empty() {
-                let batch = c.take_batch();
-                last_commit = Instant::now();
-                if sink.commit(batch).await.is_err() {
-                    in_flight.abort_all();
-                    return JobOutcome::Stopped(CheckpointBatch::default());
-                }
-                c.seen.maybe_rotate();
+            // A refill reads the committed frontier: everything found so far must be in it.
+            let batch = c.take_batch();
+            last_commit = Instant::now();
+            if commits.commit_now(batch).await.is_err() {
+                return lease_lost(in_flight);
             }
+            c.seen.maybe_rotate();
             if let Err(e) = c.refill(state.as_ref()).await {
                 in_flight.abort_all();
                 return state_failed(e, CheckpointBatch::default());
@@ -489,48 +560,66 @@ pub async fn crawl(
             break;
         }
         let deadline = last_commit + c.policy.interval;
-        let has_progress = !c.batch.is_empty();
-        tokio::select! {
+        // While a commit is in flight its completion wakes the loop, not the deadline.
+        let wait_deadline = !c.batch.is_empty() && !commits.busy();
+        // A full batch does not grow while the previous one commits: pages wait in their tasks.
+        let take_pages = !(c.batch_full() && commits.busy());
+        let event = tokio::select! {
             biased;
-            _ = stop.stopped(), if !stopping => {
+            _ = stop.stopped(), if !stopping => Event::Stop,
+            res = commits.done(), if commits.busy() => Event::Committed(res),
+            Some(res) = in_flight.join_next(), if take_pages => Event::Page(res),
+            _ = tokio::time::sleep_until(deadline), if wait_deadline => Event::Tick,
+        };
+        match event {
+            Event::Stop => {
                 stopping = true;
                 if stop.reason() == Some(StopReason::LeaseLost) {
-                    in_flight.abort_all();
-                    return JobOutcome::Stopped(CheckpointBatch::default());
+                    commits.finish().await.ok();
+                    return lease_lost(in_flight);
                 }
             }
-            Some(res) = in_flight.join_next() => {
-                // Tasks catch their own panics; a JoinError here means the task was aborted.
-                if let Ok(o) = res {
-                    // Looked up before anything is merged: a failed lookup leaves the batch whole.
-                    let depth_ok = o.entry.depth < c.cfg.limits.max_depth;
-                    let cands = if o.kind == Kind::Fetched && depth_ok {
-                        c.candidates(&o.links)
-                    } else {
-                        Vec::new()
-                    };
-                    let flags = match c.seen_in_store(state.as_ref(), &cands).await {
-                        Ok(f) => f,
-                        Err(e) => {
-                            in_flight.abort_all();
-                            return state_failed(e, CheckpointBatch::default());
-                        }
-                    };
-                    let stored: Vec<(String, bool)> = cands.into_iter().zip(flags).collect();
-                    c.merge(o, &stored);
+            Event::Committed(res) => {
+                if res.is_err() {
+                    return lease_lost(in_flight);
                 }
+                // Everything in the cache's older generation was in this commit or before it:
+                // batches are taken in order, one at a time.
+                c.seen.maybe_rotate();
             }
-            _ = tokio::time::sleep_until(deadline), if has_progress => {}
+            // Tasks catch their own panics; a JoinError here means the task was aborted.
+            Event::Page(Ok(o)) => {
+                // Looked up before anything is merged: a failed lookup leaves the batch whole.
+                let depth_ok = o.entry.depth < c.cfg.limits.max_depth;
+                let cands = if o.kind == Kind::Fetched && depth_ok {
+                    c.candidates(&o.links)
+                } else {
+                    Vec::new()
+                };
+                let flags = match c.seen_in_store(state.as_ref(), &cands).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        commits.finish().await.ok();
+                        in_flight.abort_all();
+                        return state_failed(e, CheckpointBatch::default());
+                    }
+                };
+                let stored: Vec<(String, bool)> = cands.into_iter().zip(flags).collect();
+                c.merge(o, &stored);
+            }
+            Event::Page(Err(_)) | Event::Tick => {}
         }
-        if !c.batch.is_empty() && (c.batch_full() || last_commit.elapsed() >= c.policy.interval) {
-            let batch = c.take_batch();
+        if !c.batch.is_empty()
+            && !commits.busy()
+            && (c.batch_full() || last_commit.elapsed() >= c.policy.interval)
+        {
             last_commit = Instant::now();
-            if sink.commit(batch).await.is_err() {
-                in_flight.abort_all();
-                return JobOutcome::Stopped(CheckpointBatch::default());
-            }
-            c.seen.maybe_rotate();
+            commits.start(c.take_batch());
         }
+    }
+    // The last batch goes with the final status: the commit before it must be in first.
+    if commits.finish().await.is_err() {
+        return JobOutcome::Stopped(CheckpointBatch::default());
     }
     let batch = c.take_batch();
     if stopping {

@@ -26,16 +26,34 @@
 //! | `L` expires_at id | empty | RUNNING sessions by lease expiry |
 //! | `X` cleanup_at id | empty | terminal sessions by cleanup time |
 //! | `R` lp(id) n | JSON text | records |
-//! | `Q` lp(id) pos | `FrontierEntry` | frontier, in the order URLs were added |
-//! | `V` lp(id) url | `u64` pos | frontier index: where a URL sits in `Q` |
+//! | `B` lp(id) first | `Vec<FrontierEntry>` | frontier chunk: entries at positions `first..`, in the order added |
+//! | `J` lp(id) first | `ChunkLive` | which entries of chunk `first` are still in the frontier |
 //! | `K` lp(id) | `u64` | the session's next frontier position (never reused) |
-//! | `U` lp(id) url | empty | seen-URL set |
+//! | `U` lp(id) url | `UrlState` | seen-URL set, and where a URL sits in the frontier |
 //! | `O` lp(id) n | `LogLine` | log (the last [`LOG_LINES_MAX`]) |
 //! | `N` lp(client) name | `Agent` | agents |
 //! | `Z` id | empty | a removal whose data purge has not finished (resumed at open) |
 //!
-//! (Stores written before the frontier was ordered kept it under `F` lp(id) url; such entries are
-//! no longer read, only purged with their session.)
+//! (Stores written before the frontier was ordered kept it under `F` lp(id) url, and before it was
+//! chunked under `Q` lp(id) pos with an index `V` lp(id) url; such entries are no longer read,
+//! only purged with their session.)
+//!
+//! # Crawl state: few keys per URL
+//!
+//! A checkpoint of a crawl touches thousands of URLs, and every sled key written costs a tree
+//! update and a log write, a removed one a node merge. So a URL costs one `U` key over its whole
+//! life: written once when it is first seen or added (seen flag, frontier position), never
+//! rewritten when its page is done. The frontier entries of one checkpoint are written together as
+//! chunks of at most [`CHUNK_ENTRIES`] (`B`), each with a small bitmap of the entries still to do
+//! (`J`); a done URL clears its bit (one `J` write per chunk per checkpoint), and a chunk whose
+//! entries are all done is removed. A URL is in the frontier when its `U` position's bit is set.
+//! (`harvest bench crawl --store`, 2 cores: 6 key writes per product URL, 4 of them removals,
+//! became 2 insertions.)
+//!
+//! Records are numbered from the session's committed count and written just before the batch's
+//! intent, not inside it: a crash in between leaves records numbered at or after the committed
+//! count, which no reader sees (`records_page` stops at the count) and the next checkpoint
+//! overwrites. Keeping them out of the intent halves the bytes a checkpoint writes.
 //!
 //! Values go through [`codec`] (version byte + bincode); index entries and set members are empty
 //! and all they say is in their key, which is parsed defensively. A corrupt session value is
@@ -114,6 +132,9 @@ fn k_intent(seq: u64) -> Vec<u8> {
 #[derive(Default, Debug)]
 struct Batch {
     ops: Vec<(IVec, Option<IVec>)>,
+    /// Inserts applied before the intent, outside it: keys no reader sees until the batch's
+    /// other changes are in (records numbered after the session's committed count).
+    loose: Vec<(IVec, IVec)>,
 }
 
 impl Batch {
@@ -177,7 +198,10 @@ impl Batch {
             };
             ops.push((key, value));
         }
-        b.is_empty().then_some(Batch { ops })
+        b.is_empty().then_some(Batch {
+            ops,
+            loose: Vec::new(),
+        })
     }
 
     fn apply_to(&self, db: &sled::Db) -> StoreResult<()> {
@@ -464,10 +488,159 @@ fn k_url(tag: u8, id: &SessionId, url: &str) -> Vec<u8> {
     k.extend_from_slice(url.as_bytes());
     k
 }
-fn k_frontier(id: &SessionId, pos: u64) -> Vec<u8> {
-    let mut k = data_prefix(b'Q', id);
-    k.extend_from_slice(&pos.to_be_bytes());
+/// `B` (entries) or `J` (live bitmap) of the frontier chunk starting at `first`.
+fn k_chunk(tag: u8, id: &SessionId, first: u64) -> Vec<u8> {
+    let mut k = data_prefix(tag, id);
+    k.extend_from_slice(&first.to_be_bytes());
     k
+}
+
+/// Most entries of one frontier chunk: 512 entries of ~100 bytes stay well under sled's blob
+/// threshold (a quarter of its 512 KiB segment), above which every write is a file of its own.
+const CHUNK_ENTRIES: usize = 512;
+
+/// Which entries of a frontier chunk are still in the frontier (`J` value).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ChunkLive {
+    /// Entries in the chunk.
+    len: u32,
+    /// Bit `i`: entry `first + i` is still to do.
+    live: Vec<u64>,
+}
+
+impl ChunkLive {
+    fn new(live: &[bool]) -> ChunkLive {
+        let mut bits = vec![0u64; live.len().div_ceil(64)];
+        for (i, _) in live.iter().enumerate().filter(|(_, l)| **l) {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+        ChunkLive {
+            len: live.len() as u32,
+            live: bits,
+        }
+    }
+
+    fn is_live(&self, i: u64) -> bool {
+        i < u64::from(self.len)
+            && self
+                .live
+                .get((i / 64) as usize)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    fn clear(&mut self, i: u64) {
+        if let Some(w) = self.live.get_mut((i / 64) as usize) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.live.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+/// A `U` value: whether the URL is in the seen set, and the frontier position it was last added
+/// at (in the frontier while that position's chunk bit is set). Empty: seen, never added (also
+/// how stores before chunked frontiers wrote every member); else a flags byte (bit 0: seen) and
+/// the position, u64 BE.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct UrlState {
+    seen: bool,
+    pos: Option<u64>,
+}
+
+impl UrlState {
+    fn decode(k: &[u8], v: &[u8]) -> StoreResult<UrlState> {
+        match v {
+            [] => Ok(UrlState {
+                seen: true,
+                pos: None,
+            }),
+            [flags, pos @ ..] if pos.len() == 8 => {
+                let raw: [u8; 8] = pos
+                    .try_into()
+                    .map_err(|_| corrupt_key(k, "a malformed URL state"))?;
+                Ok(UrlState {
+                    seen: flags & 1 != 0,
+                    pos: Some(u64::from_be_bytes(raw)),
+                })
+            }
+            _ => Err(corrupt_key(k, "a malformed URL state")),
+        }
+    }
+
+    /// `None`: nothing to keep (neither seen nor ever added).
+    fn encode(self) -> Option<IVec> {
+        match self.pos {
+            None if self.seen => Some(IVec::default()),
+            None => None,
+            Some(pos) => {
+                let mut v = Vec::with_capacity(9);
+                v.push(u8::from(self.seen));
+                v.extend_from_slice(&pos.to_be_bytes());
+                Some(v.into())
+            }
+        }
+    }
+}
+
+/// The crawl-state changes of one checkpoint being staged: what it read and what it changes.
+struct FrontierStage<'a> {
+    id: &'a SessionId,
+    /// The first position this checkpoint assigns.
+    start: u64,
+    /// URL states read or changed (`true`: changed).
+    urls: std::collections::HashMap<&'a str, (UrlState, bool)>,
+    /// Chunks of earlier checkpoints read or changed (`true`: changed), by first position.
+    chunks: std::collections::BTreeMap<u64, (ChunkLive, bool)>,
+}
+
+impl<'a> FrontierStage<'a> {
+    fn url(&mut self, db: &sled::Db, url: &'a str) -> StoreResult<UrlState> {
+        if let Some((st, _)) = self.urls.get(url) {
+            return Ok(*st);
+        }
+        let k = k_url(b'U', self.id, url);
+        let st = match db.get(&k).map_err(backend)? {
+            Some(v) => UrlState::decode(&k, &v)?,
+            None => UrlState::default(),
+        };
+        self.urls.insert(url, (st, false));
+        Ok(st)
+    }
+
+    fn set_url(&mut self, url: &'a str, st: UrlState) {
+        self.urls.insert(url, (st, true));
+    }
+
+    /// The first position of the stored chunk holding `pos`, if one still does.
+    fn chunk_of(&mut self, db: &sled::Db, pos: u64) -> StoreResult<Option<u64>> {
+        if let Some((first, (live, _))) = self.chunks.range(..=pos).next_back()
+            && pos < first + u64::from(live.len)
+        {
+            return Ok(Some(*first));
+        }
+        let lo = k_chunk(b'J', self.id, 0);
+        let Some(kv) = db.range(lo..=k_chunk(b'J', self.id, pos)).next_back() else {
+            return Ok(None);
+        };
+        let (k, v) = kv.map_err(backend)?;
+        let first = u64_at(&k, data_prefix(b'J', self.id).len())?;
+        let live: ChunkLive = codec::decode(&|| show_key(&k), &v)?;
+        if pos >= first + u64::from(live.len) {
+            return Ok(None);
+        }
+        self.chunks.insert(first, (live, false));
+        Ok(Some(first))
+    }
+
+    /// Whether a stored position (one of an earlier checkpoint) is still in the frontier.
+    fn is_live(&mut self, db: &sled::Db, pos: u64) -> StoreResult<bool> {
+        Ok(match self.chunk_of(db, pos)? {
+            Some(first) => self.chunks[&first].0.is_live(pos - first),
+            None => false,
+        })
+    }
 }
 fn k_agent_def(client: &str, name: &str) -> Vec<u8> {
     let mut k = lp_prefix(b'N', client);
@@ -675,6 +848,9 @@ impl SledStore {
     /// applies them again (the same values: idempotent). Callers hold the store mutex, so
     /// batches never interleave.
     fn apply_atomic(&self, b: Batch) -> StoreResult<()> {
+        for (k, v) in &b.loose {
+            self.db.insert(k, v.clone()).map_err(backend)?;
+        }
         let seq = self.intent_seq.fetch_add(1, Ordering::Relaxed);
         let key = k_intent(seq);
         self.db.insert(&key, b.encode()).map_err(backend)?;
@@ -750,12 +926,12 @@ impl SledStore {
         for (i, record) in batch.records.iter().enumerate() {
             let text = serde_json::to_string(record)
                 .map_err(|e| StoreError::Invalid(format!("record {i} is not valid JSON: {e}")))?;
-            b.insert(k_record(&id, first + i as u64), codec::encode(&text)?);
+            b.loose.push((
+                k_record(&id, first + i as u64).into(),
+                codec::encode(&text)?.into(),
+            ));
         }
         self.stage_frontier(b, &id, batch)?;
-        for url in &batch.seen_add {
-            b.insert(k_url(b'U', &id, url), IVec::default());
-        }
         if !batch.log.is_empty() {
             self.stage_log(b, &id, &batch.log)?;
         }
@@ -765,48 +941,114 @@ impl SledStore {
         Ok(())
     }
 
-    /// Stages frontier additions (at the session's next positions) and removals.
+    /// Stages frontier additions (at the session's next positions), removals (after the
+    /// additions: a URL found and done in the same batch ends up done) and seen-set additions.
+    /// See "Crawl state" in the module doc.
     fn stage_frontier(
         &self,
         b: &mut Batch,
         id: &SessionId,
         batch: &CheckpointBatch,
     ) -> StoreResult<()> {
-        if batch.frontier_add.is_empty() && batch.frontier_done.is_empty() {
+        if batch.frontier_add.is_empty()
+            && batch.frontier_done.is_empty()
+            && batch.seen_add.is_empty()
+        {
             return Ok(());
         }
         let k_next = data_prefix(b'K', id);
-        let mut next: u64 = match self.db.get(&k_next).map_err(backend)? {
+        let start: u64 = match self.db.get(&k_next).map_err(backend)? {
             Some(v) => codec::decode(&|| show_key(&k_next), &v)?,
             None => 1,
         };
-        // A sled batch cannot be read back: the positions this batch assigns, by URL.
-        let mut added: std::collections::HashMap<&str, u64> =
-            std::collections::HashMap::with_capacity(batch.frontier_add.len());
+        let mut st = FrontierStage {
+            id,
+            start,
+            urls: std::collections::HashMap::with_capacity(
+                batch.frontier_add.len() + batch.seen_add.len(),
+            ),
+            chunks: std::collections::BTreeMap::new(),
+        };
+        let mut added: Vec<&FrontierEntry> = Vec::new();
         for e in &batch.frontier_add {
-            let k = k_url(b'V', id, &e.url);
-            if added.contains_key(e.url.as_str()) || self.db.contains_key(&k).map_err(backend)? {
+            let u = st.url(&self.db, &e.url)?;
+            if let Some(pos) = u.pos
+                && (pos >= st.start || st.is_live(&self.db, pos)?)
+            {
+                continue; // already in the frontier: keeps its place
+            }
+            let pos = st.start + added.len() as u64;
+            st.set_url(
+                &e.url,
+                UrlState {
+                    seen: u.seen,
+                    pos: Some(pos),
+                },
+            );
+            added.push(e);
+        }
+        let mut new_live = vec![true; added.len()];
+        for url in &batch.frontier_done {
+            let Some(pos) = st.url(&self.db, url)?.pos else {
+                continue;
+            };
+            if pos >= st.start {
+                if let Some(l) = new_live.get_mut((pos - st.start) as usize) {
+                    *l = false;
+                }
+            } else if let Some(first) = st.chunk_of(&self.db, pos)?
+                && let Some((live, changed)) = st.chunks.get_mut(&first)
+                && live.is_live(pos - first)
+            {
+                live.clear(pos - first);
+                *changed = true;
+            }
+        }
+        for url in &batch.seen_add {
+            let u = st.url(&self.db, url)?;
+            if !u.seen {
+                st.set_url(url, UrlState { seen: true, ..u });
+            }
+        }
+        for (url, (u, changed)) in &st.urls {
+            if !changed {
                 continue;
             }
-            b.insert(k_frontier(id, next), codec::encode(e)?);
-            b.insert(k, codec::encode(&next)?);
-            added.insert(&e.url, next);
-            next += 1;
+            let k = k_url(b'U', id, url);
+            match u.encode() {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
         }
-        // After the additions: a URL found and done in the same batch ends up done.
-        for url in &batch.frontier_done {
-            let k = k_url(b'V', id, url);
-            let pos = match added.remove(url.as_str()) {
-                Some(pos) => pos,
-                None => match self.db.get(&k).map_err(backend)? {
-                    Some(v) => codec::decode(&|| show_key(&k), &v)?,
-                    None => continue,
-                },
-            };
-            b.remove(k_frontier(id, pos));
-            b.remove(k);
+        for (first, (live, changed)) in &st.chunks {
+            if !changed {
+                continue;
+            }
+            if live.count() == 0 {
+                b.remove(k_chunk(b'B', id, *first));
+                b.remove(k_chunk(b'J', id, *first));
+            } else {
+                b.insert(k_chunk(b'J', id, *first), codec::encode(live)?);
+            }
         }
-        b.insert(k_next, codec::encode(&next)?);
+        for (i, (entries, live)) in added
+            .chunks(CHUNK_ENTRIES)
+            .zip(new_live.chunks(CHUNK_ENTRIES))
+            .enumerate()
+        {
+            if !live.iter().any(|l| *l) {
+                continue; // found and done in this batch: nothing to keep
+            }
+            let first = start + (i * CHUNK_ENTRIES) as u64;
+            b.insert(k_chunk(b'B', id, first), codec::encode(&entries)?);
+            b.insert(
+                k_chunk(b'J', id, first),
+                codec::encode(&ChunkLive::new(live))?,
+            );
+        }
+        if !added.is_empty() {
+            b.insert(k_next, codec::encode(&(start + added.len() as u64))?);
+        }
         Ok(())
     }
 
@@ -893,7 +1135,7 @@ impl SledStore {
 
     /// Deletes a removed session's data keyspaces in chunks, then its tombstone.
     fn purge(&self, id: &SessionId) -> StoreResult<u64> {
-        for tag in [b'R', b'Q', b'V', b'K', b'F', b'U', b'O'] {
+        for tag in [b'R', b'B', b'J', b'Q', b'V', b'K', b'F', b'U', b'O'] {
             let prefix = data_prefix(tag, id);
             // Each round deletes up to PURGE_CHUNK keys; 1 << 32 rounds bound the loop far beyond
             // any real session.
@@ -1037,11 +1279,12 @@ impl SledStore {
         let s = self.load(id)?.ok_or_else(|| {
             StoreError::Invalid(format!("no session {id} to resume; it was removed"))
         })?;
-        // The index has one small key per frontier entry: counting it reads no entries.
+        // One small bitmap per chunk of entries: counting reads no entries.
         let mut frontier_len = 0u64;
-        for kv in self.db.scan_prefix(data_prefix(b'V', id)) {
-            kv.map_err(backend)?;
-            frontier_len += 1;
+        for kv in self.db.scan_prefix(data_prefix(b'J', id)) {
+            let (k, v) = kv.map_err(backend)?;
+            let live: ChunkLive = codec::decode(&|| show_key(&k), &v)?;
+            frontier_len += live.count();
         }
         Ok(ResumeState {
             frontier_len,
@@ -1471,9 +1714,19 @@ impl Store for SledStore {
                 p.limit
             )));
         }
+        // Records at or after the committed count are a crashed checkpoint's (see the module
+        // doc): never shown.
+        let committed = match self.load(&p.id)? {
+            Some(s) => s.metrics.processed_elements,
+            None => return Ok(Vec::new()),
+        };
+        if p.offset >= committed {
+            return Ok(Vec::new());
+        }
         let prefix = data_prefix(b'R', &p.id);
         let mut out = Vec::with_capacity(p.limit.min(1024));
-        for kv in self.db.range(k_record(&p.id, p.offset)..).take(p.limit) {
+        let end = k_record(&p.id, committed);
+        for kv in self.db.range(k_record(&p.id, p.offset)..end).take(p.limit) {
             let (k, v) = kv.map_err(backend)?;
             if !k.starts_with(&prefix) {
                 break;
@@ -1498,20 +1751,52 @@ impl Store for SledStore {
                 p.limit
             )));
         }
-        let prefix = data_prefix(b'Q', &p.id);
-        let from = match p.after_pos.checked_add(1) {
-            Some(pos) => k_frontier(&p.id, pos),
-            None => return Ok(Vec::new()),
+        let Some(from) = p.after_pos.checked_add(1) else {
+            return Ok(Vec::new());
         };
+        let prefix = data_prefix(b'J', &p.id);
+        // From the chunk holding `from` (the last one starting at or before it), if any.
+        let mut lo = k_chunk(b'J', &p.id, from);
+        if let Some(kv) = self
+            .db
+            .range(k_chunk(b'J', &p.id, 0)..=lo.clone())
+            .next_back()
+        {
+            lo = kv.map_err(backend)?.0.to_vec();
+        }
         let mut out = Vec::with_capacity(p.limit.min(1024));
-        for kv in self.db.range(from..).take(p.limit) {
+        // Bounded by the session's chunks; every chunk holds a live entry, so at most `limit`
+        // chunks after the first are read.
+        for kv in self.db.range(lo..) {
             let (k, v) = kv.map_err(backend)?;
             if !k.starts_with(&prefix) {
                 break;
             }
-            let pos = u64_at(&k, prefix.len())?;
-            let entry: FrontierEntry = codec::decode(&|| show_key(&k), &v)?;
-            out.push(FrontierItem { pos, entry });
+            let first = u64_at(&k, prefix.len())?;
+            let live: ChunkLive = codec::decode(&|| show_key(&k), &v)?;
+            if first + u64::from(live.len) <= from {
+                continue;
+            }
+            let kb = k_chunk(b'B', &p.id, first);
+            let entries: Vec<FrontierEntry> = match self.db.get(&kb).map_err(backend)? {
+                Some(v) => codec::decode(&|| show_key(&kb), &v)?,
+                None => return Err(corrupt_key(&k, "a frontier chunk bitmap without its chunk")),
+            };
+            if entries.len() != live.len as usize {
+                return Err(corrupt_key(
+                    &kb,
+                    "a frontier chunk of another length than its bitmap",
+                ));
+            }
+            for (i, entry) in entries.into_iter().enumerate() {
+                let pos = first + i as u64;
+                if pos >= from && live.is_live(i as u64) {
+                    out.push(FrontierItem { pos, entry });
+                    if out.len() == p.limit {
+                        return Ok(out);
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -1525,7 +1810,13 @@ impl Store for SledStore {
         }
         p.urls
             .iter()
-            .map(|u| self.db.contains_key(k_url(b'U', &p.id, u)).map_err(backend))
+            .map(|u| {
+                let k = k_url(b'U', &p.id, u);
+                match self.db.get(&k).map_err(backend)? {
+                    Some(v) => Ok(UrlState::decode(&k, &v)?.seen),
+                    None => Ok(false),
+                }
+            })
             .collect()
     }
 
