@@ -114,9 +114,10 @@ use crate::session::{
 const META_KEY: &[u8] = b"\0meta";
 
 // sled's page cache. Its default (1 GiB) lets a crawl of millions of URLs grow the process far
-// beyond what the crawl needs. Measured with `harvest bench frontier --urls 300000` (release):
-// 64 MiB gave 308 MB peak RSS, 16 MiB 233 MB at no loss of pages/s.
-const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+// beyond what the crawl needs; sled's count is of serialized bytes, the nodes take ~3x that in
+// memory. Measured with `harvest bench frontier --urls 1000000` (release, 2 cores): 16 MiB gave
+// 189 MB peak RSS, 4 MiB 129 MB, at the same pages/s (and the same for `bench crawl --store`).
+const CACHE_BYTES: u64 = 4 * 1024 * 1024;
 const COUNTERS_KEY: &[u8] = b"\0counters";
 /// Prefix of intent keys: `\0i` + seq (u64 BE). See [`SledStore::apply_atomic`].
 const INTENT_PREFIX: &[u8] = b"\0i";
@@ -132,9 +133,9 @@ fn k_intent(seq: u64) -> Vec<u8> {
 #[derive(Default, Debug)]
 struct Batch {
     ops: Vec<(IVec, Option<IVec>)>,
-    /// Inserts applied before the intent, outside it: keys no reader sees until the batch's
-    /// other changes are in (records numbered after the session's committed count).
-    loose: Vec<(IVec, IVec)>,
+    /// Changes applied before the intent, outside it: to keys no reader sees until the batch's
+    /// other changes are in (records numbered from the session's committed count).
+    loose: Vec<(IVec, Option<IVec>)>,
 }
 
 impl Batch {
@@ -495,6 +496,12 @@ fn k_chunk(tag: u8, id: &SessionId, first: u64) -> Vec<u8> {
     k
 }
 
+/// Most records of one record chunk (`E`), and about the most bytes: one key per checkpoint's
+/// worth of small records instead of one per record (a key costs a sled tree update on write and
+/// ~50 bytes of sled's memory for as long as the store is open), below sled's blob threshold.
+const RECORD_CHUNK_MAX: usize = 256;
+const RECORD_CHUNK_BYTES: usize = 64 * 1024;
+
 /// Most entries of one frontier chunk: 512 entries of ~100 bytes stay well under sled's blob
 /// threshold (a quarter of its 512 KiB segment), above which every write is a file of its own.
 const CHUNK_ENTRIES: usize = 512;
@@ -702,6 +709,10 @@ fn upto(prefix: &[u8], t: Timestamp) -> Vec<u8> {
     k
 }
 
+fn record_json(k: &[u8], text: &str) -> StoreResult<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| corrupt_key(k, &format!("record is not JSON: {e}")))
+}
+
 fn validate_terminal(status: SessionStatus) -> StoreResult<()> {
     if status.is_terminal() {
         Ok(())
@@ -849,7 +860,10 @@ impl SledStore {
     /// batches never interleave.
     fn apply_atomic(&self, b: Batch) -> StoreResult<()> {
         for (k, v) in &b.loose {
-            self.db.insert(k, v.clone()).map_err(backend)?;
+            match v {
+                Some(v) => self.db.insert(k, v.clone()).map_err(backend)?,
+                None => self.db.remove(k).map_err(backend)?,
+            };
         }
         let seq = self.intent_seq.fetch_add(1, Ordering::Relaxed);
         let key = k_intent(seq);
@@ -923,13 +937,39 @@ impl SledStore {
     ) -> StoreResult<()> {
         let id = s.id.clone();
         let first = s.metrics.processed_elements;
-        for (i, record) in batch.records.iter().enumerate() {
-            let text = serde_json::to_string(record)
-                .map_err(|e| StoreError::Invalid(format!("record {i} is not valid JSON: {e}")))?;
-            b.loose.push((
-                k_record(&id, first + i as u64).into(),
-                codec::encode(&text)?.into(),
-            ));
+        if !batch.records.is_empty() {
+            // A crashed checkpoint's chunks (at or after the committed count) go first: a chunk
+            // left there could otherwise overlap the ones written now.
+            for kv in self.db.range(k_chunk(b'E', &id, first)..) {
+                let (k, _) = kv.map_err(backend)?;
+                if !k.starts_with(&data_prefix(b'E', &id)) {
+                    break;
+                }
+                b.loose.push((k, None));
+            }
+            let mut chunk: Vec<String> = Vec::new();
+            let mut chunk_first = first;
+            let mut bytes = 0;
+            for (i, record) in batch.records.iter().enumerate() {
+                let text = serde_json::to_string(record).map_err(|e| {
+                    StoreError::Invalid(format!("record {i} is not valid JSON: {e}"))
+                })?;
+                bytes += text.len();
+                chunk.push(text);
+                if chunk.len() >= RECORD_CHUNK_MAX || bytes >= RECORD_CHUNK_BYTES {
+                    let k = k_chunk(b'E', &id, chunk_first);
+                    b.loose
+                        .push((k.into(), Some(codec::encode(&chunk)?.into())));
+                    chunk_first += chunk.len() as u64;
+                    chunk.clear();
+                    bytes = 0;
+                }
+            }
+            if !chunk.is_empty() {
+                let k = k_chunk(b'E', &id, chunk_first);
+                b.loose
+                    .push((k.into(), Some(codec::encode(&chunk)?.into())));
+            }
         }
         self.stage_frontier(b, &id, batch)?;
         if !batch.log.is_empty() {
@@ -1135,7 +1175,7 @@ impl SledStore {
 
     /// Deletes a removed session's data keyspaces in chunks, then its tombstone.
     fn purge(&self, id: &SessionId) -> StoreResult<u64> {
-        for tag in [b'R', b'B', b'J', b'Q', b'V', b'K', b'F', b'U', b'O'] {
+        for tag in [b'R', b'E', b'B', b'J', b'Q', b'V', b'K', b'F', b'U', b'O'] {
             let prefix = data_prefix(tag, id);
             // Each round deletes up to PURGE_CHUNK keys; 1 << 32 rounds bound the loop far beyond
             // any real session.
@@ -1657,19 +1697,21 @@ impl Store for SledStore {
         }
         // Terminal: no attempt writes records any more, so the chunks below race only with a
         // removal of the whole session, which deletes the same keys.
-        let prefix = data_prefix(b'R', id);
-        for _ in 0..(1u64 << 32) {
-            let _st = self.lock();
-            let mut b = Batch::default();
-            let mut n = 0;
-            for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
-                b.remove(kv.map_err(backend)?.0);
-                n += 1;
+        for tag in [b'R', b'E'] {
+            let prefix = data_prefix(tag, id);
+            for _ in 0..(1u64 << 32) {
+                let _st = self.lock();
+                let mut b = Batch::default();
+                let mut n = 0;
+                for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
+                    b.remove(kv.map_err(backend)?.0);
+                    n += 1;
+                }
+                if n == 0 {
+                    break;
+                }
+                self.apply_atomic(b)?;
             }
-            if n == 0 {
-                break;
-            }
-            self.apply_atomic(b)?;
         }
         let ticket = self.durability.ticket();
         self.durability.wait(ticket).await?;
@@ -1723,6 +1765,8 @@ impl Store for SledStore {
         if p.offset >= committed {
             return Ok(Vec::new());
         }
+        // Stores before record chunks kept one `R` key per record; a session may have both (`R`
+        // below some count, `E` from there on).
         let prefix = data_prefix(b'R', &p.id);
         let mut out = Vec::with_capacity(p.limit.min(1024));
         let end = k_record(&p.id, committed);
@@ -1733,9 +1777,50 @@ impl Store for SledStore {
             }
             let seq = u64_at(&k, prefix.len())?;
             let text: String = codec::decode(&|| show_key(&k), &v)?;
-            let data = serde_json::from_str(&text)
-                .map_err(|e| corrupt_key(&k, &format!("record is not JSON: {e}")))?;
-            out.push(Record { seq, data });
+            out.push(Record {
+                seq,
+                data: record_json(&k, &text)?,
+            });
+        }
+        let mut next = out.last().map_or(p.offset, |r| r.seq + 1);
+        if out.len() == p.limit || next >= committed {
+            return Ok(out);
+        }
+        let prefix = data_prefix(b'E', &p.id);
+        // From the chunk holding `next` (the last one starting at or before it).
+        let mut lo = k_chunk(b'E', &p.id, next);
+        if let Some(kv) = self
+            .db
+            .range(k_chunk(b'E', &p.id, 0)..=lo.clone())
+            .next_back()
+        {
+            lo = kv.map_err(backend)?.0.to_vec();
+        }
+        // Bounded: each chunk read either yields records or ends the page.
+        for kv in self.db.range(lo..k_chunk(b'E', &p.id, committed)) {
+            let (k, v) = kv.map_err(backend)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let first = u64_at(&k, prefix.len())?;
+            if first > next {
+                return Err(corrupt_key(&k, "a gap before this record chunk"));
+            }
+            let texts: Vec<String> = codec::decode(&|| show_key(&k), &v)?;
+            let skip = (next - first) as usize;
+            for text in texts.iter().skip(skip) {
+                if next >= committed {
+                    return Ok(out);
+                }
+                out.push(Record {
+                    seq: next,
+                    data: record_json(&k, text)?,
+                });
+                next += 1;
+                if out.len() == p.limit {
+                    return Ok(out);
+                }
+            }
         }
         Ok(out)
     }
@@ -1980,6 +2065,216 @@ mod tests {
             store.db.scan_prefix(INTENT_PREFIX).count(),
             0,
             "intent removed"
+        );
+    }
+
+    async fn running(store: &SledStore) -> super::super::AttemptRef {
+        let now = Timestamp::now();
+        let id = SessionId::generate();
+        let session = Session {
+            id: id.clone(),
+            seq: 0,
+            client: crate::session::ClientContext::of("t"),
+            status: SessionStatus::Pending,
+            job: crate::session::JobSpec {
+                config: serde_json::json!({}),
+                params: Default::default(),
+                agent: None,
+            },
+            options: Default::default(),
+            attempt: 0,
+            failures: 0,
+            progress_this_attempt: false,
+            lease: None,
+            cancel_requested: false,
+            run_at: now,
+            created_at: now,
+            updated_at: now,
+            cleanup_at: None,
+            metrics: Default::default(),
+            usage: Default::default(),
+            error: None,
+            checkpoints: 0,
+        };
+        store
+            .session_insert(SessionInsert {
+                session,
+                single_agent: None,
+            })
+            .await
+            .expect("insert");
+        let claimed = store
+            .session_claim(SessionClaim {
+                owner: "t".into(),
+                limit: 1,
+                lease: Duration::from_secs(600),
+                now,
+            })
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 1);
+        super::super::AttemptRef {
+            id,
+            attempt: claimed[0].attempt,
+            owner: "t".into(),
+        }
+    }
+
+    async fn checkpoint(store: &SledStore, a: &super::super::AttemptRef, batch: CheckpointBatch) {
+        let ok = store
+            .checkpoint_commit_if_running(CheckpointCommit {
+                attempt: a.clone(),
+                batch,
+                lease: Duration::from_secs(600),
+                now: Timestamp::now(),
+            })
+            .await
+            .expect("checkpoint");
+        assert!(ok, "checkpoint applied");
+    }
+
+    /// Records span several chunks; a chunk a crashed checkpoint left after the committed count
+    /// is never shown and never overlaps the next checkpoint's records.
+    #[tokio::test]
+    async fn record_chunks_page_across_boundaries_and_ignore_a_crashed_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let a = running(&store).await;
+        let recs = |r: std::ops::Range<u64>| -> Vec<serde_json::Value> {
+            r.map(|i| serde_json::json!({ "i": i })).collect()
+        };
+        let batch = CheckpointBatch {
+            records: recs(0..600),
+            ..Default::default()
+        };
+        checkpoint(&store, &a, batch).await;
+        // A crashed checkpoint's chunks after the committed count (600).
+        for first in [600u64, 700] {
+            let junk: Vec<String> = (0..150).map(|_| "\"junk\"".to_string()).collect();
+            store
+                .db
+                .insert(
+                    k_chunk(b'E', &a.id, first),
+                    codec::encode(&junk).expect("enc"),
+                )
+                .expect("insert");
+        }
+        let page = |offset, limit| RecordsPage {
+            id: a.id.clone(),
+            offset,
+            limit,
+        };
+        let seen = store.records_page(page(590, 100)).await.expect("page");
+        assert_eq!(seen.len(), 10, "nothing after the committed count");
+        let batch = CheckpointBatch {
+            records: recs(600..610),
+            ..Default::default()
+        };
+        checkpoint(&store, &a, batch).await;
+        for (offset, limit) in [
+            (0, 1000),
+            (0, 7),
+            (250, 20),
+            (255, 2),
+            (256, 300),
+            (599, 50),
+        ] {
+            let got = store.records_page(page(offset, limit)).await.expect("page");
+            let want: Vec<u64> = (offset..610).take(limit).collect();
+            let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
+            assert_eq!(seqs, want, "offset {offset} limit {limit}");
+            for r in &got {
+                assert_eq!(
+                    r.data,
+                    serde_json::json!({ "i": r.seq }),
+                    "record {}",
+                    r.seq
+                );
+            }
+        }
+        assert!(
+            store
+                .records_page(page(610, 10))
+                .await
+                .expect("page")
+                .is_empty()
+        );
+    }
+
+    /// Frontier entries span several chunks; done entries leave their chunk (a chunk with none
+    /// left goes), pages continue after the last position, and the count is of live entries.
+    #[tokio::test]
+    async fn frontier_chunks_page_in_order_and_drop_done_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let a = running(&store).await;
+        let url = |i: usize| format!("http://x/{i:05}");
+        let entry = |i: usize| FrontierEntry {
+            url: url(i),
+            depth: 1,
+            page: None,
+        };
+        let batch = CheckpointBatch {
+            frontier_add: (0..1100).map(entry).collect(),
+            seen_add: (0..1100).map(url).collect(),
+            ..Default::default()
+        };
+        checkpoint(&store, &a, batch).await;
+        // All of the first chunk, every other one of the second, one of the third; and one
+        // added and done in the same batch.
+        let mut done: Vec<String> = (0..512).map(url).collect();
+        done.extend((512..1024).step_by(2).map(url));
+        done.push(url(1099));
+        done.push(url(5000));
+        let batch = CheckpointBatch {
+            frontier_add: vec![entry(5000), entry(5001), entry(3)],
+            frontier_done: done,
+            ..Default::default()
+        };
+        checkpoint(&store, &a, batch).await;
+        let mut want: Vec<String> = (513..1024).step_by(2).map(url).collect();
+        want.extend((1024..1099).map(url));
+        // url(3) was still in the frontier when added again (additions come first): it kept its
+        // place, then was done.
+        want.push(url(5001));
+        let resume = store.resume_sync(&a.id).expect("resume");
+        assert_eq!(resume.frontier_len, want.len() as u64);
+        assert!(
+            store
+                .db
+                .get(k_chunk(b'B', &a.id, 1))
+                .expect("get")
+                .is_none(),
+            "a chunk with nothing left is removed"
+        );
+        let mut got = Vec::new();
+        let mut after = 0;
+        for _ in 0..100 {
+            let items = store
+                .frontier_page(FrontierPage {
+                    id: a.id.clone(),
+                    after_pos: after,
+                    limit: 37,
+                })
+                .await
+                .expect("page");
+            let Some(last) = items.last() else { break };
+            assert!(last.pos > after);
+            after = last.pos;
+            got.extend(items.into_iter().map(|i| i.entry.url));
+        }
+        assert_eq!(got, want);
+        let seen = store
+            .seen_filter(SeenFilter {
+                id: a.id.clone(),
+                urls: vec![url(0), url(5000), url(9999)],
+            })
+            .await
+            .expect("seen");
+        assert_eq!(
+            seen,
+            vec![true, false, false],
+            "frontier_add alone is not seen_add"
         );
     }
 }
