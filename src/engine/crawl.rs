@@ -14,7 +14,18 @@
 //!   rotated only right after a commit so that every uncommitted URL is in it. A URL the cache
 //!   does not know is looked up in the committed seen set, unless the cache is still complete (a
 //!   fresh attempt that never rotated it);
-//! - the uncommitted batch (bounded by the batch policy).
+//! - the uncommitted batches: the one being committed and the one filling (each bounded by the
+//!   batch policy; a full batch waits for the commit before it takes more pages).
+//!
+//! # Checkpoints
+//!
+//! At most one commit is in flight, on its own task, while the crawl goes on and the next batch
+//! fills: the store's work (applying the batch, waiting for its flush) overlaps with fetching and
+//! parsing. Batches commit one at a time, in order. A refill and the end of the attempt first
+//! wait for the commit in flight (a refill reads the committed frontier; the last batch commits
+//! with the final status). The seen cache rotates only when a commit completes, which drops the
+//! URLs cached before the previous completion: all of them were in batches taken before this one
+//! completed, so all are committed.
 //!
 //! # Exactly once
 //!
