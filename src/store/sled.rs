@@ -26,16 +26,34 @@
 //! | `L` expires_at id | empty | RUNNING sessions by lease expiry |
 //! | `X` cleanup_at id | empty | terminal sessions by cleanup time |
 //! | `R` lp(id) n | JSON text | records |
-//! | `Q` lp(id) pos | `FrontierEntry` | frontier, in the order URLs were added |
-//! | `V` lp(id) url | `u64` pos | frontier index: where a URL sits in `Q` |
+//! | `B` lp(id) first | `Vec<FrontierEntry>` | frontier chunk: entries at positions `first..`, in the order added |
+//! | `J` lp(id) first | `ChunkLive` | which entries of chunk `first` are still in the frontier |
 //! | `K` lp(id) | `u64` | the session's next frontier position (never reused) |
-//! | `U` lp(id) url | empty | seen-URL set |
+//! | `U` lp(id) url | `UrlState` | seen-URL set, and where a URL sits in the frontier |
 //! | `O` lp(id) n | `LogLine` | log (the last [`LOG_LINES_MAX`]) |
 //! | `N` lp(client) name | `Agent` | agents |
 //! | `Z` id | empty | a removal whose data purge has not finished (resumed at open) |
 //!
-//! (Stores written before the frontier was ordered kept it under `F` lp(id) url; such entries are
-//! no longer read, only purged with their session.)
+//! (Stores written before the frontier was ordered kept it under `F` lp(id) url, and before it was
+//! chunked under `Q` lp(id) pos with an index `V` lp(id) url; such entries are no longer read,
+//! only purged with their session.)
+//!
+//! # Crawl state: few keys per URL
+//!
+//! A checkpoint of a crawl touches thousands of URLs, and every sled key written costs a tree
+//! update and a log write, a removed one a node merge. So a URL costs one `U` key over its whole
+//! life: written once when it is first seen or added (seen flag, frontier position), never
+//! rewritten when its page is done. The frontier entries of one checkpoint are written together as
+//! chunks of at most [`CHUNK_ENTRIES`] (`B`), each with a small bitmap of the entries still to do
+//! (`J`); a done URL clears its bit (one `J` write per chunk per checkpoint), and a chunk whose
+//! entries are all done is removed. A URL is in the frontier when its `U` position's bit is set.
+//! (`harvest bench crawl --store`, 2 cores: 6 key writes per product URL, 4 of them removals,
+//! became 2 insertions.)
+//!
+//! Records are numbered from the session's committed count and written just before the batch's
+//! intent, not inside it: a crash in between leaves records numbered at or after the committed
+//! count, which no reader sees (`records_page` stops at the count) and the next checkpoint
+//! overwrites. Keeping them out of the intent halves the bytes a checkpoint writes.
 //!
 //! Values go through [`codec`] (version byte + bincode); index entries and set members are empty
 //! and all they say is in their key, which is parsed defensively. A corrupt session value is
@@ -96,9 +114,10 @@ use crate::session::{
 const META_KEY: &[u8] = b"\0meta";
 
 // sled's page cache. Its default (1 GiB) lets a crawl of millions of URLs grow the process far
-// beyond what the crawl needs. Measured with `harvest bench frontier --urls 300000` (release):
-// 64 MiB gave 308 MB peak RSS, 16 MiB 233 MB at no loss of pages/s.
-const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+// beyond what the crawl needs; sled's count is of serialized bytes, the nodes take ~3x that in
+// memory. Measured with `harvest bench frontier --urls 1000000` (release, 2 cores): 16 MiB gave
+// 189 MB peak RSS, 4 MiB 129 MB, at the same pages/s (and the same for `bench crawl --store`).
+const CACHE_BYTES: u64 = 4 * 1024 * 1024;
 const COUNTERS_KEY: &[u8] = b"\0counters";
 /// Prefix of intent keys: `\0i` + seq (u64 BE). See [`SledStore::apply_atomic`].
 const INTENT_PREFIX: &[u8] = b"\0i";
@@ -114,6 +133,9 @@ fn k_intent(seq: u64) -> Vec<u8> {
 #[derive(Default, Debug)]
 struct Batch {
     ops: Vec<(IVec, Option<IVec>)>,
+    /// Changes applied before the intent, outside it: to keys no reader sees until the batch's
+    /// other changes are in (records numbered from the session's committed count).
+    loose: Vec<(IVec, Option<IVec>)>,
 }
 
 impl Batch {
@@ -177,7 +199,10 @@ impl Batch {
             };
             ops.push((key, value));
         }
-        b.is_empty().then_some(Batch { ops })
+        b.is_empty().then_some(Batch {
+            ops,
+            loose: Vec::new(),
+        })
     }
 
     fn apply_to(&self, db: &sled::Db) -> StoreResult<()> {
@@ -473,10 +498,165 @@ fn k_url(tag: u8, id: &SessionId, url: &str) -> Vec<u8> {
     k.extend_from_slice(url.as_bytes());
     k
 }
-fn k_frontier(id: &SessionId, pos: u64) -> Vec<u8> {
-    let mut k = data_prefix(b'Q', id);
-    k.extend_from_slice(&pos.to_be_bytes());
+/// `B` (entries) or `J` (live bitmap) of the frontier chunk starting at `first`.
+fn k_chunk(tag: u8, id: &SessionId, first: u64) -> Vec<u8> {
+    let mut k = data_prefix(tag, id);
+    k.extend_from_slice(&first.to_be_bytes());
     k
+}
+
+/// Most records of one record chunk (`E`), and about the most bytes: one key per checkpoint's
+/// worth of small records instead of one per record (a key costs a sled tree update on write and
+/// ~50 bytes of sled's memory for as long as the store is open), below sled's blob threshold.
+const RECORD_CHUNK_MAX: usize = 256;
+const RECORD_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Most entries of one frontier chunk: 512 entries of ~100 bytes stay well under sled's blob
+/// threshold (a quarter of its 512 KiB segment), above which every write is a file of its own.
+const CHUNK_ENTRIES: usize = 512;
+
+/// Which entries of a frontier chunk are still in the frontier (`J` value).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ChunkLive {
+    /// Entries in the chunk.
+    len: u32,
+    /// Bit `i`: entry `first + i` is still to do.
+    live: Vec<u64>,
+}
+
+impl ChunkLive {
+    fn new(live: &[bool]) -> ChunkLive {
+        let mut bits = vec![0u64; live.len().div_ceil(64)];
+        for (i, _) in live.iter().enumerate().filter(|(_, l)| **l) {
+            bits[i / 64] |= 1 << (i % 64);
+        }
+        ChunkLive {
+            len: live.len() as u32,
+            live: bits,
+        }
+    }
+
+    fn is_live(&self, i: u64) -> bool {
+        i < u64::from(self.len)
+            && self
+                .live
+                .get((i / 64) as usize)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    fn clear(&mut self, i: u64) {
+        if let Some(w) = self.live.get_mut((i / 64) as usize) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.live.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+/// A `U` value: whether the URL is in the seen set, and the frontier position it was last added
+/// at (in the frontier while that position's chunk bit is set). Empty: seen, never added (also
+/// how stores before chunked frontiers wrote every member); else a flags byte (bit 0: seen) and
+/// the position, u64 BE.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct UrlState {
+    seen: bool,
+    pos: Option<u64>,
+}
+
+impl UrlState {
+    fn decode(k: &[u8], v: &[u8]) -> StoreResult<UrlState> {
+        match v {
+            [] => Ok(UrlState {
+                seen: true,
+                pos: None,
+            }),
+            [flags, pos @ ..] if pos.len() == 8 => {
+                let raw: [u8; 8] = pos
+                    .try_into()
+                    .map_err(|_| corrupt_key(k, "a malformed URL state"))?;
+                Ok(UrlState {
+                    seen: flags & 1 != 0,
+                    pos: Some(u64::from_be_bytes(raw)),
+                })
+            }
+            _ => Err(corrupt_key(k, "a malformed URL state")),
+        }
+    }
+
+    /// `None`: nothing to keep (neither seen nor ever added).
+    fn encode(self) -> Option<IVec> {
+        match self.pos {
+            None if self.seen => Some(IVec::default()),
+            None => None,
+            Some(pos) => {
+                let mut v = Vec::with_capacity(9);
+                v.push(u8::from(self.seen));
+                v.extend_from_slice(&pos.to_be_bytes());
+                Some(v.into())
+            }
+        }
+    }
+}
+
+/// The crawl-state changes of one checkpoint being staged: what it read and what it changes.
+struct FrontierStage<'a> {
+    id: &'a SessionId,
+    /// The first position this checkpoint assigns.
+    start: u64,
+    /// URL states read or changed (`true`: changed).
+    urls: std::collections::HashMap<&'a str, (UrlState, bool)>,
+    /// Chunks of earlier checkpoints read or changed (`true`: changed), by first position.
+    chunks: std::collections::BTreeMap<u64, (ChunkLive, bool)>,
+}
+
+impl<'a> FrontierStage<'a> {
+    fn url(&mut self, db: &sled::Db, url: &'a str) -> StoreResult<UrlState> {
+        if let Some((st, _)) = self.urls.get(url) {
+            return Ok(*st);
+        }
+        let k = k_url(b'U', self.id, url);
+        let st = match db.get(&k).map_err(backend)? {
+            Some(v) => UrlState::decode(&k, &v)?,
+            None => UrlState::default(),
+        };
+        self.urls.insert(url, (st, false));
+        Ok(st)
+    }
+
+    fn set_url(&mut self, url: &'a str, st: UrlState) {
+        self.urls.insert(url, (st, true));
+    }
+
+    /// The first position of the stored chunk holding `pos`, if one still does.
+    fn chunk_of(&mut self, db: &sled::Db, pos: u64) -> StoreResult<Option<u64>> {
+        if let Some((first, (live, _))) = self.chunks.range(..=pos).next_back()
+            && pos < first + u64::from(live.len)
+        {
+            return Ok(Some(*first));
+        }
+        let lo = k_chunk(b'J', self.id, 0);
+        let Some(kv) = db.range(lo..=k_chunk(b'J', self.id, pos)).next_back() else {
+            return Ok(None);
+        };
+        let (k, v) = kv.map_err(backend)?;
+        let first = u64_at(&k, data_prefix(b'J', self.id).len())?;
+        let live: ChunkLive = codec::decode(&|| show_key(&k), &v)?;
+        if pos >= first + u64::from(live.len) {
+            return Ok(None);
+        }
+        self.chunks.insert(first, (live, false));
+        Ok(Some(first))
+    }
+
+    /// Whether a stored position (one of an earlier checkpoint) is still in the frontier.
+    fn is_live(&mut self, db: &sled::Db, pos: u64) -> StoreResult<bool> {
+        Ok(match self.chunk_of(db, pos)? {
+            Some(first) => self.chunks[&first].0.is_live(pos - first),
+            None => false,
+        })
+    }
 }
 fn k_agent_def(client: &str, name: &str) -> Vec<u8> {
     let mut k = lp_prefix(b'N', client);
@@ -536,6 +716,10 @@ fn upto(prefix: &[u8], t: Timestamp) -> Vec<u8> {
     k.extend_from_slice(&ts(t));
     k.push(0xFF);
     k
+}
+
+fn record_json(k: &[u8], text: &str) -> StoreResult<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| corrupt_key(k, &format!("record is not JSON: {e}")))
 }
 
 fn validate_terminal(status: SessionStatus) -> StoreResult<()> {
@@ -695,6 +879,14 @@ impl SledStore {
                     .into(),
             ));
         }
+        // Loose keys (records beyond the committed count) are invisible until the intent's
+        // changes are in, so a failure here leaves nothing a reader or a replay would see.
+        for (k, v) in &b.loose {
+            match v {
+                Some(v) => self.db.insert(k, v.clone()).map_err(backend)?,
+                None => self.db.remove(k).map_err(backend)?,
+            };
+        }
         let seq = self.intent_seq.fetch_add(1, Ordering::Relaxed);
         let key = k_intent(seq);
         self.db.insert(&key, b.encode()).map_err(backend)?;
@@ -772,15 +964,41 @@ impl SledStore {
     ) -> StoreResult<()> {
         let id = s.id.clone();
         let first = s.metrics.processed_elements;
-        for (i, record) in batch.records.iter().enumerate() {
-            let text = serde_json::to_string(record)
-                .map_err(|e| StoreError::Invalid(format!("record {i} is not valid JSON: {e}")))?;
-            b.insert(k_record(&id, first + i as u64), codec::encode(&text)?);
+        if !batch.records.is_empty() {
+            // A crashed checkpoint's chunks (at or after the committed count) go first: a chunk
+            // left there could otherwise overlap the ones written now.
+            for kv in self.db.range(k_chunk(b'E', &id, first)..) {
+                let (k, _) = kv.map_err(backend)?;
+                if !k.starts_with(&data_prefix(b'E', &id)) {
+                    break;
+                }
+                b.loose.push((k, None));
+            }
+            let mut chunk: Vec<String> = Vec::new();
+            let mut chunk_first = first;
+            let mut bytes = 0;
+            for (i, record) in batch.records.iter().enumerate() {
+                let text = serde_json::to_string(record).map_err(|e| {
+                    StoreError::Invalid(format!("record {i} is not valid JSON: {e}"))
+                })?;
+                bytes += text.len();
+                chunk.push(text);
+                if chunk.len() >= RECORD_CHUNK_MAX || bytes >= RECORD_CHUNK_BYTES {
+                    let k = k_chunk(b'E', &id, chunk_first);
+                    b.loose
+                        .push((k.into(), Some(codec::encode(&chunk)?.into())));
+                    chunk_first += chunk.len() as u64;
+                    chunk.clear();
+                    bytes = 0;
+                }
+            }
+            if !chunk.is_empty() {
+                let k = k_chunk(b'E', &id, chunk_first);
+                b.loose
+                    .push((k.into(), Some(codec::encode(&chunk)?.into())));
+            }
         }
         self.stage_frontier(b, &id, batch)?;
-        for url in &batch.seen_add {
-            b.insert(k_url(b'U', &id, url), IVec::default());
-        }
         if !batch.log.is_empty() {
             self.stage_log(b, &id, &batch.log)?;
         }
@@ -790,48 +1008,114 @@ impl SledStore {
         Ok(())
     }
 
-    /// Stages frontier additions (at the session's next positions) and removals.
+    /// Stages frontier additions (at the session's next positions), removals (after the
+    /// additions: a URL found and done in the same batch ends up done) and seen-set additions.
+    /// See "Crawl state" in the module doc.
     fn stage_frontier(
         &self,
         b: &mut Batch,
         id: &SessionId,
         batch: &CheckpointBatch,
     ) -> StoreResult<()> {
-        if batch.frontier_add.is_empty() && batch.frontier_done.is_empty() {
+        if batch.frontier_add.is_empty()
+            && batch.frontier_done.is_empty()
+            && batch.seen_add.is_empty()
+        {
             return Ok(());
         }
         let k_next = data_prefix(b'K', id);
-        let mut next: u64 = match self.db.get(&k_next).map_err(backend)? {
+        let start: u64 = match self.db.get(&k_next).map_err(backend)? {
             Some(v) => codec::decode(&|| show_key(&k_next), &v)?,
             None => 1,
         };
-        // A sled batch cannot be read back: the positions this batch assigns, by URL.
-        let mut added: std::collections::HashMap<&str, u64> =
-            std::collections::HashMap::with_capacity(batch.frontier_add.len());
+        let mut st = FrontierStage {
+            id,
+            start,
+            urls: std::collections::HashMap::with_capacity(
+                batch.frontier_add.len() + batch.seen_add.len(),
+            ),
+            chunks: std::collections::BTreeMap::new(),
+        };
+        let mut added: Vec<&FrontierEntry> = Vec::new();
         for e in &batch.frontier_add {
-            let k = k_url(b'V', id, &e.url);
-            if added.contains_key(e.url.as_str()) || self.db.contains_key(&k).map_err(backend)? {
+            let u = st.url(&self.db, &e.url)?;
+            if let Some(pos) = u.pos
+                && (pos >= st.start || st.is_live(&self.db, pos)?)
+            {
+                continue; // already in the frontier: keeps its place
+            }
+            let pos = st.start + added.len() as u64;
+            st.set_url(
+                &e.url,
+                UrlState {
+                    seen: u.seen,
+                    pos: Some(pos),
+                },
+            );
+            added.push(e);
+        }
+        let mut new_live = vec![true; added.len()];
+        for url in &batch.frontier_done {
+            let Some(pos) = st.url(&self.db, url)?.pos else {
+                continue;
+            };
+            if pos >= st.start {
+                if let Some(l) = new_live.get_mut((pos - st.start) as usize) {
+                    *l = false;
+                }
+            } else if let Some(first) = st.chunk_of(&self.db, pos)?
+                && let Some((live, changed)) = st.chunks.get_mut(&first)
+                && live.is_live(pos - first)
+            {
+                live.clear(pos - first);
+                *changed = true;
+            }
+        }
+        for url in &batch.seen_add {
+            let u = st.url(&self.db, url)?;
+            if !u.seen {
+                st.set_url(url, UrlState { seen: true, ..u });
+            }
+        }
+        for (url, (u, changed)) in &st.urls {
+            if !changed {
                 continue;
             }
-            b.insert(k_frontier(id, next), codec::encode(e)?);
-            b.insert(k, codec::encode(&next)?);
-            added.insert(&e.url, next);
-            next += 1;
+            let k = k_url(b'U', id, url);
+            match u.encode() {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
         }
-        // After the additions: a URL found and done in the same batch ends up done.
-        for url in &batch.frontier_done {
-            let k = k_url(b'V', id, url);
-            let pos = match added.remove(url.as_str()) {
-                Some(pos) => pos,
-                None => match self.db.get(&k).map_err(backend)? {
-                    Some(v) => codec::decode(&|| show_key(&k), &v)?,
-                    None => continue,
-                },
-            };
-            b.remove(k_frontier(id, pos));
-            b.remove(k);
+        for (first, (live, changed)) in &st.chunks {
+            if !changed {
+                continue;
+            }
+            if live.count() == 0 {
+                b.remove(k_chunk(b'B', id, *first));
+                b.remove(k_chunk(b'J', id, *first));
+            } else {
+                b.insert(k_chunk(b'J', id, *first), codec::encode(live)?);
+            }
         }
-        b.insert(k_next, codec::encode(&next)?);
+        for (i, (entries, live)) in added
+            .chunks(CHUNK_ENTRIES)
+            .zip(new_live.chunks(CHUNK_ENTRIES))
+            .enumerate()
+        {
+            if !live.iter().any(|l| *l) {
+                continue; // found and done in this batch: nothing to keep
+            }
+            let first = start + (i * CHUNK_ENTRIES) as u64;
+            b.insert(k_chunk(b'B', id, first), codec::encode(&entries)?);
+            b.insert(
+                k_chunk(b'J', id, first),
+                codec::encode(&ChunkLive::new(live))?,
+            );
+        }
+        if !added.is_empty() {
+            b.insert(k_next, codec::encode(&(start + added.len() as u64))?);
+        }
         Ok(())
     }
 
@@ -918,7 +1202,7 @@ impl SledStore {
 
     /// Deletes a removed session's data keyspaces in chunks, then its tombstone.
     fn purge(&self, id: &SessionId) -> StoreResult<u64> {
-        for tag in [b'R', b'Q', b'V', b'K', b'F', b'U', b'O'] {
+        for tag in [b'R', b'E', b'B', b'J', b'Q', b'V', b'K', b'F', b'U', b'O'] {
             let prefix = data_prefix(tag, id);
             // Each round deletes up to PURGE_CHUNK keys; 1 << 32 rounds bound the loop far beyond
             // any real session.
@@ -1062,11 +1346,12 @@ impl SledStore {
         let s = self.load(id)?.ok_or_else(|| {
             StoreError::Invalid(format!("no session {id} to resume; it was removed"))
         })?;
-        // The index has one small key per frontier entry: counting it reads no entries.
+        // One small bitmap per chunk of entries: counting reads no entries.
         let mut frontier_len = 0u64;
-        for kv in self.db.scan_prefix(data_prefix(b'V', id)) {
-            kv.map_err(backend)?;
-            frontier_len += 1;
+        for kv in self.db.scan_prefix(data_prefix(b'J', id)) {
+            let (k, v) = kv.map_err(backend)?;
+            let live: ChunkLive = codec::decode(&|| show_key(&k), &v)?;
+            frontier_len += live.count();
         }
         Ok(ResumeState {
             frontier_len,
@@ -1447,19 +1732,21 @@ impl Store for SledStore {
         }
         // Terminal: no attempt writes records any more, so the chunks below race only with a
         // removal of the whole session, which deletes the same keys.
-        let prefix = data_prefix(b'R', id);
-        for _ in 0..(1u64 << 32) {
-            let _st = self.lock();
-            let mut b = Batch::default();
-            let mut n = 0;
-            for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
-                b.remove(kv.map_err(backend)?.0);
-                n += 1;
+        for tag in [b'R', b'E'] {
+            let prefix = data_prefix(tag, id);
+            for _ in 0..(1u64 << 32) {
+                let _st = self.lock();
+                let mut b = Batch::default();
+                let mut n = 0;
+                for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
+                    b.remove(kv.map_err(backend)?.0);
+                    n += 1;
+                }
+                if n == 0 {
+                    break;
+                }
+                self.apply_atomic(b)?;
             }
-            if n == 0 {
-                break;
-            }
-            self.apply_atomic(b)?;
         }
         let ticket = self.durability.ticket();
         self.durability.wait(ticket).await?;
@@ -1504,18 +1791,71 @@ impl Store for SledStore {
                 p.limit
             )));
         }
+        // Records at or after the committed count are a crashed checkpoint's (see the module
+        // doc): never shown.
+        let committed = match self.load(&p.id)? {
+            Some(s) => s.metrics.processed_elements,
+            None => return Ok(Vec::new()),
+        };
+        if p.offset >= committed {
+            return Ok(Vec::new());
+        }
+        // Stores before record chunks kept one `R` key per record; a session may have both (`R`
+        // below some count, `E` from there on).
         let prefix = data_prefix(b'R', &p.id);
         let mut out = Vec::with_capacity(p.limit.min(1024));
-        for kv in self.db.range(k_record(&p.id, p.offset)..).take(p.limit) {
+        let end = k_record(&p.id, committed);
+        for kv in self.db.range(k_record(&p.id, p.offset)..end).take(p.limit) {
             let (k, v) = kv.map_err(backend)?;
             if !k.starts_with(&prefix) {
                 break;
             }
             let seq = u64_at(&k, prefix.len())?;
             let text: String = codec::decode(&|| show_key(&k), &v)?;
-            let data = serde_json::from_str(&text)
-                .map_err(|e| corrupt_key(&k, &format!("record is not JSON: {e}")))?;
-            out.push(Record { seq, data });
+            out.push(Record {
+                seq,
+                data: record_json(&k, &text)?,
+            });
+        }
+        let mut next = out.last().map_or(p.offset, |r| r.seq + 1);
+        if out.len() == p.limit || next >= committed {
+            return Ok(out);
+        }
+        let prefix = data_prefix(b'E', &p.id);
+        // From the chunk holding `next` (the last one starting at or before it).
+        let mut lo = k_chunk(b'E', &p.id, next);
+        if let Some(kv) = self
+            .db
+            .range(k_chunk(b'E', &p.id, 0)..=lo.clone())
+            .next_back()
+        {
+            lo = kv.map_err(backend)?.0.to_vec();
+        }
+        // Bounded: each chunk read either yields records or ends the page.
+        for kv in self.db.range(lo..k_chunk(b'E', &p.id, committed)) {
+            let (k, v) = kv.map_err(backend)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let first = u64_at(&k, prefix.len())?;
+            if first > next {
+                return Err(corrupt_key(&k, "a gap before this record chunk"));
+            }
+            let texts: Vec<String> = codec::decode(&|| show_key(&k), &v)?;
+            let skip = (next - first) as usize;
+            for text in texts.iter().skip(skip) {
+                if next >= committed {
+                    return Ok(out);
+                }
+                out.push(Record {
+                    seq: next,
+                    data: record_json(&k, text)?,
+                });
+                next += 1;
+                if out.len() == p.limit {
+                    return Ok(out);
+                }
+            }
         }
         Ok(out)
     }
@@ -1531,20 +1871,52 @@ impl Store for SledStore {
                 p.limit
             )));
         }
-        let prefix = data_prefix(b'Q', &p.id);
-        let from = match p.after_pos.checked_add(1) {
-            Some(pos) => k_frontier(&p.id, pos),
-            None => return Ok(Vec::new()),
+        let Some(from) = p.after_pos.checked_add(1) else {
+            return Ok(Vec::new());
         };
+        let prefix = data_prefix(b'J', &p.id);
+        // From the chunk holding `from` (the last one starting at or before it), if any.
+        let mut lo = k_chunk(b'J', &p.id, from);
+        if let Some(kv) = self
+            .db
+            .range(k_chunk(b'J', &p.id, 0)..=lo.clone())
+            .next_back()
+        {
+            lo = kv.map_err(backend)?.0.to_vec();
+        }
         let mut out = Vec::with_capacity(p.limit.min(1024));
-        for kv in self.db.range(from..).take(p.limit) {
+        // Bounded by the session's chunks; every chunk holds a live entry, so at most `limit`
+        // chunks after the first are read.
+        for kv in self.db.range(lo..) {
             let (k, v) = kv.map_err(backend)?;
             if !k.starts_with(&prefix) {
                 break;
             }
-            let pos = u64_at(&k, prefix.len())?;
-            let entry: FrontierEntry = codec::decode(&|| show_key(&k), &v)?;
-            out.push(FrontierItem { pos, entry });
+            let first = u64_at(&k, prefix.len())?;
+            let live: ChunkLive = codec::decode(&|| show_key(&k), &v)?;
+            if first + u64::from(live.len) <= from {
+                continue;
+            }
+            let kb = k_chunk(b'B', &p.id, first);
+            let entries: Vec<FrontierEntry> = match self.db.get(&kb).map_err(backend)? {
+                Some(v) => codec::decode(&|| show_key(&kb), &v)?,
+                None => return Err(corrupt_key(&k, "a frontier chunk bitmap without its chunk")),
+            };
+            if entries.len() != live.len as usize {
+                return Err(corrupt_key(
+                    &kb,
+                    "a frontier chunk of another length than its bitmap",
+                ));
+            }
+            for (i, entry) in entries.into_iter().enumerate() {
+                let pos = first + i as u64;
+                if pos >= from && live.is_live(i as u64) {
+                    out.push(FrontierItem { pos, entry });
+                    if out.len() == p.limit {
+                        return Ok(out);
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -1558,7 +1930,13 @@ impl Store for SledStore {
         }
         p.urls
             .iter()
-            .map(|u| self.db.contains_key(k_url(b'U', &p.id, u)).map_err(backend))
+            .map(|u| {
+                let k = k_url(b'U', &p.id, u);
+                match self.db.get(&k).map_err(backend)? {
+                    Some(v) => Ok(UrlState::decode(&k, &v)?.seen),
+                    None => Ok(false),
+                }
+            })
             .collect()
     }
 
@@ -1722,6 +2100,216 @@ mod tests {
             store.db.scan_prefix(INTENT_PREFIX).count(),
             0,
             "intent removed"
+        );
+    }
+
+    async fn running(store: &SledStore) -> super::super::AttemptRef {
+        let now = Timestamp::now();
+        let id = SessionId::generate();
+        let session = Session {
+            id: id.clone(),
+            seq: 0,
+            client: crate::session::ClientContext::of("t"),
+            status: SessionStatus::Pending,
+            job: crate::session::JobSpec {
+                config: serde_json::json!({}),
+                params: Default::default(),
+                agent: None,
+            },
+            options: Default::default(),
+            attempt: 0,
+            failures: 0,
+            progress_this_attempt: false,
+            lease: None,
+            cancel_requested: false,
+            run_at: now,
+            created_at: now,
+            updated_at: now,
+            cleanup_at: None,
+            metrics: Default::default(),
+            usage: Default::default(),
+            error: None,
+            checkpoints: 0,
+        };
+        store
+            .session_insert(SessionInsert {
+                session,
+                single_agent: None,
+            })
+            .await
+            .expect("insert");
+        let claimed = store
+            .session_claim(SessionClaim {
+                owner: "t".into(),
+                limit: 1,
+                lease: Duration::from_secs(600),
+                now,
+            })
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 1);
+        super::super::AttemptRef {
+            id,
+            attempt: claimed[0].attempt,
+            owner: "t".into(),
+        }
+    }
+
+    async fn checkpoint(store: &SledStore, a: &super::super::AttemptRef, batch: CheckpointBatch) {
+        let ok = store
+            .checkpoint_commit_if_running(CheckpointCommit {
+                attempt: a.clone(),
+                batch,
+                lease: Duration::from_secs(600),
+                now: Timestamp::now(),
+            })
+            .await
+            .expect("checkpoint");
+        assert!(ok, "checkpoint applied");
+    }
+
+    /// Records span several chunks; a chunk a crashed checkpoint left after the committed count
+    /// is never shown and never overlaps the next checkpoint's records.
+    #[tokio::test]
+    async fn record_chunks_page_across_boundaries_and_ignore_a_crashed_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let a = running(&store).await;
+        let recs = |r: std::ops::Range<u64>| -> Vec<serde_json::Value> {
+            r.map(|i| serde_json::json!({ "i": i })).collect()
+        };
+        let batch = CheckpointBatch {
+            records: recs(0..600),
+            ..Default::default()
+        };
+        checkpoint(&store, &a, batch).await;
+        // A crashed checkpoint's chunks after the committed count (600).
+        for first in [600u64, 700] {
+            let junk: Vec<String> = (0..150).map(|_| "\"junk\"".to_string()).collect();
+            store
+                .db
+                .insert(
+                    k_chunk(b'E', &a.id, first),
+                    codec::encode(&junk).expect("enc"),
+                )
+                .expect("insert");
+        }
+        let page = |offset, limit| RecordsPage {
+            id: a.id.clone(),
+            offset,
+            limit,
+        };
+        let seen = store.records_page(page(590, 100)).await.expect("page");
+        assert_eq!(seen.len(), 10, "nothing after the committed count");
+        let batch = CheckpointBatch {
+            records: recs(600..610),
+            ..Default::default()
+        };
+        checkpoint(&store, &a, batch).await;
+        for (offset, limit) in [
+            (0, 1000),
+            (0, 7),
+            (250, 20),
+            (255, 2),
+            (256, 300),
+            (599, 50),
+        ] {
+            let got = store.records_page(page(offset, limit)).await.expect("page");
+            let want: Vec<u64> = (offset..610).take(limit).collect();
+            let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
+            assert_eq!(seqs, want, "offset {offset} limit {limit}");
+            for r in &got {
+                assert_eq!(
+                    r.data,
+                    serde_json::json!({ "i": r.seq }),
+                    "record {}",
+                    r.seq
+                );
+            }
+        }
+        assert!(
+            store
+                .records_page(page(610, 10))
+                .await
+                .expect("page")
+                .is_empty()
+        );
+    }
+
+    /// Frontier entries span several chunks; done entries leave their chunk (a chunk with none
+    /// left goes), pages continue after the last position, and the count is of live entries.
+    #[tokio::test]
+    async fn frontier_chunks_page_in_order_and_drop_done_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let a = running(&store).await;
+        let url = |i: usize| format!("http://x/{i:05}");
+        let entry = |i: usize| FrontierEntry {
+            url: url(i),
+            depth: 1,
+            page: None,
+        };
+        let batch = CheckpointBatch {
+            frontier_add: (0..1100).map(entry).collect(),
+            seen_add: (0..1100).map(url).collect(),
+            ..Default::default()
+        };
+        checkpoint(&store, &a, batch).await;
+        // All of the first chunk, every other one of the second, one of the third; and one
+        // added and done in the same batch.
+        let mut done: Vec<String> = (0..512).map(url).collect();
+        done.extend((512..1024).step_by(2).map(url));
+        done.push(url(1099));
+        done.push(url(5000));
+        let batch = CheckpointBatch {
+            frontier_add: vec![entry(5000), entry(5001), entry(3)],
+            frontier_done: done,
+            ..Default::default()
+        };
+        checkpoint(&store, &a, batch).await;
+        let mut want: Vec<String> = (513..1024).step_by(2).map(url).collect();
+        want.extend((1024..1099).map(url));
+        // url(3) was still in the frontier when added again (additions come first): it kept its
+        // place, then was done.
+        want.push(url(5001));
+        let resume = store.resume_sync(&a.id).expect("resume");
+        assert_eq!(resume.frontier_len, want.len() as u64);
+        assert!(
+            store
+                .db
+                .get(k_chunk(b'B', &a.id, 1))
+                .expect("get")
+                .is_none(),
+            "a chunk with nothing left is removed"
+        );
+        let mut got = Vec::new();
+        let mut after = 0;
+        for _ in 0..100 {
+            let items = store
+                .frontier_page(FrontierPage {
+                    id: a.id.clone(),
+                    after_pos: after,
+                    limit: 37,
+                })
+                .await
+                .expect("page");
+            let Some(last) = items.last() else { break };
+            assert!(last.pos > after);
+            after = last.pos;
+            got.extend(items.into_iter().map(|i| i.entry.url));
+        }
+        assert_eq!(got, want);
+        let seen = store
+            .seen_filter(SeenFilter {
+                id: a.id.clone(),
+                urls: vec![url(0), url(5000), url(9999)],
+            })
+            .await
+            .expect("seen");
+        assert_eq!(
+            seen,
+            vec![true, false, false],
+            "frontier_add alone is not seen_add"
         );
     }
 }
