@@ -16,8 +16,7 @@ use crate::event::{Event, EventBus, EventKind};
 use crate::job::Job;
 use crate::scheduler::Maintenance;
 use crate::session::{
-    ClientContext, JobSpec, Record, Session, SessionId, SessionIdError, SessionMetrics,
-    SessionOptions, SessionStatus, Timestamp, TokenUsage,
+    ClientContext, JobSpec, Record, Session, SessionId, SessionIdError, SessionOptions, Timestamp,
 };
 use crate::store::{
     CancelOutcome, InsertOutcome, LeaseReclaim, RecordsPage, SessionInsert, SessionList,
@@ -416,31 +415,17 @@ impl Harvest {
             .get_or_insert(self.inner.config.sessions.default_timeout_secs);
         let now = self.inner.clock.now();
         let id = req.session_id.unwrap_or_else(SessionId::generate);
-        let session = Session {
-            id: id.clone(),
-            seq: 0,
-            client: req.client,
-            status: SessionStatus::Pending,
-            job: JobSpec {
+        let session = Session::pending(
+            id.clone(),
+            req.client,
+            JobSpec {
                 config: req.config,
                 params: req.params,
                 agent: req.agent.clone(),
             },
-            run_at: options.run_at.unwrap_or(now),
             options,
-            attempt: 0,
-            failures: 0,
-            progress_this_attempt: false,
-            lease: None,
-            cancel_requested: false,
-            created_at: now,
-            updated_at: now,
-            cleanup_at: None,
-            metrics: SessionMetrics::default(),
-            usage: TokenUsage::default(),
-            error: None,
-            checkpoints: 0,
-        };
+            now,
+        );
         let single_agent = if req.single_agent { req.agent } else { None };
         let creating = self.inner.events.creating(&id);
         match self

@@ -520,6 +520,38 @@ pub struct Session {
 }
 
 impl Session {
+    /// A new PENDING session as submitted at `now`: due at `options.run_at` (or now), never
+    /// claimed, nothing recorded. The store assigns `seq` when it inserts it.
+    pub fn pending(
+        id: SessionId,
+        client: ClientContext,
+        job: JobSpec,
+        options: SessionOptions,
+        now: Timestamp,
+    ) -> Session {
+        Session {
+            id,
+            seq: 0,
+            client,
+            status: SessionStatus::Pending,
+            job,
+            run_at: options.run_at.unwrap_or(now),
+            options,
+            attempt: 0,
+            failures: 0,
+            progress_this_attempt: false,
+            lease: None,
+            cancel_requested: false,
+            created_at: now,
+            updated_at: now,
+            cleanup_at: None,
+            metrics: SessionMetrics::default(),
+            usage: TokenUsage::default(),
+            error: None,
+            checkpoints: 0,
+        }
+    }
+
     /// The effective max attempts (options value or 3).
     pub fn max_attempts(&self) -> u32 {
         self.options.max_attempts.unwrap_or(3).max(1)

@@ -78,31 +78,17 @@ impl StoreRun {
         );
         let now = Timestamp::now();
         let id = SessionId::generate();
-        let session = Session {
-            id: id.clone(),
-            seq: 0,
-            client: ClientContext::of("bench"),
-            status: SessionStatus::Pending,
-            job: JobSpec {
+        let session = Session::pending(
+            id.clone(),
+            ClientContext::of("bench"),
+            JobSpec {
                 config: config.clone(),
                 params: BTreeMap::new(),
                 agent: None,
             },
-            options: SessionOptions::default(),
-            attempt: 0,
-            failures: 0,
-            progress_this_attempt: false,
-            lease: None,
-            cancel_requested: false,
-            run_at: now,
-            created_at: now,
-            updated_at: now,
-            cleanup_at: None,
-            metrics: Default::default(),
-            usage: Default::default(),
-            error: None,
-            checkpoints: 0,
-        };
+            SessionOptions::default(),
+            now,
+        );
         let err = |e: crate::store::StoreError| BenchError::Store(e.to_string());
         store
             .session_insert(SessionInsert {

@@ -413,35 +413,21 @@ pub async fn run_local_resumable(
     let now = Timestamp::now();
     match store.session_get(&id).await.map_err(store_err)? {
         None => {
-            let session = Session {
-                id: id.clone(),
-                seq: 0,
-                client: crate::session::ClientContext::of("local"),
-                status: SessionStatus::Pending,
-                job: JobSpec {
+            let session = Session::pending(
+                id.clone(),
+                crate::session::ClientContext::of("local"),
+                JobSpec {
                     config: config.clone(),
                     params: params.clone(),
                     agent: None,
                 },
-                options: SessionOptions {
+                SessionOptions {
                     // Each run is an attempt; a local run is never given up on.
                     max_attempts: Some(u32::MAX),
                     ..SessionOptions::default()
                 },
-                attempt: 0,
-                failures: 0,
-                progress_this_attempt: false,
-                lease: None,
-                cancel_requested: false,
-                run_at: now,
-                created_at: now,
-                updated_at: now,
-                cleanup_at: None,
-                metrics: Default::default(),
-                usage: Default::default(),
-                error: None,
-                checkpoints: 0,
-            };
+                now,
+            );
             store
                 .session_insert(SessionInsert {
                     session,

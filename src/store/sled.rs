@@ -2106,31 +2106,17 @@ mod tests {
     async fn running(store: &SledStore) -> super::super::AttemptRef {
         let now = Timestamp::now();
         let id = SessionId::generate();
-        let session = Session {
-            id: id.clone(),
-            seq: 0,
-            client: crate::session::ClientContext::of("t"),
-            status: SessionStatus::Pending,
-            job: crate::session::JobSpec {
+        let session = Session::pending(
+            id.clone(),
+            crate::session::ClientContext::of("t"),
+            crate::session::JobSpec {
                 config: serde_json::json!({}),
                 params: Default::default(),
                 agent: None,
             },
-            options: Default::default(),
-            attempt: 0,
-            failures: 0,
-            progress_this_attempt: false,
-            lease: None,
-            cancel_requested: false,
-            run_at: now,
-            created_at: now,
-            updated_at: now,
-            cleanup_at: None,
-            metrics: Default::default(),
-            usage: Default::default(),
-            error: None,
-            checkpoints: 0,
-        };
+            Default::default(),
+            now,
+        );
         store
             .session_insert(SessionInsert {
                 session,
