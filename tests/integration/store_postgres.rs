@@ -103,83 +103,14 @@ async fn fixture(url: &str) -> Fixture {
     }
 }
 
-/// One test per conformance check, skipping when there is no database. The list must name every
-/// check of the suite; `conformance_list_is_complete` fails when one is missing.
-macro_rules! postgres_conformance {
-    ($($name:ident),* $(,)?) => {
-        const CONFORMANCE_CHECKS: &[&str] = &[$(stringify!($name)),*];
-        mod conformance {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let Some(url) = super::database_url() else { return };
-                    let fixture = super::fixture(&url).await;
-                    crate::store_conformance::$name(fixture.store.clone()).await;
-                    fixture.store.close().await.expect("close the store");
-                    drop(fixture);
-                }
-            )*
-        }
-    };
-}
-
-postgres_conformance!(
-    insert_get_duplicate,
-    claim_makes_running,
-    claim_order_priority_run_at_seq_and_limit,
-    claim_limit_zero_claims_nothing,
-    transitions_refused_when_precondition_fails,
-    finish_each_terminal_status,
-    finish_with_non_terminal_status_is_invalid,
-    stale_worker_fenced_after_reclaim,
-    heartbeat_renews_lease,
-    list_newest_first_with_cursor_and_filters,
-    list_limit_and_cursor_validation,
-    cancel_pending_running_terminal,
-    remove_leaves_no_data_and_spares_prefix_ids,
-    requeue_with_and_without_spending_attempts,
-    reclaim_with_and_without_progress,
-    reclaim_respects_limit_and_expiry,
-    reclaim_of_a_cancel_requested_session_ends_cancelled,
-    requeue_of_a_cancel_requested_session_ends_cancelled,
-    records_remove_if_terminal_keeps_the_session,
-    checkpoint_numbering_across_attempts_and_resume,
-    frontier_pages_in_insertion_order_after_removals,
-    frontier_page_and_seen_filter_validation,
-    records_page_validation,
-    log_keeps_last_lines,
-    sessions_expire_only_due,
-    counts_by_status_and_queue_depth,
-    agents_crud,
-    single_agent_refuses_second_active_session,
-    claims_racing_never_share_a_session,
-    pending_wait_wakes_on_insert,
-    pending_wait_times_out,
-    leader_one_owner_until_expiry,
-    leader_race_has_one_winner,
-);
-
-#[test]
-fn conformance_list_is_complete() {
-    let suite = include_str!("store_conformance.rs");
-    let start = suite
-        .find("@each $factory;")
-        .expect("the suite's macro lists its checks");
-    let rest = &suite[start + "@each $factory;".len()..];
-    let end = rest.find(");").expect("the check list ends");
-    let listed: Vec<&str> = rest[..end]
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    assert!(listed.len() > 10, "parsed too few checks: {listed:?}");
-    for name in &listed {
-        assert!(
-            CONFORMANCE_CHECKS.contains(name),
-            "conformance check {name} is not instantiated for PostgreSQL; add it to \
-             postgres_conformance! in store_postgres.rs"
-        );
+/// The conformance suite on PostgreSQL; each check skips when there is no database.
+mod conformance {
+    async fn fixture() -> Option<crate::store_conformance::Fixture> {
+        let url = super::database_url()?;
+        Some(super::fixture(&url).await)
     }
+
+    crate::store_conformance::store_conformance!(fixture);
 }
 
 /// 8 tasks over 4 stores (4 pools, as if 4 processes) claim 400 sessions: each exactly once.
