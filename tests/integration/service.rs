@@ -384,92 +384,60 @@ async fn close_removes_session_and_records() {
 
 #[tokio::test]
 async fn retryable_failure_is_retried_then_completes() {
-    let runs = Arc::new(AtomicU32::new(0));
-    let f = fixture(
-        Flaky {
-            fail: 2,
-            runs: runs.clone(),
-            retry: Retry::Backoff,
-        },
-        |_| {},
-    )
-    .await;
-    f.harvest.start();
-    let h = f.harvest.submit(req()).await.expect("submit");
-    let s = h
-        .await_completion(WAIT)
-        .await
-        .expect("await")
-        .expect("done");
+    let (s, runs) = run_flaky(2, Retry::Backoff, SessionOptions::default()).await;
     assert_eq!(s.status, SessionStatus::Completed, "{s:?}");
     assert_eq!(s.attempt, 3);
-    assert_eq!(runs.load(Ordering::SeqCst), 3);
-    f.harvest
-        .shutdown(Duration::from_secs(1))
-        .await
-        .expect("shutdown");
+    assert_eq!(runs, 3);
 }
 
 #[tokio::test]
 async fn attempts_exhausted_ends_failed_with_last_error() {
-    let runs = Arc::new(AtomicU32::new(0));
-    let f = fixture(
-        Flaky {
-            fail: 100,
-            runs: runs.clone(),
-            retry: Retry::Backoff,
-        },
-        |_| {},
-    )
-    .await;
-    f.harvest.start();
     let opts = SessionOptions {
         max_attempts: Some(2),
         ..SessionOptions::default()
     };
-    let h = f.harvest.submit(req().options(opts)).await.expect("submit");
-    let s = h
-        .await_completion(WAIT)
-        .await
-        .expect("await")
-        .expect("done");
+    let (s, runs) = run_flaky(100, Retry::Backoff, opts).await;
     assert_eq!(s.status, SessionStatus::Failed);
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(runs, 2);
     assert_eq!(
         s.error.as_ref().map(|e| e.message.as_str()),
         Some("failure 1")
     );
 
     // A permanent failure is not retried.
+    let (s, runs) = run_flaky(100, Retry::Never, SessionOptions::default()).await;
+    assert_eq!((s.status, runs), (SessionStatus::Failed, 1));
+}
+
+/// Runs one session of a [`Flaky`] job that fails `fail` times with `retry`; returns the ended
+/// session and how many attempts ran.
+async fn run_flaky(fail: u32, retry: Retry, options: SessionOptions) -> (harvest::Session, u32) {
     let runs = Arc::new(AtomicU32::new(0));
-    let g = fixture(
+    let f = fixture(
         Flaky {
-            fail: 100,
+            fail,
             runs: runs.clone(),
-            retry: Retry::Never,
+            retry,
         },
         |_| {},
     )
     .await;
-    g.harvest.start();
-    let h = g.harvest.submit(req()).await.expect("submit");
+    f.harvest.start();
+    let h = f
+        .harvest
+        .submit(req().options(options))
+        .await
+        .expect("submit");
     let s = h
         .await_completion(WAIT)
         .await
         .expect("await")
         .expect("done");
-    assert_eq!(
-        (s.status, runs.load(Ordering::SeqCst)),
-        (SessionStatus::Failed, 1)
-    );
     f.harvest
         .shutdown(Duration::from_secs(1))
         .await
         .expect("shutdown");
-    g.harvest
-        .shutdown(Duration::from_secs(1))
-        .await
-        .expect("shutdown");
+    (s, runs.load(Ordering::SeqCst))
 }
 
 #[tokio::test]

@@ -318,6 +318,18 @@ async fn group_commit_under_16_concurrent_writers() {
     );
 }
 
+/// The keys one session_insert writes (session value, 4 indexes, counters) as one sled batch,
+/// for the throughput study below.
+fn six_key_batch(db: &sled::Db, value: &[u8], session_tag: &str, t: usize, i: usize) {
+    let mut b = sled::Batch::default();
+    b.insert(format!("{session_tag}{t}-{i}").as_bytes(), value);
+    for tag in ["G", "C", "T", "W"] {
+        b.insert(format!("{tag}{t}-{i}").as_bytes(), &[][..]);
+    }
+    b.insert(&b"counters"[..], &[0u8; 24][..]);
+    db.apply_batch(b).unwrap();
+}
+
 /// Durable inserts per second with 16 concurrent async submitters (group commit), against a
 /// naive 16-thread insert + flush loop. Run with
 /// `cargo test --release --test integration store_sled::throughput -- --ignored --nocapture`.
@@ -389,13 +401,7 @@ fn throughput_group_commit_vs_naive() {
             let value = &value;
             scope.spawn(move || {
                 for i in 0..naive_n / 16 {
-                    let mut b = sled::Batch::default();
-                    b.insert(format!("s{t}-{i}").as_bytes(), value.clone());
-                    for tag in ["G", "C", "T", "W"] {
-                        b.insert(format!("{tag}{t}-{i}").as_bytes(), &[][..]);
-                    }
-                    b.insert(&b"counters"[..], &[0u8; 24][..]);
-                    db.apply_batch(b).unwrap();
+                    six_key_batch(db, value, "s", t, i);
                     db.flush().unwrap();
                 }
             });
@@ -420,13 +426,7 @@ fn throughput_group_commit_vs_naive() {
             let value = &value;
             scope.spawn(move || {
                 for i in 0..N / 16 {
-                    let mut b = sled::Batch::default();
-                    b.insert(format!("S{t}-{i}").as_bytes(), value.clone());
-                    for tag in ["G", "C", "T", "W"] {
-                        b.insert(format!("{tag}{t}-{i}").as_bytes(), &[][..]);
-                    }
-                    b.insert(&b"counters"[..], &[0u8; 24][..]);
-                    db.apply_batch(b).unwrap();
+                    six_key_batch(db, value, "S", t, i);
                 }
             });
         }
@@ -451,13 +451,7 @@ fn throughput_group_commit_vs_naive() {
                 let value = &value;
                 scope.spawn(move || {
                     for i in 0..N / 16 {
-                        let mut b = sled::Batch::default();
-                        b.insert(format!("S{t}-{i}").as_bytes(), value.clone());
-                        for tag in ["G", "C", "T", "W"] {
-                            b.insert(format!("{tag}{t}-{i}").as_bytes(), &[][..]);
-                        }
-                        b.insert(&b"counters"[..], &[0u8; 24][..]);
-                        db.apply_batch(b).unwrap();
+                        six_key_batch(db, value, "S", t, i);
                     }
                 })
             })
