@@ -247,6 +247,47 @@ pub async fn crawl_with(
     Ok(out)
 }
 
+/// `harvest bench crawl --compare N`: N rounds of the crawl without the store, then with it,
+/// alternating (so that drifting machine load hits both alike), and the median pages/s of each
+/// with their ratio: the cost of durable checkpoints, measured on one machine in one run.
+pub async fn compare(
+    products: usize,
+    concurrency: usize,
+    rounds: usize,
+) -> Result<serde_json::Value, BenchError> {
+    let rounds = rounds.max(1);
+    let mut memory = Vec::with_capacity(rounds);
+    let mut sled = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        for (store, into) in [(false, &mut memory), (true, &mut sled)] {
+            let out = crawl_with(products, concurrency, store).await?;
+            into.push(out["pages_per_sec"].as_f64().unwrap_or(0.0));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let (m, s) = (median(&mut memory.clone()), median(&mut sled.clone()));
+    Ok(serde_json::json!({
+        "bench": "crawl_compare",
+        "products": products,
+        "concurrency": concurrency,
+        "rounds": rounds,
+        "memory_pages_per_sec": m,
+        "sled_pages_per_sec": s,
+        "ratio": s / m.max(1e-9),
+        "memory_samples": memory,
+        "sled_samples": sled,
+        "peak_rss_mb": peak_rss_mb(),
+    }))
+}
+
 /// `harvest bench frontier`: crawls a tree of `urls` small pages (10 links each, so the frontier
 /// grows to most of the site) checkpointing into a real sled store in a temporary directory, and
 /// returns `{urls, pages, pages_per_sec, peak_rss_mb, ...}`. The crawl state stays bounded in

@@ -110,6 +110,10 @@ pub struct CrawlBenchArgs {
     /// keeping the crawl state in memory.
     #[arg(long)]
     pub store: bool,
+    /// Run N rounds without the store and N with it, alternating, and print the median pages/s
+    /// of each and their ratio (the cost of durable checkpoints).
+    #[arg(long, value_name = "N", conflicts_with = "store", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub compare: Option<u32>,
     /// Print only the JSON object.
     #[arg(long)]
     pub json: bool,
@@ -194,9 +198,20 @@ pub async fn main() -> anyhow::Result<()> {
                         args.products, args.concurrency
                     );
                 }
-                let out =
-                    crate::bench::crawl::crawl_with(args.products, args.concurrency, args.store)
-                        .await?;
+                let out = match args.compare {
+                    Some(rounds) => {
+                        crate::bench::crawl::compare(
+                            args.products,
+                            args.concurrency,
+                            rounds as usize,
+                        )
+                        .await?
+                    }
+                    None => {
+                        crate::bench::crawl::crawl_with(args.products, args.concurrency, args.store)
+                            .await?
+                    }
+                };
                 println!("{}", serde_json::to_string(&out)?);
                 Ok(())
             }

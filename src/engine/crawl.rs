@@ -52,7 +52,7 @@ use crate::job::{
     CheckpointSink, CrawlState, JobOutcome, LeaseLost, Retry, StopReason, StopSignal,
 };
 use crate::session::{FrontierEntry, LogLine, SessionError, Timestamp, TokenUsage};
-use crate::store::{CheckpointBatch, FRONTIER_PAGE_MAX, ResumeState};
+use crate::store::{CheckpointBatch, FRONTIER_PAGE_MAX, FrontierDone, ResumeState};
 
 /// When a batch is handed to the sink (whichever limit comes first), and how much crawl state
 /// stays in memory.
@@ -97,6 +97,8 @@ enum Kind {
 
 struct PageOutcome {
     entry: FrontierEntry,
+    /// The entry's frontier position (see [`Crawl::next_pos`]).
+    pos: u64,
     kind: Kind,
     records: Vec<Value>,
     links: Vec<(String, Option<Arc<str>>)>,
@@ -109,9 +111,11 @@ async fn process(
     fetcher: Arc<Fetcher>,
     stop: StopSignal,
     entry: FrontierEntry,
+    pos: u64,
 ) -> PageOutcome {
     let mut out = PageOutcome {
         entry,
+        pos,
         kind: Kind::Fetched,
         records: Vec::new(),
         links: Vec::new(),
@@ -214,8 +218,9 @@ impl SeenCache {
 
 struct Crawl {
     cfg: Arc<CompiledConfig>,
-    /// The oldest frontier entries not yet dispatched (at most `policy.window`).
-    window: VecDeque<FrontierEntry>,
+    /// The oldest frontier entries not yet dispatched (at most `policy.window`), with their
+    /// positions.
+    window: VecDeque<(FrontierEntry, u64)>,
     /// URLs in the window or in flight: a refill skips them.
     held: HashSet<String>,
     /// Frontier entries not done: committed ones, this batch's additions, the window, in flight.
@@ -224,6 +229,10 @@ struct Crawl {
     spilled: bool,
     /// The last committed frontier position read.
     cursor: u64,
+    /// The position the store gives the next URL this attempt adds: new URLs take consecutive
+    /// positions, batches commit in order, and only this attempt adds to the session's frontier.
+    /// Sent with each done URL so that the store need not look the URL up.
+    next_pos: u64,
     seen: SeenCache,
     pages_done: u64,
     records_total: u64,
@@ -303,9 +312,11 @@ impl Crawl {
         };
         self.batch.seen_add.push(url);
         self.frontier_len += 1;
+        let pos = self.next_pos;
+        self.next_pos += 1;
         if !self.spilled && self.window.len() < self.policy.window {
             self.held.insert(entry.url.clone());
-            self.window.push_back(entry.clone());
+            self.window.push_back((entry.clone(), pos));
         } else {
             self.spilled = true;
         }
@@ -325,7 +336,10 @@ impl Crawl {
             Kind::Stopped => return,
             Kind::Blocked => {
                 self.frontier_len = self.frontier_len.saturating_sub(1);
-                self.batch.frontier_done.push(o.entry.url);
+                self.batch.frontier_done.push(FrontierDone {
+                    url: o.entry.url,
+                    pos: Some(o.pos),
+                });
                 return;
             }
             Kind::Fetched | Kind::Failed => {}
@@ -357,7 +371,10 @@ impl Crawl {
                 self.enqueue(url, depth, page.map(|p| p.to_string()));
             }
         }
-        self.batch.frontier_done.push(o.entry.url);
+        self.batch.frontier_done.push(FrontierDone {
+            url: o.entry.url,
+            pos: Some(o.pos),
+        });
     }
 
     fn batch_full(&self) -> bool {
@@ -385,7 +402,7 @@ impl Crawl {
                 self.cursor = self.cursor.max(it.pos);
                 if !self.held.contains(&it.entry.url) {
                     self.held.insert(it.entry.url.clone());
-                    self.window.push_back(it.entry);
+                    self.window.push_back((it.entry, it.pos));
                 }
             }
             if exhausted {
@@ -504,6 +521,7 @@ pub async fn crawl(
         frontier_len: resume.frontier_len,
         spilled: resume.frontier_len > 0,
         cursor: 0,
+        next_pos: resume.frontier_next.max(1),
         seen: SeenCache::new(policy.seen_cache, fresh),
         pages_done: resume.metrics.pages_processed,
         records_total: resume.records,
@@ -561,19 +579,20 @@ pub async fn crawl(
             && in_flight.len() < concurrency
             && c.pages_done + (in_flight.len() as u64) < cfg.limits.max_pages
         {
-            let Some(entry) = c.window.pop_front() else {
+            let Some((entry, pos)) = c.window.pop_front() else {
                 break;
             };
             let (cfg, fetcher, stop) = (cfg.clone(), fetcher.clone(), stop.clone());
             let url = entry.url.clone();
             in_flight.spawn(async move {
-                match std::panic::AssertUnwindSafe(process(cfg, fetcher, stop, entry.clone()))
+                match std::panic::AssertUnwindSafe(process(cfg, fetcher, stop, entry.clone(), pos))
                     .catch_unwind()
                     .await
                 {
                     Ok(o) => o,
                     Err(_) => PageOutcome {
                         entry,
+                        pos,
                         kind: Kind::Failed,
                         records: Vec::new(),
                         links: Vec::new(),

@@ -48,8 +48,8 @@ impl MemoryCrawlState {
             st.index.insert(e.url.clone(), pos);
             st.frontier.insert(pos, e.clone());
         }
-        for url in &batch.frontier_done {
-            if let Some(pos) = st.index.remove(url) {
+        for done in &batch.frontier_done {
+            if let Some(pos) = st.index.remove(&done.url) {
                 st.frontier.remove(&pos);
             }
         }

@@ -168,10 +168,13 @@ pub enum HeartbeatOutcome {
 pub struct CheckpointBatch {
     /// New records, in order; numbered by the store after the session's last record.
     pub records: Vec<serde_json::Value>,
-    /// URLs to add to the frontier, in order; one already in it is left as it is.
+    /// URLs to add to the frontier, in order; one already in it is left as it is. An entry whose
+    /// URL is also in this batch's `seen_add` is taken as new to the session (the caller looked
+    /// it up in the seen set, as the engine does), so a store need not look it up again: it takes
+    /// the next frontier position (see [`ResumeState::frontier_next`]).
     pub frontier_add: Vec<FrontierEntry>,
     /// URLs (canonical) done: removed from the frontier.
-    pub frontier_done: Vec<String>,
+    pub frontier_done: Vec<FrontierDone>,
     /// URLs (canonical) to add to the seen set.
     pub seen_add: Vec<String>,
     /// Pages processed in this batch (added to the session's count).
@@ -192,6 +195,32 @@ impl CheckpointBatch {
             && self.pages == 0
             && self.usage == TokenUsage::default()
             && self.log.is_empty()
+    }
+}
+
+/// A URL done with (fetched, failed or blocked): it leaves the frontier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontierDone {
+    /// The canonical URL.
+    pub url: String,
+    /// Where the caller believes the URL sits in the frontier (from [`FrontierItem::pos`], or
+    /// counted from [`ResumeState::frontier_next`]). A hint: a store may use it to skip a lookup
+    /// by URL, and checks it against the entry there; a wrong one costs only that lookup.
+    pub pos: Option<u64>,
+}
+
+impl From<&str> for FrontierDone {
+    fn from(url: &str) -> FrontierDone {
+        FrontierDone {
+            url: url.to_owned(),
+            pos: None,
+        }
+    }
+}
+
+impl From<String> for FrontierDone {
+    fn from(url: String) -> FrontierDone {
+        FrontierDone { url, pos: None }
     }
 }
 
@@ -350,6 +379,11 @@ pub struct SessionCounts {
 pub struct ResumeState {
     /// URLs in the frontier (still to fetch) as of the last checkpoint.
     pub frontier_len: u64,
+    /// The frontier position the next new entry takes. Positions start at 1 (0 here means
+    /// the same: nothing was added yet, or the store does not number them in order of addition),
+    /// and each entry of `frontier_add` that is new (see [`CheckpointBatch::frontier_add`]) takes
+    /// the next one, so the caller can tell where its own additions sit.
+    pub frontier_next: u64,
     /// Records committed so far.
     pub records: u64,
     /// Metrics so far.

@@ -918,6 +918,8 @@ impl Store for PostgresStore {
             .map_err(db_err("ending a read transaction"))?;
         Ok(ResumeState {
             frontier_len,
+            // Rows are looked up by URL; positions are not handed out in order.
+            frontier_next: 0,
             records: session.metrics.processed_elements,
             metrics: session.metrics,
             usage: session.usage,
@@ -1351,7 +1353,8 @@ async fn write_batch(
             .prepare_cached("DELETE FROM frontier WHERE session_id = $1 AND url = ANY($2)")
             .await
             .map_err(db_err("preparing a frontier delete"))?;
-        tx.execute(&stmt, &[&id, &batch.frontier_done])
+        let done: Vec<&str> = batch.frontier_done.iter().map(|d| d.url.as_str()).collect();
+        tx.execute(&stmt, &[&id, &done])
             .await
             .map_err(db_err(&ctx("frontier")))?;
     }
