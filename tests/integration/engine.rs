@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use harvest::engine::{
     BatchPolicy, EngineSettings, MemoryCrawlState, NetGuard, Progress, ScrapeJob, compile,
-    parse_config_text, run_local,
+    parse_config_text, run_local, run_local_resumable,
 };
 use harvest::job::{
     CheckpointSink, Job, JobContext, JobOutcome, LeaseLost, StopReason, StopSignal,
@@ -461,6 +461,87 @@ async fn tiny_window_and_seen_cache_fetch_each_page_once() {
     );
 }
 
+/// The same through a real sled store (`harvest run --resume`): the frontier spills to its
+/// chunks, and seen-set lookups build its URL index from them while the crawl commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_window_and_seen_cache_over_sled_fetch_each_page_once() {
+    let site = shop(150, false).await;
+    let mut cfg = catalog(&site);
+    cfg["http"]["concurrency"] = json!(4);
+    let dir = tempfile::tempdir().unwrap();
+    let buf = SharedBuf::default();
+    let summary = run_local_resumable(
+        &cfg,
+        &BTreeMap::new(),
+        tiny_memory(),
+        Box::new(buf.clone()),
+        Progress::Silent,
+        StopSignal::new(),
+        dir.path(),
+    )
+    .await
+    .expect("runs");
+    assert_eq!(summary.status, "completed");
+    let skus = by_sku(&buf.records());
+    assert_eq!(skus.len(), 150, "missing records");
+    assert!(skus.values().all(|v| v.len() == 1), "duplicated records");
+    for i in 0..150 {
+        assert_eq!(site.hits(&format!("/product/{i}.html")), 1, "product {i}");
+    }
+    assert_eq!(site.hits("/index.html"), 1);
+}
+
+/// Stopped part-way and run again over the same directory: the second run resumes from the
+/// store (frontier chunks, seen index, position hints counted from its next position), and
+/// across both runs each record is written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_sled_run_resumes_with_each_record_once() {
+    let site = shop(150, false).await;
+    let mut cfg = catalog(&site);
+    cfg["http"]["concurrency"] = json!(4);
+    let dir = tempfile::tempdir().unwrap();
+    let buf = SharedBuf::default();
+    let stop = StopSignal::new();
+    let s2 = stop.clone();
+    let progress = Progress::Callback(Arc::new(move |p| {
+        if p.records >= 60 {
+            s2.stop(StopReason::Shutdown);
+        }
+    }));
+    let first = run_local_resumable(
+        &cfg,
+        &BTreeMap::new(),
+        tiny_memory(),
+        Box::new(buf.clone()),
+        progress,
+        stop,
+        dir.path(),
+    )
+    .await
+    .expect("first run");
+    assert_ne!(first.status, "completed", "stopped part-way: {first}");
+    let written = buf.records().len();
+    assert!(
+        (60..150).contains(&written),
+        "{written} records before the stop"
+    );
+    let second = run_local_resumable(
+        &cfg,
+        &BTreeMap::new(),
+        tiny_memory(),
+        Box::new(buf.clone()),
+        Progress::Silent,
+        StopSignal::new(),
+        dir.path(),
+    )
+    .await
+    .expect("second run");
+    assert_eq!(second.status, "completed");
+    let skus = by_sku(&buf.records());
+    assert_eq!(skus.len(), 150, "missing records");
+    assert!(skus.values().all(|v| v.len() == 1), "duplicated records");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_with_a_tiny_window_gives_no_duplicates() {
     crash_and_resume(tiny_memory(), 150).await;
@@ -614,6 +695,16 @@ async fn job_run_refuses_a_bad_config_without_retry() {
 
 #[derive(Clone, Default)]
 struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuf {
+    /// The JSON lines written so far.
+    fn records(&self) -> Vec<Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect()
+    }
+}
 
 impl std::io::Write for SharedBuf {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
