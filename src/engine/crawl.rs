@@ -152,6 +152,10 @@ async fn process(
                 format!("{url}: not fetched, robots.txt disallows it"),
             ));
         }
+        Err(e @ PageError::RobotsUnreachable(_)) => {
+            out.kind = Kind::Blocked;
+            out.log.push(("warn", format!("{url}: not fetched: {e}")));
+        }
         Err(PageError::Stopped) => out.kind = Kind::Stopped,
         Err(e @ PageError::NotHtml(_)) => {
             out.log.push(("warn", format!("{url}: {e}")));

@@ -1,6 +1,7 @@
 //! Polite HTTP fetching for one session: per-host concurrency and delay, robots.txt once per
-//! host, manual redirects (every hop checked by the guard, loops detected), retries with
-//! exponential backoff honouring `Retry-After`, and a body cap enforced while streaming.
+//! host (RFC 9309), manual redirects (every hop checked by the guard and by the robots.txt of its
+//! host, loops detected), retries with exponential backoff honouring `Retry-After`, and a body cap
+//! enforced while streaming.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,8 +25,11 @@ const RETRY_AFTER_CAP: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Largest backoff step.
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
-/// robots.txt bodies beyond this are cut (Google reads 500 KiB).
+/// robots.txt bodies beyond this are cut (RFC 9309 asks for at least 500 KiB to be read).
 const ROBOTS_MAX_BYTES: usize = 512 * 1024;
+/// Most retries of a robots.txt answering 5xx or not answering, before its host is taken as
+/// disallowing everything.
+const ROBOTS_RETRIES: u32 = 2;
 
 /// Why a page was not fetched.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,13 @@ pub enum PageError {
     /// robots.txt disallows the URL (not an error of the site; counted as robots_blocked).
     #[error("robots.txt disallows this URL")]
     RobotsBlocked,
+    /// The host's robots.txt could not be read (5xx or no answer, after retries): RFC 9309 takes
+    /// that as disallowing everything on the host, for the rest of the session.
+    #[error(
+        "robots.txt of this host could not be read ({0}); nothing on the host is fetched (RFC 9309 \
+         takes an unreachable robots.txt as disallowing everything)"
+    )]
+    RobotsUnreachable(String),
     /// The network guard refused the address.
     #[error(transparent)]
     Guard(#[from] GuardRefused),
@@ -70,7 +81,10 @@ impl PageError {
     pub fn is_http_error(&self) -> bool {
         !matches!(
             self,
-            PageError::RobotsBlocked | PageError::NotHtml(_) | PageError::Stopped
+            PageError::RobotsBlocked
+                | PageError::RobotsUnreachable(_)
+                | PageError::NotHtml(_)
+                | PageError::Stopped
         )
     }
 }
@@ -89,7 +103,17 @@ pub struct Fetched {
 struct HostState {
     permits: Semaphore,
     next_slot: Mutex<Instant>,
-    robots: OnceCell<Option<Robot>>,
+    robots: OnceCell<Robots>,
+}
+
+/// What one host's robots.txt says (RFC 9309 §2.3.1).
+enum Robots {
+    /// Missing, unavailable (4xx, a redirect that goes nowhere) or unparsable: fetch anything.
+    AllowAll,
+    /// Its rules for our user agent.
+    Rules(Box<Robot>),
+    /// Unreachable (5xx, 429 or no answer, after retries): fetch nothing. Why, for the log.
+    DisallowAll(String),
 }
 
 /// The fetching half of one session.
@@ -163,20 +187,7 @@ impl Fetcher {
         usage: &mut TokenUsage,
     ) -> Result<Fetched, PageError> {
         let host = self.host(url);
-        if self.http.obey_robots_txt {
-            let mut robots_usage = TokenUsage::default();
-            let robot = host
-                .robots
-                .get_or_init(|| self.fetch_robots(url, &mut robots_usage))
-                .await;
-            *usage += robots_usage;
-            if let Some(r) = robot
-                && !r.allowed(url.as_str())
-            {
-                usage.robots_blocked += 1;
-                return Err(PageError::RobotsBlocked);
-            }
-        }
+        self.robots_check(url, usage).await?;
         // The semaphore is never closed, so acquire cannot fail; treat it as a stop if it did.
         let _permit = host
             .permits
@@ -282,6 +293,14 @@ impl Fetcher {
                         self.http.max_redirects,
                     )));
                 }
+                // Each hop is a fetch from its own host: its robots.txt has a say (a redirect must
+                // not take the crawl where that host's robots.txt forbids). Boxed: checking may
+                // fetch a robots.txt, which is an attempt of its own (one without this check).
+                if html_only {
+                    Box::pin(self.robots_check(&next, usage))
+                        .await
+                        .map_err(Attempt::Final)?;
+                }
                 current = next;
                 continue;
             }
@@ -312,7 +331,8 @@ impl Fetcher {
                 return Err(Attempt::Final(PageError::NotHtml(ct.clone())));
             }
         }
-        let body = self.read_body(resp, usage, max_body).await?;
+        // robots.txt (the only non-HTML fetch) is cut at the cap rather than refused.
+        let body = self.read_body(resp, usage, max_body, !html_only).await?;
         Ok(Fetched {
             url: current,
             body,
@@ -325,23 +345,29 @@ impl Fetcher {
         mut resp: reqwest::Response,
         usage: &mut TokenUsage,
         max_body: usize,
+        cut: bool,
     ) -> Result<Vec<u8>, Attempt> {
         let declared = resp
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max_body as u64) {
+        if !cut && declared.is_some_and(|n| n > max_body as u64) {
             usage.http_errors += 1;
             return Err(Attempt::Final(PageError::TooLarge(max_body)));
         }
-        let mut body = Vec::with_capacity(declared.map_or(16 * 1024, |n| n as usize));
+        let mut body =
+            Vec::with_capacity(declared.map_or(16 * 1024, |n| n.min(max_body as u64) as usize));
         // Bounded: stops at max_body bytes or the end of the body, within the request timeout.
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
                     usage.bytes_received += chunk.len() as u64;
                     if body.len() + chunk.len() > max_body {
+                        if cut {
+                            body.extend_from_slice(&chunk[..max_body - body.len()]);
+                            return Ok(body);
+                        }
                         usage.http_errors += 1;
                         return Err(Attempt::Final(PageError::TooLarge(max_body)));
                     }
@@ -381,14 +407,69 @@ impl Fetcher {
         Attempt::Final(PageError::Transport(msg))
     }
 
-    /// robots.txt of `url`'s origin: `None` (allow all) when missing or unreadable.
-    async fn fetch_robots(&self, url: &Url, usage: &mut TokenUsage) -> Option<Robot> {
-        let robots_url = url.join("/robots.txt").ok()?;
-        let f = self
-            .attempt(&robots_url, usage, ROBOTS_MAX_BYTES, false)
-            .await
-            .ok()?;
-        Robot::new(&self.robots_agent, &f.body).ok()
+    /// Whether `url`'s host lets us fetch it (always, when `obey_robots_txt` is off). Reads the
+    /// host's robots.txt the first time, once per session; counts a refusal in `robots_blocked`.
+    async fn robots_check(&self, url: &Url, usage: &mut TokenUsage) -> Result<(), PageError> {
+        if !self.http.obey_robots_txt {
+            return Ok(());
+        }
+        let host = self.host(url);
+        let mut robots_usage = TokenUsage::default();
+        let robots = host
+            .robots
+            .get_or_init(|| self.fetch_robots(url, &mut robots_usage))
+            .await;
+        *usage += robots_usage;
+        let refused = match robots {
+            Robots::AllowAll => return Ok(()),
+            Robots::Rules(r) if r.allowed(url.as_str()) => return Ok(()),
+            Robots::Rules(_) => PageError::RobotsBlocked,
+            Robots::DisallowAll(why) => PageError::RobotsUnreachable(why.clone()),
+        };
+        usage.robots_blocked += 1;
+        Err(refused)
+    }
+
+    /// robots.txt of `url`'s origin, read as RFC 9309 §2.3.1 says: 2xx gives its rules (the
+    /// first [`ROBOTS_MAX_BYTES`] of them); 4xx, or redirects that end nowhere usable, mean no
+    /// rules; 5xx, 429 and network failures are retried, then mean "disallow everything".
+    async fn fetch_robots(&self, url: &Url, usage: &mut TokenUsage) -> Robots {
+        let Ok(robots_url) = url.join("/robots.txt") else {
+            return Robots::AllowAll;
+        };
+        // Bounded: `tries` grows every round and the loop ends past ROBOTS_RETRIES.
+        for tries in 0..=ROBOTS_RETRIES {
+            let err = match self
+                .attempt(&robots_url, usage, ROBOTS_MAX_BYTES, false)
+                .await
+            {
+                Ok(f) => {
+                    return match Robot::new(&self.robots_agent, &f.body) {
+                        Ok(r) => Robots::Rules(Box::new(r)),
+                        Err(_) => Robots::AllowAll,
+                    };
+                }
+                Err(Attempt::Final(
+                    PageError::Status(400..=499)
+                    | PageError::RedirectLoop(_)
+                    | PageError::TooManyRedirects(_)
+                    | PageError::BadRedirect(_)
+                    | PageError::Guard(_),
+                )) => return Robots::AllowAll,
+                Err(Attempt::Final(e)) => e,
+                Err(Attempt::Retry(wait, e)) => {
+                    if tries < ROBOTS_RETRIES {
+                        usage.retries += 1;
+                        let backoff = BACKOFF_BASE.saturating_mul(1 << tries);
+                        tokio::time::sleep(wait.unwrap_or(backoff).min(RETRY_AFTER_CAP)).await;
+                        continue;
+                    }
+                    e
+                }
+            };
+            return Robots::DisallowAll(err.to_string());
+        }
+        Robots::DisallowAll("no answer".into())
     }
 }
 

@@ -773,3 +773,110 @@ async fn delay_ms_spaces_requests_to_one_host() {
         started.elapsed()
     );
 }
+
+/// A loopback server for robots.txt cases: `robots` answers /robots.txt (status, body),
+/// `/page/{n}` is a small page, `/jump` redirects to `jump_to`. Counts hits per path.
+struct RobotsSite {
+    base: String,
+    hits: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl RobotsSite {
+    async fn start(robots: (u16, &'static str), jump_to: Option<String>) -> RobotsSite {
+        use axum::http::{StatusCode, header};
+        use axum::response::IntoResponse;
+        let hits: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let h = hits.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let h = h.clone();
+            let jump_to = jump_to.clone();
+            async move {
+                let path = uri.path().to_string();
+                *h.lock().unwrap().entry(path.clone()).or_default() += 1;
+                let html = [(header::CONTENT_TYPE, "text/html")];
+                match path.as_str() {
+                    "/robots.txt" => {
+                        (StatusCode::from_u16(robots.0).unwrap(), robots.1).into_response()
+                    }
+                    "/jump" => match jump_to {
+                        Some(to) => (StatusCode::FOUND, [(header::LOCATION, to)]).into_response(),
+                        None => StatusCode::NOT_FOUND.into_response(),
+                    },
+                    p if p.starts_with("/page/") => {
+                        (html, format!("<html><body><h1>{p}</h1></body></html>")).into_response()
+                    }
+                    _ => StatusCode::NOT_FOUND.into_response(),
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        RobotsSite { base, hits }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn hits(&self, path: &str) -> u32 {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+fn titles(start_urls: Vec<String>) -> Value {
+    json!({
+        "start_urls": start_urls,
+        "http": {"retries": 0},
+        "pages": {"p": {"fields": {"title": "h1"}}},
+        "start_page": "p",
+    })
+}
+
+/// RFC 9309: a robots.txt answering 5xx (after retries) disallows the whole host, with a log
+/// line that says why; one answering 4xx allows everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_robots_txt_disallows_its_host_and_a_missing_one_allows_it() {
+    let down = RobotsSite::start((503, "busy"), None).await;
+    let r = run(&titles(vec![down.url("/page/1"), down.url("/page/2")])).await;
+    assert!(r.completed());
+    assert!(r.records().is_empty(), "{:?}", r.records());
+    assert_eq!(down.hits("/page/1") + down.hits("/page/2"), 0);
+    assert_eq!(
+        down.hits("/robots.txt"),
+        3,
+        "read once per session, with 2 retries"
+    );
+    assert_eq!(r.usage().robots_blocked, 2);
+    assert!(
+        r.log()
+            .iter()
+            .any(|(level, m)| level == "warn" && m.contains("robots.txt") && m.contains("503")),
+        "{:?}",
+        r.log()
+    );
+
+    let missing = RobotsSite::start((404, "no"), None).await;
+    let r = run(&titles(vec![missing.url("/page/1")])).await;
+    assert_eq!(r.records().len(), 1);
+    assert_eq!(r.usage().robots_blocked, 0);
+}
+
+/// A redirect to another host is checked against that host's robots.txt before it is
+/// followed; the robots.txt of the first host alone does not decide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_checked_against_the_robots_txt_of_its_target() {
+    let target = RobotsSite::start((200, "User-agent: *\nDisallow: /page/secret\n"), None).await;
+    let origin = RobotsSite::start((404, ""), Some(target.url("/page/secret"))).await;
+    let r = run(&titles(vec![origin.url("/jump"), target.url("/page/open")])).await;
+    assert!(r.completed());
+    assert_eq!(origin.hits("/jump"), 1);
+    assert_eq!(
+        target.hits("/page/secret"),
+        0,
+        "followed into a disallowed path"
+    );
+    assert_eq!(target.hits("/page/open"), 1);
+    assert_eq!(r.usage().robots_blocked, 1);
+    assert_eq!(r.records().len(), 1, "{:?}", r.records());
+}
