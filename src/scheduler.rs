@@ -210,10 +210,9 @@ async fn end_overdue(
         if start.add(limit.saturating_add(MAX_DURATION_BACKSTOP)) > now {
             continue;
         }
-        let timeout = s
-            .options
-            .session_timeout_secs
-            .unwrap_or(harvest.config().sessions.default_timeout_secs);
+        let cleanup_after = s.cleanup_after(Duration::from_secs(
+            harvest.config().sessions.default_timeout_secs,
+        ));
         let applied = store
             .session_finish_if_running(crate::store::SessionFinish {
                 attempt: crate::store::AttemptRef {
@@ -229,7 +228,7 @@ async fn end_overdue(
                     ),
                 )),
                 batch: crate::store::CheckpointBatch::default(),
-                cleanup_at: now.add(Duration::from_secs(timeout)),
+                cleanup_at: now.add(cleanup_after),
                 now,
             })
             .await?;

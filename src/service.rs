@@ -484,15 +484,12 @@ impl Harvest {
     /// CANCELLED after the step in flight. Idempotent.
     pub async fn cancel(&self, id: &SessionId) -> Result<CancelOutcome, HarvestError> {
         let now = self.inner.clock.now();
-        let cleanup_at = now.add(Duration::from_secs(
-            self.inner.config.sessions.default_timeout_secs,
-        ));
         let out = self
             .inner
             .store
             .session_cancel(crate::store::SessionCancel {
                 id: id.clone(),
-                cleanup_at,
+                cleanup_after: Duration::from_secs(self.inner.config.sessions.default_timeout_secs),
                 now,
             })
             .await?;

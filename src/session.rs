@@ -520,6 +520,14 @@ pub struct Session {
 }
 
 impl Session {
+    /// How long this session and its data stay once terminal: its own `session_timeout_secs`,
+    /// else `default` (the service's).
+    pub fn cleanup_after(&self, default: Duration) -> Duration {
+        self.options
+            .session_timeout_secs
+            .map_or(default, Duration::from_secs)
+    }
+
     /// A new PENDING session as submitted at `now`: due at `options.run_at` (or now), never
     /// claimed, nothing recorded. The store assigns `seq` when it inserts it.
     pub fn pending(

@@ -424,12 +424,8 @@ async fn run_attempt(s: &Arc<WorkerSettings>, session: Session, owner: String, s
             // Validated at submission; only a config stored by another version gets here.
             tracing::error!(parent: &span, error = %e, "the session's [export] is not valid; failing it");
             let now = s.clock.now();
-            let cleanup_at = now.add(Duration::from_secs(
-                session
-                    .options
-                    .session_timeout_secs
-                    .unwrap_or(s.sessions.default_timeout_secs),
-            ));
+            let cleanup_at = now
+                .add(session.cleanup_after(Duration::from_secs(s.sessions.default_timeout_secs)));
             finish_session(
                 s,
                 SessionFinish {
@@ -533,12 +529,8 @@ async fn run_attempt(s: &Arc<WorkerSettings>, session: Session, owner: String, s
     let Some(outcome) = outcome else { return };
 
     let now = s.clock.now();
-    let cleanup_at = now.add(Duration::from_secs(
-        session
-            .options
-            .session_timeout_secs
-            .unwrap_or(s.sessions.default_timeout_secs),
-    ));
+    let cleanup_at =
+        now.add(session.cleanup_after(Duration::from_secs(s.sessions.default_timeout_secs)));
     let finish = |status: SessionStatus, error: Option<SessionError>, batch: CheckpointBatch| {
         SessionFinish {
             attempt: attempt.clone(),
@@ -694,12 +686,8 @@ async fn requeue_with(
         Retry::After(d) => d,
         _ => backoff(s, session.failures),
     };
-    let cleanup_at = now.add(Duration::from_secs(
-        session
-            .options
-            .session_timeout_secs
-            .unwrap_or(s.sessions.default_timeout_secs),
-    ));
+    let cleanup_at =
+        now.add(session.cleanup_after(Duration::from_secs(s.sessions.default_timeout_secs)));
     let res = s
         .store
         .session_requeue_if_running(SessionRequeue {

@@ -301,7 +301,8 @@ pub struct LeaseReclaim {
     pub limit: usize,
     /// Backoff of the reclaimed sessions (run_at = now + backoff).
     pub backoff: Duration,
-    /// Cleanup time of sessions that end FAILED.
+    /// Sessions that end FAILED or CANCELLED are removed this long after `now`, unless they have
+    /// their own `session_timeout_secs`.
     pub cleanup_after: Duration,
     /// Now.
     pub now: Timestamp,
@@ -323,8 +324,9 @@ pub struct Reclaimed {
 pub struct SessionCancel {
     /// Which.
     pub id: SessionId,
-    /// When a PENDING session becomes CANCELLED, it is removed at this time.
-    pub cleanup_at: Timestamp,
+    /// A PENDING session that becomes CANCELLED is removed this long after `now`, unless it has
+    /// its own `session_timeout_secs`.
+    pub cleanup_after: Duration,
     /// Now.
     pub now: Timestamp,
 }

@@ -1808,7 +1808,7 @@ impl Store for SledStore {
                 let outcome = if s.cancel_requested {
                     s.status = SessionStatus::Cancelled;
                     s.lease = None;
-                    s.cleanup_at = Some(p.now.add(p.cleanup_after));
+                    s.cleanup_at = Some(p.now.add(s.cleanup_after(p.cleanup_after)));
                     s.metrics.end_time = Some(p.now);
                     RequeueOutcome::Cancelled
                 } else if s.failures >= s.max_attempts() {
@@ -1819,7 +1819,8 @@ impl Store for SledStore {
                             s.attempt, s.failures
                         ),
                     );
-                    Self::fail(&mut s, Some(error), p.now.add(p.cleanup_after), p.now);
+                    let cleanup_at = p.now.add(s.cleanup_after(p.cleanup_after));
+                    Self::fail(&mut s, Some(error), cleanup_at, p.now);
                     RequeueOutcome::Failed
                 } else {
                     Self::back_to_pending(&mut s, p.now.add(p.backoff));
@@ -1860,7 +1861,7 @@ impl Store for SledStore {
                 SessionStatus::Pending => {
                     self.unqueue(&mut c, &mut b, &old)?;
                     s.status = SessionStatus::Cancelled;
-                    s.cleanup_at = Some(p.cleanup_at);
+                    s.cleanup_at = Some(p.now.add(s.cleanup_after(p.cleanup_after)));
                     s.metrics.end_time = Some(p.now);
                     s.updated_at = p.now;
                     CancelOutcome::Cancelled(Box::new(s.clone()))

@@ -67,6 +67,7 @@ macro_rules! store_conformance {
             remove_leaves_no_data_and_spares_prefix_ids,
             requeue_with_and_without_spending_attempts,
             reclaim_with_and_without_progress,
+            reclaim_and_cancel_keep_a_session_for_its_own_timeout,
             reclaim_respects_limit_and_expiry,
             reclaim_of_a_cancel_requested_session_ends_cancelled,
             requeue_of_a_cancel_requested_session_ends_cancelled,
@@ -774,7 +775,7 @@ pub async fn cancel_pending_running_terminal(store: Arc<dyn Store>) {
     insert(&store, session("pend")).await;
     let cancel = |id: &str| SessionCancel {
         id: sid(id),
-        cleanup_at: at(900),
+        cleanup_after: Duration::from_secs(895),
         now: at(5),
     };
 
@@ -1028,6 +1029,71 @@ pub async fn reclaim_with_and_without_progress(store: Arc<dyn Store>) {
         Some(at(131).add(Duration::from_secs(3600)))
     );
     assert_eq!(idle.lease, None);
+}
+
+/// A session with its own `session_timeout_secs` that a reclaim ends (FAILED or CANCELLED), or
+/// that is cancelled while PENDING, is kept for that long, not for the caller's default.
+pub async fn reclaim_and_cancel_keep_a_session_for_its_own_timeout(store: Arc<dyn Store>) {
+    let week = Duration::from_secs(7 * 86400);
+    for (id, own) in [("own", true), ("plain", false), ("own-cancel", true)] {
+        let mut s = session(id);
+        s.options.max_attempts = Some(1);
+        if own {
+            s.options.session_timeout_secs = Some(week.as_secs());
+        }
+        insert(&store, s).await;
+    }
+    let claimed = claim(&store, "w", 10, at(1)).await;
+    assert_eq!(claimed.len(), 3);
+    let flagged = claimed
+        .iter()
+        .find(|s| s.id.as_str() == "own-cancel")
+        .unwrap();
+    let out = store
+        .session_cancel(SessionCancel {
+            id: flagged.id.clone(),
+            cleanup_after: Duration::from_secs(60),
+            now: at(2),
+        })
+        .await
+        .expect("cancel");
+    assert!(matches!(out, CancelOutcome::Requested(_)), "{out:?}");
+    let outcome = reclaim(&store, at(100), at(100)).await;
+    assert_eq!(
+        outcome,
+        [
+            ("own".into(), 1, RequeueOutcome::Failed),
+            ("own-cancel".into(), 1, RequeueOutcome::Cancelled),
+            ("plain".into(), 1, RequeueOutcome::Failed),
+        ]
+    );
+    assert_eq!(get(&store, "own").await.cleanup_at, Some(at(100).add(week)));
+    assert_eq!(
+        get(&store, "own-cancel").await.cleanup_at,
+        Some(at(100).add(week))
+    );
+    assert_eq!(
+        get(&store, "plain").await.cleanup_at,
+        Some(at(100).add(Duration::from_secs(3600))),
+        "the caller's default"
+    );
+
+    let mut s = session("own-pending");
+    s.options.session_timeout_secs = Some(90);
+    insert(&store, s).await;
+    let out = store
+        .session_cancel(SessionCancel {
+            id: sid("own-pending"),
+            cleanup_after: Duration::from_secs(3600),
+            now: at(200),
+        })
+        .await
+        .expect("cancel");
+    assert!(matches!(out, CancelOutcome::Cancelled(_)), "{out:?}");
+    assert_eq!(
+        get(&store, "own-pending").await.cleanup_at,
+        Some(at(200).add(Duration::from_secs(90)))
+    );
 }
 
 /// Reclaim only touches leases expired at or before `expired_before`, at most `limit`.
@@ -1356,7 +1422,7 @@ pub async fn counts_by_status_and_queue_depth(store: Arc<dyn Store>) {
     assert!(finish(&store, &aref(&claimed[0]), SessionStatus::Completed, at(2)).await);
     let cancel = SessionCancel {
         id: sid("c"),
-        cleanup_at: at(100),
+        cleanup_after: Duration::from_secs(98),
         now: at(2),
     };
     assert!(matches!(
@@ -1467,7 +1533,7 @@ pub async fn single_agent_refuses_second_active_session(store: Arc<dyn Store>) {
     assert!(finish(&store, &aref(&running), SessionStatus::Completed, at(1)).await);
     let cancel = SessionCancel {
         id: sid("multi"),
-        cleanup_at: at(100),
+        cleanup_after: Duration::from_secs(99),
         now: at(1),
     };
     assert!(matches!(
@@ -1562,7 +1628,7 @@ pub async fn reclaim_of_a_cancel_requested_session_ends_cancelled(store: Arc<dyn
     let out = store
         .session_cancel(SessionCancel {
             id: sid("flagged"),
-            cleanup_at: at(5000),
+            cleanup_after: Duration::from_secs(4999),
             now: at(1),
         })
         .await
@@ -1939,7 +2005,7 @@ pub async fn requeue_of_a_cancel_requested_session_ends_cancelled(store: Arc<dyn
     let out = store
         .session_cancel(SessionCancel {
             id: sid("c"),
-            cleanup_at: at(5000),
+            cleanup_after: Duration::from_secs(4999),
             now: at(1),
         })
         .await

@@ -26,6 +26,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: include_str!("../../../migrations/0002_leaders.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../../../migrations/0003_cleanup_after.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

@@ -240,9 +240,10 @@ impl PostgresStore {
                          lease_expires_at, cancel_requested, created_at, updated_at, cleanup_at,
                          start_time, end_time, pages_processed, processed_elements, http_requests,
                          http_errors, bytes_received, retries, robots_blocked, error_kind,
-                         error_message, checkpoints, spec)
+                         error_message, checkpoints, spec, cleanup_after_ms)
                      VALUES ($1, $2, $3, 'PENDING', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-                         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28)
+                         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
+                         $29)
                      ON CONFLICT (id) DO NOTHING
                      RETURNING seq)
                  SELECT seq FROM ins",
@@ -259,7 +260,12 @@ impl PostgresStore {
         let pages = to_i64(s.metrics.pages_processed, "pages_processed")?;
         let elements = to_i64(s.metrics.processed_elements, "processed_elements")?;
         let checkpoints = to_i64(s.checkpoints, "checkpoints")?;
-        let params: [&(dyn ToSql + Sync); 28] = [
+        let cleanup_after_ms = s
+            .options
+            .session_timeout_secs
+            .map(|secs| to_i64(secs.saturating_mul(1000), "session_timeout_secs"))
+            .transpose()?;
+        let params: [&(dyn ToSql + Sync); 29] = [
             &s.id.as_str(),
             &s.client.client_id(),
             &agent,
@@ -288,6 +294,7 @@ impl PostgresStore {
             &error_message,
             &checkpoints,
             &spec,
+            &cleanup_after_ms,
         ];
         let row = client.query_opt(&stmt, &params).await.map_err(|e| {
             if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
@@ -623,6 +630,7 @@ impl Store for PostgresStore {
     }
 
     async fn leases_reclaim(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>> {
+        const CENTURY_MS: i64 = 100 * 365 * 86_400_000;
         if p.limit == 0 {
             return Ok(Vec::new());
         }
@@ -657,10 +665,11 @@ impl Store for PostgresStore {
                                              (max_attempts %s)', attempt, max_attempts)
                                          ELSE format('attempt %s lost its lease (the worker \
                                              stopped or was cut off); retrying', attempt) END,
-                         cleanup_at = CASE WHEN cancel_requested THEN $4::bigint
-                                      WHEN NOT progress_this_attempt
-                                           AND failures + 1 >= max_attempts
-                                      THEN $4::bigint ELSE NULL END,
+                         cleanup_at = CASE WHEN cancel_requested
+                                           OR (NOT progress_this_attempt
+                                               AND failures + 1 >= max_attempts)
+                                      THEN $5::bigint + COALESCE(cleanup_after_ms, $4::bigint)
+                                      ELSE NULL END,
                          end_time = CASE WHEN cancel_requested THEN $5::bigint
                                     WHEN NOT progress_this_attempt
                                          AND failures + 1 >= max_attempts
@@ -673,11 +682,20 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err("preparing the lease reclaim"))?;
         let run_at = p.now.add(p.backoff).0;
-        let cleanup_at = p.now.add(p.cleanup_after).0;
+        // Capped so that now + delay stays far inside bigint (a century is ~3.2e12 ms).
+        let cleanup_after_ms = i64::try_from(p.cleanup_after.as_millis())
+            .unwrap_or(i64::MAX)
+            .min(CENTURY_MS);
         let rows = client
             .query(
                 &stmt,
-                &[&p.expired_before.0, &limit, &run_at, &cleanup_at, &p.now.0],
+                &[
+                    &p.expired_before.0,
+                    &limit,
+                    &run_at,
+                    &cleanup_after_ms,
+                    &p.now.0,
+                ],
             )
             .await
             .map_err(db_err("reclaiming expired leases"))?;
@@ -727,13 +745,14 @@ impl Store for PostgresStore {
         };
         let current = session_from_row(&row)?;
         let id = p.id.as_str();
+        let cleanup_at = p.now.add(current.cleanup_after(p.cleanup_after)).0;
         let (sql, params): (String, Vec<&(dyn ToSql + Sync)>) = match current.status {
             SessionStatus::Pending => (
                 format!(
                     "UPDATE sessions SET status = 'CANCELLED', cleanup_at = $2, end_time = $3, \
                      updated_at = $3 WHERE id = $1 RETURNING {SESSION_COLUMNS}"
                 ),
-                vec![&id, &p.cleanup_at.0, &p.now.0],
+                vec![&id, &cleanup_at, &p.now.0],
             ),
             SessionStatus::Running => (
                 format!(
