@@ -524,6 +524,18 @@ const RECORD_CHUNK_BYTES: usize = 64 * 1024;
 /// threshold (a quarter of its 512 KiB segment), above which every write is a file of its own.
 const CHUNK_ENTRIES: usize = 512;
 
+/// Runs sled work that can take long (thousands of keys: a removal, an expiry, an index catch-up)
+/// without stalling the other tasks of this runtime worker: on a multi-thread runtime the worker
+/// first hands them to another thread (`block_in_place`); elsewhere it just runs.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Frontier chunks indexed per hold of the store mutex when the `U` index catches up.
 const INDEX_STEP: usize = 8;
 
@@ -1272,6 +1284,13 @@ impl SledStore {
         Ok(done)
     }
 
+    /// Whether some committed frontier chunks of `id` are not indexed in `U` yet.
+    fn index_behind(&self, id: &SessionId) -> StoreResult<bool> {
+        let from = self.read_u64(&data_prefix(b'I', id))?.unwrap_or(1);
+        let next = self.read_u64(&data_prefix(b'K', id))?.unwrap_or(1);
+        Ok(from < next)
+    }
+
     /// Brings the `U` index of `id` up to date, a few chunks at a time so that commits of other
     /// sessions are not held off for long.
     fn index_catch_up(&self, id: &SessionId) -> StoreResult<()> {
@@ -1365,6 +1384,57 @@ impl SledStore {
         };
         let ticket = self.purge(id)?;
         Ok((Some(removed), Some(ticket)))
+    }
+
+    /// Deletes a terminal session's records, in chunks.
+    fn remove_records(&self, id: &SessionId) -> StoreResult<()> {
+        for tag in [b'R', b'E'] {
+            let prefix = data_prefix(tag, id);
+            // Bounded like `purge`.
+            for _ in 0..(1u64 << 32) {
+                let _st = self.lock();
+                let mut b = Batch::default();
+                let mut n = 0;
+                for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
+                    b.remove(kv.map_err(backend)?.0);
+                    n += 1;
+                }
+                if n == 0 {
+                    break;
+                }
+                self.apply_atomic(b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Store::sessions_expire`] without the wait: the removed sessions and the last ticket.
+    fn expire_sync(&self, p: &SessionsExpire) -> StoreResult<(Vec<Session>, Option<u64>)> {
+        let mut due = Vec::new();
+        for kv in self.db.range(vec![b'X']..upto(b"X", p.now)).take(p.limit) {
+            let (k, _) = kv.map_err(backend)?;
+            match id_after(&k, 1 + 8) {
+                Ok(id) => due.push((k, id)),
+                Err(e) => tracing::warn!(error = %e, "skipping a malformed cleanup-index key"),
+            }
+        }
+        let mut removed = Vec::new();
+        let mut last = None;
+        for (k, id) in due {
+            match self.remove_sync(&id) {
+                Ok((Some(s), t)) => {
+                    removed.push(s);
+                    last = t.or(last);
+                }
+                Ok((None, _)) => {
+                    // A stale entry whose session is gone: drop it.
+                    let _st = self.lock();
+                    self.db.remove(k).map_err(backend)?;
+                }
+                Err(e) => tracing::warn!(session = %id, error = %e, "could not expire a session"),
+            }
+        }
+        Ok((removed, last))
     }
 
     /// Deletes a removed session's data keyspaces in chunks, then its tombstone.
@@ -1886,7 +1956,7 @@ impl Store for SledStore {
     }
 
     async fn session_remove(&self, id: &SessionId) -> StoreResult<Option<Session>> {
-        let (removed, ticket) = self.remove_sync(id)?;
+        let (removed, ticket) = blocking(|| self.remove_sync(id))?;
         if let Some(t) = ticket {
             self.durability.wait(t).await?;
         }
@@ -1903,52 +1973,14 @@ impl Store for SledStore {
         }
         // Terminal: no attempt writes records any more, so the chunks below race only with a
         // removal of the whole session, which deletes the same keys.
-        for tag in [b'R', b'E'] {
-            let prefix = data_prefix(tag, id);
-            for _ in 0..(1u64 << 32) {
-                let _st = self.lock();
-                let mut b = Batch::default();
-                let mut n = 0;
-                for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
-                    b.remove(kv.map_err(backend)?.0);
-                    n += 1;
-                }
-                if n == 0 {
-                    break;
-                }
-                self.apply_atomic(b)?;
-            }
-        }
+        blocking(|| self.remove_records(id))?;
         let ticket = self.durability.ticket();
         self.durability.wait(ticket).await?;
         Ok(true)
     }
 
     async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {
-        let mut due = Vec::new();
-        for kv in self.db.range(vec![b'X']..upto(b"X", p.now)).take(p.limit) {
-            let (k, _) = kv.map_err(backend)?;
-            match id_after(&k, 1 + 8) {
-                Ok(id) => due.push((k, id)),
-                Err(e) => tracing::warn!(error = %e, "skipping a malformed cleanup-index key"),
-            }
-        }
-        let mut removed = Vec::new();
-        let mut last = None;
-        for (k, id) in due {
-            match self.remove_sync(&id) {
-                Ok((Some(s), t)) => {
-                    removed.push(s);
-                    last = t.or(last);
-                }
-                Ok((None, _)) => {
-                    // A stale entry whose session is gone: drop it.
-                    let _st = self.lock();
-                    self.db.remove(k).map_err(backend)?;
-                }
-                Err(e) => tracing::warn!(session = %id, error = %e, "could not expire a session"),
-            }
-        }
+        let (removed, last) = blocking(|| self.expire_sync(&p))?;
         if let Some(t) = last {
             self.durability.wait(t).await?;
         }
@@ -2099,7 +2131,9 @@ impl Store for SledStore {
                 p.urls.len()
             )));
         }
-        self.index_catch_up(&p.id)?;
+        if self.index_behind(&p.id)? {
+            blocking(|| self.index_catch_up(&p.id))?;
+        }
         p.urls
             .iter()
             .map(|u| {
