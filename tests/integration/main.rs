@@ -16,6 +16,7 @@ mod multiprocess;
 mod proc;
 mod regressions;
 mod resume_crash;
+mod run_resume;
 mod service;
 mod sink;
 mod soak;
