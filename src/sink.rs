@@ -22,6 +22,13 @@
 //! removed (timeout, close, a single agent's new run) with `cleanup_external`, its rows and
 //! marker are deleted; files are the user's deliverable and stay.
 //!
+//! Rows are keyed by (session id, `session_seq`, record seq): `session_seq` is the store's
+//! sequence number of the session, different for every session ever submitted, so a session
+//! that reuses the id of a removed one whose rows were kept (`cleanup_external = false`) writes
+//! beside them. Tables made before this column existed get it at first use (rows already there
+//! get 0); their primary key stays (session id, seq), and harvest says at startup how to widen
+//! it (id reuse after kept rows fails on it until then).
+//!
 //! This module never changes a session: it reads committed records from the store.
 
 use std::collections::HashSet;
@@ -230,14 +237,40 @@ impl Sinks {
                  next_seq   bigint NOT NULL,
                  PRIMARY KEY (session_id, tbl));
              CREATE TABLE IF NOT EXISTS {s}.{table} (
-                 session_id text NOT NULL,
-                 seq        bigint NOT NULL,
-                 client_id  text NOT NULL,
-                 data       jsonb NOT NULL,
-                 PRIMARY KEY (session_id, seq));"
+                 session_id  text NOT NULL,
+                 session_seq bigint NOT NULL,
+                 seq         bigint NOT NULL,
+                 client_id   text NOT NULL,
+                 data        jsonb NOT NULL,
+                 PRIMARY KEY (session_id, session_seq, seq));
+             ALTER TABLE {s}.{table} ADD COLUMN IF NOT EXISTS session_seq bigint NOT NULL DEFAULT 0;"
         ))
         .await
         .map_err(db_err("creating the export tables"))?;
+        // A table made by an earlier harvest keeps its (session_id, seq) key: rebuilding the key
+        // of a big table locks it for long, so that is left to its operator.
+        let key: Vec<String> = tx
+            .query(
+                "SELECT a.attname FROM pg_index i
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                 WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+                &[&format!("{s}.{table}")],
+            )
+            .await
+            .map_err(db_err("reading the export table's key"))?
+            .iter()
+            .filter_map(|r| r.try_get::<_, String>(0).ok())
+            .collect();
+        if !key.iter().any(|c| c == "session_seq") {
+            tracing::warn!(
+                table = %format!("{s}.{table}"),
+                "this export table was made by an earlier harvest and is keyed (session_id, seq): \
+                 a session reusing the id of a removed one whose rows were kept \
+                 (cleanup_external = false) cannot export to it. To allow that, run: ALTER TABLE \
+                 {s}.{table} DROP CONSTRAINT {table}_pkey, ADD PRIMARY KEY (session_id, \
+                 session_seq, seq)"
+            );
+        }
         tx.commit()
             .await
             .map_err(db_err("committing the export tables"))?;
@@ -261,6 +294,7 @@ impl Sinks {
         self.ensure_table(table).await?;
         let s = &self.cfg.schema;
         let id = session.id.as_str();
+        let session_seq = session_seq_of(session)?;
         let mut written = 0u64;
         for _ in 0..MAX_CHUNKS {
             let mut client = self.client().await?;
@@ -311,10 +345,10 @@ impl Sinks {
             // and must fail loudly rather than be hidden.
             tx.execute(
                 &format!(
-                    "INSERT INTO {s}.{table} (session_id, seq, client_id, data)
-                     SELECT $1, u.seq, $2, u.data FROM unnest($3::bigint[], $4::jsonb[]) AS u(seq, data)"
+                    "INSERT INTO {s}.{table} (session_id, session_seq, seq, client_id, data)
+                     SELECT $1, $5, u.seq, $2, u.data FROM unnest($3::bigint[], $4::jsonb[]) AS u(seq, data)"
                 ),
-                &[&id, &session.client.client_id(), &seqs, &data],
+                &[&id, &session.client.client_id(), &seqs, &data, &session_seq],
             )
             .await
             .map_err(db_err("inserting exported rows"))?;
@@ -478,9 +512,13 @@ impl Sinks {
             .map_err(db_err("starting the export cleanup"))?;
         let id = session.id.as_str();
         if session.options.cleanup_external {
+            // This session's rows; 0: rows written before `session_seq` existed (only this
+            // session's, unless an older one with the id kept its rows).
             tx.execute(
-                &format!("DELETE FROM {s}.{table} WHERE session_id = $1"),
-                &[&id],
+                &format!(
+                    "DELETE FROM {s}.{table} WHERE session_id = $1 AND session_seq IN ($2, 0)"
+                ),
+                &[&id, &session_seq_of(session)?],
             )
             .await
             .map_err(db_err("deleting exported rows"))?;
@@ -521,6 +559,12 @@ impl FileFormat {
             FileFormat::Csv => "csv",
         }
     }
+}
+
+/// The session's store sequence number as the export tables keep it.
+fn session_seq_of(session: &Session) -> Result<i64, SinkError> {
+    i64::try_from(session.seq)
+        .map_err(|_| SinkError::Database(format!("session seq {} out of range", session.seq)))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -304,3 +304,130 @@ async fn file_sink_failure_fails_the_session_and_leaves_no_file() {
         .await
         .expect("shutdown");
 }
+
+/// A session whose exported rows were kept (`cleanup_external = false`) is removed, and a new
+/// session takes its id: the new one exports beside the kept rows (they differ in
+/// `session_seq`), and closing it with `cleanup_external` deletes only its own. A table made by
+/// an earlier harvest (no `session_seq`) gets the column and keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_session_id_exports_beside_the_rows_its_predecessor_kept() {
+    let Some(url) = database_url() else { return };
+    let store_schema = unique_schema();
+    let export_schema = unique_schema();
+    let _g1 = SchemaGuard {
+        url: url.clone(),
+        schema: store_schema.clone(),
+    };
+    let _g2 = SchemaGuard {
+        url: url.clone(),
+        schema: export_schema.clone(),
+    };
+    let db = admin(&url).await.expect("admin");
+    // The shape of tables made before `session_seq`, with a row of an old session.
+    db.batch_execute(&format!(
+        "CREATE SCHEMA {export_schema};
+         CREATE TABLE {export_schema}.items (
+             session_id text NOT NULL, seq bigint NOT NULL, client_id text NOT NULL,
+             data jsonb NOT NULL, PRIMARY KEY (session_id, seq));
+         INSERT INTO {export_schema}.items VALUES ('old', 0, 'c', '{{}}');
+         CREATE TABLE {export_schema}.harvest_export_marks (
+             session_id text NOT NULL, tbl text NOT NULL, next_seq bigint NOT NULL,
+             PRIMARY KEY (session_id, tbl));"
+    ))
+    .await
+    .expect("an old-style table");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> = Arc::new(
+        PostgresStore::connect_with_schema(&url, &store_schema)
+            .await
+            .expect("store"),
+    );
+    let harvest = Harvest::builder(config(&export_schema, &url, dir.path()))
+        .store(store.clone())
+        .job(Arc::new(RecordsJob { total: 5, per: 2 }))
+        .open()
+        .await
+        .expect("open");
+    harvest.start();
+    let id = harvest::session::SessionId::parse("reused").expect("id");
+    let run = |table: &str, keep: bool| {
+        let mut req = SubmitRequest::new(json!({"name": "t", "export": {"postgres_table": table}}));
+        req.session_id = Some(id.clone());
+        req.options.cleanup_external = !keep;
+        req
+    };
+    // In the old-style table: the column is added, rows of new sessions carry their seq.
+    let first = harvest.submit(run("items", true)).await.expect("submit");
+    let first = first
+        .await_completion(Duration::from_secs(30))
+        .await
+        .expect("await")
+        .expect("completes");
+    assert_eq!(first.status, SessionStatus::Completed, "{first:?}");
+    harvest.close(&id).await.expect("close, keeping the rows");
+
+    // A fresh table, twice with one id.
+    let a = harvest.submit(run("fresh", true)).await.expect("submit");
+    let a = a
+        .await_completion(Duration::from_secs(30))
+        .await
+        .expect("await")
+        .expect("completes");
+    assert_eq!(a.status, SessionStatus::Completed, "{a:?}");
+    harvest.close(&id).await.expect("close, keeping the rows");
+    let b = harvest.submit(run("fresh", false)).await.expect("submit");
+    let b = b
+        .await_completion(Duration::from_secs(30))
+        .await
+        .expect("await")
+        .expect("completes");
+    assert_eq!(
+        b.status,
+        SessionStatus::Completed,
+        "the id's second session exports beside the first's rows: {b:?}"
+    );
+    assert_ne!(a.seq, b.seq);
+    let count = |sql: String| {
+        let db = &db;
+        async move {
+            db.query_one(&sql, &[])
+                .await
+                .expect("count")
+                .get::<_, i64>(0)
+        }
+    };
+    let per_seq = |seq: u64| {
+        format!(
+            "SELECT count(*) FROM {export_schema}.fresh WHERE session_id = 'reused' \
+             AND session_seq = {seq}"
+        )
+    };
+    assert_eq!(count(per_seq(a.seq)).await, 5);
+    assert_eq!(count(per_seq(b.seq)).await, 5);
+    assert_eq!(
+        count(format!(
+            "SELECT count(*) FROM {export_schema}.items WHERE session_id = 'reused' \
+             AND session_seq = {}",
+            first.seq
+        ))
+        .await,
+        5
+    );
+    assert_eq!(
+        count(format!(
+            "SELECT count(*) FROM {export_schema}.items WHERE session_id = 'old' \
+             AND session_seq = 0"
+        ))
+        .await,
+        1,
+        "rows of before the column keep their place"
+    );
+    // Closing the second (cleanup_external) deletes its rows, not the first's.
+    harvest.close(&id).await.expect("close");
+    assert_eq!(count(per_seq(b.seq)).await, 0);
+    assert_eq!(count(per_seq(a.seq)).await, 5);
+    harvest
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+}
