@@ -86,6 +86,14 @@
 //! disabled: this is the only one. Writers keep applying batches while a flush runs, so each
 //! flush acknowledges every write that arrived during the previous one.
 //!
+//! sled 0.34's flush makes the log's pages durable with `sync_file_range`, which neither writes
+//! the file's size (the log grows by appending) nor flushes the disk's cache, and never syncs the
+//! files it writes large values to (`blobs/`). So after each flush the flusher also
+//! `fdatasync`s the log file and every blob file it has not synced yet, then the `blobs`
+//! directory when it gained files ([`DiskSync`]): an acknowledged write survives a power loss or
+//! an OS crash, as far as the disk honours its flush. (`harvest bench queue` on this machine:
+//! no measurable change in commits per second; the group commit pays one sync per flush.)
+//!
 //! Two writes do not wait for their flush: a claim and a heartbeat. Nobody outside this process
 //! is told of them, and losing them in a crash changes nothing: sled is one process per data
 //! directory, so at open every RUNNING session is recovered anyway (and a lost claim leaves the
@@ -326,7 +334,7 @@ impl Durability {
         }
     }
 
-    fn run(&self, db: &sled::Db) {
+    fn run(&self, db: &sled::Db, disk: &mut DiskSync) {
         loop {
             {
                 let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
@@ -339,17 +347,73 @@ impl Durability {
                 *dirty = false;
             }
             let target = self.written.load(Ordering::SeqCst);
-            let result = db.flush();
+            let result = db
+                .flush()
+                .map_err(|e| e.to_string())
+                .and_then(|_| disk.sync().map_err(|e| format!("syncing to disk: {e}")));
             self.flushes.fetch_add(1, Ordering::Relaxed);
             self.state.send_modify(|f| match result {
                 Ok(_) => f.upto = f.upto.max(target),
                 Err(e) => {
                     tracing::error!(error = %e, "flushing the sled store failed");
                     f.failed_upto = f.failed_upto.max(target);
-                    f.error = Some(e.to_string());
+                    f.error = Some(e);
                 }
             });
         }
+    }
+}
+
+/// What the flusher syncs after sled's flush (see "Durability" in the module doc).
+struct DiskSync {
+    /// sled's log file (`db`).
+    log: std::fs::File,
+    blobs: PathBuf,
+    /// Blob files synced already, by name (blobs are written once, then removed).
+    synced: std::collections::HashSet<std::ffi::OsString>,
+}
+
+impl DiskSync {
+    /// Opens sled's log in `dir` (sled has created it) and syncs the directory itself once, so
+    /// that the files sled created at its first open are there after a power loss.
+    fn open(dir: &Path) -> std::io::Result<DiskSync> {
+        let log = std::fs::File::open(dir.join("db"))?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(DiskSync {
+            log,
+            blobs: dir.join("blobs"),
+            synced: std::collections::HashSet::new(),
+        })
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.log.sync_data()?;
+        let entries = match std::fs::read_dir(&self.blobs) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut present = std::collections::HashSet::new();
+        let mut added = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !self.synced.contains(&name) {
+                match std::fs::File::open(entry.path()) {
+                    Ok(f) => f.sync_data()?,
+                    // Removed since listed: sled no longer needs it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                added = true;
+            }
+            present.insert(name);
+        }
+        self.synced = present;
+        if added {
+            std::fs::File::open(&self.blobs)?.sync_all()?;
+        }
+        Ok(())
     }
 }
 
@@ -841,13 +905,19 @@ impl SledStore {
             flushes: AtomicU64::new(0),
             state,
         });
+        let mut disk = DiskSync::open(path).map_err(|e| {
+            StoreError::Backend(format!(
+                "opening the sled store at {} for syncing: {e}",
+                path.display()
+            ))
+        })?;
         let flusher = {
             let durability = durability.clone();
             let db = db.clone();
             std::thread::Builder::new()
                 .name("harvest-sled-flush".into())
                 .spawn(move || {
-                    let run = std::panic::AssertUnwindSafe(|| durability.run(&db));
+                    let run = std::panic::AssertUnwindSafe(|| durability.run(&db, &mut disk));
                     if std::panic::catch_unwind(run).is_err() {
                         // Fail every waiting and future write rather than leave them hanging.
                         durability.state.send_modify(|f| {
@@ -2749,6 +2819,41 @@ mod tests {
             UrlState::decode(b"U", &v).expect("decode").pos,
             Some(2000),
             "the position of its entry"
+        );
+    }
+
+    /// The flusher's disk sync covers the log and the blob files sled writes large values to
+    /// (which sled's own flush never syncs), and forgets blobs sled removed.
+    #[test]
+    fn disk_sync_covers_the_log_and_new_blob_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new()
+            .path(dir.path())
+            .flush_every_ms(None)
+            .open()
+            .expect("open");
+        let mut disk = DiskSync::open(dir.path()).expect("disk sync");
+        disk.sync().expect("sync with no blob");
+        assert!(disk.synced.is_empty());
+        // Over a quarter of sled's 512 KiB segment: written as a blob file.
+        db.insert(b"big", vec![7u8; 300 * 1024]).expect("insert");
+        db.flush().expect("flush");
+        disk.sync().expect("sync");
+        let blobs: Vec<_> = std::fs::read_dir(dir.path().join("blobs"))
+            .expect("blobs dir")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
+        assert!(!blobs.is_empty(), "a large value makes a blob file");
+        assert!(
+            blobs.iter().all(|b| disk.synced.contains(b)),
+            "each blob synced"
+        );
+        std::fs::remove_file(dir.path().join("blobs").join(&blobs[0])).expect("remove");
+        disk.sync().expect("sync after a removal");
+        assert!(
+            !disk.synced.contains(&blobs[0]),
+            "removed blobs are forgotten"
         );
     }
 }
