@@ -169,9 +169,11 @@ pub struct CheckpointBatch {
     /// New records, in order; numbered by the store after the session's last record.
     pub records: Vec<serde_json::Value>,
     /// URLs to add to the frontier, in order; one already in it is left as it is. An entry whose
-    /// URL is also in this batch's `seen_add` is taken as new to the session (the caller looked
-    /// it up in the seen set, as the engine does), so a store need not look it up again: it takes
-    /// the next frontier position (see [`ResumeState::frontier_next`]).
+    /// URL is also in this batch's `seen_add` is taken as new to the session: the caller must
+    /// have found it neither in the seen set nor in the frontier (as the engine does, adding a
+    /// URL only with its first sighting), so a store need not look it up again. It takes the
+    /// next frontier position (see [`ResumeState::frontier_next`]); a URL sent as new while in
+    /// the frontier may be in it twice (fetched twice).
     pub frontier_add: Vec<FrontierEntry>,
     /// URLs (canonical) done: removed from the frontier.
     pub frontier_done: Vec<FrontierDone>,

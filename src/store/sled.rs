@@ -347,19 +347,34 @@ impl Durability {
                 *dirty = false;
             }
             let target = self.written.load(Ordering::SeqCst);
-            let result = db
-                .flush()
-                .map_err(|e| e.to_string())
-                .and_then(|_| disk.sync().map_err(|e| format!("syncing to disk: {e}")));
+            // Blob files listed before the flush are whole once it returns (it waits for every
+            // write reserved before it began); newer ones are synced by the next round.
+            let result = disk
+                .unsynced_blobs()
+                .map_err(|e| format!("listing sled's blob files: {e}"))
+                .and_then(|blobs| {
+                    db.flush().map_err(|e| e.to_string())?;
+                    disk.sync(blobs)
+                        .map_err(|e| format!("syncing to disk: {e}"))
+                });
             self.flushes.fetch_add(1, Ordering::Relaxed);
+            let failed = result.is_err();
             self.state.send_modify(|f| match result {
-                Ok(_) => f.upto = f.upto.max(target),
+                Ok(()) => f.upto = f.upto.max(target),
                 Err(e) => {
-                    tracing::error!(error = %e, "flushing the sled store failed");
-                    f.failed_upto = f.failed_upto.max(target);
-                    f.error = Some(e);
+                    tracing::error!(error = %e, "flushing the sled store failed; no write is acknowledged until harvest restarts");
+                    // Sticky: after a failed sync the kernel may have dropped dirty pages, and a
+                    // later sync would succeed (it reports an error once), so nothing written
+                    // after this can be called durable either.
+                    f.failed_upto = u64::MAX;
+                    f.error = Some(format!(
+                        "{e}; no write is acknowledged until harvest restarts"
+                    ));
                 }
             });
+            if failed {
+                return;
+            }
         }
     }
 }
@@ -386,30 +401,40 @@ impl DiskSync {
         })
     }
 
-    fn sync(&mut self) -> std::io::Result<()> {
-        self.log.sync_data()?;
+    /// Blob files not synced yet (and forgets synced ones sled has removed).
+    fn unsynced_blobs(&mut self) -> std::io::Result<Vec<std::ffi::OsString>> {
         let entries = match std::fs::read_dir(&self.blobs) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
         let mut present = std::collections::HashSet::new();
-        let mut added = false;
+        let mut new = Vec::new();
         for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name();
+            let name = entry?.file_name();
             if !self.synced.contains(&name) {
-                match std::fs::File::open(entry.path()) {
-                    Ok(f) => f.sync_data()?,
-                    // Removed since listed: sled no longer needs it.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
-                added = true;
+                new.push(name.clone());
             }
             present.insert(name);
         }
-        self.synced = present;
+        self.synced.retain(|n| present.contains(n));
+        Ok(new)
+    }
+
+    /// Syncs the log, then `blobs` (listed before the flush that just ended) and their directory.
+    fn sync(&mut self, blobs: Vec<std::ffi::OsString>) -> std::io::Result<()> {
+        self.log.sync_data()?;
+        let mut added = false;
+        for name in blobs {
+            match std::fs::File::open(self.blobs.join(&name)) {
+                Ok(f) => f.sync_data()?,
+                // Removed since listed: sled no longer needs it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+            self.synced.insert(name);
+            added = true;
+        }
         if added {
             std::fs::File::open(&self.blobs)?.sync_all()?;
         }
@@ -1195,15 +1220,15 @@ impl SledStore {
                         new_live[(pos - start) as usize] = false;
                         continue;
                     }
-                } else if let Some(first) = st.holds(&self.db, pos, &done.url)? {
-                    if let Some((live, changed)) = st.chunks.get_mut(&first)
-                        && live.is_live(pos - first)
-                    {
-                        live.clear(pos - first);
-                        *changed = true;
-                    }
+                } else if let Some(first) = st.holds(&self.db, pos, &done.url)?
+                    && let Some((live, changed)) = st.chunks.get_mut(&first)
+                    && live.is_live(pos - first)
+                {
+                    live.clear(pos - first);
+                    *changed = true;
                     continue;
                 }
+                // Not live there (done already): the URL may still be live elsewhere.
             }
             if let Some(pos) = here.get(done.url.as_str()) {
                 new_live[(pos - start) as usize] = false;
@@ -1352,6 +1377,18 @@ impl SledStore {
             self.db.remove(k_chunk(b'J', id, first)).map_err(backend)?;
         }
         Ok(done)
+    }
+
+    /// Brings the `U` index up to date before a commit that will look URLs up (one not shaped
+    /// like the engine's: additions not all new, or done URLs without a position), a few chunks
+    /// per hold of the store mutex, rather than all at once under it in `stage_frontier`.
+    fn index_before(&self, id: &SessionId, batch: &CheckpointBatch) -> StoreResult<()> {
+        let lookups = batch.frontier_add.len() != batch.seen_add.len()
+            || batch.frontier_done.iter().any(|d| d.pos.is_none());
+        if lookups && self.index_behind(id)? {
+            blocking(|| self.index_catch_up(id))?;
+        }
+        Ok(())
     }
 
     /// Whether some committed frontier chunks of `id` are not indexed in `U` yet.
@@ -1818,6 +1855,7 @@ impl Store for SledStore {
     }
 
     async fn checkpoint_commit_if_running(&self, p: CheckpointCommit) -> StoreResult<bool> {
+        self.index_before(&p.attempt.id, &p.batch)?;
         let ticket = {
             let mut st = self.lock();
             let Some(old) = self.load_running(&p.attempt)? else {
@@ -1842,6 +1880,7 @@ impl Store for SledStore {
 
     async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<bool> {
         validate_terminal(p.status)?;
+        self.index_before(&p.attempt.id, &p.batch)?;
         let ticket = {
             let mut st = self.lock();
             let Some(old) = self.load_running(&p.attempt)? else {
@@ -2833,12 +2872,18 @@ mod tests {
             .open()
             .expect("open");
         let mut disk = DiskSync::open(dir.path()).expect("disk sync");
-        disk.sync().expect("sync with no blob");
-        assert!(disk.synced.is_empty());
+        let none = disk.unsynced_blobs().expect("list");
+        assert!(none.is_empty());
+        disk.sync(none).expect("sync with no blob");
         // Over a quarter of sled's 512 KiB segment: written as a blob file.
         db.insert(b"big", vec![7u8; 300 * 1024]).expect("insert");
+        let listed = disk.unsynced_blobs().expect("list");
         db.flush().expect("flush");
-        disk.sync().expect("sync");
+        disk.sync(listed).expect("sync");
+        assert!(
+            disk.unsynced_blobs().expect("list").is_empty(),
+            "nothing left"
+        );
         let blobs: Vec<_> = std::fs::read_dir(dir.path().join("blobs"))
             .expect("blobs dir")
             .filter_map(Result::ok)
@@ -2850,10 +2895,37 @@ mod tests {
             "each blob synced"
         );
         std::fs::remove_file(dir.path().join("blobs").join(&blobs[0])).expect("remove");
-        disk.sync().expect("sync after a removal");
+        disk.unsynced_blobs().expect("list after a removal");
         assert!(
             !disk.synced.contains(&blobs[0]),
             "removed blobs are forgotten"
         );
+    }
+
+    /// A position hint naming an entry of the URL that is done already does not stop the
+    /// removal: the URL's live entry elsewhere (re-added after it was done) is found by its URL.
+    #[tokio::test]
+    async fn a_hint_at_a_done_entry_falls_back_to_the_live_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let a = running(&store).await;
+        let u = "http://x/u";
+        let add = |urls: &[&str]| CheckpointBatch {
+            frontier_add: urls.iter().map(|u| entry(u)).collect(),
+            ..Default::default()
+        };
+        checkpoint(&store, &a, add(&[u, "http://x/v"])).await; // u at 1
+        let done_at = |pos| CheckpointBatch {
+            frontier_done: vec![FrontierDone {
+                url: u.into(),
+                pos: Some(pos),
+            }],
+            ..Default::default()
+        };
+        checkpoint(&store, &a, done_at(1)).await;
+        checkpoint(&store, &a, add(&[u])).await; // again, at 3
+        assert_eq!(frontier_urls(&store, &a.id).await, vec!["http://x/v", u]);
+        checkpoint(&store, &a, done_at(1)).await; // a stale hint
+        assert_eq!(frontier_urls(&store, &a.id).await, vec!["http://x/v"]);
     }
 }
