@@ -2616,6 +2616,19 @@ mod tests {
 
     use super::super::FrontierDone;
 
+    fn url(i: usize) -> String {
+        format!("http://x/{i:05}")
+    }
+
+    /// A batch adding `url(i)` for each `i` as new (frontier and seen set), as the engine does.
+    fn new_urls(range: std::ops::Range<usize>) -> CheckpointBatch {
+        CheckpointBatch {
+            frontier_add: range.clone().map(|i| entry(&url(i))).collect(),
+            seen_add: range.map(url).collect(),
+            ..Default::default()
+        }
+    }
+
     fn keys_under(store: &SledStore, tag: u8, id: &SessionId) -> usize {
         store.db.scan_prefix(data_prefix(tag, id)).count()
     }
@@ -2648,22 +2661,12 @@ mod tests {
     #[tokio::test]
     async fn the_seen_index_is_built_from_the_chunks_when_first_read() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = |i: usize| format!("http://x/{i:05}");
         let id = {
             let store = SledStore::open(dir.path()).expect("open");
             let a = running(&store).await;
             let resume = store.resume_sync(&a.id).expect("resume");
             assert_eq!(resume.frontier_next, 1, "positions start at 1");
-            checkpoint(
-                &store,
-                &a,
-                CheckpointBatch {
-                    frontier_add: (0..1100).map(|i| entry(&url(i))).collect(),
-                    seen_add: (0..1100).map(url).collect(),
-                    ..Default::default()
-                },
-            )
-            .await;
+            checkpoint(&store, &a, new_urls(0..1100)).await;
             assert_eq!(keys_under(&store, b'U', &a.id), 0, "no U key at commit");
             assert_eq!(
                 store.resume_sync(&a.id).expect("resume").frontier_next,
@@ -2731,17 +2734,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
         let a = running(&store).await;
-        let url = |i: usize| format!("http://x/{i:05}");
-        checkpoint(
-            &store,
-            &a,
-            CheckpointBatch {
-                frontier_add: (0..10).map(|i| entry(&url(i))).collect(),
-                seen_add: (0..10).map(url).collect(),
-                ..Default::default()
-            },
-        )
-        .await;
+        checkpoint(&store, &a, new_urls(0..10)).await;
         let hint = |i: usize, pos: Option<u64>| FrontierDone { url: url(i), pos };
         checkpoint(
             &store,
@@ -2812,17 +2805,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
         let a = running(&store).await;
-        let url = |i: usize| format!("http://x/{i:05}");
-        checkpoint(
-            &store,
-            &a,
-            CheckpointBatch {
-                frontier_add: (0..2000).map(|i| entry(&url(i))).collect(),
-                seen_add: (0..2000).map(url).collect(),
-                ..Default::default()
-            },
-        )
-        .await;
+        checkpoint(&store, &a, new_urls(0..2000)).await;
         {
             let _st = store.lock();
             assert!(

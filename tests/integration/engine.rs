@@ -461,6 +461,27 @@ async fn tiny_window_and_seen_cache_fetch_each_page_once() {
     );
 }
 
+/// `harvest run --resume` with [`tiny_memory`] settings, writing into `buf`.
+async fn over_sled(
+    cfg: &Value,
+    buf: &SharedBuf,
+    progress: Progress,
+    stop: StopSignal,
+    dir: &std::path::Path,
+) -> Result<harvest::engine::RunSummary, harvest::engine::EngineError> {
+    let out = Box::new(buf.clone());
+    run_local_resumable(
+        cfg,
+        &BTreeMap::new(),
+        tiny_memory(),
+        out,
+        progress,
+        stop,
+        dir,
+    )
+    .await
+}
+
 /// The same through a real sled store (`harvest run --resume`): the frontier spills to its
 /// chunks, and seen-set lookups build its URL index from them while the crawl commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,17 +491,9 @@ async fn tiny_window_and_seen_cache_over_sled_fetch_each_page_once() {
     cfg["http"]["concurrency"] = json!(4);
     let dir = tempfile::tempdir().unwrap();
     let buf = SharedBuf::default();
-    let summary = run_local_resumable(
-        &cfg,
-        &BTreeMap::new(),
-        tiny_memory(),
-        Box::new(buf.clone()),
-        Progress::Silent,
-        StopSignal::new(),
-        dir.path(),
-    )
-    .await
-    .expect("runs");
+    let summary = over_sled(&cfg, &buf, Progress::Silent, StopSignal::new(), dir.path())
+        .await
+        .expect("runs");
     assert_eq!(summary.status, "completed");
     let skus = by_sku(&buf.records());
     assert_eq!(skus.len(), 150, "missing records");
@@ -508,34 +521,18 @@ async fn a_stopped_sled_run_resumes_with_each_record_once() {
             s2.stop(StopReason::Shutdown);
         }
     }));
-    let first = run_local_resumable(
-        &cfg,
-        &BTreeMap::new(),
-        tiny_memory(),
-        Box::new(buf.clone()),
-        progress,
-        stop,
-        dir.path(),
-    )
-    .await
-    .expect("first run");
+    let first = over_sled(&cfg, &buf, progress, stop, dir.path())
+        .await
+        .expect("first run");
     assert_ne!(first.status, "completed", "stopped part-way: {first}");
     let written = buf.records().len();
     assert!(
         (60..150).contains(&written),
         "{written} records before the stop"
     );
-    let second = run_local_resumable(
-        &cfg,
-        &BTreeMap::new(),
-        tiny_memory(),
-        Box::new(buf.clone()),
-        Progress::Silent,
-        StopSignal::new(),
-        dir.path(),
-    )
-    .await
-    .expect("second run");
+    let second = over_sled(&cfg, &buf, Progress::Silent, StopSignal::new(), dir.path())
+        .await
+        .expect("second run");
     assert_eq!(second.status, "completed");
     let skus = by_sku(&buf.records());
     assert_eq!(skus.len(), 150, "missing records");

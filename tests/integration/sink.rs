@@ -356,31 +356,27 @@ async fn a_reused_session_id_exports_beside_the_rows_its_predecessor_kept() {
         req.options.cleanup_external = !keep;
         req
     };
+    let complete = |req: SubmitRequest| {
+        let harvest = &harvest;
+        async move {
+            let handle = harvest.submit(req).await.expect("submit");
+            handle
+                .await_completion(Duration::from_secs(30))
+                .await
+                .expect("await")
+                .expect("ends")
+        }
+    };
     // In the old-style table: the column is added, rows of new sessions carry their seq.
-    let first = harvest.submit(run("items", true)).await.expect("submit");
-    let first = first
-        .await_completion(Duration::from_secs(30))
-        .await
-        .expect("await")
-        .expect("completes");
+    let first = complete(run("items", true)).await;
     assert_eq!(first.status, SessionStatus::Completed, "{first:?}");
     harvest.close(&id).await.expect("close, keeping the rows");
 
     // A fresh table, twice with one id.
-    let a = harvest.submit(run("fresh", true)).await.expect("submit");
-    let a = a
-        .await_completion(Duration::from_secs(30))
-        .await
-        .expect("await")
-        .expect("completes");
+    let a = complete(run("fresh", true)).await;
     assert_eq!(a.status, SessionStatus::Completed, "{a:?}");
     harvest.close(&id).await.expect("close, keeping the rows");
-    let b = harvest.submit(run("fresh", false)).await.expect("submit");
-    let b = b
-        .await_completion(Duration::from_secs(30))
-        .await
-        .expect("await")
-        .expect("completes");
+    let b = complete(run("fresh", false)).await;
     assert_eq!(
         b.status,
         SessionStatus::Completed,
