@@ -713,6 +713,23 @@ impl UrlState {
     }
 }
 
+/// The decoded value of `k`, if the key is there.
+fn read<T: serde::de::DeserializeOwned>(db: &sled::Db, k: &[u8]) -> StoreResult<Option<T>> {
+    match db.get(k).map_err(backend)? {
+        Some(v) => Ok(Some(codec::decode(&|| show_key(k), &v)?)),
+        None => Ok(None),
+    }
+}
+
+/// The `U` state of `url` in session `id` (default: neither seen nor added).
+fn read_url(db: &sled::Db, id: &SessionId, url: &str) -> StoreResult<UrlState> {
+    let k = k_url(b'U', id, url);
+    match db.get(&k).map_err(backend)? {
+        Some(v) => UrlState::decode(&k, &v),
+        None => Ok(UrlState::default()),
+    }
+}
+
 /// The crawl-state changes of one checkpoint being staged: what it read and what it changes.
 struct FrontierStage<'a> {
     id: &'a SessionId,
@@ -729,11 +746,7 @@ impl<'a> FrontierStage<'a> {
         if let Some((st, _)) = self.urls.get(url) {
             return Ok(*st);
         }
-        let k = k_url(b'U', self.id, url);
-        let st = match db.get(&k).map_err(backend)? {
-            Some(v) => UrlState::decode(&k, &v)?,
-            None => UrlState::default(),
-        };
+        let st = read_url(db, self.id, url)?;
         self.urls.insert(url, (st, false));
         Ok(st)
     }
@@ -778,10 +791,8 @@ impl<'a> FrontierStage<'a> {
             return Ok(None);
         };
         if !self.entries.contains_key(&first) {
-            let kb = k_chunk(b'B', self.id, first);
-            let entries: Vec<FrontierEntry> = match db.get(&kb).map_err(backend)? {
-                Some(v) => codec::decode(&|| show_key(&kb), &v)?,
-                None => return Ok(None),
+            let Some(entries) = read(db, &k_chunk(b'B', self.id, first))? else {
+                return Ok(None);
             };
             self.entries.insert(first, entries);
         }
@@ -1161,7 +1172,7 @@ impl SledStore {
             return Ok(());
         }
         let k_next = data_prefix(b'K', id);
-        let start: u64 = self.read_u64(&k_next)?.unwrap_or(1);
+        let start: u64 = read(&self.db, &k_next)?.unwrap_or(1);
         let mut st = FrontierStage {
             id,
             urls: std::collections::HashMap::new(),
@@ -1270,7 +1281,7 @@ impl SledStore {
             }
         }
         // Read after any catch-up above.
-        let indexed: u64 = self.read_u64(&data_prefix(b'I', id))?.unwrap_or(1);
+        let (indexed, _) = self.index_range(id)?;
         for (first, (live, changed)) in &st.chunks {
             if !changed {
                 continue;
@@ -1301,12 +1312,12 @@ impl SledStore {
         Ok(())
     }
 
-    /// A `u64` value (`K`, `I`), if the key is there.
-    fn read_u64(&self, k: &[u8]) -> StoreResult<Option<u64>> {
-        match self.db.get(k).map_err(backend)? {
-            Some(v) => Ok(Some(codec::decode(&|| show_key(k), &v)?)),
-            None => Ok(None),
-        }
+    /// `I` and `K` of `id`: the index covers the frontier positions before the first, the
+    /// next addition takes the second.
+    fn index_range(&self, id: &SessionId) -> StoreResult<(u64, u64)> {
+        let indexed = read(&self.db, &data_prefix(b'I', id))?.unwrap_or(1);
+        let next = read(&self.db, &data_prefix(b'K', id))?.unwrap_or(1);
+        Ok((indexed, next))
     }
 
     /// Indexes in `U` up to `max_chunks` frontier chunks the index does not cover yet (see
@@ -1320,8 +1331,7 @@ impl SledStore {
     /// run of this): it is left as it is.
     fn index_step(&self, id: &SessionId, max_chunks: usize) -> StoreResult<bool> {
         let k_indexed = data_prefix(b'I', id);
-        let from = self.read_u64(&k_indexed)?.unwrap_or(1);
-        let next = self.read_u64(&data_prefix(b'K', id))?.unwrap_or(1);
+        let (from, next) = self.index_range(id)?;
         if from >= next {
             return Ok(true);
         }
@@ -1342,11 +1352,7 @@ impl SledStore {
             let entries: Vec<FrontierEntry> = codec::decode(&|| show_key(&k), &v)?;
             for (i, e) in entries.iter().enumerate() {
                 let pos = first + i as u64;
-                let ku = k_url(b'U', id, &e.url);
-                let old = match self.db.get(&ku).map_err(backend)? {
-                    Some(v) => UrlState::decode(&ku, &v)?,
-                    None => UrlState::default(),
-                };
+                let old = read_url(&self.db, id, &e.url)?;
                 if old.pos.is_some_and(|p| p >= pos) {
                     continue;
                 }
@@ -1355,15 +1361,14 @@ impl SledStore {
                     pos: Some(pos),
                 };
                 if let Some(v) = now.encode() {
-                    self.db.insert(ku, v).map_err(backend)?;
+                    self.db
+                        .insert(k_url(b'U', id, &e.url), v)
+                        .map_err(backend)?;
                 }
             }
-            let kj = k_chunk(b'J', id, first);
-            if let Some(v) = self.db.get(&kj).map_err(backend)? {
-                let live: ChunkLive = codec::decode(&|| show_key(&kj), &v)?;
-                if live.count() == 0 {
-                    dead.push(first);
-                }
+            let live: Option<ChunkLive> = read(&self.db, &k_chunk(b'J', id, first))?;
+            if live.is_some_and(|l| l.count() == 0) {
+                dead.push(first);
             }
             upto = first + entries.len() as u64;
         }
@@ -1393,8 +1398,7 @@ impl SledStore {
 
     /// Whether some committed frontier chunks of `id` are not indexed in `U` yet.
     fn index_behind(&self, id: &SessionId) -> StoreResult<bool> {
-        let from = self.read_u64(&data_prefix(b'I', id))?.unwrap_or(1);
-        let next = self.read_u64(&data_prefix(b'K', id))?.unwrap_or(1);
+        let (from, next) = self.index_range(id)?;
         Ok(from < next)
     }
 
@@ -1701,7 +1705,7 @@ impl SledStore {
         }
         Ok(ResumeState {
             frontier_len,
-            frontier_next: self.read_u64(&data_prefix(b'K', id))?.unwrap_or(1),
+            frontier_next: read(&self.db, &data_prefix(b'K', id))?.unwrap_or(1),
             records: s.metrics.processed_elements,
             metrics: s.metrics,
             usage: s.usage,
@@ -2210,10 +2214,8 @@ impl Store for SledStore {
                 continue;
             }
             let kb = k_chunk(b'B', &p.id, first);
-            let entries: Vec<FrontierEntry> = match self.db.get(&kb).map_err(backend)? {
-                Some(v) => codec::decode(&|| show_key(&kb), &v)?,
-                None => return Err(corrupt_key(&k, "a frontier chunk bitmap without its chunk")),
-            };
+            let entries: Vec<FrontierEntry> = read(&self.db, &kb)?
+                .ok_or_else(|| corrupt_key(&k, "a frontier chunk bitmap without its chunk"))?;
             if entries.len() != live.len as usize {
                 return Err(corrupt_key(
                     &kb,
@@ -2245,13 +2247,7 @@ impl Store for SledStore {
         }
         p.urls
             .iter()
-            .map(|u| {
-                let k = k_url(b'U', &p.id, u);
-                match self.db.get(&k).map_err(backend)? {
-                    Some(v) => Ok(UrlState::decode(&k, &v)?.seen),
-                    None => Ok(false),
-                }
-            })
+            .map(|u| Ok(read_url(&self.db, &p.id, u)?.seen))
             .collect()
     }
 

@@ -15,8 +15,13 @@ const PRODUCTS: usize = 2000;
 const KILLS: usize = 5;
 
 async fn site() -> harvest::sitegen::Site {
+    product_site(PRODUCTS).await
+}
+
+/// A generated shop of `products` products, 20 per list page.
+pub(crate) async fn product_site(products: usize) -> harvest::sitegen::Site {
     harvest::sitegen::serve(harvest::sitegen::SiteOptions {
-        products: PRODUCTS,
+        products,
         per_list: 20,
         specials: false,
         tree: 0,
@@ -29,9 +34,15 @@ async fn site() -> harvest::sitegen::Site {
 /// kill it five times in the middle, and the work lost per kill (4 pages in flight plus ~100 ms
 /// of uncommitted pages) stays well inside the 10% budget.
 fn config(base: &str) -> String {
+    paced_config("resume-crash", base)
+}
+
+/// The crawl of the resume tests: the list chain and the product pages (title and sku) of the
+/// shop at `base`, 4 requests in flight 5 ms apart (~200 pages/s).
+pub(crate) fn paced_config(name: &str, base: &str) -> String {
     format!(
         r#"
-name = "resume-crash"
+name = "{name}"
 start_urls = ["{base}/index.html"]
 [limits]
 max_pages = 10000

@@ -16,29 +16,8 @@ use serde_json::Value;
 
 const PRODUCTS: usize = 600;
 
-/// ~200 pages/s (5 ms between requests to the one host): the crawl lasts ~3 s.
 fn config(base: &str) -> String {
-    format!(
-        r#"
-name = "run-resume"
-start_urls = ["{base}/index.html"]
-[limits]
-max_pages = 10000
-max_depth = 200
-[http]
-concurrency = 4
-per_host_concurrency = 4
-delay_ms = 5
-obey_robots_txt = false
-[[follow]]
-selector = "a.next"
-[[follow]]
-selector = "article.product a.title"
-page = "product"
-[pages.product]
-fields.sku = {{ selector = "td.sku" }}
-"#
-    )
+    crate::resume_crash::paced_config("run-resume", base)
 }
 
 /// A `harvest run` whose stdout lines are collected as they come.
@@ -124,14 +103,7 @@ fn skus(lines: &[String]) -> BTreeMap<String, usize> {
 }
 
 async fn site() -> harvest::sitegen::Site {
-    harvest::sitegen::serve(harvest::sitegen::SiteOptions {
-        products: PRODUCTS,
-        per_list: 20,
-        specials: false,
-        tree: 0,
-    })
-    .await
-    .expect("fixture site")
+    crate::resume_crash::product_site(PRODUCTS).await
 }
 
 /// Every record DIR holds, once each.

@@ -57,6 +57,36 @@ impl Job for RecordsJob {
     }
 }
 
+/// A PostgreSQL store in a schema of its own, an export schema, and the guards that drop both.
+struct Fixture {
+    url: String,
+    export_schema: String,
+    store: Arc<dyn Store>,
+    _guards: [SchemaGuard; 2],
+}
+
+/// `None` (the test is skipped) without a test database.
+async fn fixture() -> Option<Fixture> {
+    let url = database_url()?;
+    let (store_schema, export_schema) = (unique_schema(), unique_schema());
+    let guard = |schema: &String| SchemaGuard {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
+    let _guards = [guard(&store_schema), guard(&export_schema)];
+    let store: Arc<dyn Store> = Arc::new(
+        PostgresStore::connect_with_schema(&url, &store_schema)
+            .await
+            .expect("store"),
+    );
+    Some(Fixture {
+        url,
+        export_schema,
+        store,
+        _guards,
+    })
+}
+
 fn config(export_schema: &str, url: &str, dir: &std::path::Path) -> Config {
     let mut cfg = Config::default();
     cfg.export.schema = export_schema.to_string();
@@ -72,23 +102,16 @@ fn config(export_schema: &str, url: &str, dir: &std::path::Path) -> Config {
 /// holds each record exactly once, the files are whole, and closing the session deletes the rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_sink_crash_between_rows_and_status_leaves_one_copy() {
-    let Some(url) = database_url() else { return };
-    let store_schema = unique_schema();
-    let export_schema = unique_schema();
-    let _g1 = SchemaGuard {
-        url: url.clone(),
-        schema: store_schema.clone(),
-    };
-    let _g2 = SchemaGuard {
-        url: url.clone(),
-        schema: export_schema.clone(),
+    let Some(Fixture {
+        url,
+        export_schema,
+        store,
+        _guards,
+    }) = fixture().await
+    else {
+        return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let store: Arc<dyn Store> = Arc::new(
-        PostgresStore::connect_with_schema(&url, &store_schema)
-            .await
-            .expect("store"),
-    );
     let harvest = Harvest::builder(config(&export_schema, &url, dir.path()))
         .store(store.clone())
         .job(Arc::new(RecordsJob { total: 30, per: 10 }))
@@ -311,16 +334,14 @@ async fn file_sink_failure_fails_the_session_and_leaves_no_file() {
 /// an earlier harvest (no `session_seq`) gets the column and keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_session_id_exports_beside_the_rows_its_predecessor_kept() {
-    let Some(url) = database_url() else { return };
-    let store_schema = unique_schema();
-    let export_schema = unique_schema();
-    let _g1 = SchemaGuard {
-        url: url.clone(),
-        schema: store_schema.clone(),
-    };
-    let _g2 = SchemaGuard {
-        url: url.clone(),
-        schema: export_schema.clone(),
+    let Some(Fixture {
+        url,
+        export_schema,
+        store,
+        _guards,
+    }) = fixture().await
+    else {
+        return;
     };
     let db = admin(&url).await.expect("admin");
     // The shape of tables made before `session_seq`, with a row of an old session.
@@ -337,11 +358,6 @@ async fn a_reused_session_id_exports_beside_the_rows_its_predecessor_kept() {
     .await
     .expect("an old-style table");
     let dir = tempfile::tempdir().expect("tempdir");
-    let store: Arc<dyn Store> = Arc::new(
-        PostgresStore::connect_with_schema(&url, &store_schema)
-            .await
-            .expect("store"),
-    );
     let harvest = Harvest::builder(config(&export_schema, &url, dir.path()))
         .store(store.clone())
         .job(Arc::new(RecordsJob { total: 5, per: 2 }))
