@@ -12,7 +12,7 @@
 //!
 //! | key | value | what |
 //! |---|---|---|
-//! | `\0meta` | `u32` | schema version, written at first open |
+//! | `\0meta` | `u32` | layout version ([`LAYOUT_VERSION`]), written at open |
 //! | `\0counters` | `Counters` | next seq, sessions per status, size of the due index |
 //! | `\0i` seq | encoded batch | a batch being applied; present after a crash only if interrupted |
 //! | `S` id | `Session` | the sessions |
@@ -119,9 +119,9 @@ use tokio::sync::{Notify, watch};
 use super::{
     Agent, CancelOutcome, CheckpointBatch, CheckpointCommit, FRONTIER_PAGE_MAX, FrontierItem,
     FrontierPage, HeartbeatOutcome, InsertOutcome, LOG_LINES_MAX, LeaseReclaim, Reclaimed,
-    RecordsPage, RequeueOutcome, ResumeState, SCHEMA_VERSION, SeenFilter, SessionCancel,
-    SessionClaim, SessionCounts, SessionFinish, SessionHeartbeat, SessionInsert, SessionList,
-    SessionPage, SessionRequeue, SessionsExpire, Store, StoreError, StoreResult, codec, key_name,
+    RecordsPage, RequeueOutcome, ResumeState, SeenFilter, SessionCancel, SessionClaim,
+    SessionCounts, SessionFinish, SessionHeartbeat, SessionInsert, SessionList, SessionPage,
+    SessionRequeue, SessionsExpire, Store, StoreError, StoreResult, codec, key_name,
 };
 use crate::session::{
     FrontierEntry, Lease, LogLine, Record, Session, SessionError, SessionId, SessionStatus,
@@ -129,6 +129,14 @@ use crate::session::{
 };
 
 const META_KEY: &[u8] = b"\0meta";
+
+/// Version of this store's layout, kept in `\0meta` (values keep their own [`super::SCHEMA_VERSION`]
+/// byte). 1: `U` written with every checkpoint. 2: `U` built from the frontier chunks when first
+/// read, up to `I` ("Crawl state" above). A version-1 store opens as it is (its `U` is complete;
+/// a missing `I` reads as 1, and the first catch-up re-indexes what is there, changing nothing)
+/// and is marked 2, so that a harvest that knows only version 1, which would take the URLs
+/// not yet indexed as never seen, refuses it instead of misreading it.
+pub const LAYOUT_VERSION: u32 = 2;
 
 // sled's page cache. Its default (1 GiB) lets a crawl of millions of URLs grow the process far
 // beyond what the crawl needs; sled's count is of serialized bytes, the nodes take ~3x that in
@@ -900,17 +908,22 @@ impl SledStore {
                         },
                         other => other,
                     })?;
-                if found > SCHEMA_VERSION {
+                if found > LAYOUT_VERSION {
                     return Err(StoreError::NewerVersion {
                         what: what(),
                         found,
-                        supported: SCHEMA_VERSION,
+                        supported: LAYOUT_VERSION,
                     });
+                }
+                if found < LAYOUT_VERSION {
+                    db.insert(META_KEY, codec::encode(&LAYOUT_VERSION)?)
+                        .map_err(backend)?;
+                    db.flush().map_err(backend)?;
                 }
             }
             None => {
                 let mut b = Batch::default();
-                b.insert(META_KEY, codec::encode(&SCHEMA_VERSION)?);
+                b.insert(META_KEY, codec::encode(&LAYOUT_VERSION)?);
                 b.insert(
                     COUNTERS_KEY,
                     codec::encode(&Counters {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harvest::session::{SessionId, SessionStatus};
-use harvest::store::sled::SledStore;
+use harvest::store::sled::{LAYOUT_VERSION, SledStore};
 use harvest::store::{
     CheckpointBatch, CheckpointCommit, InsertOutcome, RecordsPage, SCHEMA_VERSION, SessionInsert,
     SessionList, Store, StoreError, codec,
@@ -161,15 +161,34 @@ async fn newer_schema_version_is_refused() {
         "{msg}"
     );
 
-    // A newer version number inside a current-format value is refused too.
+    // A newer layout version inside a current-format value is refused too.
     {
         let db = raw(&dir);
-        db.insert(b"\0meta", codec::encode(&(SCHEMA_VERSION + 1)).unwrap())
+        db.insert(b"\0meta", codec::encode(&(LAYOUT_VERSION + 1)).unwrap())
             .unwrap();
         db.flush().unwrap();
     }
     let err = refused(&dir);
     assert!(matches!(err, StoreError::NewerVersion { .. }), "{err:?}");
+}
+
+/// A store of layout 1 (every URL in `U` at commit) opens and is marked with the current layout,
+/// which a harvest that knows only layout 1 refuses (it compares the number with its own).
+#[tokio::test]
+async fn an_older_layout_opens_and_is_marked_current() {
+    let dir = TempDir::new().unwrap();
+    drop(open(&dir));
+    {
+        let db = raw(&dir);
+        db.insert(b"\0meta", codec::encode(&1u32).unwrap()).unwrap();
+        db.flush().unwrap();
+    }
+    drop(open(&dir));
+    let db = raw(&dir);
+    let meta = db.get(b"\0meta").unwrap().expect("meta");
+    let version: u32 = codec::decode(&|| "meta".into(), &meta).unwrap();
+    assert_eq!(version, LAYOUT_VERSION);
+    const { assert!(LAYOUT_VERSION > 1, "layout 1 readers refuse it") };
 }
 
 #[tokio::test]
