@@ -19,16 +19,24 @@ use tokio_util::sync::CancellationToken;
 use crate::session::{Session, SessionError};
 use crate::store::{CheckpointBatch, FrontierItem, ResumeState};
 
-/// The lease is gone: another attempt owns the session now. Stop without writing anything else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the lease on this session was lost; another attempt owns it")]
-pub struct LeaseLost;
+/// Why a checkpoint was not committed. Either way the attempt must stop and write nothing
+/// else: another attempt (or nobody) owns the session now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The lease is gone: the session was reclaimed by another attempt, or closed.
+    #[error("the lease on this session was lost; another attempt owns it or it was closed")]
+    LeaseLost,
+    /// The commit, or what must follow it, failed (e.g. the store is unavailable, or a local
+    /// run's output was closed): the attempt is abandoned where it stands.
+    #[error("the attempt was abandoned: {0}")]
+    Abandoned(String),
+}
 
 /// Where a running job commits its progress.
 #[async_trait]
 pub trait CheckpointSink: Send + Sync {
     /// Commits a batch atomically (durable on return).
-    async fn commit(&self, batch: CheckpointBatch) -> Result<(), LeaseLost>;
+    async fn commit(&self, batch: CheckpointBatch) -> Result<(), CommitError>;
 }
 
 /// The committed crawl state could not be read.
@@ -65,6 +73,16 @@ pub enum StopReason {
     Shutdown = 3,
     /// The lease was lost: stop, write nothing.
     LeaseLost = 4,
+    /// The attempt is abandoned (its commits cannot be made or followed up): stop, write
+    /// nothing.
+    Abandoned = 5,
+}
+
+impl StopReason {
+    /// Whether the job must stop without committing anything more.
+    pub fn writes_nothing(self) -> bool {
+        matches!(self, StopReason::LeaseLost | StopReason::Abandoned)
+    }
 }
 
 /// A cooperative stop request with its reason. Cheap to clone; the first reason wins.
@@ -100,6 +118,7 @@ impl StopSignal {
             2 => Some(StopReason::MaxDuration),
             3 => Some(StopReason::Shutdown),
             4 => Some(StopReason::LeaseLost),
+            5 => Some(StopReason::Abandoned),
             _ => None,
         }
     }

@@ -22,7 +22,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::sessions::{config_from_text, params_to_strings};
 use super::view::{OptionsView, SessionView};
-use crate::agent::{AgentRun, AgentSpec};
+use crate::service::{AgentRun, AgentSpec};
 use crate::session::{SessionOptions, Timestamp};
 use crate::store::{Agent, AgentSessions};
 

@@ -164,7 +164,7 @@ async fn submit_agent_run(
             "give either `config` or `agent`, not both",
         ));
     }
-    crate::agent::validate_name(&agent)?;
+    crate::service::agents::validate_name(&agent)?;
     let client_id = match caller.client_id() {
         Some(id) => id.to_string(),
         None => body.client.and_then(|c| c.client_id).unwrap_or_default(),
@@ -173,7 +173,7 @@ async fn submit_agent_run(
         Some(id) => Some(client_session_id(&id)?),
         None => None,
     };
-    let run = crate::agent::AgentRun {
+    let run = crate::service::AgentRun {
         params: params_to_strings(body.params)?,
         options: body.options,
         session_id,

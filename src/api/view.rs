@@ -213,7 +213,7 @@ impl SessionView {
                 robots_blocked: s.usage.robots_blocked,
             },
             error: s.error.as_ref().map(|e| ErrorView {
-                kind: e.kind.clone(),
+                kind: e.kind.to_string(),
                 message: e.message.clone(),
             }),
             cancel_requested: s.cancel_requested,

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
-use crate::service::Harvest;
+use harvest::config::Config;
+use harvest::service::Harvest;
 
 pub mod client;
 
@@ -254,7 +254,7 @@ async fn serve(config: &std::path::Path, args: ServeArgs, http: bool) -> anyhow:
             cfg.server.bind
         );
     }
-    let metrics = crate::metrics::install(cfg.metrics.per_client_labels);
+    let metrics = harvest::metrics::install(cfg.metrics.per_client_labels);
     let grace = Duration::from_secs(cfg.workers.shutdown_grace_secs);
     let harvest = Harvest::open(cfg.clone())
         .await
@@ -274,7 +274,7 @@ async fn serve(config: &std::path::Path, args: ServeArgs, http: bool) -> anyhow:
             .await
             .with_context(|| format!("binding {bind}"))?;
         tracing::info!(addr = %listener.local_addr()?, "listening");
-        let app = crate::api::router(harvest.clone(), metrics.clone());
+        let app = harvest::api::router(harvest.clone(), metrics.clone());
         let mut rx = stop_rx.clone();
         servers.push(tokio::spawn(async move {
             axum::serve(listener, app)
@@ -328,35 +328,39 @@ async fn shutdown_signal() {
 async fn run_local(args: RunArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let config = crate::engine::parse_config_text(&text)
+    let config = harvest::engine::parse_config_text(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     let params = args.params.into_iter().collect();
-    let settings = crate::engine::EngineSettings {
-        guard: args.guard.then(|| crate::engine::NetGuard::new(Vec::new())),
+    let settings = harvest::engine::EngineSettings {
+        guard: args
+            .guard
+            .then(|| harvest::engine::NetGuard::new(Vec::new())),
         ..Default::default()
     };
-    let stop = crate::job::StopSignal::new();
+    let stop = harvest::job::StopSignal::new();
     let on_ctrl_c = stop.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             eprintln!("harvest run: stopping after the pages in flight (Ctrl-C again to abort)");
-            on_ctrl_c.stop(crate::job::StopReason::Cancelled);
+            on_ctrl_c.stop(harvest::job::StopReason::Cancelled);
             let _ = tokio::signal::ctrl_c().await;
             std::process::exit(130);
         }
     });
     let out = Box::new(std::io::stdout());
-    let progress = crate::engine::Progress::Stderr;
+    let progress = harvest::local::Progress::Stderr;
     let summary = match &args.resume {
         Some(dir) => {
-            crate::engine::run_local_resumable(&config, &params, settings, out, progress, stop, dir)
-                .await
+            harvest::local::run_local_resumable(
+                &config, &params, settings, out, progress, stop, dir,
+            )
+            .await
         }
-        None => crate::engine::run_local(&config, &params, settings, out, progress, stop).await,
+        None => harvest::local::run_local(&config, &params, settings, out, progress, stop).await,
     }
     .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     eprintln!("{summary}");
-    if summary.status == "completed" || summary.status == "already completed" {
+    if summary.is_completed() {
         Ok(())
     } else {
         anyhow::bail!("the crawl did not complete")

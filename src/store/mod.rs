@@ -488,8 +488,15 @@ pub enum AgentSessions {
 /// The storage driver. See the module docs for the rules every method follows.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Backend name (`sled`, `postgres`).
+    /// Backend name (`sled`, `postgres`), for logs and metrics; never for decisions.
     fn backend(&self) -> &'static str;
+
+    /// Whether this process is the store's only user (sled locks its directory): every
+    /// RUNNING session found at open then belongs to a dead process and is taken back at once.
+    /// Shared backends say `false` and leave that to lease expiry.
+    fn exclusive(&self) -> bool {
+        false
+    }
 
     /// Insert a new PENDING session (durable on return). A duplicate id is
     /// [`StoreError::Duplicate`], never an overwrite.

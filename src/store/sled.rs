@@ -1753,6 +1753,10 @@ impl Store for SledStore {
         "sled"
     }
 
+    fn exclusive(&self) -> bool {
+        true
+    }
+
     async fn session_insert(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
         let mut s = p.session;
         if s.status != SessionStatus::Pending {

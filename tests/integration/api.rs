@@ -1,4 +1,4 @@
-//! The HTTP API over real HTTP: every route of DESIGN §6 (agents aside), its status codes and its
+//! The HTTP API over real HTTP: every route of the README's API table (agents aside), its status codes and its
 //! errors, in the `{"error": {"code", "message"}}` shape.
 
 use std::collections::BTreeSet;

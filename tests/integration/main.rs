@@ -10,6 +10,7 @@ mod crash;
 mod engine;
 mod engine_bench;
 mod engine_config;
+mod layers;
 mod lifecycle;
 mod metrics;
 mod multiprocess;
@@ -18,7 +19,11 @@ mod regressions;
 mod resume_crash;
 mod run_resume;
 mod service;
+// The generated test shop is the binary's (`harvest testsite`), not the library's: the suite
+// compiles the same file.
 mod sink;
+#[path = "../../src/sitegen.rs"]
+mod sitegen;
 mod soak;
 mod store_conformance;
 mod store_postgres;

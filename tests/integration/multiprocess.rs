@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use harvest::agent::AgentSpec;
+use harvest::AgentSpec;
 use harvest::config::{Config, StoreKind};
 use harvest::session::{ClientContext, Session, SessionStatus};
 use harvest::store::SessionList;
@@ -72,7 +72,7 @@ async fn serve_and_workers_share_postgres_through_kills() {
         url: url.clone(),
         schema: export_schema.clone(),
     };
-    let site = harvest::sitegen::serve(harvest::sitegen::SiteOptions {
+    let site = crate::sitegen::serve(crate::sitegen::SiteOptions {
         products: 50,
         per_list: PER_SESSION as usize,
         specials: false,
@@ -294,7 +294,7 @@ async fn serve_and_workers_share_postgres_through_kills() {
         let id = s.id.to_string();
         // `_cron.<agent>.<tick secs>.<hash>`
         let tick = id
-            .strip_prefix(harvest::scheduler::CRON_ID_PREFIX)
+            .strip_prefix(harvest::runtime::CRON_ID_PREFIX)
             .and_then(|rest| rest.rsplit('.').nth(1))
             .unwrap_or_else(|| panic!("cron run {id} has no tick in its id"));
         assert!(ticks.insert(tick.to_string()), "tick {tick} fired twice");

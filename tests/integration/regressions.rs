@@ -239,7 +239,7 @@ async fn reading_past_the_last_record_is_not_an_export() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_cannot_take_reserved_session_ids() {
     let s = start(TENANTS).await;
-    let id = harvest::scheduler::cron_session_id("acme", "daily", harvest::session::Timestamp(0))
+    let id = harvest::runtime::cron_session_id("acme", "daily", harvest::session::Timestamp(0))
         .expect("cron id");
     assert!(id.as_str().starts_with('_'), "{id}");
     let r = s

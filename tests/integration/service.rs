@@ -452,7 +452,10 @@ async fn panicking_job_is_a_poison_input_that_ends_failed() {
         .expect("done");
     assert_eq!(s.status, SessionStatus::Failed);
     assert_eq!(s.attempt, 3);
-    assert_eq!(s.error.map(|e| e.kind), Some("job_panicked".to_string()));
+    assert_eq!(
+        s.error.map(|e| e.kind.to_string()),
+        Some("job_panicked".to_string())
+    );
     f.harvest
         .shutdown(Duration::from_secs(1))
         .await
@@ -502,7 +505,7 @@ async fn max_duration_ends_a_session_that_never_stops() {
         .expect("done");
     assert_eq!(s.status, SessionStatus::Failed);
     assert_eq!(
-        s.error.map(|e| e.kind),
+        s.error.map(|e| e.kind.to_string()),
         Some("max_duration_exceeded".to_string())
     );
     f.harvest

@@ -19,11 +19,17 @@ use crate::store_conformance::{Fixture, at, insert, session};
 
 const URL_ENV: &str = "HARVEST_TEST_DATABASE_URL";
 
-/// The test database URL, or `None` after printing why the test is skipped.
+/// The test database URL, or `None` after printing why the test is skipped. Under CI
+/// (`HARVEST_CI=1`, set by `.ci/run`) a missing URL fails the test instead: the PostgreSQL
+/// suite must have run for CI to pass.
 pub(crate) fn database_url() -> Option<String> {
     match std::env::var(URL_ENV) {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
+            assert!(
+                std::env::var("HARVEST_CI").as_deref() != Ok("1"),
+                "{URL_ENV} is not set under CI (HARVEST_CI=1): the PostgreSQL suite did not run"
+            );
             eprintln!("skipped: {URL_ENV} is not set");
             None
         }

@@ -1537,7 +1537,7 @@ fn session_from_row(row: &Row) -> StoreResult<Session> {
     let error_kind: Option<String> = row_get(row, 22, &key)?;
     let error_message: Option<String> = row_get(row, 23, &key)?;
     let error = error_kind.map(|kind| SessionError {
-        kind,
+        kind: kind.into(),
         message: error_message.unwrap_or_default(),
     });
     let spec_bytes: Vec<u8> = row_get(row, 25, &key)?;

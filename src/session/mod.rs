@@ -4,6 +4,10 @@
 //! by the `api` module (JSON) and moved through its states only by compare-and-set methods of the
 //! `Store` trait. Nothing in this module does I/O.
 
+mod lifecycle;
+
+pub use lifecycle::{CancelDecision, Progress, RequeueOutcome, Transition};
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -361,6 +365,22 @@ pub struct SessionOptions {
     pub cleanup_external: bool,
 }
 
+impl SessionOptions {
+    /// Largest `max_duration_secs` a submission may ask for: one year. Bounds keep every
+    /// deadline computed from it well inside the range of the clocks.
+    pub const MAX_DURATION_SECS: u64 = 365 * 86_400;
+
+    /// Largest `session_timeout_secs` a submission may ask for: ten years.
+    pub const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 86_400;
+
+    /// `max_duration_secs` as a duration, clamped to [`SessionOptions::MAX_DURATION_SECS`] (a
+    /// value stored by an older build cannot overflow deadline arithmetic).
+    pub fn max_duration(&self) -> Option<Duration> {
+        self.max_duration_secs
+            .map(|d| Duration::from_secs(d.min(Self::MAX_DURATION_SECS)))
+    }
+}
+
 impl Default for SessionOptions {
     fn default() -> Self {
         SessionOptions {
@@ -437,20 +457,132 @@ impl std::ops::AddAssign for TokenUsage {
 /// Why a session failed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionError {
-    /// A stable machine-readable kind, e.g. `max_duration_exceeded`, `attempts_exhausted`,
-    /// `job_failed`, `invalid_config`.
-    pub kind: String,
+    /// A stable machine-readable kind (see [`ErrorKind`]).
+    pub kind: ErrorKind,
     /// What happened, for a person.
     pub message: String,
 }
 
 impl SessionError {
     /// A new error.
-    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> SessionError {
+    pub fn new(kind: impl Into<ErrorKind>, message: impl Into<String>) -> SessionError {
         SessionError {
             kind: kind.into(),
             message: message.into(),
         }
+    }
+}
+
+impl fmt::Display for SessionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+/// The kind of a [`SessionError`]: a stable snake_case name clients may branch on. Stored and
+/// served as its name, so a kind added by a newer harvest reads back as [`ErrorKind::Other`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// An attempt ran longer than `max_duration_secs`.
+    MaxDurationExceeded,
+    /// The last attempt failed (or lost its lease without progress) and none are left.
+    AttemptsExhausted,
+    /// The attempt's worker stopped renewing its lease (it died or was cut off); retried.
+    LeaseExpired,
+    /// The job reported a failure.
+    JobFailed,
+    /// The job panicked (a bug; see the service log).
+    JobPanicked,
+    /// The session's config does not validate (only for configs stored by another version).
+    InvalidConfig,
+    /// An export sink failed.
+    ExportFailed,
+    /// The store failed while the attempt ran.
+    StoreError,
+    /// The HTTP client could not start.
+    HttpClient,
+    /// No start URL could be fetched.
+    FetchFailed,
+    /// Any other kind, by name.
+    Other(String),
+}
+
+impl ErrorKind {
+    /// The kinds harvest itself names, in no particular order.
+    pub const KNOWN: [ErrorKind; 10] = [
+        ErrorKind::MaxDurationExceeded,
+        ErrorKind::AttemptsExhausted,
+        ErrorKind::LeaseExpired,
+        ErrorKind::JobFailed,
+        ErrorKind::JobPanicked,
+        ErrorKind::InvalidConfig,
+        ErrorKind::ExportFailed,
+        ErrorKind::StoreError,
+        ErrorKind::HttpClient,
+        ErrorKind::FetchFailed,
+    ];
+
+    /// The snake_case name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ErrorKind::MaxDurationExceeded => "max_duration_exceeded",
+            ErrorKind::AttemptsExhausted => "attempts_exhausted",
+            ErrorKind::LeaseExpired => "lease_expired",
+            ErrorKind::JobFailed => "job_failed",
+            ErrorKind::JobPanicked => "job_panicked",
+            ErrorKind::InvalidConfig => "invalid_config",
+            ErrorKind::ExportFailed => "export_failed",
+            ErrorKind::StoreError => "store_error",
+            ErrorKind::HttpClient => "http_client",
+            ErrorKind::FetchFailed => "fetch_failed",
+            ErrorKind::Other(s) => s,
+        }
+    }
+}
+
+impl From<&str> for ErrorKind {
+    fn from(s: &str) -> ErrorKind {
+        ErrorKind::KNOWN
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .unwrap_or_else(|| ErrorKind::Other(s.to_string()))
+    }
+}
+
+impl From<String> for ErrorKind {
+    fn from(s: String) -> ErrorKind {
+        ErrorKind::from(s.as_str())
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for ErrorKind {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for ErrorKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+// As its name in every format (a string in bincode too), so stored values keep their layout.
+impl Serialize for ErrorKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(ErrorKind::from(String::deserialize(d)?))
     }
 }
 
