@@ -40,9 +40,29 @@ pub trait CheckpointSink: Send + Sync {
 }
 
 /// The committed crawl state could not be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot read the session's crawl state: {0}")]
-pub struct CrawlStateError(pub String);
+#[derive(Debug, thiserror::Error)]
+pub enum CrawlStateError {
+    /// The store failed.
+    #[error("cannot read the session's crawl state")]
+    Store(#[from] crate::store::StoreError),
+    /// The request was out of range (a bug in the caller).
+    #[error("invalid crawl state request: {0}")]
+    Invalid(String),
+}
+
+/// Why a job refuses a config (or its params) at submission; its message names the field and
+/// what is wrong, e.g. `pages.product.fields.price.regex: unclosed group`. The job's own error
+/// type is kept as the source.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ConfigRejected(Box<dyn std::error::Error + Send + Sync>);
+
+impl ConfigRejected {
+    /// Wraps a job's own validation error (or a message).
+    pub fn new(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ConfigRejected {
+        ConfigRejected(e.into())
+    }
+}
 
 /// Read-only view of what a session's committed checkpoints hold: its frontier (in the order URLs
 /// were added, with positions) and its seen set. Implemented by the worker over the store and by
@@ -182,7 +202,7 @@ pub trait Job: Send + Sync + 'static {
         &self,
         config: &serde_json::Value,
         params: &BTreeMap<String, String>,
-    ) -> Result<(), String>;
+    ) -> Result<(), ConfigRejected>;
 
     /// Runs one attempt.
     async fn run(&self, ctx: JobContext) -> JobOutcome;
@@ -194,7 +214,11 @@ pub struct NoopJob;
 
 #[async_trait]
 impl Job for NoopJob {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), ConfigRejected> {
         Ok(())
     }
 

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::job::{CheckpointSink, CrawlState, Job, JobContext, JobOutcome, Retry, StopSignal};
+use crate::job::{
+    CheckpointSink, ConfigRejected, CrawlState, Job, JobContext, JobOutcome, Retry, StopSignal,
+};
 use crate::session::{ErrorKind, SessionError};
 use crate::store::{CheckpointBatch, ResumeState};
 
@@ -81,10 +83,10 @@ impl Job for ScrapeJob {
         &self,
         config: &serde_json::Value,
         params: &BTreeMap<String, String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ConfigRejected> {
         compile(config, params)
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(ConfigRejected::new)
     }
 
     async fn run(&self, ctx: JobContext) -> JobOutcome {

@@ -55,7 +55,7 @@ impl CrawlState for StoreCrawlState {
                 limit,
             })
             .await
-            .map_err(|e| CrawlStateError(e.to_string()))
+            .map_err(CrawlStateError::from)
     }
 
     async fn seen_filter(&self, urls: Vec<String>) -> Result<Vec<bool>, CrawlStateError> {
@@ -65,7 +65,7 @@ impl CrawlState for StoreCrawlState {
                 urls,
             })
             .await
-            .map_err(|e| CrawlStateError(e.to_string()))
+            .map_err(CrawlStateError::from)
     }
 }
 

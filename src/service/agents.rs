@@ -83,7 +83,9 @@ impl Harvest {
         validate_name(name)?;
         if !spec.config.is_object() {
             return Err(HarvestError::InvalidConfig(
-                "config must be an object (JSON) or a TOML document".into(),
+                crate::job::ConfigRejected::new(
+                    "config must be an object (JSON) or a TOML document",
+                ),
             ));
         }
         self.job()

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StoreKind};
 use crate::event::{Event, EventBus};
-use crate::job::Job;
+use crate::job::{ConfigRejected, Job};
 use crate::runtime::{
     AgentRunner, CommitObserver, Effects, Maintainer, Maintenance, MaintenanceReport, Running,
     WorkerPool, WorkerSettings,
@@ -41,7 +41,7 @@ pub enum HarvestError {
     Store(#[from] StoreError),
     /// The scraper config (or params) does not validate; the message names the field.
     #[error("invalid config: {0}")]
-    InvalidConfig(String),
+    InvalidConfig(crate::job::ConfigRejected),
     /// A caller-supplied session id is not acceptable.
     #[error("invalid session id: {0}")]
     InvalidId(#[from] SessionIdError),
@@ -399,9 +399,9 @@ impl Harvest {
     /// Validates and durably stores a new session; returns as soon as it is durable.
     pub async fn submit(&self, req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
         if !req.config.is_object() {
-            return Err(HarvestError::InvalidConfig(
-                "config must be an object (JSON) or a TOML document".into(),
-            ));
+            return Err(HarvestError::InvalidConfig(ConfigRejected::new(
+                "config must be an object (JSON) or a TOML document",
+            )));
         }
         self.inner
             .job

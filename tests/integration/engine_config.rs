@@ -264,7 +264,10 @@ fn bad_configs_are_refused_with_the_field_named() {
             other => panic!("{name}: expected an error about {path}, got {other}"),
         }
         let msg = job.validate(&cfg, &BTreeMap::new()).expect_err(name);
-        assert!(msg.contains(path), "{name}: validate said {msg:?}");
+        assert!(
+            msg.to_string().contains(path),
+            "{name}: validate said {msg:?}"
+        );
     }
 }
 

@@ -34,7 +34,11 @@ struct EveryKeyJob;
 
 #[async_trait]
 impl Job for EveryKeyJob {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         Ok(())
     }
     async fn run(&self, ctx: JobContext) -> JobOutcome {

@@ -42,7 +42,11 @@ struct Gated {
 
 #[async_trait]
 impl Job for Gated {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         Ok(())
     }
     async fn run(&self, ctx: JobContext) -> JobOutcome {

@@ -33,7 +33,11 @@ fn records(from: u64, n: u64) -> Vec<serde_json::Value> {
 
 #[async_trait]
 impl Job for RecordsJob {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         Ok(())
     }
 
