@@ -29,6 +29,12 @@ pub mod session;
 pub mod sink;
 pub mod store;
 
+// The README's Rust examples are compiled (and, unless marked no_run, run) as doc-tests, so
+// they cannot rot unseen.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use service::{AgentRun, AgentSpec, Harvest, HarvestError, SessionHandle, SubmitRequest};
 pub use session::{
     ClientContext, Record, Session, SessionId, SessionMetrics, SessionOptions, SessionStatus,

@@ -21,6 +21,9 @@ async fn main() {
             std::process::exit(0);
         }
         eprintln!("harvest: {e:#}");
-        std::process::exit(1);
+        let code = e
+            .downcast_ref::<cli::client::Exit>()
+            .map_or(1, |x| x.code as i32);
+        std::process::exit(code);
     }
 }

@@ -23,6 +23,7 @@ use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::sessions::{config_from_text, params_to_strings};
 use super::view::{OptionsView, SessionView};
 use crate::service::{AgentRun, AgentSpec};
+use crate::session::OptionsPatch;
 use crate::session::{SessionOptions, Timestamp};
 use crate::store::{Agent, AgentSessions};
 
@@ -59,10 +60,10 @@ pub struct AgentRunBody {
     #[serde(default)]
     #[schema(value_type = Option<BTreeMap<String, Object>>)]
     pub params: BTreeMap<String, serde_json::Value>,
-    /// Options replacing the agent's defaults.
+    /// Options merged over the agent's defaults, key by key.
     #[serde(default)]
     #[schema(value_type = Option<OptionsView>)]
-    pub options: Option<SessionOptions>,
+    pub options: Option<OptionsPatch>,
     /// A caller-chosen unique session id.
     #[serde(default)]
     pub session_id: Option<String>,
@@ -245,8 +246,8 @@ pub async fn list_agents(
     }))
 }
 
-/// Start a run of an agent: a new session with the agent's config, params merged over its
-/// defaults, and its options unless the body gives some.
+/// Start a run of an agent: a new session with the agent's config, and params and options
+/// merged over its defaults key by key.
 #[utoipa::path(
     post,
     path = "/v1/agents/{name}/run",
@@ -273,7 +274,7 @@ pub async fn run_agent(
     };
     let run = AgentRun {
         params: params_to_strings(body.params)?,
-        options: body.options,
+        options: body.options.unwrap_or_default(),
         session_id,
     };
     let handle = match st.harvest.agent_run(owner(&caller), &name, run).await {

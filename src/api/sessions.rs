@@ -14,7 +14,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::view::{ListQuery, LogQuery, LogView, SessionListView, SessionView, SubmitBody};
 use crate::service::SubmitRequest;
-use crate::session::{ClientContext, Session, SessionId, SessionStatus};
+use crate::session::{ClientContext, Session, SessionId, SessionOptions, SessionStatus};
 use crate::store::{CancelOutcome, SessionList};
 
 /// Converts a config given as text (TOML, or JSON when it starts with `{`) to the JSON value the
@@ -138,9 +138,11 @@ pub async fn submit(
     for (k, v) in client_body.metadata {
         client = client.metadata(k, v);
     }
-    let mut req = SubmitRequest::new(config)
-        .client(client.build())
-        .options(body.options.unwrap_or_default());
+    let mut req = SubmitRequest::new(config).client(client.build()).options(
+        body.options
+            .unwrap_or_default()
+            .apply_to(&SessionOptions::default()),
+    );
     req.params = params_to_strings(body.params)?;
     if let Some(id) = body.session_id {
         req = req.session_id(client_session_id(&id)?);
@@ -175,7 +177,7 @@ async fn submit_agent_run(
     };
     let run = crate::service::AgentRun {
         params: params_to_strings(body.params)?,
-        options: body.options,
+        options: body.options.unwrap_or_default(),
         session_id,
     };
     let handle = st.harvest.agent_run(&client_id, &agent, run).await?;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::event::Event;
-use crate::session::{LogLine, Session, SessionOptions, Timestamp};
+use crate::session::{LogLine, OptionsPatch, Session, SessionOptions, Timestamp};
 
 /// `POST /v1/sessions` body.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -33,10 +33,11 @@ pub struct SubmitBody {
     /// Who submits it. With clients configured, `client_id` is the caller's, whatever is sent.
     #[serde(default)]
     pub client: Option<ClientBody>,
-    /// Options; unset ones take the service defaults.
+    /// Options; unset ones take the service defaults (for an `agent` run: the agent's, key by
+    /// key).
     #[serde(default)]
     #[schema(value_type = Option<OptionsView>)]
-    pub options: Option<SessionOptions>,
+    pub options: Option<OptionsPatch>,
     /// A caller-chosen unique id (1–128 characters of `[A-Za-z0-9._:-]`); default a UUID v7.
     #[serde(default)]
     pub session_id: Option<String>,

@@ -15,25 +15,23 @@ use harvest::service::Harvest;
 pub mod client;
 
 /// harvest: a durable queue of web-scraping sessions.
+///
+/// Exit codes: 0 done (for `run`, `wait` and `--wait`: the crawl or session COMPLETED); 1 an
+/// error; 2 a command line that does not parse; 3 the session or run FAILED; 4 it was
+/// CANCELLED; 5 a wait timed out with the session still active; 130 `run` stopped by Ctrl-C.
 #[derive(Debug, Parser)]
-#[command(name = "harvest", version, about)]
+#[command(name = "harvest", version, about, long_about = None, after_help = EXIT_CODES)]
 pub struct Cli {
-    /// The service configuration file (missing: built-in defaults, unless given explicitly).
-    #[arg(
-        long,
-        short = 'c',
-        env = "HARVEST_CONFIG",
-        default_value = "config.toml",
-        global = true
-    )]
-    pub config: PathBuf,
-    /// Server and token of the client commands.
+    /// Server and token of the client commands, accepted before the command too.
     #[command(flatten)]
     pub remote: client::ServerArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
+
+const EXIT_CODES: &str = "Exit codes: 0 done (for run, wait and --wait: COMPLETED), 1 error, \
+2 bad command line, 3 FAILED, 4 CANCELLED, 5 wait timed out, 130 run stopped by Ctrl-C.";
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
@@ -60,6 +58,14 @@ pub enum Command {
 /// Flags of `serve` and `worker`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// The service configuration file (missing: built-in defaults, unless given explicitly).
+    #[arg(
+        long,
+        short = 'c',
+        env = "HARVEST_CONFIG",
+        default_value = "config.toml"
+    )]
+    pub config: PathBuf,
     /// Listen address (overrides server.bind).
     #[arg(long)]
     pub bind: Option<std::net::SocketAddr>,
@@ -187,8 +193,8 @@ pub fn init_tracing(format: &str) {
 pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(&cli.config, args, true).await,
-        Command::Worker(args) => serve(&cli.config, args, false).await,
+        Command::Serve(args) => serve(args, true).await,
+        Command::Worker(args) => serve(args, false).await,
         Command::Bench { which } => match which {
             BenchCommand::Queue(args) => crate::bench::queue::main(args).await,
             BenchCommand::Crawl(args) => {
@@ -234,8 +240,8 @@ pub async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: &std::path::Path, args: ServeArgs, http: bool) -> anyhow::Result<()> {
-    let mut cfg = load_config(config)?;
+async fn serve(args: ServeArgs, http: bool) -> anyhow::Result<()> {
+    let mut cfg = load_config(&args.config)?;
     if let Some(b) = args.bind {
         cfg.server.bind = b;
     }
@@ -360,11 +366,14 @@ async fn run_local(args: RunArgs) -> anyhow::Result<()> {
     }
     .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     eprintln!("{summary}");
-    if summary.is_completed() {
-        Ok(())
-    } else {
-        anyhow::bail!("the crawl did not complete")
-    }
+    let code = match summary.status {
+        _ if summary.is_completed() => return Ok(()),
+        "stopped" => 130,
+        "cancelled" => client::ExitCode::Cancelled as i32,
+        _ => client::ExitCode::Failed as i32,
+    };
+    // The summary said why; the code says how it ended (see `harvest --help`).
+    std::process::exit(code)
 }
 
 async fn testsite(args: TestsiteArgs) -> anyhow::Result<()> {

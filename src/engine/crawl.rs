@@ -133,6 +133,13 @@ async fn process(
     };
     match fetcher.fetch(&url, &stop, &mut out.usage).await {
         Ok(f) => {
+            if let Some((n, last)) = &f.retried {
+                let retries = if *n == 1 { "retry" } else { "retries" };
+                out.log.push((
+                    "info",
+                    format!("{url}: fetched after {n} {retries} (last failure: {last})"),
+                ));
+            }
             let (text, had_errors) = decode(&f.body, f.content_type.as_deref());
             if had_errors {
                 out.log.push((

@@ -11,7 +11,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::{Harvest, HarvestError, SessionHandle, SubmitRequest};
-use crate::session::{ClientContext, SessionId, SessionOptions, SessionStatus, Timestamp};
+use crate::session::{
+    ClientContext, OptionsPatch, SessionId, SessionOptions, SessionStatus, Timestamp,
+};
 use crate::store::{Agent, AgentSessions, SessionList};
 
 /// What a client saves under an agent's name.
@@ -41,9 +43,9 @@ pub struct AgentRun {
     /// Params merged over the agent's.
     #[serde(default)]
     pub params: BTreeMap<String, String>,
-    /// Options; when given, they replace the agent's defaults.
+    /// Options merged over the agent's, key by key.
     #[serde(default)]
-    pub options: Option<SessionOptions>,
+    pub options: OptionsPatch,
     /// A caller-chosen session id.
     #[serde(default)]
     pub session_id: Option<SessionId>,
@@ -174,7 +176,7 @@ impl Harvest {
             config: agent.config.clone(),
             params,
             client: ClientContext::of(client_id),
-            options: run.options.unwrap_or_else(|| agent.options.clone()),
+            options: run.options.apply_to(&agent.options),
             session_id: run.session_id,
             agent: Some(agent.name.clone()),
             single_agent: single,

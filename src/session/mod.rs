@@ -396,6 +396,111 @@ impl Default for SessionOptions {
     }
 }
 
+/// Session options as a caller gives them: only the keys present. Applied over a base (the
+/// defaults for a submission; the agent's options for an agent's run, so that a run's options
+/// replace the agent's defaults key by key). `null` clears a key that may be unset
+/// (`max_duration_secs`, `session_timeout_secs`, `max_attempts`, `run_at`); an unknown key or a
+/// bad value is refused with its name, as for [`SessionOptions`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptionsPatch {
+    /// See [`SessionOptions::max_duration_secs`].
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_duration_secs: Option<Option<u64>>,
+    /// See [`SessionOptions::session_timeout_secs`].
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub session_timeout_secs: Option<Option<u64>>,
+    /// See [`SessionOptions::token_tracking`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_tracking: Option<bool>,
+    /// See [`SessionOptions::max_attempts`].
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_attempts: Option<Option<u32>>,
+    /// See [`SessionOptions::priority`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// See [`SessionOptions::run_at`].
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub run_at: Option<Option<Timestamp>>,
+    /// See [`SessionOptions::remove_after_export`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_after_export: Option<bool>,
+    /// See [`SessionOptions::cleanup_external`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_external: Option<bool>,
+}
+
+/// A key that is present, even as `null` (`Some(None)`), as opposed to absent (`None`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl OptionsPatch {
+    /// `base` with every key this patch gives replaced.
+    pub fn apply_to(&self, base: &SessionOptions) -> SessionOptions {
+        let mut o = base.clone();
+        if let Some(v) = self.max_duration_secs {
+            o.max_duration_secs = v;
+        }
+        if let Some(v) = self.session_timeout_secs {
+            o.session_timeout_secs = v;
+        }
+        if let Some(v) = self.token_tracking {
+            o.token_tracking = v;
+        }
+        if let Some(v) = self.max_attempts {
+            o.max_attempts = v;
+        }
+        if let Some(v) = self.priority {
+            o.priority = v;
+        }
+        if let Some(v) = self.run_at {
+            o.run_at = v;
+        }
+        if let Some(v) = self.remove_after_export {
+            o.remove_after_export = v;
+        }
+        if let Some(v) = self.cleanup_external {
+            o.cleanup_external = v;
+        }
+        o
+    }
+}
+
+impl From<SessionOptions> for OptionsPatch {
+    /// Every key set to the options' value.
+    fn from(o: SessionOptions) -> OptionsPatch {
+        OptionsPatch {
+            max_duration_secs: Some(o.max_duration_secs),
+            session_timeout_secs: Some(o.session_timeout_secs),
+            token_tracking: Some(o.token_tracking),
+            max_attempts: Some(o.max_attempts),
+            priority: Some(o.priority),
+            run_at: Some(o.run_at),
+            remove_after_export: Some(o.remove_after_export),
+            cleanup_external: Some(o.cleanup_external),
+        }
+    }
+}
+
 /// Progress of a session.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SessionMetrics {
@@ -757,6 +862,28 @@ mod tests {
             SessionId::parse("é"),
             Err(SessionIdError::BadChar('é', 0))
         ));
+    }
+
+    #[test]
+    fn an_options_patch_replaces_only_the_keys_it_gives() {
+        let base = SessionOptions {
+            session_timeout_secs: Some(60),
+            max_duration_secs: Some(10),
+            ..SessionOptions::default()
+        };
+        let patch: OptionsPatch =
+            serde_json::from_str(r#"{"priority": 1, "max_duration_secs": null}"#).unwrap();
+        let o = patch.apply_to(&base);
+        assert_eq!(
+            (o.priority, o.session_timeout_secs, o.max_duration_secs),
+            (1, Some(60), None)
+        );
+        let err = serde_json::from_str::<OptionsPatch>(r#"{"prio": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("prio"), "{err}");
+        assert_eq!(
+            OptionsPatch::from(base.clone()).apply_to(&SessionOptions::default()),
+            base
+        );
     }
 
     #[test]

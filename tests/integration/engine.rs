@@ -226,6 +226,15 @@ async fn flaky_page_is_retried_after_retry_after() {
         "Retry-After: 1 not honoured"
     );
     assert!(r.usage().retries >= 1);
+    // The README says the log shows retries: a page that succeeded after one says so.
+    assert!(
+        r.log().iter().any(|(level, m)| level == "info"
+            && m.contains(paths::FLAKY)
+            && m.contains("fetched after 1 retry")
+            && m.contains("503")),
+        "{:?}",
+        r.log()
+    );
     let recs = by_sku(&r.records());
     assert_eq!(recs.get("FLAKY").map(Vec::len), Some(1));
     assert_eq!(recs["FLAKY"][0]["price"], json!(1.25));
