@@ -34,7 +34,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    BuildError, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime,
+};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
@@ -132,7 +134,13 @@ impl PostgresStore {
             .wait_timeout(Some(POOL_WAIT))
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
-            .map_err(|e| StoreError::Backend(format!("building the PostgreSQL pool: {e}")))?;
+            .map_err(|e| StoreError::Pool {
+                context: "building the connection pool".into(),
+                // The pool's only build error, as the error a `get` would give.
+                source: match e {
+                    BuildError::NoRuntimeSpecified => PoolError::NoRuntimeSpecified,
+                },
+            })?;
 
         let notify = Arc::new(Notify::new());
         let (ready_tx, ready_rx) = watch::channel(false);
@@ -182,12 +190,12 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| {
-            StoreError::Backend(format!(
-                "getting a PostgreSQL connection (schema {:?}): {e}; check that the server is up \
-                 and that the pool ({POOL_SIZE} connections) is not exhausted",
+        self.pool.get().await.map_err(|source| StoreError::Pool {
+            context: format!(
+                "getting a connection from the pool of {POOL_SIZE} (schema {:?})",
                 self.schema
-            ))
+            ),
+            source,
         })
     }
 
@@ -328,11 +336,14 @@ impl Store for PostgresStore {
 
 /// Opens one connection outside the pool (for migrations), driving it in a task.
 async fn connect_one(config: &tokio_postgres::Config) -> StoreResult<tokio_postgres::Client> {
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
-        StoreError::Backend(format!(
-            "connecting to PostgreSQL: {e}; check the database URL and that the server is up"
-        ))
-    })?;
+    let (client, connection) =
+        config
+            .connect(NoTls)
+            .await
+            .map_err(|source| StoreError::Postgres {
+                context: "connecting (check the database URL and that the server is up)".into(),
+                source,
+            })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "harvest: PostgreSQL migration connection ended");
@@ -341,16 +352,11 @@ async fn connect_one(config: &tokio_postgres::Config) -> StoreResult<tokio_postg
     Ok(client)
 }
 
-/// Maps a driver error to [`StoreError::Backend`] saying what was being done.
+/// Maps a driver error to [`StoreError::Postgres`] saying what was being done.
 fn db_err(context: &str) -> impl FnOnce(tokio_postgres::Error) -> StoreError + '_ {
-    move |e| match e.as_db_error() {
-        Some(db) => StoreError::Backend(format!(
-            "PostgreSQL, {context}: {} ({}){}",
-            db.message(),
-            db.code().code(),
-            db.detail().map(|d| format!("; {d}")).unwrap_or_default()
-        )),
-        None => StoreError::Backend(format!("PostgreSQL, {context}: {e}")),
+    move |source| StoreError::Postgres {
+        context: context.to_string(),
+        source,
     }
 }
 

@@ -2,7 +2,7 @@
 //! one process per data directory, so every contender is a task of this process.
 
 use super::keys::{k_agent_def, show_key};
-use super::{SledStore, backend};
+use super::{SledStore, sled_err};
 use crate::store::{Agent, LeaderAcquire, StoreResult, codec};
 
 impl SledStore {
@@ -14,7 +14,7 @@ impl SledStore {
                     k_agent_def(&agent.client_id, &agent.name),
                     codec::encode(&agent)?,
                 )
-                .map_err(backend)?;
+                .map_err(sled_err("saving an agent"))?;
             self.durability.ticket()
         };
         self.durability.wait(ticket).await
@@ -22,7 +22,7 @@ impl SledStore {
 
     pub(super) fn get_agent(&self, client_id: &str, name: &str) -> StoreResult<Option<Agent>> {
         let k = k_agent_def(client_id, name);
-        match self.db.get(&k).map_err(backend)? {
+        match self.db.get(&k).map_err(sled_err("reading an agent"))? {
             Some(v) => Ok(Some(codec::decode(&|| show_key(&k), &v)?)),
             None => Ok(None),
         }
@@ -34,7 +34,7 @@ impl SledStore {
             if self
                 .db
                 .remove(k_agent_def(client_id, name))
-                .map_err(backend)?
+                .map_err(sled_err("deleting an agent"))?
                 .is_none()
             {
                 return Ok(false);
@@ -48,7 +48,7 @@ impl SledStore {
     pub(super) fn list_agents(&self) -> StoreResult<Vec<Agent>> {
         let mut agents: Vec<Agent> = Vec::new();
         for kv in self.db.scan_prefix(b"N") {
-            let (k, v) = kv.map_err(backend)?;
+            let (k, v) = kv.map_err(sled_err("listing agents"))?;
             match codec::decode(&|| show_key(&k), &v) {
                 Ok(a) => agents.push(a),
                 Err(e) => tracing::warn!(error = %e, "skipping an unreadable agent"),

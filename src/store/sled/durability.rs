@@ -34,7 +34,7 @@ use sled::IVec;
 use tokio::sync::watch;
 
 use super::keys::corrupt_key;
-use super::{COUNTERS_KEY, Counters, SledStore, backend};
+use super::{COUNTERS_KEY, Counters, SledStore, sled_err};
 use crate::store::{StoreError, StoreResult, codec};
 
 /// Prefix of intent keys: `\0i` + seq (u64 BE). See [`SledStore::apply_atomic`].
@@ -126,8 +126,10 @@ impl Batch {
     pub(super) fn apply_to(&self, db: &sled::Db) -> StoreResult<()> {
         for (k, v) in &self.ops {
             match v {
-                Some(v) => db.insert(k, v.clone()).map_err(backend)?,
-                None => db.remove(k).map_err(backend)?,
+                Some(v) => db
+                    .insert(k, v.clone())
+                    .map_err(sled_err("applying a batch"))?,
+                None => db.remove(k).map_err(sled_err("applying a batch"))?,
             };
         }
         Ok(())
@@ -138,11 +140,12 @@ impl Batch {
 pub(super) fn replay_intents(db: &sled::Db) -> StoreResult<()> {
     let mut replayed = 0;
     for kv in db.scan_prefix(INTENT_PREFIX) {
-        let (k, v) = kv.map_err(backend)?;
+        let (k, v) = kv.map_err(sled_err("reading the batches a crash interrupted"))?;
         let batch =
             Batch::decode(&v).ok_or_else(|| corrupt_key(&k, "an unreadable batch intent"))?;
         batch.apply_to(db)?;
-        db.remove(&k).map_err(backend)?;
+        db.remove(&k)
+            .map_err(sled_err("completing a batch a crash interrupted"))?;
         replayed += 1;
     }
     if replayed > 0 {
@@ -150,7 +153,8 @@ pub(super) fn replay_intents(db: &sled::Db) -> StoreResult<()> {
             batches = replayed,
             "completed batches interrupted by a crash"
         );
-        db.flush().map_err(backend)?;
+        db.flush()
+            .map_err(sled_err("flushing the completed batches"))?;
     }
     Ok(())
 }
@@ -180,8 +184,8 @@ struct Flushed {
     upto: u64,
     /// Every ticket up to this was covered by a failed flush (unless `upto` covers it).
     failed_upto: u64,
-    /// The last flush error.
-    error: Option<String>,
+    /// The error of the failed flush; none if the flusher thread stopped (panicked).
+    error: Option<Arc<StoreError>>,
 }
 
 impl Durability {
@@ -199,11 +203,9 @@ impl Durability {
             flushes: AtomicU64::new(0),
             state,
         });
-        let mut disk = DiskSync::open(path).map_err(|e| {
-            StoreError::Backend(format!(
-                "opening the sled store at {} for syncing: {e}",
-                path.display()
-            ))
+        let mut disk = DiskSync::open(path).map_err(|source| StoreError::Io {
+            context: format!("sled: opening the store at {} for syncing", path.display()),
+            source,
         })?;
         let flusher = {
             let durability = durability.clone();
@@ -214,14 +216,13 @@ impl Durability {
                     let run = std::panic::AssertUnwindSafe(|| durability.run(&db, &mut disk));
                     if std::panic::catch_unwind(run).is_err() {
                         // Fail every waiting and future write rather than leave them hanging.
-                        durability.state.send_modify(|f| {
-                            f.failed_upto = u64::MAX;
-                            f.error = Some("the flusher thread panicked".into());
-                        });
+                        // (`error` stays as it is: none means the flusher stopped.)
+                        durability.state.send_modify(|f| f.failed_upto = u64::MAX);
                     }
                 })
-                .map_err(|e| {
-                    StoreError::Backend(format!("starting the sled flusher thread: {e}"))
+                .map_err(|source| StoreError::Io {
+                    context: "sled: starting the flusher thread".into(),
+                    source,
                 })?
         };
         Ok((durability, flusher))
@@ -256,14 +257,13 @@ impl Durability {
         let seen = rx
             .wait_for(|f| f.upto >= ticket || f.failed_upto >= ticket)
             .await
-            .map_err(|_| StoreError::Backend("the sled flusher thread stopped".into()))?;
+            .map_err(|_| StoreError::NotDurable { source: None })?;
         if seen.upto >= ticket {
             Ok(())
         } else {
-            Err(StoreError::Backend(format!(
-                "flushing the sled store to disk failed ({}); the write may be lost: check the disk",
-                seen.error.as_deref().unwrap_or("unknown error")
-            )))
+            Err(StoreError::NotDurable {
+                source: seen.error.clone(),
+            })
         }
     }
 
@@ -284,11 +284,16 @@ impl Durability {
             // write reserved before it began); newer ones are synced by the next round.
             let result = disk
                 .unsynced_blobs()
-                .map_err(|e| format!("listing sled's blob files: {e}"))
+                .map_err(|source| StoreError::Io {
+                    context: "sled: listing the blob files".into(),
+                    source,
+                })
                 .and_then(|blobs| {
-                    db.flush().map_err(|e| e.to_string())?;
-                    disk.sync(blobs)
-                        .map_err(|e| format!("syncing to disk: {e}"))
+                    db.flush().map_err(sled_err("flushing to disk"))?;
+                    disk.sync(blobs).map_err(|source| StoreError::Io {
+                        context: "sled: syncing to disk".into(),
+                        source,
+                    })
                 });
             self.flushes.fetch_add(1, Ordering::Relaxed);
             let failed = result.is_err();
@@ -300,9 +305,7 @@ impl Durability {
                     // later sync would succeed (it reports an error once), so nothing written
                     // after this can be called durable either.
                     f.failed_upto = u64::MAX;
-                    f.error = Some(format!(
-                        "{e}; no write is acknowledged until harvest restarts"
-                    ));
+                    f.error = Some(Arc::new(e));
                 }
             });
             if failed {
@@ -405,25 +408,33 @@ impl SledStore {
     /// until it is reopened (which completes the batch).
     pub(super) fn apply_atomic(&self, b: Batch) -> StoreResult<()> {
         if self.poisoned.load(Ordering::Acquire) {
-            return Err(StoreError::Backend(
-                "an earlier write failed half-way; restart harvest to complete it before writing more"
-                    .into(),
-            ));
+            return Err(StoreError::Poisoned);
         }
         // Loose keys (records beyond the committed count) are invisible until the intent's
         // changes are in, so a failure here leaves nothing a reader or a replay would see.
         for (k, v) in &b.loose {
             match v {
-                Some(v) => self.db.insert(k, v.clone()).map_err(backend)?,
-                None => self.db.remove(k).map_err(backend)?,
+                Some(v) => self
+                    .db
+                    .insert(k, v.clone())
+                    .map_err(sled_err("writing a checkpoint's records"))?,
+                None => self
+                    .db
+                    .remove(k)
+                    .map_err(sled_err("writing a checkpoint's records"))?,
             };
         }
         let seq = self.intent_seq.fetch_add(1, Ordering::Relaxed);
         let key = k_intent(seq);
-        self.db.insert(&key, b.encode()).map_err(backend)?;
-        let applied = b
-            .apply_to(&self.db)
-            .and_then(|()| self.db.remove(&key).map(|_| ()).map_err(backend));
+        self.db
+            .insert(&key, b.encode())
+            .map_err(sled_err("writing a batch's intent"))?;
+        let applied = b.apply_to(&self.db).and_then(|()| {
+            self.db
+                .remove(&key)
+                .map(|_| ())
+                .map_err(sled_err("removing a batch's intent"))
+        });
         if applied.is_err() {
             self.poisoned.store(true, Ordering::Release);
             tracing::error!("a sled write failed half-way; refusing further writes until restart");

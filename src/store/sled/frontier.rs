@@ -26,7 +26,7 @@ use sled::IVec;
 
 use super::durability::Batch;
 use super::keys::{corrupt_key, data_prefix, k_chunk, k_url, show_key, u64_at};
-use super::{SledStore, backend, blocking, read};
+use super::{SledStore, blocking, read, sled_err};
 use crate::session::{FrontierEntry, SessionId};
 use crate::store::{
     CheckpointBatch, FRONTIER_PAGE_MAX, FrontierItem, FrontierPage, ResumeState, SeenFilter,
@@ -128,7 +128,7 @@ impl UrlState {
 /// The `U` state of `url` in session `id` (default: neither seen nor added).
 fn read_url(db: &sled::Db, id: &SessionId, url: &str) -> StoreResult<UrlState> {
     let k = k_url(b'U', id, url);
-    match db.get(&k).map_err(backend)? {
+    match db.get(&k).map_err(sled_err("reading a URL's state"))? {
         Some(v) => UrlState::decode(&k, &v),
         None => Ok(UrlState::default()),
     }
@@ -170,7 +170,7 @@ impl<'a> FrontierStage<'a> {
         let Some(kv) = db.range(lo..=k_chunk(b'J', self.id, pos)).next_back() else {
             return Ok(None);
         };
-        let (k, v) = kv.map_err(backend)?;
+        let (k, v) = kv.map_err(sled_err("reading a frontier chunk's bitmap"))?;
         let first = u64_at(&k, data_prefix(b'J', self.id).len())?;
         let live: ChunkLive = codec::decode(&|| show_key(&k), &v)?;
         if pos >= first + u64::from(live.len) {
@@ -397,7 +397,7 @@ impl SledStore {
                 break;
             }
             chunks += 1;
-            let (k, v) = kv.map_err(backend)?;
+            let (k, v) = kv.map_err(sled_err("reading a frontier chunk"))?;
             let first = u64_at(&k, prefix.len())?;
             let entries: Vec<FrontierEntry> = codec::decode(&|| show_key(&k), &v)?;
             for (i, e) in entries.iter().enumerate() {
@@ -413,7 +413,7 @@ impl SledStore {
                 if let Some(v) = now.encode() {
                     self.db
                         .insert(k_url(b'U', id, &e.url), v)
-                        .map_err(backend)?;
+                        .map_err(sled_err("indexing a URL"))?;
                 }
             }
             let live: Option<ChunkLive> = read(&self.db, &k_chunk(b'J', id, first))?;
@@ -426,10 +426,14 @@ impl SledStore {
         let upto = if done { next } else { upto };
         self.db
             .insert(&k_indexed, codec::encode(&upto)?)
-            .map_err(backend)?;
+            .map_err(sled_err("saving how far the URL index goes"))?;
         for first in dead {
-            self.db.remove(k_chunk(b'B', id, first)).map_err(backend)?;
-            self.db.remove(k_chunk(b'J', id, first)).map_err(backend)?;
+            self.db
+                .remove(k_chunk(b'B', id, first))
+                .map_err(sled_err("removing a frontier chunk all done"))?;
+            self.db
+                .remove(k_chunk(b'J', id, first))
+                .map_err(sled_err("removing a frontier chunk all done"))?;
         }
         Ok(done)
     }
@@ -473,7 +477,7 @@ impl SledStore {
         // One small bitmap per chunk of entries: counting reads no entries.
         let mut frontier_len = 0u64;
         for kv in self.db.scan_prefix(data_prefix(b'J', id)) {
-            let (k, v) = kv.map_err(backend)?;
+            let (k, v) = kv.map_err(sled_err("counting the frontier"))?;
             let live: ChunkLive = codec::decode(&|| show_key(&k), &v)?;
             frontier_len += live.count();
         }
@@ -504,13 +508,13 @@ impl SledStore {
             .range(k_chunk(b'J', &p.id, 0)..=lo.clone())
             .next_back()
         {
-            lo = kv.map_err(backend)?.0.to_vec();
+            lo = kv.map_err(sled_err("reading the frontier"))?.0.to_vec();
         }
         let mut out = Vec::with_capacity(p.limit.min(1024));
         // Bounded by the session's chunks. Chunks all done but not yet indexed are skipped
         // without reading their entries.
         for kv in self.db.range(lo..) {
-            let (k, v) = kv.map_err(backend)?;
+            let (k, v) = kv.map_err(sled_err("reading the frontier"))?;
             if !k.starts_with(&prefix) {
                 break;
             }

@@ -149,8 +149,13 @@ impl std::fmt::Debug for SledStore {
     }
 }
 
-fn backend(e: sled::Error) -> StoreError {
-    StoreError::Backend(format!("sled: {e}"))
+/// Maps a sled error to [`StoreError::Sled`], saying what the store was doing. The context is
+/// static: this runs on every key operation, and a `format!` would cost even when nothing fails.
+fn sled_err(context: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
+    move |source| StoreError::Sled {
+        context: context.into(),
+        source,
+    }
 }
 
 /// Runs sled work that can take long (thousands of keys: a removal, an expiry, an index catch-up)
@@ -167,7 +172,7 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
 
 /// The decoded value of `k`, if the key is there.
 fn read<T: serde::de::DeserializeOwned>(db: &sled::Db, k: &[u8]) -> StoreResult<Option<T>> {
-    match db.get(k).map_err(backend)? {
+    match db.get(k).map_err(sled_err("reading a value"))? {
         Some(v) => Ok(Some(codec::decode(&|| show_key(k), &v)?)),
         None => Ok(None),
     }
@@ -182,11 +187,15 @@ impl SledStore {
             .flush_every_ms(None)
             .cache_capacity(CACHE_BYTES)
             .open()
-            .map_err(|e| {
-                StoreError::Backend(format!("opening the sled store at {}: {e}", path.display()))
+            .map_err(|source| StoreError::Sled {
+                context: format!("opening the store at {}", path.display()),
+                source,
             })?;
         let what = || format!("the sled store at {}", path.display());
-        match db.get(META_KEY).map_err(backend)? {
+        match db
+            .get(META_KEY)
+            .map_err(sled_err("reading the layout version"))?
+        {
             Some(bytes) => {
                 let found: u32 = codec::decode(&|| format!("{} (key \\0meta)", what()), &bytes)
                     .map_err(|e| match e {
@@ -208,8 +217,9 @@ impl SledStore {
                 }
                 if found < LAYOUT_VERSION {
                     db.insert(META_KEY, codec::encode(&LAYOUT_VERSION)?)
-                        .map_err(backend)?;
-                    db.flush().map_err(backend)?;
+                        .map_err(sled_err("marking the layout version"))?;
+                    db.flush()
+                        .map_err(sled_err("flushing the layout version"))?;
                 }
             }
             None => {
@@ -223,11 +233,14 @@ impl SledStore {
                     })?,
                 );
                 b.apply_to(&db)?;
-                db.flush().map_err(backend)?;
+                db.flush().map_err(sled_err("flushing a new store"))?;
             }
         }
         replay_intents(&db)?;
-        let counters: Counters = match db.get(COUNTERS_KEY).map_err(backend)? {
+        let counters: Counters = match db
+            .get(COUNTERS_KEY)
+            .map_err(sled_err("reading the counters"))?
+        {
             Some(bytes) => codec::decode(&|| "\\0counters".into(), &bytes)?,
             None => {
                 return Err(corrupt_key(
@@ -265,7 +278,11 @@ impl SledStore {
     }
 
     fn load(&self, id: &SessionId) -> StoreResult<Option<Session>> {
-        match self.db.get(k_session(id)).map_err(backend)? {
+        match self
+            .db
+            .get(k_session(id))
+            .map_err(sled_err("reading a session"))?
+        {
             Some(bytes) => Ok(Some(codec::decode(&|| key_name("sessions", id), &bytes)?)),
             None => Ok(None),
         }

@@ -8,7 +8,7 @@
 use super::durability::Batch;
 use super::keys::{corrupt_key, data_prefix, k_chunk, k_log, k_record, show_key, u64_at};
 use super::sessions::PURGE_CHUNK;
-use super::{SledStore, backend, blocking};
+use super::{SledStore, blocking, sled_err};
 use crate::session::{LogLine, Record, SessionId};
 use crate::store::{LOG_LINES_MAX, RecordsPage, StoreError, StoreResult, codec};
 
@@ -37,7 +37,7 @@ impl SledStore {
             // A crashed checkpoint's chunks (at or after the committed count) go first: a chunk
             // left there could otherwise overlap the ones written now.
             for kv in self.db.range(k_chunk(b'E', id, first)..) {
-                let (k, _) = kv.map_err(backend)?;
+                let (k, _) = kv.map_err(sled_err("finding a crashed checkpoint's records"))?;
                 if !k.starts_with(&data_prefix(b'E', id)) {
                     break;
                 }
@@ -78,7 +78,7 @@ impl SledStore {
     ) -> StoreResult<()> {
         let prefix = data_prefix(b'O', id);
         let next = match self.db.scan_prefix(&prefix).next_back() {
-            Some(kv) => u64_at(&kv.map_err(backend)?.0, prefix.len())? + 1,
+            Some(kv) => u64_at(&kv.map_err(sled_err("reading the log"))?.0, prefix.len())? + 1,
             None => 0,
         };
         let end = next + lines.len() as u64;
@@ -91,7 +91,7 @@ impl SledStore {
         }
         // Older lines beyond the cap: at most `lines.len()` of them, since the cap always held.
         for kv in self.db.range(prefix.clone()..k_log(id, keep_from)) {
-            b.remove(kv.map_err(backend)?.0);
+            b.remove(kv.map_err(sled_err("trimming the log"))?.0);
         }
         Ok(())
     }
@@ -106,7 +106,7 @@ impl SledStore {
                 let mut b = Batch::default();
                 let mut n = 0;
                 for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
-                    b.remove(kv.map_err(backend)?.0);
+                    b.remove(kv.map_err(sled_err("removing records"))?.0);
                     n += 1;
                 }
                 if n == 0 {
@@ -156,7 +156,7 @@ impl SledStore {
         let mut out = Vec::with_capacity(p.limit.min(1024));
         let end = k_record(&p.id, committed);
         for kv in self.db.range(k_record(&p.id, p.offset)..end).take(p.limit) {
-            let (k, v) = kv.map_err(backend)?;
+            let (k, v) = kv.map_err(sled_err("reading records"))?;
             if !k.starts_with(&prefix) {
                 break;
             }
@@ -179,11 +179,11 @@ impl SledStore {
             .range(k_chunk(b'E', &p.id, 0)..=lo.clone())
             .next_back()
         {
-            lo = kv.map_err(backend)?.0.to_vec();
+            lo = kv.map_err(sled_err("reading records"))?.0.to_vec();
         }
         // Bounded: each chunk read either yields records or ends the page.
         for kv in self.db.range(lo..k_chunk(b'E', &p.id, committed)) {
-            let (k, v) = kv.map_err(backend)?;
+            let (k, v) = kv.map_err(sled_err("reading records"))?;
             if !k.starts_with(&prefix) {
                 break;
             }
@@ -213,7 +213,7 @@ impl SledStore {
     pub(super) fn tail_log(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {
         let mut lines = Vec::new();
         for kv in self.db.scan_prefix(data_prefix(b'O', id)).rev().take(limit) {
-            let (k, v) = kv.map_err(backend)?;
+            let (k, v) = kv.map_err(sled_err("reading the log"))?;
             lines.push(codec::decode(&|| show_key(&k), &v)?);
         }
         lines.reverse();

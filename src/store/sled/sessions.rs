@@ -21,7 +21,7 @@ use super::keys::{
     k_lease, k_pending, k_pending_of, k_session, k_status, k_tombstone, k_wait, lp_prefix, newest,
     show_key, status_prefix, upto,
 };
-use super::{COUNTERS_KEY, Counters, SledStore, backend, blocking};
+use super::{COUNTERS_KEY, Counters, SledStore, blocking, sled_err};
 use crate::session::{Lease, Session, SessionError, SessionId, SessionStatus, Timestamp};
 use crate::store::{
     AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit, HeartbeatOutcome, InsertOutcome,
@@ -110,7 +110,11 @@ impl SledStore {
     /// Stages taking a PENDING session out of the claim queue (`W` or `P`).
     fn unqueue(&self, c: &mut Counters, b: &mut Batch, s: &Session) -> StoreResult<()> {
         let p = k_pending_of(s);
-        if self.db.contains_key(&p).map_err(backend)? {
+        if self
+            .db
+            .contains_key(&p)
+            .map_err(sled_err("reading the claim queue"))?
+        {
             c.due = c.due.saturating_sub(1);
             b.remove(p);
         }
@@ -144,7 +148,7 @@ impl SledStore {
         let mut b = Batch::default();
         let mut moved = 0;
         for kv in self.db.range(vec![b'W']..upto(b"W", now)).take(PROMOTE_MAX) {
-            let (k, _) = kv.map_err(backend)?;
+            let (k, _) = kv.map_err(sled_err("reading the scheduled sessions"))?;
             // W run_at(8) seq(8) prio(4) id
             let (Some(run_at), Some(seq), Some(prio)) = (k.get(1..9), k.get(9..17), k.get(17..21))
             else {
@@ -203,7 +207,7 @@ impl SledStore {
     fn expire_sync(&self, p: &SessionsExpire) -> StoreResult<(Vec<Session>, Option<u64>)> {
         let mut due = Vec::new();
         for kv in self.db.range(vec![b'X']..upto(b"X", p.now)).take(p.limit) {
-            let (k, _) = kv.map_err(backend)?;
+            let (k, _) = kv.map_err(sled_err("reading the cleanup index"))?;
             match id_after(&k, 1 + 8) {
                 Ok(id) => due.push((k, id)),
                 Err(e) => tracing::warn!(error = %e, "skipping a malformed cleanup-index key"),
@@ -220,7 +224,9 @@ impl SledStore {
                 Ok((None, _)) => {
                     // A stale entry whose session is gone: drop it.
                     let _st = self.lock();
-                    self.db.remove(k).map_err(backend)?;
+                    self.db
+                        .remove(k)
+                        .map_err(sled_err("removing a stale cleanup entry"))?;
                 }
                 Err(e) => tracing::warn!(session = %id, error = %e, "could not expire a session"),
             }
@@ -241,7 +247,7 @@ impl SledStore {
                 let mut b = Batch::default();
                 let mut n = 0;
                 for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
-                    b.remove(kv.map_err(backend)?.0);
+                    b.remove(kv.map_err(sled_err("removing a session's data"))?.0);
                     n += 1;
                 }
                 if n == 0 {
@@ -251,14 +257,16 @@ impl SledStore {
             }
         }
         let _st = self.lock();
-        self.db.remove(k_tombstone(id)).map_err(backend)?;
+        self.db
+            .remove(k_tombstone(id))
+            .map_err(sled_err("removing a removal marker"))?;
         Ok(self.durability.ticket())
     }
 
     pub(super) fn purge_interrupted(&self) -> StoreResult<()> {
         let mut ids = Vec::new();
         for kv in self.db.scan_prefix(b"Z") {
-            let (k, _) = kv.map_err(backend)?;
+            let (k, _) = kv.map_err(sled_err("reading the removal markers"))?;
             match id_after(&k, 1) {
                 Ok(id) => ids.push(id),
                 Err(e) => tracing::warn!(error = %e, "skipping a malformed removal marker"),
@@ -268,7 +276,9 @@ impl SledStore {
             tracing::info!(session = %id, "finishing the removal of a session's data");
             self.purge(&id)?;
         }
-        self.db.flush().map_err(backend)?;
+        self.db
+            .flush()
+            .map_err(sled_err("flushing finished removals"))?;
         Ok(())
     }
 
@@ -325,7 +335,7 @@ impl SledStore {
         let mut sessions = Vec::new();
         let mut more = false;
         for kv in self.db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
-            let (k, _) = kv.map_err(backend)?;
+            let (k, _) = kv.map_err(sled_err("listing sessions"))?;
             if !k.starts_with(&prefix) {
                 break;
             }
@@ -382,15 +392,21 @@ impl SledStore {
         }
         let ticket = {
             let mut st = self.lock();
-            if self.db.contains_key(k_session(&s.id)).map_err(backend)?
-                || self.db.contains_key(k_tombstone(&s.id)).map_err(backend)?
+            if self
+                .db
+                .contains_key(k_session(&s.id))
+                .map_err(sled_err("checking for the session"))?
+                || self
+                    .db
+                    .contains_key(k_tombstone(&s.id))
+                    .map_err(sled_err("checking for the session"))?
             {
                 return Err(StoreError::Duplicate(s.id));
             }
             if let Some(agent) = &p.single_agent {
                 let prefix = active_prefix(s.client.client_id(), agent);
                 if let Some(kv) = self.db.scan_prefix(&prefix).next() {
-                    let (k, _) = kv.map_err(backend)?;
+                    let (k, _) = kv.map_err(sled_err("checking the agent's active sessions"))?;
                     return Ok(InsertOutcome::AgentBusy(id_after(&k, prefix.len())?));
                 }
             }
@@ -422,7 +438,7 @@ impl SledStore {
                 if claimed.len() >= p.limit {
                     break;
                 }
-                let (k, _) = kv.map_err(backend)?;
+                let (k, _) = kv.map_err(sled_err("reading the claim queue"))?;
                 let old = match id_after(&k, 1 + 4 + 8 + 8).and_then(|id| self.load(&id)) {
                     Ok(Some(s)) if s.status == SessionStatus::Pending => s,
                     other => {
@@ -583,7 +599,7 @@ impl SledStore {
                 if reclaimed.len() >= p.limit {
                     break;
                 }
-                let (k, _) = kv.map_err(backend)?;
+                let (k, _) = kv.map_err(sled_err("reading the lease index"))?;
                 let old = match id_after(&k, 1 + 8).and_then(|id| self.load(&id)) {
                     Ok(Some(s))
                         if s.status == SessionStatus::Running
@@ -711,7 +727,7 @@ impl SledStore {
         let c = self.lock().clone();
         let mut waiting_due = 0u64;
         for kv in self.db.range(vec![b'W']..upto(b"W", now)) {
-            kv.map_err(backend)?;
+            kv.map_err(sled_err("counting due sessions"))?;
             waiting_due += 1;
         }
         let by_status = SessionStatus::ALL
