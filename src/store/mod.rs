@@ -22,46 +22,15 @@ use crate::session::{
 };
 
 pub mod codec;
+mod error;
 pub mod postgres;
 pub mod sled;
+
+pub use error::StoreError;
 
 /// Version of the stored format this build writes. A store written with a higher version is
 /// refused with [`StoreError::NewerVersion`] instead of being misread.
 pub const SCHEMA_VERSION: u32 = 1;
-
-/// Errors of the storage layer.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// `session_insert` with an id that exists.
-    #[error("session {0} already exists; session ids are never reused")]
-    Duplicate(SessionId),
-    /// A value could not be decoded.
-    #[error("stored value at {key} is corrupt: {reason}")]
-    Corrupt {
-        /// The key (or table and id) of the value.
-        key: String,
-        /// What was wrong.
-        reason: String,
-    },
-    /// The store, or one value in it, was written by a newer harvest.
-    #[error(
-        "{what} has schema version {found}, but this harvest understands up to {supported}; upgrade harvest"
-    )]
-    NewerVersion {
-        /// The store, or the key of the value.
-        what: String,
-        /// The version found.
-        found: u32,
-        /// [`SCHEMA_VERSION`].
-        supported: u32,
-    },
-    /// The backend failed (I/O, connection, SQL).
-    #[error("storage backend: {0}")]
-    Backend(String),
-    /// A parameter was out of range (e.g. a limit of 0).
-    #[error("invalid store request: {0}")]
-    Invalid(String),
-}
 
 /// Result of every store call.
 pub type StoreResult<T> = Result<T, StoreError>;
