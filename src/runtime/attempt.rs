@@ -143,20 +143,15 @@ impl Attempt {
             })
             .await;
         match res {
-            Ok(true) => {
-                let session = self.reread().await;
-                let applied = match &session {
-                    Some(after) => self.s.effects.checkpointed(after, counts, kept.as_ref()),
-                    None => Ok(()),
-                };
-                if let Err(e) = applied {
+            Ok(Some(after)) => {
+                if let Err(e) = self.s.effects.checkpointed(&after, counts, kept.as_ref()) {
                     tracing::error!(session = %self.aref.id, error = %e, "a committed checkpoint could not be followed up; abandoning the attempt");
                     self.stop.stop(StopReason::Abandoned);
                     return Err(CommitError::Abandoned(e));
                 }
                 Ok(())
             }
-            Ok(false) => {
+            Ok(None) => {
                 self.stop.stop(StopReason::LeaseLost);
                 Err(CommitError::LeaseLost)
             }
@@ -168,11 +163,6 @@ impl Attempt {
                 Err(CommitError::Abandoned(e.to_string()))
             }
         }
-    }
-
-    /// The session as stored now (for effects), `None` when it is gone or unreadable.
-    async fn reread(&self) -> Option<Session> {
-        self.s.store.session_get(&self.aref.id).await.ok().flatten()
     }
 
     fn default_timeout(&self) -> Duration {
@@ -405,7 +395,6 @@ impl Attempt {
     ) {
         let counts = BatchCounts::of(&batch);
         let kept = self.s.effects.observes_commits().then(|| batch.clone());
-        let now = self.s.clock.now();
         let res = self
             .s
             .store
@@ -414,20 +403,18 @@ impl Attempt {
                 status,
                 error,
                 batch,
-                cleanup_at: now.add(self.session.cleanup_after(self.default_timeout())),
-                now,
+                cleanup_after: self.default_timeout(),
+                now: self.s.clock.now(),
             })
             .await;
         match res {
-            Ok(true) => {
-                if let Some(done) = self.reread().await {
-                    if let Err(e) = self.s.effects.checkpointed(&done, counts, kept.as_ref()) {
-                        tracing::error!(error = %e, "the last checkpoint could not be followed up");
-                    }
-                    self.s.effects.transitioned(&done);
+            Ok(Some(done)) => {
+                if let Err(e) = self.s.effects.checkpointed(&done, counts, kept.as_ref()) {
+                    tracing::error!(error = %e, "the last checkpoint could not be followed up");
                 }
+                self.s.effects.transitioned(&done);
             }
-            Ok(false) => tracing::info!("finish not applied: the lease was lost"),
+            Ok(None) => tracing::info!("finish not applied: the lease was lost"),
             Err(e) => tracing::error!(error = %e, "finishing the session failed"),
         }
     }
@@ -449,17 +436,13 @@ impl Attempt {
                 spend_attempt: spend,
                 run_at: Timestamp(now.millis().saturating_add(delay.as_millis() as i64)),
                 error,
-                cleanup_at: now.add(self.session.cleanup_after(self.default_timeout())),
+                cleanup_after: self.default_timeout(),
                 now,
             })
             .await;
         match res {
-            Ok(crate::store::RequeueOutcome::NotApplied) => {}
-            Ok(_) => {
-                if let Some(after) = self.reread().await {
-                    self.s.effects.transitioned(&after);
-                }
-            }
+            Ok(None) => {}
+            Ok(Some(after)) => self.s.effects.transitioned(&after),
             Err(e) => {
                 tracing::error!(error = %e, "requeue failed; the lease will expire");
             }

@@ -141,9 +141,7 @@ impl Maintainer {
         crate::metrics::lease_reclaims(reclaimed.len() as u64);
         for r in &reclaimed {
             tracing::info!(session = %r.id, attempt = r.attempt, outcome = ?r.outcome, "{why}");
-            if let Ok(Some(s)) = self.store.session_get(&r.id).await {
-                self.effects.transitioned(&s);
-            }
+            self.effects.transitioned(&r.session);
         }
         Ok(reclaimed.len())
     }
@@ -207,7 +205,7 @@ impl Maintainer {
                 continue;
             }
             let secs = limit.as_secs();
-            let applied = self
+            let ended_now = self
                 .store
                 .session_finish_if_running(SessionFinish {
                     attempt: AttemptRef {
@@ -223,16 +221,14 @@ impl Maintainer {
                         ),
                     )),
                     batch: CheckpointBatch::default(),
-                    cleanup_at: now.add(s.cleanup_after(self.default_timeout)),
+                    cleanup_after: self.default_timeout,
                     now,
                 })
                 .await?;
-            if applied {
+            if let Some(done) = ended_now {
                 ended += 1;
                 tracing::warn!(session = %s.id, attempt = s.attempt, "attempt past max_duration ended by maintenance");
-                if let Ok(Some(done)) = self.store.session_get(&s.id).await {
-                    self.effects.transitioned(&done);
-                }
+                self.effects.transitioned(&done);
             }
         }
         Ok(ended)

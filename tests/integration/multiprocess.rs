@@ -82,11 +82,14 @@ async fn serve_and_workers_share_postgres_through_kills() {
     .expect("site");
     let dir = tempfile::tempdir().expect("tempdir");
     let config_path = dir.path().join("config.toml");
+    // A 4 s lease: short enough that the killed workers' sessions come back quickly, long
+    // enough that a live worker's heartbeats (every third of it) survive a loaded machine (a 2 s
+    // lease let live workers lose sessions under a load of 8 on 2 cores).
     std::fs::write(
         &config_path,
         format!(
             "store = \"postgres\"\ndatabase_url = \"{url}\"\n\
-             [workers]\nlease_secs = 2\nretry_backoff_ms = 50\nshutdown_grace_secs = 2\n\
+             [workers]\nlease_secs = 4\nretry_backoff_ms = 50\nshutdown_grace_secs = 2\n\
              [export]\nschema = \"{export_schema}\"\ndir = \"{}\"\n",
             dir.path().join("exports").display()
         ),

@@ -251,12 +251,13 @@ async fn notify_on_requeue_wakes_other_store() {
             spend_attempt: false,
             run_at: at(2),
             error: None,
-            cleanup_at: at(100),
+            cleanup_after: Duration::from_secs(98),
             now: at(2),
         })
         .await
-        .expect("requeue");
-    assert_eq!(outcome, harvest::store::RequeueOutcome::Requeued);
+        .expect("requeue")
+        .map(|s| harvest::store::RequeueOutcome::of(s.status));
+    assert_eq!(outcome, Some(harvest::store::RequeueOutcome::Requeued));
     let waited = tokio::time::timeout(Duration::from_secs(30), waiter)
         .await
         .expect("the waiter did not wake within 30 s of another store's requeue")

@@ -78,7 +78,8 @@ async fn reopen_after_drop_keeps_everything() {
                 now: at(2),
             })
             .await
-            .unwrap();
+            .unwrap()
+            .is_some();
         assert!(ok);
         let pending = insert(&store, session("b")).await;
         // Dropped without close(): every acknowledged write must already be on disk.
@@ -282,6 +283,7 @@ async fn remove_leaves_no_key_of_the_session() {
                 .checkpoint_commit_if_running(commit)
                 .await
                 .unwrap()
+                .is_some()
         );
     }
     store_dyn

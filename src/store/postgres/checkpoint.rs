@@ -2,13 +2,18 @@
 //! seen URLs and log lines, in one transaction that first takes the session row by its
 //! compare-and-set, so nothing is written unless the attempt still holds its lease.
 
-use super::rows::{error_columns, row_get, to_i32, to_i64, usage_columns};
+use super::rows::{
+    SESSION_COLUMNS, error_columns, session_from_row, to_i32, to_i64, usage_columns,
+};
 use super::sessions::IF_RUNNING;
 use super::{PostgresStore, db_err};
-use crate::session::{SessionError, SessionStatus, Timestamp};
+use crate::session::{Session, SessionError, SessionStatus, Timestamp};
+
+/// A century in milliseconds: the cap of a cleanup delay, far inside bigint.
+const CENTURY_MS: i64 = 100 * 365 * 86_400_000;
 use crate::store::{
     AttemptRef, CheckpointBatch, CheckpointCommit, LOG_LINES_MAX, SessionFinish, StoreError,
-    StoreResult, key_name,
+    StoreResult,
 };
 
 /// How an attempt's commit ends: a checkpoint renews the lease, a finish ends the session.
@@ -19,12 +24,15 @@ enum Ending {
     Finish {
         status: SessionStatus,
         error: Option<SessionError>,
-        cleanup_at: Timestamp,
+        cleanup_after_ms: i64,
     },
 }
 
 impl PostgresStore {
-    pub(super) async fn commit_checkpoint(&self, p: CheckpointCommit) -> StoreResult<bool> {
+    pub(super) async fn commit_checkpoint(
+        &self,
+        p: CheckpointCommit,
+    ) -> StoreResult<Option<Session>> {
         let ending = Ending::Checkpoint {
             lease_expires_at: p.now.add(p.lease),
         };
@@ -32,30 +40,36 @@ impl PostgresStore {
             .await
     }
 
-    pub(super) async fn finish_session(&self, p: SessionFinish) -> StoreResult<bool> {
+    pub(super) async fn finish_session(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
         if !p.status.is_terminal() {
             return Err(StoreError::Invalid(format!(
                 "session {} cannot finish as {}; use COMPLETED, FAILED or CANCELLED",
                 p.attempt.id, p.status
             )));
         }
+        // Capped so that now + delay stays far inside bigint (a century is ~3.2e12 ms).
+        let cleanup_after_ms = i64::try_from(p.cleanup_after.as_millis())
+            .unwrap_or(i64::MAX)
+            .min(CENTURY_MS);
         let ending = Ending::Finish {
             status: p.status,
             error: p.error,
-            cleanup_at: p.cleanup_at,
+            cleanup_after_ms,
         };
         self.attempt_commit(&p.attempt, &p.batch, p.now, ending)
             .await
     }
 
-    /// Commits `batch` and `ending` in one transaction if the attempt still holds its lease.
+    /// Commits `batch` and `ending` in one transaction if the attempt still holds its lease;
+    /// the session after it. One statement each, equal to the state machine's
+    /// [`Session::checkpointed`] and [`Session::finished`] (the conformance suite checks it).
     async fn attempt_commit(
         &self,
         a: &AttemptRef,
         batch: &CheckpointBatch,
         now: Timestamp,
         ending: Ending,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<Option<Session>> {
         let attempt = to_i32(a.attempt, "attempt")?;
         let records = i64::try_from(batch.records.len()).unwrap_or(i64::MAX);
         let pages = to_i64(batch.pages, "pages")?;
@@ -81,7 +95,7 @@ impl PostgresStore {
                 let stmt = tx
                     .prepare_cached(&format!(
                         "UPDATE sessions SET {COUNTERS}, lease_expires_at = $13 \
-                         WHERE {IF_RUNNING} RETURNING processed_elements"
+                         WHERE {IF_RUNNING} RETURNING {SESSION_COLUMNS}"
                     ))
                     .await
                     .map_err(db_err("preparing a checkpoint"))?;
@@ -108,14 +122,16 @@ impl PostgresStore {
             Ending::Finish {
                 status,
                 error,
-                cleanup_at,
+                cleanup_after_ms,
             } => {
+                // The session's own timeout (cleanup_after_ms, set at insert) else the default.
                 let stmt = tx
                     .prepare_cached(&format!(
                         "UPDATE sessions SET {COUNTERS}, status = $13, error_kind = $14, \
-                         error_message = $15, cleanup_at = $16, end_time = $12, \
-                         lease_owner = NULL, lease_expires_at = NULL \
-                         WHERE {IF_RUNNING} RETURNING processed_elements"
+                         error_message = $15, \
+                         cleanup_at = $12::bigint + COALESCE(cleanup_after_ms, $16::bigint), \
+                         end_time = $12, lease_owner = NULL, lease_expires_at = NULL \
+                         WHERE {IF_RUNNING} RETURNING {SESSION_COLUMNS}"
                     ))
                     .await
                     .map_err(db_err("preparing a finish"))?;
@@ -138,7 +154,7 @@ impl PostgresStore {
                         &status.as_str(),
                         &error_kind,
                         &error_message,
-                        &cleanup_at.0,
+                        cleanup_after_ms,
                     ],
                 )
                 .await
@@ -150,17 +166,18 @@ impl PostgresStore {
         )))?;
         let Some(row) = row else {
             // Not ours any more; the transaction rolls back on drop having written nothing.
-            return Ok(false);
+            return Ok(None);
         };
-        let total: i64 = row_get(&row, 0, &key_name("sessions", &a.id))?;
+        let session = session_from_row(&row)?;
         if nonempty {
+            let total = to_i64(session.metrics.processed_elements, "processed_elements")?;
             write_batch(&tx, a, batch, total - records).await?;
         }
         tx.commit().await.map_err(db_err(&format!(
             "committing attempt {} of session {}",
             a.attempt, a.id
         )))?;
-        Ok(true)
+        Ok(Some(session))
     }
 }
 

@@ -31,7 +31,9 @@ impl PostgresStore {
             .await
             .map_err(db_err(&format!("reading session {id}")))?;
         let Some(row) = row else {
-            return Ok(ResumeState::default());
+            return Err(StoreError::Invalid(format!(
+                "no session {id} to resume; it was removed"
+            )));
         };
         let session = session_from_row(&row)?;
         let frontier_len = tx

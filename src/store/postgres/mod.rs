@@ -44,10 +44,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Agent, CancelOutcome, CheckpointCommit, FrontierItem, FrontierPage, HeartbeatOutcome,
-    InsertOutcome, LeaderAcquire, LeaseReclaim, Reclaimed, RecordsPage, RequeueOutcome,
-    ResumeState, SeenFilter, SessionCancel, SessionClaim, SessionCounts, SessionFinish,
-    SessionHeartbeat, SessionInsert, SessionList, SessionPage, SessionRequeue, SessionsExpire,
-    Store, StoreError, StoreResult,
+    InsertOutcome, LeaderAcquire, LeaseReclaim, Reclaimed, RecordsPage, ResumeState, SeenFilter,
+    SessionCancel, SessionClaim, SessionCounts, SessionFinish, SessionHeartbeat, SessionInsert,
+    SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError, StoreResult,
 };
 use crate::session::{LogLine, Record, Session, SessionId, Timestamp};
 
@@ -236,15 +235,18 @@ impl Store for PostgresStore {
         self.heartbeat(p).await
     }
 
-    async fn checkpoint_commit_if_running(&self, p: CheckpointCommit) -> StoreResult<bool> {
+    async fn checkpoint_commit_if_running(
+        &self,
+        p: CheckpointCommit,
+    ) -> StoreResult<Option<Session>> {
         self.commit_checkpoint(p).await
     }
 
-    async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<bool> {
+    async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
         self.finish_session(p).await
     }
 
-    async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<RequeueOutcome> {
+    async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<Option<Session>> {
         self.requeue_session(p).await
     }
 

@@ -8,14 +8,15 @@ use tokio_postgres::types::ToSql;
 
 use super::rows::{
     SESSION_COLUMNS, SpecRef, error_columns, parse_status, row_get, session_from_row, to_i32,
-    to_i64, to_u32, to_u64, usage_columns,
+    to_i64, to_u64, usage_columns,
 };
 use super::{ADVISORY_CLASS_AGENT, PostgresStore, db_err};
-use crate::session::{Session, SessionId, SessionStatus, Timestamp};
+use crate::session::{CancelDecision, Session, SessionId, SessionStatus, Timestamp};
 use crate::store::{
-    CancelOutcome, HeartbeatOutcome, InsertOutcome, LeaseReclaim, Reclaimed, RequeueOutcome,
-    SessionCancel, SessionClaim, SessionCounts, SessionHeartbeat, SessionInsert, SessionList,
-    SessionPage, SessionRequeue, SessionsExpire, StoreError, StoreResult, codec, key_name,
+    AttemptRef, CancelOutcome, HeartbeatOutcome, InsertOutcome, LeaseReclaim, Reclaimed,
+    RequeueOutcome, SessionCancel, SessionClaim, SessionCounts, SessionHeartbeat, SessionInsert,
+    SessionList, SessionPage, SessionRequeue, SessionsExpire, StoreError, StoreResult, codec,
+    key_name,
 };
 
 /// Longest session list page (the trait's documented range).
@@ -332,170 +333,86 @@ impl PostgresStore {
         })
     }
 
-    pub(super) async fn requeue_session(&self, p: SessionRequeue) -> StoreResult<RequeueOutcome> {
-        let client = self.client().await?;
-        // `failures` on the right-hand side is the value before this update.
-        let stmt = client
+    /// The row of an attempt that still holds its lease, locked until the transaction ends.
+    async fn lock_running(
+        tx: &deadpool_postgres::Transaction<'_>,
+        a: &AttemptRef,
+    ) -> StoreResult<Option<Session>> {
+        let stmt = tx
             .prepare_cached(&format!(
-                "WITH u AS (
-                     UPDATE sessions SET
-                         failures = failures + $4::int,
-                         status = CASE WHEN cancel_requested THEN 'CANCELLED'
-                                  WHEN $4 = 1 AND failures + 1 >= max_attempts
-                                  THEN 'FAILED' ELSE 'PENDING' END,
-                         run_at = $5,
-                         error_kind = CASE WHEN cancel_requested THEN error_kind
-                                      WHEN $4 = 1 AND failures + 1 >= max_attempts
-                                      THEN coalesce($6::text, 'attempts_exhausted') ELSE $6::text END,
-                         error_message = CASE WHEN cancel_requested THEN error_message
-                                         WHEN $4 = 1 AND failures + 1 >= max_attempts
-                                         THEN coalesce($7::text, format('attempt %s failed and no \
-                                             attempts are left (max_attempts %s)', attempt,
-                                             max_attempts))
-                                         ELSE $7::text END,
-                         cleanup_at = CASE WHEN cancel_requested
-                                           OR ($4 = 1 AND failures + 1 >= max_attempts)
-                                      THEN $8::bigint ELSE NULL END,
-                         end_time = CASE WHEN cancel_requested
-                                         OR ($4 = 1 AND failures + 1 >= max_attempts)
-                                    THEN $9::bigint ELSE end_time END,
-                         lease_owner = NULL, lease_expires_at = NULL, updated_at = $9
-                     WHERE {IF_RUNNING}
-                     RETURNING status)
-                 SELECT status FROM u"
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE {IF_RUNNING} FOR UPDATE"
             ))
             .await
-            .map_err(db_err("preparing a requeue"))?;
-        let a = &p.attempt;
+            .map_err(db_err("preparing a locked read"))?;
         let attempt = to_i32(a.attempt, "attempt")?;
-        let spend: i32 = p.spend_attempt.into();
-        let (error_kind, error_message) = error_columns(p.error.as_ref());
-        let row = client
-            .query_opt(
-                &stmt,
-                &[
-                    &a.id.as_str(),
-                    &attempt,
-                    &a.owner,
-                    &spend,
-                    &p.run_at.0,
-                    &error_kind,
-                    &error_message,
-                    &p.cleanup_at.0,
-                    &p.now.0,
-                ],
-            )
+        let row = tx
+            .query_opt(&stmt, &[&a.id.as_str(), &attempt, &a.owner])
             .await
-            .map_err(db_err(&format!("requeueing session {}", a.id)))?;
-        let Some(row) = row else {
-            return Ok(RequeueOutcome::NotApplied);
+            .map_err(db_err(&format!("reading session {} to change it", a.id)))?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    pub(super) async fn requeue_session(&self, p: SessionRequeue) -> StoreResult<Option<Session>> {
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        let Some(old) = Self::lock_running(&tx, &p.attempt).await? else {
+            return Ok(None);
         };
-        let status: String = row_get(&row, 0, &key_name("sessions", &a.id))?;
-        match status.as_str() {
-            "PENDING" => {
-                self.wake_local();
-                Ok(RequeueOutcome::Requeued)
-            }
-            "CANCELLED" => Ok(RequeueOutcome::Cancelled),
-            _ => Ok(RequeueOutcome::Failed),
+        let (s, _) = old.requeued(p.spend_attempt, p.run_at, p.error, p.cleanup_after, p.now);
+        write_sessions(&tx, std::slice::from_ref(&s)).await?;
+        tx.commit()
+            .await
+            .map_err(db_err(&format!("committing the requeue of {}", s.id)))?;
+        if s.status == SessionStatus::Pending {
+            self.wake_local();
         }
+        Ok(Some(s))
     }
 
     pub(super) async fn reclaim_leases(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>> {
-        const CENTURY_MS: i64 = 100 * 365 * 86_400_000;
         if p.limit == 0 {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(p.limit).unwrap_or(i64::MAX);
-        let client = self.client().await?;
-        // An attempt that committed progress is free: it is not counted in `failures`.
-        let stmt = client
-            .prepare_cached(
-                "WITH expired AS (
-                     SELECT id AS exp_id FROM sessions
-                     WHERE status = 'RUNNING' AND lease_expires_at <= $1
-                     ORDER BY lease_expires_at
-                     LIMIT $2
-                     FOR UPDATE SKIP LOCKED),
-                 u AS (
-                     UPDATE sessions SET
-                         failures = failures + CASE WHEN progress_this_attempt THEN 0 ELSE 1 END,
-                         status = CASE WHEN cancel_requested THEN 'CANCELLED'
-                                  WHEN NOT progress_this_attempt
-                                       AND failures + 1 >= max_attempts
-                                  THEN 'FAILED' ELSE 'PENDING' END,
-                         run_at = $3,
-                         error_kind = CASE WHEN cancel_requested THEN error_kind
-                                      WHEN NOT progress_this_attempt
-                                           AND failures + 1 >= max_attempts
-                                      THEN 'attempts_exhausted' ELSE 'lease_expired' END,
-                         error_message = CASE WHEN cancel_requested THEN error_message
-                                         WHEN NOT progress_this_attempt
-                                              AND failures + 1 >= max_attempts
-                                         THEN format('attempt %s lost its lease (the worker \
-                                             stopped or was cut off) and no attempts are left \
-                                             (max_attempts %s)', attempt, max_attempts)
-                                         ELSE format('attempt %s lost its lease (the worker \
-                                             stopped or was cut off); retrying', attempt) END,
-                         cleanup_at = CASE WHEN cancel_requested
-                                           OR (NOT progress_this_attempt
-                                               AND failures + 1 >= max_attempts)
-                                      THEN $5::bigint + COALESCE(cleanup_after_ms, $4::bigint)
-                                      ELSE NULL END,
-                         end_time = CASE WHEN cancel_requested THEN $5::bigint
-                                    WHEN NOT progress_this_attempt
-                                         AND failures + 1 >= max_attempts
-                                    THEN $5::bigint ELSE end_time END,
-                         lease_owner = NULL, lease_expires_at = NULL, updated_at = $5
-                     FROM expired WHERE id = exp_id AND status = 'RUNNING'
-                     RETURNING id, attempt, status)
-                 SELECT id, attempt, status FROM u",
-            )
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
             .await
-            .map_err(db_err("preparing the lease reclaim"))?;
-        let run_at = p.now.add(p.backoff).0;
-        // Capped so that now + delay stays far inside bigint (a century is ~3.2e12 ms).
-        let cleanup_after_ms = i64::try_from(p.cleanup_after.as_millis())
-            .unwrap_or(i64::MAX)
-            .min(CENTURY_MS);
-        let rows = client
+            .map_err(db_err("starting a transaction"))?;
+        // Rows another reclaimer holds are skipped, not waited for; lease-expiry order, as sled.
+        let rows = tx
             .query(
-                &stmt,
-                &[
-                    &p.expired_before.0,
-                    &limit,
-                    &run_at,
-                    &cleanup_after_ms,
-                    &p.now.0,
-                ],
+                &format!(
+                    "SELECT {SESSION_COLUMNS} FROM sessions \
+                     WHERE status = 'RUNNING' AND lease_expires_at <= $1 \
+                     ORDER BY lease_expires_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
+                ),
+                &[&p.expired_before.0, &limit],
             )
             .await
-            .map_err(db_err("reclaiming expired leases"))?;
+            .map_err(db_err("reading expired leases"))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let id: String = row_get(row, 0, "sessions/id")?;
-            let key = format!("sessions/{id}");
-            let id = SessionId::parse(&id).map_err(|e| StoreError::Corrupt {
-                key: key.clone(),
-                reason: e.to_string(),
-            })?;
-            let attempt = to_u32(row_get::<i32>(row, 1, &key)?, "attempt")?;
-            let status: String = row_get(row, 2, &key)?;
-            let outcome = match status.as_str() {
-                "PENDING" => RequeueOutcome::Requeued,
-                "CANCELLED" => RequeueOutcome::Cancelled,
-                _ => RequeueOutcome::Failed,
-            };
+            let old = session_from_row(row)?;
+            let (s, outcome) = old.reclaimed(p.backoff, p.cleanup_after, p.now);
             out.push(Reclaimed {
-                id,
-                attempt,
+                id: s.id.clone(),
+                attempt: old.attempt,
                 outcome,
+                session: Box::new(s),
             });
         }
+        let sessions: Vec<Session> = out.iter().map(|r| (*r.session).clone()).collect();
+        write_sessions(&tx, &sessions).await?;
+        tx.commit()
+            .await
+            .map_err(db_err("committing the lease reclaim"))?;
         if out.iter().any(|r| r.outcome == RequeueOutcome::Requeued) {
             self.wake_local();
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 
@@ -515,36 +432,18 @@ impl PostgresStore {
         let Some(row) = row else {
             return Ok(CancelOutcome::NotFound);
         };
-        let current = session_from_row(&row)?;
-        let id = p.id.as_str();
-        let cleanup_at = p.now.add(current.cleanup_after(p.cleanup_after)).0;
-        let (sql, params): (String, Vec<&(dyn ToSql + Sync)>) = match current.status {
-            SessionStatus::Pending => (
-                format!(
-                    "UPDATE sessions SET status = 'CANCELLED', cleanup_at = $2, end_time = $3, \
-                     updated_at = $3 WHERE id = $1 RETURNING {SESSION_COLUMNS}"
-                ),
-                vec![&id, &cleanup_at, &p.now.0],
-            ),
-            SessionStatus::Running => (
-                format!(
-                    "UPDATE sessions SET cancel_requested = true, updated_at = $2 WHERE id = $1 \
-                     RETURNING {SESSION_COLUMNS}"
-                ),
-                vec![&id, &p.now.0],
-            ),
-            _ => return Ok(CancelOutcome::AlreadyTerminal(Box::new(current))),
+        let old = session_from_row(&row)?;
+        let (s, outcome) = match old.cancel(p.cleanup_after, p.now) {
+            CancelDecision::Cancel(s) => (s.clone(), CancelOutcome::Cancelled(Box::new(s))),
+            CancelDecision::Request(s) => (s.clone(), CancelOutcome::Requested(Box::new(s))),
+            CancelDecision::AlreadyRequested => return Ok(CancelOutcome::Requested(Box::new(old))),
+            CancelDecision::AlreadyTerminal => {
+                return Ok(CancelOutcome::AlreadyTerminal(Box::new(old)));
+            }
         };
-        let row = tx
-            .query_one(&sql, &params)
-            .await
-            .map_err(db_err(&format!("cancelling session {}", p.id)))?;
-        let updated = session_from_row(&row)?;
+        write_sessions(&tx, std::slice::from_ref(&s)).await?;
         tx.commit().await.map_err(db_err("committing a cancel"))?;
-        Ok(match current.status {
-            SessionStatus::Pending => CancelOutcome::Cancelled(Box::new(updated)),
-            _ => CancelOutcome::Requested(Box::new(updated)),
-        })
+        Ok(outcome)
     }
 
     pub(super) async fn remove_session(&self, id: &SessionId) -> StoreResult<Option<Session>> {
@@ -658,6 +557,120 @@ async fn delete_session_data(
             "removing the {table} of {} session(s)",
             ids.len()
         )))?;
+    }
+    Ok(())
+}
+
+/// Writes every mutable column of `sessions` (state-machine results) to their rows, in one
+/// statement, inside the caller's transaction (which holds the rows' locks).
+pub(super) async fn write_sessions(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sessions: &[Session],
+) -> StoreResult<()> {
+    if sessions.is_empty() {
+        return Ok(());
+    }
+    let n = sessions.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut status = Vec::with_capacity(n);
+    let mut attempt = Vec::with_capacity(n);
+    let mut failures = Vec::with_capacity(n);
+    let mut progress = Vec::with_capacity(n);
+    let mut lease_owner = Vec::with_capacity(n);
+    let mut lease_expires = Vec::with_capacity(n);
+    let mut cancel = Vec::with_capacity(n);
+    let mut run_at = Vec::with_capacity(n);
+    let mut updated = Vec::with_capacity(n);
+    let mut cleanup = Vec::with_capacity(n);
+    let mut start = Vec::with_capacity(n);
+    let mut end = Vec::with_capacity(n);
+    let mut pages = Vec::with_capacity(n);
+    let mut elements = Vec::with_capacity(n);
+    let mut usage: [Vec<i64>; 5] = Default::default();
+    let mut error_kind = Vec::with_capacity(n);
+    let mut error_message = Vec::with_capacity(n);
+    let mut checkpoints = Vec::with_capacity(n);
+    for s in sessions {
+        ids.push(s.id.as_str());
+        status.push(s.status.as_str());
+        attempt.push(to_i32(s.attempt, "attempt")?);
+        failures.push(to_i32(s.failures, "failures")?);
+        progress.push(s.progress_this_attempt);
+        lease_owner.push(s.lease.as_ref().map(|l| l.owner.as_str()));
+        lease_expires.push(s.lease.as_ref().map(|l| l.expires_at.0));
+        cancel.push(s.cancel_requested);
+        run_at.push(s.run_at.0);
+        updated.push(s.updated_at.0);
+        cleanup.push(s.cleanup_at.map(|t| t.0));
+        start.push(s.metrics.start_time.map(|t| t.0));
+        end.push(s.metrics.end_time.map(|t| t.0));
+        pages.push(to_i64(s.metrics.pages_processed, "pages_processed")?);
+        elements.push(to_i64(s.metrics.processed_elements, "processed_elements")?);
+        for (col, v) in usage.iter_mut().zip(usage_columns(&s.usage)?) {
+            col.push(v);
+        }
+        let (k, m) = error_columns(s.error.as_ref());
+        error_kind.push(k);
+        error_message.push(m);
+        checkpoints.push(to_i64(s.checkpoints, "checkpoints")?);
+    }
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE sessions SET status = u.status, attempt = u.attempt, failures = u.failures,
+                 progress_this_attempt = u.progress, lease_owner = u.lease_owner,
+                 lease_expires_at = u.lease_expires, cancel_requested = u.cancel,
+                 run_at = u.run_at, updated_at = u.updated, cleanup_at = u.cleanup,
+                 start_time = u.start_time, end_time = u.end_time,
+                 pages_processed = u.pages, processed_elements = u.elements,
+                 http_requests = u.requests, http_errors = u.errors,
+                 bytes_received = u.bytes, retries = u.retries,
+                 robots_blocked = u.robots, error_kind = u.error_kind,
+                 error_message = u.error_message, checkpoints = u.checkpoints
+             FROM unnest($1::text[], $2::text[], $3::int4[], $4::int4[], $5::bool[],
+                 $6::text[], $7::int8[], $8::bool[], $9::int8[], $10::int8[], $11::int8[],
+                 $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[],
+                 $18::int8[], $19::int8[], $20::int8[], $21::text[], $22::text[], $23::int8[])
+                 AS u(id, status, attempt, failures, progress, lease_owner, lease_expires,
+                      cancel, run_at, updated, cleanup, start_time, end_time, pages, elements,
+                      requests, errors, bytes, retries, robots, error_kind, error_message,
+                      checkpoints)
+             WHERE sessions.id = u.id",
+        )
+        .await
+        .map_err(db_err("preparing a session write"))?;
+    let params: [&(dyn ToSql + Sync); 23] = [
+        &ids,
+        &status,
+        &attempt,
+        &failures,
+        &progress,
+        &lease_owner,
+        &lease_expires,
+        &cancel,
+        &run_at,
+        &updated,
+        &cleanup,
+        &start,
+        &end,
+        &pages,
+        &elements,
+        &usage[0],
+        &usage[1],
+        &usage[2],
+        &usage[3],
+        &usage[4],
+        &error_kind,
+        &error_message,
+        &checkpoints,
+    ];
+    let written = tx
+        .execute(&stmt, &params)
+        .await
+        .map_err(db_err("writing sessions"))?;
+    if written != n as u64 {
+        return Err(StoreError::Invalid(format!(
+            "wrote {written} of {n} sessions: a locked row is missing"
+        )));
     }
     Ok(())
 }

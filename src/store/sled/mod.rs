@@ -84,10 +84,10 @@ use tokio::sync::Notify;
 
 use super::{
     Agent, CancelOutcome, CheckpointCommit, FrontierItem, FrontierPage, HeartbeatOutcome,
-    InsertOutcome, LeaderAcquire, LeaseReclaim, Reclaimed, RecordsPage, RequeueOutcome,
-    ResumeState, SeenFilter, SessionCancel, SessionClaim, SessionCounts, SessionFinish,
-    SessionHeartbeat, SessionInsert, SessionList, SessionPage, SessionRequeue, SessionsExpire,
-    Store, StoreError, StoreResult, codec, key_name,
+    InsertOutcome, LeaderAcquire, LeaseReclaim, Reclaimed, RecordsPage, ResumeState, SeenFilter,
+    SessionCancel, SessionClaim, SessionCounts, SessionFinish, SessionHeartbeat, SessionInsert,
+    SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError, StoreResult,
+    codec, key_name,
 };
 use crate::session::{LogLine, Record, Session, SessionId, Timestamp};
 use durability::{Batch, Durability, replay_intents};
@@ -335,15 +335,18 @@ impl Store for SledStore {
         self.heartbeat(p)
     }
 
-    async fn checkpoint_commit_if_running(&self, p: CheckpointCommit) -> StoreResult<bool> {
+    async fn checkpoint_commit_if_running(
+        &self,
+        p: CheckpointCommit,
+    ) -> StoreResult<Option<Session>> {
         self.commit_checkpoint(p).await
     }
 
-    async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<bool> {
+    async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
         self.finish_session(p).await
     }
 
-    async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<RequeueOutcome> {
+    async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<Option<Session>> {
         self.requeue_session(p).await
     }
 

@@ -22,7 +22,7 @@ use super::keys::{
     show_key, status_prefix, upto,
 };
 use super::{COUNTERS_KEY, Counters, SledStore, blocking, sled_err};
-use crate::session::{Lease, Session, SessionError, SessionId, SessionStatus, Timestamp};
+use crate::session::{CancelDecision, Session, SessionId, SessionStatus, Timestamp};
 use crate::store::{
     AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit, HeartbeatOutcome, InsertOutcome,
     LeaseReclaim, Reclaimed, RequeueOutcome, SessionCancel, SessionClaim, SessionCounts,
@@ -122,23 +122,39 @@ impl SledStore {
         Ok(())
     }
 
-    /// Stages a checkpoint's writes into `b` and `s`.
-    fn stage_batch(
-        &self,
-        b: &mut Batch,
-        s: &mut Session,
-        batch: &CheckpointBatch,
-    ) -> StoreResult<()> {
-        let id = s.id.clone();
-        let first = s.metrics.processed_elements;
-        self.stage_records(b, &id, first, &batch.records)?;
-        self.stage_frontier(b, &id, batch)?;
-        if !batch.log.is_empty() {
-            self.stage_log(b, &id, &batch.log)?;
+    /// Stages a checkpoint's data (records numbered after `s`'s committed ones, frontier, seen
+    /// set, log) into `b`; the session's own counters are the policy's
+    /// ([`Session::checkpointed`], [`Session::finished`]).
+    fn stage_batch(&self, b: &mut Batch, s: &Session, batch: &CheckpointBatch) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
         }
-        s.metrics.processed_elements = first + batch.records.len() as u64;
-        s.metrics.pages_processed += batch.pages;
-        s.usage += batch.usage;
+        self.stage_records(b, &s.id, s.metrics.processed_elements, &batch.records)?;
+        self.stage_frontier(b, &s.id, batch)?;
+        if !batch.log.is_empty() {
+            self.stage_log(b, &s.id, &batch.log)?;
+        }
+        Ok(())
+    }
+
+    /// Stages a transition the state machine decided, `old` → `new`: the value, index keys,
+    /// status counters, and the claim queue when the session leaves PENDING (cancel) or
+    /// re-enters it (requeue, reclaim). Not for claims, which take their queue entries as they
+    /// scan them.
+    fn stage_transition(
+        &self,
+        c: &mut Counters,
+        b: &mut Batch,
+        old: &Session,
+        new: &Session,
+    ) -> StoreResult<()> {
+        if old.status == SessionStatus::Pending && new.status != SessionStatus::Pending {
+            self.unqueue(c, b, old)?;
+        }
+        Self::stage(c, b, Some(old), new)?;
+        if new.status == SessionStatus::Pending && old.status != SessionStatus::Pending {
+            b.insert(k_wait(new), IVec::default());
+        }
         Ok(())
     }
 
@@ -280,22 +296,6 @@ impl SledStore {
             .flush()
             .map_err(sled_err("flushing finished removals"))?;
         Ok(())
-    }
-
-    /// Ends a RUNNING session as FAILED after its last attempt (stages into `b`).
-    fn fail(s: &mut Session, error: Option<SessionError>, cleanup_at: Timestamp, now: Timestamp) {
-        s.status = SessionStatus::Failed;
-        s.error = error;
-        s.lease = None;
-        s.cleanup_at = Some(cleanup_at);
-        s.metrics.end_time = Some(now);
-    }
-
-    /// Back to PENDING, due at `run_at` (caller stages `W`).
-    fn back_to_pending(s: &mut Session, run_at: Timestamp) {
-        s.status = SessionStatus::Pending;
-        s.lease = None;
-        s.run_at = run_at;
     }
 
     pub(super) fn list_sync(&self, p: &SessionList) -> StoreResult<SessionPage> {
@@ -454,16 +454,7 @@ impl SledStore {
                 };
                 b.remove(k);
                 c.due = c.due.saturating_sub(1);
-                let mut s = old.clone();
-                s.status = SessionStatus::Running;
-                s.attempt += 1;
-                s.lease = Some(Lease {
-                    owner: p.owner.clone(),
-                    expires_at: p.now.add(p.lease),
-                });
-                s.progress_this_attempt = false;
-                s.metrics.start_time = Some(p.now);
-                s.updated_at = p.now;
+                let s = old.claimed(&p.owner, p.lease, p.now);
                 Self::stage(&mut c, &mut b, Some(&old), &s)?;
                 changed = true;
                 claimed.push(s);
@@ -481,11 +472,7 @@ impl SledStore {
         let Some(old) = self.load_running(&p.attempt)? else {
             return Ok(HeartbeatOutcome::Lost);
         };
-        let mut s = old.clone();
-        if let Some(lease) = &mut s.lease {
-            lease.expires_at = p.now.add(p.lease);
-        }
-        s.updated_at = p.now;
+        let s = old.heartbeat(p.lease, p.now);
         let mut c = st.clone();
         let mut b = Batch::default();
         Self::stage(&mut c, &mut b, Some(&old), &s)?;
@@ -495,97 +482,72 @@ impl SledStore {
         })
     }
 
-    pub(super) async fn commit_checkpoint(&self, p: CheckpointCommit) -> StoreResult<bool> {
+    pub(super) async fn commit_checkpoint(
+        &self,
+        p: CheckpointCommit,
+    ) -> StoreResult<Option<Session>> {
         self.index_before(&p.attempt.id, &p.batch)?;
-        let ticket = {
+        let (s, ticket) = {
             let mut st = self.lock();
             let Some(old) = self.load_running(&p.attempt)? else {
-                return Ok(false);
+                return Ok(None);
             };
-            let mut s = old.clone();
             let mut b = Batch::default();
-            self.stage_batch(&mut b, &mut s, &p.batch)?;
-            s.progress_this_attempt = true;
-            s.checkpoints += 1;
-            if let Some(lease) = &mut s.lease {
-                lease.expires_at = p.now.add(p.lease);
-            }
-            s.updated_at = p.now;
+            self.stage_batch(&mut b, &old, &p.batch)?;
+            let s = old.checkpointed(&p.batch.progress(), p.lease, p.now);
             let mut c = st.clone();
             Self::stage(&mut c, &mut b, Some(&old), &s)?;
-            self.commit(&mut st, c, b)?
+            let ticket = self.commit(&mut st, c, b)?;
+            (s, ticket)
         };
         self.durability.wait(ticket).await?;
-        Ok(true)
+        Ok(Some(s))
     }
 
-    pub(super) async fn finish_session(&self, p: SessionFinish) -> StoreResult<bool> {
+    pub(super) async fn finish_session(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
         validate_terminal(p.status)?;
         self.index_before(&p.attempt.id, &p.batch)?;
-        let ticket = {
+        let (s, ticket) = {
             let mut st = self.lock();
             let Some(old) = self.load_running(&p.attempt)? else {
-                return Ok(false);
+                return Ok(None);
             };
-            let mut s = old.clone();
             let mut b = Batch::default();
-            if !p.batch.is_empty() {
-                self.stage_batch(&mut b, &mut s, &p.batch)?;
-                s.progress_this_attempt = true;
-                s.checkpoints += 1;
-            }
-            s.status = p.status;
-            s.error = p.error;
-            s.lease = None;
-            s.cleanup_at = Some(p.cleanup_at);
-            s.metrics.end_time = Some(p.now);
-            s.updated_at = p.now;
+            self.stage_batch(&mut b, &old, &p.batch)?;
+            let s = old.finished(
+                p.status,
+                p.error,
+                &p.batch.progress(),
+                p.cleanup_after,
+                p.now,
+            );
             let mut c = st.clone();
-            Self::stage(&mut c, &mut b, Some(&old), &s)?;
-            self.commit(&mut st, c, b)?
+            self.stage_transition(&mut c, &mut b, &old, &s)?;
+            let ticket = self.commit(&mut st, c, b)?;
+            (s, ticket)
         };
         self.durability.wait(ticket).await?;
-        Ok(true)
+        Ok(Some(s))
     }
 
-    pub(super) async fn requeue_session(&self, p: SessionRequeue) -> StoreResult<RequeueOutcome> {
-        let (outcome, ticket) = {
+    pub(super) async fn requeue_session(&self, p: SessionRequeue) -> StoreResult<Option<Session>> {
+        let (s, ticket) = {
             let mut st = self.lock();
             let Some(old) = self.load_running(&p.attempt)? else {
-                return Ok(RequeueOutcome::NotApplied);
+                return Ok(None);
             };
-            let mut s = old.clone();
-            let mut b = Batch::default();
-            if p.spend_attempt {
-                s.failures += 1;
-            }
-            s.updated_at = p.now;
-            // A client asked to cancel while this attempt ran: honour it rather than run the
-            // session again.
-            let outcome = if s.cancel_requested {
-                s.status = SessionStatus::Cancelled;
-                s.lease = None;
-                s.cleanup_at = Some(p.cleanup_at);
-                s.metrics.end_time = Some(p.now);
-                RequeueOutcome::Cancelled
-            } else if s.failures >= s.max_attempts() {
-                Self::fail(&mut s, p.error, p.cleanup_at, p.now);
-                RequeueOutcome::Failed
-            } else {
-                s.error = p.error.or(s.error);
-                Self::back_to_pending(&mut s, p.run_at);
-                b.insert(k_wait(&s), IVec::default());
-                RequeueOutcome::Requeued
-            };
+            let (s, _) = old.requeued(p.spend_attempt, p.run_at, p.error, p.cleanup_after, p.now);
             let mut c = st.clone();
-            Self::stage(&mut c, &mut b, Some(&old), &s)?;
-            (outcome, self.commit(&mut st, c, b)?)
+            let mut b = Batch::default();
+            self.stage_transition(&mut c, &mut b, &old, &s)?;
+            let ticket = self.commit(&mut st, c, b)?;
+            (s, ticket)
         };
         self.durability.wait(ticket).await?;
-        if outcome == RequeueOutcome::Requeued {
+        if s.status == SessionStatus::Pending {
             self.pending.notify_one();
         }
-        Ok(outcome)
+        Ok(Some(s))
     }
 
     pub(super) async fn reclaim_leases(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>> {
@@ -620,38 +582,13 @@ impl SledStore {
                     }
                 };
                 changed = true;
-                let mut s = old.clone();
-                if !s.progress_this_attempt {
-                    s.failures += 1;
-                }
-                s.updated_at = p.now;
-                let outcome = if s.cancel_requested {
-                    s.status = SessionStatus::Cancelled;
-                    s.lease = None;
-                    s.cleanup_at = Some(p.now.add(s.cleanup_after(p.cleanup_after)));
-                    s.metrics.end_time = Some(p.now);
-                    RequeueOutcome::Cancelled
-                } else if s.failures >= s.max_attempts() {
-                    let error = SessionError::new(
-                        "attempts_exhausted",
-                        format!(
-                            "the lease of attempt {} expired after {} attempts without progress",
-                            s.attempt, s.failures
-                        ),
-                    );
-                    let cleanup_at = p.now.add(s.cleanup_after(p.cleanup_after));
-                    Self::fail(&mut s, Some(error), cleanup_at, p.now);
-                    RequeueOutcome::Failed
-                } else {
-                    Self::back_to_pending(&mut s, p.now.add(p.backoff));
-                    b.insert(k_wait(&s), IVec::default());
-                    RequeueOutcome::Requeued
-                };
-                Self::stage(&mut c, &mut b, Some(&old), &s)?;
+                let (s, outcome) = old.reclaimed(p.backoff, p.cleanup_after, p.now);
+                self.stage_transition(&mut c, &mut b, &old, &s)?;
                 reclaimed.push(Reclaimed {
                     id: s.id.clone(),
                     attempt: old.attempt,
                     outcome,
+                    session: Box::new(s),
                 });
             }
             if !changed {
@@ -674,29 +611,19 @@ impl SledStore {
             let Some(old) = self.load(&p.id)? else {
                 return Ok(CancelOutcome::NotFound);
             };
-            let mut s = old.clone();
+            let (s, outcome) = match old.cancel(p.cleanup_after, p.now) {
+                CancelDecision::Cancel(s) => (s.clone(), CancelOutcome::Cancelled(Box::new(s))),
+                CancelDecision::Request(s) => (s.clone(), CancelOutcome::Requested(Box::new(s))),
+                CancelDecision::AlreadyRequested => {
+                    return Ok(CancelOutcome::Requested(Box::new(old)));
+                }
+                CancelDecision::AlreadyTerminal => {
+                    return Ok(CancelOutcome::AlreadyTerminal(Box::new(old)));
+                }
+            };
             let mut c = st.clone();
             let mut b = Batch::default();
-            let outcome = match old.status {
-                SessionStatus::Pending => {
-                    self.unqueue(&mut c, &mut b, &old)?;
-                    s.status = SessionStatus::Cancelled;
-                    s.cleanup_at = Some(p.now.add(s.cleanup_after(p.cleanup_after)));
-                    s.metrics.end_time = Some(p.now);
-                    s.updated_at = p.now;
-                    CancelOutcome::Cancelled(Box::new(s.clone()))
-                }
-                SessionStatus::Running => {
-                    if old.cancel_requested {
-                        return Ok(CancelOutcome::Requested(Box::new(old)));
-                    }
-                    s.cancel_requested = true;
-                    s.updated_at = p.now;
-                    CancelOutcome::Requested(Box::new(s.clone()))
-                }
-                _ => return Ok(CancelOutcome::AlreadyTerminal(Box::new(old))),
-            };
-            Self::stage(&mut c, &mut b, Some(&old), &s)?;
+            self.stage_transition(&mut c, &mut b, &old, &s)?;
             (outcome, self.commit(&mut st, c, b)?)
         };
         self.durability.wait(ticket).await?;
