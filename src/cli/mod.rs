@@ -280,6 +280,9 @@ async fn serve(args: ServeArgs, http: bool) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {bind}"))?;
         tracing::info!(addr = %listener.local_addr()?, "listening");
+        if http && bind == cfg.server.bind {
+            tracing::info!(url = %format!("http://{}/", listener.local_addr()?), "web console");
+        }
         let app = harvest::api::router(harvest.clone(), metrics.clone());
         let mut rx = stop_rx.clone();
         servers.push(tokio::spawn(async move {

@@ -191,7 +191,7 @@ async fn bad_bodies_are_answered_in_the_error_shape() {
     r.assert_error(413, "payload_too_large");
     // Unknown route and wrong method.
     s.get("/v1/nothing").await.assert_error(404, "not_found");
-    s.get("/").await.assert_error(404, "not_found");
+    s.get("/nothing").await.assert_error(404, "not_found");
     s.call(Method::PUT, "/v1/sessions", None, None)
         .await
         .assert_error(405, "method_not_allowed");

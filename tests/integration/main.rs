@@ -6,6 +6,8 @@ mod api_events;
 mod api_load;
 mod api_support;
 mod api_tenants;
+mod browser;
+mod console;
 mod crash;
 mod engine;
 mod engine_bench;
