@@ -264,7 +264,10 @@ impl Crawl {
             })
             .await
             .expect("checkpoint commit");
-        assert!(applied.is_some(), "the bench's checkpoint was refused: lease lost?");
+        assert!(
+            applied.is_some(),
+            "the bench's checkpoint was refused: lease lost?"
+        );
         self.commits += 1;
     }
 }

@@ -301,7 +301,7 @@ fn summary_of(name: &str, s: &Session, started: Instant) -> RunSummary {
         },
         error: s.error.as_ref().map(|e| e.message.clone()),
         pages: s.metrics.pages_processed,
-        records: s.metrics.processed_elements,
+        records: s.records,
         usage: s.usage,
         seconds: started.elapsed().as_secs_f64(),
     }
@@ -352,7 +352,7 @@ impl Printer {
     fn start_from(&self, s: &Session) {
         let mut st = self.lock();
         st.progress.pages = s.metrics.pages_processed;
-        st.progress.records = s.metrics.processed_elements;
+        st.progress.records = s.records;
         st.progress.usage = s.usage;
     }
 

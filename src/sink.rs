@@ -108,10 +108,24 @@ impl ExportSpec {
         Ok(())
     }
 
+    /// Whether the table is its only sink (files are written only at completion).
+    pub fn table_only(&self) -> bool {
+        self.postgres_table.is_some() && !self.jsonl && !self.csv
+    }
+
     /// Whether it asks for no sink.
     pub fn is_empty(&self) -> bool {
         !self.jsonl && !self.csv && self.postgres_table.is_none()
     }
+}
+
+/// What one table export did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Exported {
+    /// Rows written now.
+    pub written: u64,
+    /// The table has the session's records numbered below this (0: not known).
+    pub upto: u64,
 }
 
 /// Errors of the sinks.
@@ -288,8 +302,18 @@ impl Sinks {
         session: &Session,
         spec: &ExportSpec,
     ) -> Result<u64, SinkError> {
+        Ok(self.export_rows_marked(store, session, spec).await?.written)
+    }
+
+    /// [`Sinks::export_rows`], also saying how far the table has the session's records.
+    pub async fn export_rows_marked(
+        &self,
+        store: &dyn Store,
+        session: &Session,
+        spec: &ExportSpec,
+    ) -> Result<Exported, SinkError> {
         let Some(table) = &spec.postgres_table else {
-            return Ok(0);
+            return Ok(Exported::default());
         };
         self.ensure_table(table).await?;
         let s = &self.cfg.schema;
@@ -335,7 +359,10 @@ impl Sinks {
                 tx.commit()
                     .await
                     .map_err(db_err("committing the export marker"))?;
-                return Ok(written);
+                return Ok(Exported {
+                    written,
+                    upto: u64::try_from(next).unwrap_or(0),
+                });
             };
             let next_seq = i64::try_from(last.seq + 1)
                 .map_err(|_| SinkError::Database("record seq out of range".into()))?;
@@ -366,10 +393,13 @@ impl Sinks {
                 .map_err(db_err("committing exported rows"))?;
             written += records.len() as u64;
             if records.len() < CHUNK {
-                return Ok(written);
+                return Ok(Exported {
+                    written,
+                    upto: last.seq + 1,
+                });
             }
         }
-        Ok(written)
+        Ok(Exported { written, upto: 0 })
     }
 
     /// Runs every sink of a completing session: the table copy, then the files.

@@ -104,7 +104,7 @@ pub async fn records(
     // A read that starts past the last record reads nothing: it must not count as an export.
     let remove_at_end = session.options.remove_after_export
         && session.status.is_terminal()
-        && offset <= session.metrics.processed_elements;
+        && offset <= session.records;
     // The first page is read before answering, so a store failure is a proper 500 rather than
     // a cut-off 200.
     let first_len = limit.map_or(PAGE, |l| (l as usize).min(PAGE));

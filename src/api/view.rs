@@ -128,23 +128,42 @@ pub struct ClientView {
     pub metadata: BTreeMap<String, serde_json::Value>,
 }
 
-/// Progress of a session.
+/// Progress of a session, over all its attempts.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MetricsView {
-    /// When the current (or last) attempt started.
+    /// When its first attempt started.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub start_time: Option<Timestamp>,
     /// When the session ended.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub end_time: Option<Timestamp>,
-    /// From start to end (or to now while running), in seconds.
+    /// From the first start to the end (or to now while not ended), in seconds.
     pub duration_secs: f64,
+    /// Time spent running (every attempt's; not the time waiting between them), in seconds.
+    pub running_secs: f64,
     /// Pages fetched and processed.
     pub pages_processed: u64,
-    /// Records extracted and committed.
+    /// Elements processed: records extracted (the scraper), processors executed (a Web-Harvest
+    /// config).
     pub processed_elements: u64,
-    /// Records per second.
+    /// Elements per second of running time.
     pub processing_rate: f64,
+}
+
+/// One attempt of a session.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptView {
+    /// Its number.
+    pub attempt: u32,
+    /// When it was claimed.
+    #[schema(value_type = String, format = DateTime)]
+    pub started_at: Timestamp,
+    /// When it ended; null while running.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub ended_at: Option<Timestamp>,
+    /// `running`, `completed`, `failed`, `cancelled`, `retried` (failed, run again),
+    /// `handed_back` (its worker stopped; not counted against max_attempts) or `lease_expired`.
+    pub outcome: String,
 }
 
 /// Usage counters.
@@ -187,8 +206,10 @@ pub struct SessionView {
     pub options: OptionsView,
     /// Progress.
     pub metrics: MetricsView,
-    /// Usage counters.
-    pub usage: UsageView,
+    /// Usage counters; null when the session's `token_tracking` is off.
+    pub usage: Option<UsageView>,
+    /// Its attempts, oldest first (the newest 20).
+    pub attempts: Vec<AttemptView>,
     /// Why it failed (or the last retryable error while PENDING again).
     pub error: Option<ErrorView>,
     /// A client asked to cancel it while RUNNING.
@@ -207,8 +228,11 @@ pub struct SessionView {
     pub cleanup_at: Option<Timestamp>,
     /// The agent it runs for.
     pub agent: Option<String>,
-    /// Committed records.
+    /// Records committed (all attempts).
     pub records: u64,
+    /// Records still held: fewer than `records` once `remove_after_export` removed them (after
+    /// an external sink had them, or a complete read).
+    pub records_held: u64,
     /// What the session runs: only in `GET /v1/sessions/{id}`, absent from lists and events.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job: Option<JobView>,
@@ -253,17 +277,28 @@ impl SessionView {
                 start_time: s.metrics.start_time,
                 end_time: s.metrics.end_time,
                 duration_secs: s.metrics.duration(now).as_secs_f64(),
+                running_secs: s.metrics.running_time(now).as_secs_f64(),
                 pages_processed: s.metrics.pages_processed,
                 processed_elements: s.metrics.processed_elements,
                 processing_rate: s.metrics.processing_rate(now),
             },
-            usage: UsageView {
+            usage: s.options.token_tracking.then(|| UsageView {
                 http_requests: s.usage.http_requests,
                 http_errors: s.usage.http_errors,
                 bytes_received: s.usage.bytes_received,
                 retries: s.usage.retries,
                 robots_blocked: s.usage.robots_blocked,
-            },
+            }),
+            attempts: s
+                .attempts
+                .iter()
+                .map(|a| AttemptView {
+                    attempt: a.attempt,
+                    started_at: a.started_at,
+                    ended_at: a.ended_at,
+                    outcome: a.outcome.map_or("running", |o| o.as_str()).to_string(),
+                })
+                .collect(),
             error: s.error.as_ref().map(|e| ErrorView {
                 kind: e.kind.to_string(),
                 message: e.message.clone(),
@@ -274,7 +309,8 @@ impl SessionView {
             run_at: s.run_at,
             cleanup_at: s.cleanup_at,
             agent: s.job.agent.clone(),
-            records: s.metrics.processed_elements,
+            records: s.records,
+            records_held: s.records_held(),
             job: None,
         }
     }

@@ -92,15 +92,27 @@ impl CheckpointSink for LeaseSink {
         }
         let a = &self.attempt;
         a.commit(batch).await?;
-        if let Some(spec) = &self.table_sink
-            && let Err(e) =
-                a.s.effects
-                    .sinks()
-                    .export_rows(&*a.s.store, &a.session, spec)
-                    .await
-        {
-            // The next checkpoint, or the export before COMPLETED, catches up.
-            tracing::warn!(session = %a.aref.id, error = %e, "exporting rows after a checkpoint failed; will retry");
+        if let Some(spec) = &self.table_sink {
+            let sinks = a.s.effects.sinks();
+            match sinks
+                .export_rows_marked(&*a.s.store, &a.session, spec)
+                .await
+            {
+                // The table is the only sink: what it has is exported for good, and with
+                // remove_after_export the internal copy goes now, a checkpoint at a time.
+                Ok(done)
+                    if done.upto > 0
+                        && a.session.options.remove_after_export
+                        && spec.table_only() =>
+                {
+                    a.remove_records(Some(done.upto)).await;
+                }
+                Ok(_) => {}
+                // The next checkpoint, or the export before COMPLETED, catches up.
+                Err(e) => {
+                    tracing::warn!(session = %a.aref.id, error = %e, "exporting rows after a checkpoint failed; will retry")
+                }
+            }
         }
         Ok(())
     }
@@ -325,6 +337,11 @@ impl Attempt {
                 }
                 self.finish(SessionStatus::Completed, None, CheckpointBatch::default())
                     .await;
+                // Every external sink has the records: with remove_after_export, the internal
+                // copy goes (the session itself stays until its timeout).
+                if self.session.options.remove_after_export {
+                    self.remove_records(None).await;
+                }
             }
             JobOutcome::Completed(batch) => {
                 self.finish(SessionStatus::Completed, None, batch).await;
@@ -381,6 +398,23 @@ impl Attempt {
                     }
                 }
             }
+        }
+    }
+
+    /// Removes records an external sink has (`below`; `None`: all, once COMPLETED).
+    async fn remove_records(&self, below: Option<u64>) {
+        let p = crate::store::RecordsRemove {
+            id: self.aref.id.clone(),
+            below,
+        };
+        match self.s.store.records_remove(p).await {
+            Ok(Some(s)) => tracing::debug!(
+                removed = s.records_removed,
+                "records exported; removed (remove_after_export)"
+            ),
+            Ok(None) => {}
+            // Kept: they go with the session at its cleanup.
+            Err(e) => tracing::warn!(error = %e, "removing exported records failed"),
         }
     }
 

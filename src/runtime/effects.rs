@@ -16,7 +16,7 @@ use crate::store::CheckpointBatch;
 /// reaches stdout only once it can never be produced again).
 pub trait CommitObserver: Send + Sync {
     /// `session` is the session after the commit; `batch` what it committed (its records are
-    /// numbered from `session.metrics.processed_elements - batch.records.len()`). An error
+    /// numbered from `session.records - batch.records.len()`). An error
     /// abandons the attempt: it stops and writes nothing more.
     fn committed(&self, session: &Session, batch: &CheckpointBatch) -> Result<(), String>;
 }

@@ -568,10 +568,20 @@ impl Harvest {
         let Some(s) = self.inner.store.session_get(id).await? else {
             return Ok(false);
         };
-        if !s.options.remove_after_export || !s.status.is_terminal() {
+        // A session with an external sink loses its records once the sinks have them.
+        let external = crate::sink::ExportSpec::of(&s.job.config).is_ok_and(|e| !e.is_empty());
+        if !s.options.remove_after_export || !s.status.is_terminal() || external {
             return Ok(false);
         }
-        let removed = self.inner.store.records_remove_if_terminal(id).await?;
+        let removed = self
+            .inner
+            .store
+            .records_remove(crate::store::RecordsRemove {
+                id: id.clone(),
+                below: None,
+            })
+            .await?
+            .is_some();
         if removed {
             tracing::info!(session = %id, "records read to the end; removed (remove_after_export)");
         }

@@ -16,7 +16,10 @@
 
 use std::time::Duration;
 
-use super::{ErrorKind, Lease, Session, SessionError, SessionStatus, Timestamp, TokenUsage};
+use super::{
+    ATTEMPTS_KEPT, AttemptOutcome, AttemptRecord, ErrorKind, Lease, Session, SessionError,
+    SessionStatus, Timestamp, TokenUsage,
+};
 
 /// Every transition a session can make, for the conformance suite's coverage check: a new
 /// variant fails to compile there until it has a case.
@@ -68,6 +71,8 @@ impl Transition {
 pub struct Progress {
     /// Records committed.
     pub records: u64,
+    /// Elements processed (records, for the scraper).
+    pub elements: u64,
     /// Pages processed.
     pub pages: u64,
     /// Usage.
@@ -140,10 +145,31 @@ impl Session {
             expires_at: now.add(lease),
         });
         s.progress_this_attempt = false;
-        s.metrics.start_time = Some(now);
+        s.metrics.start_time = s.metrics.start_time.or(Some(now));
         s.metrics.end_time = None;
+        s.metrics.running_since = Some(now);
+        if s.attempts.len() >= ATTEMPTS_KEPT {
+            s.attempts.drain(..=s.attempts.len() - ATTEMPTS_KEPT);
+        }
+        s.attempts.push(AttemptRecord {
+            attempt: s.attempt,
+            started_at: now,
+            ended_at: None,
+            outcome: None,
+        });
         s.updated_at = now;
         s
+    }
+
+    /// The attempt running now ends at `now` with `outcome`: its time counts as running time.
+    fn end_attempt(&mut self, outcome: AttemptOutcome, now: Timestamp) {
+        if let Some(since) = self.metrics.running_since.take() {
+            self.metrics.running_ms += now.since(since).as_millis() as u64;
+        }
+        if let Some(a) = self.attempts.last_mut().filter(|a| a.ended_at.is_none()) {
+            a.ended_at = Some(now);
+            a.outcome = Some(outcome);
+        }
     }
 
     /// The lease renewed until `now + lease` (not a change a client sees: `updated_at` stays).
@@ -159,9 +185,14 @@ impl Session {
         if !p.nonempty {
             return;
         }
-        self.metrics.processed_elements += p.records;
+        self.records += p.records;
+        self.metrics.processed_elements += p.elements;
         self.metrics.pages_processed += p.pages;
-        self.usage += p.usage;
+        // `token_tracking = false`: no usage is kept for the session (the seed's
+        // enableTokenTracking).
+        if self.options.token_tracking {
+            self.usage += p.usage;
+        }
         self.checkpoints += 1;
         self.progress_this_attempt = true;
     }
@@ -186,6 +217,7 @@ impl Session {
     ) -> Session {
         let mut s = self.clone();
         s.add_progress(p);
+        s.end_attempt(AttemptOutcome::ended(status), now);
         s.end(status, error, default_timeout, now);
         s
     }
@@ -224,6 +256,7 @@ impl Session {
         }
         if s.cancel_requested {
             let error = s.error.take();
+            s.end_attempt(AttemptOutcome::Cancelled, now);
             s.end(SessionStatus::Cancelled, error, default_timeout, now);
             return (s, RequeueOutcome::Cancelled);
         }
@@ -238,9 +271,16 @@ impl Session {
                     ),
                 )
             });
+            s.end_attempt(AttemptOutcome::Failed, now);
             s.end(SessionStatus::Failed, Some(error), default_timeout, now);
             return (s, RequeueOutcome::Failed);
         }
+        let outcome = if spend {
+            AttemptOutcome::Retried
+        } else {
+            AttemptOutcome::HandedBack
+        };
+        s.end_attempt(outcome, now);
         s.back_to_pending(run_at, error, now);
         (s, RequeueOutcome::Requeued)
     }
@@ -271,6 +311,7 @@ impl Session {
         }
         if s.cancel_requested {
             let error = s.error.take();
+            s.end_attempt(AttemptOutcome::Cancelled, now);
             s.end(SessionStatus::Cancelled, error, default_timeout, now);
             return (s, RequeueOutcome::Cancelled);
         }
@@ -284,9 +325,11 @@ impl Session {
                     s.max_attempts()
                 ),
             );
+            s.end_attempt(AttemptOutcome::LeaseExpired, now);
             s.end(SessionStatus::Failed, Some(error), default_timeout, now);
             return (s, RequeueOutcome::Failed);
         }
+        s.end_attempt(AttemptOutcome::LeaseExpired, now);
         let error = SessionError::new(
             ErrorKind::LeaseExpired,
             format!(
@@ -392,6 +435,7 @@ mod tests {
     fn reclaim_after_progress_is_free() {
         let p = Progress {
             records: 2,
+            elements: 2,
             pages: 1,
             nonempty: true,
             ..Progress::default()
@@ -401,7 +445,75 @@ mod tests {
             .checkpointed(&p, lease(), t(2));
         let (r, out) = s.reclaimed(Duration::ZERO, DAY, t(40));
         assert_eq!((out, r.failures), (RequeueOutcome::Requeued, 0));
-        assert_eq!(r.metrics.processed_elements, 2);
+        assert_eq!((r.records, r.metrics.processed_elements), (2, 2));
+    }
+
+    #[test]
+    fn metrics_span_attempts_and_rate_counts_running_time_only() {
+        let p = Progress {
+            records: 10,
+            elements: 10,
+            nonempty: true,
+            ..Progress::default()
+        };
+        let s = pending(3)
+            .claimed("w", lease(), t(10))
+            .checkpointed(&p, lease(), t(15));
+        // Handed back at 20 (5 s queued), claimed again at 25, done at 30: 10 s of running.
+        let (s, _) = s.requeued(false, t(25), None, DAY, t(20));
+        let s =
+            s.claimed("w", lease(), t(25))
+                .finished(SessionStatus::Completed, None, &p, DAY, t(30));
+        assert_eq!(
+            s.metrics.start_time,
+            Some(t(10)),
+            "the first attempt's start"
+        );
+        assert_eq!(s.metrics.duration(t(99)), Duration::from_secs(20));
+        assert_eq!(s.metrics.running_time(t(99)), Duration::from_secs(10));
+        assert!((s.metrics.processing_rate(t(99)) - 2.0).abs() < 1e-9);
+        let outcomes: Vec<_> = s.attempts.iter().map(|a| (a.attempt, a.outcome)).collect();
+        assert_eq!(
+            outcomes,
+            [
+                (1, Some(AttemptOutcome::HandedBack)),
+                (2, Some(AttemptOutcome::Completed))
+            ]
+        );
+    }
+
+    #[test]
+    fn usage_is_not_kept_when_token_tracking_is_off() {
+        let mut s = pending(3);
+        s.options.token_tracking = false;
+        let p = Progress {
+            records: 1,
+            elements: 1,
+            usage: TokenUsage {
+                http_requests: 5,
+                ..TokenUsage::default()
+            },
+            nonempty: true,
+            ..Progress::default()
+        };
+        let s = s
+            .claimed("w", lease(), t(1))
+            .checkpointed(&p, lease(), t(2));
+        assert_eq!(s.usage, TokenUsage::default());
+        assert_eq!(s.records, 1);
+    }
+
+    #[test]
+    fn a_session_keeps_its_newest_attempts() {
+        let mut s = pending(u32::MAX);
+        for i in 0..(ATTEMPTS_KEPT as i64 + 5) {
+            s = s
+                .claimed("w", lease(), t(i * 2))
+                .requeued(false, t(i * 2 + 1), None, DAY, t(i * 2 + 1))
+                .0;
+        }
+        assert_eq!(s.attempts.len(), ATTEMPTS_KEPT);
+        assert_eq!(s.attempts.last().map(|a| a.attempt), Some(s.attempt));
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! `Store` trait. Nothing in this module does I/O.
 
 mod lifecycle;
+mod v1;
 
 pub use lifecycle::{CancelDecision, Progress, RequeueOutcome, Transition};
+pub use v1::SessionV1;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -501,21 +503,26 @@ impl From<SessionOptions> for OptionsPatch {
     }
 }
 
-/// Progress of a session.
+/// Progress of a session, over all its attempts.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SessionMetrics {
-    /// When the current (or last) attempt started.
+    /// When its first attempt started.
     pub start_time: Option<Timestamp>,
     /// When the session ended.
     pub end_time: Option<Timestamp>,
-    /// Pages fetched and processed.
+    /// Pages fetched and processed (all attempts).
     pub pages_processed: u64,
-    /// Records extracted and committed.
+    /// Elements processed (all attempts): the records extracted, for the scraper; the
+    /// processors executed, for a Web-Harvest config.
     pub processed_elements: u64,
+    /// Time spent running, in ended attempts.
+    pub running_ms: u64,
+    /// When the attempt running now started (`None` unless RUNNING).
+    pub running_since: Option<Timestamp>,
 }
 
 impl SessionMetrics {
-    /// From start to end (or to `now` while running).
+    /// From the first start to the end (or to `now` while not ended).
     pub fn duration(&self, now: Timestamp) -> Duration {
         match self.start_time {
             Some(start) => self.end_time.unwrap_or(now).since(start),
@@ -523,9 +530,16 @@ impl SessionMetrics {
         }
     }
 
-    /// Records per second over [`SessionMetrics::duration`].
+    /// Time spent running, every attempt's, up to `now` for the one running.
+    pub fn running_time(&self, now: Timestamp) -> Duration {
+        let current = self.running_since.map_or(Duration::ZERO, |t| now.since(t));
+        Duration::from_millis(self.running_ms) + current
+    }
+
+    /// Elements per second of running time (time between attempts, waiting in the queue,
+    /// does not count).
     pub fn processing_rate(&self, now: Timestamp) -> f64 {
-        let secs = self.duration(now).as_secs_f64();
+        let secs = self.running_time(now).as_secs_f64();
         if secs > 0.0 {
             self.processed_elements as f64 / secs
         } else {
@@ -533,6 +547,78 @@ impl SessionMetrics {
         }
     }
 }
+
+/// How one attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// The session COMPLETED.
+    Completed,
+    /// The session ended FAILED.
+    Failed,
+    /// The session ended CANCELLED.
+    Cancelled,
+    /// It failed and was queued for another attempt.
+    Retried,
+    /// Its worker handed it back unfinished (shutdown), without spending an attempt.
+    HandedBack,
+    /// Its worker stopped renewing the lease (died, or was cut off); taken back.
+    LeaseExpired,
+}
+
+impl AttemptOutcome {
+    /// The outcome of an attempt that ended the session in `status`.
+    pub fn ended(status: SessionStatus) -> AttemptOutcome {
+        match status {
+            SessionStatus::Completed => AttemptOutcome::Completed,
+            SessionStatus::Cancelled => AttemptOutcome::Cancelled,
+            _ => AttemptOutcome::Failed,
+        }
+    }
+
+    /// Snake-case name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Completed => "completed",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Cancelled => "cancelled",
+            AttemptOutcome::Retried => "retried",
+            AttemptOutcome::HandedBack => "handed_back",
+            AttemptOutcome::LeaseExpired => "lease_expired",
+        }
+    }
+
+    /// The outcome named `s`.
+    pub fn parse(s: &str) -> Option<AttemptOutcome> {
+        [
+            AttemptOutcome::Completed,
+            AttemptOutcome::Failed,
+            AttemptOutcome::Cancelled,
+            AttemptOutcome::Retried,
+            AttemptOutcome::HandedBack,
+            AttemptOutcome::LeaseExpired,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+    }
+}
+
+/// One attempt of a session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// Its number (the session's `attempt` while it ran).
+    pub attempt: u32,
+    /// When it was claimed.
+    pub started_at: Timestamp,
+    /// When it ended (`None` while running).
+    pub ended_at: Option<Timestamp>,
+    /// How it ended (`None` while running).
+    pub outcome: Option<AttemptOutcome>,
+}
+
+/// Attempts a session remembers: the newest, when more ran (a session handed back at every
+/// shutdown could otherwise grow without bound).
+pub const ATTEMPTS_KEPT: usize = 20;
 
 /// Usage counters of a session (the seed's TokenTracker). Summable per client.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -754,6 +840,13 @@ pub struct Session {
     pub error: Option<SessionError>,
     /// Checkpoints committed (all attempts).
     pub checkpoints: u64,
+    /// Records committed (all attempts): the next record's number.
+    pub records: u64,
+    /// Records no longer held, from the first (`remove_after_export` removed them once an
+    /// external sink, or a complete read, had them); `records - records_removed` are held.
+    pub records_removed: u64,
+    /// Its attempts, oldest first (the newest [`ATTEMPTS_KEPT`]).
+    pub attempts: Vec<AttemptRecord>,
 }
 
 impl Session {
@@ -794,7 +887,15 @@ impl Session {
             usage: TokenUsage::default(),
             error: None,
             checkpoints: 0,
+            records: 0,
+            records_removed: 0,
+            attempts: Vec::new(),
         }
+    }
+
+    /// Records committed and still held.
+    pub fn records_held(&self) -> u64 {
+        self.records.saturating_sub(self.records_removed)
     }
 
     /// The effective max attempts (options value or 3).

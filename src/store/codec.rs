@@ -22,6 +22,17 @@ pub fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
     Ok(out)
 }
 
+/// Decodes a stored session, of this version or of version 1 (converted).
+pub fn decode_session(
+    key: &dyn Fn() -> String,
+    bytes: &[u8],
+) -> StoreResult<crate::session::Session> {
+    match bytes.first() {
+        Some(1) => decode::<crate::session::SessionV1>(key, bytes).map(Into::into),
+        _ => decode(key, bytes),
+    }
+}
+
 /// Decodes a value written by [`encode`]; `key` names it in errors.
 pub fn decode<T: DeserializeOwned>(key: &dyn Fn() -> String, bytes: &[u8]) -> StoreResult<T> {
     let Some((&version, body)) = bytes.split_first() else {

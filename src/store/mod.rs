@@ -36,7 +36,10 @@ pub use error::StoreError;
 
 /// Version of the stored format this build writes. A store written with a higher version is
 /// refused with [`StoreError::NewerVersion`] instead of being misread.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// 1: the first layout. 2: sessions keep their own record count, removed records, attempts and
+/// running time ([`crate::session::SessionV1`] reads version-1 sessions).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Result of every store call.
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -156,6 +159,9 @@ pub struct CheckpointBatch {
     pub seen_add: Vec<String>,
     /// Pages processed in this batch (added to the session's count).
     pub pages: u64,
+    /// Elements processed in this batch, when the job counts something other than records (a
+    /// Web-Harvest config counts processors); `None`: the records.
+    pub elements: Option<u64>,
     /// Usage in this batch (added to the session's counters).
     pub usage: TokenUsage,
     /// Log lines (the store keeps the last [`LOG_LINES_MAX`] per session).
@@ -167,6 +173,7 @@ impl CheckpointBatch {
     pub fn progress(&self) -> crate::session::Progress {
         crate::session::Progress {
             records: self.records.len() as u64,
+            elements: self.elements.unwrap_or(self.records.len() as u64),
             pages: self.pages,
             usage: self.usage,
             nonempty: !self.is_empty(),
@@ -176,6 +183,7 @@ impl CheckpointBatch {
     /// Nothing to write.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
+            && self.elements.is_none_or(|e| e == 0)
             && self.frontier_add.is_empty()
             && self.frontier_done.is_empty()
             && self.seen_add.is_empty()
@@ -340,6 +348,18 @@ pub struct RecordsPage {
     pub offset: u64,
     /// At most this many (1..=10000).
     pub limit: usize,
+}
+
+/// Remove a session's records that are no longer needed.
+#[derive(Debug, Clone)]
+pub struct RecordsRemove {
+    /// Which session.
+    pub id: SessionId,
+    /// Those numbered below this (what an external sink has), whatever the session's status;
+    /// `None`: every committed record, only once the session is terminal. A store may keep
+    /// a few records below the bound (sled removes whole chunks of a checkpoint's records);
+    /// `Session::records_removed` says where the held ones start.
+    pub below: Option<u64>,
 }
 
 /// Counts of sessions, for gauges that stay true across restarts.
@@ -520,10 +540,11 @@ pub trait Store: Send + Sync + 'static {
     /// Returns the removed session, `None` when there was none.
     async fn session_remove(&self, id: &SessionId) -> StoreResult<Option<Session>>;
 
-    /// Remove the records of a terminal session, keeping the session itself (its status stays
-    /// readable until its own cleanup): `remove_after_export` once a client has read them all.
-    /// `false` (nothing removed) when the session is missing or not terminal.
-    async fn records_remove_if_terminal(&self, id: &SessionId) -> StoreResult<bool>;
+    /// Remove committed records, keeping the session itself (its status stays readable until its
+    /// own cleanup), for `remove_after_export`: see [`RecordsRemove`]. The session after it, its
+    /// `records_removed` saying how far the removal went; `None` when there is no such session
+    /// (or, to remove all, it is not terminal).
+    async fn records_remove(&self, p: RecordsRemove) -> StoreResult<Option<Session>>;
 
     /// Remove terminal sessions whose cleanup time is due (O(expired)); returns them.
     async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>>;

@@ -621,6 +621,9 @@ fn session(config: Value) -> Session {
         usage: Default::default(),
         error: None,
         checkpoints: 0,
+        records: 0,
+        records_removed: 0,
+        attempts: Vec::new(),
     }
 }
 

@@ -159,6 +159,9 @@ pub fn session(id: &str) -> Session {
         usage: TokenUsage::default(),
         error: None,
         checkpoints: 0,
+        records: 0,
+        records_removed: 0,
+        attempts: Vec::new(),
     }
 }
 
@@ -179,6 +182,19 @@ pub async fn insert(store: &Arc<dyn Store>, s: Session) -> Session {
         Ok(InsertOutcome::Inserted(s)) => *s,
         other => panic!("inserting {id}: expected Inserted, got {other:?}"),
     }
+}
+
+/// Removes every committed record of a terminal session (`records_remove` without a bound);
+/// whether it applied.
+async fn remove_all_records(store: &Arc<dyn Store>, id: &str) -> bool {
+    store
+        .records_remove(harvest::store::RecordsRemove {
+            id: sid(id),
+            below: None,
+        })
+        .await
+        .expect("records_remove")
+        .is_some()
 }
 
 /// Claims up to `limit` sessions for `owner` at `now` with a 30 s lease.
@@ -1164,6 +1180,7 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
             "http://x/c".into(),
         ],
         pages: 2,
+        elements: None,
         usage,
         log: vec![line(1)],
     };
@@ -1186,6 +1203,7 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
         frontier_done: vec!["http://x/a".into()],
         seen_add: vec!["http://x/d".into()],
         pages: 1,
+        elements: None,
         usage,
         log: vec![line(2)],
     };
@@ -1717,20 +1735,17 @@ pub async fn records_remove_if_terminal_keeps_the_session(store: Arc<dyn Store>)
         }
     };
     assert!(
-        !store.records_remove_if_terminal(&sid("ab")).await.unwrap(),
+        !remove_all_records(&store, "ab").await,
         "a RUNNING session keeps its records"
     );
     assert!(
-        !store
-            .records_remove_if_terminal(&sid("nope"))
-            .await
-            .unwrap(),
+        !remove_all_records(&store, "nope").await,
         "a missing session is no error"
     );
     assert_eq!(page("ab").await, 5);
     let ab = claimed.iter().find(|s| s.id.as_str() == "ab").unwrap();
     assert!(finish(&store, &aref(ab), SessionStatus::Completed, at(2)).await);
-    assert!(store.records_remove_if_terminal(&sid("ab")).await.unwrap());
+    assert!(remove_all_records(&store, "ab").await);
     assert_eq!(page("ab").await, 0, "the records are gone");
     assert_eq!(
         page("abc").await,
@@ -1740,10 +1755,7 @@ pub async fn records_remove_if_terminal_keeps_the_session(store: Arc<dyn Store>)
     let kept = get(&store, "ab").await;
     assert_eq!(kept.status, SessionStatus::Completed, "the session stays");
     assert_eq!(kept.cleanup_at, Some(at(2).add(Duration::from_secs(3600))));
-    assert!(
-        store.records_remove_if_terminal(&sid("ab")).await.unwrap(),
-        "idempotent"
-    );
+    assert!(remove_all_records(&store, "ab").await, "idempotent");
     let expired = store
         .sessions_expire(SessionsExpire {
             now: at(2).add(Duration::from_secs(3600)),
@@ -2444,16 +2456,15 @@ pub async fn transition_removals_follow_policy(store: Arc<dyn Store>) {
             .expect("applied");
     }
     let before = get(&store, "done").await;
-    assert!(
-        store
-            .records_remove_if_terminal(&sid("done"))
-            .await
-            .expect("remove records")
-    );
+    assert!(remove_all_records(&store, "done").await);
+    let expected = Session {
+        records_removed: before.records,
+        ..before
+    };
     assert_same(
         &get(&store, "done").await,
-        &before,
-        "records removal keeps the session",
+        &expected,
+        "records removal keeps the session, saying how many records went",
     );
     let gone = get(&store, "gone").await;
     assert_eq!(

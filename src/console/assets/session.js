@@ -280,17 +280,25 @@ function drawProgress(section, s) {
   fill(section, h('h2', { id: 'prog-h' }, 'Progress'),
     h('ul', { class: 'counts small' },
       h('li', { class: 'count' }, h('span', { class: 'count-n', id: 'm-pages' }, num(m.pages_processed)), 'pages'),
-      h('li', { class: 'count' }, h('span', { class: 'count-n', id: 'm-records' }, num(m.processed_elements)), 'records'),
-      h('li', { class: 'count' }, h('span', { class: 'count-n', id: 'm-rate' }, rate(m.processing_rate)), 'records per second'),
-      h('li', { class: 'count' }, h('span', { class: 'count-n' }, duration(m.duration_secs)), 'duration')),
+      h('li', { class: 'count' }, h('span', { class: 'count-n', id: 'm-records' }, num(s.records)), 'records'),
+      m.processed_elements !== s.records
+        ? h('li', { class: 'count' }, h('span', { class: 'count-n' }, num(m.processed_elements)), 'elements')
+        : null,
+      h('li', { class: 'count' }, h('span', { class: 'count-n', id: 'm-rate' }, rate(m.processing_rate)), 'per second running'),
+      h('li', { class: 'count' }, h('span', { class: 'count-n' }, duration(m.duration_secs)), 'since first start')),
+    s.records_held !== undefined && s.records_held < s.records
+      ? h('p', { class: 'muted' }, num(s.records - s.records_held) + ' records were removed once exported (remove_after_export); ' + num(s.records_held) + ' are held.')
+      : null,
     h('h3', {}, 'Usage'),
-    dl([
-      ['HTTP requests', num(u.http_requests)],
-      ['HTTP errors', num(u.http_errors)],
-      ['Bytes received', bytes(u.bytes_received)],
-      ['Retries', num(u.retries)],
-      ['robots.txt blocks', num(u.robots_blocked)],
-    ], 'facts cols'));
+    u
+      ? dl([
+        ['HTTP requests', num(u.http_requests)],
+        ['HTTP errors', num(u.http_errors)],
+        ['Bytes received', bytes(u.bytes_received)],
+        ['Retries', num(u.retries)],
+        ['robots.txt blocks', num(u.robots_blocked)],
+      ], 'facts cols')
+      : h('p', { class: 'muted' }, 'Not tracked: this session has token_tracking off.'));
 }
 
 function drawOptions(section, s) {

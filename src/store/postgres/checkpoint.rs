@@ -7,7 +7,7 @@ use super::rows::{
 };
 use super::sessions::IF_RUNNING;
 use super::{PostgresStore, db_err};
-use crate::session::{Session, SessionError, SessionStatus, Timestamp};
+use crate::session::{AttemptOutcome, Session, SessionError, SessionStatus, Timestamp};
 
 /// A century in milliseconds: the cap of a cleanup delay, far inside bigint.
 const CENTURY_MS: i64 = 100 * 365 * 86_400_000;
@@ -71,7 +71,9 @@ impl PostgresStore {
         ending: Ending,
     ) -> StoreResult<Option<Session>> {
         let attempt = to_i32(a.attempt, "attempt")?;
-        let records = i64::try_from(batch.records.len()).unwrap_or(i64::MAX);
+        let progress = batch.progress();
+        let records = to_i64(progress.records, "records")?;
+        let elements = to_i64(progress.elements, "elements")?;
         let pages = to_i64(batch.pages, "pages")?;
         let u = usage_columns(&batch.usage)?;
         let nonempty = !batch.is_empty();
@@ -84,17 +86,21 @@ impl PostgresStore {
             .map_err(db_err("starting a transaction"))?;
         // The compare-and-set comes first: it locks the session row, so the batch below is
         // written only while this attempt holds the lease, and the record numbering cannot race.
+        // Usage only with token tracking on (as `Session::checkpointed` says).
         const COUNTERS: &str = "pages_processed = pages_processed + $4, \
-             processed_elements = processed_elements + $5, http_requests = http_requests + $6, \
-             http_errors = http_errors + $7, bytes_received = bytes_received + $8, \
-             retries = retries + $9, robots_blocked = robots_blocked + $10, \
+             processed_elements = processed_elements + $5, records = records + $13, \
+             http_requests = http_requests + CASE WHEN token_tracking THEN $6::bigint ELSE 0 END, \
+             http_errors = http_errors + CASE WHEN token_tracking THEN $7::bigint ELSE 0 END, \
+             bytes_received = bytes_received + CASE WHEN token_tracking THEN $8::bigint ELSE 0 END, \
+             retries = retries + CASE WHEN token_tracking THEN $9::bigint ELSE 0 END, \
+             robots_blocked = robots_blocked + CASE WHEN token_tracking THEN $10::bigint ELSE 0 END, \
              checkpoints = checkpoints + $11, \
              progress_this_attempt = progress_this_attempt OR $11 > 0, updated_at = $12";
         let row = match &ending {
             Ending::Checkpoint { lease_expires_at } => {
                 let stmt = tx
                     .prepare_cached(&format!(
-                        "UPDATE sessions SET {COUNTERS}, lease_expires_at = $13 \
+                        "UPDATE sessions SET {COUNTERS}, lease_expires_at = $14 \
                          WHERE {IF_RUNNING} RETURNING {SESSION_COLUMNS}"
                     ))
                     .await
@@ -106,7 +112,7 @@ impl PostgresStore {
                         &attempt,
                         &a.owner,
                         &pages,
-                        &records,
+                        &elements,
                         &u[0],
                         &u[1],
                         &u[2],
@@ -114,6 +120,7 @@ impl PostgresStore {
                         &u[4],
                         &checkpoint,
                         &now.0,
+                        &records,
                         &lease_expires_at.0,
                     ],
                 )
@@ -124,18 +131,29 @@ impl PostgresStore {
                 error,
                 cleanup_after_ms,
             } => {
-                // The session's own timeout (cleanup_after_ms, set at insert) else the default.
+                // The session's own timeout (cleanup_after_ms, set at insert) else the default;
+                // the attempt running ends (`Session::finished`): its time counts, and its entry
+                // in `attempts` gets its end and outcome.
                 let stmt = tx
                     .prepare_cached(&format!(
-                        "UPDATE sessions SET {COUNTERS}, status = $13, error_kind = $14, \
-                         error_message = $15, \
-                         cleanup_at = $12::bigint + COALESCE(cleanup_after_ms, $16::bigint), \
-                         end_time = $12, lease_owner = NULL, lease_expires_at = NULL \
+                        "UPDATE sessions SET {COUNTERS}, status = $14, error_kind = $15, \
+                         error_message = $16, \
+                         cleanup_at = $12::bigint + COALESCE(cleanup_after_ms, $17::bigint), \
+                         end_time = $12, lease_owner = NULL, lease_expires_at = NULL, \
+                         running_ms = running_ms + CASE WHEN running_since IS NULL THEN 0 \
+                             ELSE GREATEST(0, $12::bigint - running_since) END, \
+                         running_since = NULL, \
+                         attempts = CASE WHEN jsonb_array_length(attempts) > 0 AND \
+                             COALESCE(attempts->-1->'ended_at', 'null'::jsonb) = 'null'::jsonb \
+                             THEN jsonb_set(jsonb_set(attempts, '{{-1,ended_at}}', \
+                                 to_jsonb($12::bigint)), '{{-1,outcome}}', to_jsonb($18::text)) \
+                             ELSE attempts END \
                          WHERE {IF_RUNNING} RETURNING {SESSION_COLUMNS}"
                     ))
                     .await
                     .map_err(db_err("preparing a finish"))?;
                 let (error_kind, error_message) = error_columns(error.as_ref());
+                let outcome = AttemptOutcome::ended(*status).as_str();
                 tx.query_opt(
                     &stmt,
                     &[
@@ -143,7 +161,7 @@ impl PostgresStore {
                         &attempt,
                         &a.owner,
                         &pages,
-                        &records,
+                        &elements,
                         &u[0],
                         &u[1],
                         &u[2],
@@ -151,10 +169,12 @@ impl PostgresStore {
                         &u[4],
                         &checkpoint,
                         &now.0,
+                        &records,
                         &status.as_str(),
                         &error_kind,
                         &error_message,
                         cleanup_after_ms,
+                        &outcome,
                     ],
                 )
                 .await
@@ -170,7 +190,7 @@ impl PostgresStore {
         };
         let session = session_from_row(&row)?;
         if nonempty {
-            let total = to_i64(session.metrics.processed_elements, "processed_elements")?;
+            let total = to_i64(session.records, "records")?;
             write_batch(&tx, a, batch, total - records).await?;
         }
         tx.commit().await.map_err(db_err(&format!(

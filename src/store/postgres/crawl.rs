@@ -51,7 +51,7 @@ impl PostgresStore {
             frontier_len,
             // Rows are looked up by URL; positions are not handed out in order.
             frontier_next: 0,
-            records: session.metrics.processed_elements,
+            records: session.records,
             metrics: session.metrics,
             usage: session.usage,
         })

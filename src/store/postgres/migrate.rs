@@ -30,6 +30,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         sql: include_str!("../../../migrations/0003_cleanup_after.sql"),
     },
+    Migration {
+        version: 4,
+        sql: include_str!("../../../migrations/0004_session_v2.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

@@ -48,9 +48,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Agent, CancelOutcome, CheckpointCommit, FrontierItem, FrontierPage, HeartbeatOutcome,
-    InsertOutcome, LeaderAcquire, LeaseReclaim, Reclaimed, RecordsPage, ResumeState, SeenFilter,
-    SessionCancel, SessionClaim, SessionCounts, SessionFinish, SessionHeartbeat, SessionInsert,
-    SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError, StoreResult,
+    InsertOutcome, LeaderAcquire, LeaseReclaim, Reclaimed, RecordsPage, RecordsRemove, ResumeState,
+    SeenFilter, SessionCancel, SessionClaim, SessionCounts, SessionFinish, SessionHeartbeat,
+    SessionInsert, SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError,
+    StoreResult,
 };
 use crate::session::{LogLine, Record, Session, SessionId, Timestamp};
 
@@ -271,8 +272,8 @@ impl Store for PostgresStore {
         self.remove_session(id).await
     }
 
-    async fn records_remove_if_terminal(&self, id: &SessionId) -> StoreResult<bool> {
-        self.remove_records_if_terminal(id).await
+    async fn records_remove(&self, p: RecordsRemove) -> StoreResult<Option<Session>> {
+        self.remove_records(&p.id, p.below).await
     }
 
     async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {

@@ -1,9 +1,9 @@
 //! A session's records (numbered by the commit that wrote them) and its log (the last
 //! [`LOG_LINES_MAX`] lines, trimmed by each commit that adds some).
 
-use super::rows::{parse_status, row_get, to_i64, to_u64};
+use super::rows::{SESSION_COLUMNS, row_get, session_from_row, to_i64, to_u64};
 use super::{PostgresStore, db_err};
-use crate::session::{LogLine, Record, SessionId, Timestamp};
+use crate::session::{LogLine, Record, Session, SessionId, Timestamp};
 use crate::store::{LOG_LINES_MAX, RecordsPage, StoreError, StoreResult, key_name};
 
 /// Longest records page (the trait's documented range).
@@ -42,33 +42,48 @@ impl PostgresStore {
             .collect()
     }
 
-    pub(super) async fn remove_records_if_terminal(&self, id: &SessionId) -> StoreResult<bool> {
+    pub(super) async fn remove_records(
+        &self,
+        id: &SessionId,
+        below: Option<u64>,
+    ) -> StoreResult<Option<Session>> {
         let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
             .map_err(db_err("starting a transaction"))?;
-        // The row lock keeps a concurrent removal or finish from interleaving with the delete.
+        // The row lock keeps a concurrent removal, checkpoint or finish from interleaving with
+        // the delete.
         let row = tx
             .query_opt(
-                "SELECT status FROM sessions WHERE id = $1 FOR UPDATE",
+                &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1 FOR UPDATE"),
                 &[&id.as_str()],
             )
             .await
             .map_err(db_err(&format!("reading session {id}")))?;
-        let Some(row) = row else { return Ok(false) };
-        let key = key_name("sessions", id);
-        let status: String = row_get(&row, 0, &key)?;
-        if !parse_status(&status, &key)?.is_terminal() {
-            return Ok(false);
+        let Some(row) = row else { return Ok(None) };
+        let mut s = session_from_row(&row)?;
+        if below.is_none() && !s.status.is_terminal() {
+            return Ok(None);
         }
-        tx.execute("DELETE FROM records WHERE session_id = $1", &[&id.as_str()])
-            .await
-            .map_err(db_err(&format!("removing the records of session {id}")))?;
+        let target = below.unwrap_or(s.records).min(s.records);
+        tx.execute(
+            "DELETE FROM records WHERE session_id = $1 AND seq < $2",
+            &[&id.as_str(), &to_i64(target, "records")?],
+        )
+        .await
+        .map_err(db_err(&format!("removing the records of session {id}")))?;
+        s.records_removed = s.records_removed.max(target);
+        tx.execute(
+            "UPDATE sessions SET records_removed = $2 WHERE id = $1",
+            &[&id.as_str(), &to_i64(s.records_removed, "records_removed")?],
+        )
+        .await
+        .map_err(db_err(&format!("recording the record removal of {id}")))?;
         tx.commit()
             .await
             .map_err(db_err(&format!("committing the record removal of {id}")))?;
-        Ok(true)
+        Ok(Some(s))
     }
 
     pub(super) async fn tail_log(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 
 use crate::session::{
-    ClientContext, JobSpec, Lease, Session, SessionError, SessionId, SessionMetrics,
-    SessionOptions, SessionStatus, Timestamp, TokenUsage,
+    AttemptOutcome, AttemptRecord, ClientContext, JobSpec, Lease, Session, SessionError, SessionId,
+    SessionMetrics, SessionOptions, SessionStatus, Timestamp, TokenUsage,
 };
 use crate::store::{StoreError, StoreResult, codec};
 
@@ -16,7 +16,8 @@ use crate::store::{StoreError, StoreResult, codec};
 pub(super) const SESSION_COLUMNS: &str = "id, seq, status, attempt, failures, progress_this_attempt, \
      lease_owner, lease_expires_at, cancel_requested, run_at, created_at, updated_at, cleanup_at, \
      start_time, end_time, pages_processed, processed_elements, http_requests, http_errors, \
-     bytes_received, retries, robots_blocked, error_kind, error_message, checkpoints, spec";
+     bytes_received, retries, robots_blocked, error_kind, error_message, checkpoints, spec, \
+     records, records_removed, running_ms, running_since, attempts";
 
 /// The immutable part of a session, stored as one versioned bincode value.
 #[derive(Serialize)]
@@ -106,6 +107,8 @@ pub(super) fn session_from_row(row: &Row) -> StoreResult<Session> {
             end_time: ts(14)?,
             pages_processed: g64(15)?,
             processed_elements: g64(16)?,
+            running_ms: g64(28)?,
+            running_since: ts(29)?,
         },
         usage: TokenUsage {
             http_requests: g64(17)?,
@@ -116,7 +119,54 @@ pub(super) fn session_from_row(row: &Row) -> StoreResult<Session> {
         },
         error,
         checkpoints: g64(24)?,
+        records: g64(26)?,
+        records_removed: g64(27)?,
+        attempts: attempts_from_json(&row_get(row, 30, &key)?).map_err(corrupt)?,
     })
+}
+
+/// One attempt as the `attempts` column keeps it (times in milliseconds, like every column).
+#[derive(Serialize, Deserialize)]
+struct AttemptJson {
+    attempt: u32,
+    started_at: i64,
+    ended_at: Option<i64>,
+    outcome: Option<String>,
+}
+
+/// The `attempts` column of `attempts`.
+pub(super) fn attempts_to_json(attempts: &[AttemptRecord]) -> serde_json::Value {
+    let rows: Vec<AttemptJson> = attempts
+        .iter()
+        .map(|a| AttemptJson {
+            attempt: a.attempt,
+            started_at: a.started_at.0,
+            ended_at: a.ended_at.map(|t| t.0),
+            outcome: a.outcome.map(|o| o.as_str().to_string()),
+        })
+        .collect();
+    serde_json::to_value(rows).unwrap_or_else(|_| serde_json::Value::Array(Vec::new()))
+}
+
+fn attempts_from_json(v: &serde_json::Value) -> Result<Vec<AttemptRecord>, String> {
+    let rows: Vec<AttemptJson> =
+        serde_json::from_value(v.clone()).map_err(|e| format!("attempts: {e}"))?;
+    rows.into_iter()
+        .map(|a| {
+            let outcome = match a.outcome {
+                Some(o) => Some(
+                    AttemptOutcome::parse(&o).ok_or_else(|| format!("attempts: outcome {o:?}"))?,
+                ),
+                None => None,
+            };
+            Ok(AttemptRecord {
+                attempt: a.attempt,
+                started_at: Timestamp(a.started_at),
+                ended_at: a.ended_at.map(Timestamp),
+                outcome,
+            })
+        })
+        .collect()
 }
 
 pub(super) fn error_columns(e: Option<&SessionError>) -> (Option<&str>, Option<&str>) {

@@ -7,11 +7,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::rows::{
-    SESSION_COLUMNS, SpecRef, error_columns, parse_status, row_get, session_from_row, to_i32,
-    to_i64, to_u64, usage_columns,
+    SESSION_COLUMNS, SpecRef, attempts_to_json, error_columns, parse_status, row_get,
+    session_from_row, to_i32, to_i64, to_u64, usage_columns,
 };
 use super::{ADVISORY_CLASS_AGENT, PostgresStore, db_err, listen};
-use crate::session::{CancelDecision, Session, SessionId, SessionStatus, Timestamp};
+use crate::session::{ATTEMPTS_KEPT, CancelDecision, Session, SessionId, SessionStatus, Timestamp};
 use crate::store::{
     AttemptRef, CancelOutcome, HeartbeatOutcome, InsertOutcome, LeaseReclaim, Reclaimed,
     RequeueOutcome, SessionCancel, SessionClaim, SessionCounts, SessionHeartbeat, SessionInsert,
@@ -47,10 +47,11 @@ impl PostgresStore {
                          lease_expires_at, cancel_requested, created_at, updated_at, cleanup_at,
                          start_time, end_time, pages_processed, processed_elements, http_requests,
                          http_errors, bytes_received, retries, robots_blocked, error_kind,
-                         error_message, checkpoints, spec, cleanup_after_ms)
+                         error_message, checkpoints, spec, cleanup_after_ms, records,
+                         records_removed, running_ms, running_since, attempts, token_tracking)
                      VALUES ($1, $2, $3, 'PENDING', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
                          $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
-                         $29)
+                         $29, $30, $31, $32, $33, $34, $35)
                      ON CONFLICT (id) DO NOTHING
                      RETURNING seq)
                  SELECT seq FROM ins",
@@ -72,7 +73,12 @@ impl PostgresStore {
             .session_timeout_secs
             .map(|secs| to_i64(secs.saturating_mul(1000), "session_timeout_secs"))
             .transpose()?;
-        let params: [&(dyn ToSql + Sync); 29] = [
+        let records = to_i64(s.records, "records")?;
+        let records_removed = to_i64(s.records_removed, "records_removed")?;
+        let running_ms = to_i64(s.metrics.running_ms, "running_ms")?;
+        let running_since = s.metrics.running_since.map(|t| t.0);
+        let attempts = attempts_to_json(&s.attempts);
+        let params: [&(dyn ToSql + Sync); 35] = [
             &s.id.as_str(),
             &s.client.client_id(),
             &agent,
@@ -102,6 +108,12 @@ impl PostgresStore {
             &checkpoints,
             &spec,
             &cleanup_after_ms,
+            &records,
+            &records_removed,
+            &running_ms,
+            &running_since,
+            &attempts,
+            &s.options.token_tracking,
         ];
         let row = client.query_opt(&stmt, &params).await.map_err(|e| {
             if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
@@ -281,8 +293,13 @@ impl PostgresStore {
                      LIMIT $2
                      FOR UPDATE SKIP LOCKED)
                  UPDATE sessions SET status = 'RUNNING', attempt = attempt + 1,
-                     lease_owner = $3, lease_expires_at = $4, start_time = $1, end_time = NULL,
-                     progress_this_attempt = false, updated_at = $1
+                     lease_owner = $3, lease_expires_at = $4,
+                     start_time = COALESCE(start_time, $1), end_time = NULL,
+                     running_since = $1, progress_this_attempt = false, updated_at = $1,
+                     attempts = (CASE WHEN jsonb_array_length(attempts) >= {ATTEMPTS_KEPT}
+                                 THEN attempts - 0 ELSE attempts END)
+                         || jsonb_build_array(jsonb_build_object('attempt', attempt + 1,
+                             'started_at', $1::bigint, 'ended_at', NULL, 'outcome', NULL))
                  FROM due WHERE id = due_id AND status = 'PENDING'
                  RETURNING {SESSION_COLUMNS}, priority"
             ))
@@ -605,6 +622,11 @@ pub(super) async fn write_sessions(
     let mut error_kind = Vec::with_capacity(n);
     let mut error_message = Vec::with_capacity(n);
     let mut checkpoints = Vec::with_capacity(n);
+    let mut records = Vec::with_capacity(n);
+    let mut records_removed = Vec::with_capacity(n);
+    let mut running_ms = Vec::with_capacity(n);
+    let mut running_since = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
     for s in sessions {
         ids.push(s.id.as_str());
         status.push(s.status.as_str());
@@ -628,6 +650,11 @@ pub(super) async fn write_sessions(
         error_kind.push(k);
         error_message.push(m);
         checkpoints.push(to_i64(s.checkpoints, "checkpoints")?);
+        records.push(to_i64(s.records, "records")?);
+        records_removed.push(to_i64(s.records_removed, "records_removed")?);
+        running_ms.push(to_i64(s.metrics.running_ms, "running_ms")?);
+        running_since.push(s.metrics.running_since.map(|t| t.0));
+        attempts.push(attempts_to_json(&s.attempts));
     }
     let stmt = tx
         .prepare_cached(
@@ -640,20 +667,25 @@ pub(super) async fn write_sessions(
                  http_requests = u.requests, http_errors = u.errors,
                  bytes_received = u.bytes, retries = u.retries,
                  robots_blocked = u.robots, error_kind = u.error_kind,
-                 error_message = u.error_message, checkpoints = u.checkpoints
+                 error_message = u.error_message, checkpoints = u.checkpoints,
+                 records = u.records, records_removed = u.records_removed,
+                 running_ms = u.running_ms, running_since = u.running_since,
+                 attempts = u.attempts
              FROM unnest($1::text[], $2::text[], $3::int4[], $4::int4[], $5::bool[],
                  $6::text[], $7::int8[], $8::bool[], $9::int8[], $10::int8[], $11::int8[],
                  $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[],
-                 $18::int8[], $19::int8[], $20::int8[], $21::text[], $22::text[], $23::int8[])
+                 $18::int8[], $19::int8[], $20::int8[], $21::text[], $22::text[], $23::int8[],
+                 $24::int8[], $25::int8[], $26::int8[], $27::int8[], $28::jsonb[])
                  AS u(id, status, attempt, failures, progress, lease_owner, lease_expires,
                       cancel, run_at, updated, cleanup, start_time, end_time, pages, elements,
                       requests, errors, bytes, retries, robots, error_kind, error_message,
-                      checkpoints)
+                      checkpoints, records, records_removed, running_ms, running_since,
+                      attempts)
              WHERE sessions.id = u.id",
         )
         .await
         .map_err(db_err("preparing a session write"))?;
-    let params: [&(dyn ToSql + Sync); 23] = [
+    let params: [&(dyn ToSql + Sync); 28] = [
         &ids,
         &status,
         &attempt,
@@ -677,6 +709,11 @@ pub(super) async fn write_sessions(
         &error_kind,
         &error_message,
         &checkpoints,
+        &records,
+        &records_removed,
+        &running_ms,
+        &running_since,
+        &attempts,
     ];
     let written = tx
         .execute(&stmt, &params)

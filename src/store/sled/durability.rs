@@ -57,6 +57,11 @@ pub(super) struct Batch {
 }
 
 impl Batch {
+    /// Whether it changes nothing.
+    pub(super) fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.loose.is_empty()
+    }
+
     pub(super) fn insert<K: Into<IVec>, V: Into<IVec>>(&mut self, key: K, value: V) {
         self.ops.push((key.into(), Some(value.into())));
     }

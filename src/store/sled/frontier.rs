@@ -484,7 +484,7 @@ impl SledStore {
         Ok(ResumeState {
             frontier_len,
             frontier_next: read(&self.db, &data_prefix(b'K', id))?.unwrap_or(1),
-            records: s.metrics.processed_elements,
+            records: s.records,
             metrics: s.metrics,
             usage: s.usage,
         })

@@ -85,10 +85,10 @@ use tokio::sync::Notify;
 
 use super::{
     Agent, CancelOutcome, CheckpointCommit, FrontierItem, FrontierPage, HeartbeatOutcome,
-    InsertOutcome, LeaderAcquire, LeaseReclaim, Reclaimed, RecordsPage, ResumeState, SeenFilter,
-    SessionCancel, SessionClaim, SessionCounts, SessionFinish, SessionHeartbeat, SessionInsert,
-    SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError, StoreResult,
-    codec, key_name,
+    InsertOutcome, LeaderAcquire, LeaseReclaim, Reclaimed, RecordsPage, RecordsRemove, ResumeState,
+    SeenFilter, SessionCancel, SessionClaim, SessionCounts, SessionFinish, SessionHeartbeat,
+    SessionInsert, SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError,
+    StoreResult, codec, key_name,
 };
 use crate::session::{LogLine, Record, Session, SessionId, Timestamp};
 use durability::{Batch, Durability, replay_intents};
@@ -290,7 +290,10 @@ impl SledStore {
             .get(k_session(id))
             .map_err(sled_err("reading a session"))?
         {
-            Some(bytes) => Ok(Some(codec::decode(&|| key_name("sessions", id), &bytes)?)),
+            Some(bytes) => Ok(Some(codec::decode_session(
+                &|| key_name("sessions", id),
+                &bytes,
+            )?)),
             None => Ok(None),
         }
     }
@@ -373,8 +376,8 @@ impl Store for SledStore {
         self.remove_session(id).await
     }
 
-    async fn records_remove_if_terminal(&self, id: &SessionId) -> StoreResult<bool> {
-        self.remove_records_if_terminal(id).await
+    async fn records_remove(&self, p: RecordsRemove) -> StoreResult<Option<Session>> {
+        self.remove_records(&p.id, p.below).await
     }
 
     async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {

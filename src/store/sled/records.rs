@@ -9,7 +9,7 @@ use super::durability::Batch;
 use super::keys::{corrupt_key, data_prefix, k_chunk, k_log, k_record, show_key, u64_at};
 use super::sessions::PURGE_CHUNK;
 use super::{SledStore, blocking, sled_err};
-use crate::session::{LogLine, Record, SessionId};
+use crate::session::{LogLine, Record, Session, SessionId};
 use crate::store::{LOG_LINES_MAX, RecordsPage, StoreError, StoreResult, codec};
 
 /// Most records of one record chunk (`E`), and about the most bytes: one key per checkpoint's
@@ -96,42 +96,88 @@ impl SledStore {
         Ok(())
     }
 
-    /// Deletes a terminal session's records, in chunks.
-    fn remove_records(&self, id: &SessionId) -> StoreResult<()> {
-        for tag in [b'R', b'E'] {
-            let prefix = data_prefix(tag, id);
-            // Bounded like `purge`.
-            for _ in 0..(1u64 << 32) {
-                let _st = self.lock();
-                let mut b = Batch::default();
-                let mut n = 0;
-                for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
-                    b.remove(kv.map_err(sled_err("removing records"))?.0);
-                    n += 1;
-                }
-                if n == 0 {
+    /// Deletes the records numbered below `below` (whole chunks: a chunk that reaches past it
+    /// stays), a bounded number of keys per hold of the store mutex; returns the first record
+    /// still held.
+    fn delete_records_below(&self, id: &SessionId, below: u64) -> StoreResult<u64> {
+        // Stores before record chunks kept one `R` key per record.
+        for _ in 0..(1u64 << 32) {
+            let _st = self.lock();
+            let mut b = Batch::default();
+            for kv in self
+                .db
+                .range(k_record(id, 0)..k_record(id, below))
+                .take(PURGE_CHUNK)
+            {
+                b.remove(kv.map_err(sled_err("removing records"))?.0);
+            }
+            if b.is_empty() {
+                break;
+            }
+            self.apply_atomic(b)?;
+        }
+        let prefix = data_prefix(b'E', id);
+        // Bounded by the session's chunks: every round removes some or ends.
+        for _ in 0..(1u64 << 32) {
+            let _st = self.lock();
+            let mut b = Batch::default();
+            let mut kept = None;
+            for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
+                let (k, v) = kv.map_err(sled_err("removing records"))?;
+                let first = u64_at(&k, prefix.len())?;
+                let texts: Vec<String> = codec::decode(&|| show_key(&k), &v)?;
+                if first + texts.len() as u64 > below {
+                    kept = Some(first);
                     break;
                 }
+                b.remove(k);
+            }
+            let done = b.is_empty() || kept.is_some();
+            if !b.is_empty() {
                 self.apply_atomic(b)?;
             }
-        }
-        Ok(())
-    }
-
-    pub(super) async fn remove_records_if_terminal(&self, id: &SessionId) -> StoreResult<bool> {
-        {
-            let _st = self.lock();
-            match self.load(id)? {
-                Some(s) if s.status.is_terminal() => {}
-                _ => return Ok(false),
+            if done {
+                return Ok(kept.map_or(below, |first| first.min(below)));
             }
         }
-        // Terminal: no attempt writes records any more, so the chunks below race only with a
-        // removal of the whole session, which deletes the same keys.
-        blocking(|| self.remove_records(id))?;
-        let ticket = self.durability.ticket();
+        Ok(below)
+    }
+
+    /// Removes the records below `below` (all committed ones when `None`, and then only of a
+    /// terminal session) and records how far the removal went in the session. The session
+    /// after it; `None` when there is none (or, for `None`, it is not terminal).
+    pub(super) async fn remove_records(
+        &self,
+        id: &SessionId,
+        below: Option<u64>,
+    ) -> StoreResult<Option<Session>> {
+        let target = {
+            let _st = self.lock();
+            match self.load(id)? {
+                Some(s) if below.is_some() || s.status.is_terminal() => {
+                    below.unwrap_or(s.records).min(s.records)
+                }
+                _ => return Ok(None),
+            }
+        };
+        // Records below `target` are committed and were exported: no commit rewrites them, and
+        // a concurrent removal of the whole session deletes the same keys.
+        let held_from = blocking(|| self.delete_records_below(id, target))?;
+        let (s, ticket) = {
+            let mut st = self.lock();
+            let Some(old) = self.load(id)? else {
+                return Ok(None);
+            };
+            let mut s = old.clone();
+            s.records_removed = s.records_removed.max(held_from);
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            Self::stage(&mut c, &mut b, Some(&old), &s)?;
+            let ticket = self.commit(&mut st, c, b)?;
+            (s, ticket)
+        };
         self.durability.wait(ticket).await?;
-        Ok(true)
+        Ok(Some(s))
     }
 
     pub(super) fn page_records(&self, p: RecordsPage) -> StoreResult<Vec<Record>> {
@@ -143,9 +189,14 @@ impl SledStore {
         }
         // Records at or after the committed count are a crashed checkpoint's (see the module
         // doc): never shown.
-        let committed = match self.load(&p.id)? {
-            Some(s) => s.metrics.processed_elements,
+        let (committed, removed) = match self.load(&p.id)? {
+            Some(s) => (s.records, s.records_removed),
             None => return Ok(Vec::new()),
+        };
+        // Records before `records_removed` are gone (remove_after_export).
+        let p = RecordsPage {
+            offset: p.offset.max(removed),
+            ..p
         };
         if p.offset >= committed {
             return Ok(Vec::new());

@@ -80,7 +80,7 @@ impl SledStore {
     }
 
     /// Stages `new` (replacing `old`): the value, index changes and status counters.
-    fn stage(
+    pub(super) fn stage(
         c: &mut Counters,
         b: &mut Batch,
         old: Option<&Session>,
@@ -129,7 +129,7 @@ impl SledStore {
         if batch.is_empty() {
             return Ok(());
         }
-        self.stage_records(b, &s.id, s.metrics.processed_elements, &batch.records)?;
+        self.stage_records(b, &s.id, s.records, &batch.records)?;
         self.stage_frontier(b, &s.id, batch)?;
         if !batch.log.is_empty() {
             self.stage_log(b, &s.id, &batch.log)?;
