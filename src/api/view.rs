@@ -282,7 +282,7 @@ impl SessionView {
                 processed_elements: s.metrics.processed_elements,
                 processing_rate: s.metrics.processing_rate(now),
             },
-            usage: s.options.token_tracking.then(|| UsageView {
+            usage: s.options.token_tracking.then_some(UsageView {
                 http_requests: s.usage.http_requests,
                 http_errors: s.usage.http_errors,
                 bytes_received: s.usage.bytes_received,
