@@ -113,6 +113,9 @@ pub struct Limits {
     pub max_depth: u32,
     /// Records extracted at most (1..=100,000,000).
     pub max_records: u64,
+    /// Fail the crawl (`error_ratio_exceeded`) when more than this share (0..=1) of the pages
+    /// it tried failed (after retries). `None`: failed pages are only logged.
+    pub max_error_ratio: Option<f64>,
 }
 
 impl Default for Limits {
@@ -121,6 +124,7 @@ impl Default for Limits {
             max_pages: 10_000,
             max_depth: 20,
             max_records: 1_000_000,
+            max_error_ratio: None,
         }
     }
 }
@@ -526,6 +530,14 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
     range("limits.max_pages", l.max_pages, 1, 10_000_000)?;
     range("limits.max_depth", l.max_depth, 0, 100_000)?;
     range("limits.max_records", l.max_records, 1, 100_000_000)?;
+    if let Some(r) = l.max_error_ratio
+        && !(0.0..=1.0).contains(&r)
+    {
+        return Err(ConfigError::field(
+            "limits.max_error_ratio",
+            format!("{r} is not a share of pages; use a number from 0 to 1, e.g. 0.2"),
+        ));
+    }
     let h = &cfg.http;
     range("http.concurrency", h.concurrency, 1, 512)?;
     range("http.per_host_concurrency", h.per_host_concurrency, 1, 512)?;

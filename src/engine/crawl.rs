@@ -51,7 +51,7 @@ use super::fetch::{Fetcher, PageError};
 use crate::job::{
     CheckpointSink, CommitError, CrawlState, JobOutcome, Retry, StopReason, StopSignal,
 };
-use crate::session::{FrontierEntry, LogLine, SessionError, Timestamp, TokenUsage};
+use crate::session::{ErrorKind, FrontierEntry, LogLine, SessionError, Timestamp, TokenUsage};
 use crate::store::{CheckpointBatch, FRONTIER_PAGE_MAX, FrontierDone, ResumeState};
 
 /// When a batch is handed to the sink (whichever limit comes first), and how much crawl state
@@ -104,6 +104,9 @@ struct PageOutcome {
     links: Vec<(String, Option<Arc<str>>)>,
     usage: TokenUsage,
     log: Vec<(&'static str, String)>,
+    /// Why it was not fetched (failed or blocked), and whether another attempt may fare better
+    /// (a timeout, a refused connection, a 5xx) or not (a 404, the network guard, robots.txt).
+    failure: Option<(String, bool)>,
 }
 
 async fn process(
@@ -121,13 +124,15 @@ async fn process(
         links: Vec::new(),
         usage: TokenUsage::default(),
         log: Vec::new(),
+        failure: None,
     };
     let url = match Url::parse(&out.entry.url) {
         Ok(u) => u,
         Err(e) => {
             out.kind = Kind::Failed;
-            out.log
-                .push(("error", format!("{}: not a URL: {e}", out.entry.url)));
+            let msg = format!("{}: not a URL: {e}", out.entry.url);
+            out.failure = Some((msg.clone(), false));
+            out.log.push(("error", msg));
             return out;
         }
     };
@@ -154,14 +159,15 @@ async fn process(
         }
         Err(PageError::RobotsBlocked) => {
             out.kind = Kind::Blocked;
-            out.log.push((
-                "info",
-                format!("{url}: not fetched, robots.txt disallows it"),
-            ));
+            let msg = format!("{url}: not fetched, robots.txt disallows it");
+            out.failure = Some((msg.clone(), false));
+            out.log.push(("info", msg));
         }
         Err(e @ PageError::RobotsUnreachable(_)) => {
             out.kind = Kind::Blocked;
-            out.log.push(("warn", format!("{url}: not fetched: {e}")));
+            let msg = format!("{url}: not fetched: {e}");
+            out.failure = Some((msg.clone(), true));
+            out.log.push(("warn", msg));
         }
         Err(PageError::Stopped) => out.kind = Kind::Stopped,
         Err(e @ PageError::NotHtml(_)) => {
@@ -169,7 +175,9 @@ async fn process(
         }
         Err(e) => {
             out.kind = Kind::Failed;
-            out.log.push(("error", format!("{url}: {e}")));
+            let msg = format!("{url}: {e}");
+            out.failure = Some((msg.clone(), e.is_transient()));
+            out.log.push(("error", msg));
         }
     }
     out
@@ -246,6 +254,11 @@ struct Crawl {
     next_pos: u64,
     seen: SeenCache,
     pages_done: u64,
+    /// Pages this attempt fetched, and tried but could not fetch (failed, or refused).
+    fetched: u64,
+    failed: u64,
+    /// The last page failure (see [`PageOutcome::failure`]).
+    last_failure: Option<(String, bool)>,
     records_total: u64,
     records_full: bool,
     batch: CheckpointBatch,
@@ -342,9 +355,21 @@ impl Crawl {
         for (level, msg) in o.log {
             self.log(level, msg);
         }
+        let transient = o.failure.as_ref().is_some_and(|(_, t)| *t);
+        if o.failure.is_some() {
+            self.failed += 1;
+            self.last_failure = o.failure;
+        }
         match o.kind {
             // Left in the stored frontier: the next attempt fetches it.
             Kind::Stopped => return,
+            // A failure that may pass (a timeout, a refused connection, a 5xx after the
+            // retries) also stays in the stored frontier: not fetched again by this attempt,
+            // but by a next one (a crawl that fetched nothing is retried for that).
+            Kind::Failed if transient => {
+                self.pages_done += 1;
+                return;
+            }
             Kind::Blocked => {
                 self.frontier_len = self.frontier_len.saturating_sub(1);
                 self.batch.frontier_done.push(FrontierDone {
@@ -355,10 +380,14 @@ impl Crawl {
             }
             Kind::Fetched | Kind::Failed => {}
         }
-        // Done before its links are counted against the page budget.
+        // Done before its links are counted against the page budget (a failed page spends it
+        // too); only a fetched page counts as processed.
         self.frontier_len = self.frontier_len.saturating_sub(1);
         self.pages_done += 1;
-        self.batch.pages += 1;
+        if o.kind == Kind::Fetched {
+            self.fetched += 1;
+            self.batch.pages += 1;
+        }
         let max_records = self.cfg.limits.max_records;
         for r in o.records {
             if self.records_total >= max_records {
@@ -386,6 +415,46 @@ impl Crawl {
             url: o.entry.url,
             pos: Some(o.pos),
         });
+    }
+
+    /// Why a crawl that ran to its end failed, if it did: nothing was ever fetched (no start URL
+    /// could be; earlier attempts count, as `before` pages), or more than `max_error_ratio` of
+    /// the pages this attempt tried failed. Retried when the last failure may pass.
+    fn failure(&self, before: u64) -> Option<(SessionError, Retry)> {
+        let retry = |transient: bool| {
+            if transient {
+                Retry::Backoff
+            } else {
+                Retry::Never
+            }
+        };
+        if before + self.fetched == 0 && !self.cfg.start_urls.is_empty() {
+            let (why, transient) = self
+                .last_failure
+                .clone()
+                .unwrap_or_else(|| ("every start URL was already seen".into(), false));
+            let error = SessionError::new(
+                ErrorKind::FetchFailed,
+                format!("no start URL could be fetched; the last failure: {why}"),
+            );
+            return Some((error, retry(transient)));
+        }
+        let max = self.cfg.limits.max_error_ratio?;
+        let tried = self.fetched + self.failed;
+        let ratio = self.failed as f64 / tried.max(1) as f64;
+        if tried == 0 || ratio <= max {
+            return None;
+        }
+        let (why, transient) = self.last_failure.clone().unwrap_or_default();
+        let error = SessionError::new(
+            ErrorKind::ErrorRatioExceeded,
+            format!(
+                "{} of {tried} pages failed ({:.0}%, more than limits.max_error_ratio = {max}); the last failure: {why}",
+                self.failed,
+                ratio * 100.0
+            ),
+        );
+        Some((error, retry(transient)))
     }
 
     fn batch_full(&self) -> bool {
@@ -535,6 +604,9 @@ pub async fn crawl(
         next_pos: resume.frontier_next.max(1),
         seen: SeenCache::new(policy.seen_cache, fresh),
         pages_done: resume.metrics.pages_processed,
+        fetched: 0,
+        failed: 0,
+        last_failure: None,
         records_total: resume.records,
         records_full: resume.records >= cfg.limits.max_records,
         batch: CheckpointBatch::default(),
@@ -612,6 +684,10 @@ pub async fn crawl(
                             "error",
                             format!("{url}: internal error while processing the page"),
                         )],
+                        failure: Some((
+                            format!("{url}: internal error while processing the page"),
+                            false,
+                        )),
                     },
                 }
             });
@@ -683,8 +759,14 @@ pub async fn crawl(
     }
     let batch = c.take_batch();
     if stopping {
-        JobOutcome::Stopped(batch)
-    } else {
-        JobOutcome::Completed(batch)
+        return JobOutcome::Stopped(batch);
+    }
+    match c.failure(resume.metrics.pages_processed) {
+        Some((error, retry)) => JobOutcome::Failed {
+            error,
+            retry,
+            batch,
+        },
+        None => JobOutcome::Completed(batch),
     }
 }

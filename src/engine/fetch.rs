@@ -77,6 +77,18 @@ pub enum PageError {
 }
 
 impl PageError {
+    /// Whether the same request may succeed later: a timeout, a broken connection, a 5xx or a
+    /// 429 (after this attempt's own retries).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PageError::Timeout(_) | PageError::Transport(_) | PageError::RobotsUnreachable(_) => {
+                true
+            }
+            PageError::Status(code) => *code == 429 || *code >= 500,
+            _ => false,
+        }
+    }
+
     /// Counted in `http_errors`.
     pub fn is_http_error(&self) -> bool {
         !matches!(

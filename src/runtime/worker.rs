@@ -140,6 +140,7 @@ pub(crate) fn process_owner() -> String {
 pub(crate) struct WorkerPool {
     stop_claiming: watch::Sender<bool>,
     claimer: tokio::task::JoinHandle<()>,
+    relay: tokio::task::JoinHandle<()>,
     running: Arc<Running>,
 }
 
@@ -149,11 +150,12 @@ impl WorkerPool {
         let (stop_tx, stop_rx) = watch::channel(false);
         let running = settings.running.clone();
         let settings = Arc::new(settings);
-        tokio::spawn(relay_cancels(settings.clone(), stop_rx.clone()));
+        let relay = tokio::spawn(relay_cancels(settings.clone(), stop_rx.clone()));
         let claimer = tokio::spawn(claim_loop(settings, stop_rx));
         WorkerPool {
             stop_claiming: stop_tx,
             claimer,
+            relay,
             running,
         }
     }
@@ -176,6 +178,9 @@ impl WorkerPool {
             // this wait is bounded.
             let _ = claimer.await;
         }
+        // It holds the store: when shutdown returns, nothing of the pool does (a sled
+        // directory is then free to reopen).
+        let _ = self.relay.await;
     }
 }
 

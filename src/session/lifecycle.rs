@@ -161,13 +161,13 @@ impl Session {
         s
     }
 
-    /// The attempt running now ends at `now` with `outcome`: its time counts as running time.
-    fn end_attempt(&mut self, outcome: AttemptOutcome, now: Timestamp) {
+    /// The attempt running now ended at `at` with `outcome`: its time counts as running time.
+    fn end_attempt(&mut self, outcome: AttemptOutcome, at: Timestamp) {
         if let Some(since) = self.metrics.running_since.take() {
-            self.metrics.running_ms += now.since(since).as_millis() as u64;
+            self.metrics.running_ms += at.since(since).as_millis() as u64;
         }
         if let Some(a) = self.attempts.last_mut().filter(|a| a.ended_at.is_none()) {
-            a.ended_at = Some(now);
+            a.ended_at = Some(at);
             a.outcome = Some(outcome);
         }
     }
@@ -294,7 +294,8 @@ impl Session {
         self.updated_at = now;
     }
 
-    /// RUNNING whose lease expired (its worker died or was cut off), taken back at `now`. An
+    /// RUNNING whose lease expired (its worker died or was cut off), taken back at `now`; the
+    /// attempt counts as ended at its last checkpoint (its running time stops there). An
     /// attempt that committed progress is free; one that did not counts against
     /// `max_attempts`. A cancel asked meanwhile ends it CANCELLED; no attempts left ends it
     /// FAILED (`attempts_exhausted`); otherwise PENDING, due `backoff` after `now`
@@ -309,9 +310,14 @@ impl Session {
         if !s.progress_this_attempt {
             s.failures += 1;
         }
+        // Its worker is gone: it ran until its last sign of life, its last checkpoint (or its
+        // start), not until the reclaim noticed.
+        let last_alive = s
+            .updated_at
+            .max(s.metrics.running_since.unwrap_or(s.updated_at));
         if s.cancel_requested {
             let error = s.error.take();
-            s.end_attempt(AttemptOutcome::Cancelled, now);
+            s.end_attempt(AttemptOutcome::Cancelled, last_alive);
             s.end(SessionStatus::Cancelled, error, default_timeout, now);
             return (s, RequeueOutcome::Cancelled);
         }
@@ -325,11 +331,11 @@ impl Session {
                     s.max_attempts()
                 ),
             );
-            s.end_attempt(AttemptOutcome::LeaseExpired, now);
+            s.end_attempt(AttemptOutcome::LeaseExpired, last_alive);
             s.end(SessionStatus::Failed, Some(error), default_timeout, now);
             return (s, RequeueOutcome::Failed);
         }
-        s.end_attempt(AttemptOutcome::LeaseExpired, now);
+        s.end_attempt(AttemptOutcome::LeaseExpired, last_alive);
         let error = SessionError::new(
             ErrorKind::LeaseExpired,
             format!(
@@ -459,7 +465,8 @@ mod tests {
         let s = pending(3)
             .claimed("w", lease(), t(10))
             .checkpointed(&p, lease(), t(15));
-        // Handed back at 20 (5 s queued), claimed again at 25, done at 30: 10 s of running.
+        // Ran 10 to 20, handed back (5 s queued), claimed again at 25, done at 30: 15 s of
+        // running in a 20 s session.
         let (s, _) = s.requeued(false, t(25), None, DAY, t(20));
         let s =
             s.claimed("w", lease(), t(25))
@@ -470,8 +477,8 @@ mod tests {
             "the first attempt's start"
         );
         assert_eq!(s.metrics.duration(t(99)), Duration::from_secs(20));
-        assert_eq!(s.metrics.running_time(t(99)), Duration::from_secs(10));
-        assert!((s.metrics.processing_rate(t(99)) - 2.0).abs() < 1e-9);
+        assert_eq!(s.metrics.running_time(t(99)), Duration::from_secs(15));
+        assert!((s.metrics.processing_rate(t(99)) - 20.0 / 15.0).abs() < 1e-9);
         let outcomes: Vec<_> = s.attempts.iter().map(|a| (a.attempt, a.outcome)).collect();
         assert_eq!(
             outcomes,
@@ -480,6 +487,22 @@ mod tests {
                 (2, Some(AttemptOutcome::Completed))
             ]
         );
+    }
+
+    #[test]
+    fn a_reclaimed_attempt_ran_until_its_last_checkpoint() {
+        let p = Progress {
+            records: 1,
+            elements: 1,
+            nonempty: true,
+            ..Progress::default()
+        };
+        let s = pending(3)
+            .claimed("w", lease(), t(10))
+            .checkpointed(&p, lease(), t(14));
+        let (s, _) = s.reclaimed(Duration::ZERO, DAY, t(100));
+        assert_eq!(s.metrics.running_time(t(200)), Duration::from_secs(4));
+        assert_eq!(s.attempts[0].ended_at, Some(t(14)));
     }
 
     #[test]

@@ -694,13 +694,15 @@ pub enum ErrorKind {
     HttpClient,
     /// No start URL could be fetched.
     FetchFailed,
+    /// More pages failed than `limits.max_error_ratio` allows.
+    ErrorRatioExceeded,
     /// Any other kind, by name.
     Other(String),
 }
 
 impl ErrorKind {
     /// The kinds harvest itself names, in no particular order.
-    pub const KNOWN: [ErrorKind; 10] = [
+    pub const KNOWN: [ErrorKind; 11] = [
         ErrorKind::MaxDurationExceeded,
         ErrorKind::AttemptsExhausted,
         ErrorKind::LeaseExpired,
@@ -711,6 +713,7 @@ impl ErrorKind {
         ErrorKind::StoreError,
         ErrorKind::HttpClient,
         ErrorKind::FetchFailed,
+        ErrorKind::ErrorRatioExceeded,
     ];
 
     /// The snake_case name.
@@ -726,6 +729,7 @@ impl ErrorKind {
             ErrorKind::StoreError => "store_error",
             ErrorKind::HttpClient => "http_client",
             ErrorKind::FetchFailed => "fetch_failed",
+            ErrorKind::ErrorRatioExceeded => "error_ratio_exceeded",
             ErrorKind::Other(s) => s,
         }
     }

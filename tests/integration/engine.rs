@@ -171,8 +171,9 @@ async fn every_product_exactly_once_with_typed_fields() {
         .filter(|r| r["sku"].as_str().is_some_and(|s| s.starts_with("SKU-")))
         .count();
     assert_eq!(product_records, 57);
-    // 57 products + 6 list pages + latin1 + flaky + loop + huge + json.
-    assert_eq!(r.pages(), 57 + 6 + 5, "log: {:?}", r.log());
+    // 57 products + 6 list pages + latin1 + flaky + json; the redirect loop and the oversized
+    // page failed, and a page never fetched is not a processed page.
+    assert_eq!(r.pages(), 57 + 6 + 3, "log: {:?}", r.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -653,7 +654,16 @@ async fn guard_refuses_loopback_unless_allow_listed() {
         ..Default::default()
     });
     let r = run_job(&guarded, catalog(&site)).await;
-    assert!(r.completed());
+    // Refused for good: FAILED, not "completed with nothing", and not worth another attempt.
+    match &r.outcome {
+        JobOutcome::Failed { error, retry, .. } => {
+            assert_eq!(error.kind, "fetch_failed");
+            assert!(error.message.contains("network guard"), "{}", error.message);
+            assert_eq!(*retry, harvest::job::Retry::Never);
+        }
+        other => panic!("a crawl whose start URL the guard refused must fail: {other:?}"),
+    }
+    assert_eq!(r.pages(), 0, "a refused page is not a processed page");
     assert_eq!(site.total_hits(), 0, "the guard let a request through");
     assert!(r.records().is_empty());
     assert!(r.usage().http_errors >= 1);
@@ -848,7 +858,14 @@ fn titles(start_urls: Vec<String>) -> Value {
 async fn an_unreachable_robots_txt_disallows_its_host_and_a_missing_one_allows_it() {
     let down = RobotsSite::start((503, "busy"), None).await;
     let r = run(&titles(vec![down.url("/page/1"), down.url("/page/2")])).await;
-    assert!(r.completed());
+    // Nothing could be fetched: FAILED, and retried (a robots.txt that is down may come back).
+    match &r.outcome {
+        JobOutcome::Failed { error, retry, .. } => {
+            assert_eq!(error.kind, "fetch_failed");
+            assert_eq!(*retry, harvest::job::Retry::Backoff);
+        }
+        other => panic!("nothing fetched must fail: {other:?}"),
+    }
     assert!(r.records().is_empty(), "{:?}", r.records());
     assert_eq!(down.hits("/page/1") + down.hits("/page/2"), 0);
     assert_eq!(
