@@ -26,6 +26,7 @@ pub mod session;
 pub mod sink;
 pub mod sitegen;
 pub mod store;
+pub mod webharvest;
 pub mod worker;
 
 pub use service::{Harvest, SessionHandle, SubmitRequest};
