@@ -134,13 +134,12 @@ impl LogLevel {
     }
 }
 
-/// Progress of a run, reported at least every ~500 ms while it runs and once at the end.
+/// Progress of a run, reported every ~500 ms while it runs (what the run did since is the host's
+/// own: it made the requests and holds the log).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
     /// Processors executed so far.
     pub processors: u64,
-    /// Bytes held by variables now.
-    pub variable_bytes: u64,
 }
 
 /// The interpreter's only way out.

@@ -261,9 +261,14 @@ fn string_to_value(s: &str) -> J {
         if s.contains(['.', 'e', 'E']) {
             if let Ok(f) = s.parse::<f64>()
                 && f.is_finite()
-                && let Some(n) = serde_json::Number::from_f64(f)
             {
-                return J::Raw(n.to_string());
+                // JSON.org writes a whole double without its fraction (1.50 → 1.5, 2.0 → 2).
+                if f.fract() == 0.0 && f.abs() < 1e15 {
+                    return J::Raw(format!("{}", f as i64));
+                }
+                if let Some(n) = serde_json::Number::from_f64(f) {
+                    return J::Raw(n.to_string());
+                }
             }
         } else if let Ok(n) = s.parse::<i64>() {
             return J::Raw(n.to_string());

@@ -9,10 +9,11 @@
 //! progress to the job's checkpoint sink through it. Its result is the session scope's variables
 //! ([`RunOutput::variables`]), the session's context.
 //!
-//! Modules by concern: `parse` (XML → program tree), `eval` (the interpreter), `value`
-//! (texts and lists), `scope` (variables), `template` (`${…}`), `script` (JavaScript), `xpath`,
-//! `html` (`html-to-xml`), `regexp`, `json`, `http` (requests and decoding), `file` (confined
-//! files), `host` (the way out), `run` (the interpreter's thread and its host calls), `job`.
+//! Modules by concern: `parse` (XML → program tree), `grammar` (the processors and their
+//! attributes), `eval` (the interpreter), `value` (texts and lists), `scope` (variables),
+//! `template` (`${…}`), `script` (JavaScript), `xpath`, `html` (`html-to-xml`), `regexp`, `json`,
+//! `http` (requests and decoding), `file` (confined files), `host` (the way out), `run` (the
+//! interpreter's thread and its host calls), `job`.
 //!
 //! [`Job`]: crate::job::Job
 
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 mod eval;
 mod file;
+mod grammar;
 mod host;
 mod html;
 mod http;

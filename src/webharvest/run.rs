@@ -29,7 +29,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// How long a stopped run waits for the interpreter to notice before returning without it.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// The interpreter thread's stack: room for [`super::eval::MAX_EVAL_DEPTH`] nested processors
-/// in an unoptimised build (measured below 16 KiB a level) and the script engine.
+/// in an unoptimised build (2000 levels measured to fit in 8 MiB) with room for the script
+/// engine and larger frames; untouched stack costs no memory.
 const INTERPRETER_STACK: usize = 64 << 20;
 
 /// What a finished run leaves.
@@ -161,7 +162,6 @@ pub async fn run_program(
     stop: StopSignal,
 ) -> Result<RunOutput, RunError> {
     let processors = Arc::new(AtomicU64::new(0));
-    let var_bytes = Arc::new(AtomicU64::new(0));
     // The interpreter's own signal: the caller's stop, or a lost lease found by a progress report.
     let inner = StopSignal::new();
     let (tx, mut rx) = mpsc::channel::<(HostCall, Reply)>(1);
@@ -171,7 +171,7 @@ pub async fn run_program(
         host: host.clone(),
     };
     let params = params.clone();
-    let (p, vb, s) = (processors.clone(), var_bytes.clone(), inner.clone());
+    let (p, s) = (processors.clone(), inner.clone());
     let spawned = std::thread::Builder::new()
         .name("webharvest".into())
         .stack_size(INTERPRETER_STACK)
@@ -191,7 +191,6 @@ pub async fn run_program(
                 }
             }
             let r = r.and_then(|_| interp.run());
-            vb.store(interp.vars.borrow().bytes() as u64, Ordering::Relaxed);
             let r = match r {
                 Ok(()) => Ok(None),
                 Err(Flow::Exit(m)) => Ok(Some(m)),
@@ -220,7 +219,20 @@ pub async fn run_program(
     let finished: Option<Finished> = loop {
         tokio::select! {
             biased;
-            r = &mut done_rx => break r.ok(),
+            r = &mut done_rx => match r {
+                Ok(f) => break Some(f),
+                // The thread ended without an answer: it panicked.
+                Err(_) => {
+                    return Err(RunError {
+                        kind: RunErrorKind::Internal,
+                        message: "the interpreter failed unexpectedly; see the service log".into(),
+                        output: RunOutput {
+                            processors: processors.load(Ordering::Relaxed),
+                            ..RunOutput::default()
+                        },
+                    });
+                }
+            },
             _ = stop.stopped(), if deadline.is_none() => {
                 inner.stop(stop.reason().unwrap_or(StopReason::Cancelled));
                 deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
@@ -248,7 +260,6 @@ pub async fn run_program(
             _ = tick.tick() => {
                 let p = Progress {
                     processors: processors.load(Ordering::Relaxed),
-                    variable_bytes: var_bytes.load(Ordering::Relaxed),
                 };
                 if let Err(e) = host.progress(p).await
                     && deadline.is_none()

@@ -185,6 +185,7 @@ impl Vars {
     }
 
     /// Bytes held by all bindings.
+    #[cfg(test)]
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }

@@ -23,3 +23,4 @@ mod soak;
 mod store_conformance;
 mod store_postgres;
 mod store_sled;
+mod webharvest;

@@ -148,10 +148,12 @@ impl<'p> Interp<'p> {
                 .set_http(&self.http_info)
                 .map_err(|e| self.fail(node, e))?;
         }
-        self.bridge.log(
-            LogLevel::Info,
-            &format!("{what} → {} ({} bytes)", resp.status, resp.body.len()),
-        );
+        if resp.status >= 400 {
+            self.bridge.log(
+                LogLevel::Warn,
+                &format!("{}: {what} answered {}", node.path, resp.status),
+            );
+        }
         if FAILING_STATUSES.contains(&resp.status) {
             return Err(self.failure(
                 node,

@@ -376,3 +376,24 @@ async fn a_lost_lease_stops_the_run() {
     assert_eq!(r.err().map(|e| e.kind), Some(RunErrorKind::LeaseLost));
     assert!(started.elapsed() < Duration::from_secs(4));
 }
+
+#[tokio::test]
+async fn the_deepest_evaluation_fits_the_interpreter_stack() {
+    // Each call nests the next one 20 processors deep: the evaluation depth cap is reached
+    // before the call depth cap, in a debug build, without overflowing the thread's stack.
+    let nest = 18;
+    let xml = format!(
+        "<config><function name=\"deep\"><return>{}<call name=\"deep\"/>{}</return></function>\
+         <call name=\"deep\"/></config>",
+        "<empty>".repeat(nest),
+        "</empty>".repeat(nest)
+    );
+    let s = site().await;
+    let limits = Limits {
+        max_call_depth: 10_000,
+        ..Limits::default()
+    };
+    let r = run_in(&s, &xml, &[], limits, StopSignal::new()).await;
+    let e = r.err();
+    assert_eq!(e.kind, RunErrorKind::Limit("eval_depth"), "{}", e.message);
+}
