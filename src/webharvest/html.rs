@@ -1,7 +1,9 @@
 //! `html-to-xml`: HTML parsed as browsers do (html5ever, through `scraper`), serialized as
 //! well-formed XML for `xpath` (Web-Harvest used HtmlCleaner).
 //!
-//! Names keep only their local part (`xlink:href` → `href`, as HtmlCleaner does when not
+//! HTML5 parsing inserts a `<tbody>` into tables that have none; HtmlCleaner did not, and configs
+//! say `//table/tr`, so when the page has no `<tbody>` tag at all the inserted ones are left out of
+//! the XML (their rows stay). Names keep only their local part (`xlink:href` → `href`, as HtmlCleaner does when not
 //! namespace-aware) and `xmlns` attributes are dropped, so `//div` matches XHTML pages too.
 //! Characters XML forbids are dropped; comments keep their text with `--` broken up. The output is
 //! capped: a page that would serialize larger than the cap is an error, not a huge variable.
@@ -31,6 +33,11 @@ pub(crate) struct Options {
 /// Converts an HTML text to XML.
 pub(crate) fn html_to_xml(html: &str, opts: &Options) -> Result<String, String> {
     let doc = Html::parse_document(html);
+    let implied_tbody = !html
+        .as_bytes()
+        .windows(6)
+        .any(|w| w.eq_ignore_ascii_case(b"<tbody"));
+    let skip_tag = |name: &str| implied_tbody && name == "tbody";
     let mut out = String::with_capacity(html.len() + html.len() / 8);
     if !opts.omit_xml_decl {
         out.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
@@ -60,7 +67,7 @@ pub(crate) fn html_to_xml(html: &str, opts: &Options) -> Result<String, String> 
                             skipping = Some(n.id());
                             continue;
                         }
-                        if n.id() == start_id && opts.omit_html_envelope {
+                        if (n.id() == start_id && opts.omit_html_envelope) || skip_tag(e.name()) {
                             continue;
                         }
                         out.push('<');
@@ -104,6 +111,7 @@ pub(crate) fn html_to_xml(html: &str, opts: &Options) -> Result<String, String> 
                 }
                 if let Node::Element(e) = n.value()
                     && !(n.id() == start_id && opts.omit_html_envelope)
+                    && !skip_tag(e.name())
                 {
                     out.push_str("</");
                     out.push_str(&xml_name(e.name()));
@@ -195,6 +203,18 @@ mod tests {
         assert!(!xml.contains("xmlns"), "{xml}");
         let items = crate::webharvest::xpath::evaluate(&xml, "//p/b/text()").unwrap();
         assert_eq!(items, ["x"]);
+    }
+
+    #[test]
+    fn tables_keep_the_rows_where_the_page_put_them() {
+        let xml = html_to_xml("<table><tr><td>a</td></tr></table>", &opts()).unwrap();
+        assert!(xml.contains("<table><tr><td>a</td></tr></table>"), "{xml}");
+        let xml =
+            html_to_xml("<table><TBODY><tr><td>a</td></tr></TBODY></table>", &opts()).unwrap();
+        assert!(
+            xml.contains("<table><tbody><tr><td>a</td></tr></tbody></table>"),
+            "{xml}"
+        );
     }
 
     #[test]

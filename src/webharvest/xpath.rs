@@ -10,10 +10,36 @@ use xee_xpath::{Documents, Item, Queries, Query};
 
 /// Compiles an expression, to refuse a bad literal one at submission.
 pub(crate) fn check(expr: &str) -> Result<(), String> {
-    Queries::default()
-        .sequence(expr)
-        .map(|_| ())
-        .map_err(|e| format!("XPath expression {expr:?} does not compile: {e}"))
+    Queries::default().sequence(expr).map(|_| ()).map_err(|e| {
+        format!(
+            "XPath expression {expr:?} does not compile: {}",
+            describe(&e, expr)
+        )
+    })
+}
+
+/// An engine error as a sentence: its code, what the code means, and where in the expression.
+fn describe(e: &xee_xpath::error::Error, expr: &str) -> String {
+    let msg = e
+        .error
+        .message()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let at = e.span.map(|s| {
+        let r = s.range();
+        match expr.get(r.start..r.end) {
+            Some(t) if !t.is_empty() => format!(" (at `{t}`)"),
+            _ => format!(" (at character {})", r.start + 1),
+        }
+    });
+    let mut out = e.error.code();
+    if !msg.is_empty() {
+        out.push_str(": ");
+        out.push_str(&msg);
+    }
+    out.push_str(&at.unwrap_or_default());
+    out
 }
 
 /// Evaluates `expr` against the XML document `xml`; one text per result item.
@@ -66,12 +92,15 @@ fn evaluate_on(
     max_bytes: usize,
 ) -> Result<Vec<String>, String> {
     let queries = Queries::default();
-    let q = queries
-        .sequence(expr)
-        .map_err(|e| format!("XPath expression {expr:?} does not compile: {e}"))?;
+    let q = queries.sequence(expr).map_err(|e| {
+        format!(
+            "XPath expression {expr:?} does not compile: {}",
+            describe(&e, expr)
+        )
+    })?;
     let seq = q
         .execute(docs, doc)
-        .map_err(|e| format!("XPath expression {expr:?} failed: {e}"))?;
+        .map_err(|e| format!("XPath expression {expr:?} failed: {}", describe(&e, expr)))?;
     let mut out = Vec::with_capacity(seq.len());
     let mut bytes = 0usize;
     for item in seq.iter() {
@@ -137,7 +166,16 @@ mod tests {
 
     #[test]
     fn bad_expressions_and_inputs_are_errors() {
-        assert!(check("//li[").is_err());
+        let e = check("//li[").unwrap_err();
+        assert!(
+            e.starts_with("XPath expression \"//li[\" does not compile: XPST0003"),
+            "{e}"
+        );
+        let e = evaluate(DOC, "//li[@class = 'a' + 1]").unwrap_err();
+        assert!(
+            e.contains("XPTY0004") && e.contains("(at `'a' + 1`)"),
+            "{e}"
+        );
         assert!(check("//li[1]").is_ok());
         let e = evaluate("not xml", "//a").unwrap_err();
         assert!(e.contains("html-to-xml"), "{e}");
