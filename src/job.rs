@@ -19,22 +19,50 @@ use tokio_util::sync::CancellationToken;
 use crate::session::{Session, SessionError};
 use crate::store::{CheckpointBatch, FrontierItem, ResumeState};
 
-/// The lease is gone: another attempt owns the session now. Stop without writing anything else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the lease on this session was lost; another attempt owns it")]
-pub struct LeaseLost;
+/// Why a checkpoint was not committed. Either way the attempt must stop and write nothing
+/// else: another attempt (or nobody) owns the session now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The lease is gone: the session was reclaimed by another attempt, or closed.
+    #[error("the lease on this session was lost; another attempt owns it or it was closed")]
+    LeaseLost,
+    /// The commit, or what must follow it, failed (e.g. the store is unavailable, or a local
+    /// run's output was closed): the attempt is abandoned where it stands.
+    #[error("the attempt was abandoned: {0}")]
+    Abandoned(String),
+}
 
 /// Where a running job commits its progress.
 #[async_trait]
 pub trait CheckpointSink: Send + Sync {
     /// Commits a batch atomically (durable on return).
-    async fn commit(&self, batch: CheckpointBatch) -> Result<(), LeaseLost>;
+    async fn commit(&self, batch: CheckpointBatch) -> Result<(), CommitError>;
 }
 
 /// The committed crawl state could not be read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot read the session's crawl state: {0}")]
-pub struct CrawlStateError(pub String);
+#[derive(Debug, thiserror::Error)]
+pub enum CrawlStateError {
+    /// The store failed.
+    #[error("cannot read the session's crawl state")]
+    Store(#[from] crate::store::StoreError),
+    /// The request was out of range (a bug in the caller).
+    #[error("invalid crawl state request: {0}")]
+    Invalid(String),
+}
+
+/// Why a job refuses a config (or its params) at submission; its message names the field and
+/// what is wrong, e.g. `pages.product.fields.price.regex: unclosed group`. The job's own error
+/// type is kept as the source.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ConfigRejected(Box<dyn std::error::Error + Send + Sync>);
+
+impl ConfigRejected {
+    /// Wraps a job's own validation error (or a message).
+    pub fn new(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ConfigRejected {
+        ConfigRejected(e.into())
+    }
+}
 
 /// Read-only view of what a session's committed checkpoints hold: its frontier (in the order URLs
 /// were added, with positions) and its seen set. Implemented by the worker over the store and by
@@ -65,6 +93,16 @@ pub enum StopReason {
     Shutdown = 3,
     /// The lease was lost: stop, write nothing.
     LeaseLost = 4,
+    /// The attempt is abandoned (its commits cannot be made or followed up): stop, write
+    /// nothing.
+    Abandoned = 5,
+}
+
+impl StopReason {
+    /// Whether the job must stop without committing anything more.
+    pub fn writes_nothing(self) -> bool {
+        matches!(self, StopReason::LeaseLost | StopReason::Abandoned)
+    }
 }
 
 /// A cooperative stop request with its reason. Cheap to clone; the first reason wins.
@@ -100,6 +138,7 @@ impl StopSignal {
             2 => Some(StopReason::MaxDuration),
             3 => Some(StopReason::Shutdown),
             4 => Some(StopReason::LeaseLost),
+            5 => Some(StopReason::Abandoned),
             _ => None,
         }
     }
@@ -163,7 +202,7 @@ pub trait Job: Send + Sync + 'static {
         &self,
         config: &serde_json::Value,
         params: &BTreeMap<String, String>,
-    ) -> Result<(), String>;
+    ) -> Result<(), ConfigRejected>;
 
     /// Runs one attempt.
     async fn run(&self, ctx: JobContext) -> JobOutcome;
@@ -175,7 +214,11 @@ pub struct NoopJob;
 
 #[async_trait]
 impl Job for NoopJob {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), ConfigRejected> {
         Ok(())
     }
 

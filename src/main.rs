@@ -1,8 +1,16 @@
-//! The `harvest` binary: parses the command line and calls the library.
+//! The `harvest` binary: parses the command line and calls the library. The command line
+//! ([`cli`]), the benchmarks behind `harvest bench` ([`bench`]) and the generated test shop
+//! ([`sitegen`]) belong to the binary, not to the library's API.
+
+mod bench;
+mod cli;
+// The test suite compiles this file too and uses parts of it the binary does not.
+#[allow(dead_code)]
+mod sitegen;
 
 #[tokio::main]
 async fn main() {
-    if let Err(e) = harvest::cli::main().await {
+    if let Err(e) = cli::main().await {
         // `harvest records ID | head` closes the pipe early: that is the reader's choice, not an
         // error worth a message.
         let broken_pipe = e.chain().any(|c| {
@@ -13,6 +21,9 @@ async fn main() {
             std::process::exit(0);
         }
         eprintln!("harvest: {e:#}");
-        std::process::exit(1);
+        let code = e
+            .downcast_ref::<cli::client::Exit>()
+            .map_or(1, |x| x.code as i32);
+        std::process::exit(code);
     }
 }

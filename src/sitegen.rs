@@ -1,6 +1,6 @@
 //! A generated shop served in-process on `127.0.0.1:0`, for tests and `harvest bench crawl`.
 //!
-//! It is shaped like DESIGN §4's example: list pages (`/index.html`, `/list/N.html`) with
+//! It is shaped like the README's example config (examples/catalog.toml): list pages (`/index.html`, `/list/N.html`) with
 //! `article.product a.title` links and an `a.next` link (the last one leads back to the first
 //! page: a cycle), and product pages with `h1`, `.price`, `td.sku`, `img.main` and `.tag`s. With
 //! `specials`, the first list page also links to pages that exercise the engine's edge cases:

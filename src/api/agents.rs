@@ -10,6 +10,7 @@
 //! with a message saying so, rather than accepted and silently run concurrently or dropped.
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -22,7 +23,8 @@ use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::sessions::{config_from_text, params_to_strings};
 use super::view::{OptionsView, SessionView};
-use crate::agent::{AgentRun, AgentSpec};
+use crate::service::{AgentRun, AgentSpec};
+use crate::session::OptionsPatch;
 use crate::session::{SessionOptions, Timestamp};
 use crate::store::{Agent, AgentSessions};
 
@@ -59,10 +61,10 @@ pub struct AgentRunBody {
     #[serde(default)]
     #[schema(value_type = Option<BTreeMap<String, Object>>)]
     pub params: BTreeMap<String, serde_json::Value>,
-    /// Options replacing the agent's defaults.
+    /// Options merged over the agent's defaults, key by key.
     #[serde(default)]
     #[schema(value_type = Option<OptionsView>)]
-    pub options: Option<SessionOptions>,
+    pub options: Option<OptionsPatch>,
     /// A caller-chosen unique session id.
     #[serde(default)]
     pub session_id: Option<String>,
@@ -94,10 +96,14 @@ pub struct AgentView {
     /// Last change.
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: Timestamp,
+    /// When the schedule fires next (null without a schedule).
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub next_run_at: Option<Timestamp>,
 }
 
-impl From<&Agent> for AgentView {
-    fn from(a: &Agent) -> AgentView {
+impl AgentView {
+    /// The view of an agent at `now` (which decides its next scheduled run).
+    pub fn of(a: &Agent, now: Timestamp) -> AgentView {
         AgentView {
             name: a.name.clone(),
             client_id: a.client_id.clone(),
@@ -107,8 +113,17 @@ impl From<&Agent> for AgentView {
             schedule: a.schedule.clone(),
             sessions: a.sessions,
             updated_at: a.updated_at,
+            next_run_at: a.schedule.as_deref().and_then(|expr| next_tick(expr, now)),
         }
     }
+}
+
+/// The first instant of a cron expression after `now`.
+fn next_tick(expr: &str, now: Timestamp) -> Option<Timestamp> {
+    let cron = croner::Cron::from_str(expr).ok()?;
+    let now = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(now.0)?;
+    let next = cron.find_next_occurrence(&now, false).ok()?;
+    Some(Timestamp(next.timestamp_millis()))
 }
 
 /// The caller's agents.
@@ -172,7 +187,7 @@ pub async fn put_agent(
         sessions: body.sessions.unwrap_or_default(),
     };
     let agent = st.harvest.agent_put(owner(&caller), &name, spec).await?;
-    Ok(axum::Json(AgentView::from(&agent)))
+    Ok(axum::Json(AgentView::of(&agent, st.harvest.clock().now())))
 }
 
 /// One agent.
@@ -193,7 +208,7 @@ pub async fn get_agent(
     ApiPath(name): ApiPath<String>,
 ) -> Result<axum::Json<AgentView>, ApiError> {
     match st.harvest.agent_get(owner(&caller), &name).await? {
-        Some(a) => Ok(axum::Json(AgentView::from(&a))),
+        Some(a) => Ok(axum::Json(AgentView::of(&a, st.harvest.clock().now()))),
         None => Err(agent_not_found(&name)),
     }
 }
@@ -222,7 +237,7 @@ pub async fn delete_agent(
     if !st.harvest.agent_delete(client, &name).await? {
         return Err(agent_not_found(&name));
     }
-    Ok(axum::Json(AgentView::from(&agent)))
+    Ok(axum::Json(AgentView::of(&agent, st.harvest.clock().now())))
 }
 
 /// The caller's agents, by name.
@@ -240,13 +255,14 @@ pub async fn list_agents(
     caller: Caller,
 ) -> Result<axum::Json<AgentListView>, ApiError> {
     let agents = st.harvest.agent_list(Some(owner(&caller))).await?;
+    let now = st.harvest.clock().now();
     Ok(axum::Json(AgentListView {
-        agents: agents.iter().map(AgentView::from).collect(),
+        agents: agents.iter().map(|a| AgentView::of(a, now)).collect(),
     }))
 }
 
-/// Start a run of an agent: a new session with the agent's config, params merged over its
-/// defaults, and its options unless the body gives some.
+/// Start a run of an agent: a new session with the agent's config, and params and options
+/// merged over its defaults key by key.
 #[utoipa::path(
     post,
     path = "/v1/agents/{name}/run",
@@ -273,7 +289,7 @@ pub async fn run_agent(
     };
     let run = AgentRun {
         params: params_to_strings(body.params)?,
-        options: body.options,
+        options: body.options.unwrap_or_default(),
         session_id,
     };
     let handle = match st.harvest.agent_run(owner(&caller), &name, run).await {

@@ -10,12 +10,16 @@
 //! `/metrics` and `/v1/openapi.json` stay open: probes and scrapers carry no tokens, and neither
 //! the metrics (bounded labels, no session ids) nor the spec reveal a tenant's data.
 //!
+//! The web console ([`console`]) is served at `/` from files embedded in the binary; it uses only
+//! the `/v1` routes below, with the same tokens.
+//!
 //! Every route is registered through [`Routes`], which also keeps the list of (method, path)
 //! pairs; a test checks that list against the OpenAPI document, so the spec cannot silently miss
 //! a route.
 
 pub mod agents;
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod events;
 pub mod records;
@@ -59,6 +63,7 @@ With [[clients]] configured, /v1 data routes need Authorization: Bearer <token>.
         sessions::cancel,
         sessions::close,
         sessions::log,
+        sessions::validate_config,
         records::records,
         events::session_events,
         events::all_events,
@@ -158,6 +163,11 @@ fn routes() -> Routes {
         .route("/v1/sessions/{id}/records", &["get"], get(records::records))
         .route("/v1/sessions/{id}/log", &["get"], get(sessions::log))
         .route(
+            "/v1/configs/validate",
+            &["post"],
+            post(sessions::validate_config),
+        )
+        .route(
             "/v1/sessions/{id}/events",
             &["get"],
             get(events::session_events),
@@ -190,6 +200,7 @@ pub fn router(harvest: Harvest, metrics: Option<PrometheusHandle>) -> Router {
     let limit = harvest.config().server.max_body_bytes;
     routes()
         .router
+        .merge(console::router())
         .fallback(error::not_found_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

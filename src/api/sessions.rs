@@ -1,4 +1,5 @@
-//! Session routes: submit, get, list, cancel, close, and the session's log.
+//! Session routes: submit, get, list, cancel, close, the session's log, and checking a config
+//! without submitting it.
 //!
 //! Handlers validate input, check that the caller owns the session (another client's session is
 //! a 404), call [`Harvest`](crate::Harvest), and answer with a [`SessionView`].
@@ -12,15 +13,69 @@ use axum::response::{IntoResponse, Response};
 use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
-use super::view::{ListQuery, LogQuery, LogView, SessionListView, SessionView, SubmitBody};
+use super::view::{
+    ListQuery, LogQuery, LogView, SessionListView, SessionView, SubmitBody, ValidView, ValidateBody,
+};
 use crate::service::SubmitRequest;
-use crate::session::{ClientContext, Session, SessionId, SessionStatus};
+use crate::session::{ClientContext, Session, SessionId, SessionOptions, SessionStatus};
 use crate::store::{CancelOutcome, SessionList};
 
 /// Converts a config given as text (TOML, or JSON when it starts with `{`) to the JSON value the
 /// service takes, with the engine's parser (errors name the line and field).
 pub fn config_from_text(text: &str) -> Result<serde_json::Value, String> {
     crate::engine::parse_config_text(text).map_err(|e| e.to_string())
+}
+
+/// The `config` of a request body as the JSON object the service takes: an object as is, a
+/// string parsed as TOML (or JSON).
+pub(crate) fn config_from_body(config: serde_json::Value) -> Result<serde_json::Value, ApiError> {
+    match config {
+        serde_json::Value::Null => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the body needs `config` (a JSON object or a string of TOML) or `agent` (a saved agent's name)",
+        )),
+        serde_json::Value::String(text) => config_from_text(&text)
+            .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", m)),
+        v @ serde_json::Value::Object(_) => Ok(v),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_config",
+            "config must be a JSON object or a string of TOML",
+        )),
+    }
+}
+
+/// Check a config without submitting it: the same validation as `POST /v1/sessions`, nothing
+/// stored.
+#[utoipa::path(
+    post,
+    path = "/v1/configs/validate",
+    tag = "sessions",
+    request_body = ValidateBody,
+    responses(
+        (status = 200, description = "The config is valid; here it is as JSON", body = ValidView),
+        (status = 400, description = "Invalid JSON, TOML, config or params; the message names the field", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 413, description = "Body over server.max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Body is not application/json", body = ErrorBody),
+    )
+)]
+pub async fn validate_config(
+    State(st): State<AppState>,
+    _caller: Caller,
+    ApiJson(body): ApiJson<ValidateBody>,
+) -> Result<axum::Json<ValidView>, ApiError> {
+    let config = config_from_body(body.config)?;
+    let params = params_to_strings(body.params)?;
+    st.harvest
+        .job()
+        .validate(&config, &params)
+        .map_err(crate::service::HarvestError::InvalidConfig)?;
+    Ok(axum::Json(ValidView {
+        valid: true,
+        config,
+    }))
 }
 
 /// A session id a client chose: valid, and not one of the ids starting with `_` that harvest
@@ -109,25 +164,7 @@ pub async fn submit(
     if let Some(agent) = body.agent.take() {
         return submit_agent_run(st, caller, agent, body).await;
     }
-    let config = match body.config {
-        serde_json::Value::Null => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "the body needs `config` (a JSON object or a string of TOML) or `agent` (a saved agent's name)",
-            ));
-        }
-        serde_json::Value::String(text) => config_from_text(&text)
-            .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", m))?,
-        v @ serde_json::Value::Object(_) => v,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_config",
-                "config must be a JSON object or a string of TOML",
-            ));
-        }
-    };
+    let config = config_from_body(body.config)?;
     let client_body = body.client.unwrap_or_default();
     // A tenant's sessions always carry its own id, whatever the body says.
     let client_id = match caller.client_id() {
@@ -138,9 +175,11 @@ pub async fn submit(
     for (k, v) in client_body.metadata {
         client = client.metadata(k, v);
     }
-    let mut req = SubmitRequest::new(config)
-        .client(client.build())
-        .options(body.options.unwrap_or_default());
+    let mut req = SubmitRequest::new(config).client(client.build()).options(
+        body.options
+            .unwrap_or_default()
+            .apply_to(&SessionOptions::default()),
+    );
     req.params = params_to_strings(body.params)?;
     if let Some(id) = body.session_id {
         req = req.session_id(client_session_id(&id)?);
@@ -164,7 +203,7 @@ async fn submit_agent_run(
             "give either `config` or `agent`, not both",
         ));
     }
-    crate::agent::validate_name(&agent)?;
+    crate::service::agents::validate_name(&agent)?;
     let client_id = match caller.client_id() {
         Some(id) => id.to_string(),
         None => body.client.and_then(|c| c.client_id).unwrap_or_default(),
@@ -173,9 +212,9 @@ async fn submit_agent_run(
         Some(id) => Some(client_session_id(&id)?),
         None => None,
     };
-    let run = crate::agent::AgentRun {
+    let run = crate::service::AgentRun {
         params: params_to_strings(body.params)?,
-        options: body.options,
+        options: body.options.unwrap_or_default(),
         session_id,
     };
     let handle = st.harvest.agent_run(&client_id, &agent, run).await?;
@@ -190,7 +229,7 @@ async fn submit_agent_run(
     tag = "sessions",
     params(("id" = String, Path, description = "Session id")),
     responses(
-        (status = 200, description = "The session", body = SessionView),
+        (status = 200, description = "The session, with its `job` (config and params)", body = SessionView),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "No such session (or another client's)", body = ErrorBody),
     )
@@ -202,7 +241,9 @@ pub async fn get_session(
 ) -> Result<axum::Json<SessionView>, ApiError> {
     let id = path_id(&id)?;
     let s = owned_session(&st, &caller, &id).await?;
-    Ok(axum::Json(view(&st, &s)))
+    let mut v = view(&st, &s);
+    v.job = Some(super::view::JobView::of(&s));
+    Ok(axum::Json(v))
 }
 
 /// Sessions, newest first, paginated.
@@ -252,7 +293,7 @@ pub async fn list_sessions(
         .list(SessionList {
             client_id,
             status,
-            agent: None,
+            agent: q.agent.filter(|a| !a.is_empty()),
             limit,
             cursor: q.cursor,
         })

@@ -2,7 +2,9 @@
 //!
 //! Views are separate structs rather than the stored [`Session`] serialized as is, so the wire
 //! format is a deliberate contract (documented in the OpenAPI spec) and internal fields (lease,
-//! seq, failures, the job spec) never leak.
+//! seq, failures) never leak. The job spec (config and params) is shown to the session's owner
+//! only in the single-session view, where "run again" needs it; lists and events leave it out
+//! (a config can be large, and a progress event carries no news about it).
 
 use std::collections::BTreeMap;
 
@@ -10,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::event::Event;
-use crate::session::{LogLine, Session, SessionOptions, Timestamp};
+use crate::session::{LogLine, OptionsPatch, Session, SessionOptions, Timestamp};
 
 /// `POST /v1/sessions` body.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -33,13 +35,37 @@ pub struct SubmitBody {
     /// Who submits it. With clients configured, `client_id` is the caller's, whatever is sent.
     #[serde(default)]
     pub client: Option<ClientBody>,
-    /// Options; unset ones take the service defaults.
+    /// Options; unset ones take the service defaults (for an `agent` run: the agent's, key by
+    /// key).
     #[serde(default)]
     #[schema(value_type = Option<OptionsView>)]
-    pub options: Option<SessionOptions>,
+    pub options: Option<OptionsPatch>,
     /// A caller-chosen unique id (1–128 characters of `[A-Za-z0-9._:-]`); default a UUID v7.
     #[serde(default)]
     pub session_id: Option<String>,
+}
+
+/// `POST /v1/configs/validate` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateBody {
+    /// The scraper config: a JSON object, or a string of TOML (or of JSON).
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    /// Params as a submission would give them (scalar values).
+    #[serde(default)]
+    #[schema(value_type = Option<BTreeMap<String, Object>>)]
+    pub params: BTreeMap<String, serde_json::Value>,
+}
+
+/// A config that validates.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ValidView {
+    /// Always true (an invalid config is a 400 naming the field).
+    pub valid: bool,
+    /// The config as JSON (TOML converted), as a session would store it.
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
 }
 
 /// The submitter of a session.
@@ -183,6 +209,32 @@ pub struct SessionView {
     pub agent: Option<String>,
     /// Committed records.
     pub records: u64,
+    /// What the session runs: only in `GET /v1/sessions/{id}`, absent from lists and events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobView>,
+}
+
+/// The job of a session: enough to submit the same run again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobView {
+    /// The scraper config, normalized to JSON.
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    /// The session's params (they override the config's `[vars]`).
+    pub params: BTreeMap<String, String>,
+    /// The agent it runs for, if any.
+    pub agent: Option<String>,
+}
+
+impl JobView {
+    /// The job of a session.
+    pub fn of(s: &Session) -> JobView {
+        JobView {
+            config: s.job.config.clone(),
+            params: s.job.params.clone(),
+            agent: s.job.agent.clone(),
+        }
+    }
 }
 
 impl SessionView {
@@ -213,7 +265,7 @@ impl SessionView {
                 robots_blocked: s.usage.robots_blocked,
             },
             error: s.error.as_ref().map(|e| ErrorView {
-                kind: e.kind.clone(),
+                kind: e.kind.to_string(),
                 message: e.message.clone(),
             }),
             cancel_requested: s.cancel_requested,
@@ -223,6 +275,7 @@ impl SessionView {
             cleanup_at: s.cleanup_at,
             agent: s.job.agent.clone(),
             records: s.metrics.processed_elements,
+            job: None,
         }
     }
 }
@@ -245,6 +298,8 @@ pub struct ListQuery {
     pub client_id: Option<String>,
     /// Only sessions in this status (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED).
     pub status: Option<String>,
+    /// Only runs of this agent (of the caller's agents).
+    pub agent: Option<String>,
     /// Page size, 1..=1000 (default 50).
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u64>,

@@ -8,24 +8,18 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 
-use crate::engine::MemoryCrawlState;
-use crate::engine::{EngineSettings, ScrapeJob, compile, parse_config_text};
-use crate::job::{CheckpointSink, CrawlState, JobOutcome, LeaseLost, StopSignal};
-use crate::session::{
-    ClientContext, JobSpec, Session, SessionId, SessionOptions, SessionStatus, Timestamp,
-};
 use crate::sitegen::{SiteOptions, serve};
-use crate::store::{
-    AttemptRef, CheckpointBatch, CheckpointCommit, ResumeState, SessionClaim, SessionFinish,
-    SessionInsert, Store,
-};
-use crate::worker::StoreCrawlState;
+use harvest::engine::MemoryCrawlState;
+use harvest::engine::{EngineSettings, ScrapeJob, compile, parse_config_text};
+use harvest::job::{CheckpointSink, CommitError, JobOutcome, StopSignal};
+use harvest::local::{Progress, run_local};
+use harvest::store::{CheckpointBatch, ResumeState};
 
-/// The config every crawl bench runs: DESIGN §4's example (examples/catalog.toml).
+/// The config every crawl bench runs: the README's example (examples/catalog.toml).
 pub const CATALOG_TOML: &str = include_str!("../../examples/catalog.toml");
 
 /// Products per list page of the generated site.
@@ -43,161 +37,34 @@ pub enum BenchError {
     /// The crawl did not complete.
     #[error("crawl did not complete: {0}")]
     Crawl(String),
-    /// The temporary store failed.
-    #[error("bench store: {0}")]
-    Store(String),
 }
 
-/// Counts what was committed; commits it to the store or the in-memory state first.
+/// Counts what the engine commits into its in-memory state (the figure without a store).
 struct CountingSink {
     pages: AtomicU64,
     records: AtomicU64,
     errors: AtomicU64,
     commits: AtomicU64,
-    target: Target,
+    state: Arc<MemoryCrawlState>,
 }
-
-enum Target {
-    Memory(Arc<MemoryCrawlState>),
-    Store(StoreRun),
-}
-
-/// A session claimed in a sled store in a temporary directory.
-struct StoreRun {
-    store: Arc<dyn Store>,
-    attempt: AttemptRef,
-    _dir: tempfile::TempDir,
-}
-
-impl StoreRun {
-    async fn open(config: &serde_json::Value) -> Result<StoreRun, BenchError> {
-        let dir = tempfile::TempDir::new().map_err(|e| BenchError::Store(e.to_string()))?;
-        let store: Arc<dyn Store> = Arc::new(
-            crate::store::sled::SledStore::open(dir.path())
-                .map_err(|e| BenchError::Store(e.to_string()))?,
-        );
-        let now = Timestamp::now();
-        let id = SessionId::generate();
-        let session = Session::pending(
-            id.clone(),
-            ClientContext::of("bench"),
-            JobSpec {
-                config: config.clone(),
-                params: BTreeMap::new(),
-                agent: None,
-            },
-            SessionOptions::default(),
-            now,
-        );
-        let err = |e: crate::store::StoreError| BenchError::Store(e.to_string());
-        store
-            .session_insert(SessionInsert {
-                session,
-                single_agent: None,
-            })
-            .await
-            .map_err(err)?;
-        let claimed = store
-            .session_claim(SessionClaim {
-                owner: "bench".into(),
-                limit: 1,
-                lease: LEASE,
-                now,
-            })
-            .await
-            .map_err(err)?;
-        let Some(s) = claimed.into_iter().next() else {
-            return Err(BenchError::Store(
-                "the bench session was not claimed".into(),
-            ));
-        };
-        Ok(StoreRun {
-            store,
-            attempt: AttemptRef {
-                id,
-                attempt: s.attempt,
-                owner: "bench".into(),
-            },
-            _dir: dir,
-        })
-    }
-}
-
-/// Longer than any bench: nothing renews it.
-const LEASE: Duration = Duration::from_secs(86400);
 
 impl CountingSink {
-    fn new(target: Target) -> CountingSink {
-        CountingSink {
-            pages: AtomicU64::new(0),
-            records: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            commits: AtomicU64::new(0),
-            target,
-        }
-    }
-
-    fn state(&self) -> Arc<dyn CrawlState> {
-        match &self.target {
-            Target::Memory(m) => m.clone(),
-            Target::Store(r) => {
-                Arc::new(StoreCrawlState::new(r.store.clone(), r.attempt.id.clone()))
-            }
-        }
-    }
-
-    async fn add(&self, b: CheckpointBatch, last: bool) -> Result<(), BenchError> {
+    fn add(&self, b: &CheckpointBatch) {
         self.pages.fetch_add(b.pages, Ordering::Relaxed);
         self.records
             .fetch_add(b.records.len() as u64, Ordering::Relaxed);
         self.errors
             .fetch_add(b.usage.http_errors, Ordering::Relaxed);
         self.commits.fetch_add(1, Ordering::Relaxed);
-        match &self.target {
-            Target::Memory(m) => {
-                m.apply(&b);
-                Ok(())
-            }
-            Target::Store(r) => {
-                let now = Timestamp::now();
-                let applied = if last {
-                    r.store
-                        .session_finish_if_running(SessionFinish {
-                            attempt: r.attempt.clone(),
-                            status: SessionStatus::Completed,
-                            error: None,
-                            batch: b,
-                            cleanup_at: now.add(LEASE),
-                            now,
-                        })
-                        .await
-                } else {
-                    r.store
-                        .checkpoint_commit_if_running(CheckpointCommit {
-                            attempt: r.attempt.clone(),
-                            batch: b,
-                            lease: LEASE,
-                            now,
-                        })
-                        .await
-                };
-                match applied {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(BenchError::Store("the bench lost its lease".into())),
-                    Err(e) => Err(BenchError::Store(e.to_string())),
-                }
-            }
-        }
+        self.state.apply(b);
     }
 }
 
 #[async_trait]
 impl CheckpointSink for CountingSink {
-    async fn commit(&self, batch: CheckpointBatch) -> Result<(), LeaseLost> {
-        self.add(batch, false).await.map_err(|e| {
-            tracing::error!(error = %e, "bench checkpoint failed");
-            LeaseLost
-        })
+    async fn commit(&self, batch: CheckpointBatch) -> Result<(), CommitError> {
+        self.add(&batch);
+        Ok(())
     }
 }
 
@@ -210,14 +77,10 @@ pub fn peak_rss_mb() -> Option<f64> {
 }
 
 /// Crawls a generated site of `products` product pages at `concurrency` requests in flight
-/// (per host too: the site is one host), keeping the crawl state in memory, and returns
-/// `{pages, records, seconds, pages_per_sec, records_per_sec, peak_rss_mb, ...}`.
-pub async fn crawl(products: usize, concurrency: usize) -> Result<serde_json::Value, BenchError> {
-    crawl_with(products, concurrency, false).await
-}
-
-/// [`crawl`], checkpointing into a real sled store in a temporary directory when `store` is set
-/// (`harvest bench crawl --store`): the engine's figure with durable checkpoints.
+/// (per host too: the site is one host) and returns `{pages, records, seconds, pages_per_sec,
+/// records_per_sec, peak_rss_mb, ...}`: in memory (the engine's figure), or with `store`
+/// through the runtime over a sled store in a temporary directory (`harvest bench crawl
+/// --store`: the figure with durable checkpoints).
 pub async fn crawl_with(
     products: usize,
     concurrency: usize,
@@ -325,45 +188,75 @@ pub async fn frontier(urls: usize, concurrency: usize) -> Result<serde_json::Val
 }
 
 async fn run(config: &serde_json::Value, store: bool) -> Result<serde_json::Value, BenchError> {
-    let cfg =
-        Arc::new(compile(config, &BTreeMap::new()).map_err(|e| BenchError::Config(e.to_string()))?);
-    let target = if store {
-        Target::Store(StoreRun::open(config).await?)
-    } else {
-        Target::Memory(Arc::new(MemoryCrawlState::new()))
-    };
-    let sink = Arc::new(CountingSink::new(target));
-    let job = ScrapeJob::new(EngineSettings::default());
     let started = Instant::now();
-    let outcome = job
-        .crawl(
-            cfg,
-            ResumeState::default(),
-            sink.state(),
-            sink.clone(),
+    let (pages, records, errors, commits) = if store {
+        // The runtime over a sled store in a temporary directory: a worker claims the session
+        // and commits every checkpoint under its lease, as `harvest serve` does.
+        let commits = Arc::new(AtomicU64::new(0));
+        let counted = commits.clone();
+        let progress = Progress::Callback(Arc::new(move |_p| {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }));
+        let summary = run_local(
+            config,
+            &BTreeMap::new(),
+            EngineSettings::default(),
+            Box::new(std::io::sink()),
+            progress,
             StopSignal::new(),
         )
-        .await;
-    match outcome {
-        JobOutcome::Completed(b) => sink.add(b, true).await?,
-        JobOutcome::Stopped(_) => return Err(BenchError::Crawl("stopped".into())),
-        JobOutcome::Failed { error, .. } => return Err(BenchError::Crawl(error.message)),
-    }
+        .await
+        .map_err(|e| BenchError::Crawl(e.to_string()))?;
+        if !summary.is_completed() {
+            return Err(BenchError::Crawl(summary.to_string()));
+        }
+        (
+            summary.pages,
+            summary.records,
+            summary.usage.http_errors,
+            commits.load(Ordering::Relaxed),
+        )
+    } else {
+        let cfg = Arc::new(
+            compile(config, &BTreeMap::new()).map_err(|e| BenchError::Config(e.to_string()))?,
+        );
+        let state = Arc::new(MemoryCrawlState::new());
+        let sink = Arc::new(CountingSink {
+            pages: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            state: state.clone(),
+        });
+        let job = ScrapeJob::new(EngineSettings::default());
+        let outcome = job
+            .crawl(
+                cfg,
+                ResumeState::default(),
+                state,
+                sink.clone(),
+                StopSignal::new(),
+            )
+            .await;
+        match outcome {
+            JobOutcome::Completed(b) => sink.add(&b),
+            JobOutcome::Stopped(_) => return Err(BenchError::Crawl("stopped".into())),
+            JobOutcome::Failed { error, .. } => return Err(BenchError::Crawl(error.message)),
+        }
+        (
+            sink.pages.load(Ordering::Relaxed),
+            sink.records.load(Ordering::Relaxed),
+            sink.errors.load(Ordering::Relaxed),
+            sink.commits.load(Ordering::Relaxed),
+        )
+    };
     let seconds = started.elapsed().as_secs_f64();
-    if let Target::Store(r) = &sink.target {
-        r.store
-            .close()
-            .await
-            .map_err(|e| BenchError::Store(e.to_string()))?;
-    }
-    let pages = sink.pages.load(Ordering::Relaxed);
-    let records = sink.records.load(Ordering::Relaxed);
     Ok(serde_json::json!({
         "store": if store { "sled" } else { "memory" },
         "pages": pages,
         "records": records,
-        "http_errors": sink.errors.load(Ordering::Relaxed),
-        "checkpoints": sink.commits.load(Ordering::Relaxed),
+        "http_errors": errors,
+        "checkpoints": commits,
         "seconds": seconds,
         "pages_per_sec": pages as f64 / seconds.max(1e-9),
         "records_per_sec": records as f64 / seconds.max(1e-9),

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::config::Config;
-use crate::event::EventKind;
-use crate::job::NoopJob;
-use crate::service::{Harvest, SubmitRequest};
-use crate::session::SessionId;
+use harvest::config::Config;
+use harvest::event::EventKind;
+use harvest::job::NoopJob;
+use harvest::service::{Harvest, SubmitRequest};
+use harvest::session::SessionId;
 
 /// Flags of `harvest bench queue`.
 #[derive(Debug, Clone, clap::Args)]
@@ -225,7 +225,7 @@ async fn open(backend: &Backend<'_>, workers: usize) -> anyhow::Result<(Harvest,
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let schema = format!("harvest_bench_{}_{nanos}", std::process::id());
-        cfg.store = crate::config::StoreKind::Postgres;
+        cfg.store = harvest::config::StoreKind::Postgres;
         cfg.database_url = Some(url.to_string());
         cfg.database_schema = schema.clone();
         place.schema = Some((url.to_string(), schema));

@@ -1,10 +1,15 @@
-//! The HTTP client commands: `submit`, `status`, `cancel`, `close`, `sessions`, `records`, `log`,
-//! `agents`.
+//! The HTTP client commands: `submit`, `status`, `wait`, `cancel`, `close`, `sessions`,
+//! `records`, `log`, `agents`.
 //!
 //! They talk to a running `harvest serve` at `--server` (env `HARVEST_SERVER`, default
 //! `http://127.0.0.1:8080`) with `--token` (env `HARVEST_TOKEN`) as the bearer token. Output is
 //! the server's JSON (pretty), except `records` (the body as the server streams it), `log` (one
 //! line per log line) and `sessions` (one line per session). Errors show the server's message.
+//!
+//! Exit codes ([`ExitCode`]): 0 when the command did what it says (for `--wait` and `wait`: the
+//! session COMPLETED), 1 for an error (bad input, server unreachable, an error answer), 2 for a
+//! command line clap refuses, 3 when the awaited session ended FAILED, 4 CANCELLED, 5 when the
+//! wait timed out with the session still active.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -16,20 +21,82 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-/// Where the server is and how to authenticate (global flags).
-#[derive(Debug, Clone, Args)]
+/// Where the server is and how to authenticate: flags of every client command (also accepted
+/// before the command, as `harvest --server URL submit ...`).
+#[derive(Debug, Clone, Default, Args)]
 pub struct ServerArgs {
-    /// Base URL of the harvest server.
-    #[arg(
-        long,
-        env = "HARVEST_SERVER",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
-    pub server: String,
-    /// Bearer token (when the server has [[clients]]).
-    #[arg(long, env = "HARVEST_TOKEN", global = true, hide_env_values = true)]
+    /// Base URL of the harvest server [env: HARVEST_SERVER] [default: http://127.0.0.1:8080].
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Bearer token, when the server has [[clients]] [env: HARVEST_TOKEN].
+    #[arg(long)]
     pub token: Option<String>,
+}
+
+impl ServerArgs {
+    /// These flags, else `outer`'s (given before the command), else the environment, else the
+    /// default.
+    fn resolve(&self, outer: &ServerArgs) -> (String, Option<String>) {
+        let server = self
+            .server
+            .clone()
+            .or_else(|| outer.server.clone())
+            .or_else(|| {
+                std::env::var("HARVEST_SERVER")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
+            .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+        let token = self
+            .token
+            .clone()
+            .or_else(|| outer.token.clone())
+            .or_else(|| std::env::var("HARVEST_TOKEN").ok())
+            .filter(|t| !t.is_empty());
+        (server, token)
+    }
+}
+
+/// How a client command ends, as the process's exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    /// The awaited session ended FAILED.
+    Failed = 3,
+    /// The awaited session ended CANCELLED.
+    Cancelled = 4,
+    /// The wait timed out; the session is still active.
+    Timeout = 5,
+}
+
+/// An error that ends the process with a given [`ExitCode`] (carried through `anyhow`).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    /// The code.
+    pub code: ExitCode,
+    /// What to print.
+    pub message: String,
+}
+
+/// A session id argument (and the server flags).
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    /// Session id.
+    pub id: String,
+    #[command(flatten)]
+    remote: ServerArgs,
+}
+
+/// `harvest wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Session id.
+    pub id: String,
+    /// Give up after this many seconds (exit 5; the session keeps running).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    #[command(flatten)]
+    remote: ServerArgs,
 }
 
 /// Client subcommands.
@@ -38,35 +105,43 @@ pub enum ClientCommand {
     /// Submit a session: CONFIG is a scraper config file (TOML or JSON).
     Submit(SubmitArgs),
     /// Show a session.
-    Status {
-        /// Session id.
-        id: String,
-    },
+    Status(IdArgs),
+    /// Wait until a session ends, with a progress bar on stderr; exit 0 when it COMPLETED,
+    /// 3 FAILED, 4 CANCELLED, 5 when --timeout passed first.
+    Wait(WaitArgs),
     /// Cancel a session (idempotent).
-    Cancel {
-        /// Session id.
-        id: String,
-    },
+    Cancel(IdArgs),
     /// Close a session: remove it and its data now.
-    Close {
-        /// Session id.
-        id: String,
-    },
+    Close(IdArgs),
     /// List sessions, newest first.
     Sessions(SessionsArgs),
     /// Print a session's records.
     Records(RecordsArgs),
     /// Print a session's log.
-    Log {
-        /// Session id.
-        id: String,
-    },
+    Log(IdArgs),
     /// Saved agents: list, get, put, delete, run.
     Agents {
         /// What to do.
         #[command(subcommand)]
         cmd: AgentsCommand,
     },
+}
+
+impl ClientCommand {
+    /// The server flags given with the command.
+    fn remote(&self) -> &ServerArgs {
+        match self {
+            ClientCommand::Submit(a) => &a.remote,
+            ClientCommand::Status(a)
+            | ClientCommand::Cancel(a)
+            | ClientCommand::Close(a)
+            | ClientCommand::Log(a) => &a.remote,
+            ClientCommand::Wait(a) => &a.remote,
+            ClientCommand::Sessions(a) => &a.remote,
+            ClientCommand::Records(a) => &a.remote,
+            ClientCommand::Agents { cmd } => cmd.remote(),
+        }
+    }
 }
 
 /// `harvest agents ...`.
@@ -77,21 +152,37 @@ pub enum AgentsCommand {
         /// Print the server's JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: ServerArgs,
     },
     /// Show an agent.
-    Get {
-        /// Agent name.
-        name: String,
-    },
+    Get(NameArgs),
     /// Save (create or replace) an agent from a scraper config file.
     Put(AgentPutArgs),
     /// Delete an agent (its sessions stay until their own cleanup).
-    Delete {
-        /// Agent name.
-        name: String,
-    },
+    Delete(NameArgs),
     /// Start a run of an agent.
     Run(AgentRunArgs),
+}
+
+impl AgentsCommand {
+    fn remote(&self) -> &ServerArgs {
+        match self {
+            AgentsCommand::List { remote, .. } => remote,
+            AgentsCommand::Get(a) | AgentsCommand::Delete(a) => &a.remote,
+            AgentsCommand::Put(a) => &a.remote,
+            AgentsCommand::Run(a) => &a.remote,
+        }
+    }
+}
+
+/// An agent name argument (and the server flags).
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// Agent name.
+    pub name: String,
+    #[command(flatten)]
+    remote: ServerArgs,
 }
 
 /// `harvest agents put`.
@@ -113,6 +204,8 @@ pub struct AgentPutArgs {
     /// Default options as JSON, e.g. '{"max_duration_secs": 600}'.
     #[arg(long)]
     pub options: Option<String>,
+    #[command(flatten)]
+    remote: ServerArgs,
 }
 
 /// `harvest agents run`.
@@ -126,16 +219,18 @@ pub struct AgentRunArgs {
     /// A caller-chosen session id.
     #[arg(long)]
     pub session_id: Option<String>,
-    /// Options as JSON, replacing the agent's defaults.
+    /// Options as JSON, merged key by key over the agent's defaults.
     #[arg(long)]
     pub options: Option<String>,
-    /// Wait until the run ends, with a progress bar on stderr; exit non-zero unless it
-    /// COMPLETED.
+    /// Wait until the run ends, with a progress bar on stderr; exit 0 when it COMPLETED, 3
+    /// FAILED, 4 CANCELLED, 5 when --timeout passed first.
     #[arg(long)]
     pub wait: bool,
     /// With --wait: give up after this many seconds (the run keeps running).
     #[arg(long)]
     pub timeout: Option<u64>,
+    #[command(flatten)]
+    remote: ServerArgs,
 }
 
 /// `harvest submit`.
@@ -152,13 +247,23 @@ pub struct SubmitArgs {
     /// Options as JSON, e.g. '{"max_duration_secs": 600, "priority": 5}'.
     #[arg(long)]
     pub options: Option<String>,
-    /// Wait until the session ends, with a progress bar on stderr; exit non-zero unless it
-    /// COMPLETED.
+    /// The client id the session belongs to (the seed's ClientContext; with [[clients]] the
+    /// server takes it from the token).
+    #[arg(long = "client")]
+    pub client: Option<String>,
+    /// Client metadata, as key=value (repeatable); a value that parses as JSON (a number,
+    /// true/false, an object) is kept as JSON, anything else as a string.
+    #[arg(long = "meta", value_parser = parse_param)]
+    pub meta: Vec<(String, String)>,
+    /// Wait until the session ends, with a progress bar on stderr; exit 0 when it COMPLETED, 3
+    /// FAILED, 4 CANCELLED, 5 when --timeout passed first.
     #[arg(long)]
     pub wait: bool,
     /// With --wait: give up after this many seconds (the session keeps running).
     #[arg(long)]
     pub timeout: Option<u64>,
+    #[command(flatten)]
+    remote: ServerArgs,
 }
 
 /// `harvest sessions`.
@@ -179,6 +284,8 @@ pub struct SessionsArgs {
     /// Print the server's JSON instead of one line per session.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    remote: ServerArgs,
 }
 
 /// `harvest records`.
@@ -195,6 +302,8 @@ pub struct RecordsArgs {
     /// At most this many (1..=10000); default all.
     #[arg(long)]
     pub limit: Option<u64>,
+    #[command(flatten)]
+    remote: ServerArgs,
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -212,8 +321,8 @@ struct Client {
 }
 
 impl Client {
-    fn new(args: &ServerArgs) -> anyhow::Result<Client> {
-        let base = args.server.trim_end_matches('/').to_string();
+    fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let base = server.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("--server {base:?} must start with http:// or https://");
         }
@@ -221,11 +330,7 @@ impl Client {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .context("building the HTTP client")?;
-        Ok(Client {
-            http,
-            base,
-            token: args.token.clone().filter(|t| !t.is_empty()),
-        })
+        Ok(Client { http, base, token })
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -296,24 +401,32 @@ fn print_json(v: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a client command.
-pub async fn run(server: &ServerArgs, cmd: ClientCommand) -> anyhow::Result<()> {
-    let client = Client::new(server)?;
+/// Runs a client command; `outer` are the server flags given before the command.
+pub async fn run(outer: &ServerArgs, cmd: ClientCommand) -> anyhow::Result<()> {
+    let (server, token) = cmd.remote().resolve(outer);
+    let client = Client::new(&server, token)?;
     match cmd {
         ClientCommand::Submit(args) => submit(&client, args).await,
-        ClientCommand::Status { id } => {
+        ClientCommand::Wait(args) => {
+            let path = format!("/v1/sessions/{}", enc(&args.id));
+            let session = client
+                .json(client.request(reqwest::Method::GET, &path))
+                .await?;
+            wait_session(&client, session, args.timeout).await
+        }
+        ClientCommand::Status(IdArgs { id, .. }) => {
             let v = client
                 .json(client.request(reqwest::Method::GET, &format!("/v1/sessions/{}", enc(&id))))
                 .await?;
             print_json(&v)
         }
-        ClientCommand::Cancel { id } => {
+        ClientCommand::Cancel(IdArgs { id, .. }) => {
             let v = client
                 .post_json(&format!("/v1/sessions/{}/cancel", enc(&id)), &json!({}))
                 .await?;
             print_json(&v)
         }
-        ClientCommand::Close { id } => {
+        ClientCommand::Close(IdArgs { id, .. }) => {
             let v = client
                 .json(client.request(
                     reqwest::Method::DELETE,
@@ -324,7 +437,7 @@ pub async fn run(server: &ServerArgs, cmd: ClientCommand) -> anyhow::Result<()> 
         }
         ClientCommand::Sessions(args) => sessions(&client, args).await,
         ClientCommand::Records(args) => records(&client, args).await,
-        ClientCommand::Log { id } => {
+        ClientCommand::Log(IdArgs { id, .. }) => {
             let v = client
                 .json(client.request(
                     reqwest::Method::GET,
@@ -361,7 +474,7 @@ fn options_arg(o: Option<&str>) -> anyhow::Result<Option<Value>> {
 async fn agents(client: &Client, cmd: AgentsCommand) -> anyhow::Result<()> {
     let path = |name: &str| format!("/v1/agents/{}", enc(name));
     match cmd {
-        AgentsCommand::List { json } => {
+        AgentsCommand::List { json, .. } => {
             let v = client
                 .json(client.request(reqwest::Method::GET, "/v1/agents"))
                 .await?;
@@ -380,13 +493,13 @@ async fn agents(client: &Client, cmd: AgentsCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        AgentsCommand::Get { name } => {
+        AgentsCommand::Get(NameArgs { name, .. }) => {
             let v = client
                 .json(client.request(reqwest::Method::GET, &path(&name)))
                 .await?;
             print_json(&v)
         }
-        AgentsCommand::Delete { name } => {
+        AgentsCommand::Delete(NameArgs { name, .. }) => {
             let v = client
                 .json(client.request(reqwest::Method::DELETE, &path(&name)))
                 .await?;
@@ -441,26 +554,41 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<()> {
     if let Some(id) = &args.session_id {
         body["session_id"] = json!(id);
     }
-    if let Some(o) = &args.options {
-        let v: Value =
-            serde_json::from_str(o).context("--options must be a JSON object of options")?;
-        body["options"] = v;
+    if let Some(o) = options_arg(args.options.as_deref())? {
+        body["options"] = o;
+    }
+    if args.client.is_some() || !args.meta.is_empty() {
+        let metadata: serde_json::Map<String, Value> = args
+            .meta
+            .into_iter()
+            .map(|(k, v)| {
+                let value = match serde_json::from_str::<Value>(&v) {
+                    Ok(j) if !j.is_string() => j,
+                    _ => Value::String(v),
+                };
+                (k, value)
+            })
+            .collect();
+        body["client"] = json!({"client_id": args.client, "metadata": metadata});
     }
     let session = client.post_json("/v1/sessions", &body).await?;
     if !args.wait {
         return print_json(&session);
     }
+    eprintln!(
+        "submitted session {}",
+        session["id"].as_str().unwrap_or("?")
+    );
     wait_session(client, session, args.timeout).await
 }
 
 /// Polls a session until it ends (or `timeout` seconds pass), with a progress bar on stderr;
-/// prints it and fails unless it COMPLETED.
+/// prints it and fails unless it COMPLETED, with the [`ExitCode`] of how it ended.
 async fn wait_session(client: &Client, session: Value, timeout: Option<u64>) -> anyhow::Result<()> {
     let id = session["id"]
         .as_str()
         .ok_or_else(|| anyhow!("the server's answer has no session id"))?
         .to_string();
-    eprintln!("submitted session {id}");
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
@@ -483,7 +611,13 @@ async fn wait_session(client: &Client, session: Value, timeout: Option<u64>) -> 
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             bar.abandon();
-            bail!("session {id} is still {status} after --timeout; it keeps running on the server");
+            return Err(Exit {
+                code: ExitCode::Timeout,
+                message: format!(
+                    "session {id} is still {status} after --timeout; it keeps running on the server"
+                ),
+            }
+            .into());
         }
         // Polling every 500 ms is cheap for the server and quick enough for a person watching.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -501,7 +635,16 @@ async fn wait_session(client: &Client, session: Value, timeout: Option<u64>) -> 
                 ),
                 None => String::new(),
             };
-            bail!("session {id} ended {other}{why}")
+            let code = if other == "CANCELLED" {
+                ExitCode::Cancelled
+            } else {
+                ExitCode::Failed
+            };
+            Err(Exit {
+                code,
+                message: format!("session {id} ended {other}{why}"),
+            }
+            .into())
         }
         None => bail!("session {id}: the server's answer has no status"),
     }

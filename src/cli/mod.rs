@@ -9,31 +9,29 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
-use crate::service::Harvest;
+use harvest::config::Config;
+use harvest::service::Harvest;
 
 pub mod client;
 
 /// harvest: a durable queue of web-scraping sessions.
+///
+/// Exit codes: 0 done (for `run`, `wait` and `--wait`: the crawl or session COMPLETED); 1 an
+/// error; 2 a command line that does not parse; 3 the session or run FAILED; 4 it was
+/// CANCELLED; 5 a wait timed out with the session still active; 130 `run` stopped by Ctrl-C.
 #[derive(Debug, Parser)]
-#[command(name = "harvest", version, about)]
+#[command(name = "harvest", version, about, long_about = None, after_help = EXIT_CODES)]
 pub struct Cli {
-    /// The service configuration file (missing: built-in defaults, unless given explicitly).
-    #[arg(
-        long,
-        short = 'c',
-        env = "HARVEST_CONFIG",
-        default_value = "config.toml",
-        global = true
-    )]
-    pub config: PathBuf,
-    /// Server and token of the client commands.
+    /// Server and token of the client commands, accepted before the command too.
     #[command(flatten)]
     pub remote: client::ServerArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
+
+const EXIT_CODES: &str = "Exit codes: 0 done (for run, wait and --wait: COMPLETED), 1 error, \
+2 bad command line, 3 FAILED, 4 CANCELLED, 5 wait timed out, 130 run stopped by Ctrl-C.";
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
@@ -60,6 +58,14 @@ pub enum Command {
 /// Flags of `serve` and `worker`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// The service configuration file (missing: built-in defaults, unless given explicitly).
+    #[arg(
+        long,
+        short = 'c',
+        env = "HARVEST_CONFIG",
+        default_value = "config.toml"
+    )]
+    pub config: PathBuf,
     /// Listen address (overrides server.bind).
     #[arg(long)]
     pub bind: Option<std::net::SocketAddr>,
@@ -187,8 +193,8 @@ pub fn init_tracing(format: &str) {
 pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(&cli.config, args, true).await,
-        Command::Worker(args) => serve(&cli.config, args, false).await,
+        Command::Serve(args) => serve(args, true).await,
+        Command::Worker(args) => serve(args, false).await,
         Command::Bench { which } => match which {
             BenchCommand::Queue(args) => crate::bench::queue::main(args).await,
             BenchCommand::Crawl(args) => {
@@ -234,8 +240,8 @@ pub async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: &std::path::Path, args: ServeArgs, http: bool) -> anyhow::Result<()> {
-    let mut cfg = load_config(config)?;
+async fn serve(args: ServeArgs, http: bool) -> anyhow::Result<()> {
+    let mut cfg = load_config(&args.config)?;
     if let Some(b) = args.bind {
         cfg.server.bind = b;
     }
@@ -254,7 +260,7 @@ async fn serve(config: &std::path::Path, args: ServeArgs, http: bool) -> anyhow:
             cfg.server.bind
         );
     }
-    let metrics = crate::metrics::install(cfg.metrics.per_client_labels);
+    let metrics = harvest::metrics::install(cfg.metrics.per_client_labels);
     let grace = Duration::from_secs(cfg.workers.shutdown_grace_secs);
     let harvest = Harvest::open(cfg.clone())
         .await
@@ -274,7 +280,10 @@ async fn serve(config: &std::path::Path, args: ServeArgs, http: bool) -> anyhow:
             .await
             .with_context(|| format!("binding {bind}"))?;
         tracing::info!(addr = %listener.local_addr()?, "listening");
-        let app = crate::api::router(harvest.clone(), metrics.clone());
+        if http && bind == cfg.server.bind {
+            tracing::info!(url = %format!("http://{}/", listener.local_addr()?), "web console");
+        }
+        let app = harvest::api::router(harvest.clone(), metrics.clone());
         let mut rx = stop_rx.clone();
         servers.push(tokio::spawn(async move {
             axum::serve(listener, app)
@@ -328,39 +337,46 @@ async fn shutdown_signal() {
 async fn run_local(args: RunArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let config = crate::engine::parse_config_text(&text)
+    let config = harvest::engine::parse_config_text(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     let params = args.params.into_iter().collect();
-    let settings = crate::engine::EngineSettings {
-        guard: args.guard.then(|| crate::engine::NetGuard::new(Vec::new())),
+    let settings = harvest::engine::EngineSettings {
+        guard: args
+            .guard
+            .then(|| harvest::engine::NetGuard::new(Vec::new())),
         ..Default::default()
     };
-    let stop = crate::job::StopSignal::new();
+    let stop = harvest::job::StopSignal::new();
     let on_ctrl_c = stop.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
             eprintln!("harvest run: stopping after the pages in flight (Ctrl-C again to abort)");
-            on_ctrl_c.stop(crate::job::StopReason::Cancelled);
+            on_ctrl_c.stop(harvest::job::StopReason::Cancelled);
             let _ = tokio::signal::ctrl_c().await;
             std::process::exit(130);
         }
     });
     let out = Box::new(std::io::stdout());
-    let progress = crate::engine::Progress::Stderr;
+    let progress = harvest::local::Progress::Stderr;
     let summary = match &args.resume {
         Some(dir) => {
-            crate::engine::run_local_resumable(&config, &params, settings, out, progress, stop, dir)
-                .await
+            harvest::local::run_local_resumable(
+                &config, &params, settings, out, progress, stop, dir,
+            )
+            .await
         }
-        None => crate::engine::run_local(&config, &params, settings, out, progress, stop).await,
+        None => harvest::local::run_local(&config, &params, settings, out, progress, stop).await,
     }
     .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     eprintln!("{summary}");
-    if summary.status == "completed" || summary.status == "already completed" {
-        Ok(())
-    } else {
-        anyhow::bail!("the crawl did not complete")
-    }
+    let code = match summary.status {
+        _ if summary.is_completed() => return Ok(()),
+        "stopped" => 130,
+        "cancelled" => client::ExitCode::Cancelled as i32,
+        _ => client::ExitCode::Failed as i32,
+    };
+    // The summary said why; the code says how it ended (see `harvest --help`).
+    std::process::exit(code)
 }
 
 async fn testsite(args: TestsiteArgs) -> anyhow::Result<()> {

@@ -1,4 +1,4 @@
-//! The scraper config language (DESIGN §4): one serde schema read from TOML or JSON, `{{var}}`
+//! The scraper config language: one serde schema read from TOML or JSON, `{{var}}`
 //! substitution, and validation that compiles every selector and regex once per session.
 //!
 //! Configs travel as JSON (a TOML text submitted by a user is converted first, see

@@ -49,7 +49,7 @@ use super::config::CompiledConfig;
 use super::extract::{decode, extract_page};
 use super::fetch::{Fetcher, PageError};
 use crate::job::{
-    CheckpointSink, CrawlState, JobOutcome, LeaseLost, Retry, StopReason, StopSignal,
+    CheckpointSink, CommitError, CrawlState, JobOutcome, Retry, StopReason, StopSignal,
 };
 use crate::session::{FrontierEntry, LogLine, SessionError, Timestamp, TokenUsage};
 use crate::store::{CheckpointBatch, FRONTIER_PAGE_MAX, FrontierDone, ResumeState};
@@ -133,6 +133,13 @@ async fn process(
     };
     match fetcher.fetch(&url, &stop, &mut out.usage).await {
         Ok(f) => {
+            if let Some((n, last)) = &f.retried {
+                let retries = if *n == 1 { "retry" } else { "retries" };
+                out.log.push((
+                    "info",
+                    format!("{url}: fetched after {n} {retries} (last failure: {last})"),
+                ));
+            }
             let (text, had_errors) = decode(&f.body, f.content_type.as_deref());
             if had_errors {
                 out.log.push((
@@ -421,7 +428,7 @@ impl Crawl {
 /// What woke the crawl loop.
 enum Event {
     Stop,
-    Committed(Result<(), LeaseLost>),
+    Committed(Result<(), CommitError>),
     Page(Result<PageOutcome, tokio::task::JoinError>),
     Tick,
 }
@@ -431,7 +438,7 @@ enum Event {
 /// and in order, so a URL's records still commit with or before its `frontier_done`.
 struct Pipeline {
     sink: Arc<dyn CheckpointSink>,
-    in_flight: Option<tokio::task::JoinHandle<Result<(), LeaseLost>>>,
+    in_flight: Option<tokio::task::JoinHandle<Result<(), CommitError>>>,
 }
 
 impl Pipeline {
@@ -454,18 +461,18 @@ impl Pipeline {
     }
 
     /// Resolves when the commit in flight is done (never, when none is).
-    async fn done(&mut self) -> Result<(), LeaseLost> {
+    async fn done(&mut self) -> Result<(), CommitError> {
         let Some(handle) = self.in_flight.as_mut() else {
             return std::future::pending().await;
         };
         let res = handle.await;
         self.in_flight = None;
         // A commit task that panicked committed nothing we can count on: stop the attempt.
-        res.unwrap_or(Err(LeaseLost))
+        res.unwrap_or_else(|_| Err(CommitError::Abandoned("the commit task panicked".into())))
     }
 
     /// Waits for the commit in flight, if any.
-    async fn finish(&mut self) -> Result<(), LeaseLost> {
+    async fn finish(&mut self) -> Result<(), CommitError> {
         if self.busy() {
             self.done().await
         } else {
@@ -474,7 +481,7 @@ impl Pipeline {
     }
 
     /// Waits for the commit in flight, then commits `batch` (if not empty) and waits for it too.
-    async fn commit_now(&mut self, batch: CheckpointBatch) -> Result<(), LeaseLost> {
+    async fn commit_now(&mut self, batch: CheckpointBatch) -> Result<(), CommitError> {
         self.finish().await?;
         if batch.is_empty() {
             return Ok(());
@@ -627,7 +634,7 @@ pub async fn crawl(
         match event {
             Event::Stop => {
                 stopping = true;
-                if stop.reason() == Some(StopReason::LeaseLost) {
+                if stop.reason().is_some_and(StopReason::writes_nothing) {
                     commits.finish().await.ok();
                     return lease_lost(in_flight);
                 }

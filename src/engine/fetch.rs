@@ -98,6 +98,8 @@ pub struct Fetched {
     pub body: Vec<u8>,
     /// The Content-Type header, if any.
     pub content_type: Option<String>,
+    /// Retries it took, with why the last failed attempt failed (for the session's log).
+    pub retried: Option<(u32, String)>,
     /// The status code.
     pub status: u16,
     /// The response headers, in order (values that are not text are left out).
@@ -257,6 +259,7 @@ impl Fetcher {
             .await
             .map_err(|_| PageError::Stopped)?;
         let mut attempt = 0u32;
+        let mut last_error: Option<String> = None;
         // Bounded: `attempt` grows every iteration and `retries` is at most 10.
         loop {
             self.politeness_wait(&host).await;
@@ -264,7 +267,10 @@ impl Fetcher {
                 .attempt(url, usage, self.http.max_body_bytes, &Spec::get(Mode::Page))
                 .await;
             let (wait, err) = match result {
-                Ok(f) => return Ok(f),
+                Ok(mut f) => {
+                    f.retried = last_error.map(|e| (attempt, e));
+                    return Ok(f);
+                }
                 Err(Attempt::Final(e)) => return Err(e),
                 Err(Attempt::Retry(wait, e)) => (wait, e),
             };
@@ -277,6 +283,7 @@ impl Fetcher {
             let wait = wait.map(|w| w.min(RETRY_AFTER_CAP)).unwrap_or(backoff);
             attempt += 1;
             usage.retries += 1;
+            last_error = Some(err.to_string());
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.stopped() => return Err(PageError::Stopped),
@@ -430,6 +437,7 @@ impl Fetcher {
             content_type,
             status: status.as_u16(),
             headers,
+            retried: None,
         })
     }
 

@@ -75,7 +75,7 @@ impl CrawlState for MemoryCrawlState {
         limit: usize,
     ) -> Result<Vec<FrontierItem>, CrawlStateError> {
         if limit == 0 || limit > FRONTIER_PAGE_MAX {
-            return Err(CrawlStateError(format!(
+            return Err(CrawlStateError::Invalid(format!(
                 "frontier page limit {limit} is out of range 1..={FRONTIER_PAGE_MAX}"
             )));
         }

@@ -18,7 +18,7 @@ pub fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
     let mut out = Vec::with_capacity(128);
     out.push(SCHEMA_VERSION as u8);
     bincode::serde::encode_into_std_write(value, &mut out, config())
-        .map_err(|e| StoreError::Backend(format!("encoding a stored value: {e}")))?;
+        .map_err(|source| StoreError::Encode { source })?;
     Ok(out)
 }
 

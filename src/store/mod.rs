@@ -3,8 +3,14 @@
 //! The [`Store`] trait is shaped like a driver (River's `riverdriver`): one method per
 //! operation, named noun-verb, each taking a params struct, with the current time passed in and
 //! never read inside. Every state transition is a compare-and-set that names its precondition
-//! (`..._if_running`, `..._if_pending`) and says whether it applied: a worker whose lease was
-//! taken over learns it from a `false`, never by overwriting a newer attempt.
+//! (`..._if_running`, `..._if_pending`) and returns the session as it now is, or `None` when the
+//! precondition did not hold: a worker whose lease was taken over learns it from a `None`, never
+//! by overwriting a newer attempt.
+//!
+//! The stores decide nothing about a session's next state: every transition applies the
+//! function of `session`'s state machine that names it ([`Session::claimed`],
+//! [`Session::finished`], [`Session::requeued`], [`Session::reclaimed`], [`Session::cancel`],
+//! ...), so both backends agree field for field (the conformance suite checks it).
 //!
 //! Two backends implement it and pass one conformance suite: `sled` (embedded, one process per
 //! data directory) and `postgres` (many processes on many hosts). Nothing outside this module
@@ -22,46 +28,15 @@ use crate::session::{
 };
 
 pub mod codec;
+mod error;
 pub mod postgres;
 pub mod sled;
+
+pub use error::StoreError;
 
 /// Version of the stored format this build writes. A store written with a higher version is
 /// refused with [`StoreError::NewerVersion`] instead of being misread.
 pub const SCHEMA_VERSION: u32 = 1;
-
-/// Errors of the storage layer.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// `session_insert` with an id that exists.
-    #[error("session {0} already exists; session ids are never reused")]
-    Duplicate(SessionId),
-    /// A value could not be decoded.
-    #[error("stored value at {key} is corrupt: {reason}")]
-    Corrupt {
-        /// The key (or table and id) of the value.
-        key: String,
-        /// What was wrong.
-        reason: String,
-    },
-    /// The store, or one value in it, was written by a newer harvest.
-    #[error(
-        "{what} has schema version {found}, but this harvest understands up to {supported}; upgrade harvest"
-    )]
-    NewerVersion {
-        /// The store, or the key of the value.
-        what: String,
-        /// The version found.
-        found: u32,
-        /// [`SCHEMA_VERSION`].
-        supported: u32,
-    },
-    /// The backend failed (I/O, connection, SQL).
-    #[error("storage backend: {0}")]
-    Backend(String),
-    /// A parameter was out of range (e.g. a limit of 0).
-    #[error("invalid store request: {0}")]
-    Invalid(String),
-}
 
 /// Result of every store call.
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -188,6 +163,16 @@ pub struct CheckpointBatch {
 }
 
 impl CheckpointBatch {
+    /// What committing it adds to its session's counters.
+    pub fn progress(&self) -> crate::session::Progress {
+        crate::session::Progress {
+            records: self.records.len() as u64,
+            pages: self.pages,
+            usage: self.usage,
+            nonempty: !self.is_empty(),
+        }
+    }
+
     /// Nothing to write.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
@@ -253,8 +238,9 @@ pub struct SessionFinish {
     pub error: Option<SessionError>,
     /// The last checkpoint.
     pub batch: CheckpointBatch,
-    /// When the session is removed (now + session_timeout).
-    pub cleanup_at: Timestamp,
+    /// The session is removed this long after `now`, unless it has its own
+    /// `session_timeout_secs`.
+    pub cleanup_after: Duration,
     /// Now.
     pub now: Timestamp,
 }
@@ -270,26 +256,14 @@ pub struct SessionRequeue {
     pub run_at: Timestamp,
     /// The error that caused it, if any.
     pub error: Option<SessionError>,
-    /// When the session is removed, if the requeue ends it FAILED.
-    pub cleanup_at: Timestamp,
+    /// If the requeue ends it (FAILED, CANCELLED), it is removed this long after `now`, unless
+    /// it has its own `session_timeout_secs`.
+    pub cleanup_after: Duration,
     /// Now.
     pub now: Timestamp,
 }
 
-/// What a requeue or reclaim did to one session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RequeueOutcome {
-    /// Back to PENDING.
-    Requeued,
-    /// Attempts exhausted: now FAILED.
-    Failed,
-    /// A client had asked to cancel the session while it ran: now CANCELLED instead of being run
-    /// again (reclaim only).
-    Cancelled,
-    /// The precondition did not hold (not running with that attempt and owner, or lease not
-    /// expired): nothing changed.
-    NotApplied,
-}
+pub use crate::session::RequeueOutcome;
 
 /// Reclaim RUNNING sessions whose lease expired before `expired_before`. An attempt that
 /// committed no progress counts against `max_attempts`; one that did is free. A session whose
@@ -311,14 +285,16 @@ pub struct LeaseReclaim {
 }
 
 /// One reclaimed session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Reclaimed {
     /// Which.
     pub id: SessionId,
     /// The attempt that was reclaimed.
     pub attempt: u32,
-    /// Requeued or Failed.
+    /// Requeued, Failed or Cancelled.
     pub outcome: RequeueOutcome,
+    /// The session after the reclaim.
+    pub session: Box<Session>,
 }
 
 /// Cancel a session.
@@ -488,8 +464,15 @@ pub enum AgentSessions {
 /// The storage driver. See the module docs for the rules every method follows.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Backend name (`sled`, `postgres`).
+    /// Backend name (`sled`, `postgres`), for logs and metrics; never for decisions.
     fn backend(&self) -> &'static str;
+
+    /// Whether this process is the store's only user (sled locks its directory): every
+    /// RUNNING session found at open then belongs to a dead process and is taken back at once.
+    /// Shared backends say `false` and leave that to lease expiry.
+    fn exclusive(&self) -> bool {
+        false
+    }
 
     /// Insert a new PENDING session (durable on return). A duplicate id is
     /// [`StoreError::Duplicate`], never an overwrite.
@@ -510,15 +493,22 @@ pub trait Store: Send + Sync + 'static {
         p: SessionHeartbeat,
     ) -> StoreResult<HeartbeatOutcome>;
 
-    /// Commit a checkpoint if RUNNING with this attempt and owner. `false`: not applied.
-    async fn checkpoint_commit_if_running(&self, p: CheckpointCommit) -> StoreResult<bool>;
+    /// Commit a checkpoint if RUNNING with this attempt and owner ([`Session::checkpointed`]);
+    /// the session after it, `None` when not applied.
+    async fn checkpoint_commit_if_running(
+        &self,
+        p: CheckpointCommit,
+    ) -> StoreResult<Option<Session>>;
 
-    /// Commit the last checkpoint and a terminal status if RUNNING with this attempt and owner.
-    async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<bool>;
+    /// Commit the last checkpoint and a terminal status if RUNNING with this attempt and owner
+    /// ([`Session::finished`]); the session after it, `None` when not applied.
+    async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<Option<Session>>;
 
     /// Back to PENDING if RUNNING with this attempt and owner; FAILED instead when attempts are
-    /// exhausted, CANCELLED when a client asked to cancel meanwhile.
-    async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<RequeueOutcome>;
+    /// exhausted, CANCELLED when a client asked to cancel meanwhile ([`Session::requeued`]).
+    /// The session after it ([`RequeueOutcome::of`] its status says which), `None` when not
+    /// applied.
+    async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<Option<Session>>;
 
     /// Reclaim sessions whose lease expired (see [`LeaseReclaim`]).
     async fn leases_reclaim(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>>;

@@ -107,8 +107,9 @@ pub enum HostError {
     /// The session was stopped.
     #[error("stopped")]
     Stopped,
-    /// The lease was lost: stop, write nothing else.
-    #[error("the lease on this session was lost")]
+    /// Progress could not be committed (the lease was lost, or the attempt abandoned): stop,
+    /// write nothing else.
+    #[error("the session's progress could not be committed; another attempt owns it")]
     LeaseLost,
 }
 

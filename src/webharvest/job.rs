@@ -16,7 +16,7 @@ use super::run::{RunErrorKind, RunOutput, run_program};
 use super::{Limits, parse};
 use crate::engine::NetGuard;
 use crate::engine::config::HttpSettings;
-use crate::job::{Job, JobContext, JobOutcome, Retry};
+use crate::job::{ConfigRejected, Job, JobContext, JobOutcome, Retry};
 use crate::session::{Session, SessionError};
 use crate::store::CheckpointBatch;
 
@@ -170,13 +170,12 @@ impl Job for WebHarvestJob {
         &self,
         config: &serde_json::Value,
         _params: &BTreeMap<String, String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ConfigRejected> {
         let xml = config
             .as_str()
-            .ok_or("a Web-Harvest config is a string of XML")?;
-        parse(xml)
-            .map(|_| ())
-            .map_err(|e| format!("Web-Harvest config: {e}"))
+            .ok_or_else(|| ConfigRejected::new("a Web-Harvest config is a string of XML"))?;
+        // The parse error (line, column, message) is kept as the rejection's source.
+        parse(xml).map(|_| ()).map_err(ConfigRejected::new)
     }
 
     async fn run(&self, ctx: JobContext) -> JobOutcome {

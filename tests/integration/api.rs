@@ -1,4 +1,4 @@
-//! The HTTP API over real HTTP: every route of DESIGN §6 (agents aside), its status codes and its
+//! The HTTP API over real HTTP: every route of the README's API table (agents aside), its status codes and its
 //! errors, in the `{"error": {"code", "message"}}` shape.
 
 use std::collections::BTreeSet;
@@ -191,7 +191,7 @@ async fn bad_bodies_are_answered_in_the_error_shape() {
     r.assert_error(413, "payload_too_large");
     // Unknown route and wrong method.
     s.get("/v1/nothing").await.assert_error(404, "not_found");
-    s.get("/").await.assert_error(404, "not_found");
+    s.get("/nothing").await.assert_error(404, "not_found");
     s.call(Method::PUT, "/v1/sessions", None, None)
         .await
         .assert_error(405, "method_not_allowed");

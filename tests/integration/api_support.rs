@@ -33,11 +33,17 @@ pub fn record(i: u64) -> Value {
 
 #[async_trait]
 impl Job for TestJob {
-    fn validate(&self, config: &Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        config: &Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         match config.get("name") {
             Some(Value::String(_)) => Ok(()),
-            Some(_) => Err("name: must be a string".into()),
-            None => Err("name: missing; every config needs a name".into()),
+            Some(_) => Err(harvest::job::ConfigRejected::new("name: must be a string")),
+            None => Err(harvest::job::ConfigRejected::new(
+                "name: missing; every config needs a name",
+            )),
         }
     }
 

@@ -14,14 +14,14 @@ use crate::proc::Server;
 /// Products on the fixture site; each session's crawl yields one record per product.
 const PRODUCTS: usize = 30;
 
-async fn shop() -> harvest::sitegen::Site {
-    let opts = harvest::sitegen::SiteOptions {
+async fn shop() -> crate::sitegen::Site {
+    let opts = crate::sitegen::SiteOptions {
         products: PRODUCTS,
         per_list: 10,
         specials: false,
         tree: 0,
     };
-    harvest::sitegen::serve(opts).await.expect("fixture site")
+    crate::sitegen::serve(opts).await.expect("fixture site")
 }
 
 fn config(base: &str) -> String {

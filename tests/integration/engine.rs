@@ -4,16 +4,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::sitegen::{Site, SiteOptions, paths, serve};
 use async_trait::async_trait;
 use harvest::engine::{
-    BatchPolicy, EngineSettings, MemoryCrawlState, NetGuard, Progress, ScrapeJob, compile,
-    parse_config_text, run_local, run_local_resumable,
+    BatchPolicy, EngineSettings, MemoryCrawlState, NetGuard, ScrapeJob, compile, parse_config_text,
 };
 use harvest::job::{
-    CheckpointSink, Job, JobContext, JobOutcome, LeaseLost, StopReason, StopSignal,
+    CheckpointSink, CommitError, Job, JobContext, JobOutcome, StopReason, StopSignal,
 };
+use harvest::local::{Progress, run_local, run_local_resumable};
 use harvest::session::{ClientContext, JobSpec, Session, SessionId, SessionStatus, Timestamp};
-use harvest::sitegen::{Site, SiteOptions, paths, serve};
 use harvest::store::{CheckpointBatch, ResumeState};
 use serde_json::{Value, json};
 
@@ -32,10 +32,10 @@ struct MemorySink {
 
 #[async_trait]
 impl CheckpointSink for MemorySink {
-    async fn commit(&self, batch: CheckpointBatch) -> Result<(), LeaseLost> {
+    async fn commit(&self, batch: CheckpointBatch) -> Result<(), CommitError> {
         let mut b = self.batches.lock().unwrap();
         if self.lose_lease && self.trip_after.is_some_and(|n| b.len() >= n) {
-            return Err(LeaseLost);
+            return Err(CommitError::LeaseLost);
         }
         self.state.apply(&batch);
         b.push(batch);
@@ -49,7 +49,7 @@ impl CheckpointSink for MemorySink {
 }
 
 fn catalog(site: &Site) -> Value {
-    let mut cfg = parse_config_text(CATALOG).expect("the DESIGN example parses");
+    let mut cfg = parse_config_text(CATALOG).expect("examples/catalog.toml parses");
     cfg["start_urls"] = json!([site.url("/index.html")]);
     cfg
 }
@@ -226,6 +226,15 @@ async fn flaky_page_is_retried_after_retry_after() {
         "Retry-After: 1 not honoured"
     );
     assert!(r.usage().retries >= 1);
+    // The README says the log shows retries: a page that succeeded after one says so.
+    assert!(
+        r.log().iter().any(|(level, m)| level == "info"
+            && m.contains(paths::FLAKY)
+            && m.contains("fetched after 1 retry")
+            && m.contains("503")),
+        "{:?}",
+        r.log()
+    );
     let recs = by_sku(&r.records());
     assert_eq!(recs.get("FLAKY").map(Vec::len), Some(1));
     assert_eq!(recs["FLAKY"][0]["price"], json!(1.25));
@@ -468,7 +477,7 @@ async fn over_sled(
     progress: Progress,
     stop: StopSignal,
     dir: &std::path::Path,
-) -> Result<harvest::engine::RunSummary, harvest::engine::EngineError> {
+) -> Result<harvest::local::RunSummary, harvest::local::RunError> {
     let out = Box::new(buf.clone());
     run_local_resumable(
         cfg,

@@ -10,9 +10,7 @@ async fn bench_crawl_10k_products_at_64() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let r = harvest::bench::crawl::crawl(products, 64)
-        .await
-        .expect("bench runs");
+    let r = bench(&["crawl", "--products", &products.to_string(), "--json"]).await;
     println!("{r}");
     assert_eq!(r["records"], serde_json::json!(products));
 }
@@ -24,26 +22,7 @@ async fn bench_crawl_10k_products_at_64() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frontier_100k_urls_each_fetched_once_in_bounded_memory() {
     let urls = 100_000;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_harvest"))
-        .args(["bench", "frontier", "--urls", &urls.to_string(), "--json"])
-        .env_remove("HARVEST_CONFIG")
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(std::time::Duration::from_secs(300), out)
-        .await
-        .expect("harvest bench frontier finished within 300 s")
-        .expect("harvest bench frontier ran");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no JSON result in: {stdout}"));
+    let r = bench(&["frontier", "--urls", &urls.to_string(), "--json"]).await;
     println!("{r}");
     check_frontier(&r, urls);
 }
@@ -59,11 +38,35 @@ async fn bench_frontier_urls_in_bounded_memory() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let r = harvest::bench::crawl::frontier(urls, 64)
-        .await
-        .expect("bench runs");
+    let r = bench(&["frontier", "--urls", &urls.to_string(), "--json"]).await;
     println!("{r}");
     check_frontier(&r, urls);
+}
+
+/// Runs `harvest bench ARGS` (the real binary, so that its peak RSS is the bench's alone) and
+/// returns its JSON result.
+async fn bench(args: &[&str]) -> serde_json::Value {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_harvest"))
+        .arg("bench")
+        .args(args)
+        .env_remove("HARVEST_CONFIG")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(600), out)
+        .await
+        .expect("harvest bench finished within 600 s")
+        .expect("harvest bench ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no JSON result in: {stdout}"))
 }
 
 fn check_frontier(r: &serde_json::Value, urls: usize) {

@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use harvest::Harvest;
-use harvest::agent::{AgentRun, AgentSpec};
 use harvest::clock::{Clock, ManualClock};
 use harvest::config::Config;
 use harvest::job::{Job, JobContext, JobOutcome};
-use harvest::scheduler::{self, MAX_DURATION_BACKSTOP};
+use harvest::runtime::MAX_DURATION_BACKSTOP;
 use harvest::service::SubmitRequest;
 use harvest::session::{
     ClientContext, FrontierEntry, LogLine, SessionId, SessionOptions, SessionStatus, Timestamp,
@@ -20,6 +19,7 @@ use harvest::session::{
 use harvest::store::{
     AttemptRef, CheckpointBatch, HeartbeatOutcome, SessionClaim, SessionHeartbeat, SessionList,
 };
+use harvest::{AgentRun, AgentSpec};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use tempfile::TempDir;
@@ -34,7 +34,11 @@ struct EveryKeyJob;
 
 #[async_trait]
 impl Job for EveryKeyJob {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         Ok(())
     }
     async fn run(&self, ctx: JobContext) -> JobOutcome {
@@ -182,7 +186,7 @@ async fn reclaim_racing_a_late_heartbeat_has_exactly_one_winner() {
                 })
                 .await
         });
-        let report = tokio::spawn(async move { scheduler::run_once(&h2).await });
+        let report = tokio::spawn(async move { h2.maintain_once().await });
         let hb = hb.await.expect("heartbeat task").expect("heartbeat");
         let report = report
             .await
@@ -203,11 +207,12 @@ async fn reclaim_racing_a_late_heartbeat_has_exactly_one_winner() {
                             status: SessionStatus::Completed,
                             error: None,
                             batch: CheckpointBatch::default(),
-                            cleanup_at: f.clock.now().add(Duration::from_secs(3600)),
+                            cleanup_after: Duration::from_secs(3600),
                             now: f.clock.now(),
                         })
                         .await
-                        .unwrap(),
+                        .unwrap()
+                        .is_some(),
                     "round {round}: the renewed worker still owns the session"
                 );
             }
@@ -257,12 +262,12 @@ async fn max_duration_ends_an_attempt_that_never_finishes() {
                 HeartbeatOutcome::Renewed { .. }
             ));
         }
-        let report = scheduler::run_once(&f.harvest).await.expect("maintenance");
+        let report = f.harvest.maintain_once().await.expect("maintenance");
         assert_eq!(report.overdue, 0, "ended early, at {elapsed:?}");
         assert_eq!(report.reclaimed, 0);
     }
     f.clock.advance(backstop - elapsed);
-    let report = scheduler::run_once(&f.harvest).await.expect("maintenance");
+    let report = f.harvest.maintain_once().await.expect("maintenance");
     assert_eq!(report.overdue, 1);
     let s = status(&f, "hung").await;
     assert_eq!(s.status, SessionStatus::Failed);
@@ -287,6 +292,61 @@ async fn max_duration_ends_an_attempt_that_never_finishes() {
         .expect("an event")
         .expect("event");
     assert_eq!((e.session_id.as_str(), e.kind.as_str()), ("hung", "failed"));
+}
+
+/// The overdue check used to read only the newest 1,000 RUNNING sessions, so with more running
+/// the oldest (the likeliest to be overdue) were never checked. It now walks them all, a page
+/// per tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overdue_check_reaches_every_running_session_over_successive_ticks() {
+    let f = fixture(|_| {}).await;
+    let n = 1_050;
+    let overdue = SessionOptions {
+        max_duration_secs: Some(1),
+        ..SessionOptions::default()
+    };
+    // The oldest session is the overdue one; 1,049 newer ones have no limit.
+    f.harvest
+        .submit(submit_req("oldest", overdue))
+        .await
+        .expect("submit");
+    for i in 1..n {
+        f.harvest
+            .submit(submit_req(&format!("s{i}"), SessionOptions::default()))
+            .await
+            .expect("submit");
+    }
+    let mut claimed = 0;
+    while claimed < n {
+        // A lease longer than the test, so that no reclaim gets there first.
+        let got = f
+            .harvest
+            .store()
+            .session_claim(SessionClaim {
+                owner: "hung-worker".into(),
+                limit: 500,
+                lease: Duration::from_secs(3600),
+                now: f.clock.now(),
+            })
+            .await
+            .expect("claim")
+            .len();
+        assert!(got > 0, "claimed {claimed} of {n}");
+        claimed += got;
+    }
+    f.clock
+        .advance(Duration::from_secs(1) + MAX_DURATION_BACKSTOP + Duration::from_secs(1));
+    let mut ended = 0;
+    for _ in 0..2 {
+        ended += f
+            .harvest
+            .maintain_once()
+            .await
+            .expect("maintenance")
+            .overdue;
+    }
+    assert_eq!(ended, 1, "two ticks cover 1,050 RUNNING sessions");
+    assert_eq!(status(&f, "oldest").await.status, SessionStatus::Failed);
 }
 
 /// Retries `f` while sled's file lock of a just-dropped store is still held (10 s deadline).
@@ -355,10 +415,10 @@ async fn timeout_cleanup_leaves_no_key_of_the_session_in_any_tree() {
         assert_eq!(s.metrics.processed_elements, 3);
     }
     f.clock.advance(Duration::from_secs(9));
-    let report = scheduler::run_once(&f.harvest).await.expect("maintenance");
+    let report = f.harvest.maintain_once().await.expect("maintenance");
     assert_eq!(report.expired, 0, "not before its timeout");
     f.clock.advance(Duration::from_secs(2));
-    let report = scheduler::run_once(&f.harvest).await.expect("maintenance");
+    let report = f.harvest.maintain_once().await.expect("maintenance");
     assert_eq!(report.expired, 1);
     assert!(f.harvest.get(gone.id()).await.unwrap().is_none());
     drop((gone, kept));
@@ -426,11 +486,11 @@ async fn cron_skips_a_tick_while_the_previous_run_is_active() {
         .expect("list")
         .sessions
     };
-    scheduler::fire(&f.harvest, "c1", "nightly").await;
+    harvest::service::agents::fire(&f.harvest, "c1", "nightly").await;
     let first = runs(f.harvest.clone()).await;
     assert_eq!(first.len(), 1, "the first tick starts a run");
     assert_eq!(first[0].status, SessionStatus::Pending);
-    scheduler::fire(&f.harvest, "c1", "nightly").await;
+    harvest::service::agents::fire(&f.harvest, "c1", "nightly").await;
     assert_eq!(
         runs(f.harvest.clone()).await.len(),
         1,
@@ -438,7 +498,7 @@ async fn cron_skips_a_tick_while_the_previous_run_is_active() {
     );
     let c = claim(&f, "w", 1).await;
     assert_eq!(c.len(), 1);
-    scheduler::fire(&f.harvest, "c1", "nightly").await;
+    harvest::service::agents::fire(&f.harvest, "c1", "nightly").await;
     assert_eq!(
         runs(f.harvest.clone()).await.len(),
         1,
@@ -453,18 +513,19 @@ async fn cron_skips_a_tick_while_the_previous_run_is_active() {
                 status: SessionStatus::Cancelled,
                 error: None,
                 batch: CheckpointBatch::default(),
-                cleanup_at: f.clock.now().add(Duration::from_secs(60)),
+                cleanup_after: Duration::from_secs(60),
                 now: f.clock.now(),
             })
             .await
             .unwrap()
+            .is_some()
     );
-    scheduler::fire(&f.harvest, "c1", "nightly").await;
+    harvest::service::agents::fire(&f.harvest, "c1", "nightly").await;
     let after = runs(f.harvest.clone()).await;
     assert_eq!(after.len(), 2, "a tick after the run ended starts one");
     // An agent that was deleted in the meantime fires nothing.
     assert!(f.harvest.agent_delete("c1", "nightly").await.unwrap());
-    scheduler::fire(&f.harvest, "c1", "nightly").await;
+    harvest::service::agents::fire(&f.harvest, "c1", "nightly").await;
     assert_eq!(runs(f.harvest.clone()).await.len(), 2);
 }
 
@@ -663,7 +724,7 @@ async fn agents_crud_and_tenant_isolation_over_http() {
     s.call(Method::GET, &format!("/v1/sessions/{id}"), b, None)
         .await
         .assert_error(404, "not_found");
-    // DESIGN §6: POST /v1/sessions also takes `{agent, ...}`.
+    // POST /v1/sessions also takes `{agent, ...}` (see the README's API table).
     let via_sessions = s
         .call(
             Method::POST,

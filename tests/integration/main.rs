@@ -6,10 +6,13 @@ mod api_events;
 mod api_load;
 mod api_support;
 mod api_tenants;
+mod browser;
+mod console;
 mod crash;
 mod engine;
 mod engine_bench;
 mod engine_config;
+mod layers;
 mod lifecycle;
 mod metrics;
 mod multiprocess;
@@ -18,7 +21,11 @@ mod regressions;
 mod resume_crash;
 mod run_resume;
 mod service;
+// The generated test shop is the binary's (`harvest testsite`), not the library's: the suite
+// compiles the same file.
 mod sink;
+#[path = "../../src/sitegen.rs"]
+mod sitegen;
 mod soak;
 mod store_conformance;
 mod store_postgres;

@@ -13,12 +13,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::sitegen::{Site, SiteOptions};
 use harvest::config::Config;
 use harvest::engine::parse_config_text;
 use harvest::job::NoopJob;
 use harvest::service::{Harvest, SubmitRequest};
 use harvest::session::{ClientContext, SessionOptions, SessionStatus, Timestamp};
-use harvest::sitegen::{Site, SiteOptions};
 use harvest::store::{CancelOutcome, SessionClaim};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
@@ -166,7 +166,7 @@ struct SessionRun {
 
 /// Runs one catalog crawl on a generated shop, then closes it and cancels a second session.
 async fn run_one_session(handle: PrometheusHandle) -> SessionRun {
-    let site = harvest::sitegen::serve(SiteOptions {
+    let site = crate::sitegen::serve(SiteOptions {
         products: 30,
         per_list: 10,
         specials: false,
@@ -239,9 +239,7 @@ async fn run_one_session(handle: PrometheusHandle) -> SessionRun {
         .expect("records")
         .len();
     // Refresh the gauges now rather than waiting for the next tick.
-    harvest::scheduler::run_once(&harvest)
-        .await
-        .expect("maintenance");
+    harvest.maintain_once().await.expect("maintenance");
     let after_run = handle.render();
 
     harvest.close(h.id()).await.expect("close");
@@ -257,9 +255,7 @@ async fn run_one_session(handle: PrometheusHandle) -> SessionRun {
         matches!(out, CancelOutcome::Cancelled(_)),
         "a PENDING session is cancelled at once: {out:?}"
     );
-    harvest::scheduler::run_once(&harvest)
-        .await
-        .expect("maintenance");
+    harvest.maintain_once().await.expect("maintenance");
     let at_end = handle.render();
     harvest
         .shutdown(Duration::from_secs(5))

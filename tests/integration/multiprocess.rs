@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use harvest::agent::AgentSpec;
+use harvest::AgentSpec;
 use harvest::config::{Config, StoreKind};
 use harvest::session::{ClientContext, Session, SessionStatus};
 use harvest::store::SessionList;
@@ -72,7 +72,7 @@ async fn serve_and_workers_share_postgres_through_kills() {
         url: url.clone(),
         schema: export_schema.clone(),
     };
-    let site = harvest::sitegen::serve(harvest::sitegen::SiteOptions {
+    let site = crate::sitegen::serve(crate::sitegen::SiteOptions {
         products: 50,
         per_list: PER_SESSION as usize,
         specials: false,
@@ -82,11 +82,14 @@ async fn serve_and_workers_share_postgres_through_kills() {
     .expect("site");
     let dir = tempfile::tempdir().expect("tempdir");
     let config_path = dir.path().join("config.toml");
+    // A 4 s lease: short enough that the killed workers' sessions come back quickly, long
+    // enough that a live worker's heartbeats (every third of it) survive a loaded machine (a 2 s
+    // lease let live workers lose sessions under a load of 8 on 2 cores).
     std::fs::write(
         &config_path,
         format!(
             "store = \"postgres\"\ndatabase_url = \"{url}\"\n\
-             [workers]\nlease_secs = 2\nretry_backoff_ms = 50\nshutdown_grace_secs = 2\n\
+             [workers]\nlease_secs = 4\nretry_backoff_ms = 50\nshutdown_grace_secs = 2\n\
              [export]\nschema = \"{export_schema}\"\ndir = \"{}\"\n",
             dir.path().join("exports").display()
         ),
@@ -294,7 +297,7 @@ async fn serve_and_workers_share_postgres_through_kills() {
         let id = s.id.to_string();
         // `_cron.<agent>.<tick secs>.<hash>`
         let tick = id
-            .strip_prefix(harvest::scheduler::CRON_ID_PREFIX)
+            .strip_prefix(harvest::runtime::CRON_ID_PREFIX)
             .and_then(|rest| rest.rsplit('.').nth(1))
             .unwrap_or_else(|| panic!("cron run {id} has no tick in its id"));
         assert!(ticks.insert(tick.to_string()), "tick {tick} fired twice");

@@ -42,7 +42,11 @@ struct Gated {
 
 #[async_trait]
 impl Job for Gated {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         Ok(())
     }
     async fn run(&self, ctx: JobContext) -> JobOutcome {
@@ -239,7 +243,7 @@ async fn reading_past_the_last_record_is_not_an_export() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_cannot_take_reserved_session_ids() {
     let s = start(TENANTS).await;
-    let id = harvest::scheduler::cron_session_id("acme", "daily", harvest::session::Timestamp(0))
+    let id = harvest::runtime::cron_session_id("acme", "daily", harvest::session::Timestamp(0))
         .expect("cron id");
     assert!(id.as_str().starts_with('_'), "{id}");
     let r = s

@@ -14,13 +14,13 @@ use crate::proc::Server;
 const PRODUCTS: usize = 2000;
 const KILLS: usize = 5;
 
-async fn site() -> harvest::sitegen::Site {
+async fn site() -> crate::sitegen::Site {
     product_site(PRODUCTS).await
 }
 
 /// A generated shop of `products` products, 20 per list page.
-pub(crate) async fn product_site(products: usize) -> harvest::sitegen::Site {
-    harvest::sitegen::serve(harvest::sitegen::SiteOptions {
+pub(crate) async fn product_site(products: usize) -> crate::sitegen::Site {
+    crate::sitegen::serve(crate::sitegen::SiteOptions {
         products,
         per_list: 20,
         specials: false,
@@ -109,12 +109,12 @@ async fn clean_product_fetches(cfg: &str) -> u64 {
     let text = cfg.replace("delay_ms = 5", "delay_ms = 0");
     let text = text.replace(&format!("{}/index.html", "BASE"), &site.url("/index.html"));
     let config = harvest::engine::parse_config_text(&text).expect("config parses");
-    let summary = harvest::engine::run_local(
+    let summary = harvest::local::run_local(
         &config,
         &BTreeMap::new(),
         harvest::engine::EngineSettings::default(),
         Box::new(std::io::sink()),
-        harvest::engine::Progress::Silent,
+        harvest::local::Progress::Silent,
         harvest::job::StopSignal::new(),
     )
     .await

@@ -102,7 +102,7 @@ fn skus(lines: &[String]) -> BTreeMap<String, usize> {
     out
 }
 
-async fn site() -> harvest::sitegen::Site {
+async fn site() -> crate::sitegen::Site {
     crate::resume_crash::product_site(PRODUCTS).await
 }
 

@@ -62,9 +62,15 @@ pub struct RecordsJob {
 
 #[async_trait]
 impl Job for RecordsJob {
-    fn validate(&self, c: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        c: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         if c.get("bad").is_some() {
-            Err("bad: this key is refused by the test job".into())
+            Err(harvest::job::ConfigRejected::new(
+                "bad: this key is refused by the test job",
+            ))
         } else {
             Ok(())
         }
@@ -95,7 +101,11 @@ struct WaitForStop;
 
 #[async_trait]
 impl Job for WaitForStop {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         Ok(())
     }
     async fn run(&self, ctx: JobContext) -> JobOutcome {
@@ -116,7 +126,11 @@ struct Flaky {
 
 #[async_trait]
 impl Job for Flaky {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         Ok(())
     }
     async fn run(&self, _ctx: JobContext) -> JobOutcome {
@@ -141,7 +155,11 @@ struct Stubborn;
 
 #[async_trait]
 impl Job for Stubborn {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         Ok(())
     }
     async fn run(&self, _ctx: JobContext) -> JobOutcome {
@@ -156,7 +174,11 @@ struct Panics;
 
 #[async_trait]
 impl Job for Panics {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         Ok(())
     }
     async fn run(&self, _ctx: JobContext) -> JobOutcome {
@@ -274,7 +296,7 @@ async fn invalid_config_and_duplicate_id_are_refused() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, HarvestError::InvalidConfig(m) if m.contains("bad")),
+        matches!(&err, HarvestError::InvalidConfig(m) if m.to_string().contains("bad")),
         "{err}"
     );
     let err = f
@@ -452,7 +474,10 @@ async fn panicking_job_is_a_poison_input_that_ends_failed() {
         .expect("done");
     assert_eq!(s.status, SessionStatus::Failed);
     assert_eq!(s.attempt, 3);
-    assert_eq!(s.error.map(|e| e.kind), Some("job_panicked".to_string()));
+    assert_eq!(
+        s.error.map(|e| e.kind.to_string()),
+        Some("job_panicked".to_string())
+    );
     f.harvest
         .shutdown(Duration::from_secs(1))
         .await
@@ -502,7 +527,7 @@ async fn max_duration_ends_a_session_that_never_stops() {
         .expect("done");
     assert_eq!(s.status, SessionStatus::Failed);
     assert_eq!(
-        s.error.map(|e| e.kind),
+        s.error.map(|e| e.kind.to_string()),
         Some("max_duration_exceeded".to_string())
     );
     f.harvest

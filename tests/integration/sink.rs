@@ -33,7 +33,11 @@ fn records(from: u64, n: u64) -> Vec<serde_json::Value> {
 
 #[async_trait]
 impl Job for RecordsJob {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         Ok(())
     }
 
@@ -157,7 +161,8 @@ async fn table_sink_crash_between_rows_and_status_leaves_one_copy() {
                 now,
             })
             .await
-            .expect("checkpoint");
+            .expect("checkpoint")
+            .is_some();
         assert!(applied, "checkpoint {i} applied");
         let written = harvest
             .sinks()

@@ -37,7 +37,11 @@ struct SmallCrawl;
 
 #[async_trait]
 impl Job for SmallCrawl {
-    fn validate(&self, _: &serde_json::Value, _: &BTreeMap<String, String>) -> Result<(), String> {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
         Ok(())
     }
     async fn run(&self, ctx: JobContext) -> JobOutcome {

@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use harvest::session::{
-    ClientContext, FrontierEntry, JobSpec, LogLine, Session, SessionError, SessionId,
-    SessionMetrics, SessionOptions, SessionStatus, Timestamp, TokenUsage,
+    CancelDecision, ClientContext, FrontierEntry, JobSpec, LogLine, Session, SessionError,
+    SessionId, SessionMetrics, SessionOptions, SessionStatus, Timestamp, TokenUsage, Transition,
 };
 use harvest::store::{
     Agent, AgentSessions, AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit,
@@ -86,6 +86,15 @@ macro_rules! store_conformance {
             pending_wait_times_out,
             leader_one_owner_until_expiry,
             leader_race_has_one_winner,
+            transition_insert_equals_policy,
+            transition_claim_and_heartbeat_equal_policy,
+            transition_checkpoint_equals_policy,
+            transition_finish_equals_policy,
+            transition_requeue_equals_policy,
+            transition_reclaim_equals_policy,
+            transition_cancel_equals_policy,
+            transition_removals_follow_policy,
+            resume_of_a_removed_session_is_refused,
         );
     };
     (@each $factory:path; $($name:ident),* $(,)?) => {
@@ -252,6 +261,7 @@ async fn checkpoint(
         })
         .await
         .expect("checkpoint")
+        .is_some()
 }
 
 async fn finish(
@@ -266,11 +276,12 @@ async fn finish(
             status,
             error: None,
             batch: CheckpointBatch::default(),
-            cleanup_at: now.add(Duration::from_secs(3600)),
+            cleanup_after: Duration::from_secs(3600),
             now,
         })
         .await
         .expect("finish")
+        .is_some()
 }
 
 async fn heartbeat(store: &Arc<dyn Store>, a: &AttemptRef, now: Timestamp) -> HeartbeatOutcome {
@@ -297,11 +308,12 @@ async fn requeue(
             spend_attempt,
             run_at,
             error: Some(SessionError::new("job_failed", "boom")),
-            cleanup_at: now.add(Duration::from_secs(3600)),
+            cleanup_after: Duration::from_secs(3600),
             now,
         })
         .await
         .expect("requeue")
+        .map_or(RequeueOutcome::NotApplied, |s| RequeueOutcome::of(s.status))
 }
 
 async fn reclaim(
@@ -550,11 +562,12 @@ pub async fn finish_each_terminal_status(store: Arc<dyn Store>) {
                     pages: 1,
                     ..Default::default()
                 },
-                cleanup_at: at(500),
+                cleanup_after: Duration::from_secs(493),
                 now: at(7),
             })
             .await
-            .expect("finish");
+            .expect("finish")
+            .is_some();
         assert!(ok);
         let f = get(&store, id).await;
         assert_eq!(f.status, status);
@@ -590,7 +603,7 @@ pub async fn finish_with_non_terminal_status_is_invalid(store: Arc<dyn Store>) {
                 status,
                 error: None,
                 batch: CheckpointBatch::default(),
-                cleanup_at: at(100),
+                cleanup_after: Duration::from_secs(98),
                 now: at(2),
             })
             .await;
@@ -1241,11 +1254,12 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
                 records: records(1, 6),
                 ..Default::default()
             },
-            cleanup_at: at(1000),
+            cleanup_after: Duration::from_secs(948),
             now: at(52),
         })
         .await
-        .unwrap();
+        .unwrap()
+        .is_some();
     assert!(ok);
     let all = store
         .records_page(RecordsPage {
@@ -1361,11 +1375,12 @@ pub async fn sessions_expire_only_due(store: Arc<dyn Store>) {
                     records: records(2, 0),
                     ..Default::default()
                 },
-                cleanup_at: at(100 * (i as i64 + 1)),
+                cleanup_after: Duration::from_secs(100 * (i as u64 + 1) - 1),
                 now: at(1),
             })
             .await
-            .unwrap();
+            .unwrap()
+            .is_some();
         assert!(ok);
     }
     insert(&store, session("pending")).await;
@@ -2023,4 +2038,493 @@ pub async fn requeue_of_a_cancel_requested_session_ends_cancelled(store: Arc<dyn
         claim(&store, "w", 10, at(100)).await.is_empty(),
         "never claimed again"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The state machine, field for field: every transition a store applies must leave exactly the
+// session `harvest::session`'s transition functions compute (both backends then agree with each
+// other). Each check names the transition it covers; `transition_case` maps every transition to
+// its check with a match that has no wildcard, so a new transition without a case does not
+// compile.
+
+/// Compares two sessions field by field, naming the fields that differ.
+fn assert_same(actual: &Session, expected: &Session, what: &str) {
+    if actual == expected {
+        return;
+    }
+    let a = format!("{actual:#?}");
+    let e = format!("{expected:#?}");
+    let diff: Vec<String> = a
+        .lines()
+        .zip(e.lines())
+        .filter(|(x, y)| x != y)
+        .map(|(x, y)| format!("  store:  {}\n  policy: {}", x.trim(), y.trim()))
+        .collect();
+    panic!(
+        "{what}: the store's session differs from the state machine's:\n{}",
+        diff.join("\n")
+    );
+}
+
+/// Checks `got` (what the call returned) and the stored session against `expected`.
+async fn assert_applied(store: &Arc<dyn Store>, got: &Session, expected: &Session, what: &str) {
+    assert_same(got, expected, &format!("{what} (returned)"));
+    let stored = get(store, expected.id.as_str()).await;
+    assert_same(&stored, expected, &format!("{what} (stored)"));
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+async fn claim_one(store: &Arc<dyn Store>, owner: &str, now: Timestamp) -> Session {
+    let mut got = store
+        .session_claim(SessionClaim {
+            owner: owner.into(),
+            limit: 1,
+            lease: LEASE,
+            now,
+        })
+        .await
+        .expect("claim");
+    assert_eq!(got.len(), 1, "one session claimed at {now}");
+    got.remove(0)
+}
+
+/// A checkpoint of every kind of data: records, frontier, seen URLs, log, pages and usage.
+fn full_batch(from: usize) -> CheckpointBatch {
+    CheckpointBatch {
+        records: records(3, from),
+        frontier_add: vec![entry(&format!("http://x/{from}"))],
+        seen_add: vec![format!("http://x/{from}")],
+        pages: 2,
+        usage: TokenUsage {
+            http_requests: 3,
+            http_errors: 1,
+            bytes_received: 1000,
+            retries: 1,
+            robots_blocked: 0,
+        },
+        log: vec![line(from as u64)],
+        ..Default::default()
+    }
+}
+
+/// Insert: the stored session is the one submitted, with its seq.
+pub async fn transition_insert_equals_policy(store: Arc<dyn Store>) {
+    let mut s = session("a");
+    s.client = ClientContext::builder()
+        .client_id("c1")
+        .metadata("tier", "gold")
+        .build();
+    s.options.priority = 3;
+    s.options.session_timeout_secs = Some(60);
+    let stored = insert(&store, s.clone()).await;
+    let expected = Session {
+        seq: stored.seq,
+        ..s
+    };
+    assert_applied(&store, &stored, &expected, "insert").await;
+}
+
+/// Claim and heartbeat (the PostgreSQL claim is one SQL statement: it must agree).
+pub async fn transition_claim_and_heartbeat_equal_policy(store: Arc<dyn Store>) {
+    let before = insert(&store, session("a")).await;
+    let claimed = claim_one(&store, "w1", at(1)).await;
+    assert_applied(
+        &store,
+        &claimed,
+        &before.claimed("w1", LEASE, at(1)),
+        "claim",
+    )
+    .await;
+    assert!(matches!(
+        heartbeat(&store, &aref(&claimed), at(5)).await,
+        HeartbeatOutcome::Renewed { .. }
+    ));
+    let expected = claimed.heartbeat(LEASE, at(5));
+    assert_same(&get(&store, "a").await, &expected, "heartbeat (stored)");
+}
+
+/// Checkpoints, with data and empty (one SQL statement on PostgreSQL).
+pub async fn transition_checkpoint_equals_policy(store: Arc<dyn Store>) {
+    insert(&store, session("a")).await;
+    let mut s = claim_one(&store, "w", at(1)).await;
+    for (i, batch) in [full_batch(0), CheckpointBatch::default(), full_batch(3)]
+        .into_iter()
+        .enumerate()
+    {
+        let now = at(2 + i as i64);
+        let expected = s.checkpointed(&batch.progress(), LEASE, now);
+        let got = store
+            .checkpoint_commit_if_running(CheckpointCommit {
+                attempt: aref(&s),
+                batch,
+                lease: LEASE,
+                now,
+            })
+            .await
+            .expect("checkpoint")
+            .expect("applied");
+        assert_applied(&store, &got, &expected, &format!("checkpoint {i}")).await;
+        s = got;
+    }
+}
+
+/// Finish in each terminal status, with a last batch, by the default timeout and by the
+/// session's own.
+pub async fn transition_finish_equals_policy(store: Arc<dyn Store>) {
+    for (i, status) in [
+        SessionStatus::Completed,
+        SessionStatus::Failed,
+        SessionStatus::Cancelled,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut s = session(&format!("f{i}"));
+        if i == 1 {
+            s.options.session_timeout_secs = Some(77);
+        }
+        insert(&store, s).await;
+        let claimed = claim_one(&store, "w", at(1)).await;
+        let error = (status == SessionStatus::Failed)
+            .then(|| SessionError::new("job_failed", "the job said no"));
+        let batch = full_batch(i);
+        let expected = claimed.finished(
+            status,
+            error.clone(),
+            &batch.progress(),
+            DEFAULT_TIMEOUT,
+            at(9),
+        );
+        let got = store
+            .session_finish_if_running(SessionFinish {
+                attempt: aref(&claimed),
+                status,
+                error,
+                batch,
+                cleanup_after: DEFAULT_TIMEOUT,
+                now: at(9),
+            })
+            .await
+            .expect("finish")
+            .expect("applied");
+        assert_applied(&store, &got, &expected, &format!("finish {status}")).await;
+    }
+}
+
+async fn requeue_with(
+    store: &Arc<dyn Store>,
+    s: &Session,
+    spend: bool,
+    error: Option<SessionError>,
+    now: Timestamp,
+) -> Session {
+    let run_at = now.add(Duration::from_secs(5));
+    let (expected, _) = s.requeued(spend, run_at, error.clone(), DEFAULT_TIMEOUT, now);
+    let got = store
+        .session_requeue_if_running(SessionRequeue {
+            attempt: aref(s),
+            spend_attempt: spend,
+            run_at,
+            error,
+            cleanup_after: DEFAULT_TIMEOUT,
+            now,
+        })
+        .await
+        .expect("requeue")
+        .expect("applied");
+    assert_applied(store, &got, &expected, &format!("requeue at {now}")).await;
+    got
+}
+
+/// Requeue: a failure, a hand-back without an error (which clears the last one: the drift where
+/// sled kept it), attempts exhausted without an error (`attempts_exhausted`: the drift where sled
+/// left none), and a requeue of a session a client asked to cancel.
+pub async fn transition_requeue_equals_policy(store: Arc<dyn Store>) {
+    let mut s = session("a");
+    s.options.max_attempts = Some(2);
+    insert(&store, s).await;
+    let c1 = claim_one(&store, "w", at(1)).await;
+    let boom = SessionError::new("job_failed", "boom");
+    let p1 = requeue_with(&store, &c1, true, Some(boom), at(2)).await;
+    assert_eq!(
+        p1.error.as_ref().map(|e| e.kind.as_str()),
+        Some("job_failed")
+    );
+    let c2 = claim_one(&store, "w", at(10)).await;
+    let p2 = requeue_with(&store, &c2, false, None, at(11)).await;
+    assert_eq!(
+        p2.error, None,
+        "a hand-back without an error clears the last one"
+    );
+    let c3 = claim_one(&store, "w", at(20)).await;
+    let f = requeue_with(&store, &c3, true, None, at(21)).await;
+    assert_eq!(f.status, SessionStatus::Failed);
+    assert_eq!(
+        f.error.as_ref().map(|e| e.kind.as_str()),
+        Some("attempts_exhausted"),
+        "exhausted without an error of its own"
+    );
+
+    insert(&store, session("b")).await;
+    let c = claim_one(&store, "w", at(30)).await;
+    store
+        .session_cancel(SessionCancel {
+            id: c.id.clone(),
+            cleanup_after: DEFAULT_TIMEOUT,
+            now: at(31),
+        })
+        .await
+        .expect("cancel");
+    let flagged = get(&store, "b").await;
+    let x = requeue_with(&store, &flagged, true, None, at(32)).await;
+    assert_eq!(x.status, SessionStatus::Cancelled);
+}
+
+/// Reclaim: without progress (an attempt spent; back to PENDING with `lease_expired`: the drift
+/// where sled kept the previous error), with progress (free), exhausted (`attempts_exhausted`),
+/// and cancel asked meanwhile (CANCELLED).
+pub async fn transition_reclaim_equals_policy(store: Arc<dyn Store>) {
+    let backoff = Duration::from_secs(10);
+    let reclaim_at = |store: Arc<dyn Store>, now: Timestamp| async move {
+        store
+            .leases_reclaim(LeaseReclaim {
+                expired_before: now,
+                limit: 100,
+                backoff,
+                cleanup_after: DEFAULT_TIMEOUT,
+                now,
+            })
+            .await
+            .expect("reclaim")
+    };
+    for (id, max) in [("idle", 3), ("busy", 3), ("last", 1), ("cancelled", 3)] {
+        let mut s = session(id);
+        s.options.max_attempts = Some(max);
+        // An error from an earlier attempt, which a reclaim must replace.
+        s.error = Some(SessionError::new("job_failed", "earlier"));
+        insert(&store, s).await;
+    }
+    let mut before = Vec::new();
+    for _ in 0..4 {
+        before.push(claim_one(&store, "w", at(1)).await);
+    }
+    let busy = before.iter().find(|s| s.id.as_str() == "busy").unwrap();
+    let busy_after = store
+        .checkpoint_commit_if_running(CheckpointCommit {
+            attempt: aref(busy),
+            batch: full_batch(0),
+            lease: Duration::from_secs(1),
+            now: at(2),
+        })
+        .await
+        .expect("checkpoint")
+        .expect("applied");
+    store
+        .session_cancel(SessionCancel {
+            id: sid("cancelled"),
+            cleanup_after: DEFAULT_TIMEOUT,
+            now: at(3),
+        })
+        .await
+        .expect("cancel");
+    let now = at(100);
+    let mut olds = Vec::new();
+    for id in ["idle", "busy", "last", "cancelled"] {
+        olds.push(if id == "busy" {
+            busy_after.clone()
+        } else {
+            get(&store, id).await
+        });
+    }
+    let reclaimed = reclaim_at(store.clone(), now).await;
+    assert_eq!(reclaimed.len(), 4, "{reclaimed:?}");
+    for old in olds {
+        let (expected, outcome) = old.reclaimed(backoff, DEFAULT_TIMEOUT, now);
+        let r = reclaimed
+            .iter()
+            .find(|r| r.id == old.id)
+            .unwrap_or_else(|| panic!("{} reclaimed", old.id));
+        assert_eq!((r.attempt, r.outcome), (old.attempt, outcome), "{}", old.id);
+        assert_applied(
+            &store,
+            &r.session,
+            &expected,
+            &format!("reclaim of {}", old.id),
+        )
+        .await;
+    }
+    let idle = get(&store, "idle").await;
+    assert_eq!(
+        idle.error.as_ref().map(|e| e.kind.as_str()),
+        Some("lease_expired"),
+        "a reclaimed session says why it is PENDING again"
+    );
+    assert_eq!(
+        get(&store, "last").await.error.map(|e| e.kind.to_string()),
+        Some("attempts_exhausted".to_string())
+    );
+}
+
+/// Cancel: PENDING (CANCELLED now), RUNNING (the flag), RUNNING again (nothing), terminal.
+pub async fn transition_cancel_equals_policy(store: Arc<dyn Store>) {
+    insert(&store, session("r")).await;
+    let r = claim_one(&store, "w", at(1)).await;
+    let mut p = session("p");
+    p.options.session_timeout_secs = Some(50);
+    let p = insert(&store, p).await;
+    let cancel = |id: &str, now| SessionCancel {
+        id: sid(id),
+        cleanup_after: DEFAULT_TIMEOUT,
+        now,
+    };
+    let CancelDecision::Cancel(expected) = p.cancel(DEFAULT_TIMEOUT, at(2)) else {
+        panic!("a pending session is cancelled at once");
+    };
+    match store
+        .session_cancel(cancel("p", at(2)))
+        .await
+        .expect("cancel")
+    {
+        CancelOutcome::Cancelled(got) => {
+            assert_applied(&store, &got, &expected, "cancel of a PENDING session").await
+        }
+        other => panic!("cancel of a PENDING session: {other:?}"),
+    }
+    let CancelDecision::Request(expected) = r.cancel(DEFAULT_TIMEOUT, at(3)) else {
+        panic!("a running session gets the flag");
+    };
+    match store
+        .session_cancel(cancel("r", at(3)))
+        .await
+        .expect("cancel")
+    {
+        CancelOutcome::Requested(got) => {
+            assert_applied(&store, &got, &expected, "cancel of a RUNNING session").await
+        }
+        other => panic!("cancel of a RUNNING session: {other:?}"),
+    }
+    match store
+        .session_cancel(cancel("r", at(4)))
+        .await
+        .expect("cancel")
+    {
+        CancelOutcome::Requested(got) => {
+            assert_applied(&store, &got, &expected, "a second cancel changes nothing").await
+        }
+        other => panic!("a second cancel: {other:?}"),
+    }
+    let done = get(&store, "p").await;
+    assert!(matches!(
+        store.session_cancel(cancel("p", at(5))).await.expect("cancel"),
+        CancelOutcome::AlreadyTerminal(s) if *s == done
+    ));
+}
+
+/// Records removal keeps the session as it was; removal takes it; expiry takes exactly the
+/// sessions `Session::cleanup_due` names.
+pub async fn transition_removals_follow_policy(store: Arc<dyn Store>) {
+    for id in ["done", "kept", "gone"] {
+        let mut s = session(id);
+        s.options.session_timeout_secs = Some(if id == "kept" { 1000 } else { 10 });
+        insert(&store, s).await;
+        let c = claim_one(&store, "w", at(1)).await;
+        store
+            .session_finish_if_running(SessionFinish {
+                attempt: aref(&c),
+                status: SessionStatus::Completed,
+                error: None,
+                batch: full_batch(0),
+                cleanup_after: DEFAULT_TIMEOUT,
+                now: at(2),
+            })
+            .await
+            .expect("finish")
+            .expect("applied");
+    }
+    let before = get(&store, "done").await;
+    assert!(
+        store
+            .records_remove_if_terminal(&sid("done"))
+            .await
+            .expect("remove records")
+    );
+    assert_same(
+        &get(&store, "done").await,
+        &before,
+        "records removal keeps the session",
+    );
+    let gone = get(&store, "gone").await;
+    assert_eq!(
+        store.session_remove(&sid("gone")).await.expect("remove"),
+        Some(gone)
+    );
+    assert!(
+        store
+            .session_get(&sid("gone"))
+            .await
+            .expect("get")
+            .is_none()
+    );
+    let now = at(20);
+    let mut expected = Vec::new();
+    for id in ["done", "kept"] {
+        if get(&store, id).await.cleanup_due(now) {
+            expected.push(id.to_string());
+        }
+    }
+    let expired: Vec<String> = store
+        .sessions_expire(SessionsExpire { now, limit: 100 })
+        .await
+        .expect("expire")
+        .iter()
+        .map(|s| s.id.to_string())
+        .collect();
+    assert_eq!(expired, expected);
+    assert_eq!(expired, ["done"]);
+}
+
+/// The check that covers each transition. No wildcard: a new transition must name its check
+/// here before the suite compiles.
+pub fn transition_case(t: Transition) -> &'static str {
+    match t {
+        Transition::Insert => "transition_insert_equals_policy",
+        Transition::Claim | Transition::Heartbeat => "transition_claim_and_heartbeat_equal_policy",
+        Transition::Checkpoint => "transition_checkpoint_equals_policy",
+        Transition::Finish => "transition_finish_equals_policy",
+        Transition::Requeue => "transition_requeue_equals_policy",
+        Transition::Reclaim => "transition_reclaim_equals_policy",
+        Transition::Cancel => "transition_cancel_equals_policy",
+        Transition::RecordsRemove | Transition::Remove | Transition::Expire => {
+            "transition_removals_follow_policy"
+        }
+    }
+}
+
+/// `resume_load` of a session that is gone is refused, on every backend alike (PostgreSQL
+/// answered an empty state).
+pub async fn resume_of_a_removed_session_is_refused(store: Arc<dyn Store>) {
+    let r = store.resume_load(&sid("never")).await;
+    assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+}
+
+/// Every transition names a check of this suite, and that check is in the suite's list: a
+/// transition without a conformance case fails here (and does not compile without a name).
+#[test]
+fn every_transition_has_a_conformance_case() {
+    let source = include_str!("store_conformance.rs");
+    let list = &source[source.find("store_conformance!(@each").expect("the list")..];
+    let list = &list[..list.find(");").expect("its end")];
+    for t in Transition::ALL {
+        let case = transition_case(t);
+        assert!(
+            list.contains(&format!("{case},")),
+            "{t:?}'s case {case} is not in the suite's list"
+        );
+        assert!(
+            source.contains(&format!("pub async fn {case}(")),
+            "{t:?}'s case {case} is not defined"
+        );
+    }
 }

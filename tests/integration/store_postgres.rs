@@ -19,11 +19,17 @@ use crate::store_conformance::{Fixture, at, insert, session};
 
 const URL_ENV: &str = "HARVEST_TEST_DATABASE_URL";
 
-/// The test database URL, or `None` after printing why the test is skipped.
+/// The test database URL, or `None` after printing why the test is skipped. Under CI
+/// (`HARVEST_CI=1`, set by `.ci/run`) a missing URL fails the test instead: the PostgreSQL
+/// suite must have run for CI to pass.
 pub(crate) fn database_url() -> Option<String> {
     match std::env::var(URL_ENV) {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
+            assert!(
+                std::env::var("HARVEST_CI").as_deref() != Ok("1"),
+                "{URL_ENV} is not set under CI (HARVEST_CI=1): the PostgreSQL suite did not run"
+            );
             eprintln!("skipped: {URL_ENV} is not set");
             None
         }
@@ -245,12 +251,13 @@ async fn notify_on_requeue_wakes_other_store() {
             spend_attempt: false,
             run_at: at(2),
             error: None,
-            cleanup_at: at(100),
+            cleanup_after: Duration::from_secs(98),
             now: at(2),
         })
         .await
-        .expect("requeue");
-    assert_eq!(outcome, harvest::store::RequeueOutcome::Requeued);
+        .expect("requeue")
+        .map(|s| harvest::store::RequeueOutcome::of(s.status));
+    assert_eq!(outcome, Some(harvest::store::RequeueOutcome::Requeued));
     let waited = tokio::time::timeout(Duration::from_secs(30), waiter)
         .await
         .expect("the waiter did not wake within 30 s of another store's requeue")
@@ -513,4 +520,74 @@ async fn claim_throughput() {
         N as f64 / inserted.as_secs_f64(),
         N as f64 / took.as_secs_f64()
     );
+}
+
+/// A server that is not there is a typed PostgreSQL error, unavailable, whose message says what
+/// was being done and why it failed (no database needed: the port refuses).
+#[tokio::test]
+async fn a_refused_connection_is_a_postgres_error_that_is_unavailable() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let url = format!("postgres://harvest@127.0.0.1:{port}/db?connect_timeout=5");
+    let err = PostgresStore::connect_with_schema(&url, "s")
+        .await
+        .expect_err("nothing listens there");
+    assert!(
+        matches!(err, StoreError::Postgres { .. }),
+        "a PostgreSQL error: {err:?}"
+    );
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        std::error::Error::source(&err).is_some_and(|s| s.is::<tokio_postgres::Error>()),
+        "the driver's error is the cause: {err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("PostgreSQL, connecting") && msg.contains("error connecting to server: "),
+        "{msg}"
+    );
+}
+
+/// Errors the server reports are told apart by their SQLSTATE: a violated constraint or a bad
+/// statement is not unavailable; the server ending the connection is, and so is every later
+/// call on that connection.
+#[tokio::test]
+async fn server_errors_are_unavailable_only_when_the_connection_goes() {
+    let Some(url) = database_url() else { return };
+    let wrap = |source| StoreError::Postgres {
+        context: "testing".into(),
+        source,
+    };
+    let db = admin(&url).await.expect("admin connection");
+    db.batch_execute("CREATE TEMPORARY TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        .await
+        .expect("temporary table");
+    let duplicate = wrap(
+        db.execute("INSERT INTO t VALUES (1)", &[])
+            .await
+            .expect_err("duplicate key"),
+    );
+    assert!(!duplicate.is_unavailable(), "{duplicate}");
+    assert!(duplicate.to_string().contains("(23505)"), "{duplicate}");
+    let bad = wrap(
+        db.execute("SELECT 1 / 0", &[])
+            .await
+            .expect_err("division by zero"),
+    );
+    assert!(!bad.is_unavailable(), "{bad}");
+
+    let terminated = wrap(
+        db.execute("SELECT pg_terminate_backend(pg_backend_pid())", &[])
+            .await
+            .expect_err("the server ends the connection"),
+    );
+    assert!(terminated.is_unavailable(), "{terminated}");
+    let after = wrap(
+        db.execute("SELECT 1", &[])
+            .await
+            .expect_err("the connection is gone"),
+    );
+    assert!(after.is_unavailable(), "{after}");
 }

@@ -78,7 +78,8 @@ async fn reopen_after_drop_keeps_everything() {
                 now: at(2),
             })
             .await
-            .unwrap();
+            .unwrap()
+            .is_some();
         assert!(ok);
         let pending = insert(&store, session("b")).await;
         // Dropped without close(): every acknowledged write must already be on disk.
@@ -131,7 +132,8 @@ fn refused(dir: &TempDir) -> StoreError {
     loop {
         match SledStore::open(dir.path()) {
             Ok(_) => panic!("a store with a newer schema version was opened"),
-            Err(StoreError::Backend(m)) if Instant::now() < deadline && m.contains("lock") => {
+            // The dropped store's directory lock: sled's I/O error, unavailable for now.
+            Err(e) if Instant::now() < deadline && e.is_unavailable() => {
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => return e,
@@ -281,6 +283,7 @@ async fn remove_leaves_no_key_of_the_session() {
                 .checkpoint_commit_if_running(commit)
                 .await
                 .unwrap()
+                .is_some()
         );
     }
     store_dyn
@@ -574,4 +577,31 @@ async fn reclaim_everything_at_open_with_max_timestamp() {
         reclaimed[0].outcome,
         harvest::store::RequeueOutcome::Requeued
     );
+}
+
+/// A data directory another store holds is refused with a typed sled error that keeps sled's
+/// cause, names the directory, and is unavailable (retrying once the holder is gone works).
+#[tokio::test]
+async fn a_locked_directory_is_a_sled_error_that_is_unavailable() {
+    let dir = TempDir::new().unwrap();
+    let holder = SledStore::open(dir.path()).expect("first open");
+    let err = SledStore::open(dir.path()).expect_err("the directory is locked");
+    assert!(
+        matches!(err, StoreError::Sled { .. }),
+        "a sled error: {err:?}"
+    );
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        std::error::Error::source(&err).is_some_and(|s| s.is::<sled::Error>()),
+        "sled's error is the cause: {err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("sled: opening the store at ")
+            && msg.contains(&dir.path().display().to_string())
+            && msg.contains("lock"),
+        "{msg}"
+    );
+    drop(holder);
+    drop(reopening(|| SledStore::open(dir.path())));
 }

@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::sitegen::{Site, SiteOptions, serve};
 use async_trait::async_trait;
 use harvest::engine::config::HttpSettings;
 use harvest::engine::{MemoryCrawlState, NetGuard};
 use harvest::job::{
-    CheckpointSink, Job, JobContext, JobOutcome, LeaseLost, Retry, StopReason, StopSignal,
+    CheckpointSink, CommitError, Job, JobContext, JobOutcome, Retry, StopReason, StopSignal,
 };
 use harvest::session::{ClientContext, JobSpec, Session, SessionId, SessionOptions, Timestamp};
-use harvest::sitegen::{Site, SiteOptions, serve};
 use harvest::store::{CheckpointBatch, ResumeState};
 use harvest::webharvest::{
     RunOutput, VarValue, WebHarvestJob, WebHarvestSettings, is_webharvest_config,
@@ -33,7 +33,7 @@ struct Sink {
 
 #[async_trait]
 impl CheckpointSink for Sink {
-    async fn commit(&self, batch: CheckpointBatch) -> Result<(), LeaseLost> {
+    async fn commit(&self, batch: CheckpointBatch) -> Result<(), CommitError> {
         self.batches.lock().unwrap().push((Instant::now(), batch));
         Ok(())
     }
@@ -294,20 +294,20 @@ async fn example_shop_in_2_1_style() {
 #[test]
 fn validate_refuses_bad_configs_naming_where_and_what() {
     let job = WebHarvestJob::default();
-    let v = |xml: &str| job.validate(&Value::String(xml.into()), &BTreeMap::new());
+    let v = |xml: &str| {
+        job.validate(&Value::String(xml.into()), &BTreeMap::new())
+            .map_err(|e| e.to_string())
+    };
     assert_eq!(
         v("<config>\n  <var-def name=\"a\">\n    <fetch/>\n  </var-def>\n</config>").unwrap_err(),
-        "Web-Harvest config: line 3, column 5: unknown processor `fetch`"
+        "line 3, column 5: unknown processor `fetch`"
     );
     assert_eq!(
         v("<config><loop maxloop=\"3\"><list/><body/></loop></config>").unwrap_err(),
-        "Web-Harvest config: line 1, column 9: unknown attribute `maxloop` on `loop` (it takes item, index, maxloops, filter, empty)"
+        "line 1, column 9: unknown attribute `maxloop` on `loop` (it takes item, index, maxloops, filter, empty)"
     );
     let e = v("<config>\n<var-def name=\"a\">x</config>").unwrap_err();
-    assert!(
-        e.starts_with("Web-Harvest config: line 2, column 20: malformed XML"),
-        "{e}"
-    );
+    assert!(e.starts_with("line 2, column 20: malformed XML"), "{e}");
     let e = v("<config><script>String s = \"x\";</script></config>").unwrap_err();
     assert!(
         e.contains("line 1, column 9: config/script: BeanShell syntax is not supported"),
@@ -315,7 +315,8 @@ fn validate_refuses_bad_configs_naming_where_and_what() {
     );
     assert_eq!(
         job.validate(&serde_json::json!({"name": "x"}), &BTreeMap::new())
-            .unwrap_err(),
+            .unwrap_err()
+            .to_string(),
         "a Web-Harvest config is a string of XML"
     );
     for ex in [CATALOG, FUNCTIONS, SPECIALS, SHOP_21] {

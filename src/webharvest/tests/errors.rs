@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{host_settings, run, run_in, site};
-use crate::job::{CheckpointSink, LeaseLost, StopReason, StopSignal};
+use crate::job::{CheckpointSink, CommitError, StopReason, StopSignal};
 use crate::store::CheckpointBatch;
 use crate::webharvest::{FetchHost, Host, Limits, MAX_DEPTH, RunErrorKind, parse, run_program};
 
@@ -346,8 +346,8 @@ struct LosingSink;
 
 #[async_trait]
 impl CheckpointSink for LosingSink {
-    async fn commit(&self, _batch: CheckpointBatch) -> Result<(), LeaseLost> {
-        Err(LeaseLost)
+    async fn commit(&self, _batch: CheckpointBatch) -> Result<(), CommitError> {
+        Err(CommitError::LeaseLost)
     }
 }
 

@@ -1,8 +1,9 @@
 //! The library API: [`Harvest`] (the seed's WebHarvestService and SessionRegistry in one).
 //!
-//! It validates submissions, writes them durably through the [`Store`], publishes events, and
-//! owns the worker pool and the maintenance loop of this process. The HTTP API and the CLI are
-//! thin layers over it, so tests and benches use exactly what users run.
+//! It validates submissions, writes them durably through the [`Store`], applies the effects of
+//! what it changes (events, metrics, sink cleanup), and owns this process's runtime: the worker
+//! pool and the maintenance loop. The HTTP API and the CLI are thin layers over it, so tests and
+//! benches use exactly what users run. Agents (saved configs) are in [`agents`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -10,19 +11,27 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
+use async_trait::async_trait;
+
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StoreKind};
-use crate::event::{Event, EventBus, EventKind};
-use crate::job::Job;
-use crate::scheduler::Maintenance;
+use crate::event::{Event, EventBus};
+use crate::job::{ConfigRejected, Job};
+use crate::runtime::{
+    AgentRunner, CommitObserver, Effects, Maintainer, Maintenance, MaintenanceReport, Running,
+    WorkerPool, WorkerSettings,
+};
 use crate::session::{
     ClientContext, JobSpec, Record, Session, SessionId, SessionIdError, SessionOptions, Timestamp,
 };
 use crate::store::{
-    CancelOutcome, InsertOutcome, LeaseReclaim, RecordsPage, SessionInsert, SessionList,
-    SessionPage, Store, StoreError,
+    CancelOutcome, InsertOutcome, RecordsPage, SessionInsert, SessionList, SessionPage, Store,
+    StoreError,
 };
-use crate::worker::{WorkerPool, WorkerSettings};
+
+pub mod agents;
+
+pub use agents::{AgentRun, AgentSpec};
 
 /// Errors of the library API.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +41,7 @@ pub enum HarvestError {
     Store(#[from] StoreError),
     /// The scraper config (or params) does not validate; the message names the field.
     #[error("invalid config: {0}")]
-    InvalidConfig(String),
+    InvalidConfig(crate::job::ConfigRejected),
     /// A caller-supplied session id is not acceptable.
     #[error("invalid session id: {0}")]
     InvalidId(#[from] SessionIdError),
@@ -56,11 +65,8 @@ pub enum HarvestError {
     Startup(String),
 }
 
-/// Largest `max_duration_secs` a submission may ask for: one year.
-pub const MAX_DURATION_SECS: u64 = 365 * 86_400;
-
-/// Largest `session_timeout_secs` a submission may ask for: ten years.
-pub const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 86_400;
+const MAX_DURATION_SECS: u64 = SessionOptions::MAX_DURATION_SECS;
+const MAX_TIMEOUT_SECS: u64 = SessionOptions::MAX_TIMEOUT_SECS;
 
 /// A submission.
 #[derive(Debug, Clone, Default)]
@@ -118,12 +124,12 @@ impl SubmitRequest {
 struct Inner {
     store: Arc<dyn Store>,
     job: Arc<dyn Job>,
-    events: EventBus,
+    effects: Effects,
     clock: Arc<dyn Clock>,
     config: Config,
     workers: Mutex<Option<WorkerPool>>,
+    maintainer: Arc<Maintainer>,
     maintenance: Mutex<Option<Maintenance>>,
-    sinks: Arc<crate::sink::Sinks>,
 }
 
 /// The harvest service of this process: submit, look up, cancel and close sessions; run workers.
@@ -146,6 +152,7 @@ pub struct HarvestBuilder {
     store: Option<Arc<dyn Store>>,
     job: Option<Arc<dyn Job>>,
     clock: Arc<dyn Clock>,
+    observer: Option<Arc<dyn CommitObserver>>,
 }
 
 impl HarvestBuilder {
@@ -167,6 +174,13 @@ impl HarvestBuilder {
         self
     }
 
+    /// Tells `observer` of every checkpoint this process's workers commit, in commit order,
+    /// before the job goes on (`harvest run` prints records from here).
+    pub fn observe_commits(mut self, observer: Arc<dyn CommitObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Opens the store (unless given), recovers sessions left RUNNING by a dead process (sled),
     /// and returns the service. Workers are not started: see [`Harvest::start`].
     pub async fn open(self) -> Result<Harvest, HarvestError> {
@@ -178,20 +192,50 @@ impl HarvestBuilder {
             Some(j) => j,
             None => default_job(&self.config)?,
         };
+        let effects = Effects::new(
+            EventBus::default(),
+            Arc::new(crate::sink::Sinks::new(&self.config)),
+            self.observer,
+        );
+        let default_timeout = Duration::from_secs(self.config.sessions.default_timeout_secs);
         let harvest = Harvest {
-            inner: Arc::new(Inner {
-                store,
-                job,
-                events: EventBus::default(),
-                clock: self.clock,
-                workers: Mutex::new(None),
-                maintenance: Mutex::new(None),
-                sinks: Arc::new(crate::sink::Sinks::new(&self.config)),
-                config: self.config,
+            inner: Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
+                let agents: Arc<dyn AgentRunner> = Arc::new(CronRunner(weak.clone()));
+                Inner {
+                    maintainer: Arc::new(Maintainer::new(
+                        store.clone(),
+                        self.clock.clone(),
+                        effects.clone(),
+                        Duration::from_secs(self.config.sessions.maintenance_interval_secs),
+                        Duration::from_millis(self.config.workers.retry_backoff_ms),
+                        default_timeout,
+                        agents,
+                    )),
+                    store,
+                    job,
+                    effects,
+                    clock: self.clock,
+                    workers: Mutex::new(None),
+                    maintenance: Mutex::new(None),
+                    config: self.config,
+                }
             }),
         };
-        harvest.recover_dead_process_sessions().await?;
+        harvest.inner.maintainer.recover_at_open().await?;
         Ok(harvest)
+    }
+}
+
+/// Fires cron agents' runs for the maintenance loop: a weak handle, so the loop does not keep
+/// the service alive.
+struct CronRunner(std::sync::Weak<Inner>);
+
+#[async_trait]
+impl AgentRunner for CronRunner {
+    async fn fire(&self, client: &str, name: &str, tick: Timestamp) {
+        if let Some(inner) = self.0.upgrade() {
+            agents::fire_tick(&Harvest { inner }, client, name, Some(tick)).await;
+        }
     }
 }
 
@@ -258,6 +302,7 @@ impl Harvest {
             store: None,
             job: None,
             clock: Arc::new(SystemClock),
+            observer: None,
         }
     }
 
@@ -283,45 +328,17 @@ impl Harvest {
 
     /// The export sinks.
     pub fn sinks(&self) -> &Arc<crate::sink::Sinks> {
-        &self.inner.sinks
+        self.inner.effects.sinks()
     }
 
     /// The event bus.
     pub fn events(&self) -> &EventBus {
-        &self.inner.events
+        self.inner.effects.events()
     }
 
-    /// sled is one process per data directory: every RUNNING session found at open belongs to a
-    /// dead process, so it is requeued now rather than after its lease runs out. Shared backends
-    /// leave this to lease expiry (another live process may hold the lease).
-    async fn recover_dead_process_sessions(&self) -> Result<(), HarvestError> {
-        if self.inner.store.backend() != "sled" {
-            return Ok(());
-        }
-        let now = self.inner.clock.now();
-        loop {
-            let batch = self
-                .inner
-                .store
-                .leases_reclaim(LeaseReclaim {
-                    expired_before: Timestamp(i64::MAX),
-                    limit: 1000,
-                    backoff: Duration::ZERO,
-                    cleanup_after: Duration::from_secs(
-                        self.inner.config.sessions.default_timeout_secs,
-                    ),
-                    now,
-                })
-                .await?;
-            for r in &batch {
-                tracing::info!(session = %r.id, attempt = r.attempt, outcome = ?r.outcome,
-                    "recovered a session left RUNNING by a previous process");
-            }
-            crate::metrics::lease_reclaims(batch.len() as u64);
-            if batch.len() < 1000 {
-                return Ok(());
-            }
-        }
+    /// What follows transitions.
+    pub(crate) fn effects(&self) -> &Effects {
+        &self.inner.effects
     }
 
     /// Starts this process's workers and maintenance loop (idempotent).
@@ -331,18 +348,30 @@ impl Harvest {
             *workers = Some(WorkerPool::start(WorkerSettings {
                 store: self.inner.store.clone(),
                 job: self.inner.job.clone(),
-                events: self.inner.events.clone(),
+                effects: self.inner.effects.clone(),
                 clock: self.inner.clock.clone(),
                 workers: self.inner.config.workers.clone(),
-                sessions: self.inner.config.sessions.clone(),
-                sinks: self.inner.sinks.clone(),
+                default_timeout: self.default_timeout(),
+                running: Arc::new(Running::default()),
             }));
         }
         drop(workers);
         let mut maintenance = lock(&self.inner.maintenance);
         if maintenance.is_none() {
-            *maintenance = Some(Maintenance::start(self.clone()));
+            *maintenance = Some(Maintenance::start(self.inner.maintainer.clone()));
         }
+    }
+
+    /// One maintenance pass now, at the clock's current time: reclaim expired leases, end
+    /// attempts far past their `max_duration`, remove sessions past their timeout, refresh the
+    /// gauges. The maintenance loop does this every tick on the elected leader; tests and
+    /// embedders with their own scheduling call it directly.
+    pub async fn maintain_once(&self) -> Result<MaintenanceReport, HarvestError> {
+        Ok(self.inner.maintainer.pass().await?)
+    }
+
+    fn default_timeout(&self) -> Duration {
+        Duration::from_secs(self.inner.config.sessions.default_timeout_secs)
     }
 
     /// Whether workers are running.
@@ -370,9 +399,9 @@ impl Harvest {
     /// Validates and durably stores a new session; returns as soon as it is durable.
     pub async fn submit(&self, req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
         if !req.config.is_object() {
-            return Err(HarvestError::InvalidConfig(
-                "config must be an object (JSON) or a TOML document".into(),
-            ));
+            return Err(HarvestError::InvalidConfig(ConfigRejected::new(
+                "config must be an object (JSON) or a TOML document",
+            )));
         }
         self.inner
             .job
@@ -427,7 +456,7 @@ impl Harvest {
             now,
         );
         let single_agent = if req.single_agent { req.agent } else { None };
-        let creating = self.inner.events.creating(&id);
+        let creating = self.events().creating(&id);
         match self
             .inner
             .store
@@ -438,8 +467,7 @@ impl Harvest {
             .await
         {
             Ok(InsertOutcome::Inserted(session)) => {
-                crate::metrics::session_submitted(session.client.client_id());
-                creating.created(&session);
+                self.inner.effects.created(&session, creating);
                 Ok(SessionHandle {
                     id,
                     harvest: self.clone(),
@@ -489,15 +517,12 @@ impl Harvest {
             .store
             .session_cancel(crate::store::SessionCancel {
                 id: id.clone(),
-                cleanup_after: Duration::from_secs(self.inner.config.sessions.default_timeout_secs),
+                cleanup_after: self.default_timeout(),
                 now,
             })
             .await?;
         match &out {
-            CancelOutcome::Cancelled(s) => {
-                crate::metrics::session_finished(s);
-                self.inner.events.publish(EventKind::Cancelled, s);
-            }
+            CancelOutcome::Cancelled(s) => self.inner.effects.transitioned(s),
             CancelOutcome::Requested(_) => self.inner.store.pending_wait(Duration::ZERO).await,
             _ => {}
         }
@@ -509,9 +534,7 @@ impl Harvest {
     pub async fn close(&self, id: &SessionId) -> Result<Option<Session>, HarvestError> {
         let removed = self.inner.store.session_remove(id).await?;
         if let Some(s) = &removed {
-            crate::metrics::session_cleaned();
-            self.inner.events.publish(EventKind::Removed, s);
-            crate::sink::cleanup_removed(&self.inner.sinks, std::slice::from_ref(s)).await;
+            self.inner.effects.removed(std::slice::from_ref(s)).await;
         }
         Ok(removed)
     }
@@ -559,7 +582,7 @@ impl Harvest {
     /// Events from now on (created, started, progress, completed, failed, cancelled, requeued,
     /// removed).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.inner.events.subscribe()
+        self.events().subscribe()
     }
 }
 

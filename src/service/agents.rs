@@ -10,9 +10,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::EventKind;
-use crate::service::{Harvest, HarvestError, SessionHandle, SubmitRequest};
-use crate::session::{ClientContext, SessionId, SessionOptions, SessionStatus};
+use super::{Harvest, HarvestError, SessionHandle, SubmitRequest};
+use crate::session::{
+    ClientContext, OptionsPatch, SessionId, SessionOptions, SessionStatus, Timestamp,
+};
 use crate::store::{Agent, AgentSessions, SessionList};
 
 /// What a client saves under an agent's name.
@@ -42,9 +43,9 @@ pub struct AgentRun {
     /// Params merged over the agent's.
     #[serde(default)]
     pub params: BTreeMap<String, String>,
-    /// Options; when given, they replace the agent's defaults.
+    /// Options merged over the agent's, key by key.
     #[serde(default)]
-    pub options: Option<SessionOptions>,
+    pub options: OptionsPatch,
     /// A caller-chosen session id.
     #[serde(default)]
     pub session_id: Option<SessionId>,
@@ -84,7 +85,9 @@ impl Harvest {
         validate_name(name)?;
         if !spec.config.is_object() {
             return Err(HarvestError::InvalidConfig(
-                "config must be an object (JSON) or a TOML document".into(),
+                crate::job::ConfigRejected::new(
+                    "config must be an object (JSON) or a TOML document",
+                ),
             ));
         }
         self.job()
@@ -173,7 +176,7 @@ impl Harvest {
             config: agent.config.clone(),
             params,
             client: ClientContext::of(client_id),
-            options: run.options.unwrap_or_else(|| agent.options.clone()),
+            options: run.options.apply_to(&agent.options),
             session_id: run.session_id,
             agent: Some(agent.name.clone()),
             single_agent: single,
@@ -218,13 +221,55 @@ impl Harvest {
                 }
                 for id in ids {
                     if let Some(s) = self.store().session_remove(&id).await? {
-                        crate::metrics::session_cleaned();
-                        self.events().publish(EventKind::Removed, &s);
-                        crate::sink::cleanup_removed(self.sinks(), std::slice::from_ref(&s)).await;
+                        self.effects().removed(std::slice::from_ref(&s)).await;
                     }
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// One cron tick of an agent: a run, unless its previous run is still active.
+pub async fn fire(harvest: &Harvest, client_id: &str, name: &str) {
+    fire_tick(harvest, client_id, name, None).await
+}
+
+/// One cron tick of an agent at its scheduled instant `tick` (`None`: an id of its own). A tick
+/// another process already fired is skipped.
+pub async fn fire_tick(harvest: &Harvest, client_id: &str, name: &str, tick: Option<Timestamp>) {
+    let agent = match harvest.agent_get(client_id, name).await {
+        Ok(Some(a)) => a,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(agent = name, error = %e, "cron: cannot read agent");
+            return;
+        }
+    };
+    match harvest.agent_active_session(&agent).await {
+        Ok(Some(active)) => {
+            tracing::info!(agent = name, session = %active, "cron: previous run still active; skipping this tick");
+            crate::metrics::agent_run_skipped();
+            return;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(agent = name, error = %e, "cron: cannot check the agent's runs");
+            return;
+        }
+    }
+    let run = AgentRun {
+        session_id: tick.and_then(|t| crate::runtime::cron_session_id(client_id, name, t)),
+        ..Default::default()
+    };
+    match harvest.agent_run(client_id, name, run).await {
+        Ok(h) => {
+            crate::metrics::agent_run_fired();
+            tracing::info!(agent = name, session = %h.id(), "cron: started a run");
+        }
+        Err(HarvestError::Duplicate(id)) => {
+            tracing::info!(agent = name, session = %id, "cron: this tick already ran (another process fired it)");
+        }
+        Err(e) => tracing::warn!(agent = name, error = %e, "cron: run refused"),
     }
 }

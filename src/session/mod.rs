@@ -4,6 +4,10 @@
 //! by the `api` module (JSON) and moved through its states only by compare-and-set methods of the
 //! `Store` trait. Nothing in this module does I/O.
 
+mod lifecycle;
+
+pub use lifecycle::{CancelDecision, Progress, RequeueOutcome, Transition};
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -361,6 +365,22 @@ pub struct SessionOptions {
     pub cleanup_external: bool,
 }
 
+impl SessionOptions {
+    /// Largest `max_duration_secs` a submission may ask for: one year. Bounds keep every
+    /// deadline computed from it well inside the range of the clocks.
+    pub const MAX_DURATION_SECS: u64 = 365 * 86_400;
+
+    /// Largest `session_timeout_secs` a submission may ask for: ten years.
+    pub const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 86_400;
+
+    /// `max_duration_secs` as a duration, clamped to [`SessionOptions::MAX_DURATION_SECS`] (a
+    /// value stored by an older build cannot overflow deadline arithmetic).
+    pub fn max_duration(&self) -> Option<Duration> {
+        self.max_duration_secs
+            .map(|d| Duration::from_secs(d.min(Self::MAX_DURATION_SECS)))
+    }
+}
+
 impl Default for SessionOptions {
     fn default() -> Self {
         SessionOptions {
@@ -372,6 +392,111 @@ impl Default for SessionOptions {
             run_at: None,
             remove_after_export: false,
             cleanup_external: true,
+        }
+    }
+}
+
+/// Session options as a caller gives them: only the keys present. Applied over a base (the
+/// defaults for a submission; the agent's options for an agent's run, so that a run's options
+/// replace the agent's defaults key by key). `null` clears a key that may be unset
+/// (`max_duration_secs`, `session_timeout_secs`, `max_attempts`, `run_at`); an unknown key or a
+/// bad value is refused with its name, as for [`SessionOptions`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptionsPatch {
+    /// See [`SessionOptions::max_duration_secs`].
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_duration_secs: Option<Option<u64>>,
+    /// See [`SessionOptions::session_timeout_secs`].
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub session_timeout_secs: Option<Option<u64>>,
+    /// See [`SessionOptions::token_tracking`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_tracking: Option<bool>,
+    /// See [`SessionOptions::max_attempts`].
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_attempts: Option<Option<u32>>,
+    /// See [`SessionOptions::priority`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// See [`SessionOptions::run_at`].
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub run_at: Option<Option<Timestamp>>,
+    /// See [`SessionOptions::remove_after_export`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_after_export: Option<bool>,
+    /// See [`SessionOptions::cleanup_external`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_external: Option<bool>,
+}
+
+/// A key that is present, even as `null` (`Some(None)`), as opposed to absent (`None`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl OptionsPatch {
+    /// `base` with every key this patch gives replaced.
+    pub fn apply_to(&self, base: &SessionOptions) -> SessionOptions {
+        let mut o = base.clone();
+        if let Some(v) = self.max_duration_secs {
+            o.max_duration_secs = v;
+        }
+        if let Some(v) = self.session_timeout_secs {
+            o.session_timeout_secs = v;
+        }
+        if let Some(v) = self.token_tracking {
+            o.token_tracking = v;
+        }
+        if let Some(v) = self.max_attempts {
+            o.max_attempts = v;
+        }
+        if let Some(v) = self.priority {
+            o.priority = v;
+        }
+        if let Some(v) = self.run_at {
+            o.run_at = v;
+        }
+        if let Some(v) = self.remove_after_export {
+            o.remove_after_export = v;
+        }
+        if let Some(v) = self.cleanup_external {
+            o.cleanup_external = v;
+        }
+        o
+    }
+}
+
+impl From<SessionOptions> for OptionsPatch {
+    /// Every key set to the options' value.
+    fn from(o: SessionOptions) -> OptionsPatch {
+        OptionsPatch {
+            max_duration_secs: Some(o.max_duration_secs),
+            session_timeout_secs: Some(o.session_timeout_secs),
+            token_tracking: Some(o.token_tracking),
+            max_attempts: Some(o.max_attempts),
+            priority: Some(o.priority),
+            run_at: Some(o.run_at),
+            remove_after_export: Some(o.remove_after_export),
+            cleanup_external: Some(o.cleanup_external),
         }
     }
 }
@@ -437,20 +562,132 @@ impl std::ops::AddAssign for TokenUsage {
 /// Why a session failed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionError {
-    /// A stable machine-readable kind, e.g. `max_duration_exceeded`, `attempts_exhausted`,
-    /// `job_failed`, `invalid_config`.
-    pub kind: String,
+    /// A stable machine-readable kind (see [`ErrorKind`]).
+    pub kind: ErrorKind,
     /// What happened, for a person.
     pub message: String,
 }
 
 impl SessionError {
     /// A new error.
-    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> SessionError {
+    pub fn new(kind: impl Into<ErrorKind>, message: impl Into<String>) -> SessionError {
         SessionError {
             kind: kind.into(),
             message: message.into(),
         }
+    }
+}
+
+impl fmt::Display for SessionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+/// The kind of a [`SessionError`]: a stable snake_case name clients may branch on. Stored and
+/// served as its name, so a kind added by a newer harvest reads back as [`ErrorKind::Other`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// An attempt ran longer than `max_duration_secs`.
+    MaxDurationExceeded,
+    /// The last attempt failed (or lost its lease without progress) and none are left.
+    AttemptsExhausted,
+    /// The attempt's worker stopped renewing its lease (it died or was cut off); retried.
+    LeaseExpired,
+    /// The job reported a failure.
+    JobFailed,
+    /// The job panicked (a bug; see the service log).
+    JobPanicked,
+    /// The session's config does not validate (only for configs stored by another version).
+    InvalidConfig,
+    /// An export sink failed.
+    ExportFailed,
+    /// The store failed while the attempt ran.
+    StoreError,
+    /// The HTTP client could not start.
+    HttpClient,
+    /// No start URL could be fetched.
+    FetchFailed,
+    /// Any other kind, by name.
+    Other(String),
+}
+
+impl ErrorKind {
+    /// The kinds harvest itself names, in no particular order.
+    pub const KNOWN: [ErrorKind; 10] = [
+        ErrorKind::MaxDurationExceeded,
+        ErrorKind::AttemptsExhausted,
+        ErrorKind::LeaseExpired,
+        ErrorKind::JobFailed,
+        ErrorKind::JobPanicked,
+        ErrorKind::InvalidConfig,
+        ErrorKind::ExportFailed,
+        ErrorKind::StoreError,
+        ErrorKind::HttpClient,
+        ErrorKind::FetchFailed,
+    ];
+
+    /// The snake_case name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ErrorKind::MaxDurationExceeded => "max_duration_exceeded",
+            ErrorKind::AttemptsExhausted => "attempts_exhausted",
+            ErrorKind::LeaseExpired => "lease_expired",
+            ErrorKind::JobFailed => "job_failed",
+            ErrorKind::JobPanicked => "job_panicked",
+            ErrorKind::InvalidConfig => "invalid_config",
+            ErrorKind::ExportFailed => "export_failed",
+            ErrorKind::StoreError => "store_error",
+            ErrorKind::HttpClient => "http_client",
+            ErrorKind::FetchFailed => "fetch_failed",
+            ErrorKind::Other(s) => s,
+        }
+    }
+}
+
+impl From<&str> for ErrorKind {
+    fn from(s: &str) -> ErrorKind {
+        ErrorKind::KNOWN
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .unwrap_or_else(|| ErrorKind::Other(s.to_string()))
+    }
+}
+
+impl From<String> for ErrorKind {
+    fn from(s: String) -> ErrorKind {
+        ErrorKind::from(s.as_str())
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for ErrorKind {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for ErrorKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+// As its name in every format (a string in bincode too), so stored values keep their layout.
+impl Serialize for ErrorKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(ErrorKind::from(String::deserialize(d)?))
     }
 }
 
@@ -625,6 +862,28 @@ mod tests {
             SessionId::parse("é"),
             Err(SessionIdError::BadChar('é', 0))
         ));
+    }
+
+    #[test]
+    fn an_options_patch_replaces_only_the_keys_it_gives() {
+        let base = SessionOptions {
+            session_timeout_secs: Some(60),
+            max_duration_secs: Some(10),
+            ..SessionOptions::default()
+        };
+        let patch: OptionsPatch =
+            serde_json::from_str(r#"{"priority": 1, "max_duration_secs": null}"#).unwrap();
+        let o = patch.apply_to(&base);
+        assert_eq!(
+            (o.priority, o.session_timeout_secs, o.max_duration_secs),
+            (1, Some(60), None)
+        );
+        let err = serde_json::from_str::<OptionsPatch>(r#"{"prio": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("prio"), "{err}");
+        assert_eq!(
+            OptionsPatch::from(base.clone()).apply_to(&SessionOptions::default()),
+            base
+        );
     }
 
     #[test]

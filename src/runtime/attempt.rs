@@ -1,0 +1,460 @@
+//! One attempt of one claimed session: run its job, keep its lease, commit what it hands back,
+//! and end it (finish, or hand it back) with one compare-and-set on (status, attempt, owner).
+//!
+//! The job never touches the store: it commits through this attempt's [`LeaseSink`] and reads
+//! the committed frontier and seen set through [`StoreCrawlState`]. Every write here names the
+//! attempt, so a worker whose lease was reclaimed learns it from a refused write and stops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tracing::Instrument;
+
+use super::worker::WorkerSettings;
+use crate::job::{
+    CheckpointSink, CommitError, CrawlState, CrawlStateError, JobContext, JobOutcome, Retry,
+    StopReason, StopSignal,
+};
+use crate::metrics::BatchCounts;
+use crate::session::{ErrorKind, Session, SessionError, SessionId, SessionStatus, Timestamp};
+use crate::sink::ExportSpec;
+use crate::store::{
+    AttemptRef, CheckpointBatch, CheckpointCommit, FrontierItem, FrontierPage, HeartbeatOutcome,
+    ResumeState, SeenFilter, SessionFinish, SessionHeartbeat, SessionRequeue, Store,
+};
+
+/// How long a job may take to notice its stop signal before its task is aborted.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// A session's committed frontier and seen set, read from the store: the [`CrawlState`] an
+/// attempt hands its job. Read-only by construction.
+pub struct StoreCrawlState {
+    store: Arc<dyn Store>,
+    id: SessionId,
+}
+
+impl StoreCrawlState {
+    /// The state of session `id` in `store`.
+    pub fn new(store: Arc<dyn Store>, id: SessionId) -> StoreCrawlState {
+        StoreCrawlState { store, id }
+    }
+}
+
+#[async_trait]
+impl CrawlState for StoreCrawlState {
+    async fn frontier_page(
+        &self,
+        after_pos: u64,
+        limit: usize,
+    ) -> Result<Vec<FrontierItem>, CrawlStateError> {
+        self.store
+            .frontier_page(FrontierPage {
+                id: self.id.clone(),
+                after_pos,
+                limit,
+            })
+            .await
+            .map_err(CrawlStateError::from)
+    }
+
+    async fn seen_filter(&self, urls: Vec<String>) -> Result<Vec<bool>, CrawlStateError> {
+        self.store
+            .seen_filter(SeenFilter {
+                id: self.id.clone(),
+                urls,
+            })
+            .await
+            .map_err(CrawlStateError::from)
+    }
+}
+
+/// One claimed attempt and what it needs to end itself.
+pub(crate) struct Attempt {
+    s: Arc<WorkerSettings>,
+    session: Session,
+    aref: AttemptRef,
+    stop: StopSignal,
+}
+
+/// Commits checkpoints of one attempt under its lease.
+struct LeaseSink {
+    attempt: Arc<Attempt>,
+    /// The session's table sink, copied after each committed checkpoint.
+    table_sink: Option<ExportSpec>,
+}
+
+#[async_trait]
+impl CheckpointSink for LeaseSink {
+    async fn commit(&self, batch: CheckpointBatch) -> Result<(), CommitError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let a = &self.attempt;
+        a.commit(batch).await?;
+        if let Some(spec) = &self.table_sink
+            && let Err(e) =
+                a.s.effects
+                    .sinks()
+                    .export_rows(&*a.s.store, &a.session, spec)
+                    .await
+        {
+            // The next checkpoint, or the export before COMPLETED, catches up.
+            tracing::warn!(session = %a.aref.id, error = %e, "exporting rows after a checkpoint failed; will retry");
+        }
+        Ok(())
+    }
+}
+
+impl Attempt {
+    /// Runs one claimed attempt to its end and records the outcome.
+    pub(crate) async fn run(s: Arc<WorkerSettings>, session: Session, owner: String) {
+        let stop = StopSignal::new();
+        let registered = s.running.register(stop.clone());
+        let attempt = Arc::new(Attempt {
+            aref: AttemptRef {
+                id: session.id.clone(),
+                attempt: session.attempt,
+                owner,
+            },
+            s,
+            session,
+            stop,
+        });
+        attempt.s.effects.started(&attempt.session).await;
+        tracing::debug!("attempt started");
+        attempt.run_job().await;
+        drop(registered);
+    }
+
+    /// Commits `batch` under the lease (with its effects). A refused or failed commit stops the
+    /// attempt.
+    async fn commit(&self, batch: CheckpointBatch) -> Result<(), CommitError> {
+        let counts = BatchCounts::of(&batch);
+        let kept = self.s.effects.observes_commits().then(|| batch.clone());
+        let res = self
+            .s
+            .store
+            .checkpoint_commit_if_running(CheckpointCommit {
+                attempt: self.aref.clone(),
+                batch,
+                lease: self.s.workers.lease(),
+                now: self.s.clock.now(),
+            })
+            .await;
+        match res {
+            Ok(Some(after)) => {
+                if let Err(e) = self.s.effects.checkpointed(&after, counts, kept.as_ref()) {
+                    tracing::error!(session = %self.aref.id, error = %e, "a committed checkpoint could not be followed up; abandoning the attempt");
+                    self.stop.stop(StopReason::Abandoned);
+                    return Err(CommitError::Abandoned(e));
+                }
+                Ok(())
+            }
+            Ok(None) => {
+                self.stop.stop(StopReason::LeaseLost);
+                Err(CommitError::LeaseLost)
+            }
+            Err(e) => {
+                // The write may or may not have happened; the only safe course is to stop and let
+                // the lease expire, so the next attempt resumes from the last known checkpoint.
+                tracing::error!(session = %self.aref.id, error = %e, "checkpoint commit failed; abandoning the attempt");
+                self.stop.stop(StopReason::Abandoned);
+                Err(CommitError::Abandoned(e.to_string()))
+            }
+        }
+    }
+
+    fn default_timeout(&self) -> Duration {
+        self.s.default_timeout
+    }
+
+    async fn run_job(self: &Arc<Self>) {
+        let span = tracing::Span::current();
+        // Frontier, seen set and records are only ever written by checkpoints: a session that
+        // has committed none has nothing to resume, and skipping the read saves three queries
+        // per session on PostgreSQL (measured with bench queue).
+        let resume = if self.session.checkpoints == 0 {
+            Ok(ResumeState {
+                metrics: self.session.metrics.clone(),
+                usage: self.session.usage,
+                ..Default::default()
+            })
+        } else {
+            self.s.store.resume_load(&self.session.id).await
+        };
+        let resume = match resume {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load resume state; handing the session back");
+                let error = SessionError::new(ErrorKind::StoreError, e.to_string());
+                self.requeue(false, Some(error), Retry::Backoff).await;
+                return;
+            }
+        };
+        let export = match ExportSpec::of(&self.session.job.config) {
+            Ok(spec) => spec,
+            Err(e) => {
+                // Validated at submission; only a config stored by another version gets here.
+                tracing::error!(error = %e, "the session's [export] is not valid; failing it");
+                let error = SessionError::new(ErrorKind::InvalidConfig, e);
+                self.finish(
+                    SessionStatus::Failed,
+                    Some(error),
+                    CheckpointBatch::default(),
+                )
+                .await;
+                return;
+            }
+        };
+        let sink = Arc::new(LeaseSink {
+            attempt: self.clone(),
+            table_sink: export.postgres_table.is_some().then(|| export.clone()),
+        });
+        let ctx = JobContext {
+            session: self.session.clone(),
+            resume,
+            state: Arc::new(StoreCrawlState::new(
+                self.s.store.clone(),
+                self.session.id.clone(),
+            )),
+            sink,
+            stop: self.stop.clone(),
+        };
+        let job = self.s.job.clone();
+        let job_task = tokio::spawn(async move { job.run(ctx).await }.instrument(span));
+        let Some(outcome) = self.supervise(job_task).await else {
+            return;
+        };
+        self.conclude(outcome, &export).await;
+    }
+
+    /// Waits for the job while renewing the lease, relaying a client's cancel and enforcing
+    /// `max_duration`; `None` when the job's task was cancelled from outside.
+    async fn supervise(
+        &self,
+        mut job_task: tokio::task::JoinHandle<JobOutcome>,
+    ) -> Option<JobOutcome> {
+        // The job must not outlive the attempt, even when this code panics.
+        let _abort = AbortOnDrop(job_task.abort_handle());
+        let lease = self.s.workers.lease();
+        let beat_every = (lease / 3).max(Duration::from_millis(200));
+        let max_duration = self.session.options.max_duration();
+        let started = tokio::time::Instant::now();
+        let mut beat = tokio::time::interval_at(started + beat_every, beat_every);
+        let mut stop_deadline: Option<tokio::time::Instant> = None;
+        let stop = &self.stop;
+        loop {
+            let max_sleep = match (max_duration, stop_deadline) {
+                (_, Some(d)) => d,
+                (Some(m), None) => started + m,
+                (None, None) => started + Duration::from_secs(365 * 86400),
+            };
+            tokio::select! {
+                res = &mut job_task => {
+                    return match res {
+                        Ok(o) => Some(o),
+                        Err(e) if e.is_panic() => {
+                            tracing::error!("the job panicked");
+                            Some(JobOutcome::Failed {
+                                error: SessionError::new(ErrorKind::JobPanicked, "the job panicked; see the service log"),
+                                retry: Retry::Backoff,
+                                batch: CheckpointBatch::default(),
+                            })
+                        }
+                        Err(_) => None,
+                    };
+                }
+                _ = beat.tick() => {
+                    let hb = self.s.store.session_heartbeat_if_running(SessionHeartbeat {
+                        attempt: self.aref.clone(), lease, now: self.s.clock.now(),
+                    }).await;
+                    match hb {
+                        Ok(HeartbeatOutcome::Renewed { cancel_requested: true }) => stop.stop(StopReason::Cancelled),
+                        Ok(HeartbeatOutcome::Renewed { .. }) => {}
+                        Ok(HeartbeatOutcome::Lost) => stop.stop(StopReason::LeaseLost),
+                        Err(e) => tracing::warn!(error = %e, "heartbeat failed; will retry"),
+                    }
+                    if stop.is_stopped() && stop_deadline.is_none() {
+                        stop_deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
+                    }
+                }
+                _ = stop.stopped(), if stop_deadline.is_none() => {
+                    stop_deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
+                }
+                _ = tokio::time::sleep_until(max_sleep) => {
+                    if stop_deadline.is_some() {
+                        // The job ignored its stop signal for STOP_GRACE: abort it.
+                        tracing::warn!("the job did not stop within {STOP_GRACE:?}; aborting it");
+                        job_task.abort();
+                        return Some(JobOutcome::Stopped(CheckpointBatch::default()));
+                    }
+                    stop.stop(StopReason::MaxDuration);
+                    stop_deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
+                }
+            }
+        }
+    }
+
+    /// Ends the attempt as its outcome says.
+    async fn conclude(&self, outcome: JobOutcome, export: &ExportSpec) {
+        match outcome {
+            JobOutcome::Completed(batch) if !export.is_empty() => {
+                // Last checkpoint, then the sinks, then COMPLETED: a crash anywhere in between
+                // leaves the session RUNNING; its next attempt has nothing left to crawl and runs
+                // the (idempotent) sinks again, so a COMPLETED session has every sink written
+                // once.
+                if !self.commit_last(batch).await {
+                    return;
+                }
+                if let Err(e) = self
+                    .s
+                    .effects
+                    .sinks()
+                    .export_all(&*self.s.store, &self.session, export)
+                    .await
+                {
+                    tracing::warn!(error = %e, "export failed; retrying the session");
+                    let error = SessionError::new(ErrorKind::ExportFailed, e.to_string());
+                    self.requeue(true, Some(error), Retry::Backoff).await;
+                    return;
+                }
+                self.finish(SessionStatus::Completed, None, CheckpointBatch::default())
+                    .await;
+            }
+            JobOutcome::Completed(batch) => {
+                self.finish(SessionStatus::Completed, None, batch).await;
+            }
+            JobOutcome::Stopped(batch) => match self.stop.reason() {
+                Some(StopReason::Cancelled) => {
+                    self.finish(SessionStatus::Cancelled, None, batch).await
+                }
+                Some(StopReason::MaxDuration) => {
+                    let secs = self.session.options.max_duration_secs.unwrap_or(0);
+                    let err = SessionError::new(
+                        ErrorKind::MaxDurationExceeded,
+                        format!("the attempt ran longer than max_duration_secs = {secs}"),
+                    );
+                    self.finish(SessionStatus::Failed, Some(err), batch).await
+                }
+                Some(StopReason::Shutdown) => {
+                    if self.commit_last(batch).await {
+                        self.requeue(false, None, Retry::Backoff).await;
+                    }
+                }
+                Some(StopReason::LeaseLost) => {
+                    tracing::info!("lease lost; another attempt owns the session");
+                }
+                Some(StopReason::Abandoned) => {
+                    tracing::info!(
+                        "attempt abandoned; the session is taken back when its lease expires"
+                    );
+                }
+                None => {
+                    // A job returned Stopped without being asked: treat as done with what it has.
+                    self.finish(SessionStatus::Completed, None, batch).await
+                }
+            },
+            JobOutcome::Failed {
+                error,
+                retry,
+                batch,
+            } => {
+                if !self.commit_last(batch).await {
+                    return;
+                }
+                match retry {
+                    Retry::Never => {
+                        self.finish(
+                            SessionStatus::Failed,
+                            Some(error),
+                            CheckpointBatch::default(),
+                        )
+                        .await
+                    }
+                    Retry::Backoff | Retry::After(_) => {
+                        self.requeue(true, Some(error), retry).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits a last batch before the attempt ends otherwise; `false`: the attempt no longer
+    /// holds the session (or the commit failed), so nothing more may be written.
+    async fn commit_last(&self, batch: CheckpointBatch) -> bool {
+        batch.is_empty() || self.commit(batch).await.is_ok()
+    }
+
+    /// Commits `batch` and the terminal `status` together.
+    async fn finish(
+        &self,
+        status: SessionStatus,
+        error: Option<SessionError>,
+        batch: CheckpointBatch,
+    ) {
+        let counts = BatchCounts::of(&batch);
+        let kept = self.s.effects.observes_commits().then(|| batch.clone());
+        let res = self
+            .s
+            .store
+            .session_finish_if_running(SessionFinish {
+                attempt: self.aref.clone(),
+                status,
+                error,
+                batch,
+                cleanup_after: self.default_timeout(),
+                now: self.s.clock.now(),
+            })
+            .await;
+        match res {
+            Ok(Some(done)) => {
+                if let Err(e) = self.s.effects.checkpointed(&done, counts, kept.as_ref()) {
+                    tracing::error!(error = %e, "the last checkpoint could not be followed up");
+                }
+                self.s.effects.transitioned(&done);
+            }
+            Ok(None) => tracing::info!("finish not applied: the lease was lost"),
+            Err(e) => tracing::error!(error = %e, "finishing the session failed"),
+        }
+    }
+
+    /// Hands the session back: PENDING after a backoff (or at once when `spend` is false), or
+    /// FAILED when it was its last attempt, CANCELLED when a cancel was asked meanwhile.
+    async fn requeue(&self, spend: bool, error: Option<SessionError>, retry: Retry) {
+        let now = self.s.clock.now();
+        let delay = match retry {
+            _ if !spend => Duration::ZERO,
+            Retry::After(d) => d,
+            _ => self.s.backoff(self.session.failures),
+        };
+        let res = self
+            .s
+            .store
+            .session_requeue_if_running(SessionRequeue {
+                attempt: self.aref.clone(),
+                spend_attempt: spend,
+                run_at: Timestamp(now.millis().saturating_add(delay.as_millis() as i64)),
+                error,
+                cleanup_after: self.default_timeout(),
+                now,
+            })
+            .await;
+        match res {
+            Ok(None) => {}
+            Ok(Some(after)) => self.s.effects.transitioned(&after),
+            Err(e) => {
+                tracing::error!(error = %e, "requeue failed; the lease will expire");
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,293 @@
+//! An attempt's commit: a checkpoint or a finish, with its batch of records, frontier changes,
+//! seen URLs and log lines, in one transaction that first takes the session row by its
+//! compare-and-set, so nothing is written unless the attempt still holds its lease.
+
+use super::rows::{
+    SESSION_COLUMNS, error_columns, session_from_row, to_i32, to_i64, usage_columns,
+};
+use super::sessions::IF_RUNNING;
+use super::{PostgresStore, db_err};
+use crate::session::{Session, SessionError, SessionStatus, Timestamp};
+
+/// A century in milliseconds: the cap of a cleanup delay, far inside bigint.
+const CENTURY_MS: i64 = 100 * 365 * 86_400_000;
+use crate::store::{
+    AttemptRef, CheckpointBatch, CheckpointCommit, LOG_LINES_MAX, SessionFinish, StoreError,
+    StoreResult,
+};
+
+/// How an attempt's commit ends: a checkpoint renews the lease, a finish ends the session.
+enum Ending {
+    Checkpoint {
+        lease_expires_at: Timestamp,
+    },
+    Finish {
+        status: SessionStatus,
+        error: Option<SessionError>,
+        cleanup_after_ms: i64,
+    },
+}
+
+impl PostgresStore {
+    pub(super) async fn commit_checkpoint(
+        &self,
+        p: CheckpointCommit,
+    ) -> StoreResult<Option<Session>> {
+        let ending = Ending::Checkpoint {
+            lease_expires_at: p.now.add(p.lease),
+        };
+        self.attempt_commit(&p.attempt, &p.batch, p.now, ending)
+            .await
+    }
+
+    pub(super) async fn finish_session(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
+        if !p.status.is_terminal() {
+            return Err(StoreError::Invalid(format!(
+                "session {} cannot finish as {}; use COMPLETED, FAILED or CANCELLED",
+                p.attempt.id, p.status
+            )));
+        }
+        // Capped so that now + delay stays far inside bigint (a century is ~3.2e12 ms).
+        let cleanup_after_ms = i64::try_from(p.cleanup_after.as_millis())
+            .unwrap_or(i64::MAX)
+            .min(CENTURY_MS);
+        let ending = Ending::Finish {
+            status: p.status,
+            error: p.error,
+            cleanup_after_ms,
+        };
+        self.attempt_commit(&p.attempt, &p.batch, p.now, ending)
+            .await
+    }
+
+    /// Commits `batch` and `ending` in one transaction if the attempt still holds its lease;
+    /// the session after it. One statement each, equal to the state machine's
+    /// [`Session::checkpointed`] and [`Session::finished`] (the conformance suite checks it).
+    async fn attempt_commit(
+        &self,
+        a: &AttemptRef,
+        batch: &CheckpointBatch,
+        now: Timestamp,
+        ending: Ending,
+    ) -> StoreResult<Option<Session>> {
+        let attempt = to_i32(a.attempt, "attempt")?;
+        let records = i64::try_from(batch.records.len()).unwrap_or(i64::MAX);
+        let pages = to_i64(batch.pages, "pages")?;
+        let u = usage_columns(&batch.usage)?;
+        let nonempty = !batch.is_empty();
+        let checkpoint: i64 = nonempty.into();
+
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        // The compare-and-set comes first: it locks the session row, so the batch below is
+        // written only while this attempt holds the lease, and the record numbering cannot race.
+        const COUNTERS: &str = "pages_processed = pages_processed + $4, \
+             processed_elements = processed_elements + $5, http_requests = http_requests + $6, \
+             http_errors = http_errors + $7, bytes_received = bytes_received + $8, \
+             retries = retries + $9, robots_blocked = robots_blocked + $10, \
+             checkpoints = checkpoints + $11, \
+             progress_this_attempt = progress_this_attempt OR $11 > 0, updated_at = $12";
+        let row = match &ending {
+            Ending::Checkpoint { lease_expires_at } => {
+                let stmt = tx
+                    .prepare_cached(&format!(
+                        "UPDATE sessions SET {COUNTERS}, lease_expires_at = $13 \
+                         WHERE {IF_RUNNING} RETURNING {SESSION_COLUMNS}"
+                    ))
+                    .await
+                    .map_err(db_err("preparing a checkpoint"))?;
+                tx.query_opt(
+                    &stmt,
+                    &[
+                        &a.id.as_str(),
+                        &attempt,
+                        &a.owner,
+                        &pages,
+                        &records,
+                        &u[0],
+                        &u[1],
+                        &u[2],
+                        &u[3],
+                        &u[4],
+                        &checkpoint,
+                        &now.0,
+                        &lease_expires_at.0,
+                    ],
+                )
+                .await
+            }
+            Ending::Finish {
+                status,
+                error,
+                cleanup_after_ms,
+            } => {
+                // The session's own timeout (cleanup_after_ms, set at insert) else the default.
+                let stmt = tx
+                    .prepare_cached(&format!(
+                        "UPDATE sessions SET {COUNTERS}, status = $13, error_kind = $14, \
+                         error_message = $15, \
+                         cleanup_at = $12::bigint + COALESCE(cleanup_after_ms, $16::bigint), \
+                         end_time = $12, lease_owner = NULL, lease_expires_at = NULL \
+                         WHERE {IF_RUNNING} RETURNING {SESSION_COLUMNS}"
+                    ))
+                    .await
+                    .map_err(db_err("preparing a finish"))?;
+                let (error_kind, error_message) = error_columns(error.as_ref());
+                tx.query_opt(
+                    &stmt,
+                    &[
+                        &a.id.as_str(),
+                        &attempt,
+                        &a.owner,
+                        &pages,
+                        &records,
+                        &u[0],
+                        &u[1],
+                        &u[2],
+                        &u[3],
+                        &u[4],
+                        &checkpoint,
+                        &now.0,
+                        &status.as_str(),
+                        &error_kind,
+                        &error_message,
+                        cleanup_after_ms,
+                    ],
+                )
+                .await
+            }
+        }
+        .map_err(db_err(&format!(
+            "committing attempt {} of session {}",
+            a.attempt, a.id
+        )))?;
+        let Some(row) = row else {
+            // Not ours any more; the transaction rolls back on drop having written nothing.
+            return Ok(None);
+        };
+        let session = session_from_row(&row)?;
+        if nonempty {
+            let total = to_i64(session.metrics.processed_elements, "processed_elements")?;
+            write_batch(&tx, a, batch, total - records).await?;
+        }
+        tx.commit().await.map_err(db_err(&format!(
+            "committing attempt {} of session {}",
+            a.attempt, a.id
+        )))?;
+        Ok(Some(session))
+    }
+}
+
+/// Writes a checkpoint's records, frontier, seen set and log inside the caller's transaction.
+/// `first_seq`: the number of the batch's first record.
+async fn write_batch(
+    tx: &deadpool_postgres::Transaction<'_>,
+    a: &AttemptRef,
+    batch: &CheckpointBatch,
+    first_seq: i64,
+) -> StoreResult<()> {
+    let id = a.id.as_str();
+    let ctx = |what: &str| {
+        format!(
+            "writing the {what} of session {} attempt {}",
+            a.id, a.attempt
+        )
+    };
+    if !batch.records.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO records (session_id, seq, data)
+                 SELECT $1, $2 + t.ord - 1, t.data
+                 FROM unnest($3::jsonb[]) WITH ORDINALITY AS t(data, ord)",
+            )
+            .await
+            .map_err(db_err("preparing a records insert"))?;
+        tx.execute(&stmt, &[&id, &first_seq, &batch.records])
+            .await
+            .map_err(db_err(&ctx("records")))?;
+    }
+    // Added before removing: a URL found and fetched within one batch ends up not in the
+    // frontier.
+    if !batch.frontier_add.is_empty() {
+        let urls: Vec<&str> = batch.frontier_add.iter().map(|f| f.url.as_str()).collect();
+        let depths = batch
+            .frontier_add
+            .iter()
+            .map(|f| to_i32(f.depth, "frontier depth"))
+            .collect::<StoreResult<Vec<i32>>>()?;
+        let pages: Vec<Option<&str>> = batch
+            .frontier_add
+            .iter()
+            .map(|f| f.page.as_deref())
+            .collect();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO frontier (session_id, url, depth, page)
+                 SELECT $1, t.url, t.depth, t.page
+                 FROM unnest($2::text[], $3::int4[], $4::text[]) WITH ORDINALITY
+                     AS t(url, depth, page, ord)
+                 ORDER BY t.ord
+                 ON CONFLICT (session_id, url) DO NOTHING",
+            )
+            .await
+            .map_err(db_err("preparing a frontier insert"))?;
+        tx.execute(&stmt, &[&id, &urls, &depths, &pages])
+            .await
+            .map_err(db_err(&ctx("frontier")))?;
+    }
+    if !batch.frontier_done.is_empty() {
+        let stmt = tx
+            .prepare_cached("DELETE FROM frontier WHERE session_id = $1 AND url = ANY($2)")
+            .await
+            .map_err(db_err("preparing a frontier delete"))?;
+        let done: Vec<&str> = batch.frontier_done.iter().map(|d| d.url.as_str()).collect();
+        tx.execute(&stmt, &[&id, &done])
+            .await
+            .map_err(db_err(&ctx("frontier")))?;
+    }
+    if !batch.seen_add.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO seen (session_id, url) SELECT $1, unnest($2::text[])
+                 ON CONFLICT (session_id, url) DO NOTHING",
+            )
+            .await
+            .map_err(db_err("preparing a seen insert"))?;
+        tx.execute(&stmt, &[&id, &batch.seen_add])
+            .await
+            .map_err(db_err(&ctx("seen set")))?;
+    }
+    if !batch.log.is_empty() {
+        let at: Vec<i64> = batch.log.iter().map(|l| l.at.0).collect();
+        let level: Vec<&str> = batch.log.iter().map(|l| l.level.as_str()).collect();
+        let message: Vec<&str> = batch.log.iter().map(|l| l.message.as_str()).collect();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO log (session_id, at, level, message)
+                 SELECT $1, t.at, t.level, t.message
+                 FROM unnest($2::int8[], $3::text[], $4::text[]) WITH ORDINALITY
+                     AS t(at, level, message, ord)
+                 ORDER BY t.ord",
+            )
+            .await
+            .map_err(db_err("preparing a log insert"))?;
+        tx.execute(&stmt, &[&id, &at, &level, &message])
+            .await
+            .map_err(db_err(&ctx("log")))?;
+        let trim = tx
+            .prepare_cached(
+                "DELETE FROM log WHERE session_id = $1 AND id <= (
+                     SELECT id FROM log WHERE session_id = $1 ORDER BY id DESC
+                     OFFSET $2 LIMIT 1)",
+            )
+            .await
+            .map_err(db_err("preparing a log trim"))?;
+        tx.execute(&trim, &[&id, &(LOG_LINES_MAX as i64)])
+            .await
+            .map_err(db_err(&ctx("log")))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,676 @@
+//! Sessions: insert (with the single-session-agent check), claim, heartbeat, requeue, lease
+//! reclaim, cancel, removal, expiry, listings and counts. Each transition is one statement (or
+//! one transaction under the session's row lock) whose `WHERE` is its precondition.
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+
+use super::rows::{
+    SESSION_COLUMNS, SpecRef, error_columns, parse_status, row_get, session_from_row, to_i32,
+    to_i64, to_u64, usage_columns,
+};
+use super::{ADVISORY_CLASS_AGENT, PostgresStore, db_err};
+use crate::session::{CancelDecision, Session, SessionId, SessionStatus, Timestamp};
+use crate::store::{
+    AttemptRef, CancelOutcome, HeartbeatOutcome, InsertOutcome, LeaseReclaim, Reclaimed,
+    RequeueOutcome, SessionCancel, SessionClaim, SessionCounts, SessionHeartbeat, SessionInsert,
+    SessionList, SessionPage, SessionRequeue, SessionsExpire, StoreError, StoreResult, codec,
+    key_name,
+};
+
+/// Longest session list page (the trait's documented range).
+const LIST_LIMIT_MAX: usize = 1000;
+
+/// The compare-and-set precondition of every worker transition; `$1..$3` are the attempt.
+pub(super) const IF_RUNNING: &str =
+    "id = $1 AND status = 'RUNNING' AND attempt = $2 AND lease_owner = $3";
+
+impl PostgresStore {
+    async fn insert_row(
+        &self,
+        client: &impl GenericClient,
+        s: &Session,
+        agent: Option<&str>,
+    ) -> StoreResult<Option<u64>> {
+        let spec = codec::encode(&SpecRef {
+            client: &s.client,
+            job: &s.job,
+            options: &s.options,
+        })?;
+        let (error_kind, error_message) = error_columns(s.error.as_ref());
+        let stmt = client
+            .prepare_cached(
+                "WITH ins AS (
+                     INSERT INTO sessions (id, client_id, agent, status, priority, run_at,
+                         max_attempts, attempt, failures, progress_this_attempt, lease_owner,
+                         lease_expires_at, cancel_requested, created_at, updated_at, cleanup_at,
+                         start_time, end_time, pages_processed, processed_elements, http_requests,
+                         http_errors, bytes_received, retries, robots_blocked, error_kind,
+                         error_message, checkpoints, spec, cleanup_after_ms)
+                     VALUES ($1, $2, $3, 'PENDING', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
+                         $29)
+                     ON CONFLICT (id) DO NOTHING
+                     RETURNING seq)
+                 SELECT seq FROM ins",
+            )
+            .await
+            .map_err(db_err("preparing the session insert"))?;
+        let priority = s.options.priority;
+        let max_attempts = to_i32(s.max_attempts(), "max_attempts")?;
+        let attempt = to_i32(s.attempt, "attempt")?;
+        let failures = to_i32(s.failures, "failures")?;
+        let lease_owner = s.lease.as_ref().map(|l| l.owner.as_str());
+        let lease_expires = s.lease.as_ref().map(|l| l.expires_at.0);
+        let u = usage_columns(&s.usage)?;
+        let pages = to_i64(s.metrics.pages_processed, "pages_processed")?;
+        let elements = to_i64(s.metrics.processed_elements, "processed_elements")?;
+        let checkpoints = to_i64(s.checkpoints, "checkpoints")?;
+        let cleanup_after_ms = s
+            .options
+            .session_timeout_secs
+            .map(|secs| to_i64(secs.saturating_mul(1000), "session_timeout_secs"))
+            .transpose()?;
+        let params: [&(dyn ToSql + Sync); 29] = [
+            &s.id.as_str(),
+            &s.client.client_id(),
+            &agent,
+            &priority,
+            &s.run_at.0,
+            &max_attempts,
+            &attempt,
+            &failures,
+            &s.progress_this_attempt,
+            &lease_owner,
+            &lease_expires,
+            &s.cancel_requested,
+            &s.created_at.0,
+            &s.updated_at.0,
+            &s.cleanup_at.map(|t| t.0),
+            &s.metrics.start_time.map(|t| t.0),
+            &s.metrics.end_time.map(|t| t.0),
+            &pages,
+            &elements,
+            &u[0],
+            &u[1],
+            &u[2],
+            &u[3],
+            &u[4],
+            &error_kind,
+            &error_message,
+            &checkpoints,
+            &spec,
+            &cleanup_after_ms,
+        ];
+        let row = client.query_opt(&stmt, &params).await.map_err(|e| {
+            if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                StoreError::Duplicate(s.id.clone())
+            } else {
+                db_err("inserting a session")(e)
+            }
+        })?;
+        match row {
+            Some(row) => Ok(Some(to_u64(
+                row_get::<i64>(&row, 0, "sessions/seq")?,
+                "seq",
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) async fn insert_session(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
+        let mut session = p.session;
+        if session.status != SessionStatus::Pending {
+            return Err(StoreError::Invalid(format!(
+                "session {} is inserted as {}; new sessions must be PENDING",
+                session.id, session.status
+            )));
+        }
+        let agent = session.job.agent.clone().or_else(|| p.single_agent.clone());
+        let mut client = self.client().await?;
+        let seq = match &p.single_agent {
+            None => self.insert_row(&client, &session, agent.as_deref()).await?,
+            Some(name) => {
+                let tx = client
+                    .transaction()
+                    .await
+                    .map_err(db_err("starting a transaction"))?;
+                // Serializes inserts for this agent: the check below then sees every insert
+                // committed before ours, so two racing submissions cannot both pass it.
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock($1, hashtext($2 || '/' || $3))",
+                    &[&ADVISORY_CLASS_AGENT, &session.client.client_id(), name],
+                )
+                .await
+                .map_err(db_err("locking the single-session agent"))?;
+                let busy = tx
+                    .query_opt(
+                        "SELECT id FROM sessions WHERE client_id = $1 AND agent = $2 \
+                         AND status IN ('PENDING', 'RUNNING') ORDER BY seq LIMIT 1",
+                        &[&session.client.client_id(), name],
+                    )
+                    .await
+                    .map_err(db_err("checking for an active session of the agent"))?;
+                if let Some(row) = busy {
+                    let id: String = row_get(&row, 0, "sessions/id")?;
+                    let id = SessionId::parse(&id).map_err(|e| StoreError::Corrupt {
+                        key: format!("sessions/{id}"),
+                        reason: e.to_string(),
+                    })?;
+                    return Ok(InsertOutcome::AgentBusy(id));
+                }
+                let seq = self.insert_row(&tx, &session, agent.as_deref()).await?;
+                tx.commit()
+                    .await
+                    .map_err(db_err("committing the session insert"))?;
+                seq
+            }
+        };
+        let Some(seq) = seq else {
+            return Err(StoreError::Duplicate(session.id));
+        };
+        self.wake_local();
+        session.seq = seq;
+        Ok(InsertOutcome::Inserted(Box::new(session)))
+    }
+
+    pub(super) async fn get_session(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"
+            ))
+            .await
+            .map_err(db_err("preparing a session read"))?;
+        let row = client
+            .query_opt(&stmt, &[&id.as_str()])
+            .await
+            .map_err(db_err(&format!("reading session {id}")))?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    pub(super) async fn list_sessions(&self, p: SessionList) -> StoreResult<SessionPage> {
+        if p.limit == 0 || p.limit > LIST_LIMIT_MAX {
+            return Err(StoreError::Invalid(format!(
+                "list limit {} is out of range; use 1 to {LIST_LIMIT_MAX}",
+                p.limit
+            )));
+        }
+        let cursor = match &p.cursor {
+            None => None,
+            Some(c) => Some(c.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "cursor {c:?} is not one this store returned; pass a page's next_cursor"
+                ))
+            })?),
+        };
+        let status = p.status.map(SessionStatus::as_str);
+        let limit = (p.limit + 1) as i64;
+        // The query text depends on which filters are present, so each shape gets a plan that
+        // uses the right index (a generic `$1 IS NULL OR ...` plan would scan).
+        let mut filters = Vec::new();
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        if let Some(c) = &p.client_id {
+            params.push(c);
+            filters.push(format!("client_id = ${}", params.len()));
+        }
+        if let Some(s) = &status {
+            params.push(s);
+            filters.push(format!("status = ${}", params.len()));
+        }
+        if let Some(a) = &p.agent {
+            params.push(a);
+            filters.push(format!("agent = ${}", params.len()));
+        }
+        if let Some(c) = &cursor {
+            params.push(c);
+            filters.push(format!("seq < ${}", params.len()));
+        }
+        params.push(&limit);
+        let where_clause = if filters.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", filters.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions {where_clause} ORDER BY seq DESC LIMIT ${}",
+            params.len()
+        );
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&sql)
+            .await
+            .map_err(db_err("preparing a session list"))?;
+        let rows = client
+            .query(&stmt, &params)
+            .await
+            .map_err(db_err("listing sessions"))?;
+        let mut sessions = rows
+            .iter()
+            .map(session_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        let next_cursor = if sessions.len() > p.limit {
+            sessions.truncate(p.limit);
+            sessions.last().map(|s| s.seq.to_string())
+        } else {
+            None
+        };
+        Ok(SessionPage {
+            sessions,
+            next_cursor,
+        })
+    }
+
+    pub(super) async fn claim_sessions(&self, p: SessionClaim) -> StoreResult<Vec<Session>> {
+        if p.limit == 0 {
+            // A worker with no free slot claims nothing (the conformance suite's rule).
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(p.limit).unwrap_or(i64::MAX);
+        let expires = p.now.add(p.lease).0;
+        let client = self.client().await?;
+        // One statement: rows locked by a concurrent claim are skipped, not waited for, and the
+        // lock is held only until this statement's implicit commit.
+        let stmt = client
+            .prepare_cached(&format!(
+                "WITH due AS (
+                     SELECT id AS due_id FROM sessions
+                     WHERE status = 'PENDING' AND run_at <= $1
+                     ORDER BY priority DESC, run_at, seq
+                     LIMIT $2
+                     FOR UPDATE SKIP LOCKED)
+                 UPDATE sessions SET status = 'RUNNING', attempt = attempt + 1,
+                     lease_owner = $3, lease_expires_at = $4, start_time = $1, end_time = NULL,
+                     progress_this_attempt = false, updated_at = $1
+                 FROM due WHERE id = due_id AND status = 'PENDING'
+                 RETURNING {SESSION_COLUMNS}, priority"
+            ))
+            .await
+            .map_err(db_err("preparing the claim"))?;
+        let rows = client
+            .query(&stmt, &[&p.now.0, &limit, &p.owner, &expires])
+            .await
+            .map_err(db_err("claiming sessions"))?;
+        let mut claimed = rows
+            .iter()
+            .map(session_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        // RETURNING order is unspecified; callers start sessions in claim order.
+        claimed.sort_by(|a, b| {
+            b.options
+                .priority
+                .cmp(&a.options.priority)
+                .then(a.run_at.cmp(&b.run_at))
+                .then(a.seq.cmp(&b.seq))
+        });
+        Ok(claimed)
+    }
+
+    pub(super) async fn heartbeat(&self, p: SessionHeartbeat) -> StoreResult<HeartbeatOutcome> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "UPDATE sessions SET lease_expires_at = $4 WHERE {IF_RUNNING} \
+                 RETURNING cancel_requested"
+            ))
+            .await
+            .map_err(db_err("preparing a heartbeat"))?;
+        let a = &p.attempt;
+        let attempt = to_i32(a.attempt, "attempt")?;
+        let row = client
+            .query_opt(
+                &stmt,
+                &[&a.id.as_str(), &attempt, &a.owner, &p.now.add(p.lease).0],
+            )
+            .await
+            .map_err(db_err(&format!("renewing the lease of session {}", a.id)))?;
+        Ok(match row {
+            Some(row) => HeartbeatOutcome::Renewed {
+                cancel_requested: row_get(&row, 0, &key_name("sessions", &a.id))?,
+            },
+            None => HeartbeatOutcome::Lost,
+        })
+    }
+
+    /// The row of an attempt that still holds its lease, locked until the transaction ends.
+    async fn lock_running(
+        tx: &deadpool_postgres::Transaction<'_>,
+        a: &AttemptRef,
+    ) -> StoreResult<Option<Session>> {
+        let stmt = tx
+            .prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE {IF_RUNNING} FOR UPDATE"
+            ))
+            .await
+            .map_err(db_err("preparing a locked read"))?;
+        let attempt = to_i32(a.attempt, "attempt")?;
+        let row = tx
+            .query_opt(&stmt, &[&a.id.as_str(), &attempt, &a.owner])
+            .await
+            .map_err(db_err(&format!("reading session {} to change it", a.id)))?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    pub(super) async fn requeue_session(&self, p: SessionRequeue) -> StoreResult<Option<Session>> {
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        let Some(old) = Self::lock_running(&tx, &p.attempt).await? else {
+            return Ok(None);
+        };
+        let (s, _) = old.requeued(p.spend_attempt, p.run_at, p.error, p.cleanup_after, p.now);
+        write_sessions(&tx, std::slice::from_ref(&s)).await?;
+        tx.commit()
+            .await
+            .map_err(db_err(&format!("committing the requeue of {}", s.id)))?;
+        if s.status == SessionStatus::Pending {
+            self.wake_local();
+        }
+        Ok(Some(s))
+    }
+
+    pub(super) async fn reclaim_leases(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>> {
+        if p.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(p.limit).unwrap_or(i64::MAX);
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        // Rows another reclaimer holds are skipped, not waited for; lease-expiry order, as sled.
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT {SESSION_COLUMNS} FROM sessions \
+                     WHERE status = 'RUNNING' AND lease_expires_at <= $1 \
+                     ORDER BY lease_expires_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
+                ),
+                &[&p.expired_before.0, &limit],
+            )
+            .await
+            .map_err(db_err("reading expired leases"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let old = session_from_row(row)?;
+            let (s, outcome) = old.reclaimed(p.backoff, p.cleanup_after, p.now);
+            out.push(Reclaimed {
+                id: s.id.clone(),
+                attempt: old.attempt,
+                outcome,
+                session: Box::new(s),
+            });
+        }
+        let sessions: Vec<Session> = out.iter().map(|r| (*r.session).clone()).collect();
+        write_sessions(&tx, &sessions).await?;
+        tx.commit()
+            .await
+            .map_err(db_err("committing the lease reclaim"))?;
+        if out.iter().any(|r| r.outcome == RequeueOutcome::Requeued) {
+            self.wake_local();
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn cancel_session(&self, p: SessionCancel) -> StoreResult<CancelOutcome> {
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        let row = tx
+            .query_opt(
+                &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1 FOR UPDATE"),
+                &[&p.id.as_str()],
+            )
+            .await
+            .map_err(db_err(&format!("reading session {} to cancel it", p.id)))?;
+        let Some(row) = row else {
+            return Ok(CancelOutcome::NotFound);
+        };
+        let old = session_from_row(&row)?;
+        let (s, outcome) = match old.cancel(p.cleanup_after, p.now) {
+            CancelDecision::Cancel(s) => (s.clone(), CancelOutcome::Cancelled(Box::new(s))),
+            CancelDecision::Request(s) => (s.clone(), CancelOutcome::Requested(Box::new(s))),
+            CancelDecision::AlreadyRequested => return Ok(CancelOutcome::Requested(Box::new(old))),
+            CancelDecision::AlreadyTerminal => {
+                return Ok(CancelOutcome::AlreadyTerminal(Box::new(old)));
+            }
+        };
+        write_sessions(&tx, std::slice::from_ref(&s)).await?;
+        tx.commit().await.map_err(db_err("committing a cancel"))?;
+        Ok(outcome)
+    }
+
+    pub(super) async fn remove_session(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        // The session row goes first: its row lock waits for a checkpoint in flight, so the
+        // deletes below see (and remove) what that checkpoint committed, and a later
+        // checkpoint's compare-and-set finds no row.
+        let row = tx
+            .query_opt(
+                &format!("DELETE FROM sessions WHERE id = $1 RETURNING {SESSION_COLUMNS}"),
+                &[&id.as_str()],
+            )
+            .await
+            .map_err(db_err(&format!("removing session {id}")))?;
+        let Some(row) = row else { return Ok(None) };
+        let session = session_from_row(&row)?;
+        delete_session_data(&tx, &[id.as_str()]).await?;
+        tx.commit()
+            .await
+            .map_err(db_err(&format!("committing the removal of session {id}")))?;
+        Ok(Some(session))
+    }
+
+    pub(super) async fn expire_sessions(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {
+        if p.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(p.limit).unwrap_or(i64::MAX);
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        let rows = tx
+            .query(
+                &format!(
+                    "DELETE FROM sessions WHERE id IN (
+                         SELECT id FROM sessions
+                         WHERE cleanup_at <= $1
+                           AND status IN ('COMPLETED', 'FAILED', 'CANCELLED')
+                         ORDER BY cleanup_at
+                         LIMIT $2
+                         FOR UPDATE SKIP LOCKED)
+                     RETURNING {SESSION_COLUMNS}"
+                ),
+                &[&p.now.0, &limit],
+            )
+            .await
+            .map_err(db_err("removing expired sessions"))?;
+        let mut sessions = rows
+            .iter()
+            .map(session_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        if !sessions.is_empty() {
+            let ids: Vec<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
+            delete_session_data(&tx, &ids).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(db_err("committing the removal of expired sessions"))?;
+        sessions.sort_by(|a, b| a.cleanup_at.cmp(&b.cleanup_at).then(a.seq.cmp(&b.seq)));
+        Ok(sessions)
+    }
+
+    pub(super) async fn count_sessions(&self, now: Timestamp) -> StoreResult<SessionCounts> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT status, count(*), count(*) FILTER (WHERE run_at <= $1) \
+                 FROM sessions GROUP BY status",
+            )
+            .await
+            .map_err(db_err("preparing the session counts"))?;
+        let rows = client
+            .query(&stmt, &[&now.0])
+            .await
+            .map_err(db_err("counting sessions"))?;
+        let mut counts = SessionCounts::default();
+        for status in SessionStatus::ALL {
+            counts.by_status.insert(status, 0);
+        }
+        for row in &rows {
+            let name: String = row_get(row, 0, "sessions/status")?;
+            let status = parse_status(&name, "sessions/status")?;
+            let n = to_u64(row_get::<i64>(row, 1, "sessions/status")?, "count")?;
+            counts.by_status.insert(status, n);
+            if status == SessionStatus::Pending {
+                counts.queue_depth = to_u64(row_get::<i64>(row, 2, "sessions/status")?, "count")?;
+            }
+        }
+        Ok(counts)
+    }
+}
+
+/// Deletes everything stored under the given sessions except their `sessions` rows.
+async fn delete_session_data(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ids: &[&str],
+) -> StoreResult<()> {
+    for table in ["records", "frontier", "seen", "log"] {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE session_id = ANY($1)"),
+            &[&ids],
+        )
+        .await
+        .map_err(db_err(&format!(
+            "removing the {table} of {} session(s)",
+            ids.len()
+        )))?;
+    }
+    Ok(())
+}
+
+/// Writes every mutable column of `sessions` (state-machine results) to their rows, in one
+/// statement, inside the caller's transaction (which holds the rows' locks).
+pub(super) async fn write_sessions(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sessions: &[Session],
+) -> StoreResult<()> {
+    if sessions.is_empty() {
+        return Ok(());
+    }
+    let n = sessions.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut status = Vec::with_capacity(n);
+    let mut attempt = Vec::with_capacity(n);
+    let mut failures = Vec::with_capacity(n);
+    let mut progress = Vec::with_capacity(n);
+    let mut lease_owner = Vec::with_capacity(n);
+    let mut lease_expires = Vec::with_capacity(n);
+    let mut cancel = Vec::with_capacity(n);
+    let mut run_at = Vec::with_capacity(n);
+    let mut updated = Vec::with_capacity(n);
+    let mut cleanup = Vec::with_capacity(n);
+    let mut start = Vec::with_capacity(n);
+    let mut end = Vec::with_capacity(n);
+    let mut pages = Vec::with_capacity(n);
+    let mut elements = Vec::with_capacity(n);
+    let mut usage: [Vec<i64>; 5] = Default::default();
+    let mut error_kind = Vec::with_capacity(n);
+    let mut error_message = Vec::with_capacity(n);
+    let mut checkpoints = Vec::with_capacity(n);
+    for s in sessions {
+        ids.push(s.id.as_str());
+        status.push(s.status.as_str());
+        attempt.push(to_i32(s.attempt, "attempt")?);
+        failures.push(to_i32(s.failures, "failures")?);
+        progress.push(s.progress_this_attempt);
+        lease_owner.push(s.lease.as_ref().map(|l| l.owner.as_str()));
+        lease_expires.push(s.lease.as_ref().map(|l| l.expires_at.0));
+        cancel.push(s.cancel_requested);
+        run_at.push(s.run_at.0);
+        updated.push(s.updated_at.0);
+        cleanup.push(s.cleanup_at.map(|t| t.0));
+        start.push(s.metrics.start_time.map(|t| t.0));
+        end.push(s.metrics.end_time.map(|t| t.0));
+        pages.push(to_i64(s.metrics.pages_processed, "pages_processed")?);
+        elements.push(to_i64(s.metrics.processed_elements, "processed_elements")?);
+        for (col, v) in usage.iter_mut().zip(usage_columns(&s.usage)?) {
+            col.push(v);
+        }
+        let (k, m) = error_columns(s.error.as_ref());
+        error_kind.push(k);
+        error_message.push(m);
+        checkpoints.push(to_i64(s.checkpoints, "checkpoints")?);
+    }
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE sessions SET status = u.status, attempt = u.attempt, failures = u.failures,
+                 progress_this_attempt = u.progress, lease_owner = u.lease_owner,
+                 lease_expires_at = u.lease_expires, cancel_requested = u.cancel,
+                 run_at = u.run_at, updated_at = u.updated, cleanup_at = u.cleanup,
+                 start_time = u.start_time, end_time = u.end_time,
+                 pages_processed = u.pages, processed_elements = u.elements,
+                 http_requests = u.requests, http_errors = u.errors,
+                 bytes_received = u.bytes, retries = u.retries,
+                 robots_blocked = u.robots, error_kind = u.error_kind,
+                 error_message = u.error_message, checkpoints = u.checkpoints
+             FROM unnest($1::text[], $2::text[], $3::int4[], $4::int4[], $5::bool[],
+                 $6::text[], $7::int8[], $8::bool[], $9::int8[], $10::int8[], $11::int8[],
+                 $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[],
+                 $18::int8[], $19::int8[], $20::int8[], $21::text[], $22::text[], $23::int8[])
+                 AS u(id, status, attempt, failures, progress, lease_owner, lease_expires,
+                      cancel, run_at, updated, cleanup, start_time, end_time, pages, elements,
+                      requests, errors, bytes, retries, robots, error_kind, error_message,
+                      checkpoints)
+             WHERE sessions.id = u.id",
+        )
+        .await
+        .map_err(db_err("preparing a session write"))?;
+    let params: [&(dyn ToSql + Sync); 23] = [
+        &ids,
+        &status,
+        &attempt,
+        &failures,
+        &progress,
+        &lease_owner,
+        &lease_expires,
+        &cancel,
+        &run_at,
+        &updated,
+        &cleanup,
+        &start,
+        &end,
+        &pages,
+        &elements,
+        &usage[0],
+        &usage[1],
+        &usage[2],
+        &usage[3],
+        &usage[4],
+        &error_kind,
+        &error_message,
+        &checkpoints,
+    ];
+    let written = tx
+        .execute(&stmt, &params)
+        .await
+        .map_err(db_err("writing sessions"))?;
+    if written != n as u64 {
+        return Err(StoreError::Invalid(format!(
+            "wrote {written} of {n} sessions: a locked row is missing"
+        )));
+    }
+    Ok(())
+}

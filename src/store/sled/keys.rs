@@ -1,0 +1,175 @@
+//! Key encoding for the layout in the module doc of `sled`: `lp(s)` is a 4-byte big-endian
+//! length followed by the bytes, integers are big-endian, timestamps have their sign bit flipped
+//! so they sort as numbers, `!seq` is the bitwise complement (newest first). Keys read back are
+//! parsed defensively: a malformed one is [`StoreError::Corrupt`], never a panic.
+
+use crate::session::{Session, SessionId, SessionStatus, Timestamp};
+use crate::store::{StoreError, StoreResult};
+
+pub(super) fn ts(t: Timestamp) -> [u8; 8] {
+    ((t.0 as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub(super) fn prio_desc(p: i32) -> [u8; 4] {
+    (!((p as u32) ^ (1 << 31))).to_be_bytes()
+}
+
+pub(super) fn lp(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+pub(super) fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+    k.push(tag);
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+/// `tag lp(s)`: the prefix of a per-string keyspace.
+pub(super) fn lp_prefix(tag: u8, s: &str) -> Vec<u8> {
+    let mut k = vec![tag];
+    lp(&mut k, s.as_bytes());
+    k
+}
+
+pub(super) fn k_session(id: &SessionId) -> Vec<u8> {
+    key(b'S', &[id.as_str().as_bytes()])
+}
+pub(super) fn k_wait(s: &Session) -> Vec<u8> {
+    key(
+        b'W',
+        &[
+            &ts(s.run_at),
+            &s.seq.to_be_bytes(),
+            &prio_desc(s.options.priority),
+            s.id.as_str().as_bytes(),
+        ],
+    )
+}
+pub(super) fn k_pending(prio: [u8; 4], run_at: [u8; 8], seq: [u8; 8], id: &[u8]) -> Vec<u8> {
+    key(b'P', &[&prio, &run_at, &seq, id])
+}
+pub(super) fn k_pending_of(s: &Session) -> Vec<u8> {
+    k_pending(
+        prio_desc(s.options.priority),
+        ts(s.run_at),
+        s.seq.to_be_bytes(),
+        s.id.as_str().as_bytes(),
+    )
+}
+pub(super) fn newest(seq: u64) -> [u8; 8] {
+    (!seq).to_be_bytes()
+}
+pub(super) fn k_global(s: &Session) -> Vec<u8> {
+    key(b'G', &[&newest(s.seq), s.id.as_str().as_bytes()])
+}
+pub(super) fn k_client(s: &Session) -> Vec<u8> {
+    let mut k = lp_prefix(b'C', s.client.client_id());
+    k.extend_from_slice(&newest(s.seq));
+    k.extend_from_slice(s.id.as_str().as_bytes());
+    k
+}
+pub(super) fn k_agent(agent: &str, s: &Session) -> Vec<u8> {
+    let mut k = lp_prefix(b'A', agent);
+    k.extend_from_slice(&newest(s.seq));
+    k.extend_from_slice(s.id.as_str().as_bytes());
+    k
+}
+pub(super) fn status_prefix(status: SessionStatus) -> Vec<u8> {
+    vec![b'T', status.code()]
+}
+pub(super) fn k_status(s: &Session) -> Vec<u8> {
+    key(
+        b'T',
+        &[&[s.status.code()], &newest(s.seq), s.id.as_str().as_bytes()],
+    )
+}
+/// Active sessions of one client's agent: agents are named per client, so two tenants' agents
+/// of the same name never block each other.
+pub(super) fn active_prefix(client: &str, agent: &str) -> Vec<u8> {
+    let mut k = lp_prefix(b'Y', client);
+    lp(&mut k, agent.as_bytes());
+    k
+}
+pub(super) fn k_active(client: &str, agent: &str, id: &SessionId) -> Vec<u8> {
+    let mut k = active_prefix(client, agent);
+    k.extend_from_slice(id.as_str().as_bytes());
+    k
+}
+pub(super) fn k_lease(expires: Timestamp, id: &SessionId) -> Vec<u8> {
+    key(b'L', &[&ts(expires), id.as_str().as_bytes()])
+}
+pub(super) fn k_cleanup(at: Timestamp, id: &SessionId) -> Vec<u8> {
+    key(b'X', &[&ts(at), id.as_str().as_bytes()])
+}
+pub(super) fn k_tombstone(id: &SessionId) -> Vec<u8> {
+    key(b'Z', &[id.as_str().as_bytes()])
+}
+/// Prefix of a session's data keyspace (`R`, `Q`, `V`, `K`, `U`, `O`).
+pub(super) fn data_prefix(tag: u8, id: &SessionId) -> Vec<u8> {
+    lp_prefix(tag, id.as_str())
+}
+pub(super) fn k_record(id: &SessionId, n: u64) -> Vec<u8> {
+    let mut k = data_prefix(b'R', id);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+pub(super) fn k_log(id: &SessionId, n: u64) -> Vec<u8> {
+    let mut k = data_prefix(b'O', id);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+pub(super) fn k_url(tag: u8, id: &SessionId, url: &str) -> Vec<u8> {
+    let mut k = data_prefix(tag, id);
+    k.extend_from_slice(url.as_bytes());
+    k
+}
+/// `B` (entries) or `J` (live bitmap) of the frontier chunk starting at `first`.
+pub(super) fn k_chunk(tag: u8, id: &SessionId, first: u64) -> Vec<u8> {
+    let mut k = data_prefix(tag, id);
+    k.extend_from_slice(&first.to_be_bytes());
+    k
+}
+pub(super) fn k_agent_def(client: &str, name: &str) -> Vec<u8> {
+    let mut k = lp_prefix(b'N', client);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub(super) fn show_key(k: &[u8]) -> String {
+    k.escape_ascii().to_string()
+}
+
+pub(super) fn corrupt_key(k: &[u8], reason: &str) -> StoreError {
+    StoreError::Corrupt {
+        key: show_key(k),
+        reason: reason.into(),
+    }
+}
+
+/// The session id at the end of an index key, after `fixed` bytes.
+pub(super) fn id_after(k: &[u8], fixed: usize) -> StoreResult<SessionId> {
+    let tail = k
+        .get(fixed..)
+        .ok_or_else(|| corrupt_key(k, "index key too short"))?;
+    let text = std::str::from_utf8(tail).map_err(|_| corrupt_key(k, "session id is not UTF-8"))?;
+    SessionId::parse(text).map_err(|e| corrupt_key(k, &format!("bad session id: {e}")))
+}
+
+pub(super) fn u64_at(k: &[u8], at: usize) -> StoreResult<u64> {
+    k.get(at..at + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt_key(k, "index key too short"))
+}
+
+/// The upper bound (exclusive) of keys `prefix ts(t) ...`: every id byte is below 0xFF.
+pub(super) fn upto(prefix: &[u8], t: Timestamp) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(&ts(t));
+    k.push(0xFF);
+    k
+}

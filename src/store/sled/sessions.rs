@@ -1,0 +1,669 @@
+//! Sessions (`S`) and their index keys (`W`, `P`, `G`, `C`, `A`, `T`, `Y`, `L`, `X`): insert,
+//! claim, every transition of a running attempt, cancel, removal (`Z` until its data is purged)
+//! and expiry, listings and counts. Every transition is a read-check-write under the store mutex
+//! that stages the session's new value and index changes into one [`Batch`].
+//!
+//! # Claims
+//!
+//! New and requeued sessions go to `W` (keyed by run_at). A claim first moves the due ones (run_at
+//! at or before its `now`) to `P`, whose order is the claim order, then takes the first `limit`
+//! entries of `P`: O(log n + claimed + promoted), and a not-yet-due high-priority session is never
+//! scanned by a claim. A session promoted to `P` stays due even if a later claim passes an
+//! earlier `now` (clocks only move forward in practice).
+
+use std::ops::Bound;
+
+use sled::IVec;
+
+use super::durability::Batch;
+use super::keys::{
+    active_prefix, data_prefix, id_after, k_active, k_agent, k_cleanup, k_client, k_global,
+    k_lease, k_pending, k_pending_of, k_session, k_status, k_tombstone, k_wait, lp_prefix, newest,
+    show_key, status_prefix, upto,
+};
+use super::{COUNTERS_KEY, Counters, SledStore, blocking, sled_err};
+use crate::session::{CancelDecision, Session, SessionId, SessionStatus, Timestamp};
+use crate::store::{
+    AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit, HeartbeatOutcome, InsertOutcome,
+    LeaseReclaim, Reclaimed, RequeueOutcome, SessionCancel, SessionClaim, SessionCounts,
+    SessionFinish, SessionHeartbeat, SessionInsert, SessionList, SessionPage, SessionRequeue,
+    SessionsExpire, StoreError, StoreResult, codec,
+};
+
+// Sessions moved from `W` to `P` per claim at most: bounds the claim's batch; any remainder moves
+// at the next claim.
+const PROMOTE_MAX: usize = 10_000;
+
+// Keys removed per batch when purging a removed session's data: bounds one batch's memory for a
+// session with millions of records.
+pub(super) const PURGE_CHUNK: usize = 10_000;
+
+const LIST_LIMIT_MAX: usize = 1000;
+
+/// Every index key the session has in its current state, except `W`/`P` (whose presence depends
+/// on promotion, not on the session).
+fn index_keys(s: &Session) -> Vec<Vec<u8>> {
+    let mut keys = vec![k_global(s), k_client(s), k_status(s)];
+    if let Some(agent) = &s.job.agent {
+        keys.push(k_agent(agent, s));
+        if s.status.is_active() {
+            keys.push(k_active(s.client.client_id(), agent, &s.id));
+        }
+    }
+    if let (SessionStatus::Running, Some(lease)) = (s.status, &s.lease) {
+        keys.push(k_lease(lease.expires_at, &s.id));
+    }
+    if let (true, Some(at)) = (s.status.is_terminal(), s.cleanup_at) {
+        keys.push(k_cleanup(at, &s.id));
+    }
+    keys
+}
+
+fn validate_terminal(status: SessionStatus) -> StoreResult<()> {
+    if status.is_terminal() {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "a session can only finish COMPLETED, FAILED or CANCELLED, not {status}"
+        )))
+    }
+}
+
+impl SledStore {
+    /// The session when it is RUNNING with this attempt and owner.
+    fn load_running(&self, a: &AttemptRef) -> StoreResult<Option<Session>> {
+        Ok(self.load(&a.id)?.filter(|s| {
+            s.status == SessionStatus::Running
+                && s.attempt == a.attempt
+                && s.lease.as_ref().is_some_and(|l| l.owner == a.owner)
+        }))
+    }
+
+    /// Stages `new` (replacing `old`): the value, index changes and status counters.
+    fn stage(
+        c: &mut Counters,
+        b: &mut Batch,
+        old: Option<&Session>,
+        new: &Session,
+    ) -> StoreResult<()> {
+        let new_keys = index_keys(new);
+        let old_keys = old.map(index_keys).unwrap_or_default();
+        for k in &old_keys {
+            if !new_keys.contains(k) {
+                b.remove(k.as_slice());
+            }
+        }
+        for k in new_keys {
+            if !old_keys.contains(&k) {
+                b.insert(k, IVec::default());
+            }
+        }
+        if let Some(old) = old {
+            let slot = &mut c.by_status[old.status.code() as usize];
+            *slot = slot.saturating_sub(1);
+        }
+        c.by_status[new.status.code() as usize] += 1;
+        b.insert(k_session(&new.id), codec::encode(new)?);
+        Ok(())
+    }
+
+    /// Stages taking a PENDING session out of the claim queue (`W` or `P`).
+    fn unqueue(&self, c: &mut Counters, b: &mut Batch, s: &Session) -> StoreResult<()> {
+        let p = k_pending_of(s);
+        if self
+            .db
+            .contains_key(&p)
+            .map_err(sled_err("reading the claim queue"))?
+        {
+            c.due = c.due.saturating_sub(1);
+            b.remove(p);
+        }
+        b.remove(k_wait(s));
+        Ok(())
+    }
+
+    /// Stages a checkpoint's data (records numbered after `s`'s committed ones, frontier, seen
+    /// set, log) into `b`; the session's own counters are the policy's
+    /// ([`Session::checkpointed`], [`Session::finished`]).
+    fn stage_batch(&self, b: &mut Batch, s: &Session, batch: &CheckpointBatch) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.stage_records(b, &s.id, s.metrics.processed_elements, &batch.records)?;
+        self.stage_frontier(b, &s.id, batch)?;
+        if !batch.log.is_empty() {
+            self.stage_log(b, &s.id, &batch.log)?;
+        }
+        Ok(())
+    }
+
+    /// Stages a transition the state machine decided, `old` → `new`: the value, index keys,
+    /// status counters, and the claim queue when the session leaves PENDING (cancel) or
+    /// re-enters it (requeue, reclaim). Not for claims, which take their queue entries as they
+    /// scan them.
+    fn stage_transition(
+        &self,
+        c: &mut Counters,
+        b: &mut Batch,
+        old: &Session,
+        new: &Session,
+    ) -> StoreResult<()> {
+        if old.status == SessionStatus::Pending && new.status != SessionStatus::Pending {
+            self.unqueue(c, b, old)?;
+        }
+        Self::stage(c, b, Some(old), new)?;
+        if new.status == SessionStatus::Pending && old.status != SessionStatus::Pending {
+            b.insert(k_wait(new), IVec::default());
+        }
+        Ok(())
+    }
+
+    /// Moves due sessions from `W` to `P` (at most [`PROMOTE_MAX`]).
+    fn promote(&self, st: &mut Counters, now: Timestamp) -> StoreResult<()> {
+        let mut c = st.clone();
+        let mut b = Batch::default();
+        let mut moved = 0;
+        for kv in self.db.range(vec![b'W']..upto(b"W", now)).take(PROMOTE_MAX) {
+            let (k, _) = kv.map_err(sled_err("reading the scheduled sessions"))?;
+            // W run_at(8) seq(8) prio(4) id
+            let (Some(run_at), Some(seq), Some(prio)) = (k.get(1..9), k.get(9..17), k.get(17..21))
+            else {
+                tracing::warn!(key = %show_key(&k), "dropping a malformed scheduled-index key");
+                b.remove(k);
+                continue;
+            };
+            let id = k.get(21..).unwrap_or_default();
+            let (Ok(run_at), Ok(seq), Ok(prio)) =
+                (run_at.try_into(), seq.try_into(), prio.try_into())
+            else {
+                continue;
+            };
+            b.insert(k_pending(prio, run_at, seq, id), IVec::default());
+            b.remove(k);
+            c.due += 1;
+            moved += 1;
+        }
+        if moved > 0 {
+            // Promotion alone need not be durable: if lost, the next claim redoes it.
+            b.insert(COUNTERS_KEY, codec::encode(&c)?);
+            self.apply_atomic(b)?;
+            *st = c;
+        }
+        Ok(())
+    }
+
+    /// Removes a session and, in bounded chunks, all its data. Returns it and the ticket.
+    fn remove_sync(&self, id: &SessionId) -> StoreResult<(Option<Session>, Option<u64>)> {
+        let removed = {
+            let mut st = self.lock();
+            let Some(s) = self.load(id)? else {
+                return Ok((None, None));
+            };
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            for k in index_keys(&s) {
+                b.remove(k);
+            }
+            if s.status == SessionStatus::Pending {
+                self.unqueue(&mut c, &mut b, &s)?;
+            }
+            let slot = &mut c.by_status[s.status.code() as usize];
+            *slot = slot.saturating_sub(1);
+            b.remove(k_session(id));
+            b.insert(k_tombstone(id), IVec::default());
+            self.commit(&mut st, c, b)?;
+            s
+        };
+        let ticket = self.purge(id)?;
+        Ok((Some(removed), Some(ticket)))
+    }
+
+    /// [`Store::sessions_expire`](crate::store::Store::sessions_expire) without the wait: the
+    /// removed sessions and the last ticket.
+    fn expire_sync(&self, p: &SessionsExpire) -> StoreResult<(Vec<Session>, Option<u64>)> {
+        let mut due = Vec::new();
+        for kv in self.db.range(vec![b'X']..upto(b"X", p.now)).take(p.limit) {
+            let (k, _) = kv.map_err(sled_err("reading the cleanup index"))?;
+            match id_after(&k, 1 + 8) {
+                Ok(id) => due.push((k, id)),
+                Err(e) => tracing::warn!(error = %e, "skipping a malformed cleanup-index key"),
+            }
+        }
+        let mut removed = Vec::new();
+        let mut last = None;
+        for (k, id) in due {
+            match self.remove_sync(&id) {
+                Ok((Some(s), t)) => {
+                    removed.push(s);
+                    last = t.or(last);
+                }
+                Ok((None, _)) => {
+                    // A stale entry whose session is gone: drop it.
+                    let _st = self.lock();
+                    self.db
+                        .remove(k)
+                        .map_err(sled_err("removing a stale cleanup entry"))?;
+                }
+                Err(e) => tracing::warn!(session = %id, error = %e, "could not expire a session"),
+            }
+        }
+        Ok((removed, last))
+    }
+
+    /// Deletes a removed session's data keyspaces in chunks, then its tombstone.
+    fn purge(&self, id: &SessionId) -> StoreResult<u64> {
+        for tag in [
+            b'R', b'E', b'B', b'J', b'Q', b'V', b'K', b'I', b'F', b'U', b'O',
+        ] {
+            let prefix = data_prefix(tag, id);
+            // Each round deletes up to PURGE_CHUNK keys; 1 << 32 rounds bound the loop far beyond
+            // any real session.
+            for _ in 0..(1u64 << 32) {
+                let _st = self.lock();
+                let mut b = Batch::default();
+                let mut n = 0;
+                for kv in self.db.scan_prefix(&prefix).take(PURGE_CHUNK) {
+                    b.remove(kv.map_err(sled_err("removing a session's data"))?.0);
+                    n += 1;
+                }
+                if n == 0 {
+                    break;
+                }
+                self.apply_atomic(b)?;
+            }
+        }
+        let _st = self.lock();
+        self.db
+            .remove(k_tombstone(id))
+            .map_err(sled_err("removing a removal marker"))?;
+        Ok(self.durability.ticket())
+    }
+
+    pub(super) fn purge_interrupted(&self) -> StoreResult<()> {
+        let mut ids = Vec::new();
+        for kv in self.db.scan_prefix(b"Z") {
+            let (k, _) = kv.map_err(sled_err("reading the removal markers"))?;
+            match id_after(&k, 1) {
+                Ok(id) => ids.push(id),
+                Err(e) => tracing::warn!(error = %e, "skipping a malformed removal marker"),
+            }
+        }
+        for id in ids {
+            tracing::info!(session = %id, "finishing the removal of a session's data");
+            self.purge(&id)?;
+        }
+        self.db
+            .flush()
+            .map_err(sled_err("flushing finished removals"))?;
+        Ok(())
+    }
+
+    pub(super) fn list_sync(&self, p: &SessionList) -> StoreResult<SessionPage> {
+        if p.limit == 0 || p.limit > LIST_LIMIT_MAX {
+            return Err(StoreError::Invalid(format!(
+                "list limit {} is out of range; use 1 to {LIST_LIMIT_MAX}",
+                p.limit
+            )));
+        }
+        let cursor = match &p.cursor {
+            Some(c) => Some(c.parse::<u64>().map_err(|_| {
+                StoreError::Invalid(format!(
+                    "cursor {c:?} is not one this store returned; pass a next_cursor as is"
+                ))
+            })?),
+            None => None,
+        };
+        // The most selective index available; the other filters are checked on each session.
+        let prefix = if let Some(client) = &p.client_id {
+            lp_prefix(b'C', client)
+        } else if let Some(agent) = &p.agent {
+            lp_prefix(b'A', agent)
+        } else if let Some(status) = p.status {
+            status_prefix(status)
+        } else {
+            vec![b'G']
+        };
+        let start = match cursor {
+            Some(seq) => {
+                let mut k = prefix.clone();
+                k.extend_from_slice(&newest(seq));
+                k.push(0xFF);
+                Bound::Excluded(k)
+            }
+            None => Bound::Included(prefix.clone()),
+        };
+        let mut sessions = Vec::new();
+        let mut more = false;
+        for kv in self.db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            let (k, _) = kv.map_err(sled_err("listing sessions"))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let id = match id_after(&k, prefix.len() + 8) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a malformed list-index key");
+                    continue;
+                }
+            };
+            let s = match self.load(&id) {
+                Ok(Some(s)) => s,
+                Ok(None) => continue, // removed since the index was read
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an unreadable session in a listing");
+                    continue;
+                }
+            };
+            let keep = p
+                .client_id
+                .as_deref()
+                .is_none_or(|c| c == s.client.client_id())
+                && p.status.is_none_or(|st| st == s.status)
+                && p.agent
+                    .as_ref()
+                    .is_none_or(|a| s.job.agent.as_ref() == Some(a));
+            if !keep {
+                continue;
+            }
+            if sessions.len() == p.limit {
+                more = true;
+                break;
+            }
+            sessions.push(s);
+        }
+        let next_cursor = if more {
+            sessions.last().map(|s: &Session| s.seq.to_string())
+        } else {
+            None
+        };
+        Ok(SessionPage {
+            sessions,
+            next_cursor,
+        })
+    }
+
+    pub(super) async fn insert_session(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
+        let mut s = p.session;
+        if s.status != SessionStatus::Pending {
+            return Err(StoreError::Invalid(format!(
+                "a new session must be PENDING, not {}",
+                s.status
+            )));
+        }
+        let ticket = {
+            let mut st = self.lock();
+            if self
+                .db
+                .contains_key(k_session(&s.id))
+                .map_err(sled_err("checking for the session"))?
+                || self
+                    .db
+                    .contains_key(k_tombstone(&s.id))
+                    .map_err(sled_err("checking for the session"))?
+            {
+                return Err(StoreError::Duplicate(s.id));
+            }
+            if let Some(agent) = &p.single_agent {
+                let prefix = active_prefix(s.client.client_id(), agent);
+                if let Some(kv) = self.db.scan_prefix(&prefix).next() {
+                    let (k, _) = kv.map_err(sled_err("checking the agent's active sessions"))?;
+                    return Ok(InsertOutcome::AgentBusy(id_after(&k, prefix.len())?));
+                }
+            }
+            let mut c = st.clone();
+            s.seq = c.next_seq;
+            c.next_seq += 1;
+            let mut b = Batch::default();
+            Self::stage(&mut c, &mut b, None, &s)?;
+            b.insert(k_wait(&s), IVec::default());
+            self.commit(&mut st, c, b)?
+        };
+        self.durability.wait(ticket).await?;
+        self.pending.notify_one();
+        Ok(InsertOutcome::Inserted(Box::new(s)))
+    }
+
+    pub(super) fn claim_sessions(&self, p: SessionClaim) -> StoreResult<Vec<Session>> {
+        if p.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let claimed = {
+            let mut st = self.lock();
+            self.promote(&mut st, p.now)?;
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            let mut claimed = Vec::new();
+            let mut changed = false;
+            for kv in self.db.scan_prefix(b"P") {
+                if claimed.len() >= p.limit {
+                    break;
+                }
+                let (k, _) = kv.map_err(sled_err("reading the claim queue"))?;
+                let old = match id_after(&k, 1 + 4 + 8 + 8).and_then(|id| self.load(&id)) {
+                    Ok(Some(s)) if s.status == SessionStatus::Pending => s,
+                    other => {
+                        // Unclaimable: drop it from the queue so no claim scans it again.
+                        if let Err(e) = other {
+                            tracing::warn!(error = %e, "dropping an unreadable session from the queue");
+                        }
+                        b.remove(k);
+                        c.due = c.due.saturating_sub(1);
+                        changed = true;
+                        continue;
+                    }
+                };
+                b.remove(k);
+                c.due = c.due.saturating_sub(1);
+                let s = old.claimed(&p.owner, p.lease, p.now);
+                Self::stage(&mut c, &mut b, Some(&old), &s)?;
+                changed = true;
+                claimed.push(s);
+            }
+            if changed {
+                self.apply(&mut st, c, b)?;
+            }
+            claimed
+        };
+        Ok(claimed)
+    }
+
+    pub(super) fn heartbeat(&self, p: SessionHeartbeat) -> StoreResult<HeartbeatOutcome> {
+        let mut st = self.lock();
+        let Some(old) = self.load_running(&p.attempt)? else {
+            return Ok(HeartbeatOutcome::Lost);
+        };
+        let s = old.heartbeat(p.lease, p.now);
+        let mut c = st.clone();
+        let mut b = Batch::default();
+        Self::stage(&mut c, &mut b, Some(&old), &s)?;
+        self.apply(&mut st, c, b)?;
+        Ok(HeartbeatOutcome::Renewed {
+            cancel_requested: s.cancel_requested,
+        })
+    }
+
+    pub(super) async fn commit_checkpoint(
+        &self,
+        p: CheckpointCommit,
+    ) -> StoreResult<Option<Session>> {
+        self.index_before(&p.attempt.id, &p.batch)?;
+        let (s, ticket) = {
+            let mut st = self.lock();
+            let Some(old) = self.load_running(&p.attempt)? else {
+                return Ok(None);
+            };
+            let mut b = Batch::default();
+            self.stage_batch(&mut b, &old, &p.batch)?;
+            let s = old.checkpointed(&p.batch.progress(), p.lease, p.now);
+            let mut c = st.clone();
+            Self::stage(&mut c, &mut b, Some(&old), &s)?;
+            let ticket = self.commit(&mut st, c, b)?;
+            (s, ticket)
+        };
+        self.durability.wait(ticket).await?;
+        Ok(Some(s))
+    }
+
+    pub(super) async fn finish_session(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
+        validate_terminal(p.status)?;
+        self.index_before(&p.attempt.id, &p.batch)?;
+        let (s, ticket) = {
+            let mut st = self.lock();
+            let Some(old) = self.load_running(&p.attempt)? else {
+                return Ok(None);
+            };
+            let mut b = Batch::default();
+            self.stage_batch(&mut b, &old, &p.batch)?;
+            let s = old.finished(
+                p.status,
+                p.error,
+                &p.batch.progress(),
+                p.cleanup_after,
+                p.now,
+            );
+            let mut c = st.clone();
+            self.stage_transition(&mut c, &mut b, &old, &s)?;
+            let ticket = self.commit(&mut st, c, b)?;
+            (s, ticket)
+        };
+        self.durability.wait(ticket).await?;
+        Ok(Some(s))
+    }
+
+    pub(super) async fn requeue_session(&self, p: SessionRequeue) -> StoreResult<Option<Session>> {
+        let (s, ticket) = {
+            let mut st = self.lock();
+            let Some(old) = self.load_running(&p.attempt)? else {
+                return Ok(None);
+            };
+            let (s, _) = old.requeued(p.spend_attempt, p.run_at, p.error, p.cleanup_after, p.now);
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            self.stage_transition(&mut c, &mut b, &old, &s)?;
+            let ticket = self.commit(&mut st, c, b)?;
+            (s, ticket)
+        };
+        self.durability.wait(ticket).await?;
+        if s.status == SessionStatus::Pending {
+            self.pending.notify_one();
+        }
+        Ok(Some(s))
+    }
+
+    pub(super) async fn reclaim_leases(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>> {
+        let (reclaimed, ticket) = {
+            let mut st = self.lock();
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            let mut reclaimed = Vec::new();
+            let mut changed = false;
+            for kv in self.db.range(vec![b'L']..upto(b"L", p.expired_before)) {
+                if reclaimed.len() >= p.limit {
+                    break;
+                }
+                let (k, _) = kv.map_err(sled_err("reading the lease index"))?;
+                let old = match id_after(&k, 1 + 8).and_then(|id| self.load(&id)) {
+                    Ok(Some(s))
+                        if s.status == SessionStatus::Running
+                            && s.lease.as_ref().is_some_and(|l| {
+                                l.expires_at <= p.expired_before
+                                    && k_lease(l.expires_at, &s.id) == *k
+                            }) =>
+                    {
+                        s
+                    }
+                    other => {
+                        if let Err(e) = other {
+                            tracing::warn!(error = %e, "dropping an unreadable session's lease entry");
+                        }
+                        b.remove(k);
+                        changed = true;
+                        continue;
+                    }
+                };
+                changed = true;
+                let (s, outcome) = old.reclaimed(p.backoff, p.cleanup_after, p.now);
+                self.stage_transition(&mut c, &mut b, &old, &s)?;
+                reclaimed.push(Reclaimed {
+                    id: s.id.clone(),
+                    attempt: old.attempt,
+                    outcome,
+                    session: Box::new(s),
+                });
+            }
+            if !changed {
+                return Ok(reclaimed);
+            }
+            (reclaimed, self.commit(&mut st, c, b)?)
+        };
+        self.durability.wait(ticket).await?;
+        for r in &reclaimed {
+            if r.outcome == RequeueOutcome::Requeued {
+                self.pending.notify_one();
+            }
+        }
+        Ok(reclaimed)
+    }
+
+    pub(super) async fn cancel_session(&self, p: SessionCancel) -> StoreResult<CancelOutcome> {
+        let (outcome, ticket) = {
+            let mut st = self.lock();
+            let Some(old) = self.load(&p.id)? else {
+                return Ok(CancelOutcome::NotFound);
+            };
+            let (s, outcome) = match old.cancel(p.cleanup_after, p.now) {
+                CancelDecision::Cancel(s) => (s.clone(), CancelOutcome::Cancelled(Box::new(s))),
+                CancelDecision::Request(s) => (s.clone(), CancelOutcome::Requested(Box::new(s))),
+                CancelDecision::AlreadyRequested => {
+                    return Ok(CancelOutcome::Requested(Box::new(old)));
+                }
+                CancelDecision::AlreadyTerminal => {
+                    return Ok(CancelOutcome::AlreadyTerminal(Box::new(old)));
+                }
+            };
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            self.stage_transition(&mut c, &mut b, &old, &s)?;
+            (outcome, self.commit(&mut st, c, b)?)
+        };
+        self.durability.wait(ticket).await?;
+        // A claimer may be waiting for a slot this frees up (spurious wakeups are allowed).
+        self.pending.notify_one();
+        Ok(outcome)
+    }
+
+    pub(super) async fn remove_session(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+        let (removed, ticket) = blocking(|| self.remove_sync(id))?;
+        if let Some(t) = ticket {
+            self.durability.wait(t).await?;
+        }
+        Ok(removed)
+    }
+
+    pub(super) async fn expire_sessions(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {
+        let (removed, last) = blocking(|| self.expire_sync(&p))?;
+        if let Some(t) = last {
+            self.durability.wait(t).await?;
+        }
+        Ok(removed)
+    }
+
+    /// Status counts are persistent counters (O(1)); the queue depth is the due index's counter
+    /// plus a scan of the sessions that became due since the last claim (O(those)).
+    pub(super) fn count_sessions(&self, now: Timestamp) -> StoreResult<SessionCounts> {
+        let c = self.lock().clone();
+        let mut waiting_due = 0u64;
+        for kv in self.db.range(vec![b'W']..upto(b"W", now)) {
+            kv.map_err(sled_err("counting due sessions"))?;
+            waiting_due += 1;
+        }
+        let by_status = SessionStatus::ALL
+            .into_iter()
+            .map(|s| (s, c.by_status[s.code() as usize]))
+            .collect();
+        Ok(SessionCounts {
+            by_status,
+            queue_depth: c.due + waiting_due,
+        })
+    }
+}

@@ -1,0 +1,463 @@
+//! Unit tests of the sled store's chunked records and frontier and its lazily built seen index.
+
+use std::time::Duration;
+
+use super::SledStore;
+use super::frontier::UrlState;
+use super::keys::{data_prefix, k_chunk, k_url};
+use crate::session::{FrontierEntry, Session, SessionId, Timestamp};
+use crate::store::{
+    AttemptRef, CheckpointBatch, CheckpointCommit, FRONTIER_PAGE_MAX, FrontierDone, FrontierPage,
+    RecordsPage, SeenFilter, SessionClaim, SessionInsert, Store, codec,
+};
+
+async fn running(store: &SledStore) -> AttemptRef {
+    let now = Timestamp::now();
+    let id = SessionId::generate();
+    let session = Session::pending(
+        id.clone(),
+        crate::session::ClientContext::of("t"),
+        crate::session::JobSpec {
+            config: serde_json::json!({}),
+            params: Default::default(),
+            agent: None,
+        },
+        Default::default(),
+        now,
+    );
+    store
+        .session_insert(SessionInsert {
+            session,
+            single_agent: None,
+        })
+        .await
+        .expect("insert");
+    let claimed = store
+        .session_claim(SessionClaim {
+            owner: "t".into(),
+            limit: 1,
+            lease: Duration::from_secs(600),
+            now,
+        })
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    AttemptRef {
+        id,
+        attempt: claimed[0].attempt,
+        owner: "t".into(),
+    }
+}
+
+async fn checkpoint(store: &SledStore, a: &AttemptRef, batch: CheckpointBatch) {
+    let ok = store
+        .checkpoint_commit_if_running(CheckpointCommit {
+            attempt: a.clone(),
+            batch,
+            lease: Duration::from_secs(600),
+            now: Timestamp::now(),
+        })
+        .await
+        .expect("checkpoint");
+    assert!(ok.is_some(), "checkpoint applied");
+}
+
+/// Records span several chunks; a chunk a crashed checkpoint left after the committed count
+/// is never shown and never overlaps the next checkpoint's records.
+#[tokio::test]
+async fn record_chunks_page_across_boundaries_and_ignore_a_crashed_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let a = running(&store).await;
+    let recs = |r: std::ops::Range<u64>| -> Vec<serde_json::Value> {
+        r.map(|i| serde_json::json!({ "i": i })).collect()
+    };
+    let batch = CheckpointBatch {
+        records: recs(0..600),
+        ..Default::default()
+    };
+    checkpoint(&store, &a, batch).await;
+    // A crashed checkpoint's chunks after the committed count (600).
+    for first in [600u64, 700] {
+        let junk: Vec<String> = (0..150).map(|_| "\"junk\"".to_string()).collect();
+        store
+            .db
+            .insert(
+                k_chunk(b'E', &a.id, first),
+                codec::encode(&junk).expect("enc"),
+            )
+            .expect("insert");
+    }
+    let page = |offset, limit| RecordsPage {
+        id: a.id.clone(),
+        offset,
+        limit,
+    };
+    let seen = store.records_page(page(590, 100)).await.expect("page");
+    assert_eq!(seen.len(), 10, "nothing after the committed count");
+    let batch = CheckpointBatch {
+        records: recs(600..610),
+        ..Default::default()
+    };
+    checkpoint(&store, &a, batch).await;
+    for (offset, limit) in [
+        (0, 1000),
+        (0, 7),
+        (250, 20),
+        (255, 2),
+        (256, 300),
+        (599, 50),
+    ] {
+        let got = store.records_page(page(offset, limit)).await.expect("page");
+        let want: Vec<u64> = (offset..610).take(limit).collect();
+        let seqs: Vec<u64> = got.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, want, "offset {offset} limit {limit}");
+        for r in &got {
+            assert_eq!(
+                r.data,
+                serde_json::json!({ "i": r.seq }),
+                "record {}",
+                r.seq
+            );
+        }
+    }
+    assert!(
+        store
+            .records_page(page(610, 10))
+            .await
+            .expect("page")
+            .is_empty()
+    );
+}
+
+/// Frontier entries span several chunks; done entries leave their chunk (a chunk with none
+/// left goes), pages continue after the last position, and the count is of live entries.
+#[tokio::test]
+async fn frontier_chunks_page_in_order_and_drop_done_entries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let a = running(&store).await;
+    let url = |i: usize| format!("http://x/{i:05}");
+    let entry = |i: usize| FrontierEntry {
+        url: url(i),
+        depth: 1,
+        page: None,
+    };
+    let batch = CheckpointBatch {
+        frontier_add: (0..1100).map(entry).collect(),
+        seen_add: (0..1100).map(url).collect(),
+        ..Default::default()
+    };
+    checkpoint(&store, &a, batch).await;
+    // All of the first chunk, every other one of the second, one of the third; and one
+    // added and done in the same batch.
+    let mut done: Vec<String> = (0..512).map(url).collect();
+    done.extend((512..1024).step_by(2).map(url));
+    done.push(url(1099));
+    done.push(url(5000));
+    let batch = CheckpointBatch {
+        frontier_add: vec![entry(5000), entry(5001), entry(3)],
+        frontier_done: done.into_iter().map(Into::into).collect(),
+        ..Default::default()
+    };
+    checkpoint(&store, &a, batch).await;
+    let mut want: Vec<String> = (513..1024).step_by(2).map(url).collect();
+    want.extend((1024..1099).map(url));
+    // url(3) was still in the frontier when added again (additions come first): it kept its
+    // place, then was done.
+    want.push(url(5001));
+    let resume = store.resume_sync(&a.id).expect("resume");
+    assert_eq!(resume.frontier_len, want.len() as u64);
+    assert!(
+        store
+            .db
+            .get(k_chunk(b'B', &a.id, 1))
+            .expect("get")
+            .is_none(),
+        "a chunk with nothing left is removed"
+    );
+    let mut got = Vec::new();
+    let mut after = 0;
+    for _ in 0..100 {
+        let items = store
+            .frontier_page(FrontierPage {
+                id: a.id.clone(),
+                after_pos: after,
+                limit: 37,
+            })
+            .await
+            .expect("page");
+        let Some(last) = items.last() else { break };
+        assert!(last.pos > after);
+        after = last.pos;
+        got.extend(items.into_iter().map(|i| i.entry.url));
+    }
+    assert_eq!(got, want);
+    let seen = store
+        .seen_filter(SeenFilter {
+            id: a.id.clone(),
+            urls: vec![url(0), url(5000), url(9999)],
+        })
+        .await
+        .expect("seen");
+    assert_eq!(
+        seen,
+        vec![true, false, false],
+        "frontier_add alone is not seen_add"
+    );
+}
+
+fn url(i: usize) -> String {
+    format!("http://x/{i:05}")
+}
+
+/// A batch adding `url(i)` for each `i` as new (frontier and seen set), as the engine does.
+fn new_urls(range: std::ops::Range<usize>) -> CheckpointBatch {
+    CheckpointBatch {
+        frontier_add: range.clone().map(|i| entry(&url(i))).collect(),
+        seen_add: range.map(url).collect(),
+        ..Default::default()
+    }
+}
+
+fn keys_under(store: &SledStore, tag: u8, id: &SessionId) -> usize {
+    store.db.scan_prefix(data_prefix(tag, id)).count()
+}
+
+async fn seen(store: &SledStore, id: &SessionId, urls: Vec<String>) -> Vec<bool> {
+    store
+        .seen_filter(SeenFilter {
+            id: id.clone(),
+            urls,
+        })
+        .await
+        .expect("seen")
+}
+
+async fn frontier_urls(store: &SledStore, id: &SessionId) -> Vec<String> {
+    let items = store
+        .frontier_page(FrontierPage {
+            id: id.clone(),
+            after_pos: 0,
+            limit: FRONTIER_PAGE_MAX,
+        })
+        .await
+        .expect("page");
+    items.into_iter().map(|i| i.entry.url).collect()
+}
+
+/// New URLs (in both `frontier_add` and `seen_add`, as the engine sends them) write no `U`
+/// key at commit; the first seen-set lookup indexes them from their chunks, chunks all done
+/// are kept until then and removed after, and the index survives a reopen.
+#[tokio::test]
+async fn the_seen_index_is_built_from_the_chunks_when_first_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = {
+        let store = SledStore::open(dir.path()).expect("open");
+        let a = running(&store).await;
+        let resume = store.resume_sync(&a.id).expect("resume");
+        assert_eq!(resume.frontier_next, 1, "positions start at 1");
+        checkpoint(&store, &a, new_urls(0..1100)).await;
+        assert_eq!(keys_under(&store, b'U', &a.id), 0, "no U key at commit");
+        assert_eq!(
+            store.resume_sync(&a.id).expect("resume").frontier_next,
+            1101
+        );
+        // The whole first chunk done, by position.
+        checkpoint(
+            &store,
+            &a,
+            CheckpointBatch {
+                frontier_done: (0..512)
+                    .map(|i| FrontierDone {
+                        url: url(i),
+                        pos: Some(i as u64 + 1),
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(
+            store
+                .db
+                .get(k_chunk(b'B', &a.id, 1))
+                .expect("get")
+                .is_some(),
+            "a chunk all done but not indexed stays: it holds seen URLs"
+        );
+        assert_eq!(store.resume_sync(&a.id).expect("resume").frontier_len, 588);
+        assert_eq!(frontier_urls(&store, &a.id).await.first(), Some(&url(512)));
+        let got = seen(&store, &a.id, vec![url(0), url(511), url(1099), url(1100)]).await;
+        assert_eq!(got, vec![true, true, true, false]);
+        assert_eq!(
+            keys_under(&store, b'U', &a.id),
+            1100,
+            "indexed on first read"
+        );
+        assert!(
+            store
+                .db
+                .get(k_chunk(b'B', &a.id, 1))
+                .expect("get")
+                .is_none(),
+            "an indexed chunk all done goes"
+        );
+        a.id
+    };
+    let store = SledStore::open(dir.path()).expect("reopen");
+    let got = seen(&store, &id, vec![url(3), url(700), url(2000)]).await;
+    assert_eq!(got, vec![true, true, false]);
+    assert_eq!(store.resume_sync(&id).expect("resume").frontier_len, 588);
+}
+
+fn entry(url: &str) -> FrontierEntry {
+    FrontierEntry {
+        url: url.into(),
+        depth: 1,
+        page: None,
+    }
+}
+
+/// A done URL whose position hint is wrong, missing or out of range is found by its URL.
+#[tokio::test]
+async fn wrong_position_hints_fall_back_to_the_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let a = running(&store).await;
+    checkpoint(&store, &a, new_urls(0..10)).await;
+    let hint = |i: usize, pos: Option<u64>| FrontierDone { url: url(i), pos };
+    checkpoint(
+        &store,
+        &a,
+        CheckpointBatch {
+            // url(10) and url(11) are new here (positions 11, 12).
+            frontier_add: vec![entry(&url(10)), entry(&url(11))],
+            seen_add: vec![url(10), url(11)],
+            frontier_done: vec![
+                hint(0, Some(2)),         // points at url(1)
+                hint(2, None),            // no hint
+                hint(4, Some(99)),        // beyond every chunk
+                hint(6, Some(7)),         // right
+                hint(10, Some(12)),       // this batch's, points at url(11)
+                hint(11, Some(u64::MAX)), // nonsense
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let want: Vec<String> = [1, 3, 5, 7, 8, 9].into_iter().map(url).collect();
+    assert_eq!(frontier_urls(&store, &a.id).await, want);
+}
+
+/// An addition not in `seen_add` is looked up, including among URLs not yet indexed: one
+/// still in the frontier keeps its place.
+#[tokio::test]
+async fn an_addition_already_in_the_unindexed_frontier_keeps_its_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let a = running(&store).await;
+    checkpoint(
+        &store,
+        &a,
+        CheckpointBatch {
+            frontier_add: vec![entry("http://x/a"), entry("http://x/b")],
+            seen_add: vec!["http://x/a".into(), "http://x/b".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    checkpoint(
+        &store,
+        &a,
+        CheckpointBatch {
+            frontier_add: vec![entry("http://x/a"), entry("http://x/c")],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        frontier_urls(&store, &a.id).await,
+        vec!["http://x/a", "http://x/b", "http://x/c"]
+    );
+    let got = seen(
+        &store,
+        &a.id,
+        vec!["http://x/a".into(), "http://x/c".into()],
+    )
+    .await;
+    assert_eq!(got, vec![true, false], "c was added, never seen");
+}
+
+/// A catch-up cut short (a crash between its steps, or within one after some `U` keys) is
+/// finished by the next one, with the same result.
+#[tokio::test]
+async fn an_interrupted_catch_up_is_finished_by_the_next() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let a = running(&store).await;
+    checkpoint(&store, &a, new_urls(0..2000)).await;
+    {
+        let _st = store.lock();
+        assert!(
+            !store.index_step(&a.id, 1).expect("step"),
+            "one chunk of four"
+        );
+    }
+    assert_eq!(keys_under(&store, b'U', &a.id), 512);
+    // As if a step had written some `U` keys and died before moving `I`.
+    store
+        .db
+        .insert(
+            k_url(b'U', &a.id, &url(600)),
+            UrlState {
+                seen: true,
+                pos: Some(601),
+            }
+            .encode()
+            .expect("value"),
+        )
+        .expect("insert");
+    let all: Vec<String> = (0..2000).map(url).collect();
+    for part in all.chunks(FRONTIER_PAGE_MAX) {
+        assert!(seen(&store, &a.id, part.to_vec()).await.iter().all(|s| *s));
+    }
+    assert_eq!(keys_under(&store, b'U', &a.id), 2000);
+    let v = store
+        .db
+        .get(k_url(b'U', &a.id, &url(1999)))
+        .expect("get")
+        .expect("indexed");
+    assert_eq!(
+        UrlState::decode(b"U", &v).expect("decode").pos,
+        Some(2000),
+        "the position of its entry"
+    );
+}
+
+/// A position hint naming an entry of the URL that is done already does not stop the
+/// removal: the URL's live entry elsewhere (re-added after it was done) is found by its URL.
+#[tokio::test]
+async fn a_hint_at_a_done_entry_falls_back_to_the_live_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let a = running(&store).await;
+    let u = "http://x/u";
+    let add = |urls: &[&str]| CheckpointBatch {
+        frontier_add: urls.iter().map(|u| entry(u)).collect(),
+        ..Default::default()
+    };
+    checkpoint(&store, &a, add(&[u, "http://x/v"])).await; // u at 1
+    let done_at = |pos| CheckpointBatch {
+        frontier_done: vec![FrontierDone {
+            url: u.into(),
+            pos: Some(pos),
+        }],
+        ..Default::default()
+    };
+    checkpoint(&store, &a, done_at(1)).await;
+    checkpoint(&store, &a, add(&[u])).await; // again, at 3
+    assert_eq!(frontier_urls(&store, &a.id).await, vec!["http://x/v", u]);
+    checkpoint(&store, &a, done_at(1)).await; // a stale hint
+    assert_eq!(frontier_urls(&store, &a.id).await, vec!["http://x/v"]);
+}
