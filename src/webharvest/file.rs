@@ -96,7 +96,11 @@ impl DirFiles {
         dirs: bool,
         recursive: bool,
     ) -> Result<Vec<String>, String> {
-        let full = self.resolve(path, false)?;
+        let full = if path.split(['/', '\\']).all(|n| n.is_empty() || n == ".") {
+            self.root.clone()
+        } else {
+            self.resolve(path, false)?
+        };
         let meta =
             std::fs::symlink_metadata(&full).map_err(|e| format!("cannot list {path:?}: {e}"))?;
         if !meta.is_dir() {
@@ -251,6 +255,7 @@ mod tests {
             ["out/a.txt"]
         );
         assert_eq!(f.list("out", None, true, false, true).unwrap().len(), 2);
+        assert_eq!(f.list(".", None, false, true, false).unwrap(), ["out"]);
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub struct Limits {
     pub max_call_depth: usize,
     /// Bytes all variables may hold together, and any one intermediate value (default 64 MiB).
     pub max_variable_bytes: usize,
-    /// Largest `html-to-xml` output (default 16 MiB).
+    /// Largest `html-to-xml` output, and largest XML an `xpath` reads (default 16 MiB).
     pub max_html_xml_bytes: usize,
     /// Memory of the script engine (default 64 MiB).
     pub script_memory_bytes: usize,

@@ -66,7 +66,8 @@ pub enum RunErrorKind {
         retryable: bool,
     },
     /// A limit was hit (its name: `max_loops`, `call_depth`, `variable_memory`,
-    /// `html_to_xml_size`, `script_time`, `script_memory`, `eval_depth`, `http_requests`).
+    /// `html_to_xml_size`, `xpath_input_size`, `script_time`, `script_memory`, `eval_depth`,
+    /// `http_requests`).
     Limit(&'static str),
     /// The stop signal fired.
     Stopped,
@@ -164,6 +165,8 @@ pub async fn run_program(
     let processors = Arc::new(AtomicU64::new(0));
     // The interpreter's own signal: the caller's stop, or a lost lease found by a progress report.
     let inner = StopSignal::new();
+    // Dropped before the end (an aborted task): the interpreter stops rather than runs on.
+    let _stop_on_drop = StopOnDrop(inner.clone());
     let (tx, mut rx) = mpsc::channel::<(HostCall, Reply)>(1);
     let (done_tx, mut done_rx) = oneshot::channel::<Finished>();
     let bridge = Bridge {
@@ -322,6 +325,15 @@ pub async fn run_program(
             message: f.describe(),
             output: output(None),
         }),
+    }
+}
+
+/// Fires its signal when dropped.
+struct StopOnDrop(StopSignal);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop(StopReason::Cancelled);
     }
 }
 

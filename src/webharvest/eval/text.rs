@@ -61,6 +61,17 @@ impl<'p> Interp<'p> {
 
     pub(super) fn xpath(&mut self, node: &'p Node) -> R<Value> {
         let xml = self.body(node)?.to_text();
+        if xml.len() > self.limits.max_html_xml_bytes {
+            return Err(self.limit(
+                node,
+                "xpath_input_size",
+                format!(
+                    "the XML is {} bytes, more than XPath reads ({} bytes, the html-to-xml cap)",
+                    xml.len(),
+                    self.limits.max_html_xml_bytes
+                ),
+            ));
+        }
         let expression = self.attr_text(node, "expression")?;
         let mut exprs = Vec::new();
         let mut names = Vec::new();

@@ -397,3 +397,18 @@ async fn the_deepest_evaluation_fits_the_interpreter_stack() {
     let e = r.err();
     assert_eq!(e.kind, RunErrorKind::Limit("eval_depth"), "{}", e.message);
 }
+
+#[tokio::test]
+async fn xpath_input_is_capped() {
+    let s = site().await;
+    let limits = Limits {
+        max_html_xml_bytes: 100,
+        ..Limits::default()
+    };
+    let xml = format!(
+        "<config><xpath expression=\"//a\"><template>&lt;a&gt;{}&lt;/a&gt;</template></xpath></config>",
+        "x".repeat(200)
+    );
+    let r = run_in(&s, &xml, &[], limits, StopSignal::new()).await;
+    assert_eq!(r.err().kind, RunErrorKind::Limit("xpath_input_size"));
+}
