@@ -260,13 +260,12 @@ pub async fn run_program(
                     }
                 }
             }
-            _ = tick.tick() => {
+            // After a stop nothing more is committed: the job's final batch carries the rest.
+            _ = tick.tick(), if deadline.is_none() => {
                 let p = Progress {
                     processors: processors.load(Ordering::Relaxed),
                 };
-                if let Err(e) = host.progress(p).await
-                    && deadline.is_none()
-                {
+                if let Err(e) = host.progress(p).await {
                     if e == HostError::LeaseLost {
                         lease_lost = true;
                     }
