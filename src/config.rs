@@ -358,6 +358,12 @@ impl Config {
         if self.sessions.max_attempts == 0 {
             return invalid("sessions.max_attempts", "must be at least 1");
         }
+        if self.sessions.default_timeout_secs > crate::session::SessionOptions::MAX_TIMEOUT_SECS {
+            return invalid(
+                "sessions.default_timeout_secs",
+                "must be at most 315360000 (ten years), as a session's own session_timeout_secs",
+            );
+        }
         if self.sessions.maintenance_interval_secs == 0 {
             return invalid("sessions.maintenance_interval_secs", "must be at least 1");
         }

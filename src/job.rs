@@ -32,7 +32,9 @@ pub enum CommitError {
     Abandoned(String),
 }
 
-/// Where a running job commits its progress.
+/// Where a running job commits its progress. A job commits one batch at a time, each after the
+/// previous one returned (the engine keeps at most one commit in flight): records are numbered,
+/// and observers told, in commit order.
 #[async_trait]
 pub trait CheckpointSink: Send + Sync {
     /// Commits a batch atomically (durable on return).

@@ -122,7 +122,9 @@ impl From<HarvestError> for ApiError {
             HarvestError::Store(StoreError::Duplicate(id)) => ApiError::new(
                 StatusCode::CONFLICT,
                 "duplicate_session",
-                format!("session {id} already exists; session ids are never reused"),
+                format!(
+                    "session {id} already exists; choose another id (an id can be reused only once its session is removed)"
+                ),
             ),
             HarvestError::Store(_) | HarvestError::Startup(_) => {
                 tracing::error!(error = %message, "request failed in the store");

@@ -263,6 +263,10 @@ impl Fetcher {
         // Bounded: `attempt` grows every iteration and `retries` is at most 10.
         loop {
             self.politeness_wait(&host).await;
+            // No request starts once the session is told to stop (a cancel is prompt).
+            if stop.is_stopped() {
+                return Err(PageError::Stopped);
+            }
             let result = self
                 .attempt(url, usage, self.http.max_body_bytes, &Spec::get(Mode::Page))
                 .await;

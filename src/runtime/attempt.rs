@@ -110,7 +110,7 @@ impl Attempt {
     /// Runs one claimed attempt to its end and records the outcome.
     pub(crate) async fn run(s: Arc<WorkerSettings>, session: Session, owner: String) {
         let stop = StopSignal::new();
-        let registered = s.running.register(stop.clone());
+        let registered = s.running.register(session.id.clone(), stop.clone());
         let attempt = Arc::new(Attempt {
             aref: AttemptRef {
                 id: session.id.clone(),
@@ -186,9 +186,13 @@ impl Attempt {
         let resume = match resume {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "cannot load resume state; handing the session back");
+                // A store that is away costs no attempt; anything else (a corrupt frontier) does,
+                // so a session that can never resume ends FAILED instead of cycling.
+                let spend = !e.is_unavailable();
+                tracing::error!(error = %e, spend, "cannot load resume state; handing the session back");
                 let error = SessionError::new(ErrorKind::StoreError, e.to_string());
-                self.requeue(false, Some(error), Retry::Backoff).await;
+                let retry = Retry::After(self.s.backoff(self.session.failures));
+                self.requeue(spend, Some(error), retry).await;
                 return;
             }
         };
@@ -424,8 +428,8 @@ impl Attempt {
     async fn requeue(&self, spend: bool, error: Option<SessionError>, retry: Retry) {
         let now = self.s.clock.now();
         let delay = match retry {
-            _ if !spend => Duration::ZERO,
             Retry::After(d) => d,
+            _ if !spend => Duration::ZERO,
             _ => self.s.backoff(self.session.failures),
         };
         let res = self

@@ -19,6 +19,7 @@ use super::effects::Effects;
 use crate::clock::Clock;
 use crate::config::WorkersConfig;
 use crate::job::{Job, StopReason, StopSignal};
+use crate::session::SessionId;
 use crate::store::{SessionClaim, Store};
 
 /// What a worker pool needs.
@@ -52,19 +53,19 @@ impl WorkerSettings {
     }
 }
 
-/// The stop signals of the attempts in flight.
+/// The stop signals of the attempts in flight, by session.
 #[derive(Default)]
 pub(crate) struct Running {
-    signals: std::sync::Mutex<Vec<(u64, StopSignal)>>,
+    signals: std::sync::Mutex<Vec<(u64, SessionId, StopSignal)>>,
     next: AtomicU64,
     stopped: AtomicBool,
 }
 
 impl Running {
     /// Adds an attempt's signal until the returned guard drops (even if the attempt panics).
-    pub fn register(self: &Arc<Self>, s: StopSignal) -> Registered {
+    pub fn register(self: &Arc<Self>, session: SessionId, s: StopSignal) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        lock(&self.signals).push((id, s));
+        lock(&self.signals).push((id, session, s));
         Registered {
             running: self.clone(),
             id,
@@ -72,8 +73,40 @@ impl Running {
     }
 
     fn stop_all(&self, reason: StopReason) {
-        for (_, s) in lock(&self.signals).iter() {
+        for (_, _, s) in lock(&self.signals).iter() {
             s.stop(reason);
+        }
+    }
+
+    /// Stops the attempts of one session (a client cancelled it); whether one runs here.
+    fn stop_session(&self, id: &SessionId, reason: StopReason) -> bool {
+        let mut found = false;
+        for (_, _, s) in lock(&self.signals).iter().filter(|(_, sid, _)| sid == id) {
+            s.stop(reason);
+            found = true;
+        }
+        found
+    }
+}
+
+/// Relays cancels (from the store, this process's or another's) to the attempts running here,
+/// until `stop` says shutdown began: a cancel stops its attempt at once, not at its next
+/// heartbeat.
+async fn relay_cancels(s: Arc<WorkerSettings>, mut stop: watch::Receiver<bool>) {
+    let mut cancels = s.store.cancel_requests();
+    loop {
+        tokio::select! {
+            got = cancels.recv() => match got {
+                Ok(id) => {
+                    if s.running.stop_session(&id, StopReason::Cancelled) {
+                        tracing::info!(session = %id, "cancel requested; stopping the attempt after the requests in flight");
+                    }
+                }
+                // Missed some: their attempts learn of them at their next heartbeat.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = stop.changed() => return,
         }
     }
 }
@@ -86,7 +119,7 @@ pub(crate) struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        lock(&self.running.signals).retain(|(i, _)| *i != self.id);
+        lock(&self.running.signals).retain(|(i, _, _)| *i != self.id);
     }
 }
 
@@ -115,7 +148,9 @@ impl WorkerPool {
     pub fn start(settings: WorkerSettings) -> WorkerPool {
         let (stop_tx, stop_rx) = watch::channel(false);
         let running = settings.running.clone();
-        let claimer = tokio::spawn(claim_loop(Arc::new(settings), stop_rx));
+        let settings = Arc::new(settings);
+        tokio::spawn(relay_cancels(settings.clone(), stop_rx.clone()));
+        let claimer = tokio::spawn(claim_loop(settings, stop_rx));
         WorkerPool {
             stop_claiming: stop_tx,
             claimer,

@@ -48,7 +48,7 @@ pub enum HarvestError {
     /// A request field is out of range.
     #[error("invalid request: {0}")]
     Invalid(String),
-    /// A session with this id exists (ids are never reused).
+    /// A session with this id exists (an id is reused only after its session was removed).
     #[error("session {0} already exists")]
     Duplicate(SessionId),
     /// No such session (or not this client's).
@@ -521,10 +521,9 @@ impl Harvest {
                 now,
             })
             .await?;
-        match &out {
-            CancelOutcome::Cancelled(s) => self.inner.effects.transitioned(s),
-            CancelOutcome::Requested(_) => self.inner.store.pending_wait(Duration::ZERO).await,
-            _ => {}
+        // A RUNNING session's worker hears of it through the store's cancel requests.
+        if let CancelOutcome::Cancelled(s) = &out {
+            self.inner.effects.transitioned(s);
         }
         Ok(out)
     }

@@ -3,9 +3,9 @@
 //! Every transition is a pure function from a session (and what happened) to the session after
 //! it: which status, error, attempt, failure count, lease, times and cleanup time. The stores
 //! decide nothing: each loads the session under its compare-and-set, applies the function that
-//! names the transition and writes the result (the PostgreSQL claim and checkpoint stay single
-//! SQL statements for speed; the conformance suite checks that their results equal these
-//! functions'). Nothing here does I/O or reads the clock.
+//! names the transition and writes the result (PostgreSQL's claim, heartbeat, checkpoint and
+//! finish stay single SQL statements for speed; the conformance suite checks that their results
+//! equal these functions'). Nothing here does I/O or reads the clock.
 //!
 //! ```text
 //! PENDING --claimed--> RUNNING --finished--> COMPLETED | FAILED | CANCELLED

@@ -18,7 +18,7 @@ use crate::session::SessionId;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// `session_insert` with an id that exists.
-    #[error("session {0} already exists; session ids are never reused")]
+    #[error("session {0} already exists; an id can be reused only once its session is removed")]
     Duplicate(SessionId),
     /// A value could not be decoded.
     #[error("stored value at {key} is corrupt: {reason}")]

@@ -265,7 +265,7 @@ pub struct SessionRequeue {
 
 pub use crate::session::RequeueOutcome;
 
-/// Reclaim RUNNING sessions whose lease expired before `expired_before`. An attempt that
+/// Reclaim RUNNING sessions whose lease expired at or before `expired_before`. An attempt that
 /// committed no progress counts against `max_attempts`; one that did is free. A session whose
 /// cancel flag is set ends CANCELLED (the client's request outlives the worker that lost it).
 #[derive(Debug, Clone)]
@@ -564,6 +564,12 @@ pub trait Store: Send + Sync + 'static {
     /// Take or renew a leadership (see [`LeaderAcquire`]); `true`: the caller holds it until
     /// `now + ttl`.
     async fn leader_acquire(&self, p: LeaderAcquire) -> StoreResult<bool>;
+
+    /// The ids of RUNNING sessions a client asked to cancel from now on, in this process or (for
+    /// shared backends) in another, so that the worker holding one stops it at once instead of
+    /// at its next heartbeat. Lossy (a lagging receiver misses some): the heartbeat still relays
+    /// the flag.
+    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionId>;
 
     /// Wait until a session may have become claimable (a submission or requeue, here or, for
     /// shared backends, in another process) or `timeout` passes. Spurious wakeups are allowed.

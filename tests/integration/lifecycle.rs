@@ -1,5 +1,5 @@
 //! The session lifecycle with a controllable clock: maintenance jobs driven by
-//! `scheduler::run_once` (lease reclaim racing a heartbeat, max_duration, timeout cleanup), cron
+//! `Harvest::maintain_once` (lease reclaim racing a heartbeat, max_duration, timeout cleanup), cron
 //! agents fired by hand, claim order, and agents and remove_after_export over HTTP.
 
 use std::collections::BTreeMap;
@@ -82,7 +82,7 @@ async fn fixture(tweak: impl FnOnce(&mut Config)) -> Fixture {
     cfg.workers.poll_interval_ms = 50;
     cfg.workers.retry_backoff_ms = 0;
     cfg.workers.lease_secs = 3;
-    // The tests drive maintenance with `run_once`; the background loop only ticks at start.
+    // The tests drive maintenance with `maintain_once`; the background loop only ticks at start.
     cfg.sessions.maintenance_interval_secs = 3600;
     tweak(&mut cfg);
     let clock = ManualClock::new(T0);

@@ -20,6 +20,7 @@ mod proc;
 mod regressions;
 mod resume_crash;
 mod run_resume;
+mod seeds;
 mod service;
 // The generated test shop is the binary's (`harvest testsite`), not the library's: the suite
 // compiles the same file.

@@ -1,5 +1,7 @@
-//! The LISTEN side of `pending_wait`: one dedicated connection per store, outside the pool,
-//! that listens on [`PENDING_CHANNEL`] and wakes local waiters on every notification.
+//! The LISTEN side of `pending_wait` and `cancel_requests`: one dedicated connection per store,
+//! outside the pool, that listens on [`PENDING_CHANNEL`] (waking local waiters on every
+//! notification) and [`CANCEL_CHANNEL`] (relaying the ids of sessions to stop to this process's
+//! workers).
 //!
 //! tokio-postgres delivers notifications through `Connection::poll_message`, so the connection
 //! is driven here rather than by a plain `tokio::spawn(connection)`. When the connection drops
@@ -11,12 +13,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
+use crate::session::SessionId;
+
 /// The channel `session_insert`, requeue and reclaim notify, with the schema name as payload.
 pub(crate) const PENDING_CHANNEL: &str = "harvest_pending";
+
+/// The channel a cancel of a RUNNING session notifies, with `schema:session id` as payload.
+pub(crate) const CANCEL_CHANNEL: &str = "harvest_cancel";
 
 /// First and largest pause between reconnect attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -34,12 +41,13 @@ pub(crate) async fn run(
     config: tokio_postgres::Config,
     schema: String,
     notify: Arc<Notify>,
+    cancels: broadcast::Sender<SessionId>,
     ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
     while !stop.is_cancelled() {
-        match listen_once(&config, &schema, &notify, &ready, &stop).await {
+        match listen_once(&config, &schema, &notify, &cancels, &ready, &stop).await {
             Ok(()) => backoff = BACKOFF_MIN,
             Err(e) => {
                 tracing::warn!(error = %e, "harvest: PostgreSQL listener connection failed; reconnecting");
@@ -61,10 +69,12 @@ async fn listen_once(
     config: &tokio_postgres::Config,
     schema: &str,
     notify: &Arc<Notify>,
+    cancels: &broadcast::Sender<SessionId>,
     ready: &watch::Sender<bool>,
     stop: &CancellationToken,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
+    let cancels = cancels.clone();
     let (closed_tx, mut closed_rx) =
         tokio::sync::oneshot::channel::<Option<tokio_postgres::Error>>();
     let forward = Arc::clone(notify);
@@ -74,8 +84,19 @@ async fn listen_once(
         let mut end = None;
         while let Some(message) = messages.next().await {
             match message {
-                // Other schemas (tests, other deployments) share the channel; their
+                // Other schemas (tests, other deployments) share the channels; their
                 // notifications are not ours.
+                Ok(AsyncMessage::Notification(n)) if n.channel() == CANCEL_CHANNEL => {
+                    let id = n
+                        .payload()
+                        .strip_prefix(schema_owned.as_str())
+                        .and_then(|rest| rest.strip_prefix(':'))
+                        .and_then(|id| SessionId::parse(id).ok());
+                    if let Some(id) = id {
+                        // No receiver is fine: no worker runs in this process.
+                        let _ = cancels.send(id);
+                    }
+                }
                 Ok(AsyncMessage::Notification(n)) if n.payload() == schema_owned => wake(&forward),
                 Ok(_) => {}
                 Err(e) => {
@@ -89,7 +110,9 @@ async fn listen_once(
 
     let result = async {
         client
-            .batch_execute(&format!("LISTEN {PENDING_CHANNEL}"))
+            .batch_execute(&format!(
+                "LISTEN {PENDING_CHANNEL}; LISTEN {CANCEL_CHANNEL}"
+            ))
             .await?;
         ready.send_replace(true);
         // Anything submitted while we were not listening would otherwise wait for a timeout.

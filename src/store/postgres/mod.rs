@@ -2,8 +2,12 @@
 //!
 //! Layout (see `migrations/`): a `sessions` table whose every mutable field is a column and whose
 //! immutable part (client, job, options) is one versioned bincode value, plus `records`,
-//! `frontier`, `seen`, `log` and `agents`. Each transition is one SQL compare-and-set on
-//! `(status, attempt, lease_owner)` and reports whether it applied; a claim is one
+//! `frontier`, `seen`, `log` and `agents`. Every transition is a compare-and-set on
+//! `(status, attempt, lease_owner)` whose result is the state machine's (`session::lifecycle`):
+//! claim, heartbeat, checkpoint and finish are one statement each (their SQL computes what the
+//! lifecycle functions do; the conformance suite compares them), requeue, reclaim and cancel
+//! read the row under its lock, apply the lifecycle function and write every mutable column
+//! back in the same transaction. A claim is one
 //! `UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)` statement, so racing claimers never
 //! block on, nor double-claim, a row. After a submission, requeue or reclaim commits, the store
 //! sends `NOTIFY harvest_pending` (payload: the schema name; coalesced; `listen::announce` says
@@ -75,6 +79,8 @@ pub struct PostgresStore {
     stop: CancellationToken,
     /// The listener and the announcer; awaited by `close`.
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Cancels of RUNNING sessions, from this process and (through the listener) from others.
+    cancels: tokio::sync::broadcast::Sender<SessionId>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -148,10 +154,12 @@ impl PostgresStore {
         // Named per schema so an operator (or a test) can find this connection in
         // pg_stat_activity; the server truncates it to 63 bytes.
         listen_config.application_name(format!("harvest-listener {schema}"));
+        let cancels = tokio::sync::broadcast::channel(1024).0;
         let listener = tokio::spawn(listen::run(
             listen_config,
             schema.to_string(),
             Arc::clone(&notify),
+            cancels.clone(),
             ready_tx,
             stop.clone(),
         ));
@@ -170,6 +178,7 @@ impl PostgresStore {
             listener_ready: ready_rx,
             stop,
             tasks: Mutex::new(vec![listener, announcer]),
+            cancels,
         })
     }
 
@@ -312,6 +321,10 @@ impl Store for PostgresStore {
 
     async fn leader_acquire(&self, p: LeaderAcquire) -> StoreResult<bool> {
         self.acquire_leader(p).await
+    }
+
+    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionId> {
+        self.cancels.subscribe()
     }
 
     async fn pending_wait(&self, timeout: Duration) {

@@ -10,7 +10,7 @@ use super::rows::{
     SESSION_COLUMNS, SpecRef, error_columns, parse_status, row_get, session_from_row, to_i32,
     to_i64, to_u64, usage_columns,
 };
-use super::{ADVISORY_CLASS_AGENT, PostgresStore, db_err};
+use super::{ADVISORY_CLASS_AGENT, PostgresStore, db_err, listen};
 use crate::session::{CancelDecision, Session, SessionId, SessionStatus, Timestamp};
 use crate::store::{
     AttemptRef, CancelOutcome, HeartbeatOutcome, InsertOutcome, LeaseReclaim, Reclaimed,
@@ -443,6 +443,21 @@ impl PostgresStore {
         };
         write_sessions(&tx, std::slice::from_ref(&s)).await?;
         tx.commit().await.map_err(db_err("committing a cancel"))?;
+        if matches!(outcome, CancelOutcome::Requested(_)) {
+            // This process's workers at once; other processes' through their listeners. After
+            // the commit, so the flag is visible to whoever acts on the notification.
+            let _ = self.cancels.send(s.id.clone());
+            let payload = format!("{}:{}", self.schema, s.id);
+            if let Err(e) = client
+                .execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&listen::CANCEL_CHANNEL, &payload],
+                )
+                .await
+            {
+                tracing::warn!(session = %s.id, error = %e, "could not NOTIFY the cancel; the worker holding the session sees it at its next heartbeat");
+            }
+        }
         Ok(outcome)
     }
 

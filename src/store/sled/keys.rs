@@ -108,7 +108,8 @@ pub(super) fn k_cleanup(at: Timestamp, id: &SessionId) -> Vec<u8> {
 pub(super) fn k_tombstone(id: &SessionId) -> Vec<u8> {
     key(b'Z', &[id.as_str().as_bytes()])
 }
-/// Prefix of a session's data keyspace (`R`, `Q`, `V`, `K`, `U`, `O`).
+/// Prefix of a session's data keyspace (`E`, `R`, `B`, `J`, `K`, `U`, `I`, `O`, and the legacy
+/// `F`, `Q`, `V`).
 pub(super) fn data_prefix(tag: u8, id: &SessionId) -> Vec<u8> {
     lp_prefix(tag, id.as_str())
 }

@@ -25,7 +25,8 @@
 //! | `Y` lp(client) lp(agent) id | empty | active (PENDING or RUNNING) sessions per client's agent |
 //! | `L` expires_at id | empty | RUNNING sessions by lease expiry |
 //! | `X` cleanup_at id | empty | terminal sessions by cleanup time |
-//! | `R` lp(id) n | JSON text | records |
+//! | `E` lp(id) first | `Vec<String>` | records `first..` of a checkpoint, JSON text, up to 256 a chunk |
+//! | `R` lp(id) n | JSON text | records of stores written before `E` (read, never written) |
 //! | `B` lp(id) first | `Vec<FrontierEntry>` | frontier chunk: entries at positions `first..`, in the order added |
 //! | `J` lp(id) first | `ChunkLive` | which entries of chunk `first` are still in the frontier |
 //! | `K` lp(id) | `u64` | the session's next frontier position (never reused) |
@@ -122,6 +123,9 @@ struct Counters {
     due: u64,
 }
 
+/// Cancel requests a slow receiver may fall behind by before losing the oldest.
+const CANCEL_CHANNEL: usize = 1024;
+
 /// The sled store. Open one per data directory per process (sled locks the directory).
 pub struct SledStore {
     db: sled::Db,
@@ -139,6 +143,8 @@ pub struct SledStore {
     /// directory (its file lock), so holders can only be tasks of this process, and a restart
     /// rightly starts with no leader.
     leaders: std::sync::Mutex<std::collections::HashMap<String, (String, Timestamp)>>,
+    /// Cancels of RUNNING sessions, for [`Store::cancel_requests`].
+    cancels: tokio::sync::broadcast::Sender<SessionId>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -260,6 +266,7 @@ impl SledStore {
             intent_seq: AtomicU64::new(1),
             poisoned: AtomicBool::new(false),
             leaders: std::sync::Mutex::new(std::collections::HashMap::new()),
+            cancels: tokio::sync::broadcast::channel(CANCEL_CHANNEL).0,
         };
         store.purge_interrupted()?;
         Ok(store)
@@ -310,6 +317,10 @@ impl Store for SledStore {
 
     fn exclusive(&self) -> bool {
         true
+    }
+
+    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionId> {
+        self.cancels.subscribe()
     }
 
     async fn session_insert(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {

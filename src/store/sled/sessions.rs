@@ -627,6 +627,10 @@ impl SledStore {
             (outcome, self.commit(&mut st, c, b)?)
         };
         self.durability.wait(ticket).await?;
+        if let CancelOutcome::Requested(s) = &outcome {
+            // No receiver is fine: no worker runs here.
+            let _ = self.cancels.send(s.id.clone());
+        }
         // A claimer may be waiting for a slot this frees up (spurious wakeups are allowed).
         self.pending.notify_one();
         Ok(outcome)
