@@ -8,7 +8,8 @@
 //! The modules form layers that only point down:
 //! - domain: [`session`] (the model and its state machine), [`clock`], [`event`];
 //! - [`store`]: the durable driver and its sled and PostgreSQL backends;
-//! - [`job`]: the seam to the work a session does; [`engine`]: the scraper, one such job;
+//! - [`job`]: the seam to the work a session does; [`engine`]: the scraper, and
+//!   [`webharvest`]: Web-Harvest XML configs, two such jobs, told apart by [`kinds`];
 //!   [`sink`]: export sinks; [`metrics`];
 //! - [`runtime`]: workers, maintenance and cron (mostly internal);
 //! - [`service`]: the library façade, [`Harvest`]; [`local`]: one run without a service;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod engine;
 pub mod event;
 pub mod job;
+pub mod kinds;
 pub mod local;
 pub mod metrics;
 pub mod runtime;
@@ -28,6 +30,7 @@ pub mod service;
 pub mod session;
 pub mod sink;
 pub mod store;
+pub mod webharvest;
 
 // The README's Rust examples are compiled (and, unless marked no_run, run) as doc-tests, so
 // they cannot rot unseen.

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::engine::{ConfigError, EngineSettings, ScrapeJob, compile};
-use crate::job::StopSignal;
+use crate::engine::EngineSettings;
+use crate::job::{ConfigRejected, Job, StopSignal};
+use crate::kinds::Kinds;
 use crate::runtime::CommitObserver;
 use crate::service::{Harvest, HarvestError, SubmitRequest};
 use crate::session::{
@@ -78,6 +79,9 @@ pub struct RunSummary {
     pub usage: TokenUsage,
     /// Wall time of this run.
     pub seconds: f64,
+    /// The session's context when it ended (a Web-Harvest config's variables, a scraper
+    /// config's `[vars]`).
+    pub context: Option<crate::session::Context>,
 }
 
 impl RunSummary {
@@ -117,7 +121,7 @@ impl std::fmt::Display for RunSummary {
 pub enum RunError {
     /// The config does not validate.
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(#[from] ConfigRejected),
     /// The HTTP client could not be built (TLS roots, resolver).
     #[error("cannot start the HTTP client: {0}")]
     Client(String),
@@ -138,8 +142,8 @@ const LOCAL_SESSION: &str = "local";
 /// Runs one crawl locally (`harvest run CONFIG [--param k=v]`): records go to `out` as JSON
 /// lines, progress as `progress` says, and the summary comes back (print it with `Display`).
 ///
-/// `config` is the JSON form (use [`crate::engine::parse_config_text`] on a file's text);
-/// `params` override its `[vars]`. A bad config is an `Err` before anything is fetched; per-page
+/// `config` is the stored form (use [`crate::kinds::parse_config_text`] on a file's text: a
+/// scraper config, or Web-Harvest XML); `params` override its `[vars]`. A bad config is an `Err` before anything is fetched; per-page
 /// errors only show in the summary and the progress log. Fire `stop` (e.g. on Ctrl-C) to end the
 /// crawl after the pages in flight. The crawl state lives in a temporary store; see
 /// [`run_local_resumable`] for a run that survives being stopped or killed.
@@ -151,10 +155,22 @@ pub async fn run_local(
     progress: Progress,
     stop: StopSignal,
 ) -> Result<RunSummary, RunError> {
-    compile(config, params)?;
+    let job = kinds(&settings);
+    job.validate(config, params)?;
     let dir = tempfile::TempDir::new()
         .map_err(|e| RunError::Store(format!("cannot create a temporary directory: {e}")))?;
-    run_in(config, params, settings, out, progress, stop, dir.path()).await
+    run_in(config, params, job, out, progress, stop, dir.path()).await
+}
+
+/// The jobs of a local run: the scraper, and Web-Harvest with its files under `./exports` (as
+/// the service's default `export.dir`).
+fn kinds(settings: &EngineSettings) -> Kinds {
+    let webharvest = crate::webharvest::WebHarvestSettings {
+        guard: settings.guard.clone(),
+        export_dir: Some(Config::default().export.dir),
+        ..Default::default()
+    };
+    Kinds::new(settings.clone(), webharvest)
 }
 
 /// Like [`run_local`], but checkpoints into a sled store in `dir` (created if needed) and resumes
@@ -175,20 +191,21 @@ pub async fn run_local_resumable(
     stop: StopSignal,
     dir: &Path,
 ) -> Result<RunSummary, RunError> {
-    compile(config, params)?;
+    let job = kinds(&settings);
+    job.validate(config, params)?;
     std::fs::create_dir_all(dir).map_err(|e| {
         RunError::Store(format!(
             "cannot create the resume directory {}: {e}",
             dir.display()
         ))
     })?;
-    run_in(config, params, settings, out, progress, stop, dir).await
+    run_in(config, params, job, out, progress, stop, dir).await
 }
 
 async fn run_in(
     config: &serde_json::Value,
     params: &BTreeMap<String, String>,
-    settings: EngineSettings,
+    job: Kinds,
     out: Box<dyn Write + Send>,
     progress: Progress,
     stop: StopSignal,
@@ -208,7 +225,7 @@ async fn run_in(
     service.data_dir = dir.to_path_buf();
     let harvest = Harvest::builder(service)
         .store(Arc::new(store))
-        .job(Arc::new(ScrapeJob::new(settings)))
+        .job(Arc::new(job))
         .observe_commits(printer.clone())
         .open()
         .await?;
@@ -240,9 +257,10 @@ async fn run_in(
             )));
         }
         Some(s) if s.status.is_terminal() => {
-            let _ = harvest.shutdown(Duration::ZERO).await;
             let mut summary = summary_of(&name, &s, started);
             summary.status = "already completed";
+            summary.context = harvest.context(&s.id).await?;
+            let _ = harvest.shutdown(Duration::ZERO).await;
             return Ok(summary);
         }
         Some(s) => printer.start_from(&s),
@@ -277,6 +295,7 @@ async fn run_in(
             .ok_or_else(|| RunError::Store("the run's session is gone".into()))?,
     };
     let mut summary = summary_of(&name, &session, started);
+    summary.context = harvest.context(&session.id).await?;
     if stopped {
         summary.status = "stopped";
     }
@@ -304,6 +323,7 @@ fn summary_of(name: &str, s: &Session, started: Instant) -> RunSummary {
         records: s.records,
         usage: s.usage,
         seconds: started.elapsed().as_secs_f64(),
+        context: None,
     }
 }
 

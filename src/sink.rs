@@ -423,7 +423,7 @@ impl Sinks {
     pub fn file_path(&self, session: &Session, ext: &str) -> PathBuf {
         self.cfg
             .dir
-            .join(path_component(session.client.client_id()))
+            .join(client_dir(session.client.client_id()))
             .join(format!("{}.{ext}", session.id.as_str()))
     }
 
@@ -601,23 +601,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A client id as one safe path component (no separators, not `.` or `..`).
-fn path_component(client: &str) -> String {
-    let safe: String = client
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(128)
-        .collect();
-    match safe.as_str() {
-        "" | "." | ".." => "_".to_string(),
-        _ => safe,
+/// A client id as one directory name: safe (no separator, never `.` or `..`, at most 200
+/// bytes) and injective, so that two clients never share a directory (`a/b` and `a_b` did):
+/// letters, digits and `-` stay as they are, every other byte becomes `_` and two hex digits,
+/// the empty id is `_`. A name that would be longer keeps its first 180 bytes and a hash of the
+/// whole id.
+pub fn client_dir(client: &str) -> String {
+    use std::fmt::Write as _;
+    if client.is_empty() {
+        return "_".into();
     }
+    let mut out = String::with_capacity(client.len());
+    for b in client.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "_{b:02x}");
+        }
+    }
+    if out.len() > 200 {
+        // FNV-1a: stable across builds (the directory must not move between versions).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in client.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        out.truncate(180);
+        let _ = write!(out, "~{h:016x}");
+    }
+    out
 }
 
 /// The CSV columns: keys of all records in order of first appearance (`value` for records that
@@ -694,10 +706,18 @@ mod tests {
     }
 
     #[test]
-    fn client_ids_are_safe_path_components() {
-        assert_eq!(path_component("acme"), "acme");
-        assert_eq!(path_component(".."), "_");
-        assert_eq!(path_component("a/b"), "a_b");
-        assert_eq!(path_component(""), "_");
+    fn client_ids_are_safe_and_distinct_directory_names() {
+        assert_eq!(client_dir("acme"), "acme");
+        assert_eq!(client_dir("acme-2"), "acme-2");
+        assert_eq!(client_dir(".."), "_2e_2e");
+        assert_eq!(client_dir(""), "_");
+        let ids = ["a/b", "a_b", "a_2fb", "a.b", "", "_", "é", "a b"];
+        let dirs: std::collections::HashSet<String> = ids.iter().map(|c| client_dir(c)).collect();
+        assert_eq!(dirs.len(), ids.len(), "{dirs:?}");
+        for d in &dirs {
+            assert!(!d.contains('/') && d != "." && d != "..", "{d}");
+        }
+        let long = client_dir(&"x".repeat(500));
+        assert!(long.len() <= 200 && long != client_dir(&"x".repeat(501)));
     }
 }

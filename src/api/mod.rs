@@ -63,6 +63,8 @@ With [[clients]] configured, /v1 data routes need Authorization: Bearer <token>.
         sessions::cancel,
         sessions::close,
         sessions::log,
+        sessions::context,
+        sessions::context_variable,
         sessions::validate_config,
         records::records,
         events::session_events,
@@ -162,6 +164,16 @@ fn routes() -> Routes {
         )
         .route("/v1/sessions/{id}/records", &["get"], get(records::records))
         .route("/v1/sessions/{id}/log", &["get"], get(sessions::log))
+        .route(
+            "/v1/sessions/{id}/context",
+            &["get"],
+            get(sessions::context),
+        )
+        .route(
+            "/v1/sessions/{id}/context/{name}",
+            &["get"],
+            get(sessions::context_variable),
+        )
         .route(
             "/v1/configs/validate",
             &["post"],

@@ -14,7 +14,8 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use super::view::{
-    ListQuery, LogQuery, LogView, SessionListView, SessionView, SubmitBody, ValidView, ValidateBody,
+    ContextView, ListQuery, LogQuery, LogView, SessionListView, SessionView, SubmitBody, ValidView,
+    ValidateBody, VariableView,
 };
 use crate::service::SubmitRequest;
 use crate::session::{ClientContext, Session, SessionId, SessionOptions, SessionStatus};
@@ -23,7 +24,7 @@ use crate::store::{CancelOutcome, SessionList};
 /// Converts a config given as text (TOML, or JSON when it starts with `{`) to the JSON value the
 /// service takes, with the engine's parser (errors name the line and field).
 pub fn config_from_text(text: &str) -> Result<serde_json::Value, String> {
-    crate::engine::parse_config_text(text).map_err(|e| e.to_string())
+    crate::kinds::parse_config_text(text).map_err(|e| e.to_string())
 }
 
 /// The `config` of a request body as the JSON object the service takes: an object as is, a
@@ -33,7 +34,7 @@ pub(crate) fn config_from_body(config: serde_json::Value) -> Result<serde_json::
         serde_json::Value::Null => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            "the body needs `config` (a JSON object or a string of TOML) or `agent` (a saved agent's name)",
+            "the body needs `config` (a JSON object, or a string of TOML or of Web-Harvest XML) or `agent` (a saved agent's name)",
         )),
         serde_json::Value::String(text) => config_from_text(&text)
             .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", m)),
@@ -41,7 +42,7 @@ pub(crate) fn config_from_body(config: serde_json::Value) -> Result<serde_json::
         _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_config",
-            "config must be a JSON object or a string of TOML",
+            "config must be a JSON object, or a string of TOML or of Web-Harvest XML",
         )),
     }
 }
@@ -389,6 +390,68 @@ pub async fn close(
         Some(s) => Ok(axum::Json(view(&st, &s))),
         None => Err(ApiError::session_not_found(&id)),
     }
+}
+
+/// A session's context: its variables when it ended.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/context",
+    tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The variables: a text, or a list of texts, by name", body = ContextView),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such session (or another client's), or it has no context yet", body = ErrorBody),
+    )
+)]
+pub async fn context(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::Json<ContextView>, ApiError> {
+    let id = path_id(&id)?;
+    owned_session(&st, &caller, &id).await?;
+    let variables = st.harvest.context(&id).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("session {id} has no context yet: variables are stored when it ends"),
+        )
+    })?;
+    Ok(axum::Json(ContextView { variables }))
+}
+
+/// One variable of a session's context.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/context/{name}",
+    tag = "sessions",
+    params(
+        ("id" = String, Path, description = "Session id"),
+        ("name" = String, Path, description = "Variable name"),
+    ),
+    responses(
+        (status = 200, description = "The variable", body = VariableView),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 404, description = "No such session (or another client's), no context, or no such variable", body = ErrorBody),
+    )
+)]
+pub async fn context_variable(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+) -> Result<axum::Json<VariableView>, ApiError> {
+    let id = path_id(&id)?;
+    owned_session(&st, &caller, &id).await?;
+    let variables = st.harvest.context(&id).await?.unwrap_or_default();
+    let value = variables.get(&name).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("session {id} has no variable {name:?} in its context"),
+        )
+    })?;
+    Ok(axum::Json(VariableView { name, value }))
 }
 
 /// The last lines of a session's log.

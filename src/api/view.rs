@@ -399,6 +399,24 @@ impl From<LogLine> for LogLineView {
     }
 }
 
+/// A session's context: its variables when it ended.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContextView {
+    /// By name: a text (JSON string) or a list of texts (JSON array of strings).
+    #[schema(value_type = BTreeMap<String, Object>)]
+    pub variables: crate::session::Context,
+}
+
+/// One variable of a session's context.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VariableView {
+    /// Its name.
+    pub name: String,
+    /// A text (JSON string) or a list of texts (JSON array of strings).
+    #[schema(value_type = Object)]
+    pub value: crate::session::ContextValue,
+}
+
 /// A session's log, oldest line first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LogView {

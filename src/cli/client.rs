@@ -87,6 +87,17 @@ pub struct IdArgs {
     remote: ServerArgs,
 }
 
+/// `harvest context`.
+#[derive(Debug, Args)]
+pub struct ContextArgs {
+    /// Session id.
+    pub id: String,
+    /// Only this variable: its value as JSON (a string, or an array of strings).
+    pub name: Option<String>,
+    #[command(flatten)]
+    remote: ServerArgs,
+}
+
 /// `harvest wait`.
 #[derive(Debug, Args)]
 pub struct WaitArgs {
@@ -119,6 +130,8 @@ pub enum ClientCommand {
     Records(RecordsArgs),
     /// Print a session's log.
     Log(IdArgs),
+    /// Print a session's context (its variables when it ended), or one variable of it.
+    Context(ContextArgs),
     /// Saved agents: list, get, put, delete, run.
     Agents {
         /// What to do.
@@ -132,6 +145,7 @@ impl ClientCommand {
     fn remote(&self) -> &ServerArgs {
         match self {
             ClientCommand::Submit(a) => &a.remote,
+            ClientCommand::Context(a) => &a.remote,
             ClientCommand::Status(a)
             | ClientCommand::Cancel(a)
             | ClientCommand::Close(a)
@@ -413,6 +427,20 @@ pub async fn run(outer: &ServerArgs, cmd: ClientCommand) -> anyhow::Result<()> {
                 .json(client.request(reqwest::Method::GET, &path))
                 .await?;
             wait_session(&client, session, args.timeout).await
+        }
+        ClientCommand::Context(args) => {
+            let mut path = format!("/v1/sessions/{}/context", enc(&args.id));
+            if let Some(n) = &args.name {
+                path.push('/');
+                path.push_str(&enc(n));
+            }
+            let v = client
+                .json(client.request(reqwest::Method::GET, &path))
+                .await?;
+            match args.name {
+                Some(_) => print_json(&v["value"]),
+                None => print_json(&v),
+            }
         }
         ClientCommand::Status(IdArgs { id, .. }) => {
             let v = client

@@ -337,7 +337,7 @@ async fn shutdown_signal() {
 async fn run_local(args: RunArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let config = harvest::engine::parse_config_text(&text)
+    let config = harvest::kinds::parse_config_text(&text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
     let params = args.params.into_iter().collect();
     let settings = harvest::engine::EngineSettings {
@@ -368,6 +368,13 @@ async fn run_local(args: RunArgs) -> anyhow::Result<()> {
         None => harvest::local::run_local(&config, &params, settings, out, progress, stop).await,
     }
     .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+    // A Web-Harvest config's result is its variables (it has no records): printed on stdout as
+    // one JSON object, as `GET /v1/sessions/{id}/context` shows them.
+    if harvest::kinds::kind_of(&config) == Some(harvest::kinds::Kind::WebHarvest)
+        && let Some(variables) = &summary.context
+    {
+        println!("{}", serde_json::json!({ "variables": variables }));
+    }
     eprintln!("{summary}");
     let code = match summary.status {
         _ if summary.is_completed() => return Ok(()),

@@ -294,6 +294,9 @@ pub struct CompiledConfig {
     pub follow: Vec<CompiledFollow>,
     /// Extraction per page type.
     pub pages: HashMap<String, CompiledPage>,
+    /// The variables in effect: `[vars]`, overridden by the session's params (the session's
+    /// context when it ends).
+    pub vars: BTreeMap<String, String>,
 }
 
 /// A compiled `[[follow]]` rule.
@@ -406,7 +409,9 @@ pub fn compile(
             ConfigError::field(path, inner)
         }
     })?;
-    check(cfg)
+    let mut compiled = check(cfg)?;
+    compiled.vars = vars.into_iter().collect();
+    Ok(compiled)
 }
 
 /// Replaces `{{name}}` in every string below `v`.
@@ -651,5 +656,6 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
         http: cfg.http.clone(),
         follow,
         pages,
+        vars: BTreeMap::new(),
     })
 }

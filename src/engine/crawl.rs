@@ -51,7 +51,9 @@ use super::fetch::{Fetcher, PageError};
 use crate::job::{
     CheckpointSink, CommitError, CrawlState, JobOutcome, Retry, StopReason, StopSignal,
 };
-use crate::session::{ErrorKind, FrontierEntry, LogLine, SessionError, Timestamp, TokenUsage};
+use crate::session::{
+    ContextValue, ErrorKind, FrontierEntry, LogLine, SessionError, Timestamp, TokenUsage,
+};
 use crate::store::{CheckpointBatch, FRONTIER_PAGE_MAX, FrontierDone, ResumeState};
 
 /// When a batch is handed to the sink (whichever limit comes first), and how much crawl state
@@ -757,7 +759,15 @@ pub async fn crawl(
     if commits.finish().await.is_err() {
         return JobOutcome::Stopped(CheckpointBatch::default());
     }
-    let batch = c.take_batch();
+    let mut batch = c.take_batch();
+    // The session's context: the variables the crawl ran with.
+    batch.context = Some(
+        c.cfg
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), ContextValue::Text(v.clone())))
+            .collect(),
+    );
     if stopping {
         return JobOutcome::Stopped(batch);
     }

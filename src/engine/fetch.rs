@@ -101,7 +101,7 @@ impl PageError {
     }
 }
 
-/// A fetched HTML page.
+/// A fetched HTML page (or, from [`Fetcher::request`], any response).
 #[derive(Debug)]
 pub struct Fetched {
     /// The URL after redirects (links resolve against it).
@@ -112,6 +112,57 @@ pub struct Fetched {
     pub content_type: Option<String>,
     /// Retries it took, with why the last failed attempt failed (for the session's log).
     pub retried: Option<(u32, String)>,
+    /// The status code.
+    pub status: u16,
+    /// The response headers, in order (values that are not text are left out).
+    pub headers: Vec<(String, String)>,
+}
+
+/// A request of any method with any headers and body, for [`Fetcher::request`].
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The method (`GET`, `POST`…).
+    pub method: reqwest::Method,
+    /// Where to.
+    pub url: Url,
+    /// Extra headers (a `User-Agent` here replaces the session's).
+    pub headers: Vec<(String, String)>,
+    /// The body, if any.
+    pub body: Option<Vec<u8>>,
+    /// Follow redirects (a 303, or a 301/302 after a POST, continues as a GET without body, as
+    /// browsers do); when false, a redirect response is the answer.
+    pub follow_redirects: bool,
+}
+
+/// What one attempt is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A crawled page: HTML only, error statuses are errors.
+    Page,
+    /// robots.txt: cut at the cap rather than refused, no robots check of its own.
+    Robots,
+    /// [`Fetcher::request`]: any content, any status is an answer.
+    Raw,
+}
+
+struct Spec<'a> {
+    method: reqwest::Method,
+    headers: &'a [(String, String)],
+    body: Option<&'a [u8]>,
+    follow_redirects: bool,
+    mode: Mode,
+}
+
+impl Spec<'_> {
+    fn get(mode: Mode) -> Spec<'static> {
+        Spec {
+            method: reqwest::Method::GET,
+            headers: &[],
+            body: None,
+            follow_redirects: true,
+            mode,
+        }
+    }
 }
 
 struct HostState {
@@ -147,6 +198,16 @@ enum Attempt {
 impl Fetcher {
     /// A fetcher for these settings (one HTTP connection pool per session).
     pub fn new(http: &HttpSettings, guard: Option<NetGuard>) -> Result<Fetcher, reqwest::Error> {
+        Fetcher::with_cookies(http, guard, false)
+    }
+
+    /// A fetcher that, with `cookies`, keeps the cookies its responses set and sends them back
+    /// (one jar per fetcher, so per session; every redirect hop reads and feeds it).
+    pub fn with_cookies(
+        http: &HttpSettings,
+        guard: Option<NetGuard>,
+        cookies: bool,
+    ) -> Result<Fetcher, reqwest::Error> {
         let guard = guard.map(Arc::new);
         let mut b = reqwest::Client::builder()
             // HTTP(S)_PROXY would send requests around the guarded resolver.
@@ -159,7 +220,8 @@ impl Fetcher {
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
             .gzip(true)
-            .brotli(true);
+            .brotli(true)
+            .cookie_store(cookies);
         if let Some(g) = &guard {
             b = b.dns_resolver(Arc::new(GuardedResolver { guard: g.clone() }));
         }
@@ -218,7 +280,7 @@ impl Fetcher {
                 return Err(PageError::Stopped);
             }
             let result = self
-                .attempt(url, usage, self.http.max_body_bytes, true)
+                .attempt(url, usage, self.http.max_body_bytes, &Spec::get(Mode::Page))
                 .await;
             let (wait, err) = match result {
                 Ok(mut f) => {
@@ -275,18 +337,27 @@ impl Fetcher {
         start: &Url,
         usage: &mut TokenUsage,
         max_body: usize,
-        html_only: bool,
+        spec: &Spec<'_>,
     ) -> Result<Fetched, Attempt> {
         let mut current = start.clone();
         let mut visited: Vec<Url> = Vec::new();
         let mut hops = 0usize;
+        let mut method = spec.method.clone();
+        let mut body = spec.body;
         let resp = loop {
             self.check_guard(&current).map_err(|e| {
                 usage.http_errors += 1;
                 Attempt::Final(e)
             })?;
             usage.http_requests += 1;
-            let resp = match self.client.get(current.clone()).send().await {
+            let mut req = self.client.request(method.clone(), current.clone());
+            for (k, v) in spec.headers {
+                req = req.header(k.as_str(), v.as_str());
+            }
+            if let Some(b) = body {
+                req = req.body(b.to_vec());
+            }
+            let resp = match req.send().await {
                 Ok(r) => r,
                 Err(e) => {
                     usage.http_errors += 1;
@@ -294,7 +365,10 @@ impl Fetcher {
                 }
             };
             let status = resp.status();
-            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+            if status.is_redirection()
+                && status != StatusCode::NOT_MODIFIED
+                && spec.follow_redirects
+            {
                 let Some(loc) = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()) else {
                     return Err(Attempt::Final(PageError::BadRedirect(format!(
                         "{status} without Location"
@@ -319,10 +393,18 @@ impl Fetcher {
                 // Each hop is a fetch from its own host: its robots.txt has a say (a redirect must
                 // not take the crawl where that host's robots.txt forbids). Boxed: checking may
                 // fetch a robots.txt, which is an attempt of its own (one without this check).
-                if html_only {
+                if spec.mode != Mode::Robots {
                     Box::pin(self.robots_check(&next, usage))
                         .await
                         .map_err(Attempt::Final)?;
+                }
+                // As browsers do: a 303, or a 301/302 answering a POST, continues as a GET.
+                if status == StatusCode::SEE_OTHER
+                    || (method == reqwest::Method::POST
+                        && (status == StatusCode::MOVED_PERMANENTLY || status == StatusCode::FOUND))
+                {
+                    method = reqwest::Method::GET;
+                    body = None;
                 }
                 current = next;
                 continue;
@@ -332,18 +414,20 @@ impl Fetcher {
         let status = resp.status();
         if status.is_client_error() || status.is_server_error() {
             usage.http_errors += 1;
-            let err = PageError::Status(status.as_u16());
-            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-                return Err(Attempt::Retry(retry_after(&resp), err));
+            if spec.mode != Mode::Raw {
+                let err = PageError::Status(status.as_u16());
+                if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                    return Err(Attempt::Retry(retry_after(resp.headers()), err));
+                }
+                return Err(Attempt::Final(err));
             }
-            return Err(Attempt::Final(err));
         }
         let content_type = resp
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        if let Some(ct) = content_type.as_ref().filter(|_| html_only) {
+        if let Some(ct) = content_type.as_ref().filter(|_| spec.mode == Mode::Page) {
             let essence = ct
                 .split(';')
                 .next()
@@ -354,14 +438,85 @@ impl Fetcher {
                 return Err(Attempt::Final(PageError::NotHtml(ct.clone())));
             }
         }
+        let headers = resp
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect();
         // robots.txt (the only non-HTML fetch) is cut at the cap rather than refused.
-        let body = self.read_body(resp, usage, max_body, !html_only).await?;
+        let body = self
+            .read_body(resp, usage, max_body, spec.mode == Mode::Robots)
+            .await?;
         Ok(Fetched {
             url: current,
             body,
             content_type,
+            status: status.as_u16(),
+            headers,
             retried: None,
         })
+    }
+
+    /// Sends a request of any method, with the session's guard, robots.txt (when obeyed),
+    /// politeness, retries (connect errors, timeouts, 429 and 5xx, honouring `Retry-After`) and
+    /// body cap; cookies when the fetcher keeps them. Any status is an answer: after the last
+    /// retry, a 429 or 5xx comes back as the response it is.
+    pub async fn request(
+        &self,
+        req: &Request,
+        stop: &StopSignal,
+        usage: &mut TokenUsage,
+    ) -> Result<Fetched, PageError> {
+        let host = self.host(&req.url);
+        self.robots_check(&req.url, usage).await?;
+        // The semaphore is never closed, so acquire cannot fail; treat it as a stop if it did.
+        let _permit = host
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| PageError::Stopped)?;
+        let spec = Spec {
+            method: req.method.clone(),
+            headers: &req.headers,
+            body: req.body.as_deref(),
+            follow_redirects: req.follow_redirects,
+            mode: Mode::Raw,
+        };
+        let mut attempt = 0u32;
+        // Bounded: `attempt` grows every iteration and `retries` is at most 10.
+        loop {
+            self.politeness_wait(&host).await;
+            let (wait, result) = match self
+                .attempt(&req.url, usage, self.http.max_body_bytes, &spec)
+                .await
+            {
+                Ok(f) if f.status == 429 || f.status >= 500 => {
+                    let wait = retry_after_value(
+                        f.headers
+                            .iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                            .map(|(_, v)| v.as_str()),
+                    );
+                    (wait, Ok(f))
+                }
+                Ok(f) => return Ok(f),
+                Err(Attempt::Final(e)) => return Err(e),
+                Err(Attempt::Retry(wait, e)) => (wait, Err(e)),
+            };
+            if attempt >= self.http.retries {
+                return result;
+            }
+            let backoff = BACKOFF_BASE
+                .saturating_mul(1 << attempt.min(16))
+                .min(BACKOFF_CAP);
+            let wait = wait.map(|w| w.min(RETRY_AFTER_CAP)).unwrap_or(backoff);
+            attempt += 1;
+            usage.retries += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.stopped() => return Err(PageError::Stopped),
+            }
+        }
     }
 
     async fn read_body(
@@ -464,7 +619,12 @@ impl Fetcher {
         // Bounded: `tries` grows every round and the loop ends past ROBOTS_RETRIES.
         for tries in 0..=ROBOTS_RETRIES {
             let err = match self
-                .attempt(&robots_url, usage, ROBOTS_MAX_BYTES, false)
+                .attempt(
+                    &robots_url,
+                    usage,
+                    ROBOTS_MAX_BYTES,
+                    &Spec::get(Mode::Robots),
+                )
                 .await
             {
                 Ok(f) => {
@@ -497,8 +657,12 @@ impl Fetcher {
     }
 }
 
-fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
-    let v = resp.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    retry_after_value(headers.get(RETRY_AFTER)?.to_str().ok())
+}
+
+fn retry_after_value(v: Option<&str>) -> Option<Duration> {
+    let v = v?.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }

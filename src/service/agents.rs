@@ -83,10 +83,10 @@ impl Harvest {
         spec: AgentSpec,
     ) -> Result<Agent, HarvestError> {
         validate_name(name)?;
-        if !spec.config.is_object() {
+        if crate::kinds::kind_of(&spec.config).is_none() {
             return Err(HarvestError::InvalidConfig(
                 crate::job::ConfigRejected::new(
-                    "config must be an object (JSON) or a TOML document",
+                    "config must be an object (JSON), a TOML document or Web-Harvest XML",
                 ),
             ));
         }

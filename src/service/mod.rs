@@ -71,7 +71,8 @@ const MAX_TIMEOUT_SECS: u64 = SessionOptions::MAX_TIMEOUT_SECS;
 /// A submission.
 #[derive(Debug, Clone, Default)]
 pub struct SubmitRequest {
-    /// The scraper config as JSON (see `engine::parse_config_text` for TOML text).
+    /// The config: a scraper config as a JSON object, or Web-Harvest XML as a string (see
+    /// [`crate::kinds::parse_config_text`] for a file's text).
     pub config: serde_json::Value,
     /// Parameters overriding the config's `[vars]`.
     pub params: BTreeMap<String, String>,
@@ -264,9 +265,14 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, HarvestError>
 
 /// The job sessions run when none is given: the scraper engine.
 fn default_job(config: &Config) -> Result<Arc<dyn Job>, HarvestError> {
-    Ok(Arc::new(crate::engine::ScrapeJob::new(engine_settings(
-        config,
-    )?)))
+    let engine = engine_settings(config)?;
+    let webharvest = crate::webharvest::WebHarvestSettings {
+        guard: engine.guard.clone(),
+        // A Web-Harvest `file` writes under `<export.dir>/<client>/<session>/`, nowhere else.
+        export_dir: Some(config.export.dir.clone()),
+        ..Default::default()
+    };
+    Ok(Arc::new(crate::kinds::Kinds::new(engine, webharvest)))
 }
 
 /// The engine settings the config asks for: the request-forgery guard is on whenever clients
@@ -398,9 +404,9 @@ impl Harvest {
 
     /// Validates and durably stores a new session; returns as soon as it is durable.
     pub async fn submit(&self, req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
-        if !req.config.is_object() {
+        if crate::kinds::kind_of(&req.config).is_none() {
             return Err(HarvestError::InvalidConfig(ConfigRejected::new(
-                "config must be an object (JSON) or a TOML document",
+                "config must be an object (JSON), a TOML document or Web-Harvest XML",
             )));
         }
         self.inner
@@ -538,6 +544,15 @@ impl Harvest {
         Ok(removed)
     }
 
+    /// A session's context: its variables when it ended (a Web-Harvest config's top-level
+    /// variables, a scraper config's `[vars]` in effect); `None` while it has none.
+    pub async fn context(
+        &self,
+        id: &SessionId,
+    ) -> Result<Option<crate::session::Context>, HarvestError> {
+        Ok(self.inner.store.context_get(id).await?)
+    }
+
     /// Committed records of a session, by seq.
     pub async fn records(
         &self,
@@ -619,6 +634,12 @@ impl SessionHandle {
             .get(&self.id)
             .await?
             .ok_or_else(|| HarvestError::NotFound(self.id.clone()))
+    }
+
+    /// Its context (the seed's `getContext()`): its variables when it ended; `None` while it
+    /// has none.
+    pub async fn context(&self) -> Result<Option<crate::session::Context>, HarvestError> {
+        self.harvest.context(&self.id).await
     }
 
     /// Waits until the session is terminal, at most `timeout`. `Ok(Some)`: the terminal session;

@@ -781,6 +781,21 @@ impl<'de> Deserialize<'de> for ErrorKind {
     }
 }
 
+/// One of a session's context variables: a text, or a list of texts (JSON: a string, or an
+/// array of strings).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ContextValue {
+    /// A text.
+    Text(String),
+    /// A list of texts.
+    List(Vec<String>),
+}
+
+/// A session's context: its variables when it ended (a Web-Harvest config's top-level
+/// variables; a scraper config's `[vars]` in effect), by name.
+pub type Context = BTreeMap<String, ContextValue>;
+
 /// What a session runs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {

@@ -162,6 +162,9 @@ pub struct CheckpointBatch {
     /// Elements processed in this batch, when the job counts something other than records (a
     /// Web-Harvest config counts processors); `None`: the records.
     pub elements: Option<u64>,
+    /// The session's context, replacing what was stored (a job sends it with its last batch,
+    /// so that it is stored with the final status).
+    pub context: Option<crate::session::Context>,
     /// Usage in this batch (added to the session's counters).
     pub usage: TokenUsage,
     /// Log lines (the store keeps the last [`LOG_LINES_MAX`] per session).
@@ -190,6 +193,7 @@ impl CheckpointBatch {
             && self.pages == 0
             && self.usage == TokenUsage::default()
             && self.log.is_empty()
+            && self.context.is_none()
     }
 }
 
@@ -563,6 +567,10 @@ pub trait Store: Send + Sync + 'static {
     /// For each URL, in order, whether it is in the session's committed seen set (added by a
     /// checkpoint's `seen_add`). All `false` for an unknown session.
     async fn seen_filter(&self, p: SeenFilter) -> StoreResult<Vec<bool>>;
+
+    /// A session's context (see [`CheckpointBatch::context`]); `None` when it has none (or there
+    /// is no such session).
+    async fn context_get(&self, id: &SessionId) -> StoreResult<Option<crate::session::Context>>;
 
     /// The last `limit` log lines of a session, oldest first.
     async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>>;

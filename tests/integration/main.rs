@@ -31,3 +31,5 @@ mod soak;
 mod store_conformance;
 mod store_postgres;
 mod store_sled;
+mod webharvest;
+mod webharvest_api;

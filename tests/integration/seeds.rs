@@ -179,7 +179,7 @@ async fn terminal(http: &reqwest::Client, api: &str, id: &str) -> Value {
 }
 
 /// A port nothing listens on (bound, then released).
-fn closed_port() -> u16 {
+pub(crate) fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }

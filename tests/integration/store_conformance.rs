@@ -1181,6 +1181,7 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
         ],
         pages: 2,
         elements: None,
+        context: None,
         usage,
         log: vec![line(1)],
     };
@@ -1204,6 +1205,7 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
         seen_add: vec!["http://x/d".into()],
         pages: 1,
         elements: None,
+        context: None,
         usage,
         log: vec![line(2)],
     };

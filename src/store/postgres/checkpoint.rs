@@ -280,6 +280,20 @@ async fn write_batch(
             .await
             .map_err(db_err(&ctx("seen set")))?;
     }
+    if let Some(context) = &batch.context {
+        let variables = serde_json::to_value(context)
+            .map_err(|e| StoreError::Invalid(format!("the context is not valid JSON: {e}")))?;
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO context (session_id, variables) VALUES ($1, $2)
+                 ON CONFLICT (session_id) DO UPDATE SET variables = EXCLUDED.variables",
+            )
+            .await
+            .map_err(db_err("preparing a context write"))?;
+        tx.execute(&stmt, &[&id, &variables])
+            .await
+            .map_err(db_err(&ctx("context")))?;
+    }
     if !batch.log.is_empty() {
         let at: Vec<i64> = batch.log.iter().map(|l| l.at.0).collect();
         let level: Vec<&str> = batch.log.iter().map(|l| l.level.as_str()).collect();

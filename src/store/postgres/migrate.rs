@@ -34,6 +34,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 4,
         sql: include_str!("../../../migrations/0004_session_v2.sql"),
     },
+    Migration {
+        version: 5,
+        sql: include_str!("../../../migrations/0005_context.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

@@ -296,6 +296,10 @@ impl Store for PostgresStore {
         self.filter_seen(p).await
     }
 
+    async fn context_get(&self, id: &SessionId) -> StoreResult<Option<crate::session::Context>> {
+        self.context(id).await
+    }
+
     async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {
         self.tail_log(id, limit).await
     }

@@ -3,7 +3,7 @@
 
 use super::rows::{SESSION_COLUMNS, row_get, session_from_row, to_i64, to_u64};
 use super::{PostgresStore, db_err};
-use crate::session::{LogLine, Record, Session, SessionId, Timestamp};
+use crate::session::{Context, LogLine, Record, Session, SessionId, Timestamp};
 use crate::store::{LOG_LINES_MAX, RecordsPage, StoreError, StoreResult, key_name};
 
 /// Longest records page (the trait's documented range).
@@ -84,6 +84,27 @@ impl PostgresStore {
             .await
             .map_err(db_err(&format!("committing the record removal of {id}")))?;
         Ok(Some(s))
+    }
+
+    pub(super) async fn context(&self, id: &SessionId) -> StoreResult<Option<Context>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT variables FROM context WHERE session_id = $1")
+            .await
+            .map_err(db_err("preparing a context read"))?;
+        let row = client
+            .query_opt(&stmt, &[&id.as_str()])
+            .await
+            .map_err(db_err(&format!("reading the context of session {id}")))?;
+        let Some(row) = row else { return Ok(None) };
+        let key = key_name("context", id);
+        let v: serde_json::Value = row_get(&row, 0, &key)?;
+        serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                key,
+                reason: format!("context: {e}"),
+            })
     }
 
     pub(super) async fn tail_log(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {

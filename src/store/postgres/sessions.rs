@@ -579,7 +579,7 @@ async fn delete_session_data(
     tx: &deadpool_postgres::Transaction<'_>,
     ids: &[&str],
 ) -> StoreResult<()> {
-    for table in ["records", "frontier", "seen", "log"] {
+    for table in ["records", "frontier", "seen", "log", "context"] {
         tx.execute(
             &format!("DELETE FROM {table} WHERE session_id = ANY($1)"),
             &[&ids],

@@ -33,6 +33,7 @@
 //! | `U` lp(id) url | `UrlState` | seen-URL set, and where a URL sits in the frontier (an index of the chunks, brought up to date when read) |
 //! | `I` lp(id) | `u64` | the first frontier position whose chunk `U` does not index yet |
 //! | `O` lp(id) n | `LogLine` | log (the last [`LOG_LINES_MAX`](super::LOG_LINES_MAX)) |
+//! | `H` lp(id) | JSON text | the session's context (its variables when it ended) |
 //! | `N` lp(client) name | `Agent` | agents |
 //! | `Z` id | empty | a removal whose data purge has not finished (resumed at open) |
 //!
@@ -398,6 +399,10 @@ impl Store for SledStore {
 
     async fn seen_filter(&self, p: SeenFilter) -> StoreResult<Vec<bool>> {
         self.filter_seen(p)
+    }
+
+    async fn context_get(&self, id: &SessionId) -> StoreResult<Option<crate::session::Context>> {
+        self.context(id)
     }
 
     async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {

@@ -9,7 +9,7 @@ use super::durability::Batch;
 use super::keys::{corrupt_key, data_prefix, k_chunk, k_log, k_record, show_key, u64_at};
 use super::sessions::PURGE_CHUNK;
 use super::{SledStore, blocking, sled_err};
-use crate::session::{LogLine, Record, Session, SessionId};
+use crate::session::{Context, LogLine, Record, Session, SessionId};
 use crate::store::{LOG_LINES_MAX, RecordsPage, StoreError, StoreResult, codec};
 
 /// Most records of one record chunk (`E`), and about the most bytes: one key per checkpoint's
@@ -259,6 +259,29 @@ impl SledStore {
             }
         }
         Ok(out)
+    }
+
+    /// Stages a session's context (JSON text: bincode cannot hold its untagged values).
+    pub(super) fn stage_context(
+        b: &mut Batch,
+        id: &SessionId,
+        context: &Context,
+    ) -> StoreResult<()> {
+        let text = serde_json::to_string(context)
+            .map_err(|e| StoreError::Invalid(format!("the context is not valid JSON: {e}")))?;
+        b.insert(data_prefix(b'H', id), codec::encode(&text)?);
+        Ok(())
+    }
+
+    pub(super) fn context(&self, id: &SessionId) -> StoreResult<Option<Context>> {
+        let k = data_prefix(b'H', id);
+        let Some(v) = self.db.get(&k).map_err(sled_err("reading a context"))? else {
+            return Ok(None);
+        };
+        let text: String = codec::decode(&|| show_key(&k), &v)?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| corrupt_key(&k, &format!("context is not JSON: {e}")))
     }
 
     pub(super) fn tail_log(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {

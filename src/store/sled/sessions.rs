@@ -134,6 +134,9 @@ impl SledStore {
         if !batch.log.is_empty() {
             self.stage_log(b, &s.id, &batch.log)?;
         }
+        if let Some(context) = &batch.context {
+            Self::stage_context(b, &s.id, context)?;
+        }
         Ok(())
     }
 
@@ -253,7 +256,7 @@ impl SledStore {
     /// Deletes a removed session's data keyspaces in chunks, then its tombstone.
     fn purge(&self, id: &SessionId) -> StoreResult<u64> {
         for tag in [
-            b'R', b'E', b'B', b'J', b'Q', b'V', b'K', b'I', b'F', b'U', b'O',
+            b'R', b'E', b'B', b'J', b'Q', b'V', b'K', b'I', b'F', b'U', b'O', b'H',
         ] {
             let prefix = data_prefix(tag, id);
             // Each round deletes up to PURGE_CHUNK keys; 1 << 32 rounds bound the loop far beyond
