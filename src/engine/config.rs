@@ -174,8 +174,13 @@ impl Default for HttpSettings {
 #[serde(deny_unknown_fields)]
 pub struct FollowRule {
     /// CSS selector of the link elements.
-    pub selector: String,
-    /// Attribute holding the URL (default `href`).
+    #[serde(default)]
+    pub selector: Option<String>,
+    /// XPath expression giving the URLs themselves (`//a[@rel='next']/@href`), instead of
+    /// `selector`.
+    #[serde(default)]
+    pub xpath: Option<String>,
+    /// Attribute holding the URL (default `href`; with `selector` only).
     #[serde(default)]
     pub attr: Option<String>,
     /// Page type of the pages these links lead to.
@@ -216,6 +221,9 @@ pub enum FieldType {
 pub struct FieldSpec {
     /// CSS selector; absent means the item element (or the whole page).
     pub selector: Option<String>,
+    /// XPath expression over the whole page, instead of `selector`: attributes and text nodes
+    /// give their text, elements their serialized XML, functions their value.
+    pub xpath: Option<String>,
     /// Take this attribute instead of the text.
     pub attr: Option<String>,
     /// Keep the first capture group (or the whole match) of this regex; no match gives null.
@@ -233,6 +241,8 @@ pub struct FieldSpec {
 struct FieldTable {
     #[serde(default)]
     selector: Option<String>,
+    #[serde(default)]
+    xpath: Option<String>,
     #[serde(default)]
     attr: Option<String>,
     #[serde(default)]
@@ -253,7 +263,7 @@ impl<'de> Deserialize<'de> for FieldSpec {
         impl<'de> Visitor<'de> for V {
             type Value = FieldSpec;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a CSS selector string or a table of selector, attr, regex, type, absolute_url, all")
+                f.write_str("a CSS selector string or a table of selector, xpath, attr, regex, type, absolute_url, all")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<FieldSpec, E> {
                 Ok(FieldSpec {
@@ -265,6 +275,7 @@ impl<'de> Deserialize<'de> for FieldSpec {
                 let t = FieldTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 Ok(FieldSpec {
                     selector: t.selector,
+                    xpath: t.xpath,
                     attr: t.attr,
                     regex: t.regex,
                     r#type: t.ty,
@@ -297,15 +308,30 @@ pub struct CompiledConfig {
     /// The variables in effect: `[vars]`, overridden by the session's params (the session's
     /// context when it ends).
     pub vars: BTreeMap<String, String>,
+    /// The XPath expressions of the follow rules and fields, each checked at compile time and
+    /// evaluated once per page against the page converted to XML (only when there are any).
+    pub xpaths: Vec<String>,
+}
+
+/// Where a follow rule finds its URLs.
+#[derive(Debug)]
+pub enum LinkSource {
+    /// The `attr` attribute of the elements the selector matches.
+    Css {
+        /// Link elements.
+        selector: Selector,
+        /// URL attribute.
+        attr: String,
+    },
+    /// The texts of an XPath expression's results, by index into [`CompiledConfig::xpaths`].
+    XPath(usize),
 }
 
 /// A compiled `[[follow]]` rule.
 #[derive(Debug)]
 pub struct CompiledFollow {
-    /// Link elements.
-    pub selector: Selector,
-    /// URL attribute.
-    pub attr: String,
+    /// Where the URLs are.
+    pub source: LinkSource,
     /// Page type of the targets.
     pub page: Option<Arc<str>>,
 }
@@ -324,8 +350,10 @@ pub struct CompiledPage {
 pub struct CompiledField {
     /// Key in the record.
     pub name: String,
-    /// Where to look (None: the item or page root).
+    /// Where to look (None: the item or page root, unless `xpath` is set).
     pub selector: Option<Selector>,
+    /// Or an XPath expression over the page, by index into [`CompiledConfig::xpaths`].
+    pub xpath: Option<usize>,
     /// Attribute to read instead of text.
     pub attr: Option<String>,
     /// Regex whose first group (or whole match) is kept.
@@ -563,9 +591,44 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
             "contains characters not allowed in a header",
         ));
     }
+    let mut xpaths: Vec<String> = Vec::new();
     let mut follow = Vec::with_capacity(cfg.follow.len());
     for (i, r) in cfg.follow.iter().enumerate() {
-        let sel = selector(&format!("follow[{i}].selector"), &r.selector)?;
+        let source = match (&r.selector, &r.xpath) {
+            (Some(s), None) => {
+                let selector = selector(&format!("follow[{i}].selector"), s)?;
+                let attr = r.attr.clone().unwrap_or_else(|| "href".into());
+                if attr.trim().is_empty() {
+                    return Err(ConfigError::field(
+                        format!("follow[{i}].attr"),
+                        "empty attribute name",
+                    ));
+                }
+                LinkSource::Css { selector, attr }
+            }
+            (None, Some(x)) => {
+                if r.attr.is_some() {
+                    return Err(ConfigError::field(
+                        format!("follow[{i}].attr"),
+                        "an xpath rule gives the URLs itself; select the attribute in the \
+                         expression (`//a/@href`) and drop `attr`",
+                    ));
+                }
+                LinkSource::XPath(xpath(&format!("follow[{i}].xpath"), x, &mut xpaths)?)
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::field(
+                    format!("follow[{i}]"),
+                    "give either `selector` or `xpath`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::field(
+                    format!("follow[{i}].selector"),
+                    "missing; give a CSS selector of the links, or an `xpath` of their URLs",
+                ));
+            }
+        };
         if let Some(p) = &r.page
             && !cfg.pages.contains_key(p)
         {
@@ -574,16 +637,8 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
                 format!("unknown page type {p:?}; define [pages.{p}]"),
             ));
         }
-        let attr = r.attr.clone().unwrap_or_else(|| "href".into());
-        if attr.trim().is_empty() {
-            return Err(ConfigError::field(
-                format!("follow[{i}].attr"),
-                "empty attribute name",
-            ));
-        }
         follow.push(CompiledFollow {
-            selector: sel,
-            attr,
+            source,
             page: r.page.as_deref().map(Arc::from),
         });
     }
@@ -603,15 +658,41 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
         let mut fields = Vec::with_capacity(spec.fields.len());
         for (fname, f) in &spec.fields {
             let fpath = format!("{base}.fields.{fname}");
-            let sel = match &f.selector {
-                Some(s) => Some(selector(&format!("{fpath}.selector"), s)?),
-                None if f.attr.is_none() && item.is_none() => {
+            let mut xp = None;
+            let sel = match (&f.selector, &f.xpath) {
+                (Some(_), Some(_)) => {
                     return Err(ConfigError::field(
-                        format!("{fpath}.selector"),
-                        "missing; give a CSS selector (only an item field may read its element itself)",
+                        fpath,
+                        "give either `selector` or `xpath`, not both",
                     ));
                 }
-                None => None,
+                (None, Some(x)) => {
+                    if item.is_some() {
+                        return Err(ConfigError::field(
+                            format!("{fpath}.xpath"),
+                            "an xpath field reads the whole page, so it cannot be relative to \
+                             this page type's `item`; use a CSS `selector`, or drop `item`",
+                        ));
+                    }
+                    if f.attr.is_some() {
+                        return Err(ConfigError::field(
+                            format!("{fpath}.attr"),
+                            "select the attribute in the xpath expression (`//img/@src`) and \
+                             drop `attr`",
+                        ));
+                    }
+                    xp = Some(xpath(&format!("{fpath}.xpath"), x, &mut xpaths)?);
+                    None
+                }
+                (Some(s), None) => Some(selector(&format!("{fpath}.selector"), s)?),
+                (None, None) if f.attr.is_none() && item.is_none() => {
+                    return Err(ConfigError::field(
+                        format!("{fpath}.selector"),
+                        "missing; give a CSS selector or an `xpath` (only an item field may read \
+                         its element itself)",
+                    ));
+                }
+                (None, None) => None,
             };
             let regex = match &f.regex {
                 Some(r) => Some(Regex::new(r).map_err(|e| {
@@ -639,6 +720,7 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
             fields.push(CompiledField {
                 name: fname.clone(),
                 selector: sel,
+                xpath: xp,
                 attr: f.attr.clone(),
                 regex,
                 ty: f.r#type,
@@ -657,5 +739,19 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
         follow,
         pages,
         vars: BTreeMap::new(),
+        xpaths,
     })
+}
+
+/// Checks an XPath expression and returns its index in `all` (shared by equal expressions).
+fn xpath(path: &str, expr: &str, all: &mut Vec<String>) -> Result<usize, ConfigError> {
+    if expr.trim().is_empty() {
+        return Err(ConfigError::field(path, "empty XPath expression"));
+    }
+    if let Some(i) = all.iter().position(|e| e == expr) {
+        return Ok(i);
+    }
+    super::xml::xpath::check(expr).map_err(|e| ConfigError::field(path, e))?;
+    all.push(expr.to_string());
+    Ok(all.len() - 1)
 }

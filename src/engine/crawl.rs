@@ -156,6 +156,9 @@ async fn process(
             }
             let page = out.entry.page.as_deref().and_then(|p| cfg.pages.get(p));
             let ex = extract_page(&cfg, page, &f.url, &text);
+            for e in ex.errors {
+                out.log.push(("warn", format!("{url}: {e}")));
+            }
             out.records = ex.records;
             out.links = ex.links;
         }

@@ -13,7 +13,11 @@ use serde_json::{Map, Value};
 use url::Url;
 
 use super::canon::resolve;
-use super::config::{CompiledConfig, CompiledField, CompiledPage, FieldType};
+use super::config::{CompiledConfig, CompiledField, CompiledPage, FieldType, LinkSource};
+use super::xml::{html, xpath};
+
+/// Largest XML a page may become for XPath, and largest text one expression may give.
+const XPATH_MAX_BYTES: usize = 16 << 20;
 
 /// What one page gave.
 #[derive(Debug, Default)]
@@ -22,6 +26,9 @@ pub struct Extracted {
     pub records: Vec<Value>,
     /// Canonical link targets with the page type their rule names.
     pub links: Vec<(String, Option<Arc<str>>)>,
+    /// What could not be evaluated (an XPath expression failing on this page): its fields are
+    /// null, its links missing.
+    pub errors: Vec<String>,
 }
 
 /// Decodes a body: charset from `content_type`, else from a `<meta>` in the first 1024 bytes,
@@ -95,10 +102,22 @@ pub fn extract_page(
 ) -> Extracted {
     let doc = Html::parse_document(html);
     let mut out = Extracted::default();
+    let mut xp = XPaths::new(cfg, &doc, html);
     for rule in &cfg.follow {
-        for el in doc.select(&rule.selector) {
-            if let Some(target) = el.value().attr(&rule.attr).and_then(|h| resolve(url, h)) {
-                out.links.push((target, rule.page.clone()));
+        match &rule.source {
+            LinkSource::Css { selector, attr } => {
+                for el in doc.select(selector) {
+                    if let Some(target) = el.value().attr(attr).and_then(|h| resolve(url, h)) {
+                        out.links.push((target, rule.page.clone()));
+                    }
+                }
+            }
+            LinkSource::XPath(i) => {
+                for h in xp.results(*i) {
+                    if let Some(target) = resolve(url, h.trim()) {
+                        out.links.push((target, rule.page.clone()));
+                    }
+                }
             }
         }
     }
@@ -106,24 +125,98 @@ pub fn extract_page(
         match &page.item {
             Some(item) => {
                 for el in doc.select(item) {
-                    out.records.push(record(page, el, url));
+                    out.records.push(record(page, el, url, &mut xp));
                 }
             }
-            None => out.records.push(record(page, doc.root_element(), url)),
+            None => out
+                .records
+                .push(record(page, doc.root_element(), url, &mut xp)),
         }
     }
+    out.errors = xp.errors;
     out
 }
 
-fn record(page: &CompiledPage, scope: ElementRef<'_>, url: &Url) -> Value {
+/// The page's XPath results, evaluated on first use: the page becomes XML once, each expression
+/// runs at most once.
+struct XPaths<'a> {
+    cfg: &'a CompiledConfig,
+    doc: &'a Html,
+    html: &'a str,
+    /// The parsed XML, or why there is none; built on first use.
+    xml: Option<Result<xpath::Document, ()>>,
+    results: Vec<Option<Vec<String>>>,
+    errors: Vec<String>,
+}
+
+impl<'a> XPaths<'a> {
+    fn new(cfg: &'a CompiledConfig, doc: &'a Html, html: &'a str) -> XPaths<'a> {
+        XPaths {
+            cfg,
+            doc,
+            html,
+            xml: None,
+            results: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn results(&mut self, i: usize) -> &[String] {
+        if self.results.len() <= i {
+            self.results.resize(self.cfg.xpaths.len().max(i + 1), None);
+        }
+        if self.results[i].is_none() {
+            let r = self.evaluate(i);
+            self.results[i] = Some(r);
+        }
+        self.results[i].as_deref().unwrap_or_default()
+    }
+
+    fn evaluate(&mut self, i: usize) -> Vec<String> {
+        let xml = self.xml.get_or_insert_with(|| {
+            let opts = html::Options {
+                omit_xml_decl: true,
+                max_bytes: XPATH_MAX_BYTES,
+                ..html::Options::default()
+            };
+            html::document_to_xml(self.doc, self.html, &opts)
+                .and_then(|x| xpath::Document::parse(&x))
+                .map_err(|e| self.errors.push(format!("no XPath on this page: {e}")))
+        });
+        let Ok(xml) = xml else { return Vec::new() };
+        let expr = &self.cfg.xpaths[i];
+        xml.evaluate(expr, XPATH_MAX_BYTES).unwrap_or_else(|e| {
+            self.errors.push(e);
+            Vec::new()
+        })
+    }
+}
+
+fn record(page: &CompiledPage, scope: ElementRef<'_>, url: &Url, xp: &mut XPaths<'_>) -> Value {
     let mut obj = Map::new();
     for f in &page.fields {
-        obj.insert(f.name.clone(), field(f, scope, url));
+        obj.insert(f.name.clone(), field(f, scope, url, xp));
     }
     Value::Object(obj)
 }
 
-fn field(f: &CompiledField, scope: ElementRef<'_>, url: &Url) -> Value {
+fn field(f: &CompiledField, scope: ElementRef<'_>, url: &Url, xp: &mut XPaths<'_>) -> Value {
+    if let Some(i) = f.xpath {
+        let texts = xp.results(i);
+        return if f.all {
+            Value::Array(
+                texts
+                    .iter()
+                    .filter_map(|t| convert(f, Cow::Borrowed(t), url))
+                    .collect(),
+            )
+        } else {
+            texts
+                .first()
+                .and_then(|t| convert(f, Cow::Borrowed(t), url))
+                .unwrap_or(Value::Null)
+        };
+    }
     match &f.selector {
         None => value_of(f, scope, url).unwrap_or(Value::Null),
         Some(sel) if f.all => Value::Array(
@@ -145,6 +238,11 @@ fn value_of(f: &CompiledField, el: ElementRef<'_>, url: &Url) -> Option<Value> {
         Some(a) => Cow::Borrowed(el.value().attr(a)?.trim()),
         None => Cow::Owned(text_of(el)),
     };
+    convert(f, raw, url)
+}
+
+/// Applies the field's regex, URL resolution and type to a raw text.
+fn convert(f: &CompiledField, raw: Cow<'_, str>, url: &Url) -> Option<Value> {
     let s: &str = match &f.regex {
         Some(re) => {
             let caps = re.captures(&raw)?;

@@ -24,6 +24,7 @@ pub mod extract;
 pub mod fetch;
 pub mod guard;
 pub mod state;
+pub(crate) mod xml;
 
 pub use config::{CompiledConfig, ConfigError, ScraperConfig, compile, parse_config_text};
 pub use crawl::BatchPolicy;

@@ -8,7 +8,7 @@ use std::fmt;
 use quick_xml::events::Event;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use super::html::escape_into;
+use crate::engine::xml::html::escape_into;
 
 /// Deepest XML nesting `xml-to-json` reads.
 const MAX_XML_DEPTH: usize = 256;

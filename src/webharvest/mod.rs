@@ -23,7 +23,6 @@ mod eval;
 mod file;
 mod grammar;
 mod host;
-mod html;
 mod http;
 mod job;
 mod json;
@@ -34,7 +33,6 @@ mod scope;
 mod script;
 mod template;
 mod value;
-mod xpath;
 
 #[cfg(test)]
 mod tests;

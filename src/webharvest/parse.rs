@@ -673,7 +673,7 @@ fn check_static(node: &Node) -> Result<(), ParseError> {
                 .chain(node.vars.iter())
             {
                 if let Some(expr) = t.literal()
-                    && let Err(e) = super::xpath::check(expr)
+                    && let Err(e) = crate::engine::xml::xpath::check(expr)
                 {
                     return Err(node.error(format!("attribute `{name}`: {e}")));
                 }

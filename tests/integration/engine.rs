@@ -597,6 +597,51 @@ async fn item_mode_gives_one_record_per_element_and_vars_substitute() {
         && x["missing"].is_null()));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xpath_rules_and_fields_give_what_css_gives() {
+    let site = shop(23, false).await;
+    let css = run(&catalog(&site)).await;
+    let text = r#"
+        [[follow]]
+        xpath = "//a[@class = 'next']/@href"
+        [[follow]]
+        xpath = "//article[@class = 'product']/a[@class = 'title']/@href"
+        page = "product"
+        [pages.product]
+        fields.title = { xpath = "normalize-space(//h1)" }
+        fields.price = { xpath = "//p[@class = 'price']/text()", regex = "([0-9]+\\.[0-9]+)", type = "number" }
+        fields.sku   = { xpath = "//td[@class = 'sku']/text()" }
+        fields.image = { xpath = "//img[@class = 'main']/@src", absolute_url = true }
+        fields.tags  = { xpath = "//li[@class = 'tag']/text()", all = true }
+        fields.row   = { xpath = "count(//table/tr)", type = "integer" }
+        fields.broken = { xpath = "//h1[. = 'a' + 1]" }
+    "#;
+    let mut cfg = parse_config_text(text).unwrap();
+    cfg["start_urls"] = json!([site.url("/index.html")]);
+    let xp = run(&cfg).await;
+    assert!(xp.completed(), "outcome: {:?}", xp.outcome);
+    let (css, xp_records) = (by_sku(&css.records()), by_sku(&xp.records()));
+    assert_eq!(xp_records.len(), 23, "{xp_records:?}");
+    for (sku, recs) in &xp_records {
+        assert_eq!(recs.len(), 1, "{sku}");
+        let (a, b) = (&css[sku][0], &recs[0]);
+        for f in ["title", "price", "sku", "image", "tags"] {
+            assert_eq!(a[f], b[f], "{sku}.{f}: css {a} xpath {b}");
+        }
+        // Rows as the page has them: no <tbody> is added to a table without one.
+        assert_eq!(b["row"], json!(2), "{b}");
+        assert!(b["broken"].is_null(), "{b}");
+    }
+    // The expression that fails at run time says so in the log, page by page.
+    let warns: Vec<_> = xp
+        .log()
+        .into_iter()
+        .filter(|(l, m)| l == "warn" && m.contains("XPTY0004"))
+        .collect();
+    assert_eq!(warns.len(), 23, "{:?}", xp.log());
+    assert!(warns[0].1.contains("/product/"), "{warns:?}");
+}
+
 fn session(config: Value) -> Session {
     Session {
         id: SessionId::parse("engine-test").unwrap(),

@@ -246,6 +246,54 @@ fn bad_configs_are_refused_with_the_field_named() {
             "vars.x",
         ),
         (
+            "bad field xpath",
+            |c| c["pages"]["product"]["fields"]["title"] = json!({"xpath": "//h1["}),
+            "pages.product.fields.title.xpath",
+        ),
+        (
+            "empty field xpath",
+            |c| c["pages"]["product"]["fields"]["title"] = json!({"xpath": " "}),
+            "pages.product.fields.title.xpath",
+        ),
+        (
+            "selector and xpath",
+            |c| c["pages"]["product"]["fields"]["sku"]["xpath"] = json!("//td"),
+            "pages.product.fields.sku",
+        ),
+        (
+            "xpath with attr",
+            |c| c["pages"]["product"]["fields"]["image"] = json!({"xpath": "//img", "attr": "src"}),
+            "pages.product.fields.image.attr",
+        ),
+        (
+            "xpath in an item page",
+            |c| {
+                c["pages"]["product"]["item"] = json!("main");
+                c["pages"]["product"]["fields"]["sku"] = json!({"xpath": "//td/text()"});
+            },
+            "pages.product.fields.sku.xpath",
+        ),
+        (
+            "bad follow xpath",
+            |c| c["follow"][0] = json!({"xpath": "//a/@@href"}),
+            "follow[0].xpath",
+        ),
+        (
+            "follow xpath with attr",
+            |c| c["follow"][0] = json!({"xpath": "//a/@href", "attr": "href"}),
+            "follow[0].attr",
+        ),
+        (
+            "follow selector and xpath",
+            |c| c["follow"][0]["xpath"] = json!("//a/@href"),
+            "follow[0]",
+        ),
+        (
+            "follow with neither",
+            |c| c["follow"][0] = json!({"page": "product"}),
+            "follow[0].selector",
+        ),
+        (
             "unknown start page",
             |c| c["start_page"] = json!("list"),
             "start_page",

@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
+use super::super::json;
 use super::super::parse::{Kind, Node};
 use super::super::regexp::{self as wh_regexp, Flags};
 use super::super::scope::{ScopeKind, Vars};
 use super::super::template::Template;
 use super::super::value::Value;
-use super::super::{html, json, xpath};
 use super::{Interp, R};
+use crate::engine::xml::{html, xpath};
 
 impl<'p> Interp<'p> {
     pub(super) fn text_processor(&mut self, node: &'p Node) -> R<Value> {

@@ -32,7 +32,11 @@ pub(crate) struct Options {
 
 /// Converts an HTML text to XML.
 pub(crate) fn html_to_xml(html: &str, opts: &Options) -> Result<String, String> {
-    let doc = Html::parse_document(html);
+    document_to_xml(&Html::parse_document(html), html, opts)
+}
+
+/// Converts `doc`, parsed from the text `html`, to XML (for a caller that has parsed it already).
+pub(crate) fn document_to_xml(doc: &Html, html: &str, opts: &Options) -> Result<String, String> {
     let implied_tbody = !html
         .as_bytes()
         .windows(6)
@@ -201,7 +205,7 @@ mod tests {
         );
         assert!(xml.contains("<!-- a - - b -->"), "{xml}");
         assert!(!xml.contains("xmlns"), "{xml}");
-        let items = crate::webharvest::xpath::evaluate(&xml, "//p/b/text()").unwrap();
+        let items = crate::engine::xml::xpath::evaluate(&xml, "//p/b/text()").unwrap();
         assert_eq!(items, ["x"]);
     }
 

@@ -74,6 +74,28 @@ pub(crate) fn evaluate_many(
         .collect()
 }
 
+/// One parsed XML document that expressions are evaluated against, each on its own.
+pub(crate) struct Document {
+    docs: Documents,
+    doc: xee_xpath::DocumentHandle,
+}
+
+impl Document {
+    /// Parses `xml`.
+    pub(crate) fn parse(xml: &str) -> Result<Document, String> {
+        let mut docs = Documents::new();
+        let doc = docs
+            .add_string_without_uri(xml)
+            .map_err(|e| not_xml(xml, e))?;
+        Ok(Document { docs, doc })
+    }
+
+    /// The texts of `expr`'s results, together under `max_bytes`.
+    pub(crate) fn evaluate(&mut self, expr: &str, max_bytes: usize) -> Result<Vec<String>, String> {
+        evaluate_on(&mut self.docs, self.doc, expr, max_bytes)
+    }
+}
+
 fn not_xml(xml: &str, e: impl std::fmt::Display) -> String {
     let hint = if xml.trim().is_empty() {
         " (the input is empty)"
@@ -108,7 +130,7 @@ fn evaluate_on(
         bytes += t.len();
         if bytes > max_bytes {
             return Err(format!(
-                "the results of {expr:?} are larger than the variable memory cap"
+                "the results of {expr:?} pass the cap on result size ({max_bytes} bytes left)"
             ));
         }
         out.push(t);
