@@ -20,10 +20,24 @@ async fn main() {
         if broken_pipe {
             std::process::exit(0);
         }
-        eprintln!("harvest: {e:#}");
+        eprintln!("harvest: {}", message(&e));
         let code = e
             .downcast_ref::<cli::client::Exit>()
             .map_or(1, |x| x.code as i32);
         std::process::exit(code);
     }
+}
+
+/// The error and its causes in one line, leaving out a cause whose text the message already
+/// holds (most of harvest's errors include their source's text).
+fn message(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }

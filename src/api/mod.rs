@@ -24,6 +24,7 @@ pub mod error;
 pub mod events;
 pub mod records;
 pub mod sessions;
+pub mod stats;
 pub mod view;
 
 use axum::Router;
@@ -66,6 +67,7 @@ With [[clients]] configured, /v1 data routes need Authorization: Bearer <token>.
         sessions::context,
         sessions::context_variable,
         sessions::validate_config,
+        stats::stats,
         records::records,
         events::session_events,
         events::all_events,
@@ -84,6 +86,7 @@ With [[clients]] configured, /v1 data routes need Authorization: Bearer <token>.
         error::ErrorDetail,
         view::SessionView,
         view::EventView,
+        stats::StatsView,
         agents::AgentView,
         agents::AgentBody,
         agents::AgentRunBody,
@@ -185,6 +188,7 @@ fn routes() -> Routes {
             get(events::session_events),
         )
         .route("/v1/events", &["get"], get(events::all_events))
+        .route("/v1/stats", &["get"], get(stats::stats))
         .route("/v1/agents", &["get"], get(agents::list_agents))
         .route(
             "/v1/agents/{name}",

@@ -36,13 +36,18 @@ pub(crate) fn config_from_body(config: serde_json::Value) -> Result<serde_json::
             "invalid_request",
             "the body needs `config` (a JSON object, or a string of TOML or of Web-Harvest XML) or `agent` (a saved agent's name)",
         )),
-        serde_json::Value::String(text) => config_from_text(&text)
-            .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", m)),
+        serde_json::Value::String(text) => config_from_text(&text).map_err(|m| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_config",
+                format!("invalid config: {m}"),
+            )
+        }),
         v @ serde_json::Value::Object(_) => Ok(v),
         _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_config",
-            "config must be a JSON object, or a string of TOML or of Web-Harvest XML",
+            "invalid config: `config` must be a JSON object, or a string of TOML or of Web-Harvest XML",
         )),
     }
 }

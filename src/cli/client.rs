@@ -132,6 +132,8 @@ pub enum ClientCommand {
     Log(IdArgs),
     /// Print a session's context (its variables when it ended), or one variable of it.
     Context(ContextArgs),
+    /// Count your sessions by status (and by client), and what ended in the last hour.
+    Stats(StatsArgs),
     /// Saved agents: list, get, put, delete, run.
     Agents {
         /// What to do.
@@ -152,6 +154,7 @@ impl ClientCommand {
             | ClientCommand::Log(a) => &a.remote,
             ClientCommand::Wait(a) => &a.remote,
             ClientCommand::Sessions(a) => &a.remote,
+            ClientCommand::Stats(a) => &a.remote,
             ClientCommand::Records(a) => &a.remote,
             ClientCommand::Agents { cmd } => cmd.remote(),
         }
@@ -296,6 +299,16 @@ pub struct SessionsArgs {
     #[arg(long)]
     pub cursor: Option<String>,
     /// Print the server's JSON instead of one line per session.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    remote: ServerArgs,
+}
+
+/// `harvest stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Print the server's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -464,6 +477,7 @@ pub async fn run(outer: &ServerArgs, cmd: ClientCommand) -> anyhow::Result<()> {
             print_json(&v)
         }
         ClientCommand::Sessions(args) => sessions(&client, args).await,
+        ClientCommand::Stats(args) => stats(&client, args).await,
         ClientCommand::Records(args) => records(&client, args).await,
         ClientCommand::Log(IdArgs { id, .. }) => {
             let v = client
@@ -713,6 +727,59 @@ async fn sessions(client: &Client, args: SessionsArgs) -> anyhow::Result<()> {
     if let Some(c) = v["next_cursor"].as_str() {
         eprintln!("more: --cursor {c}");
     }
+    Ok(())
+}
+
+async fn stats(client: &Client, args: StatsArgs) -> anyhow::Result<()> {
+    let v = client
+        .json(client.request(reqwest::Method::GET, "/v1/stats"))
+        .await?;
+    if args.json {
+        return print_json(&v);
+    }
+    const STATUSES: [&str; 5] = ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"];
+    let mut out = std::io::stdout().lock();
+    let row = |out: &mut dyn Write, name: &str, counts: &Value| -> std::io::Result<()> {
+        write!(out, "{name:<24}")?;
+        for st in STATUSES {
+            write!(out, " {:>10}", counts[st].as_u64().unwrap_or(0))?;
+        }
+        writeln!(out)
+    };
+    write!(out, "{:<24}", "client")?;
+    for st in STATUSES {
+        write!(out, " {st:>10}")?;
+    }
+    writeln!(out)?;
+    let clients = v["clients"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for c in clients {
+        let id = c["client_id"].as_str().unwrap_or_default();
+        row(
+            &mut out,
+            if id.is_empty() { "(none)" } else { id },
+            &c["by_status"],
+        )?;
+    }
+    if clients.len() != 1 {
+        row(&mut out, "total", &v["by_status"])?;
+    }
+    let sum = |k: &str| -> u64 {
+        v["last_hour"][k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_u64)
+            .sum()
+    };
+    writeln!(
+        out,
+        "last hour: {} sessions ended, {} records",
+        sum("finished_per_minute"),
+        sum("records_per_minute")
+    )?;
     Ok(())
 }
 

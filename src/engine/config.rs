@@ -4,7 +4,7 @@
 //! Configs travel as JSON (a TOML text submitted by a user is converted first, see
 //! [`parse_config_text`]). [`compile`] turns a JSON config plus session params into a
 //! [`CompiledConfig`], or a [`ConfigError`] naming the field path and what is wrong, e.g.
-//! `config: pages.product.fields.price.regex: unclosed group`. Unknown keys are refused so a typo
+//! `pages.product.fields.price.regex: invalid regex "([": unclosed group (at character 1)`. Unknown keys are refused so a typo
 //! never silently does nothing.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,10 +22,10 @@ use super::canon::canonicalize;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// The text is neither valid TOML nor valid JSON.
-    #[error("config: {0}")]
+    #[error("{0}")]
     Syntax(String),
     /// A field has a bad value, is missing, or is unknown.
-    #[error("config: {path}: {message}")]
+    #[error("{path}: {message}")]
     Field {
         /// Dotted path of the field, e.g. `pages.product.fields.price.regex`.
         path: String,
@@ -58,8 +58,7 @@ pub fn parse_config_text(text: &str) -> Result<serde_json::Value, ConfigError> {
         serde_json::from_str::<serde_json::Value>(text)
             .map_err(|e| ConfigError::Syntax(format!("invalid JSON: {e}")))?
     } else {
-        let t: toml::Table = toml::from_str(text)
-            .map_err(|e| ConfigError::Syntax(format!("invalid TOML: {}", e.to_string().trim())))?;
+        let t: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         serde_json::to_value(t)
             .map_err(|e| ConfigError::Syntax(format!("TOML value has no JSON form: {e}")))?
     };
@@ -69,6 +68,28 @@ pub fn parse_config_text(text: &str) -> Result<serde_json::Value, ConfigError> {
         ));
     }
     Ok(value)
+}
+
+/// A TOML error in one line, with the line and column of the fault (the toml crate draws a
+/// multi-line excerpt).
+fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let what = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    match e.span() {
+        Some(span) => {
+            // Floored to a character boundary (at most 3 steps back): the span is in bytes.
+            let mut end = span.start.min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let before = &text[..end];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            ConfigError::Syntax(format!(
+                "invalid TOML at line {line}, column {column}: {what}"
+            ))
+        }
+        None => ConfigError::Syntax(format!("invalid TOML: {what}")),
+    }
 }
 
 /// The config as written (after `{{var}}` substitution), before compilation.
@@ -520,8 +541,7 @@ fn selector(path: &str, s: &str) -> Result<Selector, ConfigError> {
     if s.trim().is_empty() {
         return Err(ConfigError::field(path, "empty CSS selector"));
     }
-    Selector::parse(s)
-        .map_err(|e| ConfigError::field(path, format!("invalid CSS selector {s:?}: {e}")))
+    Selector::parse(s).map_err(|e| ConfigError::field(path, super::diagnose::css_error(s, &e)))
 }
 
 fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
@@ -698,7 +718,7 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
                 Some(r) => Some(Regex::new(r).map_err(|e| {
                     ConfigError::field(
                         format!("{fpath}.regex"),
-                        format!("invalid regex {r:?}: {e}"),
+                        super::diagnose::regex_error(r, &e),
                     )
                 })?),
                 None => None,

@@ -20,6 +20,7 @@ use crate::store::{CheckpointBatch, ResumeState};
 pub mod canon;
 pub mod config;
 pub mod crawl;
+mod diagnose;
 pub mod extract;
 pub mod fetch;
 pub mod guard;

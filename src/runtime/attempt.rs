@@ -177,6 +177,22 @@ impl Attempt {
         }
     }
 
+    /// Logs why the lease is gone: the session was closed (deleted, or ended by a cancel), or
+    /// another attempt took it over.
+    async fn say_why_lost(&self) {
+        match self.s.store.session_get(&self.session.id).await {
+            Ok(None) => tracing::info!("attempt stopped: session closed (it was deleted)"),
+            Ok(Some(s)) if s.status.is_terminal() => {
+                tracing::info!(status = %s.status, "attempt stopped: session closed")
+            }
+            Ok(Some(s)) if s.attempt != self.session.attempt => tracing::info!(
+                attempt = s.attempt,
+                "lease lost; another attempt owns the session"
+            ),
+            _ => tracing::info!("lease lost; the session was taken back"),
+        }
+    }
+
     fn default_timeout(&self) -> Duration {
         self.s.default_timeout
     }
@@ -363,9 +379,7 @@ impl Attempt {
                         self.requeue(false, None, Retry::Backoff).await;
                     }
                 }
-                Some(StopReason::LeaseLost) => {
-                    tracing::info!("lease lost; another attempt owns the session");
-                }
+                Some(StopReason::LeaseLost) => self.say_why_lost().await,
                 Some(StopReason::Abandoned) => {
                     tracing::info!(
                         "attempt abandoned; the session is taken back when its lease expires"

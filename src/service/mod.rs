@@ -131,7 +131,19 @@ struct Inner {
     workers: Mutex<Option<WorkerPool>>,
     maintainer: Arc<Maintainer>,
     maintenance: Mutex<Option<Maintenance>>,
+    /// The last [`Harvest::stats`] per scope, with when it was read.
+    stats: Mutex<StatsCache>,
 }
+
+/// Stats per scope (a client id, or `None` for everyone's), reused for [`STATS_FRESH`].
+type StatsCache =
+    std::collections::HashMap<Option<String>, (std::time::Instant, crate::store::SessionStats)>;
+
+/// How long a stats answer is reused: consoles poll it, and on sled it reads every session.
+const STATS_FRESH: Duration = Duration::from_secs(1);
+
+/// Most scopes the stats cache holds before it is emptied (tenants are configured, so few).
+const STATS_SCOPES_MAX: usize = 1024;
 
 /// The harvest service of this process: submit, look up, cancel and close sessions; run workers.
 #[derive(Clone)]
@@ -218,6 +230,7 @@ impl HarvestBuilder {
                     clock: self.clock,
                     workers: Mutex::new(None),
                     maintenance: Mutex::new(None),
+                    stats: Mutex::new(StatsCache::new()),
                     config: self.config,
                 }
             }),
@@ -498,6 +511,38 @@ impl Harvest {
             id,
             harvest: self.clone(),
         }
+    }
+
+    /// Sessions by status and client, and what ended in each minute of the last hour:
+    /// `client_id` scopes it to one client's sessions (a tenant's view), `None` counts every
+    /// client's. An answer may be up to a second old.
+    pub async fn stats(
+        &self,
+        client_id: Option<&str>,
+    ) -> Result<crate::store::SessionStats, HarvestError> {
+        let scope = client_id.map(String::from);
+        {
+            let cache = self.inner.stats.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, stats)) = cache.get(&scope)
+                && at.elapsed() < STATS_FRESH
+            {
+                return Ok(stats.clone());
+            }
+        }
+        let stats = self
+            .inner
+            .store
+            .session_stats(crate::store::StatsQuery {
+                client_id: scope.clone(),
+                now: self.inner.clock.now(),
+            })
+            .await?;
+        let mut cache = self.inner.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= STATS_SCOPES_MAX {
+            cache.clear();
+        }
+        cache.insert(scope, (std::time::Instant::now(), stats.clone()));
+        Ok(stats)
     }
 
     /// Sessions, newest first (`limit` 1..=1000, default 50 when 0).

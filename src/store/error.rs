@@ -105,16 +105,30 @@ pub enum StoreError {
     /// A parameter was out of range (e.g. a limit of 0).
     #[error("invalid store request: {0}")]
     Invalid(String),
+    /// Another process has the sled data directory open (sled holds a file lock on it).
+    #[error(
+        "the data directory {} is in use by another harvest{}; stop that one, or give this one \
+         another `data_dir` (HARVEST_DATA_DIR); many processes share one store with \
+         store = \"postgres\"",
+        .path.display(),
+        .pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    InUse {
+        /// The data directory.
+        path: std::path::PathBuf,
+        /// The process that holds it, as its pid file says (when it still runs).
+        pid: Option<u32>,
+    },
 }
 
 impl StoreError {
     /// Whether the backend could not be reached, so that the same call may succeed later: the
     /// PostgreSQL server refused or closed the connection, reported that it is shutting down,
-    /// out of connections or of resources, or the pool timed out; a sled or file-system I/O error
-    /// (including another process holding the data directory). `false` for everything waiting
-    /// will not fix: corrupt or newer data, a refused request, a constraint the server enforced,
-    /// an encoding bug, and a sled store that must be reopened ([`StoreError::NotDurable`],
-    /// [`StoreError::Poisoned`]).
+    /// out of connections or of resources, or the pool timed out; a sled or file-system I/O
+    /// error, another process holding the sled data directory (it may be shutting down). `false`
+    /// for everything waiting will not fix: corrupt or newer data, a refused request, a
+    /// constraint the server enforced, an encoding bug, and a sled store that must be reopened
+    /// ([`StoreError::NotDurable`], [`StoreError::Poisoned`]).
     pub fn is_unavailable(&self) -> bool {
         match self {
             StoreError::Sled { source, .. } => matches!(source, sled::Error::Io(_)),
@@ -129,7 +143,7 @@ impl StoreError {
                 | PoolError::Closed
                 | PoolError::NoRuntimeSpecified => false,
             },
-            StoreError::Io { .. } => true,
+            StoreError::Io { .. } | StoreError::InUse { .. } => true,
             StoreError::Duplicate(_)
             | StoreError::Corrupt { .. }
             | StoreError::NewerVersion { .. }

@@ -366,6 +366,67 @@ pub struct RecordsRemove {
     pub below: Option<u64>,
 }
 
+/// What [`Store::session_stats`] counts: one client's sessions, or everyone's.
+#[derive(Debug, Clone)]
+pub struct StatsQuery {
+    /// Only this client's sessions (a tenant's view); `None`: every client's.
+    pub client_id: Option<String>,
+    /// The end of the last hour's window.
+    pub now: Timestamp,
+}
+
+/// Sessions counted by status, per client, and what finished in the last hour.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Sessions per status (every status present, 0 when none).
+    pub by_status: BTreeMap<SessionStatus, u64>,
+    /// Per client id, its sessions per status (only statuses it has).
+    pub clients: BTreeMap<String, BTreeMap<SessionStatus, u64>>,
+    /// Sessions that ended in each minute of the last hour, oldest minute first: index 59 is
+    /// the minute up to `now`.
+    pub finished_per_minute: Vec<u64>,
+    /// Records of the sessions that ended in each of those minutes.
+    pub records_per_minute: Vec<u64>,
+}
+
+/// Minutes in [`SessionStats::finished_per_minute`].
+pub const STATS_MINUTES: usize = 60;
+
+impl SessionStats {
+    /// Empty counts: every status at 0, 60 empty minutes.
+    pub fn empty() -> SessionStats {
+        SessionStats {
+            by_status: SessionStatus::ALL.into_iter().map(|s| (s, 0)).collect(),
+            clients: BTreeMap::new(),
+            finished_per_minute: vec![0; STATS_MINUTES],
+            records_per_minute: vec![0; STATS_MINUTES],
+        }
+    }
+
+    /// Counts `n` sessions of `client` in `status`.
+    pub fn count(&mut self, client: &str, status: SessionStatus, n: u64) {
+        *self.by_status.entry(status).or_default() += n;
+        *self
+            .clients
+            .entry(client.to_string())
+            .or_default()
+            .entry(status)
+            .or_default() += n;
+    }
+
+    /// Counts `sessions` that ended at `end` with `records` records, if within the hour
+    /// before `now`.
+    pub fn finished(&mut self, now: Timestamp, end: Timestamp, sessions: u64, records: u64) {
+        let ago = now.0.saturating_sub(end.0);
+        if !(0..(STATS_MINUTES as i64) * 60_000).contains(&ago) {
+            return;
+        }
+        let i = STATS_MINUTES - 1 - (ago / 60_000) as usize;
+        self.finished_per_minute[i] += sessions;
+        self.records_per_minute[i] += records;
+    }
+}
+
 /// Counts of sessions, for gauges that stay true across restarts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionCounts {
@@ -577,6 +638,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Session counts per status and due queue depth.
     async fn session_counts(&self, now: Timestamp) -> StoreResult<SessionCounts>;
+
+    /// Sessions by status and client, and what ended in the last hour (`GET /v1/stats`). May
+    /// read every session of the scope (sled) or aggregate them (PostgreSQL): callers cache it.
+    async fn session_stats(&self, q: StatsQuery) -> StoreResult<SessionStats>;
 
     /// Save (create or replace) an agent.
     async fn agent_put(&self, agent: Agent) -> StoreResult<()>;

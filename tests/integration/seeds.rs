@@ -12,7 +12,7 @@ use crate::store_postgres::{SchemaGuard, database_url, unique_schema};
 
 /// A crawl of `products` product pages at 2 requests in flight, 100 ms apart per host: slow
 /// enough to cancel in the middle.
-fn slow_config(base: &str) -> Value {
+pub(crate) fn slow_config(base: &str) -> Value {
     json!({
         "name": "slow",
         "start_urls": [format!("{base}/index.html")],
@@ -149,13 +149,13 @@ async fn cancel_reaches_a_crawl_in_another_process_at_once_on_postgres() {
 }
 
 /// A running `harvest serve` on a fresh sled directory with the shipped config.toml.
-fn serve_sled(dir: &std::path::Path) -> (Server, String) {
+pub(crate) fn serve_sled(dir: &std::path::Path) -> (Server, String) {
     let server = Server::start(dir, 2, &[("HARVEST_CONFIG", "config.toml")]);
     let api = format!("http://{}", server.addr);
     (server, api)
 }
 
-async fn submit(http: &reqwest::Client, api: &str, body: Value) -> String {
+pub(crate) async fn submit(http: &reqwest::Client, api: &str, body: Value) -> String {
     let resp = http
         .post(format!("{api}/v1/sessions"))
         .json(&body)

@@ -33,8 +33,8 @@ use harvest::store::{
     Agent, AgentSessions, AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit,
     FrontierPage, HeartbeatOutcome, InsertOutcome, LOG_LINES_MAX, LeaderAcquire, LeaseReclaim,
     RecordsPage, RequeueOutcome, SeenFilter, SessionCancel, SessionClaim, SessionFinish,
-    SessionHeartbeat, SessionInsert, SessionList, SessionRequeue, SessionsExpire, Store,
-    StoreError,
+    SessionHeartbeat, SessionInsert, SessionList, SessionRequeue, SessionStats, SessionsExpire,
+    StatsQuery, Store, StoreError,
 };
 
 /// What a backend's factory returns: the store under test and the guard that keeps its data
@@ -79,6 +79,7 @@ macro_rules! store_conformance {
             log_keeps_last_lines,
             sessions_expire_only_due,
             counts_by_status_and_queue_depth,
+            stats_by_client_status_and_last_hour,
             agents_crud,
             single_agent_refuses_second_active_session,
             claims_racing_never_share_a_session,
@@ -1477,6 +1478,89 @@ pub async fn counts_by_status_and_queue_depth(store: Arc<dyn Store>) {
         "d and e are due; later is not: {counts:?}"
     );
     assert_eq!(store.session_counts(at(1000)).await.unwrap().queue_depth, 3);
+}
+
+/// Stats: by status and client, scoped to one client on request, and the sessions (and their
+/// records) that ended in each minute of the last hour.
+pub async fn stats_by_client_status_and_last_hour(store: Arc<dyn Store>) {
+    let q = |client: Option<&str>, now: Timestamp| StatsQuery {
+        client_id: client.map(String::from),
+        now,
+    };
+    let empty = store.session_stats(q(None, at(0))).await.unwrap();
+    assert_eq!(empty, SessionStats::empty());
+    assert_eq!(empty.by_status.len(), 5);
+    assert_eq!(empty.finished_per_minute.len(), 60);
+
+    for (id, client) in [
+        ("a", "c1"),
+        ("b", "c1"),
+        ("c", "c2"),
+        ("d", "c2"),
+        ("e", ""),
+    ] {
+        let mut s = session(id);
+        s.client = ClientContext::of(client);
+        insert(&store, s).await;
+    }
+    // a and b run; a ends at 10 min with 3 records, b at 50 min with 2; c is cancelled at 55.
+    let claimed = claim(&store, "w", 2, at(1)).await;
+    let by_id = |id: &str| aref(claimed.iter().find(|s| s.id.as_str() == id).unwrap());
+    let with_records = |n| CheckpointBatch {
+        records: records(n, 0),
+        ..Default::default()
+    };
+    assert!(checkpoint(&store, &by_id("a"), with_records(3), at(2)).await);
+    assert!(finish(&store, &by_id("a"), SessionStatus::Completed, at(600)).await);
+    assert!(checkpoint(&store, &by_id("b"), with_records(2), at(3)).await);
+    assert!(finish(&store, &by_id("b"), SessionStatus::Failed, at(3000)).await);
+    let cancel = SessionCancel {
+        id: sid("c"),
+        cleanup_after: Duration::from_secs(9000),
+        now: at(3300),
+    };
+    assert!(matches!(
+        store.session_cancel(cancel).await.unwrap(),
+        CancelOutcome::Cancelled(_)
+    ));
+
+    let now = at(3600);
+    let all = store.session_stats(q(None, now)).await.unwrap();
+    let n = |m: &BTreeMap<SessionStatus, u64>, st| m.get(&st).copied().unwrap_or(0);
+    assert_eq!(n(&all.by_status, SessionStatus::Pending), 2, "{all:?}");
+    assert_eq!(n(&all.by_status, SessionStatus::Completed), 1, "{all:?}");
+    assert_eq!(n(&all.by_status, SessionStatus::Failed), 1, "{all:?}");
+    assert_eq!(n(&all.by_status, SessionStatus::Cancelled), 1, "{all:?}");
+    assert_eq!(
+        all.clients.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["", "c1", "c2"]
+    );
+    assert_eq!(n(&all.clients["c1"], SessionStatus::Completed), 1);
+    assert_eq!(n(&all.clients["c2"], SessionStatus::Pending), 1);
+    assert_eq!(n(&all.clients[""], SessionStatus::Pending), 1);
+    // Minute 59 is the one up to `now`: a ended 50 minutes before it, b 10, c 5.
+    let mut finished = vec![0u64; 60];
+    let mut recs = vec![0u64; 60];
+    (finished[9], recs[9]) = (1, 3);
+    (finished[49], recs[49]) = (1, 2);
+    finished[54] = 1;
+    assert_eq!(all.finished_per_minute, finished, "{all:?}");
+    assert_eq!(all.records_per_minute, recs, "{all:?}");
+
+    let c1 = store.session_stats(q(Some("c1"), now)).await.unwrap();
+    assert_eq!(c1.by_status.values().sum::<u64>(), 2, "{c1:?}");
+    assert_eq!(c1.clients.keys().collect::<Vec<_>>(), ["c1"]);
+    assert_eq!(c1.records_per_minute.iter().sum::<u64>(), 5);
+    assert_eq!(c1.finished_per_minute.iter().sum::<u64>(), 2);
+    let nobody = store.session_stats(q(Some("c9"), now)).await.unwrap();
+    assert_eq!(nobody, SessionStats::empty());
+    // An hour later, a has left the window; b and c have not.
+    let later = store.session_stats(q(None, at(3600 + 1200))).await.unwrap();
+    assert_eq!(
+        later.finished_per_minute.iter().sum::<u64>(),
+        2,
+        "{later:?}"
+    );
 }
 
 /// Agents: put (create and replace), get, list by client and name, delete.

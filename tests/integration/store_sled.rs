@@ -579,27 +579,29 @@ async fn reclaim_everything_at_open_with_max_timestamp() {
     );
 }
 
-/// A data directory another store holds is refused with a typed sled error that keeps sled's
-/// cause, names the directory, and is unavailable (retrying once the holder is gone works).
+/// A data directory another store holds is refused with a typed error that names the directory
+/// and the process holding it (from its pid file), and is unavailable (retrying once the holder
+/// is gone works).
 #[tokio::test]
-async fn a_locked_directory_is_a_sled_error_that_is_unavailable() {
+async fn a_locked_directory_is_in_use_and_unavailable() {
     let dir = TempDir::new().unwrap();
     let holder = SledStore::open(dir.path()).expect("first open");
     let err = SledStore::open(dir.path()).expect_err("the directory is locked");
-    assert!(
-        matches!(err, StoreError::Sled { .. }),
-        "a sled error: {err:?}"
-    );
+    match &err {
+        StoreError::InUse { path, pid } => {
+            assert_eq!(path, dir.path());
+            assert_eq!(*pid, Some(std::process::id()), "this process holds it");
+        }
+        other => panic!("expected InUse, got {other:?}"),
+    }
     assert!(err.is_unavailable(), "{err:?}");
-    assert!(
-        std::error::Error::source(&err).is_some_and(|s| s.is::<sled::Error>()),
-        "sled's error is the cause: {err:?}"
-    );
     let msg = err.to_string();
     assert!(
-        msg.starts_with("sled: opening the store at ")
-            && msg.contains(&dir.path().display().to_string())
-            && msg.contains("lock"),
+        msg.starts_with(&format!(
+            "the data directory {} is in use by another harvest (pid {})",
+            dir.path().display(),
+            std::process::id()
+        )),
         "{msg}"
     );
     drop(holder);

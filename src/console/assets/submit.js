@@ -179,8 +179,8 @@ export function locate(message, text) {
   const out = { field: '', line: 0 };
   const at = /at line (\d+)/.exec(message) || /line (\d+), column/.exec(message);
   if (at) out.line = Number(at[1]);
-  // "invalid config: config: pages.product.fields.price.regex: ..." names the field after the
-  // last "config: ".
+  // "invalid config: pages.product.fields.price.regex: ..." names the field after the prefix
+  // (older servers said "invalid config: config: ...").
   let rest = message;
   for (let m; (m = /^(invalid config: |config: )/.exec(rest));) rest = rest.slice(m[0].length);
   const f = /^([A-Za-z0-9_.[\]-]+): /.exec(rest);

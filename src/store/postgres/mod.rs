@@ -32,6 +32,7 @@ mod migrate;
 mod records;
 mod rows;
 mod sessions;
+mod stats;
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -306,6 +307,13 @@ impl Store for PostgresStore {
 
     async fn session_counts(&self, now: Timestamp) -> StoreResult<SessionCounts> {
         self.count_sessions(now).await
+    }
+
+    async fn session_stats(
+        &self,
+        q: crate::store::StatsQuery,
+    ) -> StoreResult<crate::store::SessionStats> {
+        self.stats(q).await
     }
 
     async fn agent_put(&self, agent: Agent) -> StoreResult<()> {

@@ -69,8 +69,10 @@ mod agents;
 mod durability;
 mod frontier;
 mod keys;
+mod pidfile;
 mod records;
 mod sessions;
+mod stats;
 #[cfg(test)]
 mod tests;
 
@@ -194,10 +196,24 @@ impl SledStore {
             .flush_every_ms(None)
             .cache_capacity(CACHE_BYTES)
             .open()
-            .map_err(|source| StoreError::Sled {
-                context: format!("opening the store at {}", path.display()),
-                source,
+            .map_err(|source| match source {
+                // sled wraps the lock's EWOULDBLOCK in an error of its own words.
+                sled::Error::Io(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("could not acquire lock") =>
+                {
+                    StoreError::InUse {
+                        path: path.to_path_buf(),
+                        pid: pidfile::holder(path),
+                    }
+                }
+                source => StoreError::Sled {
+                    context: format!("opening the store at {}", path.display()),
+                    source,
+                },
             })?;
+        // Best effort: it only makes the error of a second process more helpful.
+        pidfile::write(path);
         let what = || format!("the sled store at {}", path.display());
         match db
             .get(META_KEY)
@@ -411,6 +427,13 @@ impl Store for SledStore {
 
     async fn session_counts(&self, now: Timestamp) -> StoreResult<SessionCounts> {
         self.count_sessions(now)
+    }
+
+    async fn session_stats(
+        &self,
+        q: crate::store::StatsQuery,
+    ) -> StoreResult<crate::store::SessionStats> {
+        self.stats(q).await
     }
 
     async fn agent_put(&self, agent: Agent) -> StoreResult<()> {
