@@ -912,7 +912,17 @@ async fn console_overview_counts_and_follows_running_sessions() {
         20,
     )
     .await;
-    b.wait_text("sessions in the last hour", 10).await;
+    // The counts and the last hour come from /v1/stats: no note about counting from the list.
+    b.wait_text("2 sessions in the last hour", 10).await;
+    let note = b
+        .wait_js(
+            "the overview drawn",
+            "return document.body.innerText.includes('has no /v1/stats') ? 'fallback' : 'stats'",
+            json!([]),
+            5,
+        )
+        .await;
+    assert_eq!(note, json!("stats"));
     b.assert_clean_console().await;
     b.quit().await;
 }
