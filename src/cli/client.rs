@@ -21,6 +21,8 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+use super::http::{Client, enc};
+
 /// Where the server is and how to authenticate: flags of every client command (also accepted
 /// before the command, as `harvest --server URL submit ...`).
 #[derive(Debug, Clone, Default, Args)]
@@ -338,87 +340,6 @@ fn parse_param(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not key=value")),
     }
-}
-
-/// A small client of the HTTP API.
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: Option<String>,
-}
-
-impl Client {
-    fn new(server: &str, token: Option<String>) -> anyhow::Result<Client> {
-        let base = server.trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            bail!("--server {base:?} must start with http:// or https://");
-        }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .context("building the HTTP client")?;
-        Ok(Client { http, base, token })
-    }
-
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        req
-    }
-
-    /// Sends a request; a non-2xx answer becomes an error with the server's message.
-    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let resp = req.send().await.map_err(|e| {
-            anyhow!(
-                "cannot reach the harvest server at {}: {e} (is `harvest serve` running? set --server or HARVEST_SERVER)",
-                self.base
-            )
-        })?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        let parsed: Option<Value> = serde_json::from_str(&text).ok();
-        match parsed.as_ref().and_then(|v| v.get("error")) {
-            Some(e) => bail!(
-                "server: {} ({}, HTTP {})",
-                e["message"].as_str().unwrap_or("no message"),
-                e["code"].as_str().unwrap_or("error"),
-                status.as_u16()
-            ),
-            None => bail!("server answered HTTP {status}: {}", text.trim()),
-        }
-    }
-
-    async fn json(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
-        let resp = self.send(req).await?;
-        let bytes = resp.bytes().await.context("reading the server's answer")?;
-        serde_json::from_slice(&bytes).context("the server's answer is not JSON")
-    }
-
-    async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        self.send_json(reqwest::Method::POST, path, body).await
-    }
-
-    async fn send_json(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: &Value,
-    ) -> anyhow::Result<Value> {
-        let req = self
-            .request(method, path)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(serde_json::to_vec(body)?);
-        self.json(req).await
-    }
-}
-
-fn enc(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 fn print_json(v: &Value) -> anyhow::Result<()> {

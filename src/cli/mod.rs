@@ -13,6 +13,7 @@ use harvest::config::Config;
 use harvest::service::Harvest;
 
 pub mod client;
+mod http;
 
 /// harvest: a durable queue of web-scraping sessions.
 ///
