@@ -223,6 +223,18 @@ pub fn router(harvest: Harvest, metrics: Option<PrometheusHandle>) -> Router {
         .with_state(AppState { harvest, metrics })
 }
 
+/// The routes of `metrics.bind`: `/metrics`, `/healthz` and `/readyz`, nothing else (404), so
+/// that a port opened to a Prometheus server exposes no API.
+pub fn metrics_router(harvest: Harvest, metrics: Option<PrometheusHandle>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(error::not_found_route)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .with_state(AppState { harvest, metrics })
+}
+
 /// Liveness: the process answers.
 #[utoipa::path(
     get,

@@ -39,8 +39,9 @@ const EXIT_CODES: &str = "Exit codes: 0 done (for run, wait and --wait: COMPLETE
 pub enum Command {
     /// Run the HTTP API, the workers and the scheduler.
     Serve(ServeArgs),
-    /// Run workers (and maintenance) without the HTTP API, sharing the store.
-    Worker(ServeArgs),
+    /// Run workers (and maintenance) without the HTTP API, sharing the store. Its only
+    /// listener is `metrics.bind` (`/metrics`, `/healthz`, `/readyz`), when set.
+    Worker(WorkerArgs),
     /// One local crawl without the service: records as JSON lines on stdout, progress on stderr.
     Run(RunArgs),
     /// Serve the generated test shop (the tour's site) until Ctrl-C.
@@ -56,9 +57,19 @@ pub enum Command {
     Client(client::ClientCommand),
 }
 
-/// Flags of `serve` and `worker`.
+/// Flags of `serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// API listen address (overrides server.bind).
+    #[arg(long)]
+    pub bind: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub common: WorkerArgs,
+}
+
+/// Flags of `worker` (and of `serve`).
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
     /// The service configuration file (missing: built-in defaults, unless given explicitly).
     #[arg(
         long,
@@ -67,9 +78,9 @@ pub struct ServeArgs {
         default_value = "config.toml"
     )]
     pub config: PathBuf,
-    /// Listen address (overrides server.bind).
+    /// Listen address of the metrics and health endpoints only (overrides metrics.bind).
     #[arg(long)]
-    pub bind: Option<std::net::SocketAddr>,
+    pub metrics_bind: Option<std::net::SocketAddr>,
     /// sled directory (overrides data_dir).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -195,7 +206,16 @@ pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args, true).await,
-        Command::Worker(args) => serve(args, false).await,
+        Command::Worker(args) => {
+            serve(
+                ServeArgs {
+                    bind: None,
+                    common: args,
+                },
+                false,
+            )
+            .await
+        }
         Command::Bench { which } => match which {
             BenchCommand::Queue(args) => crate::bench::queue::main(args).await,
             BenchCommand::Crawl(args) => {
@@ -242,24 +262,38 @@ pub async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs, http: bool) -> anyhow::Result<()> {
-    let mut cfg = load_config(&args.config)?;
+    let common = args.common;
+    let mut cfg = load_config(&common.config)?;
     if let Some(b) = args.bind {
         cfg.server.bind = b;
     }
-    if let Some(d) = args.data_dir {
+    if let Some(b) = common.metrics_bind {
+        cfg.metrics.bind = Some(b);
+    }
+    if let Some(d) = common.data_dir {
         cfg.data_dir = d;
     }
-    if let Some(w) = args.workers {
+    if let Some(w) = common.workers {
         cfg.workers.concurrency = w;
     }
     cfg.validate()?;
     init_tracing(&cfg.log.format);
-    if http && cfg.clients.is_empty() && !cfg.server.bind.ip().is_loopback() {
-        anyhow::bail!(
-            "refusing to bind {}: no [[clients]] are configured, so the API would be open to anyone; \
-             bind a loopback address or configure clients with tokens",
-            cfg.server.bind
-        );
+    // Without clients nothing asks for a token: every listener stays on loopback, the metrics
+    // one too (its per-client labels and session counts are the operator's business).
+    if cfg.clients.is_empty() {
+        if http && !cfg.server.bind.ip().is_loopback() {
+            anyhow::bail!(
+                "refusing to bind {}: no [[clients]] are configured, so the API would be open to anyone; \
+                 bind a loopback address or configure clients with tokens",
+                cfg.server.bind
+            );
+        }
+        if let Some(b) = cfg.metrics.bind.filter(|b| !b.ip().is_loopback()) {
+            anyhow::bail!(
+                "refusing to bind metrics.bind {b}: no [[clients]] are configured, so every \
+                 listener stays on loopback; bind a loopback address or configure clients"
+            );
+        }
     }
     let metrics = harvest::metrics::install(cfg.metrics.per_client_labels);
     let grace = Duration::from_secs(cfg.workers.shutdown_grace_secs);
@@ -269,22 +303,40 @@ async fn serve(args: ServeArgs, http: bool) -> anyhow::Result<()> {
     harvest.start();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    let mut binds = Vec::new();
-    if http {
-        binds.push(cfg.server.bind);
-    }
-    if let Some(b) = cfg.metrics.bind {
-        binds.push(b);
-    }
-    for bind in binds {
-        let listener = tokio::net::TcpListener::bind(bind)
-            .await
-            .with_context(|| format!("binding {bind}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "listening");
-        if http && bind == cfg.server.bind {
-            tracing::info!(url = %format!("http://{}/", listener.local_addr()?), "web console");
+    // Bind every listener before saying so, so a "listening" line means all of them answer.
+    let api = match http {
+        true => {
+            let bind = cfg.server.bind;
+            let listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("binding server.bind {bind}"))?;
+            Some(listener)
         }
-        let app = harvest::api::router(harvest.clone(), metrics.clone());
+        false => None,
+    };
+    let mut listeners = Vec::new();
+    if let Some(bind) = cfg.metrics.bind {
+        let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| {
+            format!(
+                "binding metrics.bind {bind} (each process on a host needs its own: \
+                 set --metrics-bind or HARVEST_METRICS_BIND for this one)"
+            )
+        })?;
+        tracing::info!(metrics_addr = %listener.local_addr()?, "metrics and health endpoints");
+        listeners.push((
+            listener,
+            harvest::api::metrics_router(harvest.clone(), metrics.clone()),
+        ));
+    }
+    if let Some(listener) = api {
+        tracing::info!(addr = %listener.local_addr()?, "listening");
+        tracing::info!(url = %format!("http://{}/", listener.local_addr()?), "web console");
+        listeners.push((
+            listener,
+            harvest::api::router(harvest.clone(), metrics.clone()),
+        ));
+    }
+    for (listener, app) in listeners {
         let mut rx = stop_rx.clone();
         servers.push(tokio::spawn(async move {
             axum::serve(listener, app)

@@ -14,6 +14,7 @@ mod engine_bench;
 mod engine_config;
 mod layers;
 mod lifecycle;
+mod listeners;
 mod messages;
 mod metrics;
 mod multiprocess;
