@@ -159,6 +159,10 @@ fn describe() {
         "Build information in the labels (version); the value is always 1."
     );
     gauge!("harvest_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    describe_gauge!(
+        "harvest_store_healthy",
+        "1 while the store takes writes and makes them durable, 0 once a write or a flush failed or a flush is stuck (the log and /readyz say why); read at each scrape."
+    );
     describe_counter!(
         "harvest_sessions_submitted_total",
         Unit::Count,
@@ -393,4 +397,10 @@ pub fn agent_run_fired() {
 /// A cron tick was skipped because the agent's previous run is active.
 pub fn agent_run_skipped() {
     counter!("harvest_agent_runs_total", "outcome" => "skipped").increment(1);
+}
+
+/// Sets `harvest_store_healthy` from the store's own report.
+pub fn store_health(health: &crate::store::StoreHealth) {
+    let up = matches!(health, crate::store::StoreHealth::Healthy);
+    gauge!("harvest_store_healthy").set(if up { 1.0 } else { 0.0 });
 }

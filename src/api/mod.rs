@@ -259,6 +259,15 @@ pub async fn healthz() -> axum::Json<HealthView> {
     )
 )]
 pub async fn readyz(State(st): State<AppState>) -> Result<axum::Json<HealthView>, ApiError> {
+    let health = st.harvest.store().health();
+    crate::metrics::store_health(&health);
+    if let crate::store::StoreHealth::Unhealthy(why) = health {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("the store is unhealthy: {why}"),
+        ));
+    }
     let workers = st.harvest.config().workers.concurrency == 0 || st.harvest.workers_running();
     let store = st
         .harvest
@@ -293,6 +302,7 @@ pub async fn readyz(State(st): State<AppState>) -> Result<axum::Json<HealthView>
     )
 )]
 pub async fn metrics_text(State(st): State<AppState>) -> Response {
+    crate::metrics::store_health(&st.harvest.store().health());
     match &st.metrics {
         Some(h) => (
             [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

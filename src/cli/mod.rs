@@ -357,12 +357,41 @@ async fn serve(args: ServeArgs, http: bool) -> anyhow::Result<()> {
         "shutting down: no new claims; running sessions get the grace period"
     );
     let _ = stop_tx.send(true);
+    shutdown_watchdog(grace + SHUTDOWN_MARGIN);
     harvest.shutdown(grace).await?;
     for s in servers {
         let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What shutdown may take beyond the grace: handing sessions back, closing the store.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
+
+/// Ends the process (exit code 1) when shutdown has not finished within `limit`: a store whose
+/// flush blocks (a full or failing disk) must not keep the process, and with it the data
+/// directory's lock, forever. Nothing acknowledged is lost: an acknowledgment waits for its
+/// flush, so whatever the stuck flush held was never acknowledged.
+fn shutdown_watchdog(limit: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("harvest-shutdown-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(limit);
+            tracing::error!(
+                limit_secs = limit.as_secs(),
+                "shutdown did not finish in time (is the store's disk full or failing?); \
+                 exiting without it: writes not yet acknowledged are not kept"
+            );
+            eprintln!(
+                "harvest: shutdown did not finish within {} s; exiting without waiting for the store",
+                limit.as_secs()
+            );
+            std::process::exit(1);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "the shutdown watchdog did not start");
+    }
 }
 
 async fn shutdown_signal() {

@@ -41,6 +41,15 @@ pub use error::StoreError;
 /// running time ([`crate::session::SessionV1`] reads version-1 sessions).
 pub const SCHEMA_VERSION: u32 = 2;
 
+/// What [`Store::health`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreHealth {
+    /// Writes are taken and made durable.
+    Healthy,
+    /// Writes fail or cannot be made durable: why, and what to do, for the operator.
+    Unhealthy(String),
+}
+
 /// Result of every store call.
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -551,6 +560,13 @@ pub enum AgentSessions {
 pub trait Store: Send + Sync + 'static {
     /// Backend name (`sled`, `postgres`), for logs and metrics; never for decisions.
     fn backend(&self) -> &'static str;
+
+    /// Whether the store can take writes now, without I/O (it reports what it has seen: a
+    /// failed or stuck flush, a failed write). `/readyz` and the `harvest_store_healthy` gauge
+    /// show it. A backend that learns of trouble only from a failed call says healthy.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::Healthy
+    }
 
     /// Whether this process is the store's only user (sled locks its directory): every
     /// RUNNING session found at open then belongs to a dead process and is taken back at once.

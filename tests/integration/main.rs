@@ -9,6 +9,7 @@ mod api_tenants;
 mod browser;
 mod console;
 mod crash;
+mod disk_full;
 mod engine;
 mod engine_bench;
 mod engine_config;

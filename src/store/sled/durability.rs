@@ -180,7 +180,14 @@ pub(super) struct Durability {
     shutdown: AtomicBool,
     flushes: AtomicU64,
     state: watch::Sender<Flushed>,
+    /// When the running flush began, in milliseconds after `origin`, plus one; 0 when idle.
+    flush_began: AtomicU64,
+    origin: std::time::Instant,
 }
+
+/// A flush that has not returned for this long makes the store unhealthy (a full disk can make
+/// sled's flush block instead of fail).
+const FLUSH_STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the flusher has done so far.
 #[derive(Clone, Debug, Default)]
@@ -207,6 +214,8 @@ impl Durability {
             shutdown: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
             state,
+            flush_began: AtomicU64::new(0),
+            origin: std::time::Instant::now(),
         });
         let mut disk = DiskSync::open(path).map_err(|source| StoreError::Io {
             context: format!("sled: opening the store at {} for syncing", path.display()),
@@ -236,6 +245,34 @@ impl Durability {
     /// Flushes done since open.
     pub(super) fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Why the store cannot make writes durable, if it cannot: a failed flush (sticky until
+    /// restart: see [`Durability::run`]), a stopped flusher, or a flush that has not returned
+    /// for [`FLUSH_STUCK_AFTER`].
+    pub(super) fn unhealthy(&self) -> Option<String> {
+        {
+            let f = self.state.borrow();
+            if f.failed_upto > 0 {
+                return Some(match &f.error {
+                    Some(e) => {
+                        format!("flushing to disk failed: {e}; free the disk and restart harvest")
+                    }
+                    None => "the flusher thread stopped; restart harvest".into(),
+                });
+            }
+        }
+        let began = self.flush_began.load(Ordering::Relaxed);
+        if began > 0 {
+            let running = (self.origin.elapsed().as_millis() as u64).saturating_sub(began - 1);
+            if running >= FLUSH_STUCK_AFTER.as_millis() as u64 {
+                return Some(format!(
+                    "a flush to disk has not returned for {} s (is the disk full or failing?)",
+                    running / 1000
+                ));
+            }
+        }
+        None
     }
 
     /// Has the flusher flush what is pending and return (the store's `Drop` joins it).
@@ -285,6 +322,10 @@ impl Durability {
                 *dirty = false;
             }
             let target = self.written.load(Ordering::SeqCst);
+            self.flush_began.store(
+                self.origin.elapsed().as_millis() as u64 + 1,
+                Ordering::Relaxed,
+            );
             // Blob files listed before the flush are whole once it returns (it waits for every
             // write reserved before it began); newer ones are synced by the next round.
             let result = disk
@@ -300,6 +341,7 @@ impl Durability {
                         source,
                     })
                 });
+            self.flush_began.store(0, Ordering::Relaxed);
             self.flushes.fetch_add(1, Ordering::Relaxed);
             let failed = result.is_err();
             self.state.send_modify(|f| match result {
@@ -431,16 +473,19 @@ impl SledStore {
         }
         let seq = self.intent_seq.fetch_add(1, Ordering::Relaxed);
         let key = k_intent(seq);
-        self.db
-            .insert(&key, b.encode())
-            .map_err(sled_err("writing a batch's intent"))?;
+        if let Err(e) = self.db.insert(&key, b.encode()) {
+            let e = sled_err("writing a batch's intent")(e);
+            self.note_write_failure(&e);
+            return Err(e);
+        }
         let applied = b.apply_to(&self.db).and_then(|()| {
             self.db
                 .remove(&key)
                 .map(|_| ())
                 .map_err(sled_err("removing a batch's intent"))
         });
-        if applied.is_err() {
+        if let Err(e) = &applied {
+            self.note_write_failure(e);
             self.poisoned.store(true, Ordering::Release);
             tracing::error!("a sled write failed half-way; refusing further writes until restart");
         }

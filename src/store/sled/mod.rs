@@ -91,7 +91,7 @@ use super::{
     InsertOutcome, LeaderAcquire, LeaseReclaim, Reclaimed, RecordsPage, RecordsRemove, ResumeState,
     SeenFilter, SessionCancel, SessionClaim, SessionCounts, SessionFinish, SessionHeartbeat,
     SessionInsert, SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError,
-    StoreResult, codec, key_name,
+    StoreHealth, StoreResult, codec, key_name,
 };
 use crate::session::{LogLine, Record, Session, SessionId, Timestamp};
 use durability::{Batch, Durability, replay_intents};
@@ -142,6 +142,9 @@ pub struct SledStore {
     intent_seq: AtomicU64,
     /// A batch failed half-way: no more writes until reopened.
     poisoned: AtomicBool,
+    /// The first write that failed (sled's I/O errors are sticky: it refuses every later write),
+    /// for [`Store::health`].
+    write_failure: std::sync::Mutex<Option<String>>,
     /// Leaderships: name → (owner, expiry). In memory: sled allows one process per data
     /// directory (its file lock), so holders can only be tasks of this process, and a restart
     /// rightly starts with no leader.
@@ -282,6 +285,7 @@ impl SledStore {
             pending: Notify::new(),
             intent_seq: AtomicU64::new(1),
             poisoned: AtomicBool::new(false),
+            write_failure: std::sync::Mutex::new(None),
             leaders: std::sync::Mutex::new(std::collections::HashMap::new()),
             cancels: tokio::sync::broadcast::channel(CANCEL_CHANNEL).0,
         };
@@ -312,6 +316,19 @@ impl SledStore {
                 &bytes,
             )?)),
             None => Ok(None),
+        }
+    }
+}
+
+impl SledStore {
+    /// Remembers the first failed write for [`Store::health`] and says it once in the log.
+    pub(super) fn note_write_failure(&self, e: &StoreError) {
+        let mut first = self.write_failure.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            tracing::error!(error = %e, "a write to the sled store failed; the store is unhealthy until harvest restarts");
+            *first = Some(format!(
+                "writing failed: {e}; free the disk and restart harvest"
+            ));
         }
     }
 }
@@ -458,6 +475,18 @@ impl Store for SledStore {
 
     async fn pending_wait(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.pending.notified()).await;
+    }
+
+    fn health(&self) -> StoreHealth {
+        let failure = self
+            .write_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match failure.or_else(|| self.durability.unhealthy()) {
+            Some(why) => StoreHealth::Unhealthy(why),
+            None => StoreHealth::Healthy,
+        }
     }
 
     async fn close(&self) -> StoreResult<()> {
