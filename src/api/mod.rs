@@ -59,6 +59,7 @@ With [[clients]] configured, /v1 data routes need Authorization: Bearer <token>.
     ),
     paths(
         sessions::submit,
+        sessions::submit_batch,
         sessions::list_sessions,
         sessions::get_session,
         sessions::cancel,
@@ -85,6 +86,9 @@ With [[clients]] configured, /v1 data routes need Authorization: Bearer <token>.
         ErrorBody,
         error::ErrorDetail,
         view::SessionView,
+        view::BatchBody,
+        view::BatchView,
+        view::BatchItemView,
         view::EventView,
         stats::StatsView,
         agents::AgentView,
@@ -154,6 +158,11 @@ fn routes() -> Routes {
             "/v1/sessions",
             &["get", "post"],
             get(sessions::list_sessions).post(sessions::submit),
+        )
+        .route(
+            "/v1/sessions/batch",
+            &["post"],
+            post(sessions::submit_batch),
         )
         .route(
             "/v1/sessions/{id}",

@@ -12,10 +12,10 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use super::auth::Caller;
-use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
+use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody, ErrorDetail};
 use super::view::{
-    ContextView, ListQuery, LogQuery, LogView, SessionListView, SessionView, SubmitBody, ValidView,
-    ValidateBody, VariableView,
+    BatchBody, BatchItemView, BatchView, ContextView, ListQuery, LogQuery, LogView,
+    SessionListView, SessionView, SubmitBody, ValidView, ValidateBody, VariableView,
 };
 use crate::service::SubmitRequest;
 use crate::session::{ClientContext, Session, SessionId, SessionOptions, SessionStatus};
@@ -88,6 +88,13 @@ pub async fn validate_config(
 /// reserves for itself (cron runs), so no tenant can take one before harvest uses it.
 pub(crate) fn client_session_id(raw: &str) -> Result<SessionId, ApiError> {
     let id = SessionId::parse(raw).map_err(crate::service::HarvestError::from)?;
+    if raw == "batch" {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_session_id",
+            "session id \"batch\" is reserved: /v1/sessions/batch is the batch submit route",
+        ));
+    }
     if raw.starts_with('_') {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -170,6 +177,15 @@ pub async fn submit(
     if let Some(agent) = body.agent.take() {
         return submit_agent_run(st, caller, agent, body).await;
     }
+    let req = submit_request(&caller, body)?;
+    let handle = st.harvest.submit(req).await?;
+    let session = handle.session().await?;
+    Ok((StatusCode::CREATED, axum::Json(view(&st, &session))).into_response())
+}
+
+/// The service's request for a submission body without `agent`: its config parsed, the
+/// caller's client id imposed, options over the defaults, params as text, the id checked.
+fn submit_request(caller: &Caller, body: SubmitBody) -> Result<SubmitRequest, ApiError> {
     let config = config_from_body(body.config)?;
     let client_body = body.client.unwrap_or_default();
     // A tenant's sessions always carry its own id, whatever the body says.
@@ -190,9 +206,87 @@ pub async fn submit(
     if let Some(id) = body.session_id {
         req = req.session_id(client_session_id(&id)?);
     }
-    let handle = st.harvest.submit(req).await?;
-    let session = handle.session().await?;
-    Ok((StatusCode::CREATED, axum::Json(view(&st, &session))).into_response())
+    Ok(req)
+}
+
+/// Submit many sessions at once: one durable write for the batch, one result per item.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/batch",
+    tag = "sessions",
+    request_body = BatchBody,
+    responses(
+        (status = 200, description = "Per item, in order: 201 and the session, or the item's own error; created items are durable", body = BatchView),
+        (status = 400, description = "Invalid JSON, an empty batch or one over 1000 items", body = ErrorBody),
+        (status = 401, description = "Missing or unknown token", body = ErrorBody),
+        (status = 413, description = "Body over server.max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Body is not application/json", body = ErrorBody),
+    )
+)]
+pub async fn submit_batch(
+    State(st): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<BatchBody>,
+) -> Result<Response, ApiError> {
+    let max = crate::service::MAX_BATCH;
+    if body.sessions.is_empty() || body.sessions.len() > max {
+        return Err(ApiError::invalid(format!(
+            "sessions: a batch holds 1 to {max} sessions, not {}",
+            body.sessions.len()
+        )));
+    }
+    // Items refused here keep their place: `None` marks one passed on to the service.
+    let mut refused: Vec<Option<ApiError>> = Vec::with_capacity(body.sessions.len());
+    let mut reqs = Vec::new();
+    for item in body.sessions {
+        if item.agent.is_some() {
+            refused.push(Some(ApiError::invalid(
+                "agent: an agent's run cannot be part of a batch; POST /v1/sessions with `agent`",
+            )));
+            continue;
+        }
+        match submit_request(&caller, item) {
+            Ok(req) => {
+                refused.push(None);
+                reqs.push(req);
+            }
+            Err(e) => refused.push(Some(e)),
+        }
+    }
+    let mut stored = st.harvest.submit_many(reqs).await?.into_iter();
+    let mut results = Vec::with_capacity(refused.len());
+    for r in refused {
+        let outcome = match r {
+            Some(e) => Err(e),
+            None => match stored.next() {
+                Some(Ok(session)) => Ok(session),
+                Some(Err(e)) => Err(ApiError::from(e)),
+                None => Err(ApiError::invalid("a batch item was lost")),
+            },
+        };
+        results.push(match outcome {
+            Ok(session) => BatchItemView {
+                status: StatusCode::CREATED.as_u16(),
+                session: Some(view(&st, &session)),
+                error: None,
+            },
+            Err(e) => BatchItemView {
+                status: e.status.as_u16(),
+                session: None,
+                error: Some(ErrorDetail {
+                    code: e.code.to_string(),
+                    message: e.message,
+                }),
+            },
+        });
+    }
+    let created = results.iter().filter(|r| r.session.is_some()).count();
+    Ok(axum::Json(BatchView {
+        created,
+        failed: results.len() - created,
+        results,
+    })
+    .into_response())
 }
 
 /// `POST /v1/sessions` with `agent`: a run of the caller's saved agent.

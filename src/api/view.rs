@@ -45,6 +45,39 @@ pub struct SubmitBody {
     pub session_id: Option<String>,
 }
 
+/// `POST /v1/sessions/batch` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    /// The sessions to submit (at most 1000), each as the body of `POST /v1/sessions` without
+    /// `agent`.
+    pub sessions: Vec<SubmitBody>,
+}
+
+/// `POST /v1/sessions/batch` answer: one result per submitted item, in order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchView {
+    /// Items created.
+    pub created: usize,
+    /// Items refused (each with its error).
+    pub failed: usize,
+    /// Per item, in the order given.
+    pub results: Vec<BatchItemView>,
+}
+
+/// One item of a batch: `status` is what `POST /v1/sessions` would have answered for it alone.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchItemView {
+    /// 201 when created; else the item's own error status (400, 409, ...).
+    pub status: u16,
+    /// The stored session, when created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionView>,
+    /// Why the item was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<super::error::ErrorDetail>,
+}
+
 /// `POST /v1/configs/validate` body.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

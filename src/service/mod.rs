@@ -68,6 +68,9 @@ pub enum HarvestError {
 const MAX_DURATION_SECS: u64 = SessionOptions::MAX_DURATION_SECS;
 const MAX_TIMEOUT_SECS: u64 = SessionOptions::MAX_TIMEOUT_SECS;
 
+/// The most sessions [`Harvest::submit_many`] takes at once.
+pub const MAX_BATCH: usize = 1000;
+
 /// A submission.
 #[derive(Debug, Clone, Default)]
 pub struct SubmitRequest {
@@ -415,8 +418,9 @@ impl Harvest {
         Ok(())
     }
 
-    /// Validates and durably stores a new session; returns as soon as it is durable.
-    pub async fn submit(&self, req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
+    /// Validates a submission and makes its PENDING session (not stored yet); with the agent
+    /// name when it runs for a single-session agent.
+    fn new_session(&self, req: SubmitRequest) -> Result<(Session, Option<String>), HarvestError> {
         if crate::kinds::kind_of(&req.config).is_none() {
             return Err(HarvestError::InvalidConfig(ConfigRejected::new(
                 "config must be an object (JSON), a TOML document or Web-Harvest XML",
@@ -475,6 +479,13 @@ impl Harvest {
             now,
         );
         let single_agent = if req.single_agent { req.agent } else { None };
+        Ok((session, single_agent))
+    }
+
+    /// Validates and durably stores a new session; returns as soon as it is durable.
+    pub async fn submit(&self, req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
+        let (session, single_agent) = self.new_session(req)?;
+        let id = session.id.clone();
         let creating = self.events().creating(&id);
         match self
             .inner
@@ -498,6 +509,69 @@ impl Harvest {
             Err(StoreError::Duplicate(id)) => Err(HarvestError::Duplicate(id)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Validates and durably stores many sessions in one step (one flush on sled, one
+    /// transaction on PostgreSQL): for each request, in order, the stored session or its own
+    /// error (an
+    /// invalid config, a taken id, ...). At most [`MAX_BATCH`] requests; a single-session
+    /// agent's run is refused (submit it alone). When the whole call fails (the store), none of
+    /// them was acknowledged.
+    pub async fn submit_many(
+        &self,
+        reqs: Vec<SubmitRequest>,
+    ) -> Result<Vec<Result<Session, HarvestError>>, HarvestError> {
+        if reqs.len() > MAX_BATCH {
+            return Err(HarvestError::Invalid(format!(
+                "a batch holds at most {MAX_BATCH} sessions, not {}; split it",
+                reqs.len()
+            )));
+        }
+        let mut results: Vec<Option<Result<Session, HarvestError>>> =
+            Vec::with_capacity(reqs.len());
+        let mut sessions = Vec::new();
+        for req in reqs {
+            if req.single_agent {
+                results.push(Some(Err(HarvestError::Invalid(
+                    "a single-session agent's run cannot be part of a batch; submit it alone"
+                        .into(),
+                ))));
+                continue;
+            }
+            match self.new_session(req) {
+                Ok((session, _)) => {
+                    results.push(None);
+                    sessions.push(session);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let creating: Vec<_> = sessions
+            .iter()
+            .map(|s| self.events().creating(&s.id))
+            .collect();
+        let stored = if sessions.is_empty() {
+            Vec::new()
+        } else {
+            self.inner.store.session_insert_many(sessions).await?
+        };
+        let mut stored = stored.into_iter().zip(creating);
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            out.push(match r {
+                Some(r) => r,
+                None => match stored.next() {
+                    Some((Ok(session), creating)) => {
+                        self.inner.effects.created(&session, creating);
+                        Ok(session)
+                    }
+                    Some((Err(StoreError::Duplicate(id)), _)) => Err(HarvestError::Duplicate(id)),
+                    Some((Err(e), _)) => Err(e.into()),
+                    None => Err(HarvestError::Invalid("a batch item was lost".into())),
+                },
+            });
+        }
+        Ok(out)
     }
 
     /// One session.

@@ -579,6 +579,15 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Duplicate`], never an overwrite.
     async fn session_insert(&self, p: SessionInsert) -> StoreResult<InsertOutcome>;
 
+    /// Insert many new PENDING sessions in one durable step (one flush on sled, one transaction
+    /// on PostgreSQL): for each, in order, the stored session (with its `seq`) or why it was
+    /// refused ([`StoreError::Duplicate`], also for an id given twice in the batch). Durable on
+    /// return; when the call itself fails, none of them was acknowledged.
+    async fn session_insert_many(
+        &self,
+        sessions: Vec<Session>,
+    ) -> StoreResult<Vec<StoreResult<Session>>>;
+
     /// One session.
     async fn session_get(&self, id: &SessionId) -> StoreResult<Option<Session>>;
 

@@ -6,6 +6,7 @@ mod api_events;
 mod api_load;
 mod api_support;
 mod api_tenants;
+mod batch;
 mod browser;
 mod console;
 mod crash;

@@ -53,6 +53,7 @@ macro_rules! store_conformance {
     ($factory:path) => {
         $crate::store_conformance::store_conformance!(@each $factory;
             insert_get_duplicate,
+            insert_many_per_item_results,
             claim_makes_running,
             claim_order_priority_run_at_seq_and_limit,
             claim_limit_zero_claims_nothing,
@@ -410,6 +411,56 @@ pub async fn insert_get_duplicate(store: Arc<dyn Store>) {
         a,
         "a duplicate insert must not overwrite"
     );
+}
+
+/// A batch insert stores each new session as given (with increasing seqs) and refuses, item by
+/// item, a taken id and an id given twice in the batch, without refusing the others; the stored
+/// sessions are claimable in order.
+pub async fn insert_many_per_item_results(store: Arc<dyn Store>) {
+    let taken = insert(&store, session("taken")).await;
+    let mut high = session("b2");
+    high.options.priority = 5;
+    let batch = vec![
+        session("b1"),
+        session("taken"),
+        high,
+        session("b1"),
+        session("b3"),
+    ];
+    let out = store
+        .session_insert_many(batch.clone())
+        .await
+        .expect("batch insert");
+    assert_eq!(out.len(), 5);
+    let stored: Vec<Session> = [0, 2, 4]
+        .iter()
+        .map(|&i| match &out[i] {
+            Ok(s) => s.clone(),
+            Err(e) => panic!("item {i}: {e:?}"),
+        })
+        .collect();
+    for (s, &i) in stored.iter().zip(&[0usize, 2, 4]) {
+        let expected = Session {
+            seq: s.seq,
+            ..batch[i].clone()
+        };
+        assert_eq!(s, &expected, "item {i} stored as given");
+        assert_eq!(get(&store, s.id.as_str()).await, *s, "item {i} reads back");
+        assert!(s.seq > taken.seq, "seq after earlier inserts");
+    }
+    assert!(stored[0].seq < stored[1].seq && stored[1].seq < stored[2].seq);
+    for i in [1, 3] {
+        assert!(
+            matches!(&out[i], Err(StoreError::Duplicate(_))),
+            "item {i}: {:?}",
+            out[i]
+        );
+    }
+    assert_eq!(get(&store, "taken").await, taken, "not overwritten");
+    let all = store.session_insert_many(Vec::new()).await.expect("empty");
+    assert!(all.is_empty());
+    let claimed = claim(&store, "w", 10, at(1)).await;
+    assert_eq!(ids(&claimed), ["b2", "taken", "b1", "b3"]);
 }
 
 /// A claim makes the session RUNNING under a lease with attempt + 1.

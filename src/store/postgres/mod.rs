@@ -227,6 +227,13 @@ impl Store for PostgresStore {
         self.insert_session(p).await
     }
 
+    async fn session_insert_many(
+        &self,
+        sessions: Vec<Session>,
+    ) -> StoreResult<Vec<StoreResult<Session>>> {
+        self.insert_sessions(sessions).await
+    }
+
     async fn session_get(&self, id: &SessionId) -> StoreResult<Option<Session>> {
         self.get_session(id).await
     }

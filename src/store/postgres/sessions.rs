@@ -187,6 +187,63 @@ impl PostgresStore {
         Ok(InsertOutcome::Inserted(Box::new(session)))
     }
 
+    /// [`Store::session_insert_many`]: one transaction, the inserts pipelined on its
+    /// connection; `ON CONFLICT DO NOTHING` turns a taken id into that item's `Duplicate`
+    /// without aborting the others.
+    pub(super) async fn insert_sessions(
+        &self,
+        sessions: Vec<Session>,
+    ) -> StoreResult<Vec<StoreResult<Session>>> {
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        let mut seen = std::collections::HashSet::with_capacity(sessions.len());
+        // Refused before the database: `Some(error)`; to insert: `None`, in `accepted`.
+        let mut refused: Vec<Option<StoreError>> = Vec::with_capacity(sessions.len());
+        let mut accepted = Vec::new();
+        for s in sessions {
+            if s.status != SessionStatus::Pending {
+                refused.push(Some(StoreError::Invalid(format!(
+                    "session {} is inserted as {}; new sessions must be PENDING",
+                    s.id, s.status
+                ))));
+            } else if !seen.insert(s.id.clone()) {
+                refused.push(Some(StoreError::Duplicate(s.id)));
+            } else {
+                refused.push(None);
+                accepted.push(s);
+            }
+        }
+        let inserts = accepted
+            .iter()
+            .map(|s| self.insert_row(&tx, s, s.job.agent.as_deref()));
+        let seqs = futures::future::try_join_all(inserts).await?;
+        tx.commit()
+            .await
+            .map_err(db_err("committing the session inserts"))?;
+        let mut stored = accepted.into_iter().zip(seqs);
+        let mut out = Vec::with_capacity(refused.len());
+        for r in refused {
+            out.push(match r {
+                Some(e) => Err(e),
+                None => match stored.next() {
+                    Some((mut s, Some(seq))) => {
+                        s.seq = seq;
+                        Ok(s)
+                    }
+                    Some((s, None)) => Err(StoreError::Duplicate(s.id)),
+                    None => Err(StoreError::Invalid("a batch item was lost".into())),
+                },
+            });
+        }
+        if out.iter().any(Result::is_ok) {
+            self.wake_local();
+        }
+        Ok(out)
+    }
+
     pub(super) async fn get_session(&self, id: &SessionId) -> StoreResult<Option<Session>> {
         let client = self.client().await?;
         let stmt = client

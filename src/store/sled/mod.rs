@@ -364,6 +364,13 @@ impl Store for SledStore {
         self.insert_session(p).await
     }
 
+    async fn session_insert_many(
+        &self,
+        sessions: Vec<Session>,
+    ) -> StoreResult<Vec<StoreResult<Session>>> {
+        self.insert_sessions(sessions).await
+    }
+
     async fn session_get(&self, id: &SessionId) -> StoreResult<Option<Session>> {
         self.load(id)
     }

@@ -426,6 +426,56 @@ impl SledStore {
         Ok(InsertOutcome::Inserted(Box::new(s)))
     }
 
+    /// [`Store::session_insert_many`]: every session checked and staged under one lock, one
+    /// batch, one flush.
+    pub(super) async fn insert_sessions(
+        &self,
+        sessions: Vec<Session>,
+    ) -> StoreResult<Vec<StoreResult<Session>>> {
+        let mut out = Vec::with_capacity(sessions.len());
+        let ticket = {
+            let mut st = self.lock();
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            let mut ids = std::collections::HashSet::with_capacity(sessions.len());
+            for mut s in sessions {
+                if s.status != SessionStatus::Pending {
+                    out.push(Err(StoreError::Invalid(format!(
+                        "a new session must be PENDING, not {}",
+                        s.status
+                    ))));
+                    continue;
+                }
+                let taken = !ids.insert(s.id.clone())
+                    || self
+                        .db
+                        .contains_key(k_session(&s.id))
+                        .map_err(sled_err("checking for the session"))?
+                    || self
+                        .db
+                        .contains_key(k_tombstone(&s.id))
+                        .map_err(sled_err("checking for the session"))?;
+                if taken {
+                    out.push(Err(StoreError::Duplicate(s.id)));
+                    continue;
+                }
+                s.seq = c.next_seq;
+                c.next_seq += 1;
+                Self::stage(&mut c, &mut b, None, &s)?;
+                b.insert(k_wait(&s), IVec::default());
+                out.push(Ok(s));
+            }
+            if !out.iter().any(Result::is_ok) {
+                return Ok(out);
+            }
+            self.commit(&mut st, c, b)?
+        };
+        self.durability.wait(ticket).await?;
+        self.pending.notify_waiters();
+        self.pending.notify_one();
+        Ok(out)
+    }
+
     pub(super) fn claim_sessions(&self, p: SessionClaim) -> StoreResult<Vec<Session>> {
         if p.limit == 0 {
             return Ok(Vec::new());

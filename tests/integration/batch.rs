@@ -1,0 +1,281 @@
+//! The batch path (issue 16): `POST /v1/sessions/batch` answers per item, in order, with the
+//! item's own error where it has one; `harvest submit` of several configs or a JSON-lines file
+//! uses it; a SIGKILL during batch submits loses no acknowledged session, and a batch whose
+//! answer never came is all there or not at all (one durable write per batch).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::api_support::{CONFIG, start};
+use crate::proc::Server;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answers_each_item_in_order() {
+    let s = start(CONFIG).await;
+    s.submit(json!({"config": {"name": "x"}, "session_id": "taken"}))
+        .await;
+    let later = json!({"run_at": "2999-01-01T00:00:00Z"});
+    let body = json!({"sessions": [
+        {"config": {"name": "a"}, "options": later},
+        {"config": {"name": 7}},
+        {"config": {"name": "b"}, "session_id": "taken"},
+        {"config": {"name": "c"}, "session_id": "twice", "options": later},
+        {"config": {"name": "d"}, "session_id": "twice"},
+        {"agent": "nightly"},
+        {"config": {"name": "e"}, "session_id": "batch"},
+        {"config": "name = \"f\"\n", "session_id": "from-toml", "options": later},
+    ]});
+    let r = s.post("/v1/sessions/batch", &body).await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text);
+    let results = r.json["results"].as_array().expect("results");
+    let statuses: Vec<u64> = results
+        .iter()
+        .map(|i| i["status"].as_u64().expect("status"))
+        .collect();
+    assert_eq!(
+        statuses,
+        [201, 400, 409, 201, 409, 400, 400, 201],
+        "{}",
+        r.text
+    );
+    assert_eq!(r.json["created"], 3);
+    assert_eq!(r.json["failed"], 5);
+    assert_eq!(results[1]["error"]["code"], "invalid_config");
+    assert!(
+        results[1]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("name: must be a string")),
+        "{}",
+        results[1]
+    );
+    assert_eq!(results[2]["error"]["code"], "duplicate_session");
+    assert!(
+        results[5]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("agent")),
+        "{}",
+        results[5]
+    );
+    assert_eq!(results[6]["error"]["code"], "invalid_session_id");
+    // Created items are stored and readable; the refused ones are not.
+    let first = results[0]["session"]["id"].as_str().expect("id");
+    for id in [first, "twice", "from-toml"] {
+        let got = s.get(&format!("/v1/sessions/{id}")).await;
+        assert_eq!(got.status.as_u16(), 200, "{id}: {}", got.text);
+        assert_eq!(got.json["status"], "PENDING");
+    }
+    let twice = s.get("/v1/sessions/twice").await;
+    assert_eq!(twice.json["job"]["config"]["name"], "c", "{}", twice.text);
+
+    // Bounds: an empty batch and one over 1000 items are refused whole.
+    s.post("/v1/sessions/batch", &json!({"sessions": []}))
+        .await
+        .assert_error(400, "invalid_request");
+    let many: Vec<Value> = (0..1001)
+        .map(|_| json!({"config": {"name": "x"}}))
+        .collect();
+    let r = s
+        .post("/v1/sessions/batch", &json!({"sessions": many}))
+        .await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("1 to 1000"), "{}", r.text);
+}
+
+/// `harvest submit a.toml b.toml` and `harvest submit --jsonl FILE` go through the batch route
+/// and print one line per session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_submits_many_configs_and_json_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("data"),
+        1,
+        &[("HARVEST_CONFIG", "config.toml")],
+    );
+    let api = server.url("");
+    let cfg = |name: &str| {
+        format!(
+            "name = \"{name}\"\nstart_urls = [\"http://127.0.0.1:9/\"]\n\
+             [pages.start.fields]\ntitle = \"h1\"\n"
+        )
+    };
+    let a = dir.path().join("a.toml");
+    let b = dir.path().join("b.toml");
+    std::fs::write(&a, cfg("a")).expect("write");
+    std::fs::write(&b, cfg("b")).expect("write");
+    let run = |args: Vec<String>| {
+        let api = api.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_harvest"))
+                .args(&args)
+                .env("HARVEST_SERVER", api)
+                .output()
+                .expect("run harvest")
+        })
+    };
+    let later = r#"{"run_at": "2999-01-01T00:00:00Z"}"#.to_string();
+    let out = run(vec![
+        "submit".into(),
+        a.display().to_string(),
+        b.display().to_string(),
+        "--options".into(),
+        later.clone(),
+    ])
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["status"] == 201 && l["id"].is_string())
+    );
+
+    let jsonl = dir.path().join("many.jsonl");
+    let mut text = String::new();
+    for i in 0..1200 {
+        let body = json!({"config": {"name": "j", "start_urls": ["http://127.0.0.1:9/"],
+            "pages": {"start": {"fields": {"t": "h1"}}}},
+            "session_id": format!("j-{i}"), "options": {"run_at": "2999-01-01T00:00:00Z"}});
+        text.push_str(&body.to_string());
+        text.push('\n');
+    }
+    // One bad line among them: that item is refused, the others created; exit code 1.
+    text.push_str(
+        &json!({"config": {"name": "j", "start_urls": ["http://127.0.0.1:9/"],
+            "pages": {"start": {"fields": {"t": "h1"}}}}, "session_id": "j-0"})
+        .to_string(),
+    );
+    text.push('\n');
+    std::fs::write(&jsonl, text).expect("write");
+    let out = run(vec![
+        "submit".into(),
+        "--jsonl".into(),
+        jsonl.display().to_string(),
+    ])
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("submitted 1200 sessions; 1 refused"),
+        "{stderr}"
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 1201);
+    assert_eq!(lines[1199]["id"], "j-1199");
+    assert_eq!(lines[1200]["status"], 409, "{}", lines[1200]);
+    let http = reqwest::Client::new();
+    let got = http
+        .get(server.url("/v1/sessions/j-1199"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(got.status(), 200);
+}
+
+/// SIGKILL while batches of 100 are being submitted: after a restart every acknowledged
+/// session is there, and the batch in flight is there whole or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_during_batch_submits_keeps_every_acknowledged_item() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let env = [("HARVEST_CONFIG", "config.toml")];
+    let server = Server::start(&data, 1, &env);
+    let url = server.url("/v1/sessions/batch");
+    let http = reqwest::Client::new();
+    const PER: usize = 100;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let submitter = tokio::spawn({
+        let http = http.clone();
+        async move {
+            // Bounded: at most 400 batches or 60 s; the kill comes long before.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            for b in 0..400 {
+                if Instant::now() > deadline {
+                    break;
+                }
+                let sessions: Vec<Value> = (0..PER)
+                    .map(|i| {
+                        json!({"config": {"name": "k", "start_urls": ["http://127.0.0.1:9/"],
+                            "pages": {"start": {"fields": {"t": "h1"}}}},
+                            "session_id": format!("k{b}-{i}"),
+                            "options": {"run_at": "2999-01-01T00:00:00Z"}})
+                    })
+                    .collect();
+                let r = http
+                    .post(&url)
+                    .json(&json!({"sessions": sessions}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => {
+                        let v: Value = r.json().await.unwrap_or(Value::Null);
+                        assert_eq!(v["created"], PER, "batch {b}: {v}");
+                        if tx.send(b).is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+    });
+    // Let some batches be acknowledged, then kill without warning.
+    let mut acked = Vec::new();
+    while acked.len() < 5 {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(b)) => acked.push(b),
+            _ => panic!("batches were not acknowledged"),
+        }
+    }
+    server.kill9();
+    let _ = submitter.await;
+    while let Ok(b) = rx.try_recv() {
+        acked.push(b);
+    }
+    let server = Server::start(&data, 1, &env);
+    let exists = |id: String| {
+        let http = http.clone();
+        let url = server.url(&format!("/v1/sessions/{id}"));
+        async move { http.get(url).send().await.expect("GET").status().as_u16() == 200 }
+    };
+    let last = *acked.iter().max().expect("acked");
+    for &b in &acked {
+        for i in [0, PER / 2, PER - 1] {
+            assert!(
+                exists(format!("k{b}-{i}")).await,
+                "acknowledged k{b}-{i} lost"
+            );
+        }
+    }
+    // The batch after the last acknowledged one was in flight: all of it or none.
+    let b = last + 1;
+    let mut present = 0;
+    for i in 0..PER {
+        if exists(format!("k{b}-{i}")).await {
+            present += 1;
+        }
+    }
+    assert!(
+        present == 0 || present == PER,
+        "batch {b} half stored: {present} of {PER}"
+    );
+    assert!(
+        !exists(format!("k{}-0", b + 1)).await,
+        "a batch after the kill?"
+    );
+}
