@@ -4,12 +4,17 @@
 //! schema dropped afterwards, and the result holds both backends' figures from the same run
 //! (PostgreSQL's at the top level, sled's under `"sled"`).
 //!
-//! Three phases, each on a fresh store (a temporary directory, or a fresh schema):
-//! 1. naive: 16 threads each doing sled `insert` + `flush` per write (the baseline group commit
-//!    must beat);
+//! Phases, each on a fresh store (a temporary directory, or a fresh schema):
+//! 1. naive: 16 threads each doing sled `insert` + `flush` per write, and the same plus an
+//!    `fdatasync` of sled's log per write — the durability harvest acknowledges with
+//!    (`naive_fdatasync_per_sec`, the baseline the group commit must beat);
 //! 2. submit: 16 concurrent submitters, each waiting for its own durable acknowledgment;
 //! 3. end to end: the same submitters with workers claiming and completing the sessions; latency
-//!    is submit → COMPLETED per session.
+//!    is submit → COMPLETED per session;
+//! 4. idle latency: one session at a time into an idle queue, submit → `started`;
+//! 5. burn down: `--burn` sessions submitted in batches of 1000 (`submit_many`) with no worker
+//!    running, then the workers started: `burn_per_sec` is sessions / time until the last
+//!    COMPLETED.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,6 +43,12 @@ pub struct QueueBenchArgs {
     /// Writes in the naive baseline.
     #[arg(long, default_value_t = 5_000)]
     pub naive_writes: usize,
+    /// Sessions of the burn-down phase (submitted in batches, then run); 0 skips it.
+    #[arg(long, default_value_t = 50_000)]
+    pub burn: usize,
+    /// Sessions of the idle-latency phase (one at a time); 0 skips it.
+    #[arg(long, default_value_t = 200)]
+    pub idle: usize,
     /// Print only the JSON object (no progress on stderr).
     #[arg(long)]
     pub json: bool,
@@ -108,13 +119,20 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<serde_json::Value> {
         args,
         "phase 1/3: naive sled insert + flush per write, 16 threads",
     );
-    let naive = naive_baseline(args.naive_writes, 16)?;
+    let naive = naive_baseline(args.naive_writes, 16, false)?;
     say(args, &format!("naive: {naive:.0} writes/s"));
+    let naive_sync = naive_baseline(args.naive_writes, 16, true)?;
+    say(
+        args,
+        &format!("naive with fdatasync: {naive_sync:.0} writes/s"),
+    );
 
     let mut sled = phases(args, Backend::Sled).await?;
     sled["naive_insert_flush_per_sec"] = json!(naive.round());
+    sled["naive_fdatasync_per_sec"] = json!(naive_sync.round());
     if let Some(submit) = sled["submit_per_sec"].as_f64() {
         sled["submit_vs_naive"] = json!((submit / naive * 100.0).round() / 100.0);
+        sled["submit_vs_naive_fdatasync"] = json!((submit / naive_sync * 100.0).round() / 100.0);
     }
     let mut out = match args.store {
         BenchStore::Sled => sled,
@@ -193,6 +211,9 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
     submit_lat.sort();
     let sessions_per_sec = args.sessions as f64 / e2e_secs;
     say(args, &format!("end to end: {sessions_per_sec:.0}/s"));
+
+    let idle = idle_latency(args, &backend).await?;
+    let burn = burn_down(args, &backend).await?;
     Ok(json!({
         "bench": "queue",
         "backend": name,
@@ -206,7 +227,130 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
         "latency_p50_ms": super::quantile_ms(&lats, 0.5),
         "latency_p99_ms": super::quantile_ms(&lats, 0.99),
         "events_lagged": lagged,
+        "idle_latency_p50_ms": idle.as_ref().map(|l| super::quantile_ms(l, 0.5)),
+        "idle_latency_p99_ms": idle.as_ref().map(|l| super::quantile_ms(l, 0.99)),
+        "burn_sessions": args.burn,
+        "batch_submit_per_sec": burn.map(|b| b.0.round()),
+        "burn_per_sec": burn.map(|b| b.1.round()),
     }))
+}
+
+/// Phase 4: one session at a time into an idle queue (workers waiting), submit → `started`.
+async fn idle_latency(
+    args: &QueueBenchArgs,
+    backend: &Backend<'_>,
+) -> anyhow::Result<Option<Vec<Duration>>> {
+    if args.idle == 0 {
+        return Ok(None);
+    }
+    say(args, "idle queue: submit → started, one at a time");
+    let (harvest, place) = open(backend, 4).await?;
+    harvest.start();
+    let mut events = harvest.subscribe();
+    // Let the workers reach their idle wait.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut lats = Vec::with_capacity(args.idle);
+    for _ in 0..args.idle {
+        let id = SessionId::generate();
+        let t = Instant::now();
+        harvest
+            .submit(SubmitRequest::new(json!({"name": "noop"})).session_id(id.clone()))
+            .await?;
+        let started = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.recv().await {
+                    Ok(e) if e.kind == EventKind::Started && e.session_id == id => {
+                        return Ok(Instant::now());
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(e) => return Err(anyhow::anyhow!("events closed: {e}")),
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("an idle-queue session did not start within 10 s"))??;
+        lats.push(started - t);
+        // Back to idle: the session completes at once (no-op job).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    harvest.shutdown(Duration::from_secs(5)).await?;
+    place.remove().await?;
+    lats.sort();
+    Ok(Some(lats))
+}
+
+/// Phase 5: `--burn` sessions submitted in batches with no worker running, then burned down by
+/// `--workers` worker slots. Returns (batch submits/s, sessions burned/s).
+async fn burn_down(
+    args: &QueueBenchArgs,
+    backend: &Backend<'_>,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    if args.burn == 0 {
+        return Ok(None);
+    }
+    say(
+        args,
+        &format!("burn down: {} sessions in batches of 1000", args.burn),
+    );
+    let (harvest, place) = open(backend, args.workers).await?;
+    let t0 = Instant::now();
+    let mut batches = Vec::new();
+    let per_task = args.burn.div_ceil(4);
+    for task in 0..4 {
+        let harvest = harvest.clone();
+        let n = per_task.min(args.burn.saturating_sub(task * per_task));
+        batches.push(tokio::spawn(async move {
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(harvest::service::MAX_BATCH);
+                let reqs = (0..k)
+                    .map(|_| SubmitRequest::new(json!({"name": "noop"})))
+                    .collect();
+                for r in harvest.submit_many(reqs).await? {
+                    r?;
+                }
+                left -= k;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for b in batches {
+        b.await??;
+    }
+    let submit_secs = t0.elapsed().as_secs_f64();
+    say(
+        args,
+        &format!("batch submit: {:.0}/s", args.burn as f64 / submit_secs),
+    );
+    let t1 = Instant::now();
+    harvest.start();
+    let deadline = t1 + Duration::from_secs(600);
+    loop {
+        let counts = harvest
+            .store()
+            .session_counts(harvest.clock().now())
+            .await?;
+        let done = counts
+            .by_status
+            .get(&harvest::session::SessionStatus::Completed)
+            .copied()
+            .unwrap_or(0);
+        if done as usize >= args.burn {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "burn down: {done} of {} completed in 600 s",
+            args.burn
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let burn_secs = t1.elapsed().as_secs_f64();
+    harvest.shutdown(Duration::from_secs(5)).await?;
+    place.remove().await?;
+    let burn = args.burn as f64 / burn_secs;
+    say(args, &format!("burn down: {burn:.0}/s"));
+    Ok(Some((args.burn as f64 / submit_secs, burn)))
 }
 
 async fn open(backend: &Backend<'_>, workers: usize) -> anyhow::Result<(Harvest, Place)> {
@@ -276,10 +420,14 @@ async fn submit_all(
 }
 
 /// 16 threads each inserting and flushing per write into one sled db: what a store without group
-/// commit would do.
-fn naive_baseline(writes: usize, threads: usize) -> anyhow::Result<f64> {
+/// commit would do. With `fdatasync`, each write also syncs sled's log file, as harvest's flusher
+/// does (sled's own flush does not make the file's size durable): the same durability as an
+/// acknowledged submit.
+fn naive_baseline(writes: usize, threads: usize, fdatasync: bool) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let db = sled::open(dir.path())?;
+    let log = std::fs::File::open(dir.path().join("db"))?;
+    let log = &log;
     let t0 = Instant::now();
     std::thread::scope(|s| -> anyhow::Result<()> {
         let mut hs = Vec::new();
@@ -290,6 +438,9 @@ fn naive_baseline(writes: usize, threads: usize) -> anyhow::Result<f64> {
                 for i in 0..writes / threads {
                     db.insert(format!("{t}/{i}"), value.as_slice())?;
                     db.flush()?;
+                    if fdatasync {
+                        log.sync_data()?;
+                    }
                 }
                 Ok(())
             }));
