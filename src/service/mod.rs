@@ -30,8 +30,10 @@ use crate::store::{
 };
 
 pub mod agents;
+pub mod validation;
 
 pub use agents::{AgentRun, AgentSpec};
+pub use validation::Validations;
 
 /// Errors of the library API.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,9 @@ pub enum HarvestError {
     /// The service could not start.
     #[error("startup: {0}")]
     Startup(String),
+    /// Too much work at once (every config check slot taken); retry shortly.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 const MAX_DURATION_SECS: u64 = SessionOptions::MAX_DURATION_SECS;
@@ -133,6 +138,8 @@ struct Inner {
     maintenance: Mutex<Option<Maintenance>>,
     /// The last [`Harvest::stats`] per scope, with when it was read.
     stats: Mutex<StatsCache>,
+    /// Permits of config checks (off the runtime, bounded).
+    validations: Validations,
 }
 
 /// Stats per scope (a client id, or `None` for everyone's), reused for [`STATS_FRESH`].
@@ -231,6 +238,7 @@ impl HarvestBuilder {
                     workers: Mutex::new(None),
                     maintenance: Mutex::new(None),
                     stats: Mutex::new(StatsCache::new()),
+                    validations: Validations::default(),
                     config: self.config,
                 }
             }),
@@ -345,6 +353,37 @@ impl Harvest {
         &self.inner.job
     }
 
+    /// Runs CPU-heavy checking of input (parsing and validating configs) on the blocking pool,
+    /// a bounded number at a time: see [`validation`].
+    pub async fn off_runtime<T, F>(&self, work: F) -> Result<T, HarvestError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.inner.validations.run(work).await
+    }
+
+    /// Validates a config and its params as submission does, off the runtime (see
+    /// [`validation`]); hands them back when valid.
+    pub async fn check_config(
+        &self,
+        config: serde_json::Value,
+        params: BTreeMap<String, String>,
+    ) -> Result<(serde_json::Value, BTreeMap<String, String>), HarvestError> {
+        if crate::kinds::kind_of(&config).is_none() {
+            return Err(HarvestError::InvalidConfig(ConfigRejected::new(
+                "config must be an object (JSON), a TOML document or Web-Harvest XML",
+            )));
+        }
+        let job = self.inner.job.clone();
+        self.off_runtime(move || {
+            job.validate(&config, &params)
+                .map(|()| (config, params))
+                .map_err(HarvestError::InvalidConfig)
+        })
+        .await?
+    }
+
     /// The export sinks.
     pub fn sinks(&self) -> &Arc<crate::sink::Sinks> {
         self.inner.effects.sinks()
@@ -416,16 +455,15 @@ impl Harvest {
     }
 
     /// Validates and durably stores a new session; returns as soon as it is durable.
-    pub async fn submit(&self, req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
-        if crate::kinds::kind_of(&req.config).is_none() {
-            return Err(HarvestError::InvalidConfig(ConfigRejected::new(
-                "config must be an object (JSON), a TOML document or Web-Harvest XML",
-            )));
-        }
-        self.inner
-            .job
-            .validate(&req.config, &req.params)
-            .map_err(HarvestError::InvalidConfig)?;
+    pub async fn submit(&self, mut req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
+        let (config, params) = self
+            .check_config(
+                std::mem::take(&mut req.config),
+                std::mem::take(&mut req.params),
+            )
+            .await?;
+        req.config = config;
+        req.params = params;
         let mut options = req.options;
         if let Some(0) = options.max_attempts {
             return Err(HarvestError::Invalid(
