@@ -12,6 +12,8 @@ mod crash;
 mod engine;
 mod engine_bench;
 mod engine_config;
+mod fuzz;
+mod hostile;
 mod layers;
 mod lifecycle;
 mod messages;
