@@ -775,8 +775,8 @@ mod tests {
                     }
                     None => Vec::new(),
                 };
-                // One empty cell is written as an empty line, which CSV reads as no row.
-                if !(cells.len() == 1 && cells[0].is_empty()) {
+                // No cells, or one empty cell, is an empty line: CSV cannot tell the two apart.
+                if !cells.concat().is_empty() || cells.len() > 1 {
                     proptest::prop_assert_eq!(&back, &cells);
                 }
                 let line = serde_json::to_vec(&r.data).expect("a JSON value serializes");
