@@ -258,3 +258,22 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_is_a_503_that_says_when_to_retry() {
+        let r = ApiError::from(HarvestError::Busy("every slot taken".into())).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        let r = ApiError::invalid("x").into_response();
+        assert!(r.headers().get(axum::http::header::RETRY_AFTER).is_none());
+    }
+}

@@ -320,3 +320,34 @@ async fn a_tenants_log_shows_guard_refusals_without_the_address() {
         }
     }
 }
+
+/// Issue 15, defect 7: a token with spaces around it passed validation but could never log in
+/// (the header is trimmed). `harvest serve` now refuses to start, naming the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_token_that_could_never_log_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("service.toml");
+    std::fs::write(
+        &path,
+        "[[clients]]\nid = \"acme\"\ntoken = \" acme-secret-token \"\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_harvest"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("HARVEST_CONFIG", &path)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("harvest serve exits on a bad config")
+        .expect("harvest serve ran");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it started: {stderr}");
+    assert!(
+        stderr.contains("clients[0].token")
+            && stderr.contains("\"acme\"")
+            && stderr.contains("spaces around it"),
+        "{stderr}"
+    );
+}
