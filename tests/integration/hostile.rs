@@ -152,6 +152,11 @@ fn costly_config(i: usize) -> Value {
 /// Issue 15, defect 2: three costly configs at once made `/healthz` take 2.7 s. Validation runs
 /// on the blocking pool now: `/healthz` answers in under 50 ms (the slowest of the probes made
 /// while the three validate), and each config is refused naming its first costly regex.
+///
+/// The machine is shared (two cores, other test binaries and builds), so one probe can be
+/// descheduled past the bound by something else: the round is repeated, at most three times, and
+/// one round with every probe under the bound passes. Validation on the runtime's threads (the
+/// defect) fails every round, by seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_stays_fast_while_costly_configs_validate() {
     let dir = tempfile::tempdir().unwrap();
@@ -162,6 +167,22 @@ async fn healthz_stays_fast_while_costly_configs_validate() {
         let r = http.get(server.url("/healthz")).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
     }
+    let bound = Duration::from_millis(50);
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let (probes, slowest) = healthz_round(&server, &http).await;
+        eprintln!("/healthz: {probes} probes during validation, slowest {slowest:?}");
+        rounds.push(slowest);
+        if slowest < bound {
+            return;
+        }
+    }
+    panic!("/healthz took over {bound:?} while configs validated, in every round: {rounds:?}");
+}
+
+/// Three costly configs submitted at once while `/healthz` is probed: (probes that overlapped a
+/// validation, the slowest of them).
+async fn healthz_round(server: &Server, http: &reqwest::Client) -> (usize, Duration) {
     let in_flight = Arc::new(AtomicUsize::new(3));
     let mut checks = Vec::new();
     for i in 0..3 {
@@ -205,15 +226,7 @@ async fn healthz_stays_fast_while_costly_configs_validate() {
         "no probe overlapped the validations (they ended before the first probe)"
     );
     let slowest = during.iter().max().copied().unwrap_or_default();
-    eprintln!(
-        "/healthz: {} probes during validation, slowest {slowest:?}",
-        during.len()
-    );
-    assert!(
-        slowest < Duration::from_millis(50),
-        "/healthz took up to {slowest:?} over {} probes while configs validated",
-        during.len()
-    );
+    (during.len(), slowest)
 }
 
 /// Issue 15, defect 7: the scheme is case-insensitive (RFC 7235); another scheme is still 401.
