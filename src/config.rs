@@ -407,6 +407,7 @@ impl Config {
                     "needs a non-empty id and a token of at least 8 characters",
                 );
             }
+            check_token(i, c)?;
             if self.clients[..i].iter().any(|o| o.token == c.token) {
                 return invalid(
                     &format!("clients[{i}].token"),
@@ -424,9 +425,93 @@ impl Config {
     }
 }
 
+/// Longest client token accepted, in bytes.
+pub const MAX_TOKEN_BYTES: usize = 1024;
+
+/// Checks that a client's token can be sent in an `Authorization: Bearer` header as written: a
+/// token with spaces around it, control characters or non-ASCII characters could never log in
+/// (headers are trimmed, and carry visible ASCII only).
+fn check_token(i: usize, c: &ClientConfig) -> Result<(), ConfigError> {
+    let invalid = |key: &str, message: &str| {
+        Err(ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        })
+    };
+    let key = format!("clients[{i}].token");
+    let who = format!("client {:?}", c.id);
+    let t = &c.token;
+    if t.trim() != t {
+        return invalid(
+            &key,
+            &format!(
+                "{who}: the token has spaces around it, so no request could send it; remove them"
+            ),
+        );
+    }
+    if t.chars().any(|ch| ch.is_control()) {
+        return invalid(
+            &key,
+            &format!(
+                "{who}: the token holds a control character (a newline, a tab…); use visible characters only"
+            ),
+        );
+    }
+    if !t.is_ascii() {
+        return invalid(
+            &key,
+            &format!(
+                "{who}: the token holds non-ASCII characters, which an HTTP header cannot carry; use ASCII letters, digits and punctuation"
+            ),
+        );
+    }
+    if t.len() > MAX_TOKEN_BYTES {
+        return invalid(
+            &key,
+            &format!(
+                "{who}: the token is {} bytes, more than the {MAX_TOKEN_BYTES} allowed",
+                t.len()
+            ),
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn one_client(token: &str) -> Result<(), String> {
+        let cfg = Config {
+            clients: vec![ClientConfig {
+                id: "acme".into(),
+                token: token.into(),
+            }],
+            ..Config::default()
+        };
+        cfg.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tokens_that_could_never_log_in_are_refused_at_load() {
+        for (token, says) in [
+            (" token-1234", "spaces around it"),
+            ("token-1234 ", "spaces around it"),
+            ("token\n1234", "control character"),
+            ("token\u{7f}1234", "control character"),
+            ("tökén-1234", "non-ASCII"),
+        ] {
+            let err = one_client(token).expect_err(token);
+            assert!(err.contains("clients[0].token"), "{token:?}: {err}");
+            assert!(err.contains("\"acme\""), "the client is not named: {err}");
+            assert!(err.contains(says), "{token:?}: {err}");
+        }
+        let long = "x".repeat(MAX_TOKEN_BYTES + 1);
+        let err = one_client(&long).unwrap_err();
+        assert!(err.contains("more than the 1024 allowed"), "{err}");
+        one_client(&"x".repeat(MAX_TOKEN_BYTES)).expect("a token of the largest length");
+        one_client("tok en-1234").expect("an inner space can be sent");
+    }
 
     #[test]
     fn shipped_config_parses_and_validates() {

@@ -720,4 +720,72 @@ mod tests {
         let long = client_dir(&"x".repeat(500));
         assert!(long.len() <= 200 && long != client_dir(&"x".repeat(501)));
     }
+
+    /// Any JSON value (bounded depth and size).
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            // Quarters: exact in binary and in decimal, so a read back compares equal (serde_json
+            // without `float_roundtrip` may differ by one ulp on arbitrary floats).
+            (-4_000_000i32..4_000_000).prop_map(|n| serde_json::Value::from(f64::from(n) / 4.0)),
+            any::<String>().prop_map(serde_json::Value::from),
+            "[,\"\r\n a]{0,8}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("[a-c,\"]{0,3}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Fuzzing (issue 15): any record encodes to a CSV row that reads back cell for cell, and
+    /// to a JSON line that reads back as the same value; nothing panics.
+    #[test]
+    fn records_encode_to_csv_and_jsonl_that_read_back() {
+        use proptest::test_runner::{Config, TestRunner};
+        let mut runner = TestRunner::new(Config {
+            cases: 512,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(&json_value(), |data| {
+                let r = Record { seq: 0, data };
+                let columns: Vec<String> = match &r.data {
+                    serde_json::Value::Object(m) => m.keys().cloned().collect(),
+                    _ => vec!["value".into()],
+                };
+                let cells: Vec<String> = columns.iter().map(|c| csv_cell(&r, c)).collect();
+                let row = csv_row(cells.iter().map(String::as_str));
+                let mut reader = csv::ReaderBuilder::new()
+                    .has_headers(false)
+                    .from_reader(row.as_slice());
+                let back: Vec<String> = match reader.records().next() {
+                    Some(Ok(rec)) => rec.iter().map(str::to_string).collect(),
+                    Some(Err(e)) => {
+                        return Err(proptest::test_runner::TestCaseError::fail(format!(
+                            "row {:?} does not read back: {e}",
+                            String::from_utf8_lossy(&row)
+                        )));
+                    }
+                    None => Vec::new(),
+                };
+                // No cells, or one empty cell, is an empty line: CSV cannot tell the two apart.
+                if !cells.concat().is_empty() || cells.len() > 1 {
+                    proptest::prop_assert_eq!(&back, &cells);
+                }
+                let line = serde_json::to_vec(&r.data).expect("a JSON value serializes");
+                proptest::prop_assert!(!line.contains(&b'\n'), "a JSON line holds a newline");
+                let again: serde_json::Value =
+                    serde_json::from_slice(&line).expect("a JSON line reads back");
+                proptest::prop_assert_eq!(again, r.data);
+                Ok(())
+            })
+            .unwrap();
+    }
 }

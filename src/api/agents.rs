@@ -21,7 +21,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
-use super::sessions::{config_from_text, params_to_strings};
+use super::sessions::{config_from_text_off_runtime, params_to_strings};
 use super::view::{OptionsView, SessionView};
 use crate::service::{AgentRun, AgentSpec};
 use crate::session::OptionsPatch;
@@ -168,8 +168,7 @@ pub async fn put_agent(
     ApiJson(body): ApiJson<AgentBody>,
 ) -> Result<axum::Json<AgentView>, ApiError> {
     let config = match body.config {
-        serde_json::Value::String(text) => config_from_text(&text)
-            .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", m))?,
+        serde_json::Value::String(text) => config_from_text_off_runtime(&st, text).await?,
         v @ serde_json::Value::Object(_) => v,
         _ => {
             return Err(ApiError::new(

@@ -62,13 +62,9 @@ impl FromRequestParts<AppState> for Caller {
             })?
             .to_str()
             .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                ApiError::unauthorized("the Authorization header must be \"Bearer <token>\"")
-            })?
-            .trim();
+        let token = bearer_token(header).ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header must be \"Bearer <token>\"")
+        })?;
         // Compare against every client, without stopping at the first match, so the time taken
         // says nothing about which token (or which prefix) was close.
         let mut found: Option<&str> = None;
@@ -83,6 +79,50 @@ impl FromRequestParts<AppState> for Caller {
             None => Err(ApiError::unauthorized(
                 "unknown token: use the token of one of the server's [[clients]]",
             )),
+        }
+    }
+}
+
+/// The token of an `Authorization` value whose scheme is `Bearer`, in any letter case (RFC 7235:
+/// the scheme is case-insensitive), with the spaces around it trimmed; `None` for another scheme
+/// or an empty token.
+pub(crate) fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, rest) = header.trim_start().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for h in [
+            "Bearer tok-123",
+            "bearer tok-123",
+            "BEARER tok-123",
+            "bEaReR tok-123",
+            "Bearer   tok-123 ",
+        ] {
+            assert_eq!(bearer_token(h), Some("tok-123"), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn other_schemes_and_empty_tokens_are_not_bearer_tokens() {
+        for h in [
+            "Basic dG9rOjEyMw==",
+            "Bearer",
+            "Bearer ",
+            "Bearertok-123",
+            "tok-123",
+            "",
+        ] {
+            assert_eq!(bearer_token(h), None, "{h:?}");
         }
     }
 }

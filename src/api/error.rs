@@ -126,6 +126,9 @@ impl From<HarvestError> for ApiError {
                     "session {id} already exists; choose another id (an id can be reused only once its session is removed)"
                 ),
             ),
+            HarvestError::Busy(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
+            }
             HarvestError::Store(_) | HarvestError::Startup(_) => {
                 tracing::error!(error = %message, "request failed in the store");
                 ApiError::new(
@@ -146,7 +149,15 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        // A 503 is temporary (work queued up): say when to come back.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 
@@ -246,4 +257,23 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
             uri.path()
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_is_a_503_that_says_when_to_retry() {
+        let r = ApiError::from(HarvestError::Busy("every slot taken".into())).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        let r = ApiError::invalid("x").into_response();
+        assert!(r.headers().get(axum::http::header::RETRY_AFTER).is_none());
+    }
 }

@@ -27,22 +27,37 @@ pub fn config_from_text(text: &str) -> Result<serde_json::Value, String> {
     crate::kinds::parse_config_text(text).map_err(|e| e.to_string())
 }
 
+/// [`config_from_text`] on the blocking pool (a large TOML text takes a while to parse), a
+/// bounded number at a time.
+pub(crate) async fn config_from_text_off_runtime(
+    st: &AppState,
+    text: String,
+) -> Result<serde_json::Value, ApiError> {
+    st.harvest
+        .off_runtime(move || config_from_text(&text))
+        .await?
+        .map_err(|m| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_config",
+                format!("invalid config: {m}"),
+            )
+        })
+}
+
 /// The `config` of a request body as the JSON object the service takes: an object as is, a
-/// string parsed as TOML (or JSON).
-pub(crate) fn config_from_body(config: serde_json::Value) -> Result<serde_json::Value, ApiError> {
+/// string parsed as TOML (or JSON) on the blocking pool.
+pub(crate) async fn config_from_body(
+    st: &AppState,
+    config: serde_json::Value,
+) -> Result<serde_json::Value, ApiError> {
     match config {
         serde_json::Value::Null => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "the body needs `config` (a JSON object, or a string of TOML or of Web-Harvest XML) or `agent` (a saved agent's name)",
         )),
-        serde_json::Value::String(text) => config_from_text(&text).map_err(|m| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_config",
-                format!("invalid config: {m}"),
-            )
-        }),
+        serde_json::Value::String(text) => config_from_text_off_runtime(st, text).await,
         v @ serde_json::Value::Object(_) => Ok(v),
         _ => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -72,12 +87,9 @@ pub async fn validate_config(
     _caller: Caller,
     ApiJson(body): ApiJson<ValidateBody>,
 ) -> Result<axum::Json<ValidView>, ApiError> {
-    let config = config_from_body(body.config)?;
+    let config = config_from_body(&st, body.config).await?;
     let params = params_to_strings(body.params)?;
-    st.harvest
-        .job()
-        .validate(&config, &params)
-        .map_err(crate::service::HarvestError::InvalidConfig)?;
+    let (config, _) = st.harvest.check_config(config, params).await?;
     Ok(axum::Json(ValidView {
         valid: true,
         config,
@@ -177,7 +189,7 @@ pub async fn submit(
     if let Some(agent) = body.agent.take() {
         return submit_agent_run(st, caller, agent, body).await;
     }
-    let req = submit_request(&caller, body)?;
+    let req = submit_request(&st, &caller, body).await?;
     let handle = st.harvest.submit(req).await?;
     let session = handle.session().await?;
     Ok((StatusCode::CREATED, axum::Json(view(&st, &session))).into_response())
@@ -185,8 +197,12 @@ pub async fn submit(
 
 /// The service's request for a submission body without `agent`: its config parsed, the
 /// caller's client id imposed, options over the defaults, params as text, the id checked.
-fn submit_request(caller: &Caller, body: SubmitBody) -> Result<SubmitRequest, ApiError> {
-    let config = config_from_body(body.config)?;
+async fn submit_request(
+    st: &AppState,
+    caller: &Caller,
+    body: SubmitBody,
+) -> Result<SubmitRequest, ApiError> {
+    let config = config_from_body(st, body.config).await?;
     let client_body = body.client.unwrap_or_default();
     // A tenant's sessions always carry its own id, whatever the body says.
     let client_id = match caller.client_id() {
@@ -245,7 +261,7 @@ pub async fn submit_batch(
             )));
             continue;
         }
-        match submit_request(&caller, item) {
+        match submit_request(&st, &caller, item).await {
             Ok(req) => {
                 refused.push(None);
                 reqs.push(req);

@@ -6,17 +6,69 @@
 //! [`CompiledConfig`], or a [`ConfigError`] naming the field path and what is wrong, e.g.
 //! `pages.product.fields.price.regex: invalid regex "([": unclosed group (at character 1)`. Unknown keys are refused so a typo
 //! never silently does nothing.
+//!
+//! Any tenant may submit a config, so compiling one is bounded: the config's size, what `{{var}}`
+//! substitution may add ([`MAX_VAR_BYTES`], [`MAX_EXPANDED_BYTES`]), how many rules, selectors,
+//! regexes and XPath expressions it holds, how large each regex may grow once compiled
+//! ([`REGEX_SIZE_LIMIT`]) and how long validation may take ([`VALIDATION_TIME_LIMIT`]). Each limit
+//! is checked before the work it bounds, so a config over one costs little to refuse.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use regex::Regex;
+use regex::{Regex, RegexBuilder};
 use scraper::Selector;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::canon::canonicalize;
+
+/// Largest config accepted, in bytes of its JSON form before substitution (a TOML text is
+/// measured once converted). The API's body limit is configurable; this one is not.
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+/// Largest value one `{{name}}` may substitute (a `[vars]` entry or a param), in bytes.
+pub const MAX_VAR_BYTES: usize = 64 * 1024;
+
+/// Largest total, in bytes, of the strings that substitution rewrites, after substitution. A
+/// 10 KB variable referenced 20,000 times would otherwise expand a 60 KB body to 200 MB.
+pub const MAX_EXPANDED_BYTES: usize = 1 << 20;
+
+/// Most `[[follow]]` rules.
+pub const MAX_FOLLOW_RULES: usize = 256;
+
+/// Most page types (`[pages.NAME]`).
+pub const MAX_PAGE_TYPES: usize = 256;
+
+/// Most fields, over all page types.
+pub const MAX_FIELDS: usize = 1024;
+
+/// Most CSS selectors (follow rules, items and fields together).
+pub const MAX_SELECTORS: usize = 1024;
+
+/// Most regexes (fields' `regex`).
+pub const MAX_REGEXES: usize = 128;
+
+/// Most XPath expressions (follow rules and fields together).
+pub const MAX_XPATHS: usize = 256;
+
+/// Most start URLs.
+pub const MAX_START_URLS: usize = 10_000;
+
+/// Longest selector, regex or XPath expression, in bytes.
+pub const MAX_EXPRESSION_BYTES: usize = 4096;
+
+/// `RegexBuilder::size_limit` and `dfa_size_limit` of every field's regex: 1 MiB each. A
+/// Unicode `\w{150}` needs about 10 MiB and took 190 ms to compile; under this limit it is
+/// refused in a fraction of that, while ordinary extraction regexes use a few KiB.
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Longest a validation may take (checked between compiled expressions); beyond it the config is
+/// refused as too costly. Only submission and `POST /v1/configs/validate` are timed: an
+/// attempt compiles a config that was already accepted.
+pub const VALIDATION_TIME_LIMIT: Duration = Duration::from_secs(10);
 
 /// A config that cannot be used, with the field it is about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +106,13 @@ impl ConfigError {
 /// Reads a config text, TOML or JSON (a text whose first non-blank character is `{` is JSON),
 /// into the JSON value every other part of harvest stores and validates.
 pub fn parse_config_text(text: &str) -> Result<serde_json::Value, ConfigError> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::Syntax(format!(
+            "the config is {} bytes, more than the {MAX_CONFIG_BYTES} allowed; split it into \
+             several configs",
+            text.len()
+        )));
+    }
     let value = if text.trim_start().starts_with('{') {
         serde_json::from_str::<serde_json::Value>(text)
             .map_err(|e| ConfigError::Syntax(format!("invalid JSON: {e}")))?
@@ -392,11 +451,90 @@ pub fn compile(
     config: &serde_json::Value,
     params: &BTreeMap<String, String>,
 ) -> Result<CompiledConfig, ConfigError> {
+    compile_with(config, params, &Budget { deadline: None })
+}
+
+/// [`compile`] that gives up, refusing the config, once compiling has taken longer than
+/// `time_limit` (checked between expressions): validation at submission uses it with
+/// [`VALIDATION_TIME_LIMIT`].
+pub fn compile_within(
+    config: &serde_json::Value,
+    params: &BTreeMap<String, String>,
+    time_limit: Duration,
+) -> Result<CompiledConfig, ConfigError> {
+    let budget = Budget {
+        deadline: Instant::now().checked_add(time_limit),
+    };
+    compile_with(config, params, &budget)
+}
+
+/// When compiling must stop.
+struct Budget {
+    deadline: Option<Instant>,
+}
+
+impl Budget {
+    /// Err when the deadline passed; `path` is the expression about to be compiled.
+    fn check(&self, path: &str) -> Result<(), ConfigError> {
+        match self.deadline {
+            Some(d) if Instant::now() > d => Err(ConfigError::field(
+                path,
+                format!(
+                    "validating the config took longer than {} s, the limit, before this \
+                     expression; use fewer or simpler selectors, regexes and XPath expressions",
+                    VALIDATION_TIME_LIMIT.as_secs()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether `v` as JSON is at most `max` bytes (stops serializing past it).
+fn json_fits(v: &serde_json::Value, max: usize) -> bool {
+    struct Counter {
+        n: usize,
+        max: usize,
+    }
+    impl std::io::Write for Counter {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.n = self.n.saturating_add(b.len());
+            if self.n > self.max {
+                return Err(std::io::Error::other("over the limit"));
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    serde_json::to_writer(&mut Counter { n: 0, max }, v).is_ok()
+}
+
+/// The start of `s` for an error message (at most 60 characters).
+fn excerpt(s: &str) -> String {
+    match s.char_indices().nth(60) {
+        Some((i, _)) => format!("{:?}…", &s[..i]),
+        None => format!("{s:?}"),
+    }
+}
+
+fn compile_with(
+    config: &serde_json::Value,
+    params: &BTreeMap<String, String>,
+    budget: &Budget,
+) -> Result<CompiledConfig, ConfigError> {
     let Some(obj) = config.as_object() else {
         return Err(ConfigError::Syntax(
             "the config must be a table (a JSON object)".into(),
         ));
     };
+    if !json_fits(config, MAX_CONFIG_BYTES) {
+        return Err(ConfigError::Syntax(format!(
+            "the config is larger than {MAX_CONFIG_BYTES} bytes (as JSON), the limit; split it \
+             into several configs"
+        )));
+    }
     // Checked on the raw config: the worker reads `[export]` without substituting variables.
     crate::sink::ExportSpec::of(config).map_err(|e| match e.split_once(": ") {
         Some((field, msg)) => ConfigError::field(field, msg),
@@ -430,10 +568,11 @@ pub fn compile(
     }
     let mut value = config.clone();
     if let Some(map) = value.as_object_mut() {
+        let mut expanded = 0usize;
         for (k, v) in map.iter_mut() {
             if k != "vars" {
                 let mut path = k.clone();
-                substitute(v, &vars, &mut path)?;
+                substitute(v, &vars, &mut path, &mut expanded)?;
             }
         }
     }
@@ -458,20 +597,23 @@ pub fn compile(
             ConfigError::field(path, inner)
         }
     })?;
-    let mut compiled = check(cfg)?;
+    let mut compiled = check(cfg, budget)?;
     compiled.vars = vars.into_iter().collect();
     Ok(compiled)
 }
 
-/// Replaces `{{name}}` in every string below `v`.
+/// Replaces `{{name}}` in every string below `v`. `expanded` counts the bytes of the strings
+/// rewritten so far: the total may not pass [`MAX_EXPANDED_BYTES`], and it is checked before
+/// each value is copied, so a refused config never holds more than the limit in memory.
 fn substitute(
     v: &mut serde_json::Value,
     vars: &HashMap<String, String>,
     path: &mut String,
+    expanded: &mut usize,
 ) -> Result<(), ConfigError> {
     match v {
         serde_json::Value::String(s) if s.contains("{{") => {
-            let mut out = String::with_capacity(s.len());
+            let mut out = String::with_capacity(s.len().min(MAX_EXPANDED_BYTES));
             let mut rest = s.as_str();
             // Bounded: each iteration consumes at least the `{{` it found.
             while let Some(start) = rest.find("{{") {
@@ -480,31 +622,64 @@ fn substitute(
                 let Some(end) = after.find("}}") else {
                     return Err(ConfigError::field(
                         path.clone(),
-                        format!("unclosed `{{{{` in {s:?}; write {{{{name}}}}"),
+                        format!(
+                            "unclosed `{{{{` in {}; write {{{{name}}}}",
+                            excerpt(&rest[start..])
+                        ),
                     ));
                 };
                 let name = after[..end].trim();
-                match vars.get(name) {
-                    Some(val) => out.push_str(val),
-                    None => {
-                        return Err(ConfigError::field(
-                            path.clone(),
-                            format!(
-                                "unknown variable {name:?}; define it in [vars] or pass it as a param"
-                            ),
-                        ));
-                    }
+                let Some(val) = vars.get(name) else {
+                    return Err(ConfigError::field(
+                        path.clone(),
+                        format!(
+                            "unknown variable {}; define it in [vars] or pass it as a param",
+                            excerpt(name)
+                        ),
+                    ));
+                };
+                if val.len() > MAX_VAR_BYTES {
+                    return Err(ConfigError::field(
+                        path.clone(),
+                        format!(
+                            "variable {name:?} is {} bytes, more than the {MAX_VAR_BYTES} a \
+                             substituted value may have; pass less text",
+                            val.len()
+                        ),
+                    ));
                 }
+                if expanded.saturating_add(out.len()).saturating_add(val.len()) > MAX_EXPANDED_BYTES
+                {
+                    return Err(ConfigError::field(
+                        path.clone(),
+                        format!(
+                            "substituting {{{{{name}}}}} makes the config's substituted strings \
+                             larger than {MAX_EXPANDED_BYTES} bytes, the limit; reference large \
+                             variables fewer times"
+                        ),
+                    ));
+                }
+                out.push_str(val);
                 rest = &after[end + 2..];
             }
             out.push_str(rest);
+            if expanded.saturating_add(out.len()) > MAX_EXPANDED_BYTES {
+                return Err(ConfigError::field(
+                    path.clone(),
+                    format!(
+                        "the config's substituted strings are larger than {MAX_EXPANDED_BYTES} \
+                         bytes, the limit; reference large variables fewer times"
+                    ),
+                ));
+            }
+            *expanded += out.len();
             *s = out;
         }
         serde_json::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 let len = path.len();
                 path.push_str(&format!("[{i}]"));
-                substitute(item, vars, path)?;
+                substitute(item, vars, path, expanded)?;
                 path.truncate(len);
             }
         }
@@ -513,7 +688,7 @@ fn substitute(
                 let len = path.len();
                 path.push('.');
                 path.push_str(k);
-                substitute(item, vars, path)?;
+                substitute(item, vars, path, expanded)?;
                 path.truncate(len);
             }
         }
@@ -537,17 +712,90 @@ fn range<T: PartialOrd + std::fmt::Display + Copy>(
     Ok(())
 }
 
-fn selector(path: &str, s: &str) -> Result<Selector, ConfigError> {
+/// Err when an expression is longer than [`MAX_EXPRESSION_BYTES`].
+fn expression_length(path: &str, what: &str, s: &str) -> Result<(), ConfigError> {
+    if s.len() > MAX_EXPRESSION_BYTES {
+        return Err(ConfigError::field(
+            path,
+            format!(
+                "this {what} is {} bytes, more than the {MAX_EXPRESSION_BYTES} allowed; \
+                 shorten it",
+                s.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn selector(path: &str, s: &str, budget: &Budget) -> Result<Selector, ConfigError> {
     if s.trim().is_empty() {
         return Err(ConfigError::field(path, "empty CSS selector"));
     }
+    expression_length(path, "selector", s)?;
+    budget.check(path)?;
     Selector::parse(s).map_err(|e| ConfigError::field(path, super::diagnose::css_error(s, &e)))
 }
 
-fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
+fn regex(path: &str, r: &str, budget: &Budget) -> Result<Regex, ConfigError> {
+    expression_length(path, "regex", r)?;
+    budget.check(path)?;
+    RegexBuilder::new(r)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| ConfigError::field(path, super::diagnose::regex_error(r, &e)))
+}
+
+/// Err when `n` things of a kind are more than `max`.
+fn at_most(path: &str, what: &str, n: usize, max: usize) -> Result<(), ConfigError> {
+    if n > max {
+        return Err(ConfigError::field(
+            path,
+            format!("has {n} {what}, more than the {max} allowed; split the config"),
+        ));
+    }
+    Ok(())
+}
+
+/// Counts rules and expressions before any is compiled, so an oversized config is refused at
+/// the cost of counting.
+fn check_counts(cfg: &ScraperConfig) -> Result<(), ConfigError> {
+    at_most("start_urls", "URLs", cfg.start_urls.len(), MAX_START_URLS)?;
+    at_most("follow", "rules", cfg.follow.len(), MAX_FOLLOW_RULES)?;
+    at_most("pages", "page types", cfg.pages.len(), MAX_PAGE_TYPES)?;
+    let fields = cfg.pages.values().map(|p| p.fields.len()).sum();
+    at_most("pages", "fields", fields, MAX_FIELDS)?;
+    let selectors = cfg.follow.iter().filter(|r| r.selector.is_some()).count()
+        + cfg
+            .pages
+            .values()
+            .map(|p| {
+                usize::from(p.item.is_some())
+                    + p.fields.values().filter(|f| f.selector.is_some()).count()
+            })
+            .sum::<usize>();
+    at_most("pages", "CSS selectors", selectors, MAX_SELECTORS)?;
+    let regexes = cfg
+        .pages
+        .values()
+        .map(|p| p.fields.values().filter(|f| f.regex.is_some()).count())
+        .sum();
+    at_most("pages", "regexes", regexes, MAX_REGEXES)?;
+    let xpaths = cfg.follow.iter().filter(|r| r.xpath.is_some()).count()
+        + cfg
+            .pages
+            .values()
+            .map(|p| p.fields.values().filter(|f| f.xpath.is_some()).count())
+            .sum::<usize>();
+    at_most("pages", "XPath expressions", xpaths, MAX_XPATHS)?;
+    Ok(())
+}
+
+fn check(cfg: ScraperConfig, budget: &Budget) -> Result<CompiledConfig, ConfigError> {
     if cfg.start_urls.is_empty() {
         return Err(ConfigError::field("start_urls", "needs at least one URL"));
     }
+    check_counts(&cfg)?;
     let mut start_urls = Vec::with_capacity(cfg.start_urls.len());
     for (i, u) in cfg.start_urls.iter().enumerate() {
         let path = format!("start_urls[{i}]");
@@ -616,7 +864,7 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
     for (i, r) in cfg.follow.iter().enumerate() {
         let source = match (&r.selector, &r.xpath) {
             (Some(s), None) => {
-                let selector = selector(&format!("follow[{i}].selector"), s)?;
+                let selector = selector(&format!("follow[{i}].selector"), s, budget)?;
                 let attr = r.attr.clone().unwrap_or_else(|| "href".into());
                 if attr.trim().is_empty() {
                     return Err(ConfigError::field(
@@ -634,7 +882,12 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
                          expression (`//a/@href`) and drop `attr`",
                     ));
                 }
-                LinkSource::XPath(xpath(&format!("follow[{i}].xpath"), x, &mut xpaths)?)
+                LinkSource::XPath(xpath(
+                    &format!("follow[{i}].xpath"),
+                    x,
+                    &mut xpaths,
+                    budget,
+                )?)
             }
             (Some(_), Some(_)) => {
                 return Err(ConfigError::field(
@@ -666,7 +919,7 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
     for (name, spec) in &cfg.pages {
         let base = format!("pages.{name}");
         let item = match &spec.item {
-            Some(s) => Some(selector(&format!("{base}.item"), s)?),
+            Some(s) => Some(selector(&format!("{base}.item"), s, budget)?),
             None => None,
         };
         if spec.fields.is_empty() {
@@ -701,10 +954,10 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
                              drop `attr`",
                         ));
                     }
-                    xp = Some(xpath(&format!("{fpath}.xpath"), x, &mut xpaths)?);
+                    xp = Some(xpath(&format!("{fpath}.xpath"), x, &mut xpaths, budget)?);
                     None
                 }
-                (Some(s), None) => Some(selector(&format!("{fpath}.selector"), s)?),
+                (Some(s), None) => Some(selector(&format!("{fpath}.selector"), s, budget)?),
                 (None, None) if f.attr.is_none() && item.is_none() => {
                     return Err(ConfigError::field(
                         format!("{fpath}.selector"),
@@ -715,12 +968,7 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
                 (None, None) => None,
             };
             let regex = match &f.regex {
-                Some(r) => Some(Regex::new(r).map_err(|e| {
-                    ConfigError::field(
-                        format!("{fpath}.regex"),
-                        super::diagnose::regex_error(r, &e),
-                    )
-                })?),
+                Some(r) => Some(regex(&format!("{fpath}.regex"), r, budget)?),
                 None => None,
             };
             if let Some(a) = &f.attr
@@ -764,13 +1012,20 @@ fn check(cfg: ScraperConfig) -> Result<CompiledConfig, ConfigError> {
 }
 
 /// Checks an XPath expression and returns its index in `all` (shared by equal expressions).
-fn xpath(path: &str, expr: &str, all: &mut Vec<String>) -> Result<usize, ConfigError> {
+fn xpath(
+    path: &str,
+    expr: &str,
+    all: &mut Vec<String>,
+    budget: &Budget,
+) -> Result<usize, ConfigError> {
     if expr.trim().is_empty() {
         return Err(ConfigError::field(path, "empty XPath expression"));
     }
+    expression_length(path, "XPath expression", expr)?;
     if let Some(i) = all.iter().position(|e| e == expr) {
         return Ok(i);
     }
+    budget.check(path)?;
     super::xml::xpath::check(expr).map_err(|e| ConfigError::field(path, e))?;
     all.push(expr.to_string());
     Ok(all.len() - 1)

@@ -346,6 +346,9 @@ impl Fetcher {
         let mut body = spec.body;
         let resp = loop {
             self.check_guard(&current).map_err(|e| {
+                if let PageError::Guard(g) = &e {
+                    g.trace(current.as_str());
+                }
                 usage.http_errors += 1;
                 Attempt::Final(e)
             })?;
@@ -566,6 +569,7 @@ impl Fetcher {
         // Bounded by the length of the error's source chain.
         while let Some(s) = src {
             if let Some(g) = s.downcast_ref::<GuardRefused>() {
+                g.trace(e.url().map_or("", |u| u.as_str()));
                 return Attempt::Final(PageError::Guard(g.clone()));
             }
             src = s.source();

@@ -12,15 +12,28 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 /// An address the guard refuses.
+///
+/// Its message reaches the tenant (the session's log and error), so it names neither the address
+/// nor its class: a tenant must not learn what the service's internal names resolve to
+/// (`http://db.internal/` → `10.0.0.7`). The operator's log has the detail, at debug level
+/// ([`GuardRefused::trace`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "request refused by the network guard: {ip} is a {class} address; allow its network in [http_guard] allow_networks if this is intended"
+    "refused: private or local address (the network guard fetches only public addresses; the \
+     operator can allow a network in [http_guard] allow_networks)"
 )]
 pub struct GuardRefused {
     /// The address.
     pub ip: IpAddr,
     /// Why it is refused (e.g. `private`, `loopback`).
     pub class: &'static str,
+}
+
+impl GuardRefused {
+    /// Writes the refused address to the operator's log (debug level, never to a session's log).
+    pub fn trace(&self, url: &str) {
+        tracing::debug!(url, ip = %self.ip, class = self.class, "network guard refused a request");
+    }
 }
 
 /// A bad allow-list entry.

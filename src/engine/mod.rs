@@ -27,7 +27,9 @@ pub mod guard;
 pub mod state;
 pub(crate) mod xml;
 
-pub use config::{CompiledConfig, ConfigError, ScraperConfig, compile, parse_config_text};
+pub use config::{
+    CompiledConfig, ConfigError, ScraperConfig, compile, compile_within, parse_config_text,
+};
 pub use crawl::BatchPolicy;
 pub use guard::{GuardConfigError, GuardRefused, NetGuard};
 pub use state::MemoryCrawlState;
@@ -86,13 +88,24 @@ impl Job for ScrapeJob {
         config: &serde_json::Value,
         params: &BTreeMap<String, String>,
     ) -> Result<(), ConfigRejected> {
-        compile(config, params)
+        compile_within(config, params, config::VALIDATION_TIME_LIMIT)
             .map(|_| ())
             .map_err(ConfigRejected::new)
     }
 
     async fn run(&self, ctx: JobContext) -> JobOutcome {
-        let cfg = match compile(&ctx.session.job.config, &ctx.session.job.params) {
+        // Compiling (selectors, regexes) is CPU work of up to seconds for a large config: on the
+        // blocking pool, so the runtime's threads keep serving requests meanwhile.
+        let config = ctx.session.job.config.clone();
+        let params = ctx.session.job.params.clone();
+        let compiled = tokio::task::spawn_blocking(move || compile(&config, &params))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ConfigError::Syntax(format!(
+                    "compiling the config stopped unexpectedly: {e}"
+                )))
+            });
+        let cfg = match compiled {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 return JobOutcome::Failed {

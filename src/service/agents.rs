@@ -83,18 +83,17 @@ impl Harvest {
         spec: AgentSpec,
     ) -> Result<Agent, HarvestError> {
         validate_name(name)?;
-        if crate::kinds::kind_of(&spec.config).is_none() {
-            return Err(HarvestError::InvalidConfig(
-                crate::job::ConfigRejected::new(
-                    "config must be an object (JSON), a TOML document or Web-Harvest XML",
-                ),
-            ));
-        }
-        self.job()
-            .validate(&spec.config, &spec.params)
-            .map_err(HarvestError::InvalidConfig)?;
-        if let Some(s) = &spec.schedule {
-            validate_schedule(s)?;
+        let mut spec = spec;
+        let (config, params) = self
+            .check_config(
+                std::mem::take(&mut spec.config),
+                std::mem::take(&mut spec.params),
+            )
+            .await?;
+        spec.config = config;
+        spec.params = params;
+        if let Some(s) = spec.schedule.clone() {
+            self.off_runtime(move || validate_schedule(&s)).await??;
         }
         let agent = Agent {
             name: name.to_string(),

@@ -30,8 +30,10 @@ use crate::store::{
 };
 
 pub mod agents;
+pub mod validation;
 
 pub use agents::{AgentRun, AgentSpec};
+pub use validation::Validations;
 
 /// Errors of the library API.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,9 @@ pub enum HarvestError {
     /// The service could not start.
     #[error("startup: {0}")]
     Startup(String),
+    /// Too much work at once (every config check slot taken); retry shortly.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 const MAX_DURATION_SECS: u64 = SessionOptions::MAX_DURATION_SECS;
@@ -136,6 +141,8 @@ struct Inner {
     maintenance: Mutex<Option<Maintenance>>,
     /// The last [`Harvest::stats`] per scope, with when it was read.
     stats: Mutex<StatsCache>,
+    /// Permits of config checks (off the runtime, bounded).
+    validations: Validations,
 }
 
 /// Stats per scope (a client id, or `None` for everyone's), reused for [`STATS_FRESH`].
@@ -234,6 +241,7 @@ impl HarvestBuilder {
                     workers: Mutex::new(None),
                     maintenance: Mutex::new(None),
                     stats: Mutex::new(StatsCache::new()),
+                    validations: Validations::default(),
                     config: self.config,
                 }
             }),
@@ -348,6 +356,37 @@ impl Harvest {
         &self.inner.job
     }
 
+    /// Runs CPU-heavy checking of input (parsing and validating configs) on the blocking pool,
+    /// a bounded number at a time: see [`validation`].
+    pub async fn off_runtime<T, F>(&self, work: F) -> Result<T, HarvestError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.inner.validations.run(work).await
+    }
+
+    /// Validates a config and its params as submission does, off the runtime (see
+    /// [`validation`]); hands them back when valid.
+    pub async fn check_config(
+        &self,
+        config: serde_json::Value,
+        params: BTreeMap<String, String>,
+    ) -> Result<(serde_json::Value, BTreeMap<String, String>), HarvestError> {
+        if crate::kinds::kind_of(&config).is_none() {
+            return Err(HarvestError::InvalidConfig(ConfigRejected::new(
+                "config must be an object (JSON), a TOML document or Web-Harvest XML",
+            )));
+        }
+        let job = self.inner.job.clone();
+        self.off_runtime(move || {
+            job.validate(&config, &params)
+                .map(|()| (config, params))
+                .map_err(HarvestError::InvalidConfig)
+        })
+        .await?
+    }
+
     /// The export sinks.
     pub fn sinks(&self) -> &Arc<crate::sink::Sinks> {
         self.inner.effects.sinks()
@@ -418,18 +457,9 @@ impl Harvest {
         Ok(())
     }
 
-    /// Validates a submission and makes its PENDING session (not stored yet); with the agent
-    /// name when it runs for a single-session agent.
+    /// Makes the PENDING session of a submission whose config [`Harvest::check_config`]
+    /// accepted (not stored yet); with the agent name when it runs for a single-session agent.
     fn new_session(&self, req: SubmitRequest) -> Result<(Session, Option<String>), HarvestError> {
-        if crate::kinds::kind_of(&req.config).is_none() {
-            return Err(HarvestError::InvalidConfig(ConfigRejected::new(
-                "config must be an object (JSON), a TOML document or Web-Harvest XML",
-            )));
-        }
-        self.inner
-            .job
-            .validate(&req.config, &req.params)
-            .map_err(HarvestError::InvalidConfig)?;
         let mut options = req.options;
         if let Some(0) = options.max_attempts {
             return Err(HarvestError::Invalid(
@@ -483,7 +513,15 @@ impl Harvest {
     }
 
     /// Validates and durably stores a new session; returns as soon as it is durable.
-    pub async fn submit(&self, req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
+    pub async fn submit(&self, mut req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
+        let (config, params) = self
+            .check_config(
+                std::mem::take(&mut req.config),
+                std::mem::take(&mut req.params),
+            )
+            .await?;
+        req.config = config;
+        req.params = params;
         let (session, single_agent) = self.new_session(req)?;
         let id = session.id.clone();
         let creating = self.events().creating(&id);
@@ -527,10 +565,33 @@ impl Harvest {
                 reqs.len()
             )));
         }
+        // Every config checked in one turn of the validation pool (see `check_config`).
+        let job = self.inner.job.clone();
+        let checked: Vec<(SubmitRequest, Result<(), HarvestError>)> = self
+            .off_runtime(move || {
+                reqs.into_iter()
+                    .map(|req| {
+                        let verdict = match crate::kinds::kind_of(&req.config) {
+                            None => Err(HarvestError::InvalidConfig(ConfigRejected::new(
+                                "config must be an object (JSON), a TOML document or Web-Harvest XML",
+                            ))),
+                            Some(_) => job
+                                .validate(&req.config, &req.params)
+                                .map_err(HarvestError::InvalidConfig),
+                        };
+                        (req, verdict)
+                    })
+                    .collect()
+            })
+            .await?;
         let mut results: Vec<Option<Result<Session, HarvestError>>> =
-            Vec::with_capacity(reqs.len());
+            Vec::with_capacity(checked.len());
         let mut sessions = Vec::new();
-        for req in reqs {
+        for (req, verdict) in checked {
+            if let Err(e) = verdict {
+                results.push(Some(Err(e)));
+                continue;
+            }
             if req.single_agent {
                 results.push(Some(Err(HarvestError::Invalid(
                     "a single-session agent's run cannot be part of a batch; submit it alone"

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 
 use super::host::{FetchHost, Host, HostSettings, LogLevel};
 use super::run::{RunErrorKind, RunOutput, run_program};
-use super::{Limits, parse};
+use super::{Limits, parse, parse_within};
 use crate::engine::NetGuard;
 use crate::engine::config::HttpSettings;
 use crate::job::{ConfigRejected, Job, JobContext, JobOutcome, Retry};
@@ -71,7 +71,12 @@ impl WebHarvestJob {
                 None,
             );
         };
-        let program = match parse(xml) {
+        // Parsing checks every literal regex and XPath: CPU work, kept off the runtime's threads.
+        let text = xml.to_string();
+        let parsed = tokio::task::spawn_blocking(move || parse(&text).map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(format!("parsing stopped unexpectedly: {e}")));
+        let program = match parsed {
             Ok(p) => Arc::new(p),
             Err(e) => return (invalid(format!("Web-Harvest config: {e}")), None),
         };
@@ -187,7 +192,9 @@ impl Job for WebHarvestJob {
             .as_str()
             .ok_or_else(|| ConfigRejected::new("a Web-Harvest config is a string of XML"))?;
         // The parse error (line, column, message) is kept as the rejection's source.
-        parse(xml).map(|_| ()).map_err(ConfigRejected::new)
+        parse_within(xml, crate::engine::config::VALIDATION_TIME_LIMIT)
+            .map(|_| ())
+            .map_err(ConfigRejected::new)
     }
 
     async fn run(&self, ctx: JobContext) -> JobOutcome {

@@ -43,7 +43,9 @@ pub use host::{
     LogLevel, Progress,
 };
 pub use job::{WebHarvestJob, WebHarvestSettings};
-pub use parse::{MAX_CONFIG_BYTES, MAX_DEPTH, MAX_ELEMENTS, ParseError, Program, parse};
+pub use parse::{
+    MAX_CONFIG_BYTES, MAX_DEPTH, MAX_ELEMENTS, ParseError, Program, parse, parse_within,
+};
 pub use run::{RunError, RunErrorKind, RunOutput, run_program};
 pub use value::VarValue;
 

@@ -153,6 +153,18 @@ impl Node {
 
 /// Parses and validates a Web-Harvest config.
 pub fn parse(xml: &str) -> Result<Program, ParseError> {
+    parse_with(xml, None)
+}
+
+/// [`parse`] that refuses the config once checking its expressions (literal XPath and regular
+/// expressions) has taken longer than `time_limit`: submission uses it with
+/// [`crate::engine::config::VALIDATION_TIME_LIMIT`], so a config of thousands of costly
+/// patterns cannot hold a validation thread for minutes.
+pub fn parse_within(xml: &str, time_limit: std::time::Duration) -> Result<Program, ParseError> {
+    parse_with(xml, std::time::Instant::now().checked_add(time_limit))
+}
+
+fn parse_with(xml: &str, deadline: Option<std::time::Instant>) -> Result<Program, ParseError> {
     let lines = LineIndex::new(xml);
     if xml.len() > MAX_CONFIG_BYTES {
         return Err(lines.error(
@@ -227,7 +239,7 @@ pub fn parse(xml: &str) -> Result<Program, ParseError> {
         return Err(lines.error(xml.len(), "no <config> element: the document is empty"));
     };
     assign_paths(&mut root, String::new());
-    check_static(&root)?;
+    check_static(&root, deadline)?;
     let charset = match root.attr("charset").and_then(Template::literal) {
         Some(c) if !c.trim().is_empty() => {
             let c = c.trim();
@@ -639,8 +651,15 @@ fn assign_paths(node: &mut Node, parent: String) {
 }
 
 /// Checks what can be checked before running: scripts and expressions, literal XPath and regular
-/// expressions. Bounded by [`MAX_DEPTH`].
-fn check_static(node: &Node) -> Result<(), ParseError> {
+/// expressions. Bounded by [`MAX_DEPTH`], and in time by `deadline` (checked at every element).
+fn check_static(node: &Node, deadline: Option<std::time::Instant>) -> Result<(), ParseError> {
+    if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+        return Err(node.error(format!(
+            "checking the config took longer than {} s, the limit, before this element; use \
+             fewer or simpler XPath and regular expressions",
+            crate::engine::config::VALIDATION_TIME_LIMIT.as_secs()
+        )));
+    }
     for (name, t) in node.attrs.iter().chain(node.vars.iter()) {
         for expr in t.expressions() {
             if let Some(hint) = super::script::beanshell_hint(expr) {
@@ -689,7 +708,9 @@ fn check_static(node: &Node) -> Result<(), ParseError> {
         }
         _ => {}
     }
-    node.children.iter().try_for_each(check_static)
+    node.children
+        .iter()
+        .try_for_each(|c| check_static(c, deadline))
 }
 
 /// Byte offset → (line, column).

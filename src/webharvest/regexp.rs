@@ -32,6 +32,10 @@ pub(crate) fn compile(pattern: &str, flags: Flags) -> Result<Regex, String> {
         .multi_line(flags.multiline)
         .dot_matches_new_line(flags.dotall)
         .backtrack_limit(BACKTRACK_LIMIT)
+        // The scraper's limit on a compiled regex (1 MiB): `\w{150}` needs ten times that and
+        // took a second to compile.
+        .delegate_size_limit(crate::engine::config::REGEX_SIZE_LIMIT)
+        .delegate_dfa_size_limit(crate::engine::config::REGEX_SIZE_LIMIT)
         .build()
         .map_err(|e| format!("regular expression {pattern:?} does not compile: {e}"))
 }

@@ -334,3 +334,124 @@ fn bad_texts_are_refused() {
         Err(ConfigError::Syntax(_))
     ));
 }
+
+/// Issue 15: a 10 KB variable referenced 20,000 times in a 100 KB config expanded to 200 MB.
+/// Substitution stops at the cap, names the field and the variable, and never holds more than
+/// the cap.
+#[test]
+fn substitution_amplification_is_refused_naming_the_field() {
+    use harvest::engine::config::{MAX_EXPANDED_BYTES, MAX_VAR_BYTES};
+    let mut cfg = catalog();
+    cfg["name"] = json!("{{v}}".repeat(20_000));
+    cfg["vars"] = json!({ "v": "x".repeat(10_000) });
+    let started = std::time::Instant::now();
+    let err = compile(&cfg, &BTreeMap::new()).unwrap_err();
+    assert_eq!(err.path(), Some("name"), "{err}");
+    let m = err.to_string();
+    assert!(
+        m.contains("{{v}}") && m.contains(&MAX_EXPANDED_BYTES.to_string()),
+        "{m}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "refusing took {:?}",
+        started.elapsed()
+    );
+
+    // One value over the per-value cap, even referenced once, from a param.
+    let mut cfg = catalog();
+    cfg["name"] = json!("{{big}}");
+    let params = BTreeMap::from([("big".to_string(), "y".repeat(MAX_VAR_BYTES + 1))]);
+    let err = compile(&cfg, &params).unwrap_err();
+    assert_eq!(err.path(), Some("name"), "{err}");
+    assert!(err.to_string().contains("\"big\""), "{err}");
+
+    // Many references spread over many fields count together.
+    let mut cfg = catalog();
+    cfg["vars"] = json!({ "v": "z".repeat(MAX_VAR_BYTES) });
+    cfg["start_urls"] = json!(vec!["http://127.0.0.1:1/{{v}}"; 40]);
+    let err = compile(&cfg, &BTreeMap::new()).unwrap_err();
+    assert!(
+        err.path().is_some_and(|p| p.starts_with("start_urls[")),
+        "{err}"
+    );
+
+    // Under both caps it substitutes as before.
+    let mut cfg = catalog();
+    cfg["vars"] = json!({ "v": "w".repeat(MAX_VAR_BYTES) });
+    cfg["name"] = json!("{{v}}{{v}}");
+    let c = compile(&cfg, &BTreeMap::new()).expect("two 64 KiB values fit");
+    assert_eq!(c.name.len(), 2 * MAX_VAR_BYTES);
+}
+
+#[test]
+fn oversized_configs_and_rule_counts_are_refused() {
+    use harvest::engine::config::{MAX_CONFIG_BYTES, MAX_FOLLOW_RULES, MAX_REGEXES};
+    let mut cfg = catalog();
+    cfg["name"] = json!("n".repeat(MAX_CONFIG_BYTES));
+    let err = compile(&cfg, &BTreeMap::new()).unwrap_err();
+    assert!(err.to_string().contains("larger than"), "{err}");
+    let err =
+        parse_config_text(&format!("name = \"{}\"", "n".repeat(MAX_CONFIG_BYTES))).unwrap_err();
+    assert!(err.to_string().contains("more than"), "{err}");
+
+    let mut cfg = catalog();
+    cfg["follow"] = json!(vec![json!({"selector": "a"}); MAX_FOLLOW_RULES + 1]);
+    let err = compile(&cfg, &BTreeMap::new()).unwrap_err();
+    assert_eq!(err.path(), Some("follow"), "{err}");
+
+    let mut cfg = catalog();
+    let fields: serde_json::Map<String, Value> = (0..=MAX_REGEXES)
+        .map(|i| (format!("f{i}"), json!({"selector": "p", "regex": "[0-9]+"})))
+        .collect();
+    cfg["pages"]["product"]["fields"] = Value::Object(fields);
+    let err = compile(&cfg, &BTreeMap::new()).unwrap_err();
+    assert!(err.to_string().contains("regexes"), "{err}");
+
+    let mut cfg = catalog();
+    cfg["pages"]["product"]["fields"]["title"] = json!("p".repeat(5000));
+    let err = compile(&cfg, &BTreeMap::new()).unwrap_err();
+    assert_eq!(
+        err.path(),
+        Some("pages.product.fields.title.selector"),
+        "{err}"
+    );
+}
+
+/// Issue 15: 20 regexes `\w{150}`…`\w{169}` took 3.8 s and 200 MB to compile. Each is now over
+/// the compiled-size limit and the first one refuses the config.
+#[test]
+fn costly_regexes_are_refused_by_their_compiled_size() {
+    let mut cfg = catalog();
+    let fields: serde_json::Map<String, Value> = (150..170)
+        .map(|n| {
+            (
+                format!("f{n}"),
+                json!({"selector": "p", "regex": format!(r"\w{{{n}}}")}),
+            )
+        })
+        .collect();
+    cfg["pages"]["product"]["fields"] = Value::Object(fields);
+    let err = compile(&cfg, &BTreeMap::new()).unwrap_err();
+    assert_eq!(err.path(), Some("pages.product.fields.f150.regex"), "{err}");
+    assert!(err.to_string().contains("too large once compiled"), "{err}");
+    // An ordinary extraction regex stays well inside it.
+    let mut cfg = catalog();
+    cfg["pages"]["product"]["fields"]["price"] =
+        json!({"selector": "p", "regex": r"(\d+(?:[.,]\d{1,2})?)\s*(?:EUR|USD|€|\$)"});
+    compile(&cfg, &BTreeMap::new()).expect("an ordinary regex compiles");
+}
+
+#[test]
+fn validation_past_its_time_limit_is_refused() {
+    let err =
+        harvest::engine::compile_within(&catalog(), &BTreeMap::new(), std::time::Duration::ZERO)
+            .unwrap_err();
+    assert!(err.to_string().contains("took longer than"), "{err}");
+    harvest::engine::compile_within(
+        &catalog(),
+        &BTreeMap::new(),
+        harvest::engine::config::VALIDATION_TIME_LIMIT,
+    )
+    .expect("the catalog validates in time");
+}

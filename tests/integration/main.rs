@@ -14,6 +14,8 @@ mod disk_full;
 mod engine;
 mod engine_bench;
 mod engine_config;
+mod fuzz;
+mod hostile;
 mod layers;
 mod lifecycle;
 mod listeners;

@@ -454,3 +454,24 @@ async fn cancel_mid_run_stops_promptly_with_the_variables_so_far() {
     let pages = r.pages();
     assert!((1..6).contains(&pages), "{pages} pages before the cancel");
 }
+
+/// Issue 15: a regex over the compiled-size limit (`\w{150}`, about 10 MiB and a second to
+/// compile) is refused at submission, and checking past the time limit refuses the config.
+#[test]
+fn costly_webharvest_patterns_are_refused() {
+    let xml = r#"<config><regexp><regexp-pattern>\w{150}</regexp-pattern><regexp-source>x</regexp-source></regexp></config>"#;
+    let started = std::time::Instant::now();
+    let err = harvest::webharvest::parse(xml).unwrap_err().to_string();
+    assert!(err.contains("does not compile"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refusing took {:?}",
+        started.elapsed()
+    );
+    let ok = r#"<config><regexp><regexp-pattern>([0-9]+)</regexp-pattern><regexp-source>x1</regexp-source></regexp></config>"#;
+    harvest::webharvest::parse(ok).expect("an ordinary pattern compiles");
+    let err = harvest::webharvest::parse_within(ok, Duration::ZERO)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("took longer than"), "{err}");
+}
