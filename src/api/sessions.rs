@@ -116,7 +116,13 @@ pub(crate) async fn owned_session(
     caller: &Caller,
     id: &SessionId,
 ) -> Result<Session, ApiError> {
-    match st.harvest.get(id).await? {
+    // Resolved within the caller's tenant: another tenant's session of the same id is not
+    // even read.
+    match st
+        .harvest
+        .get(st.harvest.key(caller.client_id(), id.clone()))
+        .await?
+    {
         Some(s) if caller.owns(&s) => Ok(s),
         _ => Err(ApiError::session_not_found(id)),
     }
@@ -353,8 +359,8 @@ pub async fn cancel(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id)?;
-    owned_session(&st, &caller, &id).await?;
-    let session = match st.harvest.cancel(&id).await? {
+    let key = owned_session(&st, &caller, &id).await?.key();
+    let session = match st.harvest.cancel(&key).await? {
         CancelOutcome::Cancelled(s) | CancelOutcome::Requested(s) => s,
         CancelOutcome::AlreadyTerminal(s) if s.status == SessionStatus::Cancelled => s,
         CancelOutcome::AlreadyTerminal(s) => {
@@ -390,8 +396,8 @@ pub async fn close(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<SessionView>, ApiError> {
     let id = path_id(&id)?;
-    owned_session(&st, &caller, &id).await?;
-    match st.harvest.close(&id).await? {
+    let key = owned_session(&st, &caller, &id).await?.key();
+    match st.harvest.close(&key).await? {
         Some(s) => Ok(axum::Json(view(&st, &s))),
         None => Err(ApiError::session_not_found(&id)),
     }
@@ -415,8 +421,8 @@ pub async fn context(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<ContextView>, ApiError> {
     let id = path_id(&id)?;
-    owned_session(&st, &caller, &id).await?;
-    let variables = st.harvest.context(&id).await?.ok_or_else(|| {
+    let key = owned_session(&st, &caller, &id).await?.key();
+    let variables = st.harvest.context(&key).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -447,8 +453,8 @@ pub async fn context_variable(
     ApiPath((id, name)): ApiPath<(String, String)>,
 ) -> Result<axum::Json<VariableView>, ApiError> {
     let id = path_id(&id)?;
-    owned_session(&st, &caller, &id).await?;
-    let variables = st.harvest.context(&id).await?.unwrap_or_default();
+    let key = owned_session(&st, &caller, &id).await?.key();
+    let variables = st.harvest.context(&key).await?.unwrap_or_default();
     let value = variables.get(&name).cloned().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -488,11 +494,11 @@ pub async fn log(
             )));
         }
     };
-    owned_session(&st, &caller, &id).await?;
+    let s = owned_session(&st, &caller, &id).await?;
     let lines = st
         .harvest
         .store()
-        .log_tail(&id, limit)
+        .log_tail(&s.key(), limit)
         .await
         .map_err(crate::service::HarvestError::from)?;
     Ok(axum::Json(LogView {

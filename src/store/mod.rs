@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::session::{
-    FrontierEntry, LogLine, Record, Session, SessionError, SessionId, SessionMetrics,
+    FrontierEntry, LogLine, Record, Session, SessionError, SessionId, SessionKey, SessionMetrics,
     SessionStatus, Timestamp, TokenUsage,
 };
 
@@ -110,8 +110,8 @@ pub struct SessionClaim {
 /// compare-and-set a worker makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptRef {
-    /// The session.
-    pub id: SessionId,
+    /// The session (tenant and id).
+    pub id: SessionKey,
     /// The attempt the worker claimed.
     pub attempt: u32,
     /// The lease owner.
@@ -300,7 +300,7 @@ pub struct LeaseReclaim {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reclaimed {
     /// Which.
-    pub id: SessionId,
+    pub id: SessionKey,
     /// The attempt that was reclaimed.
     pub attempt: u32,
     /// Requeued, Failed or Cancelled.
@@ -312,8 +312,8 @@ pub struct Reclaimed {
 /// Cancel a session.
 #[derive(Debug, Clone)]
 pub struct SessionCancel {
-    /// Which.
-    pub id: SessionId,
+    /// Which (tenant and id).
+    pub id: SessionKey,
     /// A PENDING session that becomes CANCELLED is removed this long after `now`, unless it has
     /// its own `session_timeout_secs`.
     pub cleanup_after: Duration,
@@ -346,8 +346,8 @@ pub struct SessionsExpire {
 /// A page of a session's records.
 #[derive(Debug, Clone)]
 pub struct RecordsPage {
-    /// Which session.
-    pub id: SessionId,
+    /// Which session (tenant and id).
+    pub id: SessionKey,
     /// First record's seq.
     pub offset: u64,
     /// At most this many (1..=10000).
@@ -357,8 +357,8 @@ pub struct RecordsPage {
 /// Remove a session's records that are no longer needed.
 #[derive(Debug, Clone)]
 pub struct RecordsRemove {
-    /// Which session.
-    pub id: SessionId,
+    /// Which session (tenant and id).
+    pub id: SessionKey,
     /// Those numbered below this (what an external sink has), whatever the session's status;
     /// `None`: every committed record, only once the session is terminal. A store may keep
     /// a few records below the bound (sled removes whole chunks of a checkpoint's records);
@@ -480,8 +480,8 @@ pub struct LeaderAcquire {
 /// Read a page of a session's frontier, in the order its URLs were added.
 #[derive(Debug, Clone)]
 pub struct FrontierPage {
-    /// Which session.
-    pub id: SessionId,
+    /// Which session (tenant and id).
+    pub id: SessionKey,
     /// Only entries whose position is greater than this (0: from the start). Pass the last
     /// position of the previous page to continue.
     pub after_pos: u64,
@@ -504,8 +504,8 @@ pub struct FrontierItem {
 /// Ask which of some URLs are in a session's seen set.
 #[derive(Debug, Clone)]
 pub struct SeenFilter {
-    /// Which session.
-    pub id: SessionId,
+    /// Which session (tenant and id).
+    pub id: SessionKey,
     /// Canonical URLs to look up (at most 10000).
     pub urls: Vec<String>,
 }
@@ -559,12 +559,13 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
-    /// Insert a new PENDING session (durable on return). A duplicate id is
-    /// [`StoreError::Duplicate`], never an overwrite.
+    /// Insert a new PENDING session (durable on return) under its key ([`Session::key`]: its
+    /// `tenant` and id). An id taken in the same tenant is [`StoreError::Duplicate`], never an
+    /// overwrite; the same id in another tenant is another session.
     async fn session_insert(&self, p: SessionInsert) -> StoreResult<InsertOutcome>;
 
     /// One session.
-    async fn session_get(&self, id: &SessionId) -> StoreResult<Option<Session>>;
+    async fn session_get(&self, id: &SessionKey) -> StoreResult<Option<Session>>;
 
     /// Sessions, newest first, filtered, paginated by cursor.
     async fn session_list(&self, p: SessionList) -> StoreResult<SessionPage>;
@@ -603,7 +604,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Remove a session and everything of it (records, frontier, seen set, log, index entries).
     /// Returns the removed session, `None` when there was none.
-    async fn session_remove(&self, id: &SessionId) -> StoreResult<Option<Session>>;
+    async fn session_remove(&self, id: &SessionKey) -> StoreResult<Option<Session>>;
 
     /// Remove committed records, keeping the session itself (its status stays readable until its
     /// own cleanup), for `remove_after_export`: see [`RecordsRemove`]. The session after it, its
@@ -619,7 +620,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Where a session's next attempt resumes: the counters of its last checkpoint (cheap: it
     /// never loads the frontier or the seen set).
-    async fn resume_load(&self, id: &SessionId) -> StoreResult<ResumeState>;
+    async fn resume_load(&self, id: &SessionKey) -> StoreResult<ResumeState>;
 
     /// Committed frontier entries of a session after a position, in position order (see
     /// [`FrontierItem`]). Empty for an unknown session.
@@ -631,10 +632,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// A session's context (see [`CheckpointBatch::context`]); `None` when it has none (or there
     /// is no such session).
-    async fn context_get(&self, id: &SessionId) -> StoreResult<Option<crate::session::Context>>;
+    async fn context_get(&self, id: &SessionKey) -> StoreResult<Option<crate::session::Context>>;
 
     /// The last `limit` log lines of a session, oldest first.
-    async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>>;
+    async fn log_tail(&self, id: &SessionKey, limit: usize) -> StoreResult<Vec<LogLine>>;
 
     /// Session counts per status and due queue depth.
     async fn session_counts(&self, now: Timestamp) -> StoreResult<SessionCounts>;
@@ -663,7 +664,7 @@ pub trait Store: Send + Sync + 'static {
     /// shared backends) in another, so that the worker holding one stops it at once instead of
     /// at its next heartbeat. Lossy (a lagging receiver misses some): the heartbeat still relays
     /// the flag.
-    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionId>;
+    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionKey>;
 
     /// Wait until a session may have become claimable (a submission or requeue, here or, for
     /// shared backends, in another process) or `timeout` passes. Spurious wakeups are allowed.
@@ -674,6 +675,6 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// The id text of a session's store key, for error messages.
-pub(crate) fn key_name(kind: &str, id: &SessionId) -> String {
+pub(crate) fn key_name(kind: &str, id: &SessionKey) -> String {
     format!("{kind}/{id}")
 }

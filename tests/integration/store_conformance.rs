@@ -135,6 +135,7 @@ pub fn at(secs: i64) -> Timestamp {
 pub fn session(id: &str) -> Session {
     Session {
         id: SessionId::parse(id).expect("test ids are valid"),
+        tenant: None,
         seq: 0,
         client: ClientContext::of("c1"),
         status: SessionStatus::Pending,
@@ -190,7 +191,7 @@ pub async fn insert(store: &Arc<dyn Store>, s: Session) -> Session {
 async fn remove_all_records(store: &Arc<dyn Store>, id: &str) -> bool {
     store
         .records_remove(harvest::store::RecordsRemove {
-            id: sid(id),
+            id: harvest::SessionKey::from(sid(id)),
             below: None,
         })
         .await
@@ -227,7 +228,7 @@ fn aref(s: &Session) -> AttemptRef {
         .map(|l| l.owner.clone())
         .unwrap_or_default();
     AttemptRef {
-        id: s.id.clone(),
+        id: harvest::SessionKey::from(s.id.clone()),
         attempt: s.attempt,
         owner,
     }
@@ -235,7 +236,7 @@ fn aref(s: &Session) -> AttemptRef {
 
 async fn get(store: &Arc<dyn Store>, id: &str) -> Session {
     store
-        .session_get(&sid(id))
+        .session_get(&harvest::SessionKey::from(&sid(id)))
         .await
         .expect("get")
         .unwrap_or_else(|| panic!("{id} is missing"))
@@ -390,8 +391,20 @@ pub async fn insert_get_duplicate(store: Arc<dyn Store>) {
         a, expected,
         "insert must store the session as given, with its seq"
     );
-    assert_eq!(store.session_get(&sid("a")).await.unwrap(), Some(a.clone()));
-    assert_eq!(store.session_get(&sid("nope")).await.unwrap(), None);
+    assert_eq!(
+        store
+            .session_get(&harvest::SessionKey::from(&sid("a")))
+            .await
+            .unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(
+        store
+            .session_get(&harvest::SessionKey::from(&sid("nope")))
+            .await
+            .unwrap(),
+        None
+    );
 
     let mut dup = session("a");
     dup.client = ClientContext::of("someone-else");
@@ -478,7 +491,7 @@ pub async fn claim_limit_zero_claims_nothing(store: Arc<dyn Store>) {
 pub async fn transitions_refused_when_precondition_fails(store: Arc<dyn Store>) {
     insert(&store, session("a")).await;
     let pending_ref = AttemptRef {
-        id: sid("a"),
+        id: harvest::SessionKey::from(sid("a")),
         attempt: 0,
         owner: "w".into(),
     };
@@ -509,7 +522,7 @@ pub async fn transitions_refused_when_precondition_fails(store: Arc<dyn Store>) 
         ..good.clone()
     };
     let missing = AttemptRef {
-        id: sid("missing"),
+        id: harvest::SessionKey::from(sid("missing")),
         ..good.clone()
     };
     for bad in [&wrong_owner, &wrong_attempt, &missing] {
@@ -599,7 +612,7 @@ pub async fn finish_each_terminal_status(store: Arc<dyn Store>) {
         assert_eq!(f.metrics.pages_processed, 1);
         let recs = store
             .records_page(RecordsPage {
-                id: sid(id),
+                id: harvest::SessionKey::from(sid(id)),
                 offset: 0,
                 limit: 100,
             })
@@ -804,7 +817,7 @@ pub async fn cancel_pending_running_terminal(store: Arc<dyn Store>) {
     let running = claim(&store, "w", 1, at(1)).await.remove(0);
     insert(&store, session("pend")).await;
     let cancel = |id: &str| SessionCancel {
-        id: sid(id),
+        id: harvest::SessionKey::from(sid(id)),
         cleanup_after: Duration::from_secs(895),
         now: at(5),
     };
@@ -873,16 +886,22 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
         assert!(checkpoint(&store, &aref(&s), batch, at(2)).await);
     }
     let removed = store
-        .session_remove(&sid("ab"))
+        .session_remove(&harvest::SessionKey::from(&sid("ab")))
         .await
         .expect("remove")
         .expect("it existed");
     assert_eq!(removed.id.as_str(), "ab");
-    assert_eq!(store.session_get(&sid("ab")).await.unwrap(), None);
+    assert_eq!(
+        store
+            .session_get(&harvest::SessionKey::from(&sid("ab")))
+            .await
+            .unwrap(),
+        None
+    );
     assert!(
         store
             .records_page(RecordsPage {
-                id: sid("ab"),
+                id: harvest::SessionKey::from(sid("ab")),
                 offset: 0,
                 limit: 100
             })
@@ -890,7 +909,13 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
             .unwrap()
             .is_empty()
     );
-    assert!(store.log_tail(&sid("ab"), 100).await.unwrap().is_empty());
+    assert!(
+        store
+            .log_tail(&harvest::SessionKey::from(&sid("ab")), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         list_all(
             &store,
@@ -916,7 +941,7 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
     );
     assert_eq!(
         store
-            .session_remove(&sid("ab"))
+            .session_remove(&harvest::SessionKey::from(&sid("ab")))
             .await
             .expect("remove again"),
         None
@@ -925,7 +950,7 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
     for id in ["abc", "a"] {
         let recs = store
             .records_page(RecordsPage {
-                id: sid(id),
+                id: harvest::SessionKey::from(sid(id)),
                 offset: 0,
                 limit: 100,
             })
@@ -933,11 +958,18 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
             .unwrap();
         assert_eq!(recs.len(), 3, "{id} keeps its records");
         assert_eq!(
-            store.log_tail(&sid(id), 100).await.unwrap().len(),
+            store
+                .log_tail(&harvest::SessionKey::from(&sid(id)), 100)
+                .await
+                .unwrap()
+                .len(),
             2,
             "{id} keeps its log"
         );
-        let resume = store.resume_load(&sid(id)).await.expect("resume");
+        let resume = store
+            .resume_load(&harvest::SessionKey::from(&sid(id)))
+            .await
+            .expect("resume");
         assert_eq!(resume.frontier_len, 2, "{id} keeps its frontier");
         assert_eq!(
             frontier_urls(&store, id).await.len(),
@@ -1081,7 +1113,7 @@ pub async fn reclaim_and_cancel_keep_a_session_for_its_own_timeout(store: Arc<dy
         .unwrap();
     let out = store
         .session_cancel(SessionCancel {
-            id: flagged.id.clone(),
+            id: harvest::SessionKey::from(flagged.id.clone()),
             cleanup_after: Duration::from_secs(60),
             now: at(2),
         })
@@ -1113,7 +1145,7 @@ pub async fn reclaim_and_cancel_keep_a_session_for_its_own_timeout(store: Arc<dy
     insert(&store, s).await;
     let out = store
         .session_cancel(SessionCancel {
-            id: sid("own-pending"),
+            id: harvest::SessionKey::from(sid("own-pending")),
             cleanup_after: Duration::from_secs(3600),
             now: at(200),
         })
@@ -1216,11 +1248,14 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
         [("a".into(), 1, RequeueOutcome::Requeued)]
     );
 
-    let resume = store.resume_load(&sid("a")).await.expect("resume");
+    let resume = store
+        .resume_load(&harvest::SessionKey::from(&sid("a")))
+        .await
+        .expect("resume");
     assert_eq!(resume.frontier_len, 3);
     let frontier = store
         .frontier_page(FrontierPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             after_pos: 0,
             limit: 100,
         })
@@ -1284,7 +1319,7 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
     assert!(ok);
     let all = store
         .records_page(RecordsPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             offset: 0,
             limit: 100,
         })
@@ -1304,7 +1339,7 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
     }
     let tail = store
         .records_page(RecordsPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             offset: 5,
             limit: 1,
         })
@@ -1314,7 +1349,7 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
     assert!(
         store
             .records_page(RecordsPage {
-                id: sid("a"),
+                id: harvest::SessionKey::from(sid("a")),
                 offset: 7,
                 limit: 10
             })
@@ -1331,7 +1366,7 @@ pub async fn records_page_validation(store: Arc<dyn Store>) {
     for limit in [0, 10_001] {
         let r = store
             .records_page(RecordsPage {
-                id: sid("a"),
+                id: harvest::SessionKey::from(sid("a")),
                 offset: 0,
                 limit,
             })
@@ -1356,12 +1391,24 @@ pub async fn log_keeps_last_lines(store: Arc<dyn Store>) {
         };
         assert!(checkpoint(&store, &a, batch, at(1)).await);
     }
-    let tail = store.log_tail(&sid("a"), 3).await.unwrap();
+    let tail = store
+        .log_tail(&harvest::SessionKey::from(&sid("a")), 3)
+        .await
+        .unwrap();
     assert_eq!(tail, [line(total - 3), line(total - 2), line(total - 1)]);
-    let all = store.log_tail(&sid("a"), usize::MAX).await.unwrap();
+    let all = store
+        .log_tail(&harvest::SessionKey::from(&sid("a")), usize::MAX)
+        .await
+        .unwrap();
     assert_eq!(all.len() as u64, LOG_LINES_MAX);
     assert_eq!(all.first(), Some(&line(total - LOG_LINES_MAX)));
-    assert!(store.log_tail(&sid("a"), 0).await.unwrap().is_empty());
+    assert!(
+        store
+            .log_tail(&harvest::SessionKey::from(&sid("a")), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // One batch longer than the cap keeps only its own last lines.
     let big = CheckpointBatch {
@@ -1369,13 +1416,16 @@ pub async fn log_keeps_last_lines(store: Arc<dyn Store>) {
         ..Default::default()
     };
     assert!(checkpoint(&store, &a, big, at(2)).await);
-    let all = store.log_tail(&sid("a"), usize::MAX).await.unwrap();
+    let all = store
+        .log_tail(&harvest::SessionKey::from(&sid("a")), usize::MAX)
+        .await
+        .unwrap();
     assert_eq!(all.len() as u64, LOG_LINES_MAX);
     assert_eq!(all.first(), Some(&line(total * 2 - LOG_LINES_MAX)));
     assert_eq!(all.last(), Some(&line(total * 2 - 1)));
     assert!(
         store
-            .log_tail(&sid("missing"), 10)
+            .log_tail(&harvest::SessionKey::from(&sid("missing")), 10)
             .await
             .unwrap()
             .is_empty()
@@ -1418,11 +1468,17 @@ pub async fn sessions_expire_only_due(store: Arc<dyn Store>) {
     let next = store.sessions_expire(expire(at(200), 10)).await.unwrap();
     assert_eq!(ids(&next), ["e2"], "only due ones");
     for id in ["e1", "e2"] {
-        assert_eq!(store.session_get(&sid(id)).await.unwrap(), None);
+        assert_eq!(
+            store
+                .session_get(&harvest::SessionKey::from(&sid(id)))
+                .await
+                .unwrap(),
+            None
+        );
         assert!(
             store
                 .records_page(RecordsPage {
-                    id: sid(id),
+                    id: harvest::SessionKey::from(sid(id)),
                     offset: 0,
                     limit: 10
                 })
@@ -1457,7 +1513,7 @@ pub async fn counts_by_status_and_queue_depth(store: Arc<dyn Store>) {
     let claimed = claim(&store, "w", 2, at(1)).await; // a, b
     assert!(finish(&store, &aref(&claimed[0]), SessionStatus::Completed, at(2)).await);
     let cancel = SessionCancel {
-        id: sid("c"),
+        id: harvest::SessionKey::from(sid("c")),
         cleanup_after: Duration::from_secs(98),
         now: at(2),
     };
@@ -1515,7 +1571,7 @@ pub async fn stats_by_client_status_and_last_hour(store: Arc<dyn Store>) {
     assert!(checkpoint(&store, &by_id("b"), with_records(2), at(3)).await);
     assert!(finish(&store, &by_id("b"), SessionStatus::Failed, at(3000)).await);
     let cancel = SessionCancel {
-        id: sid("c"),
+        id: harvest::SessionKey::from(sid("c")),
         cleanup_after: Duration::from_secs(9000),
         now: at(3300),
     };
@@ -1628,7 +1684,10 @@ pub async fn single_agent_refuses_second_active_session(store: Arc<dyn Store>) {
         InsertOutcome::AgentBusy(sid("one"))
     );
     assert_eq!(
-        store.session_get(&sid("two")).await.unwrap(),
+        store
+            .session_get(&harvest::SessionKey::from(&sid("two")))
+            .await
+            .unwrap(),
         None,
         "a refused insert stores nothing"
     );
@@ -1651,7 +1710,7 @@ pub async fn single_agent_refuses_second_active_session(store: Arc<dyn Store>) {
     ));
     assert!(finish(&store, &aref(&running), SessionStatus::Completed, at(1)).await);
     let cancel = SessionCancel {
-        id: sid("multi"),
+        id: harvest::SessionKey::from(sid("multi")),
         cleanup_after: Duration::from_secs(99),
         now: at(1),
     };
@@ -1746,7 +1805,7 @@ pub async fn reclaim_of_a_cancel_requested_session_ends_cancelled(store: Arc<dyn
     assert_eq!(claimed.len(), 2);
     let out = store
         .session_cancel(SessionCancel {
-            id: sid("flagged"),
+            id: harvest::SessionKey::from(sid("flagged")),
             cleanup_after: Duration::from_secs(4999),
             now: at(1),
         })
@@ -1811,7 +1870,7 @@ pub async fn records_remove_if_terminal_keeps_the_session(store: Arc<dyn Store>)
         async move {
             store
                 .records_page(RecordsPage {
-                    id: sid(id),
+                    id: harvest::SessionKey::from(sid(id)),
                     offset: 0,
                     limit: 100,
                 })
@@ -1933,7 +1992,7 @@ pub async fn leader_race_has_one_winner(store: Arc<dyn Store>) {
 async fn frontier_urls(store: &Arc<dyn Store>, id: &str) -> Vec<String> {
     store
         .frontier_page(FrontierPage {
-            id: sid(id),
+            id: harvest::SessionKey::from(sid(id)),
             after_pos: 0,
             limit: 10_000,
         })
@@ -1948,7 +2007,7 @@ async fn frontier_urls(store: &Arc<dyn Store>, id: &str) -> Vec<String> {
 async fn seen(store: &Arc<dyn Store>, id: &str, urls: &[&str]) -> Vec<bool> {
     store
         .seen_filter(SeenFilter {
-            id: sid(id),
+            id: harvest::SessionKey::from(sid(id)),
             urls: urls.iter().map(|u| u.to_string()).collect(),
         })
         .await
@@ -1994,7 +2053,7 @@ pub async fn frontier_pages_in_insertion_order_after_removals(store: Arc<dyn Sto
     assert!(checkpoint(&store, &b, other, at(1)).await);
     let page1 = store
         .frontier_page(FrontierPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             after_pos: 0,
             limit: 2,
         })
@@ -2024,7 +2083,7 @@ pub async fn frontier_pages_in_insertion_order_after_removals(store: Arc<dyn Sto
     assert!(checkpoint(&store, &a, batch, at(2)).await);
     let rest = store
         .frontier_page(FrontierPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             after_pos: cursor,
             limit: 100,
         })
@@ -2055,7 +2114,14 @@ pub async fn frontier_pages_in_insertion_order_after_removals(store: Arc<dyn Sto
             "http://x/012"
         ]
     );
-    assert_eq!(store.resume_load(&sid("a")).await.unwrap().frontier_len, 6);
+    assert_eq!(
+        store
+            .resume_load(&harvest::SessionKey::from(&sid("a")))
+            .await
+            .unwrap()
+            .frontier_len,
+        6
+    );
     assert_eq!(
         frontier_urls(&store, "b").await,
         ["http://x/100", "http://x/101", "http://x/102"],
@@ -2068,7 +2134,7 @@ pub async fn frontier_pages_in_insertion_order_after_removals(store: Arc<dyn Sto
     assert!(
         store
             .frontier_page(FrontierPage {
-                id: sid("a"),
+                id: harvest::SessionKey::from(sid("a")),
                 after_pos: last,
                 limit: 10,
             })
@@ -2079,7 +2145,10 @@ pub async fn frontier_pages_in_insertion_order_after_removals(store: Arc<dyn Sto
     assert!(frontier_urls(&store, "nobody").await.is_empty());
     assert_eq!(seen(&store, "nobody", &["http://x/100"]).await, [false]);
     // Removal takes the frontier and the seen set with it.
-    store.session_remove(&sid("b")).await.expect("remove");
+    store
+        .session_remove(&harvest::SessionKey::from(&sid("b")))
+        .await
+        .expect("remove");
     assert!(frontier_urls(&store, "b").await.is_empty());
     assert_eq!(seen(&store, "b", &["http://x/100"]).await, [false]);
 }
@@ -2090,7 +2159,7 @@ pub async fn frontier_page_and_seen_filter_validation(store: Arc<dyn Store>) {
     for limit in [0, 10_001] {
         let r = store
             .frontier_page(FrontierPage {
-                id: sid("a"),
+                id: harvest::SessionKey::from(sid("a")),
                 after_pos: 0,
                 limit,
             })
@@ -2102,7 +2171,7 @@ pub async fn frontier_page_and_seen_filter_validation(store: Arc<dyn Store>) {
     }
     let r = store
         .seen_filter(SeenFilter {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             urls: vec!["http://x/".into(); 10_001],
         })
         .await;
@@ -2117,7 +2186,7 @@ pub async fn requeue_of_a_cancel_requested_session_ends_cancelled(store: Arc<dyn
     let s = claim(&store, "w", 1, at(0)).await.remove(0);
     let out = store
         .session_cancel(SessionCancel {
-            id: sid("c"),
+            id: harvest::SessionKey::from(sid("c")),
             cleanup_after: Duration::from_secs(4999),
             now: at(1),
         })
@@ -2369,7 +2438,7 @@ pub async fn transition_requeue_equals_policy(store: Arc<dyn Store>) {
     let c = claim_one(&store, "w", at(30)).await;
     store
         .session_cancel(SessionCancel {
-            id: c.id.clone(),
+            id: harvest::SessionKey::from(c.id.clone()),
             cleanup_after: DEFAULT_TIMEOUT,
             now: at(31),
         })
@@ -2421,7 +2490,7 @@ pub async fn transition_reclaim_equals_policy(store: Arc<dyn Store>) {
         .expect("applied");
     store
         .session_cancel(SessionCancel {
-            id: sid("cancelled"),
+            id: harvest::SessionKey::from(sid("cancelled")),
             cleanup_after: DEFAULT_TIMEOUT,
             now: at(3),
         })
@@ -2442,7 +2511,7 @@ pub async fn transition_reclaim_equals_policy(store: Arc<dyn Store>) {
         let (expected, outcome) = old.reclaimed(backoff, DEFAULT_TIMEOUT, now);
         let r = reclaimed
             .iter()
-            .find(|r| r.id == old.id)
+            .find(|r| r.id.id == old.id)
             .unwrap_or_else(|| panic!("{} reclaimed", old.id));
         assert_eq!((r.attempt, r.outcome), (old.attempt, outcome), "{}", old.id);
         assert_applied(
@@ -2473,7 +2542,7 @@ pub async fn transition_cancel_equals_policy(store: Arc<dyn Store>) {
     p.options.session_timeout_secs = Some(50);
     let p = insert(&store, p).await;
     let cancel = |id: &str, now| SessionCancel {
-        id: sid(id),
+        id: harvest::SessionKey::from(sid(id)),
         cleanup_after: DEFAULT_TIMEOUT,
         now,
     };
@@ -2554,12 +2623,15 @@ pub async fn transition_removals_follow_policy(store: Arc<dyn Store>) {
     );
     let gone = get(&store, "gone").await;
     assert_eq!(
-        store.session_remove(&sid("gone")).await.expect("remove"),
+        store
+            .session_remove(&harvest::SessionKey::from(&sid("gone")))
+            .await
+            .expect("remove"),
         Some(gone)
     );
     assert!(
         store
-            .session_get(&sid("gone"))
+            .session_get(&harvest::SessionKey::from(&sid("gone")))
             .await
             .expect("get")
             .is_none()
@@ -2602,7 +2674,9 @@ pub fn transition_case(t: Transition) -> &'static str {
 /// `resume_load` of a session that is gone is refused, on every backend alike (PostgreSQL
 /// answered an empty state).
 pub async fn resume_of_a_removed_session_is_refused(store: Arc<dyn Store>) {
-    let r = store.resume_load(&sid("never")).await;
+    let r = store
+        .resume_load(&harvest::SessionKey::from(&sid("never")))
+        .await;
     assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
 }
 

@@ -244,7 +244,7 @@ async fn notify_on_requeue_wakes_other_store() {
     let outcome = worker
         .session_requeue_if_running(harvest::store::SessionRequeue {
             attempt: harvest::store::AttemptRef {
-                id: s.id.clone(),
+                id: harvest::SessionKey::from(s.id.clone()),
                 attempt: s.attempt,
                 owner: "w".into(),
             },
@@ -391,7 +391,9 @@ async fn migrations_are_idempotent_and_race_free() {
         .expect("reconnect");
     assert!(
         again
-            .session_get(&"kept".parse().unwrap())
+            .session_get(&harvest::SessionKey::from(
+                &"kept".parse::<harvest::SessionId>().unwrap()
+            ))
             .await
             .unwrap()
             .is_some(),

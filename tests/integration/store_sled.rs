@@ -61,7 +61,7 @@ async fn reopen_after_drop_keeps_everything() {
         insert(&store, session("a")).await;
         let running = claim(&store, "w", 1, at(1)).await.remove(0);
         let a = harvest::store::AttemptRef {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             attempt: running.attempt,
             owner: "w".into(),
         };
@@ -84,19 +84,32 @@ async fn reopen_after_drop_keeps_everything() {
         let pending = insert(&store, session("b")).await;
         // Dropped without close(): every acknowledged write must already be on disk.
         (
-            store.session_get(&sid("a")).await.unwrap().unwrap(),
+            store
+                .session_get(&harvest::SessionKey::from(&sid("a")))
+                .await
+                .unwrap()
+                .unwrap(),
             pending,
         )
     };
     let store = open(&dir);
-    assert_eq!(store.session_get(&sid("a")).await.unwrap(), Some(running));
     assert_eq!(
-        store.session_get(&sid("b")).await.unwrap(),
+        store
+            .session_get(&harvest::SessionKey::from(&sid("a")))
+            .await
+            .unwrap(),
+        Some(running)
+    );
+    assert_eq!(
+        store
+            .session_get(&harvest::SessionKey::from(&sid("b")))
+            .await
+            .unwrap(),
         Some(pending.clone())
     );
     let recs = store
         .records_page(RecordsPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             offset: 0,
             limit: 10,
         })
@@ -106,7 +119,7 @@ async fn reopen_after_drop_keeps_everything() {
     assert_eq!(
         store
             .seen_filter(harvest::store::SeenFilter {
-                id: sid("a"),
+                id: harvest::SessionKey::from(sid("a")),
                 urls: vec!["http://x/".into()],
             })
             .await
@@ -210,14 +223,20 @@ async fn corrupt_session_names_its_key_and_the_rest_works() {
     }
     let store = open(&dir);
     let err = store
-        .session_get(&sid("bad"))
+        .session_get(&harvest::SessionKey::from(&sid("bad")))
         .await
         .expect_err("corrupt value");
     assert!(
         matches!(err, StoreError::Corrupt { ref key, .. } if key.contains("bad")),
         "{err:?}"
     );
-    assert!(store.session_get(&sid("good")).await.unwrap().is_some());
+    assert!(
+        store
+            .session_get(&harvest::SessionKey::from(&sid("good")))
+            .await
+            .unwrap()
+            .is_some()
+    );
     let page = store
         .session_list(SessionList {
             limit: 10,
@@ -253,7 +272,7 @@ async fn remove_leaves_no_key_of_the_session() {
     }
     for s in claim(&store_dyn, "w", 10, at(1)).await {
         let a = harvest::store::AttemptRef {
-            id: s.id.clone(),
+            id: harvest::SessionKey::from(s.id.clone()),
             attempt: 1,
             owner: "w".into(),
         };
@@ -287,7 +306,7 @@ async fn remove_leaves_no_key_of_the_session() {
         );
     }
     store_dyn
-        .session_remove(&sid("gone"))
+        .session_remove(&harvest::SessionKey::from(&sid("gone")))
         .await
         .unwrap()
         .expect("removed");
@@ -524,7 +543,7 @@ async fn removal_interrupted_by_a_crash_is_finished_at_open() {
     let store = open(&dir);
     let left = store
         .records_page(RecordsPage {
-            id: sid("half"),
+            id: harvest::SessionKey::from(sid("half")),
             offset: 0,
             limit: 10,
         })

@@ -54,7 +54,7 @@ use super::{
     SessionInsert, SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError,
     StoreResult,
 };
-use crate::session::{LogLine, Record, Session, SessionId, Timestamp};
+use crate::session::{LogLine, Record, Session, SessionKey, Timestamp};
 
 /// Advisory lock class (first key of the two-key form) of schema migrations.
 const ADVISORY_CLASS_MIGRATE: i32 = 0x6876_0001;
@@ -82,7 +82,7 @@ pub struct PostgresStore {
     /// The listener and the announcer; awaited by `close`.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Cancels of RUNNING sessions, from this process and (through the listener) from others.
-    cancels: tokio::sync::broadcast::Sender<SessionId>,
+    cancels: tokio::sync::broadcast::Sender<SessionKey>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -227,7 +227,7 @@ impl Store for PostgresStore {
         self.insert_session(p).await
     }
 
-    async fn session_get(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    async fn session_get(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         self.get_session(id).await
     }
 
@@ -269,7 +269,7 @@ impl Store for PostgresStore {
         self.cancel_session(p).await
     }
 
-    async fn session_remove(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    async fn session_remove(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         self.remove_session(id).await
     }
 
@@ -285,7 +285,7 @@ impl Store for PostgresStore {
         self.page_records(p).await
     }
 
-    async fn resume_load(&self, id: &SessionId) -> StoreResult<ResumeState> {
+    async fn resume_load(&self, id: &SessionKey) -> StoreResult<ResumeState> {
         self.load_resume(id).await
     }
 
@@ -297,11 +297,11 @@ impl Store for PostgresStore {
         self.filter_seen(p).await
     }
 
-    async fn context_get(&self, id: &SessionId) -> StoreResult<Option<crate::session::Context>> {
+    async fn context_get(&self, id: &SessionKey) -> StoreResult<Option<crate::session::Context>> {
         self.context(id).await
     }
 
-    async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {
+    async fn log_tail(&self, id: &SessionKey, limit: usize) -> StoreResult<Vec<LogLine>> {
         self.tail_log(id, limit).await
     }
 
@@ -336,7 +336,7 @@ impl Store for PostgresStore {
         self.acquire_leader(p).await
     }
 
-    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionId> {
+    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionKey> {
         self.cancels.subscribe()
     }
 

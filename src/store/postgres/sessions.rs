@@ -11,7 +11,9 @@ use super::rows::{
     session_from_row, to_i32, to_i64, to_u64, usage_columns,
 };
 use super::{ADVISORY_CLASS_AGENT, PostgresStore, db_err, listen};
-use crate::session::{ATTEMPTS_KEPT, CancelDecision, Session, SessionId, SessionStatus, Timestamp};
+use crate::session::{
+    ATTEMPTS_KEPT, CancelDecision, Session, SessionId, SessionKey, SessionStatus, Timestamp,
+};
 use crate::store::{
     AttemptRef, CancelOutcome, HeartbeatOutcome, InsertOutcome, LeaseReclaim, Reclaimed,
     RequeueOutcome, SessionCancel, SessionClaim, SessionCounts, SessionHeartbeat, SessionInsert,
@@ -22,9 +24,13 @@ use crate::store::{
 /// Longest session list page (the trait's documented range).
 const LIST_LIMIT_MAX: usize = 1000;
 
-/// The compare-and-set precondition of every worker transition; `$1..$3` are the attempt.
-pub(super) const IF_RUNNING: &str =
-    "id = $1 AND status = 'RUNNING' AND attempt = $2 AND lease_owner = $3";
+/// The compare-and-set precondition of every worker transition; `$1..$3` are the attempt's id,
+/// number and owner, `$tenant` its tenant.
+pub(super) fn if_running(tenant: usize) -> String {
+    format!(
+        "tenant = ${tenant} AND id = $1 AND status = 'RUNNING' AND attempt = $2 AND lease_owner = $3"
+    )
+}
 
 impl PostgresStore {
     async fn insert_row(
@@ -48,11 +54,12 @@ impl PostgresStore {
                          start_time, end_time, pages_processed, processed_elements, http_requests,
                          http_errors, bytes_received, retries, robots_blocked, error_kind,
                          error_message, checkpoints, spec, cleanup_after_ms, records,
-                         records_removed, running_ms, running_since, attempts, token_tracking)
+                         records_removed, running_ms, running_since, attempts, token_tracking,
+                         tenant)
                      VALUES ($1, $2, $3, 'PENDING', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
                          $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
-                         $29, $30, $31, $32, $33, $34, $35)
-                     ON CONFLICT (id) DO NOTHING
+                         $29, $30, $31, $32, $33, $34, $35, $36)
+                     ON CONFLICT (tenant, id) DO NOTHING
                      RETURNING seq)
                  SELECT seq FROM ins",
             )
@@ -78,7 +85,8 @@ impl PostgresStore {
         let running_ms = to_i64(s.metrics.running_ms, "running_ms")?;
         let running_since = s.metrics.running_since.map(|t| t.0);
         let attempts = attempts_to_json(&s.attempts);
-        let params: [&(dyn ToSql + Sync); 35] = [
+        let tenant = s.tenant.as_deref().unwrap_or("");
+        let params: [&(dyn ToSql + Sync); 36] = [
             &s.id.as_str(),
             &s.client.client_id(),
             &agent,
@@ -114,6 +122,7 @@ impl PostgresStore {
             &running_since,
             &attempts,
             &s.options.token_tracking,
+            &tenant,
         ];
         let row = client.query_opt(&stmt, &params).await.map_err(|e| {
             if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
@@ -187,16 +196,16 @@ impl PostgresStore {
         Ok(InsertOutcome::Inserted(Box::new(session)))
     }
 
-    pub(super) async fn get_session(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    pub(super) async fn get_session(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
-                "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $2 AND id = $1"
             ))
             .await
             .map_err(db_err("preparing a session read"))?;
         let row = client
-            .query_opt(&stmt, &[&id.as_str()])
+            .query_opt(&stmt, &[&id.id.as_str(), &id.tenant()])
             .await
             .map_err(db_err(&format!("reading session {id}")))?;
         row.as_ref().map(session_from_row).transpose()
@@ -287,7 +296,7 @@ impl PostgresStore {
         let stmt = client
             .prepare_cached(&format!(
                 "WITH due AS (
-                     SELECT id AS due_id FROM sessions
+                     SELECT tenant AS due_tenant, id AS due_id FROM sessions
                      WHERE status = 'PENDING' AND run_at <= $1
                      ORDER BY priority DESC, run_at, seq
                      LIMIT $2
@@ -300,7 +309,7 @@ impl PostgresStore {
                                  THEN attempts - 0 ELSE attempts END)
                          || jsonb_build_array(jsonb_build_object('attempt', attempt + 1,
                              'started_at', $1::bigint, 'ended_at', NULL, 'outcome', NULL))
-                 FROM due WHERE id = due_id AND status = 'PENDING'
+                 FROM due WHERE tenant = due_tenant AND id = due_id AND status = 'PENDING'
                  RETURNING {SESSION_COLUMNS}, priority"
             ))
             .await
@@ -328,8 +337,9 @@ impl PostgresStore {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
-                "UPDATE sessions SET lease_expires_at = $4 WHERE {IF_RUNNING} \
-                 RETURNING cancel_requested"
+                "UPDATE sessions SET lease_expires_at = $4 WHERE {} \
+                 RETURNING cancel_requested",
+                if_running(5)
             ))
             .await
             .map_err(db_err("preparing a heartbeat"))?;
@@ -338,7 +348,13 @@ impl PostgresStore {
         let row = client
             .query_opt(
                 &stmt,
-                &[&a.id.as_str(), &attempt, &a.owner, &p.now.add(p.lease).0],
+                &[
+                    &a.id.id.as_str(),
+                    &attempt,
+                    &a.owner,
+                    &p.now.add(p.lease).0,
+                    &a.id.tenant(),
+                ],
             )
             .await
             .map_err(db_err(&format!("renewing the lease of session {}", a.id)))?;
@@ -357,13 +373,17 @@ impl PostgresStore {
     ) -> StoreResult<Option<Session>> {
         let stmt = tx
             .prepare_cached(&format!(
-                "SELECT {SESSION_COLUMNS} FROM sessions WHERE {IF_RUNNING} FOR UPDATE"
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE {} FOR UPDATE",
+                if_running(4)
             ))
             .await
             .map_err(db_err("preparing a locked read"))?;
         let attempt = to_i32(a.attempt, "attempt")?;
         let row = tx
-            .query_opt(&stmt, &[&a.id.as_str(), &attempt, &a.owner])
+            .query_opt(
+                &stmt,
+                &[&a.id.id.as_str(), &attempt, &a.owner, &a.id.tenant()],
+            )
             .await
             .map_err(db_err(&format!("reading session {} to change it", a.id)))?;
         row.as_ref().map(session_from_row).transpose()
@@ -416,7 +436,7 @@ impl PostgresStore {
             let old = session_from_row(row)?;
             let (s, outcome) = old.reclaimed(p.backoff, p.cleanup_after, p.now);
             out.push(Reclaimed {
-                id: s.id.clone(),
+                id: s.key(),
                 attempt: old.attempt,
                 outcome,
                 session: Box::new(s),
@@ -441,8 +461,11 @@ impl PostgresStore {
             .map_err(db_err("starting a transaction"))?;
         let row = tx
             .query_opt(
-                &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1 FOR UPDATE"),
-                &[&p.id.as_str()],
+                &format!(
+                    "SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $2 AND id = $1 \
+                     FOR UPDATE"
+                ),
+                &[&p.id.id.as_str(), &p.id.tenant()],
             )
             .await
             .map_err(db_err(&format!("reading session {} to cancel it", p.id)))?;
@@ -463,8 +486,8 @@ impl PostgresStore {
         if matches!(outcome, CancelOutcome::Requested(_)) {
             // This process's workers at once; other processes' through their listeners. After
             // the commit, so the flag is visible to whoever acts on the notification.
-            let _ = self.cancels.send(s.id.clone());
-            let payload = format!("{}:{}", self.schema, s.id);
+            let _ = self.cancels.send(s.key());
+            let payload = listen::cancel_payload(&self.schema, &s.key());
             if let Err(e) = client
                 .execute(
                     "SELECT pg_notify($1, $2)",
@@ -478,7 +501,7 @@ impl PostgresStore {
         Ok(outcome)
     }
 
-    pub(super) async fn remove_session(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    pub(super) async fn remove_session(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         let mut client = self.client().await?;
         let tx = client
             .transaction()
@@ -489,14 +512,17 @@ impl PostgresStore {
         // checkpoint's compare-and-set finds no row.
         let row = tx
             .query_opt(
-                &format!("DELETE FROM sessions WHERE id = $1 RETURNING {SESSION_COLUMNS}"),
-                &[&id.as_str()],
+                &format!(
+                    "DELETE FROM sessions WHERE tenant = $2 AND id = $1 \
+                     RETURNING {SESSION_COLUMNS}"
+                ),
+                &[&id.id.as_str(), &id.tenant()],
             )
             .await
             .map_err(db_err(&format!("removing session {id}")))?;
         let Some(row) = row else { return Ok(None) };
         let session = session_from_row(&row)?;
-        delete_session_data(&tx, &[id.as_str()]).await?;
+        delete_session_data(&tx, &[id.tenant()], &[id.id.as_str()]).await?;
         tx.commit()
             .await
             .map_err(db_err(&format!("committing the removal of session {id}")))?;
@@ -516,8 +542,8 @@ impl PostgresStore {
         let rows = tx
             .query(
                 &format!(
-                    "DELETE FROM sessions WHERE id IN (
-                         SELECT id FROM sessions
+                    "DELETE FROM sessions WHERE (tenant, id) IN (
+                         SELECT tenant, id FROM sessions
                          WHERE cleanup_at <= $1
                            AND status IN ('COMPLETED', 'FAILED', 'CANCELLED')
                          ORDER BY cleanup_at
@@ -534,8 +560,12 @@ impl PostgresStore {
             .map(session_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
         if !sessions.is_empty() {
+            let tenants: Vec<&str> = sessions
+                .iter()
+                .map(|s| s.tenant.as_deref().unwrap_or(""))
+                .collect();
             let ids: Vec<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
-            delete_session_data(&tx, &ids).await?;
+            delete_session_data(&tx, &tenants, &ids).await?;
         }
         tx.commit()
             .await
@@ -577,12 +607,16 @@ impl PostgresStore {
 /// Deletes everything stored under the given sessions except their `sessions` rows.
 async fn delete_session_data(
     tx: &deadpool_postgres::Transaction<'_>,
+    tenants: &[&str],
     ids: &[&str],
 ) -> StoreResult<()> {
     for table in ["records", "frontier", "seen", "log", "context"] {
         tx.execute(
-            &format!("DELETE FROM {table} WHERE session_id = ANY($1)"),
-            &[&ids],
+            &format!(
+                "DELETE FROM {table} t USING unnest($1::text[], $2::text[]) AS k(tenant, id) \
+                 WHERE t.tenant = k.tenant AND t.session_id = k.id"
+            ),
+            &[&tenants, &ids],
         )
         .await
         .map_err(db_err(&format!(
@@ -604,6 +638,7 @@ pub(super) async fn write_sessions(
     }
     let n = sessions.len();
     let mut ids = Vec::with_capacity(n);
+    let mut tenants = Vec::with_capacity(n);
     let mut status = Vec::with_capacity(n);
     let mut attempt = Vec::with_capacity(n);
     let mut failures = Vec::with_capacity(n);
@@ -629,6 +664,7 @@ pub(super) async fn write_sessions(
     let mut attempts = Vec::with_capacity(n);
     for s in sessions {
         ids.push(s.id.as_str());
+        tenants.push(s.tenant.as_deref().unwrap_or(""));
         status.push(s.status.as_str());
         attempt.push(to_i32(s.attempt, "attempt")?);
         failures.push(to_i32(s.failures, "failures")?);
@@ -675,17 +711,17 @@ pub(super) async fn write_sessions(
                  $6::text[], $7::int8[], $8::bool[], $9::int8[], $10::int8[], $11::int8[],
                  $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[],
                  $18::int8[], $19::int8[], $20::int8[], $21::text[], $22::text[], $23::int8[],
-                 $24::int8[], $25::int8[], $26::int8[], $27::int8[], $28::jsonb[])
+                 $24::int8[], $25::int8[], $26::int8[], $27::int8[], $28::jsonb[], $29::text[])
                  AS u(id, status, attempt, failures, progress, lease_owner, lease_expires,
                       cancel, run_at, updated, cleanup, start_time, end_time, pages, elements,
                       requests, errors, bytes, retries, robots, error_kind, error_message,
                       checkpoints, records, records_removed, running_ms, running_since,
-                      attempts)
-             WHERE sessions.id = u.id",
+                      attempts, tenant)
+             WHERE sessions.tenant = u.tenant AND sessions.id = u.id",
         )
         .await
         .map_err(db_err("preparing a session write"))?;
-    let params: [&(dyn ToSql + Sync); 28] = [
+    let params: [&(dyn ToSql + Sync); 29] = [
         &ids,
         &status,
         &attempt,
@@ -714,6 +750,7 @@ pub(super) async fn write_sessions(
         &running_ms,
         &running_since,
         &attempts,
+        &tenants,
     ];
     let written = tx
         .execute(&stmt, &params)

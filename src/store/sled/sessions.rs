@@ -22,7 +22,7 @@ use super::keys::{
     show_key, status_prefix, upto,
 };
 use super::{COUNTERS_KEY, Counters, SledStore, blocking, sled_err};
-use crate::session::{CancelDecision, Session, SessionId, SessionStatus, Timestamp};
+use crate::session::{CancelDecision, Session, SessionKey, SessionStatus, Timestamp};
 use crate::store::{
     AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit, HeartbeatOutcome, InsertOutcome,
     LeaseReclaim, Reclaimed, RequeueOutcome, SessionCancel, SessionClaim, SessionCounts,
@@ -47,14 +47,14 @@ fn index_keys(s: &Session) -> Vec<Vec<u8>> {
     if let Some(agent) = &s.job.agent {
         keys.push(k_agent(agent, s));
         if s.status.is_active() {
-            keys.push(k_active(s.client.client_id(), agent, &s.id));
+            keys.push(k_active(s.client.client_id(), agent, &s.key()));
         }
     }
     if let (SessionStatus::Running, Some(lease)) = (s.status, &s.lease) {
-        keys.push(k_lease(lease.expires_at, &s.id));
+        keys.push(k_lease(lease.expires_at, &s.key()));
     }
     if let (true, Some(at)) = (s.status.is_terminal(), s.cleanup_at) {
-        keys.push(k_cleanup(at, &s.id));
+        keys.push(k_cleanup(at, &s.key()));
     }
     keys
 }
@@ -103,7 +103,7 @@ impl SledStore {
             *slot = slot.saturating_sub(1);
         }
         c.by_status[new.status.code() as usize] += 1;
-        b.insert(k_session(&new.id), codec::encode(new)?);
+        b.insert(k_session(&new.key()), codec::encode(new)?);
         Ok(())
     }
 
@@ -129,13 +129,14 @@ impl SledStore {
         if batch.is_empty() {
             return Ok(());
         }
-        self.stage_records(b, &s.id, s.records, &batch.records)?;
-        self.stage_frontier(b, &s.id, batch)?;
+        let key = s.key();
+        self.stage_records(b, &key, s.records, &batch.records)?;
+        self.stage_frontier(b, &key, batch)?;
         if !batch.log.is_empty() {
-            self.stage_log(b, &s.id, &batch.log)?;
+            self.stage_log(b, &key, &batch.log)?;
         }
         if let Some(context) = &batch.context {
-            Self::stage_context(b, &s.id, context)?;
+            Self::stage_context(b, &key, context)?;
         }
         Ok(())
     }
@@ -196,7 +197,7 @@ impl SledStore {
     }
 
     /// Removes a session and, in bounded chunks, all its data. Returns it and the ticket.
-    fn remove_sync(&self, id: &SessionId) -> StoreResult<(Option<Session>, Option<u64>)> {
+    fn remove_sync(&self, id: &SessionKey) -> StoreResult<(Option<Session>, Option<u64>)> {
         let removed = {
             let mut st = self.lock();
             let Some(s) = self.load(id)? else {
@@ -254,7 +255,7 @@ impl SledStore {
     }
 
     /// Deletes a removed session's data keyspaces in chunks, then its tombstone.
-    fn purge(&self, id: &SessionId) -> StoreResult<u64> {
+    fn purge(&self, id: &SessionKey) -> StoreResult<u64> {
         for tag in [
             b'R', b'E', b'B', b'J', b'Q', b'V', b'K', b'I', b'F', b'U', b'O', b'H',
         ] {
@@ -397,11 +398,11 @@ impl SledStore {
             let mut st = self.lock();
             if self
                 .db
-                .contains_key(k_session(&s.id))
+                .contains_key(k_session(&s.key()))
                 .map_err(sled_err("checking for the session"))?
                 || self
                     .db
-                    .contains_key(k_tombstone(&s.id))
+                    .contains_key(k_tombstone(&s.key()))
                     .map_err(sled_err("checking for the session"))?
             {
                 return Err(StoreError::Duplicate(s.id));
@@ -410,7 +411,7 @@ impl SledStore {
                 let prefix = active_prefix(s.client.client_id(), agent);
                 if let Some(kv) = self.db.scan_prefix(&prefix).next() {
                     let (k, _) = kv.map_err(sled_err("checking the agent's active sessions"))?;
-                    return Ok(InsertOutcome::AgentBusy(id_after(&k, prefix.len())?));
+                    return Ok(InsertOutcome::AgentBusy(id_after(&k, prefix.len())?.id));
                 }
             }
             let mut c = st.clone();
@@ -570,7 +571,7 @@ impl SledStore {
                         if s.status == SessionStatus::Running
                             && s.lease.as_ref().is_some_and(|l| {
                                 l.expires_at <= p.expired_before
-                                    && k_lease(l.expires_at, &s.id) == *k
+                                    && k_lease(l.expires_at, &s.key()) == *k
                             }) =>
                     {
                         s
@@ -588,7 +589,7 @@ impl SledStore {
                 let (s, outcome) = old.reclaimed(p.backoff, p.cleanup_after, p.now);
                 self.stage_transition(&mut c, &mut b, &old, &s)?;
                 reclaimed.push(Reclaimed {
-                    id: s.id.clone(),
+                    id: s.key(),
                     attempt: old.attempt,
                     outcome,
                     session: Box::new(s),
@@ -632,14 +633,14 @@ impl SledStore {
         self.durability.wait(ticket).await?;
         if let CancelOutcome::Requested(s) = &outcome {
             // No receiver is fine: no worker runs here.
-            let _ = self.cancels.send(s.id.clone());
+            let _ = self.cancels.send(s.key());
         }
         // A claimer may be waiting for a slot this frees up (spurious wakeups are allowed).
         self.pending.notify_one();
         Ok(outcome)
     }
 
-    pub(super) async fn remove_session(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    pub(super) async fn remove_session(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         let (removed, ticket) = blocking(|| self.remove_sync(id))?;
         if let Some(t) = ticket {
             self.durability.wait(t).await?;
