@@ -213,6 +213,16 @@ impl HarvestBuilder {
             Some(s) => s,
             None => open_store(&self.config).await?,
         };
+        let mut quotas = crate::store::Quotas::default();
+        for c in &self.config.clients {
+            if let Some(n) = c.max_running {
+                quotas.max_running.insert(c.id.clone(), n);
+            }
+            if let Some(n) = c.max_pending {
+                quotas.max_pending.insert(c.id.clone(), n);
+            }
+        }
+        store.quotas_set(quotas)?;
         let job = match self.job {
             Some(j) => j,
             None => default_job(&self.config)?,
@@ -510,6 +520,9 @@ impl Harvest {
             Ok(InsertOutcome::AgentBusy(active)) => Err(HarvestError::Conflict(format!(
                 "agent allows a single session and session {active} is still active"
             ))),
+            Ok(InsertOutcome::PendingQuota { client, limit }) => {
+                Err(HarvestError::QuotaExceeded { client, limit })
+            }
             Err(StoreError::Duplicate(id)) => Err(HarvestError::Duplicate(id)),
             Err(e) => Err(e.into()),
         }

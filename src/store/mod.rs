@@ -63,6 +63,32 @@ pub enum InsertOutcome {
     Inserted(Box<Session>),
     /// An active session of the single-session agent exists: this one.
     AgentBusy(SessionId),
+    /// The client already has its `max_pending` PENDING sessions ([`Quotas`]).
+    PendingQuota {
+        /// The client.
+        client: String,
+        /// Its limit.
+        limit: u64,
+    },
+}
+
+/// Per-client limits a store enforces in its inserts and claims (`[[clients]] max_running` and
+/// `max_pending`), by client id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quotas {
+    /// Most RUNNING sessions per client: a claim skips a client at its limit and takes the next
+    /// eligible session (of another client), so a busy client never stalls the others.
+    pub max_running: BTreeMap<String, u64>,
+    /// Most PENDING sessions per client: an insert beyond it is
+    /// [`InsertOutcome::PendingQuota`].
+    pub max_pending: BTreeMap<String, u64>,
+}
+
+impl Quotas {
+    /// No limits.
+    pub fn is_empty(&self) -> bool {
+        self.max_running.is_empty() && self.max_pending.is_empty()
+    }
 }
 
 /// List sessions, newest first.
@@ -672,6 +698,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Make every acknowledged write durable and release resources.
     async fn close(&self) -> StoreResult<()>;
+
+    /// Sets the per-client limits later inserts and claims enforce. A backend that cannot
+    /// enforce them refuses with [`StoreError::Invalid`] (only empty limits are accepted).
+    fn quotas_set(&self, q: Quotas) -> StoreResult<()> {
+        if q.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid(format!(
+                "the {} store does not enforce [[clients]] max_running or max_pending",
+                self.backend()
+            )))
+        }
+    }
 }
 
 /// The id text of a session's store key, for error messages.

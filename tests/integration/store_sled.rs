@@ -217,8 +217,11 @@ async fn corrupt_session_names_its_key_and_the_rest_works() {
     }
     {
         let db = raw(&dir);
-        db.insert(b"Sbad", vec![SCHEMA_VERSION as u8, 0xFF, 0xFF, 0xFF])
-            .unwrap();
+        db.insert(
+            b"S\0\0\0\0bad",
+            vec![SCHEMA_VERSION as u8, 0xFF, 0xFF, 0xFF],
+        )
+        .unwrap();
         db.flush().unwrap();
     }
     let store = open(&dir);
@@ -519,8 +522,9 @@ fn throughput_group_commit_vs_naive() {
 async fn removal_interrupted_by_a_crash_is_finished_at_open() {
     let dir = TempDir::new().unwrap();
     drop(open(&dir));
+    // Layout 3: `tag lp(tenant) lp(id)`, here in the single namespace (tenant "").
     let lp = |tag: u8, id: &str| {
-        let mut k = vec![tag];
+        let mut k = vec![tag, 0, 0, 0, 0];
         k.extend_from_slice(&(id.len() as u32).to_be_bytes());
         k.extend_from_slice(id.as_bytes());
         k
@@ -528,7 +532,7 @@ async fn removal_interrupted_by_a_crash_is_finished_at_open() {
     {
         // What a crash between the removal batch and the end of the data purge leaves.
         let db = raw(&dir);
-        db.insert(b"Zhalf", &[][..]).unwrap();
+        db.insert(b"Z\0\0\0\0half", &[][..]).unwrap();
         for n in 0u64..3 {
             let mut k = lp(b'R', "half");
             k.extend_from_slice(&n.to_be_bytes());

@@ -151,6 +151,8 @@ pub struct SledStore {
     leaders: std::sync::Mutex<std::collections::HashMap<String, (String, Timestamp)>>,
     /// Cancels of RUNNING sessions, for [`Store::cancel_requests`].
     cancels: tokio::sync::broadcast::Sender<SessionKey>,
+    /// Per-client limits ([`Store::quotas_set`]), checked under the store mutex.
+    quotas: std::sync::RwLock<super::Quotas>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -296,6 +298,7 @@ impl SledStore {
             poisoned: AtomicBool::new(false),
             leaders: std::sync::Mutex::new(std::collections::HashMap::new()),
             cancels: tokio::sync::broadcast::channel(CANCEL_CHANNEL).0,
+            quotas: std::sync::RwLock::new(super::Quotas::default()),
         };
         store.purge_interrupted()?;
         Ok(store)
@@ -476,5 +479,10 @@ impl Store for SledStore {
     async fn close(&self) -> StoreResult<()> {
         let ticket = self.durability.ticket();
         self.durability.wait(ticket).await
+    }
+
+    fn quotas_set(&self, q: super::Quotas) -> StoreResult<()> {
+        *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = q;
+        Ok(())
     }
 }

@@ -407,6 +407,15 @@ impl SledStore {
             {
                 return Err(StoreError::Duplicate(s.id));
             }
+            let max_pending = self.quotas().max_pending.get(s.client.client_id()).copied();
+            if let Some(limit) = max_pending
+                && self.count_client(s.client.client_id(), SessionStatus::Pending)? >= limit
+            {
+                return Ok(InsertOutcome::PendingQuota {
+                    client: s.client.client_id().to_string(),
+                    limit,
+                });
+            }
             if let Some(agent) = &p.single_agent {
                 let prefix = active_prefix(s.client.client_id(), agent);
                 if let Some(kv) = self.db.scan_prefix(&prefix).next() {
@@ -438,6 +447,13 @@ impl SledStore {
             let mut b = Batch::default();
             let mut claimed = Vec::new();
             let mut changed = false;
+            let max_running = self.quotas().max_running;
+            // RUNNING sessions per limited client, counted up as this claim takes more.
+            let mut running = if max_running.is_empty() {
+                std::collections::BTreeMap::new()
+            } else {
+                self.running_per_client()?
+            };
             for kv in self.db.scan_prefix(b"P") {
                 if claimed.len() >= p.limit {
                     break;
@@ -456,6 +472,15 @@ impl SledStore {
                         continue;
                     }
                 };
+                let client = old.client.client_id();
+                if let Some(limit) = max_running.get(client) {
+                    let n = running.entry(client.to_string()).or_insert(0);
+                    if *n >= *limit {
+                        // At its limit: left in the queue; the next eligible session is taken.
+                        continue;
+                    }
+                    *n += 1;
+                }
                 b.remove(k);
                 c.due = c.due.saturating_sub(1);
                 let s = old.claimed(&p.owner, p.lease, p.now);
@@ -673,5 +698,51 @@ impl SledStore {
             by_status,
             queue_depth: c.due + waiting_due,
         })
+    }
+
+    fn quotas(&self) -> crate::store::Quotas {
+        self.quotas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A client's sessions in `status`, through its `C` index (O(its sessions)).
+    fn count_client(&self, client: &str, status: SessionStatus) -> StoreResult<u64> {
+        let prefix = lp_prefix(b'C', client);
+        let mut n = 0;
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(sled_err("counting a client's sessions"))?;
+            let Ok(key) = id_after(&k, prefix.len() + 8) else {
+                continue;
+            };
+            if self
+                .load(&key)
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.status == status)
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// RUNNING sessions per client, through the `T` index (O(running)).
+    fn running_per_client(&self) -> StoreResult<std::collections::BTreeMap<String, u64>> {
+        let prefix = status_prefix(SessionStatus::Running);
+        let mut out = std::collections::BTreeMap::new();
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(sled_err("counting running sessions"))?;
+            let Ok(key) = id_after(&k, prefix.len() + 8) else {
+                continue;
+            };
+            if let Ok(Some(s)) = self.load(&key)
+                && s.status == SessionStatus::Running
+            {
+                *out.entry(s.client.client_id().to_string()).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
     }
 }
