@@ -163,7 +163,8 @@ pub(crate) fn params_to_strings(
         (status = 400, description = "Invalid JSON, TOML, config, options or session id", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "`agent` names no agent of this client", body = ErrorBody),
-        (status = 409, description = "A session with this id exists, or a single-session agent is busy", body = ErrorBody),
+        (status = 409, description = "A session with this id exists in the caller's tenant, or a single-session agent is busy", body = ErrorBody),
+        (status = 429, description = "The client has `max_pending` PENDING sessions (`quota_exceeded`); retry after `Retry-After` seconds", body = ErrorBody),
         (status = 413, description = "Body over server.max_body_bytes", body = ErrorBody),
         (status = 415, description = "Body is not application/json", body = ErrorBody),
     )

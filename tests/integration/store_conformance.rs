@@ -53,6 +53,7 @@ macro_rules! store_conformance {
     ($factory:path) => {
         $crate::store_conformance::store_conformance!(@each $factory;
             insert_get_duplicate,
+            same_id_in_two_tenants,
             claim_makes_running,
             claim_order_priority_run_at_seq_and_limit,
             claim_limit_zero_claims_nothing,
@@ -228,7 +229,7 @@ fn aref(s: &Session) -> AttemptRef {
         .map(|l| l.owner.clone())
         .unwrap_or_default();
     AttemptRef {
-        id: harvest::SessionKey::from(s.id.clone()),
+        id: s.key(),
         attempt: s.attempt,
         owner,
     }
@@ -423,6 +424,94 @@ pub async fn insert_get_duplicate(store: Arc<dyn Store>) {
         a,
         "a duplicate insert must not overwrite"
     );
+}
+
+/// Ids are unique per tenant: the same id in two tenants (and in the single namespace) is three
+/// sessions, each with its own records, log and removal; a duplicate only within a tenant.
+pub async fn same_id_in_two_tenants(store: Arc<dyn Store>) {
+    let key = |t: Option<&str>| harvest::SessionKey::new(t, sid("same"));
+    for (t, n) in [(Some("t1"), 1u64), (Some("t2"), 2), (None, 3)] {
+        let mut s = session("same");
+        s.tenant = t.map(String::from);
+        s.client = ClientContext::of(t.unwrap_or("c1"));
+        s.options.priority = n as i32;
+        let got = insert(&store, s).await;
+        assert_eq!(got.key(), key(t));
+    }
+    let mut dup = session("same");
+    dup.tenant = Some("t1".into());
+    let err = store
+        .session_insert(SessionInsert {
+            session: dup,
+            single_agent: None,
+        })
+        .await;
+    assert!(matches!(err, Err(StoreError::Duplicate(_))), "{err:?}");
+    // Claimed in priority order: None (3), t2 (2), t1 (1); each commits its own records.
+    let claimed = claim(&store, "w", 3, at(1)).await;
+    assert_eq!(claimed.len(), 3);
+    for s in &claimed {
+        let n = s.options.priority as usize;
+        let batch = CheckpointBatch {
+            records: (0..n).map(|i| serde_json::json!({ "i": i })).collect(),
+            log: vec![LogLine {
+                at: at(2),
+                level: "info".into(),
+                message: format!("tenant {:?}", s.tenant),
+            }],
+            ..Default::default()
+        };
+        let done = store
+            .checkpoint_commit_if_running(CheckpointCommit {
+                attempt: aref(s),
+                batch,
+                lease: Duration::from_secs(30),
+                now: at(2),
+            })
+            .await
+            .expect("checkpoint");
+        assert!(done.is_some(), "checkpoint of {:?}", s.tenant);
+    }
+    for (t, n) in [(Some("t1"), 1usize), (Some("t2"), 2), (None, 3)] {
+        let s = store.session_get(&key(t)).await.unwrap().expect("found");
+        assert_eq!(s.tenant.as_deref(), t);
+        assert_eq!(s.records, n as u64);
+        let records = store
+            .records_page(RecordsPage {
+                id: key(t),
+                offset: 0,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(records.len(), n, "{t:?}");
+        let log = store.log_tail(&key(t), 10).await.unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].message, format!("tenant {t:?}"));
+    }
+    assert!(
+        store
+            .session_remove(&key(Some("t1")))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(store.session_get(&key(Some("t1"))).await.unwrap().is_none());
+    for t in [Some("t2"), None] {
+        assert!(
+            store.session_get(&key(t)).await.unwrap().is_some(),
+            "{t:?} kept"
+        );
+        let left = store
+            .records_page(RecordsPage {
+                id: key(t),
+                offset: 0,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert!(!left.is_empty(), "{t:?} keeps its records");
+    }
 }
 
 /// A claim makes the session RUNNING under a lease with attempt + 1.
