@@ -428,14 +428,6 @@ impl Config {
                     "max_running and max_pending must be at least 1 (omit them for no limit)",
                 );
             }
-            if (c.max_running.is_some() || c.max_pending.is_some())
-                && self.store == StoreKind::Postgres
-            {
-                return invalid(
-                    &format!("clients[{i}]"),
-                    "max_running and max_pending are enforced by the sled store only; remove them with store = \"postgres\"",
-                );
-            }
             if !ids.insert(&c.id) {
                 return invalid(
                     &format!("clients[{i}].id"),

@@ -54,6 +54,7 @@ macro_rules! store_conformance {
         $crate::store_conformance::store_conformance!(@each $factory;
             insert_get_duplicate,
             same_id_in_two_tenants,
+            quotas_limit_claims_and_inserts,
             claim_makes_running,
             claim_order_priority_run_at_seq_and_limit,
             claim_limit_zero_claims_nothing,
@@ -512,6 +513,63 @@ pub async fn same_id_in_two_tenants(store: Arc<dyn Store>) {
             .unwrap();
         assert!(!left.is_empty(), "{t:?} keeps its records");
     }
+}
+
+/// `max_running`: a claim skips a client at its limit and takes the next eligible session (of
+/// another client) instead of stalling; `max_pending`: an insert beyond it is refused.
+pub async fn quotas_limit_claims_and_inserts(store: Arc<dyn Store>) {
+    let mut q = harvest::store::Quotas::default();
+    q.max_running.insert("busy".into(), 2);
+    q.max_pending.insert("busy".into(), 4);
+    store.quotas_set(q).expect("quotas");
+    let of = |id: &str, client: &str, prio: i32| {
+        let mut s = session(id);
+        s.client = ClientContext::of(client);
+        s.options.priority = prio;
+        s
+    };
+    // busy's sessions come first in claim order (higher priority).
+    for i in 0..4 {
+        insert(&store, of(&format!("b{i}"), "busy", 10)).await;
+    }
+    let over = store
+        .session_insert(SessionInsert {
+            session: of("b4", "busy", 10),
+            single_agent: None,
+        })
+        .await
+        .expect("insert");
+    assert_eq!(
+        over,
+        InsertOutcome::PendingQuota {
+            client: "busy".into(),
+            limit: 4
+        }
+    );
+    for i in 0..2 {
+        insert(&store, of(&format!("o{i}"), "other", 0)).await;
+    }
+    let first = claim(&store, "w1", 3, at(1)).await;
+    assert_eq!(ids(&first), vec!["b0", "b1", "o0"], "busy's third waits");
+    // busy has two RUNNING: a later claim passes its sessions over.
+    let second = claim(&store, "w2", 3, at(1)).await;
+    assert_eq!(ids(&second), vec!["o1"]);
+    assert!(claim(&store, "w3", 3, at(1)).await.is_empty());
+    // Two of busy's left PENDING, so two more may be submitted.
+    insert(&store, of("b4", "busy", 10)).await;
+    // One of busy's ends: one slot frees up.
+    assert!(finish(&store, &aref(&first[0]), SessionStatus::Completed, at(2)).await);
+    let third = claim(&store, "w4", 3, at(3)).await;
+    assert_eq!(ids(&third), vec!["b2"]);
+    store
+        .quotas_set(harvest::store::Quotas::default())
+        .expect("no quotas");
+    let rest = claim(&store, "w5", 5, at(3)).await;
+    assert_eq!(
+        ids(&rest),
+        vec!["b3", "b4"],
+        "without limits, everything due"
+    );
 }
 
 /// A claim makes the session RUNNING under a lease with attempt + 1.

@@ -9,13 +9,14 @@ use serde_json::{Value, json};
 const ACME: &str = "acme-token-1234";
 const GLOBEX: &str = "globex-token-5678";
 
-/// `harvest serve` with two tenants (acme with `acme_limits` added to its table).
-fn serve(dir: &std::path::Path, acme_limits: &str) -> crate::proc::Server {
+/// `harvest serve` with two tenants (acme with `acme_limits` added to its table), and `store`
+/// (top-level settings: the store to use) at the top of its config file.
+fn serve(dir: &std::path::Path, store: &str, acme_limits: &str) -> crate::proc::Server {
     let service = dir.join("service.toml");
     std::fs::write(
         &service,
         format!(
-            "[[clients]]\nid = \"acme\"\ntoken = \"{ACME}\"\n{acme_limits}\n\
+            "{store}\n[[clients]]\nid = \"acme\"\ntoken = \"{ACME}\"\n{acme_limits}\n\
              [[clients]]\nid = \"globex\"\ntoken = \"{GLOBEX}\"\n\
              [http_guard]\nallow_networks = [\"127.0.0.0/8\"]\n"
         ),
@@ -100,7 +101,7 @@ fn crawl(site: &crate::sitegen::Site, pages: usize, delay_ms: u64) -> Value {
 async fn two_tenants_submitting_the_same_id_each_see_their_own() {
     let site = crate::resume_crash::product_site(3).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = serve(dir.path(), "");
+    let server = serve(dir.path(), "", "");
     let api = Api {
         http: reqwest::Client::new(),
         base: format!("http://{}", server.addr),
@@ -183,9 +184,30 @@ async fn two_tenants_submitting_the_same_id_each_see_their_own() {
 /// (sampled), and the other tenant's session still starts while acme's wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_hold_under_a_burst_of_500_and_another_tenant_still_starts() {
+    quota_burst("").await;
+}
+
+/// The same on PostgreSQL (skipped without `HARVEST_TEST_DATABASE_URL`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_hold_under_a_burst_of_500_on_postgres() {
+    let Some(url) = crate::store_postgres::database_url() else {
+        return;
+    };
+    let schema = crate::store_postgres::unique_schema();
+    let _guard = crate::store_postgres::SchemaGuard {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
+    quota_burst(&format!(
+        "store = \"postgres\"\ndatabase_url = \"{url}\"\ndatabase_schema = \"{schema}\""
+    ))
+    .await;
+}
+
+async fn quota_burst(store: &str) {
     let site = crate::resume_crash::product_site(3).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = serve(dir.path(), "max_running = 1\nmax_pending = 5");
+    let server = serve(dir.path(), store, "max_running = 1\nmax_pending = 5");
     let api = Api {
         http: reqwest::Client::new(),
         base: format!("http://{}", server.addr),

@@ -60,6 +60,9 @@ use crate::session::{LogLine, Record, Session, SessionKey, Timestamp};
 const ADVISORY_CLASS_MIGRATE: i32 = 0x6876_0001;
 /// Advisory lock class of the single-session-agent check.
 const ADVISORY_CLASS_AGENT: i32 = 0x6876_0002;
+/// Advisory lock class of the quota checks: key 0 serializes claims while `max_running` limits
+/// are set; `hashtext(client)` serializes a client's inserts while it has a `max_pending`.
+const ADVISORY_CLASS_QUOTA: i32 = 0x6876_0003;
 
 /// Connections in the pool. 16: enough for a process's workers, API and scheduler without
 /// exhausting a default server (`max_connections = 100`) when a few processes share it.
@@ -83,6 +86,8 @@ pub struct PostgresStore {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Cancels of RUNNING sessions, from this process and (through the listener) from others.
     cancels: tokio::sync::broadcast::Sender<SessionKey>,
+    /// Per-client limits ([`Store::quotas_set`]).
+    quotas: std::sync::RwLock<crate::store::Quotas>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -181,6 +186,7 @@ impl PostgresStore {
             stop,
             tasks: Mutex::new(vec![listener, announcer]),
             cancels,
+            quotas: std::sync::RwLock::new(crate::store::Quotas::default()),
         })
     }
 
@@ -342,6 +348,11 @@ impl Store for PostgresStore {
 
     async fn pending_wait(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
+    }
+
+    fn quotas_set(&self, q: crate::store::Quotas) -> StoreResult<()> {
+        *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = q;
+        Ok(())
     }
 
     async fn close(&self) -> StoreResult<()> {

@@ -10,7 +10,7 @@ use super::rows::{
     SESSION_COLUMNS, SpecRef, attempts_to_json, error_columns, parse_status, row_get,
     session_from_row, to_i32, to_i64, to_u64, usage_columns,
 };
-use super::{ADVISORY_CLASS_AGENT, PostgresStore, db_err, listen};
+use super::{ADVISORY_CLASS_AGENT, ADVISORY_CLASS_QUOTA, PostgresStore, db_err, listen};
 use crate::session::{
     ATTEMPTS_KEPT, CancelDecision, Session, SessionId, SessionKey, SessionStatus, Timestamp,
 };
@@ -29,6 +29,23 @@ const LIST_LIMIT_MAX: usize = 1000;
 pub(super) fn if_running(tenant: usize) -> String {
     format!(
         "tenant = ${tenant} AND id = $1 AND status = 'RUNNING' AND attempt = $2 AND lease_owner = $3"
+    )
+}
+
+/// The claim's `UPDATE` of the sessions a `due` CTE chose: `$1` now, `$3` the owner, `$4` the
+/// lease's expiry.
+fn claim_update() -> String {
+    format!(
+        "UPDATE sessions SET status = 'RUNNING', attempt = attempt + 1,
+             lease_owner = $3, lease_expires_at = $4,
+             start_time = COALESCE(start_time, $1), end_time = NULL,
+             running_since = $1, progress_this_attempt = false, updated_at = $1,
+             attempts = (CASE WHEN jsonb_array_length(attempts) >= {ATTEMPTS_KEPT}
+                         THEN attempts - 0 ELSE attempts END)
+                 || jsonb_build_array(jsonb_build_object('attempt', attempt + 1,
+                     'started_at', $1::bigint, 'ended_at', NULL, 'outcome', NULL))
+         FROM due WHERE tenant = due_tenant AND id = due_id AND status = 'PENDING'
+         RETURNING {SESSION_COLUMNS}, priority"
     )
 }
 
@@ -141,7 +158,7 @@ impl PostgresStore {
     }
 
     pub(super) async fn insert_session(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
-        let mut session = p.session;
+        let session = p.session;
         if session.status != SessionStatus::Pending {
             return Err(StoreError::Invalid(format!(
                 "session {} is inserted as {}; new sessions must be PENDING",
@@ -149,14 +166,52 @@ impl PostgresStore {
             )));
         }
         let agent = session.job.agent.clone().or_else(|| p.single_agent.clone());
+        let max_pending = self
+            .quotas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_pending
+            .get(session.client.client_id())
+            .copied();
         let mut client = self.client().await?;
-        let seq = match &p.single_agent {
-            None => self.insert_row(&client, &session, agent.as_deref()).await?,
-            Some(name) => {
+        let seq = match (&p.single_agent, max_pending) {
+            (None, None) => self.insert_row(&client, &session, agent.as_deref()).await?,
+            (single, max_pending) => {
                 let tx = client
                     .transaction()
                     .await
                     .map_err(db_err("starting a transaction"))?;
+                if let Some(limit) = max_pending {
+                    // Serializes this client's inserts: the count below then sees every insert
+                    // committed before ours.
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                        &[&ADVISORY_CLASS_QUOTA, &session.client.client_id()],
+                    )
+                    .await
+                    .map_err(db_err("locking the client's pending quota"))?;
+                    let row = tx
+                        .query_one(
+                            "SELECT count(*) FROM sessions WHERE client_id = $1 AND status = 'PENDING'",
+                            &[&session.client.client_id()],
+                        )
+                        .await
+                        .map_err(db_err("counting the client's pending sessions"))?;
+                    let pending = to_u64(row_get::<i64>(&row, 0, "sessions/count")?, "count")?;
+                    if pending >= limit {
+                        return Ok(InsertOutcome::PendingQuota {
+                            client: session.client.client_id().to_string(),
+                            limit,
+                        });
+                    }
+                }
+                let Some(name) = single else {
+                    let seq = self.insert_row(&tx, &session, agent.as_deref()).await?;
+                    tx.commit()
+                        .await
+                        .map_err(db_err("committing the session insert"))?;
+                    return self.inserted(session, seq);
+                };
                 // Serializes inserts for this agent: the check below then sees every insert
                 // committed before ours, so two racing submissions cannot both pass it.
                 tx.execute(
@@ -188,6 +243,11 @@ impl PostgresStore {
                 seq
             }
         };
+        self.inserted(session, seq)
+    }
+
+    /// The outcome of an insert that returned `seq` (`None`: the id is taken in its tenant).
+    fn inserted(&self, mut session: Session, seq: Option<u64>) -> StoreResult<InsertOutcome> {
         let Some(seq) = seq else {
             return Err(StoreError::Duplicate(session.id));
         };
@@ -290,34 +350,100 @@ impl PostgresStore {
         }
         let limit = i64::try_from(p.limit).unwrap_or(i64::MAX);
         let expires = p.now.add(p.lease).0;
-        let client = self.client().await?;
-        // One statement: rows locked by a concurrent claim are skipped, not waited for, and the
-        // lock is held only until this statement's implicit commit.
-        let stmt = client
-            .prepare_cached(&format!(
-                "WITH due AS (
-                     SELECT tenant AS due_tenant, id AS due_id FROM sessions
-                     WHERE status = 'PENDING' AND run_at <= $1
-                     ORDER BY priority DESC, run_at, seq
-                     LIMIT $2
-                     FOR UPDATE SKIP LOCKED)
-                 UPDATE sessions SET status = 'RUNNING', attempt = attempt + 1,
-                     lease_owner = $3, lease_expires_at = $4,
-                     start_time = COALESCE(start_time, $1), end_time = NULL,
-                     running_since = $1, progress_this_attempt = false, updated_at = $1,
-                     attempts = (CASE WHEN jsonb_array_length(attempts) >= {ATTEMPTS_KEPT}
-                                 THEN attempts - 0 ELSE attempts END)
-                         || jsonb_build_array(jsonb_build_object('attempt', attempt + 1,
-                             'started_at', $1::bigint, 'ended_at', NULL, 'outcome', NULL))
-                 FROM due WHERE tenant = due_tenant AND id = due_id AND status = 'PENDING'
-                 RETURNING {SESSION_COLUMNS}, priority"
-            ))
+        let max_running = self
+            .quotas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_running
+            .clone();
+        let rows = if max_running.is_empty() {
+            let client = self.client().await?;
+            // One statement: rows locked by a concurrent claim are skipped, not waited for, and
+            // the lock is held only until this statement's implicit commit.
+            let stmt = client
+                .prepare_cached(&format!(
+                    "WITH due AS (
+                         SELECT tenant AS due_tenant, id AS due_id FROM sessions
+                         WHERE status = 'PENDING' AND run_at <= $1
+                         ORDER BY priority DESC, run_at, seq
+                         LIMIT $2
+                         FOR UPDATE SKIP LOCKED)
+                     {}",
+                    claim_update()
+                ))
+                .await
+                .map_err(db_err("preparing the claim"))?;
+            client
+                .query(&stmt, &[&p.now.0, &limit, &p.owner, &expires])
+                .await
+                .map_err(db_err("claiming sessions"))?
+        } else {
+            let mut client = self.client().await?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(db_err("starting a transaction"))?;
+            // Claims serialize while limits are set, so that two cannot both take a client's
+            // last slot; the RUNNING counts below see every claim committed before this one.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, 0)",
+                &[&ADVISORY_CLASS_QUOTA],
+            )
             .await
-            .map_err(db_err("preparing the claim"))?;
-        let rows = client
-            .query(&stmt, &[&p.now.0, &limit, &p.owner, &expires])
-            .await
-            .map_err(db_err("claiming sessions"))?;
+            .map_err(db_err("locking the claim quotas"))?;
+            let clients: Vec<&str> = max_running.keys().map(String::as_str).collect();
+            let running = tx
+                .query(
+                    "SELECT client_id, count(*) FROM sessions \
+                     WHERE status = 'RUNNING' AND client_id = ANY($1) GROUP BY client_id",
+                    &[&clients],
+                )
+                .await
+                .map_err(db_err("counting RUNNING sessions of limited clients"))?;
+            let mut allowed: Vec<i64> = Vec::with_capacity(clients.len());
+            for c in &clients {
+                let limit = to_i64(max_running.get(*c).copied().unwrap_or(0), "max_running")?;
+                let mut n = 0i64;
+                for row in &running {
+                    if row_get::<String>(row, 0, "sessions/client_id")? == *c {
+                        n = row_get(row, 1, "sessions/count")?;
+                    }
+                }
+                allowed.push((limit - n).max(0));
+            }
+            // A limited client's due sessions beyond its free slots are passed over (they stay
+            // PENDING), so the next eligible sessions (other clients') are taken instead.
+            let rows = tx
+                .query(
+                    &format!(
+                        "WITH allow AS (SELECT * FROM unnest($5::text[], $6::int8[]) AS a(client, n)),
+                         due AS (
+                             SELECT c.tenant AS due_tenant, c.id AS due_id FROM (
+                                 SELECT tenant, id, client_id, priority, run_at, seq,
+                                     row_number() OVER (PARTITION BY client_id
+                                         ORDER BY priority DESC, run_at, seq) AS rn
+                                 FROM sessions WHERE status = 'PENDING' AND run_at <= $1) c
+                             LEFT JOIN allow ON allow.client = c.client_id
+                             WHERE allow.client IS NULL OR c.rn <= allow.n
+                             ORDER BY c.priority DESC, c.run_at, c.seq
+                             LIMIT $2)
+                         {}",
+                        claim_update()
+                    ),
+                    &[
+                        &p.now.0,
+                        &limit,
+                        &p.owner,
+                        &expires,
+                        &clients,
+                        &allowed,
+                    ],
+                )
+                .await
+                .map_err(db_err("claiming sessions within the clients' max_running"))?;
+            tx.commit().await.map_err(db_err("committing the claim"))?;
+            rows
+        };
         let mut claimed = rows
             .iter()
             .map(session_from_row)
