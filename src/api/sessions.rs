@@ -116,13 +116,9 @@ pub(crate) async fn owned_session(
     caller: &Caller,
     id: &SessionId,
 ) -> Result<Session, ApiError> {
-    // Resolved within the caller's tenant: another tenant's session of the same id is not
-    // even read.
-    match st
-        .harvest
-        .get(st.harvest.key(caller.client_id(), id.clone()))
-        .await?
-    {
+    // Resolved within the caller's tenant (or among its sessions stored before ids were
+    // scoped): another tenant's session of the same id is never returned.
+    match st.harvest.resolve(caller.client_id(), id).await? {
         Some(s) if caller.owns(&s) => Ok(s),
         _ => Err(ApiError::session_not_found(id)),
     }

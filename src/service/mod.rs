@@ -553,6 +553,28 @@ impl Harvest {
         Ok(self.inner.store.session_get(&id.into()).await?)
     }
 
+    /// Session `id` as client `client_id` names it: its session in its own tenant, else a
+    /// session of that client stored before ids were scoped to tenants (in the single
+    /// namespace, see [`SessionKey`]). Another client's session is never returned. Use the
+    /// returned session's [`Session::key`] to act on it.
+    pub async fn resolve(
+        &self,
+        client_id: Option<&str>,
+        id: &SessionId,
+    ) -> Result<Option<Session>, HarvestError> {
+        let key = self.key(client_id, id.clone());
+        if let Some(s) = self.get(&key).await? {
+            return Ok(Some(s));
+        }
+        let (Some(client), Some(_)) = (client_id, &key.client) else {
+            return Ok(None);
+        };
+        Ok(self
+            .get(SessionKey::single(id.clone()))
+            .await?
+            .filter(|s| s.client.client_id() == client))
+    }
+
     /// A handle to wait on a session.
     pub fn handle(&self, id: impl Into<SessionKey>) -> SessionHandle {
         SessionHandle {

@@ -327,3 +327,44 @@ token = "globex-token-456"
     );
     s.gate.add_permits(1000);
 }
+
+/// A session stored before ids were scoped to tenants (in the single namespace) stays its
+/// client's: found through the API by its owner, 404 for another tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stored_before_tenant_scoped_ids_stays_its_clients() {
+    let s = start(TENANTS).await;
+    let legacy = harvest::Session::pending(
+        "legacy".parse().unwrap(),
+        harvest::ClientContext::of("acme"),
+        harvest::session::JobSpec {
+            config: json!({"name": "x"}),
+            params: Default::default(),
+            agent: None,
+        },
+        harvest::SessionOptions {
+            run_at: Some(harvest::session::Timestamp(i64::MAX / 4)),
+            ..Default::default()
+        },
+        harvest::session::Timestamp::now(),
+    );
+    assert_eq!(legacy.tenant, None);
+    s.harvest
+        .store()
+        .session_insert(harvest::store::SessionInsert {
+            session: legacy,
+            single_agent: None,
+        })
+        .await
+        .expect("insert");
+    let r = s.call(Method::GET, "/v1/sessions/legacy", A, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["client"]["client_id"], "acme");
+    s.call(Method::GET, "/v1/sessions/legacy", B, None)
+        .await
+        .assert_error(404, "not_found");
+    let r = s
+        .call(Method::POST, "/v1/sessions/legacy/cancel", A, None)
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.json["status"], "CANCELLED");
+}
