@@ -484,8 +484,20 @@ impl Harvest {
             .session_timeout_secs
             .get_or_insert(self.inner.config.sessions.default_timeout_secs);
         let now = self.inner.clock.now();
+        let chosen = req.session_id.is_some();
         let id = req.session_id.unwrap_or_else(SessionId::generate);
         let tenant = self.tenant_of(req.client.client_id());
+        // The client's sessions stored before ids were scoped keep their ids taken (see
+        // `resolve`), so that one id never names two of its sessions.
+        if chosen
+            && tenant.is_some()
+            && self
+                .get(SessionKey::single(id.clone()))
+                .await?
+                .is_some_and(|s| s.client.client_id() == req.client.client_id())
+        {
+            return Err(HarvestError::Duplicate(id));
+        }
         let mut session = Session::pending(
             id.clone(),
             req.client,

@@ -362,6 +362,13 @@ async fn a_session_stored_before_tenant_scoped_ids_stays_its_clients() {
     s.call(Method::GET, "/v1/sessions/legacy", B, None)
         .await
         .assert_error(404, "not_found");
+    // Its id stays taken for acme only.
+    let body = json!({"config": {"name": "x"}, "session_id": "legacy"});
+    s.call(Method::POST, "/v1/sessions", A, Some(&body))
+        .await
+        .assert_error(409, "duplicate_session");
+    let r = s.call(Method::POST, "/v1/sessions", B, Some(&body)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let r = s
         .call(Method::POST, "/v1/sessions/legacy/cancel", A, None)
         .await;
