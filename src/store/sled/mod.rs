@@ -5,8 +5,10 @@
 //! Everything lives in sled's default tree, one keyspace per leading byte. Every multi-key change
 //! is one batch made crash-atomic by an intent key (see `SledStore::apply_atomic`). A store-level
 //! `std::sync::Mutex` serializes every read-check-write (the compare-and-sets), so no two
-//! writers ever interleave. `id` below is the session id's bytes; `lp(s)` is a 4-byte big-endian
-//! length followed by the bytes, so that a prefix scan of session `ab` never sees `abc`'s keys.
+//! writers ever interleave. `id` below is a session's key, `lp(tenant)` then the id's bytes
+//! (tenant `""`: the single namespace), and `lp(id)` in data keys is `lp(tenant) lp(id)`;
+//! `lp(s)` is a 4-byte big-endian length followed by the bytes, so that a prefix scan of session
+//! `ab` never sees `abc`'s keys.
 //! Integers are big-endian; timestamps have their sign bit flipped so they sort as numbers;
 //! `!seq` is the bitwise complement (newest first).
 //!
