@@ -136,7 +136,8 @@ async fn insert_many(store: &SledStore, sessions: Vec<Session>) {
 }
 
 async fn remove_many(store: &SledStore, ids: &[SessionId]) {
-    for removed in join_all(ids.iter().map(|id| store.session_remove(id))).await {
+    let keys: Vec<harvest::SessionKey> = ids.iter().map(harvest::SessionKey::from).collect();
+    for removed in join_all(keys.iter().map(|k| store.session_remove(k))).await {
         assert!(
             removed.expect("remove a claimed bench session").is_some(),
             "a claimed session was gone before the bench removed it"
@@ -179,12 +180,12 @@ impl Crawl {
         assert_eq!(claimed.len(), 1, "claimed the one pending session");
         let resume = fx
             .store
-            .resume_load(&id)
+            .resume_load(&harvest::SessionKey::from(&id))
             .await
             .expect("resume state of a new session");
         let mut crawl = Crawl {
             attempt: AttemptRef {
-                id,
+                id: id.into(),
                 attempt: claimed[0].attempt,
                 owner,
             },

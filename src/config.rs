@@ -257,6 +257,15 @@ pub struct ClientConfig {
     pub id: String,
     /// Bearer token.
     pub token: String,
+    /// At most this many of the client's sessions RUNNING at once (all workers of the store):
+    /// a claim skips the client's sessions while it is at the limit and takes other clients'.
+    /// Unset: no limit.
+    #[serde(default)]
+    pub max_running: Option<u64>,
+    /// At most this many of the client's sessions PENDING: a submission beyond it is refused
+    /// (HTTP 429 `quota_exceeded` with `Retry-After`). Unset: no limit.
+    #[serde(default)]
+    pub max_pending: Option<u64>,
 }
 
 impl Config {
@@ -414,6 +423,12 @@ impl Config {
                     "is also another client's token; every client needs its own",
                 );
             }
+            if c.max_running == Some(0) || c.max_pending == Some(0) {
+                return invalid(
+                    &format!("clients[{i}]"),
+                    "max_running and max_pending must be at least 1 (omit them for no limit)",
+                );
+            }
             if !ids.insert(&c.id) {
                 return invalid(
                     &format!("clients[{i}].id"),
@@ -486,6 +501,8 @@ mod tests {
             clients: vec![ClientConfig {
                 id: "acme".into(),
                 token: token.into(),
+                max_running: None,
+                max_pending: None,
             }],
             ..Config::default()
         };

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
-use crate::session::{Session, SessionId, SessionStatus};
+use crate::session::{Session, SessionId, SessionKey, SessionStatus};
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -68,10 +68,23 @@ pub struct Event {
     pub kind: EventKind,
     /// Which session.
     pub session_id: SessionId,
+    /// The tenant whose namespace holds the id (see [`SessionKey`]); not serialized.
+    #[serde(skip)]
+    pub tenant: Option<String>,
     /// Its owner.
     pub client_id: String,
     /// The session after the change (`None` for `removed` when it was already gone).
     pub session: Option<Box<Session>>,
+}
+
+impl Event {
+    /// The session's key (tenant and id).
+    pub fn key(&self) -> SessionKey {
+        SessionKey {
+            client: self.tenant.clone(),
+            id: self.session_id.clone(),
+        }
+    }
 }
 
 /// The process-wide event channel.
@@ -81,13 +94,13 @@ pub struct EventBus {
     /// Sessions being submitted whose `created` event is not out yet. A worker can claim a
     /// session the moment it is stored, before the submitter publishes `created`; its `started`
     /// waits here so subscribers always see `created` first.
-    creating: Arc<Mutex<HashMap<SessionId, watch::Receiver<bool>>>>,
+    creating: Arc<Mutex<HashMap<SessionKey, watch::Receiver<bool>>>>,
 }
 
 /// Held by a submitter between storing a session and publishing its `created` event.
 pub struct CreatingGuard {
     bus: EventBus,
-    id: SessionId,
+    id: SessionKey,
     done: watch::Sender<bool>,
 }
 
@@ -133,13 +146,14 @@ impl EventBus {
         let _ = self.tx.send(Event {
             kind,
             session_id: session.id.clone(),
+            tenant: session.tenant.clone(),
             client_id: session.client.client_id().to_string(),
             session: Some(Box::new(session.clone())),
         });
     }
 
     /// Marks a session as being created (call before storing it).
-    pub fn creating(&self, id: &SessionId) -> CreatingGuard {
+    pub fn creating(&self, id: &SessionKey) -> CreatingGuard {
         let (done, rx) = watch::channel(false);
         self.creating
             .lock()
@@ -159,7 +173,7 @@ impl EventBus {
             .creating
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&session.id)
+            .get(&session.key())
             .cloned();
         if let Some(mut rx) = pending {
             let _ = tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|done| *done)).await;

@@ -40,6 +40,6 @@ pub struct ReadmeDoctests;
 
 pub use service::{AgentRun, AgentSpec, Harvest, HarvestError, SessionHandle, SubmitRequest};
 pub use session::{
-    ClientContext, Record, Session, SessionId, SessionMetrics, SessionOptions, SessionStatus,
-    TokenUsage,
+    ClientContext, Record, Session, SessionId, SessionKey, SessionMetrics, SessionOptions,
+    SessionStatus, TokenUsage,
 };

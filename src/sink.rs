@@ -349,7 +349,7 @@ impl Sinks {
                 .map_err(db_err("reading the export marker"))?;
             let records = store
                 .records_page(RecordsPage {
-                    id: session.id.clone(),
+                    id: session.key(),
                     offset: u64::try_from(next).unwrap_or(0),
                     limit: CHUNK,
                 })
@@ -470,7 +470,7 @@ impl Sinks {
             for _ in 0..MAX_CHUNKS {
                 let page = store
                     .records_page(RecordsPage {
-                        id: session.id.clone(),
+                        id: session.key(),
                         offset,
                         limit: CHUNK,
                     })
@@ -641,7 +641,7 @@ async fn csv_columns(store: &dyn Store, session: &Session) -> Result<Vec<String>
     for _ in 0..MAX_CHUNKS {
         let page = store
             .records_page(RecordsPage {
-                id: session.id.clone(),
+                id: session.key(),
                 offset,
                 limit: CHUNK,
             })

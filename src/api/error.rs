@@ -24,7 +24,13 @@ pub struct ApiError {
     pub code: &'static str,
     /// What was wrong and what to do.
     pub message: String,
+    /// Seconds to send as `Retry-After` (a 429 or 503 the caller should retry).
+    pub retry_after: Option<u64>,
 }
+
+/// `Retry-After` of a 429 `quota_exceeded`: pending sessions start within seconds when workers
+/// have slots.
+pub const QUOTA_RETRY_AFTER_SECS: u64 = 5;
 
 /// The body of every error answer.
 #[derive(Debug, Serialize, ToSchema)]
@@ -49,7 +55,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error with a `Retry-After: secs` header.
+    pub fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// 400 `invalid_request`.
@@ -117,6 +130,10 @@ impl From<HarvestError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
             }
             HarvestError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+            HarvestError::QuotaExceeded { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", message)
+                    .retry_after(QUOTA_RETRY_AFTER_SECS)
+            }
             // A bad cursor (or another out-of-range parameter) is the caller's mistake.
             HarvestError::Store(StoreError::Invalid(m)) => ApiError::invalid(m),
             HarvestError::Store(StoreError::Duplicate(id)) => ApiError::new(
@@ -149,15 +166,20 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        let mut response = (self.status, axum::Json(body)).into_response();
-        // A 503 is temporary (work queued up): say when to come back.
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        // A 503 is temporary (work queued up, the store away): say when to come back.
+        let retry = match self.retry_after {
+            Some(secs) => Some(secs),
+            None if self.status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            None => None,
+        };
+        if let Some(secs) = retry {
+            resp.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
+                axum::http::HeaderValue::from(secs),
             );
         }
-        response
+        resp
     }
 }
 

@@ -31,7 +31,7 @@ use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
 use super::sessions::{owned_session, path_id, scope_client};
 use super::view::{EventView, EventsQuery};
 use crate::event::{Event, EventKind};
-use crate::session::{SessionId, SessionStatus, Timestamp};
+use crate::session::{SessionId, SessionKey, SessionStatus, Timestamp};
 
 /// Progress events of one session are at least this far apart.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
@@ -86,19 +86,21 @@ pub async fn session_events(
     // Subscribe before reading the state, so nothing that happens in between is missed.
     let rx = st.harvest.subscribe();
     let snapshot = owned_session(&st, &caller, &id).await?;
+    let key = snapshot.key();
     let first = Event {
         kind: match snapshot.status {
             SessionStatus::Pending => EventKind::Created,
             other => EventKind::for_status(other),
         },
         session_id: snapshot.id.clone(),
+        tenant: snapshot.tenant.clone(),
         client_id: snapshot.client.client_id().to_string(),
         session: Some(Box::new(snapshot)),
     };
     let feed = SessionFeed {
         st,
         rx,
-        id,
+        id: key,
         first: Some(first),
         last: None,
         last_progress: None,
@@ -110,7 +112,7 @@ pub async fn session_events(
 struct SessionFeed {
     st: AppState,
     rx: broadcast::Receiver<Event>,
-    id: SessionId,
+    id: SessionKey,
     first: Option<Event>,
     /// Status and update time of the last state sent, to skip events already covered by it.
     last: Option<(SessionStatus, Timestamp)>,
@@ -145,7 +147,7 @@ impl SessionFeed {
         }
         loop {
             match self.rx.recv().await {
-                Ok(e) if e.session_id != self.id => continue,
+                Ok(e) if e.session_id != self.id.id || e.tenant != self.id.client => continue,
                 Ok(e) => {
                     if e.kind != EventKind::Removed
                         && let (Some(s), Some((status, at))) = (&e.session, self.last)

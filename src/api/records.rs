@@ -28,7 +28,7 @@ use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
 use super::sessions::{owned_session, path_id};
 use super::view::RecordsQuery;
 use crate::service::Harvest;
-use crate::session::{Record, SessionId};
+use crate::session::{Record, SessionKey};
 
 /// Records fetched from the store per page.
 const PAGE: usize = 1000;
@@ -108,10 +108,10 @@ pub async fn records(
     // The first page is read before answering, so a store failure is a proper 500 rather than
     // a cut-off 200.
     let first_len = limit.map_or(PAGE, |l| (l as usize).min(PAGE));
-    let first = st.harvest.records(&id, offset, first_len).await?;
+    let first = st.harvest.records(session.key(), offset, first_len).await?;
     let stream = RecordStream {
         harvest: st.harvest.clone(),
-        id,
+        id: session.key(),
         format,
         next_offset: offset,
         remaining: limit,
@@ -131,7 +131,7 @@ pub async fn records(
 /// State of one streamed answer.
 struct RecordStream {
     harvest: Harvest,
-    id: SessionId,
+    id: SessionKey,
     format: Format,
     next_offset: u64,
     /// Records still to send when a limit was given.

@@ -135,7 +135,9 @@ pub(crate) async fn owned_session(
     caller: &Caller,
     id: &SessionId,
 ) -> Result<Session, ApiError> {
-    match st.harvest.get(id).await? {
+    // Resolved within the caller's tenant (or among its sessions stored before ids were
+    // scoped): another tenant's session of the same id is never returned.
+    match st.harvest.resolve(caller.client_id(), id).await? {
         Some(s) if caller.owns(&s) => Ok(s),
         _ => Err(ApiError::session_not_found(id)),
     }
@@ -176,7 +178,8 @@ pub(crate) fn params_to_strings(
         (status = 400, description = "Invalid JSON, TOML, config, options or session id", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 404, description = "`agent` names no agent of this client", body = ErrorBody),
-        (status = 409, description = "A session with this id exists, or a single-session agent is busy", body = ErrorBody),
+        (status = 409, description = "A session with this id exists in the caller's tenant, or a single-session agent is busy", body = ErrorBody),
+        (status = 429, description = "The client has `max_pending` PENDING sessions (`quota_exceeded`); retry after `Retry-After` seconds", body = ErrorBody),
         (status = 413, description = "Body over server.max_body_bytes", body = ErrorBody),
         (status = 415, description = "Body is not application/json", body = ErrorBody),
     )
@@ -463,8 +466,8 @@ pub async fn cancel(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id)?;
-    owned_session(&st, &caller, &id).await?;
-    let session = match st.harvest.cancel(&id).await? {
+    let key = owned_session(&st, &caller, &id).await?.key();
+    let session = match st.harvest.cancel(&key).await? {
         CancelOutcome::Cancelled(s) | CancelOutcome::Requested(s) => s,
         CancelOutcome::AlreadyTerminal(s) if s.status == SessionStatus::Cancelled => s,
         CancelOutcome::AlreadyTerminal(s) => {
@@ -500,8 +503,8 @@ pub async fn close(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<SessionView>, ApiError> {
     let id = path_id(&id)?;
-    owned_session(&st, &caller, &id).await?;
-    match st.harvest.close(&id).await? {
+    let key = owned_session(&st, &caller, &id).await?.key();
+    match st.harvest.close(&key).await? {
         Some(s) => Ok(axum::Json(view(&st, &s))),
         None => Err(ApiError::session_not_found(&id)),
     }
@@ -525,8 +528,8 @@ pub async fn context(
     ApiPath(id): ApiPath<String>,
 ) -> Result<axum::Json<ContextView>, ApiError> {
     let id = path_id(&id)?;
-    owned_session(&st, &caller, &id).await?;
-    let variables = st.harvest.context(&id).await?.ok_or_else(|| {
+    let key = owned_session(&st, &caller, &id).await?.key();
+    let variables = st.harvest.context(&key).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -557,8 +560,8 @@ pub async fn context_variable(
     ApiPath((id, name)): ApiPath<(String, String)>,
 ) -> Result<axum::Json<VariableView>, ApiError> {
     let id = path_id(&id)?;
-    owned_session(&st, &caller, &id).await?;
-    let variables = st.harvest.context(&id).await?.unwrap_or_default();
+    let key = owned_session(&st, &caller, &id).await?.key();
+    let variables = st.harvest.context(&key).await?.unwrap_or_default();
     let value = variables.get(&name).cloned().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -598,11 +601,11 @@ pub async fn log(
             )));
         }
     };
-    owned_session(&st, &caller, &id).await?;
+    let s = owned_session(&st, &caller, &id).await?;
     let lines = st
         .harvest
         .store()
-        .log_tail(&id, limit)
+        .log_tail(&s.key(), limit)
         .await
         .map_err(crate::service::HarvestError::from)?;
     Ok(axum::Json(LogView {

@@ -17,7 +17,7 @@ use crate::job::{
     StopReason, StopSignal,
 };
 use crate::metrics::BatchCounts;
-use crate::session::{ErrorKind, Session, SessionError, SessionId, SessionStatus, Timestamp};
+use crate::session::{ErrorKind, Session, SessionError, SessionKey, SessionStatus, Timestamp};
 use crate::sink::ExportSpec;
 use crate::store::{
     AttemptRef, CheckpointBatch, CheckpointCommit, FrontierItem, FrontierPage, HeartbeatOutcome,
@@ -31,12 +31,12 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// attempt hands its job. Read-only by construction.
 pub struct StoreCrawlState {
     store: Arc<dyn Store>,
-    id: SessionId,
+    id: SessionKey,
 }
 
 impl StoreCrawlState {
     /// The state of session `id` in `store`.
-    pub fn new(store: Arc<dyn Store>, id: SessionId) -> StoreCrawlState {
+    pub fn new(store: Arc<dyn Store>, id: SessionKey) -> StoreCrawlState {
         StoreCrawlState { store, id }
     }
 }
@@ -122,10 +122,10 @@ impl Attempt {
     /// Runs one claimed attempt to its end and records the outcome.
     pub(crate) async fn run(s: Arc<WorkerSettings>, session: Session, owner: String) {
         let stop = StopSignal::new();
-        let registered = s.running.register(session.id.clone(), stop.clone());
+        let registered = s.running.register(session.key(), stop.clone());
         let attempt = Arc::new(Attempt {
             aref: AttemptRef {
-                id: session.id.clone(),
+                id: session.key(),
                 attempt: session.attempt,
                 owner,
             },
@@ -180,7 +180,7 @@ impl Attempt {
     /// Logs why the lease is gone: the session was closed (deleted, or ended by a cancel), or
     /// another attempt took it over.
     async fn say_why_lost(&self) {
-        match self.s.store.session_get(&self.session.id).await {
+        match self.s.store.session_get(&self.aref.id).await {
             Ok(None) => tracing::info!("attempt stopped: session closed (it was deleted)"),
             Ok(Some(s)) if s.status.is_terminal() => {
                 tracing::info!(status = %s.status, "attempt stopped: session closed")
@@ -209,7 +209,7 @@ impl Attempt {
                 ..Default::default()
             })
         } else {
-            self.s.store.resume_load(&self.session.id).await
+            self.s.store.resume_load(&self.aref.id).await
         };
         let resume = match resume {
             Ok(r) => r,
@@ -248,7 +248,7 @@ impl Attempt {
             resume,
             state: Arc::new(StoreCrawlState::new(
                 self.s.store.clone(),
-                self.session.id.clone(),
+                self.aref.id.clone(),
             )),
             sink,
             stop: self.stop.clone(),

@@ -209,7 +209,7 @@ impl Maintainer {
                 .store
                 .session_finish_if_running(SessionFinish {
                     attempt: AttemptRef {
-                        id: s.id.clone(),
+                        id: s.key(),
                         attempt: s.attempt,
                         owner: lease.owner.clone(),
                     },

@@ -19,7 +19,7 @@ use super::effects::Effects;
 use crate::clock::Clock;
 use crate::config::WorkersConfig;
 use crate::job::{Job, StopReason, StopSignal};
-use crate::session::SessionId;
+use crate::session::SessionKey;
 use crate::store::{SessionClaim, Store};
 
 /// What a worker pool needs.
@@ -56,14 +56,14 @@ impl WorkerSettings {
 /// The stop signals of the attempts in flight, by session.
 #[derive(Default)]
 pub(crate) struct Running {
-    signals: std::sync::Mutex<Vec<(u64, SessionId, StopSignal)>>,
+    signals: std::sync::Mutex<Vec<(u64, SessionKey, StopSignal)>>,
     next: AtomicU64,
     stopped: AtomicBool,
 }
 
 impl Running {
     /// Adds an attempt's signal until the returned guard drops (even if the attempt panics).
-    pub fn register(self: &Arc<Self>, session: SessionId, s: StopSignal) -> Registered {
+    pub fn register(self: &Arc<Self>, session: SessionKey, s: StopSignal) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         lock(&self.signals).push((id, session, s));
         Registered {
@@ -79,7 +79,7 @@ impl Running {
     }
 
     /// Stops the attempts of one session (a client cancelled it); whether one runs here.
-    fn stop_session(&self, id: &SessionId, reason: StopReason) -> bool {
+    fn stop_session(&self, id: &SessionKey, reason: StopReason) -> bool {
         let mut found = false;
         for (_, _, s) in lock(&self.signals).iter().filter(|(_, sid, _)| sid == id) {
             s.stop(reason);

@@ -209,11 +209,11 @@ impl Harvest {
                         cursor: None,
                     })
                     .await?;
-                let ids: Vec<SessionId> = page
+                let ids: Vec<crate::session::SessionKey> = page
                     .sessions
                     .iter()
-                    .map(|s| s.id.clone())
-                    .filter(|id| id != keep)
+                    .map(crate::session::Session::key)
+                    .filter(|k| &k.id != keep)
                     .collect();
                 if ids.is_empty() {
                     break;

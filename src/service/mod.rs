@@ -22,7 +22,8 @@ use crate::runtime::{
     WorkerPool, WorkerSettings,
 };
 use crate::session::{
-    ClientContext, JobSpec, Record, Session, SessionId, SessionIdError, SessionOptions, Timestamp,
+    ClientContext, JobSpec, Record, Session, SessionId, SessionIdError, SessionKey, SessionOptions,
+    Timestamp,
 };
 use crate::store::{
     CancelOutcome, InsertOutcome, RecordsPage, SessionInsert, SessionList, SessionPage, Store,
@@ -50,9 +51,20 @@ pub enum HarvestError {
     /// A request field is out of range.
     #[error("invalid request: {0}")]
     Invalid(String),
-    /// A session with this id exists (an id is reused only after its session was removed).
+    /// A session with this id exists in the caller's tenant (an id is reused only after its
+    /// session was removed; another tenant's sessions never conflict).
     #[error("session {0} already exists")]
     Duplicate(SessionId),
+    /// The client has `max_pending` sessions waiting (`[[clients]] max_pending`): retry later.
+    #[error(
+        "client {client:?} has {limit} pending sessions, its max_pending; retry once some have started"
+    )]
+    QuotaExceeded {
+        /// The client.
+        client: String,
+        /// Its `max_pending`.
+        limit: u64,
+    },
     /// No such session (or not this client's).
     #[error("session {0} not found")]
     NotFound(SessionId),
@@ -211,6 +223,16 @@ impl HarvestBuilder {
             Some(s) => s,
             None => open_store(&self.config).await?,
         };
+        let mut quotas = crate::store::Quotas::default();
+        for c in &self.config.clients {
+            if let Some(n) = c.max_running {
+                quotas.max_running.insert(c.id.clone(), n);
+            }
+            if let Some(n) = c.max_pending {
+                quotas.max_pending.insert(c.id.clone(), n);
+            }
+        }
+        store.quotas_set(quotas)?;
         let job = match self.job {
             Some(j) => j,
             None => default_job(&self.config)?,
@@ -459,7 +481,10 @@ impl Harvest {
 
     /// Makes the PENDING session of a submission whose config [`Harvest::check_config`]
     /// accepted (not stored yet); with the agent name when it runs for a single-session agent.
-    fn new_session(&self, req: SubmitRequest) -> Result<(Session, Option<String>), HarvestError> {
+    async fn new_session(
+        &self,
+        req: SubmitRequest,
+    ) -> Result<(Session, Option<String>), HarvestError> {
         let mut options = req.options;
         if let Some(0) = options.max_attempts {
             return Err(HarvestError::Invalid(
@@ -496,8 +521,21 @@ impl Harvest {
             .session_timeout_secs
             .get_or_insert(self.inner.config.sessions.default_timeout_secs);
         let now = self.inner.clock.now();
+        let chosen = req.session_id.is_some();
         let id = req.session_id.unwrap_or_else(SessionId::generate);
-        let session = Session::pending(
+        let tenant = self.tenant_of(req.client.client_id());
+        // The client's sessions stored before ids were scoped keep their ids taken (see
+        // `resolve`), so that one id never names two of its sessions.
+        if chosen
+            && tenant.is_some()
+            && self
+                .get(SessionKey::single(id.clone()))
+                .await?
+                .is_some_and(|s| s.client.client_id() == req.client.client_id())
+        {
+            return Err(HarvestError::Duplicate(id));
+        }
+        let mut session = Session::pending(
             id.clone(),
             req.client,
             JobSpec {
@@ -508,6 +546,7 @@ impl Harvest {
             options,
             now,
         );
+        session.tenant = tenant;
         let single_agent = if req.single_agent { req.agent } else { None };
         Ok((session, single_agent))
     }
@@ -522,9 +561,9 @@ impl Harvest {
             .await?;
         req.config = config;
         req.params = params;
-        let (session, single_agent) = self.new_session(req)?;
-        let id = session.id.clone();
-        let creating = self.events().creating(&id);
+        let (session, single_agent) = self.new_session(req).await?;
+        let key = session.key();
+        let creating = self.events().creating(&key);
         match self
             .inner
             .store
@@ -537,13 +576,16 @@ impl Harvest {
             Ok(InsertOutcome::Inserted(session)) => {
                 self.inner.effects.created(&session, creating);
                 Ok(SessionHandle {
-                    id,
+                    id: key,
                     harvest: self.clone(),
                 })
             }
             Ok(InsertOutcome::AgentBusy(active)) => Err(HarvestError::Conflict(format!(
                 "agent allows a single session and session {active} is still active"
             ))),
+            Ok(InsertOutcome::PendingQuota { client, limit }) => {
+                Err(HarvestError::QuotaExceeded { client, limit })
+            }
             Err(StoreError::Duplicate(id)) => Err(HarvestError::Duplicate(id)),
             Err(e) => Err(e.into()),
         }
@@ -599,7 +641,7 @@ impl Harvest {
                 ))));
                 continue;
             }
-            match self.new_session(req) {
+            match self.new_session(req).await {
                 Ok((session, _)) => {
                     results.push(None);
                     sessions.push(session);
@@ -609,7 +651,7 @@ impl Harvest {
         }
         let creating: Vec<_> = sessions
             .iter()
-            .map(|s| self.events().creating(&s.id))
+            .map(|s| self.events().creating(&s.key()))
             .collect();
         let stored = if sessions.is_empty() {
             Vec::new()
@@ -622,9 +664,17 @@ impl Harvest {
             out.push(match r {
                 Some(r) => r,
                 None => match stored.next() {
-                    Some((Ok(session), creating)) => {
+                    Some((Ok(InsertOutcome::Inserted(session)), creating)) => {
                         self.inner.effects.created(&session, creating);
-                        Ok(session)
+                        Ok(*session)
+                    }
+                    Some((Ok(InsertOutcome::PendingQuota { client, limit }), _)) => {
+                        Err(HarvestError::QuotaExceeded { client, limit })
+                    }
+                    Some((Ok(InsertOutcome::AgentBusy(active)), _)) => {
+                        Err(HarvestError::Conflict(format!(
+                            "agent allows a single session and session {active} is still active"
+                        )))
                     }
                     Some((Err(StoreError::Duplicate(id)), _)) => Err(HarvestError::Duplicate(id)),
                     Some((Err(e), _)) => Err(e.into()),
@@ -635,15 +685,57 @@ impl Harvest {
         Ok(out)
     }
 
-    /// One session.
-    pub async fn get(&self, id: &SessionId) -> Result<Option<Session>, HarvestError> {
-        Ok(self.inner.store.session_get(id).await?)
+    /// The tenant namespace of a session submitted by `client_id`: the client's own when
+    /// `[[clients]]` are configured, else the single namespace.
+    pub fn tenant_of(&self, client_id: &str) -> Option<String> {
+        if self.inner.config.clients.is_empty() || client_id.is_empty() {
+            None
+        } else {
+            Some(client_id.to_string())
+        }
+    }
+
+    /// The key of session `id` as `client_id` names it (see [`Harvest::tenant_of`]): ids are
+    /// resolved within the caller's tenant.
+    pub fn key(&self, client_id: Option<&str>, id: SessionId) -> SessionKey {
+        SessionKey {
+            client: self.tenant_of(client_id.unwrap_or("")),
+            id,
+        }
+    }
+
+    /// One session. A bare [`SessionId`] names it in the single namespace; with `[[clients]]`
+    /// pass a key ([`Harvest::key`]).
+    pub async fn get(&self, id: impl Into<SessionKey>) -> Result<Option<Session>, HarvestError> {
+        Ok(self.inner.store.session_get(&id.into()).await?)
+    }
+
+    /// Session `id` as client `client_id` names it: its session in its own tenant, else a
+    /// session of that client stored before ids were scoped to tenants (in the single
+    /// namespace, see [`SessionKey`]). Another client's session is never returned. Use the
+    /// returned session's [`Session::key`] to act on it.
+    pub async fn resolve(
+        &self,
+        client_id: Option<&str>,
+        id: &SessionId,
+    ) -> Result<Option<Session>, HarvestError> {
+        let key = self.key(client_id, id.clone());
+        if let Some(s) = self.get(&key).await? {
+            return Ok(Some(s));
+        }
+        let (Some(client), Some(_)) = (client_id, &key.client) else {
+            return Ok(None);
+        };
+        Ok(self
+            .get(SessionKey::single(id.clone()))
+            .await?
+            .filter(|s| s.client.client_id() == client))
     }
 
     /// A handle to wait on a session.
-    pub fn handle(&self, id: SessionId) -> SessionHandle {
+    pub fn handle(&self, id: impl Into<SessionKey>) -> SessionHandle {
         SessionHandle {
-            id,
+            id: id.into(),
             harvest: self.clone(),
         }
     }
@@ -696,7 +788,8 @@ impl Harvest {
 
     /// Cancels a session: PENDING ends CANCELLED now; RUNNING is flagged and the worker ends it
     /// CANCELLED after the step in flight. Idempotent.
-    pub async fn cancel(&self, id: &SessionId) -> Result<CancelOutcome, HarvestError> {
+    pub async fn cancel(&self, id: impl Into<SessionKey>) -> Result<CancelOutcome, HarvestError> {
+        let id = id.into();
         let now = self.inner.clock.now();
         let out = self
             .inner
@@ -716,8 +809,8 @@ impl Harvest {
 
     /// Closes a session: removes it and all its data now (the seed's CloseSession). A RUNNING
     /// session's worker finds the session gone at its next write or heartbeat and stops.
-    pub async fn close(&self, id: &SessionId) -> Result<Option<Session>, HarvestError> {
-        let removed = self.inner.store.session_remove(id).await?;
+    pub async fn close(&self, id: impl Into<SessionKey>) -> Result<Option<Session>, HarvestError> {
+        let removed = self.inner.store.session_remove(&id.into()).await?;
         if let Some(s) = &removed {
             self.inner.effects.removed(std::slice::from_ref(s)).await;
         }
@@ -728,18 +821,19 @@ impl Harvest {
     /// variables, a scraper config's `[vars]` in effect); `None` while it has none.
     pub async fn context(
         &self,
-        id: &SessionId,
+        id: impl Into<SessionKey>,
     ) -> Result<Option<crate::session::Context>, HarvestError> {
-        Ok(self.inner.store.context_get(id).await?)
+        Ok(self.inner.store.context_get(&id.into()).await?)
     }
 
     /// Committed records of a session, by seq.
     pub async fn records(
         &self,
-        id: &SessionId,
+        id: impl Into<SessionKey>,
         offset: u64,
         limit: usize,
     ) -> Result<Vec<Record>, HarvestError> {
+        let id = id.into();
         if limit == 0 || limit > 10_000 {
             return Err(HarvestError::Invalid(format!(
                 "limit {limit} must be 1..=10000"
@@ -759,8 +853,9 @@ impl Harvest {
     /// A client read every record of a session that was terminal when the read began. With
     /// `remove_after_export`, its records are removed now; the session itself stays readable
     /// until its timeout. Returns whether records were removed.
-    pub async fn records_exported(&self, id: &SessionId) -> Result<bool, HarvestError> {
-        let Some(s) = self.inner.store.session_get(id).await? else {
+    pub async fn records_exported(&self, id: impl Into<SessionKey>) -> Result<bool, HarvestError> {
+        let id = id.into();
+        let Some(s) = self.inner.store.session_get(&id).await? else {
             return Ok(false);
         };
         // A session with an external sink loses its records once the sinks have them.
@@ -798,13 +893,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A submitted session, to wait on.
 #[derive(Clone, Debug)]
 pub struct SessionHandle {
-    id: SessionId,
+    id: SessionKey,
     harvest: Harvest,
 }
 
 impl SessionHandle {
     /// The session's id.
     pub fn id(&self) -> &SessionId {
+        &self.id.id
+    }
+
+    /// The session's key (tenant and id).
+    pub fn key(&self) -> &SessionKey {
         &self.id
     }
 
@@ -813,7 +913,7 @@ impl SessionHandle {
         self.harvest
             .get(&self.id)
             .await?
-            .ok_or_else(|| HarvestError::NotFound(self.id.clone()))
+            .ok_or_else(|| HarvestError::NotFound(self.id.id.clone()))
     }
 
     /// Its context (the seed's `getContext()`): its variables when it ended; `None` while it
@@ -844,7 +944,9 @@ impl SessionHandle {
             let _ = tokio::time::timeout(wait, async {
                 loop {
                     match events.recv().await {
-                        Ok(e) if e.session_id == self.id => return,
+                        Ok(e) if e.session_id == self.id.id && e.tenant == self.id.client => {
+                            return;
+                        }
                         Ok(_) => continue,
                         Err(broadcast::error::RecvError::Lagged(_)) => return,
                         Err(broadcast::error::RecvError::Closed) => {

@@ -119,6 +119,67 @@ impl FromStr for SessionId {
     }
 }
 
+/// A session's identity in the store: its tenant's namespace and its id. Ids are unique within a
+/// tenant only: two tenants may each have a session `a1`, and neither learns of the other's.
+/// `client` is `None` without `[[clients]]` (one namespace, as when ids were global) and for
+/// sessions stored before ids were scoped; otherwise the configured client's id (never empty).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SessionKey {
+    /// The tenant (`None`: the single namespace).
+    pub client: Option<String>,
+    /// The id within it.
+    pub id: SessionId,
+}
+
+impl SessionKey {
+    /// The key of `id` in `client`'s namespace (`None` or `""`: the single namespace).
+    pub fn new(client: Option<&str>, id: SessionId) -> SessionKey {
+        SessionKey {
+            client: client.filter(|c| !c.is_empty()).map(str::to_string),
+            id,
+        }
+    }
+
+    /// The key of `id` in the single namespace (no `[[clients]]`).
+    pub fn single(id: SessionId) -> SessionKey {
+        SessionKey { client: None, id }
+    }
+
+    /// The tenant as stored: `""` for the single namespace (a configured client id is never
+    /// empty, so the encoding is one to one).
+    pub fn tenant(&self) -> &str {
+        self.client.as_deref().unwrap_or("")
+    }
+}
+
+impl From<SessionId> for SessionKey {
+    fn from(id: SessionId) -> SessionKey {
+        SessionKey::single(id)
+    }
+}
+
+impl From<&SessionKey> for SessionKey {
+    fn from(key: &SessionKey) -> SessionKey {
+        key.clone()
+    }
+}
+
+impl From<&SessionId> for SessionKey {
+    fn from(id: &SessionId) -> SessionKey {
+        SessionKey::single(id.clone())
+    }
+}
+
+/// `id`, or `client/id` within a tenant (for logs and error messages).
+impl fmt::Display for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.client {
+            None => f.write_str(self.id.as_str()),
+            Some(c) => write!(f, "{c}/{}", self.id),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for SessionId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -311,8 +372,12 @@ pub struct Lease {
 /// log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Session {
-    /// Unique id.
+    /// Unique id within its tenant.
     pub id: SessionId,
+    /// The tenant whose namespace holds the id (see [`SessionKey`]). Part of the store key, not
+    /// of the stored value: a store fills it in from the key it read the session under.
+    #[serde(skip)]
+    pub tenant: Option<String>,
     /// Submission order, assigned by the store; also the list cursor.
     pub seq: u64,
     /// Who owns it.
@@ -378,6 +443,7 @@ impl Session {
     ) -> Session {
         Session {
             id,
+            tenant: None,
             seq: 0,
             client,
             status: SessionStatus::Pending,
@@ -399,6 +465,14 @@ impl Session {
             records: 0,
             records_removed: 0,
             attempts: Vec::new(),
+        }
+    }
+
+    /// Its key in the store: tenant and id.
+    pub fn key(&self) -> SessionKey {
+        SessionKey {
+            client: self.tenant.clone(),
+            id: self.id.clone(),
         }
     }
 

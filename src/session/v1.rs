@@ -66,6 +66,7 @@ impl From<SessionV1> for Session {
             _ => 0,
         };
         Session {
+            tenant: None,
             id: v.id,
             seq: v.seq,
             client: v.client,

@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::session::{
-    FrontierEntry, LogLine, Record, Session, SessionError, SessionId, SessionMetrics,
+    FrontierEntry, LogLine, Record, Session, SessionError, SessionId, SessionKey, SessionMetrics,
     SessionStatus, Timestamp, TokenUsage,
 };
 
@@ -72,6 +72,32 @@ pub enum InsertOutcome {
     Inserted(Box<Session>),
     /// An active session of the single-session agent exists: this one.
     AgentBusy(SessionId),
+    /// The client already has its `max_pending` PENDING sessions ([`Quotas`]).
+    PendingQuota {
+        /// The client.
+        client: String,
+        /// Its limit.
+        limit: u64,
+    },
+}
+
+/// Per-client limits a store enforces in its inserts and claims (`[[clients]] max_running` and
+/// `max_pending`), by client id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quotas {
+    /// Most RUNNING sessions per client: a claim skips a client at its limit and takes the next
+    /// eligible session (of another client), so a busy client never stalls the others.
+    pub max_running: BTreeMap<String, u64>,
+    /// Most PENDING sessions per client: an insert beyond it is
+    /// [`InsertOutcome::PendingQuota`].
+    pub max_pending: BTreeMap<String, u64>,
+}
+
+impl Quotas {
+    /// No limits.
+    pub fn is_empty(&self) -> bool {
+        self.max_running.is_empty() && self.max_pending.is_empty()
+    }
 }
 
 /// List sessions, newest first.
@@ -119,8 +145,8 @@ pub struct SessionClaim {
 /// compare-and-set a worker makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptRef {
-    /// The session.
-    pub id: SessionId,
+    /// The session (tenant and id).
+    pub id: SessionKey,
     /// The attempt the worker claimed.
     pub attempt: u32,
     /// The lease owner.
@@ -309,7 +335,7 @@ pub struct LeaseReclaim {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reclaimed {
     /// Which.
-    pub id: SessionId,
+    pub id: SessionKey,
     /// The attempt that was reclaimed.
     pub attempt: u32,
     /// Requeued, Failed or Cancelled.
@@ -321,8 +347,8 @@ pub struct Reclaimed {
 /// Cancel a session.
 #[derive(Debug, Clone)]
 pub struct SessionCancel {
-    /// Which.
-    pub id: SessionId,
+    /// Which (tenant and id).
+    pub id: SessionKey,
     /// A PENDING session that becomes CANCELLED is removed this long after `now`, unless it has
     /// its own `session_timeout_secs`.
     pub cleanup_after: Duration,
@@ -355,8 +381,8 @@ pub struct SessionsExpire {
 /// A page of a session's records.
 #[derive(Debug, Clone)]
 pub struct RecordsPage {
-    /// Which session.
-    pub id: SessionId,
+    /// Which session (tenant and id).
+    pub id: SessionKey,
     /// First record's seq.
     pub offset: u64,
     /// At most this many (1..=10000).
@@ -366,8 +392,8 @@ pub struct RecordsPage {
 /// Remove a session's records that are no longer needed.
 #[derive(Debug, Clone)]
 pub struct RecordsRemove {
-    /// Which session.
-    pub id: SessionId,
+    /// Which session (tenant and id).
+    pub id: SessionKey,
     /// Those numbered below this (what an external sink has), whatever the session's status;
     /// `None`: every committed record, only once the session is terminal. A store may keep
     /// a few records below the bound (sled removes whole chunks of a checkpoint's records);
@@ -489,8 +515,8 @@ pub struct LeaderAcquire {
 /// Read a page of a session's frontier, in the order its URLs were added.
 #[derive(Debug, Clone)]
 pub struct FrontierPage {
-    /// Which session.
-    pub id: SessionId,
+    /// Which session (tenant and id).
+    pub id: SessionKey,
     /// Only entries whose position is greater than this (0: from the start). Pass the last
     /// position of the previous page to continue.
     pub after_pos: u64,
@@ -513,8 +539,8 @@ pub struct FrontierItem {
 /// Ask which of some URLs are in a session's seen set.
 #[derive(Debug, Clone)]
 pub struct SeenFilter {
-    /// Which session.
-    pub id: SessionId,
+    /// Which session (tenant and id).
+    pub id: SessionKey,
     /// Canonical URLs to look up (at most 10000).
     pub urls: Vec<String>,
 }
@@ -575,21 +601,24 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
-    /// Insert a new PENDING session (durable on return). A duplicate id is
-    /// [`StoreError::Duplicate`], never an overwrite.
+    /// Insert a new PENDING session (durable on return) under its key ([`Session::key`]: its
+    /// `tenant` and id). An id taken in the same tenant is [`StoreError::Duplicate`], never an
+    /// overwrite; the same id in another tenant is another session.
     async fn session_insert(&self, p: SessionInsert) -> StoreResult<InsertOutcome>;
 
     /// Insert many new PENDING sessions in one durable step (one flush on sled, one transaction
-    /// on PostgreSQL): for each, in order, the stored session (with its `seq`) or why it was
-    /// refused ([`StoreError::Duplicate`], also for an id given twice in the batch). Durable on
-    /// return; when the call itself fails, none of them was acknowledged.
+    /// on PostgreSQL): for each, in order, [`InsertOutcome::Inserted`] with its `seq`,
+    /// [`InsertOutcome::PendingQuota`] when its client's `max_pending` is reached (counting the
+    /// batch's earlier items), or why it was refused ([`StoreError::Duplicate`], also for a key
+    /// given twice in the batch). Durable on return; when the call itself fails, none of them
+    /// was acknowledged.
     async fn session_insert_many(
         &self,
         sessions: Vec<Session>,
-    ) -> StoreResult<Vec<StoreResult<Session>>>;
+    ) -> StoreResult<Vec<StoreResult<InsertOutcome>>>;
 
     /// One session.
-    async fn session_get(&self, id: &SessionId) -> StoreResult<Option<Session>>;
+    async fn session_get(&self, id: &SessionKey) -> StoreResult<Option<Session>>;
 
     /// Sessions, newest first, filtered, paginated by cursor.
     async fn session_list(&self, p: SessionList) -> StoreResult<SessionPage>;
@@ -628,7 +657,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Remove a session and everything of it (records, frontier, seen set, log, index entries).
     /// Returns the removed session, `None` when there was none.
-    async fn session_remove(&self, id: &SessionId) -> StoreResult<Option<Session>>;
+    async fn session_remove(&self, id: &SessionKey) -> StoreResult<Option<Session>>;
 
     /// Remove committed records, keeping the session itself (its status stays readable until its
     /// own cleanup), for `remove_after_export`: see [`RecordsRemove`]. The session after it, its
@@ -644,7 +673,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Where a session's next attempt resumes: the counters of its last checkpoint (cheap: it
     /// never loads the frontier or the seen set).
-    async fn resume_load(&self, id: &SessionId) -> StoreResult<ResumeState>;
+    async fn resume_load(&self, id: &SessionKey) -> StoreResult<ResumeState>;
 
     /// Committed frontier entries of a session after a position, in position order (see
     /// [`FrontierItem`]). Empty for an unknown session.
@@ -656,10 +685,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// A session's context (see [`CheckpointBatch::context`]); `None` when it has none (or there
     /// is no such session).
-    async fn context_get(&self, id: &SessionId) -> StoreResult<Option<crate::session::Context>>;
+    async fn context_get(&self, id: &SessionKey) -> StoreResult<Option<crate::session::Context>>;
 
     /// The last `limit` log lines of a session, oldest first.
-    async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>>;
+    async fn log_tail(&self, id: &SessionKey, limit: usize) -> StoreResult<Vec<LogLine>>;
 
     /// Session counts per status and due queue depth.
     async fn session_counts(&self, now: Timestamp) -> StoreResult<SessionCounts>;
@@ -688,7 +717,7 @@ pub trait Store: Send + Sync + 'static {
     /// shared backends) in another, so that the worker holding one stops it at once instead of
     /// at its next heartbeat. Lossy (a lagging receiver misses some): the heartbeat still relays
     /// the flag.
-    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionId>;
+    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionKey>;
 
     /// Wait until a session may have become claimable (a submission or requeue, here or, for
     /// shared backends, in another process) or `timeout` passes. Spurious wakeups are allowed.
@@ -696,9 +725,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Make every acknowledged write durable and release resources.
     async fn close(&self) -> StoreResult<()>;
+
+    /// Sets the per-client limits later inserts and claims enforce. A backend that cannot
+    /// enforce them refuses with [`StoreError::Invalid`] (only empty limits are accepted).
+    fn quotas_set(&self, q: Quotas) -> StoreResult<()> {
+        if q.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid(format!(
+                "the {} store does not enforce [[clients]] max_running or max_pending",
+                self.backend()
+            )))
+        }
+    }
 }
 
 /// The id text of a session's store key, for error messages.
-pub(crate) fn key_name(kind: &str, id: &SessionId) -> String {
+pub(crate) fn key_name(kind: &str, id: &SessionKey) -> String {
     format!("{kind}/{id}")
 }

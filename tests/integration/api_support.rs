@@ -212,11 +212,38 @@ impl TestServer {
     }
 
     /// Waits (on events, with a deadline) until the session is terminal.
+    /// Waits for the one session with this id (in whichever tenant holds it; with two tenants
+    /// holding it, use [`TestServer::wait_terminal_in`]).
     pub async fn wait_terminal(&self, id: &str) -> Session {
+        let page = self
+            .harvest
+            .store()
+            .session_list(harvest::store::SessionList {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        let holders: Vec<Option<String>> = page
+            .sessions
+            .iter()
+            .filter(|s| s.id.as_str() == id)
+            .map(|s| s.tenant.clone())
+            .collect();
+        assert!(
+            holders.len() <= 1,
+            "session {id} is in several tenants: {holders:?}"
+        );
+        let tenant = holders.into_iter().next().flatten();
+        self.wait_terminal_in(tenant.as_deref(), id).await
+    }
+
+    /// Waits for session `id` of tenant `client` (`None`: the single namespace).
+    pub async fn wait_terminal_in(&self, client: Option<&str>, id: &str) -> Session {
         let id = SessionId::parse(id).expect("valid id");
         match self
             .harvest
-            .handle(id.clone())
+            .handle(harvest::SessionKey::new(client, id.clone()))
             .await_completion(Duration::from_secs(30))
             .await
         {

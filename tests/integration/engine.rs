@@ -645,6 +645,7 @@ async fn xpath_rules_and_fields_give_what_css_gives() {
 fn session(config: Value) -> Session {
     Session {
         id: SessionId::parse("engine-test").unwrap(),
+        tenant: None,
         seq: 1,
         client: ClientContext::of("test"),
         status: SessionStatus::Running,

@@ -126,7 +126,7 @@ async fn claim(f: &Fixture, owner: &str, limit: usize) -> Vec<harvest::Session> 
 
 fn aref(s: &harvest::Session) -> AttemptRef {
     AttemptRef {
-        id: s.id.clone(),
+        id: harvest::SessionKey::from(s.id.clone()),
         attempt: s.attempt,
         owner: s
             .lease

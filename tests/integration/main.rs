@@ -37,5 +37,6 @@ mod soak;
 mod store_conformance;
 mod store_postgres;
 mod store_sled;
+mod tenants_proc;
 mod webharvest;
 mod webharvest_api;

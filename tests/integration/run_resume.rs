@@ -111,7 +111,7 @@ async fn stored(dir: &Path) -> BTreeMap<String, usize> {
     let store = harvest::store::sled::SledStore::open(dir).expect("open DIR");
     let page = store
         .records_page(RecordsPage {
-            id: harvest::session::SessionId::parse("local").expect("id"),
+            id: harvest::SessionKey::from(harvest::session::SessionId::parse("local").expect("id")),
             offset: 0,
             limit: 10_000,
         })

@@ -145,7 +145,7 @@ async fn table_sink_crash_between_rows_and_status_leaves_one_copy() {
         .expect("claim");
     let session = claimed.into_iter().next().expect("claimed the session");
     let attempt = AttemptRef {
-        id: session.id.clone(),
+        id: harvest::SessionKey::from(session.id.clone()),
         attempt: session.attempt,
         owner: "dead".into(),
     };

@@ -54,6 +54,8 @@ macro_rules! store_conformance {
         $crate::store_conformance::store_conformance!(@each $factory;
             insert_get_duplicate,
             insert_many_per_item_results,
+            same_id_in_two_tenants,
+            quotas_limit_claims_and_inserts,
             claim_makes_running,
             claim_order_priority_run_at_seq_and_limit,
             claim_limit_zero_claims_nothing,
@@ -136,6 +138,7 @@ pub fn at(secs: i64) -> Timestamp {
 pub fn session(id: &str) -> Session {
     Session {
         id: SessionId::parse(id).expect("test ids are valid"),
+        tenant: None,
         seq: 0,
         client: ClientContext::of("c1"),
         status: SessionStatus::Pending,
@@ -191,7 +194,7 @@ pub async fn insert(store: &Arc<dyn Store>, s: Session) -> Session {
 async fn remove_all_records(store: &Arc<dyn Store>, id: &str) -> bool {
     store
         .records_remove(harvest::store::RecordsRemove {
-            id: sid(id),
+            id: harvest::SessionKey::from(sid(id)),
             below: None,
         })
         .await
@@ -228,7 +231,7 @@ fn aref(s: &Session) -> AttemptRef {
         .map(|l| l.owner.clone())
         .unwrap_or_default();
     AttemptRef {
-        id: s.id.clone(),
+        id: s.key(),
         attempt: s.attempt,
         owner,
     }
@@ -236,7 +239,7 @@ fn aref(s: &Session) -> AttemptRef {
 
 async fn get(store: &Arc<dyn Store>, id: &str) -> Session {
     store
-        .session_get(&sid(id))
+        .session_get(&harvest::SessionKey::from(&sid(id)))
         .await
         .expect("get")
         .unwrap_or_else(|| panic!("{id} is missing"))
@@ -391,8 +394,20 @@ pub async fn insert_get_duplicate(store: Arc<dyn Store>) {
         a, expected,
         "insert must store the session as given, with its seq"
     );
-    assert_eq!(store.session_get(&sid("a")).await.unwrap(), Some(a.clone()));
-    assert_eq!(store.session_get(&sid("nope")).await.unwrap(), None);
+    assert_eq!(
+        store
+            .session_get(&harvest::SessionKey::from(&sid("a")))
+            .await
+            .unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(
+        store
+            .session_get(&harvest::SessionKey::from(&sid("nope")))
+            .await
+            .unwrap(),
+        None
+    );
 
     let mut dup = session("a");
     dup.client = ClientContext::of("someone-else");
@@ -435,8 +450,8 @@ pub async fn insert_many_per_item_results(store: Arc<dyn Store>) {
     let stored: Vec<Session> = [0, 2, 4]
         .iter()
         .map(|&i| match &out[i] {
-            Ok(s) => s.clone(),
-            Err(e) => panic!("item {i}: {e:?}"),
+            Ok(InsertOutcome::Inserted(s)) => (**s).clone(),
+            other => panic!("item {i}: {other:?}"),
         })
         .collect();
     for (s, &i) in stored.iter().zip(&[0usize, 2, 4]) {
@@ -461,6 +476,190 @@ pub async fn insert_many_per_item_results(store: Arc<dyn Store>) {
     assert!(all.is_empty());
     let claimed = claim(&store, "w", 10, at(1)).await;
     assert_eq!(ids(&claimed), ["b2", "taken", "b1", "b3"]);
+
+    // A client's max_pending counts the batch's own items: the third of three is over.
+    let mut q = harvest::store::Quotas::default();
+    q.max_pending.insert("q".into(), 2);
+    store.quotas_set(q).expect("quotas");
+    let of_q = |id: &str| {
+        let mut s = session(id);
+        s.client = ClientContext::of("q");
+        s
+    };
+    let out = store
+        .session_insert_many(vec![of_q("q1"), of_q("q2"), of_q("q3"), session("free")])
+        .await
+        .expect("batch insert");
+    assert!(
+        matches!(out[0], Ok(InsertOutcome::Inserted(_))),
+        "{:?}",
+        out[0]
+    );
+    assert!(
+        matches!(out[1], Ok(InsertOutcome::Inserted(_))),
+        "{:?}",
+        out[1]
+    );
+    assert_eq!(
+        out[2].as_ref().ok(),
+        Some(&InsertOutcome::PendingQuota {
+            client: "q".into(),
+            limit: 2
+        })
+    );
+    assert!(
+        matches!(out[3], Ok(InsertOutcome::Inserted(_))),
+        "{:?}",
+        out[3]
+    );
+    store
+        .quotas_set(harvest::store::Quotas::default())
+        .expect("no quotas");
+}
+
+/// Ids are unique per tenant: the same id in two tenants (and in the single namespace) is three
+/// sessions, each with its own records, log and removal; a duplicate only within a tenant.
+pub async fn same_id_in_two_tenants(store: Arc<dyn Store>) {
+    let key = |t: Option<&str>| harvest::SessionKey::new(t, sid("same"));
+    for (t, n) in [(Some("t1"), 1u64), (Some("t2"), 2), (None, 3)] {
+        let mut s = session("same");
+        s.tenant = t.map(String::from);
+        s.client = ClientContext::of(t.unwrap_or("c1"));
+        s.options.priority = n as i32;
+        let got = insert(&store, s).await;
+        assert_eq!(got.key(), key(t));
+    }
+    let mut dup = session("same");
+    dup.tenant = Some("t1".into());
+    let err = store
+        .session_insert(SessionInsert {
+            session: dup,
+            single_agent: None,
+        })
+        .await;
+    assert!(matches!(err, Err(StoreError::Duplicate(_))), "{err:?}");
+    // Claimed in priority order: None (3), t2 (2), t1 (1); each commits its own records.
+    let claimed = claim(&store, "w", 3, at(1)).await;
+    assert_eq!(claimed.len(), 3);
+    for s in &claimed {
+        let n = s.options.priority as usize;
+        let batch = CheckpointBatch {
+            records: (0..n).map(|i| serde_json::json!({ "i": i })).collect(),
+            log: vec![LogLine {
+                at: at(2),
+                level: "info".into(),
+                message: format!("tenant {:?}", s.tenant),
+            }],
+            ..Default::default()
+        };
+        let done = store
+            .checkpoint_commit_if_running(CheckpointCommit {
+                attempt: aref(s),
+                batch,
+                lease: Duration::from_secs(30),
+                now: at(2),
+            })
+            .await
+            .expect("checkpoint");
+        assert!(done.is_some(), "checkpoint of {:?}", s.tenant);
+    }
+    for (t, n) in [(Some("t1"), 1usize), (Some("t2"), 2), (None, 3)] {
+        let s = store.session_get(&key(t)).await.unwrap().expect("found");
+        assert_eq!(s.tenant.as_deref(), t);
+        assert_eq!(s.records, n as u64);
+        let records = store
+            .records_page(RecordsPage {
+                id: key(t),
+                offset: 0,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(records.len(), n, "{t:?}");
+        let log = store.log_tail(&key(t), 10).await.unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].message, format!("tenant {t:?}"));
+    }
+    assert!(
+        store
+            .session_remove(&key(Some("t1")))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(store.session_get(&key(Some("t1"))).await.unwrap().is_none());
+    for t in [Some("t2"), None] {
+        assert!(
+            store.session_get(&key(t)).await.unwrap().is_some(),
+            "{t:?} kept"
+        );
+        let left = store
+            .records_page(RecordsPage {
+                id: key(t),
+                offset: 0,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert!(!left.is_empty(), "{t:?} keeps its records");
+    }
+}
+
+/// `max_running`: a claim skips a client at its limit and takes the next eligible session (of
+/// another client) instead of stalling; `max_pending`: an insert beyond it is refused.
+pub async fn quotas_limit_claims_and_inserts(store: Arc<dyn Store>) {
+    let mut q = harvest::store::Quotas::default();
+    q.max_running.insert("busy".into(), 2);
+    q.max_pending.insert("busy".into(), 4);
+    store.quotas_set(q).expect("quotas");
+    let of = |id: &str, client: &str, prio: i32| {
+        let mut s = session(id);
+        s.client = ClientContext::of(client);
+        s.options.priority = prio;
+        s
+    };
+    // busy's sessions come first in claim order (higher priority).
+    for i in 0..4 {
+        insert(&store, of(&format!("b{i}"), "busy", 10)).await;
+    }
+    let over = store
+        .session_insert(SessionInsert {
+            session: of("b4", "busy", 10),
+            single_agent: None,
+        })
+        .await
+        .expect("insert");
+    assert_eq!(
+        over,
+        InsertOutcome::PendingQuota {
+            client: "busy".into(),
+            limit: 4
+        }
+    );
+    for i in 0..2 {
+        insert(&store, of(&format!("o{i}"), "other", 0)).await;
+    }
+    let first = claim(&store, "w1", 3, at(1)).await;
+    assert_eq!(ids(&first), vec!["b0", "b1", "o0"], "busy's third waits");
+    // busy has two RUNNING: a later claim passes its sessions over.
+    let second = claim(&store, "w2", 3, at(1)).await;
+    assert_eq!(ids(&second), vec!["o1"]);
+    assert!(claim(&store, "w3", 3, at(1)).await.is_empty());
+    // Two of busy's left PENDING, so two more may be submitted.
+    insert(&store, of("b4", "busy", 10)).await;
+    // One of busy's ends: one slot frees up.
+    assert!(finish(&store, &aref(&first[0]), SessionStatus::Completed, at(2)).await);
+    let third = claim(&store, "w4", 3, at(3)).await;
+    assert_eq!(ids(&third), vec!["b2"]);
+    store
+        .quotas_set(harvest::store::Quotas::default())
+        .expect("no quotas");
+    let rest = claim(&store, "w5", 5, at(3)).await;
+    assert_eq!(
+        ids(&rest),
+        vec!["b3", "b4"],
+        "without limits, everything due"
+    );
 }
 
 /// A claim makes the session RUNNING under a lease with attempt + 1.
@@ -529,7 +728,7 @@ pub async fn claim_limit_zero_claims_nothing(store: Arc<dyn Store>) {
 pub async fn transitions_refused_when_precondition_fails(store: Arc<dyn Store>) {
     insert(&store, session("a")).await;
     let pending_ref = AttemptRef {
-        id: sid("a"),
+        id: harvest::SessionKey::from(sid("a")),
         attempt: 0,
         owner: "w".into(),
     };
@@ -560,7 +759,7 @@ pub async fn transitions_refused_when_precondition_fails(store: Arc<dyn Store>) 
         ..good.clone()
     };
     let missing = AttemptRef {
-        id: sid("missing"),
+        id: harvest::SessionKey::from(sid("missing")),
         ..good.clone()
     };
     for bad in [&wrong_owner, &wrong_attempt, &missing] {
@@ -650,7 +849,7 @@ pub async fn finish_each_terminal_status(store: Arc<dyn Store>) {
         assert_eq!(f.metrics.pages_processed, 1);
         let recs = store
             .records_page(RecordsPage {
-                id: sid(id),
+                id: harvest::SessionKey::from(sid(id)),
                 offset: 0,
                 limit: 100,
             })
@@ -855,7 +1054,7 @@ pub async fn cancel_pending_running_terminal(store: Arc<dyn Store>) {
     let running = claim(&store, "w", 1, at(1)).await.remove(0);
     insert(&store, session("pend")).await;
     let cancel = |id: &str| SessionCancel {
-        id: sid(id),
+        id: harvest::SessionKey::from(sid(id)),
         cleanup_after: Duration::from_secs(895),
         now: at(5),
     };
@@ -924,16 +1123,22 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
         assert!(checkpoint(&store, &aref(&s), batch, at(2)).await);
     }
     let removed = store
-        .session_remove(&sid("ab"))
+        .session_remove(&harvest::SessionKey::from(&sid("ab")))
         .await
         .expect("remove")
         .expect("it existed");
     assert_eq!(removed.id.as_str(), "ab");
-    assert_eq!(store.session_get(&sid("ab")).await.unwrap(), None);
+    assert_eq!(
+        store
+            .session_get(&harvest::SessionKey::from(&sid("ab")))
+            .await
+            .unwrap(),
+        None
+    );
     assert!(
         store
             .records_page(RecordsPage {
-                id: sid("ab"),
+                id: harvest::SessionKey::from(sid("ab")),
                 offset: 0,
                 limit: 100
             })
@@ -941,7 +1146,13 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
             .unwrap()
             .is_empty()
     );
-    assert!(store.log_tail(&sid("ab"), 100).await.unwrap().is_empty());
+    assert!(
+        store
+            .log_tail(&harvest::SessionKey::from(&sid("ab")), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         list_all(
             &store,
@@ -967,7 +1178,7 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
     );
     assert_eq!(
         store
-            .session_remove(&sid("ab"))
+            .session_remove(&harvest::SessionKey::from(&sid("ab")))
             .await
             .expect("remove again"),
         None
@@ -976,7 +1187,7 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
     for id in ["abc", "a"] {
         let recs = store
             .records_page(RecordsPage {
-                id: sid(id),
+                id: harvest::SessionKey::from(sid(id)),
                 offset: 0,
                 limit: 100,
             })
@@ -984,11 +1195,18 @@ pub async fn remove_leaves_no_data_and_spares_prefix_ids(store: Arc<dyn Store>) 
             .unwrap();
         assert_eq!(recs.len(), 3, "{id} keeps its records");
         assert_eq!(
-            store.log_tail(&sid(id), 100).await.unwrap().len(),
+            store
+                .log_tail(&harvest::SessionKey::from(&sid(id)), 100)
+                .await
+                .unwrap()
+                .len(),
             2,
             "{id} keeps its log"
         );
-        let resume = store.resume_load(&sid(id)).await.expect("resume");
+        let resume = store
+            .resume_load(&harvest::SessionKey::from(&sid(id)))
+            .await
+            .expect("resume");
         assert_eq!(resume.frontier_len, 2, "{id} keeps its frontier");
         assert_eq!(
             frontier_urls(&store, id).await.len(),
@@ -1132,7 +1350,7 @@ pub async fn reclaim_and_cancel_keep_a_session_for_its_own_timeout(store: Arc<dy
         .unwrap();
     let out = store
         .session_cancel(SessionCancel {
-            id: flagged.id.clone(),
+            id: harvest::SessionKey::from(flagged.id.clone()),
             cleanup_after: Duration::from_secs(60),
             now: at(2),
         })
@@ -1164,7 +1382,7 @@ pub async fn reclaim_and_cancel_keep_a_session_for_its_own_timeout(store: Arc<dy
     insert(&store, s).await;
     let out = store
         .session_cancel(SessionCancel {
-            id: sid("own-pending"),
+            id: harvest::SessionKey::from(sid("own-pending")),
             cleanup_after: Duration::from_secs(3600),
             now: at(200),
         })
@@ -1267,11 +1485,14 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
         [("a".into(), 1, RequeueOutcome::Requeued)]
     );
 
-    let resume = store.resume_load(&sid("a")).await.expect("resume");
+    let resume = store
+        .resume_load(&harvest::SessionKey::from(&sid("a")))
+        .await
+        .expect("resume");
     assert_eq!(resume.frontier_len, 3);
     let frontier = store
         .frontier_page(FrontierPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             after_pos: 0,
             limit: 100,
         })
@@ -1335,7 +1556,7 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
     assert!(ok);
     let all = store
         .records_page(RecordsPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             offset: 0,
             limit: 100,
         })
@@ -1355,7 +1576,7 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
     }
     let tail = store
         .records_page(RecordsPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             offset: 5,
             limit: 1,
         })
@@ -1365,7 +1586,7 @@ pub async fn checkpoint_numbering_across_attempts_and_resume(store: Arc<dyn Stor
     assert!(
         store
             .records_page(RecordsPage {
-                id: sid("a"),
+                id: harvest::SessionKey::from(sid("a")),
                 offset: 7,
                 limit: 10
             })
@@ -1382,7 +1603,7 @@ pub async fn records_page_validation(store: Arc<dyn Store>) {
     for limit in [0, 10_001] {
         let r = store
             .records_page(RecordsPage {
-                id: sid("a"),
+                id: harvest::SessionKey::from(sid("a")),
                 offset: 0,
                 limit,
             })
@@ -1407,12 +1628,24 @@ pub async fn log_keeps_last_lines(store: Arc<dyn Store>) {
         };
         assert!(checkpoint(&store, &a, batch, at(1)).await);
     }
-    let tail = store.log_tail(&sid("a"), 3).await.unwrap();
+    let tail = store
+        .log_tail(&harvest::SessionKey::from(&sid("a")), 3)
+        .await
+        .unwrap();
     assert_eq!(tail, [line(total - 3), line(total - 2), line(total - 1)]);
-    let all = store.log_tail(&sid("a"), usize::MAX).await.unwrap();
+    let all = store
+        .log_tail(&harvest::SessionKey::from(&sid("a")), usize::MAX)
+        .await
+        .unwrap();
     assert_eq!(all.len() as u64, LOG_LINES_MAX);
     assert_eq!(all.first(), Some(&line(total - LOG_LINES_MAX)));
-    assert!(store.log_tail(&sid("a"), 0).await.unwrap().is_empty());
+    assert!(
+        store
+            .log_tail(&harvest::SessionKey::from(&sid("a")), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // One batch longer than the cap keeps only its own last lines.
     let big = CheckpointBatch {
@@ -1420,13 +1653,16 @@ pub async fn log_keeps_last_lines(store: Arc<dyn Store>) {
         ..Default::default()
     };
     assert!(checkpoint(&store, &a, big, at(2)).await);
-    let all = store.log_tail(&sid("a"), usize::MAX).await.unwrap();
+    let all = store
+        .log_tail(&harvest::SessionKey::from(&sid("a")), usize::MAX)
+        .await
+        .unwrap();
     assert_eq!(all.len() as u64, LOG_LINES_MAX);
     assert_eq!(all.first(), Some(&line(total * 2 - LOG_LINES_MAX)));
     assert_eq!(all.last(), Some(&line(total * 2 - 1)));
     assert!(
         store
-            .log_tail(&sid("missing"), 10)
+            .log_tail(&harvest::SessionKey::from(&sid("missing")), 10)
             .await
             .unwrap()
             .is_empty()
@@ -1469,11 +1705,17 @@ pub async fn sessions_expire_only_due(store: Arc<dyn Store>) {
     let next = store.sessions_expire(expire(at(200), 10)).await.unwrap();
     assert_eq!(ids(&next), ["e2"], "only due ones");
     for id in ["e1", "e2"] {
-        assert_eq!(store.session_get(&sid(id)).await.unwrap(), None);
+        assert_eq!(
+            store
+                .session_get(&harvest::SessionKey::from(&sid(id)))
+                .await
+                .unwrap(),
+            None
+        );
         assert!(
             store
                 .records_page(RecordsPage {
-                    id: sid(id),
+                    id: harvest::SessionKey::from(sid(id)),
                     offset: 0,
                     limit: 10
                 })
@@ -1508,7 +1750,7 @@ pub async fn counts_by_status_and_queue_depth(store: Arc<dyn Store>) {
     let claimed = claim(&store, "w", 2, at(1)).await; // a, b
     assert!(finish(&store, &aref(&claimed[0]), SessionStatus::Completed, at(2)).await);
     let cancel = SessionCancel {
-        id: sid("c"),
+        id: harvest::SessionKey::from(sid("c")),
         cleanup_after: Duration::from_secs(98),
         now: at(2),
     };
@@ -1566,7 +1808,7 @@ pub async fn stats_by_client_status_and_last_hour(store: Arc<dyn Store>) {
     assert!(checkpoint(&store, &by_id("b"), with_records(2), at(3)).await);
     assert!(finish(&store, &by_id("b"), SessionStatus::Failed, at(3000)).await);
     let cancel = SessionCancel {
-        id: sid("c"),
+        id: harvest::SessionKey::from(sid("c")),
         cleanup_after: Duration::from_secs(9000),
         now: at(3300),
     };
@@ -1679,7 +1921,10 @@ pub async fn single_agent_refuses_second_active_session(store: Arc<dyn Store>) {
         InsertOutcome::AgentBusy(sid("one"))
     );
     assert_eq!(
-        store.session_get(&sid("two")).await.unwrap(),
+        store
+            .session_get(&harvest::SessionKey::from(&sid("two")))
+            .await
+            .unwrap(),
         None,
         "a refused insert stores nothing"
     );
@@ -1702,7 +1947,7 @@ pub async fn single_agent_refuses_second_active_session(store: Arc<dyn Store>) {
     ));
     assert!(finish(&store, &aref(&running), SessionStatus::Completed, at(1)).await);
     let cancel = SessionCancel {
-        id: sid("multi"),
+        id: harvest::SessionKey::from(sid("multi")),
         cleanup_after: Duration::from_secs(99),
         now: at(1),
     };
@@ -1797,7 +2042,7 @@ pub async fn reclaim_of_a_cancel_requested_session_ends_cancelled(store: Arc<dyn
     assert_eq!(claimed.len(), 2);
     let out = store
         .session_cancel(SessionCancel {
-            id: sid("flagged"),
+            id: harvest::SessionKey::from(sid("flagged")),
             cleanup_after: Duration::from_secs(4999),
             now: at(1),
         })
@@ -1862,7 +2107,7 @@ pub async fn records_remove_if_terminal_keeps_the_session(store: Arc<dyn Store>)
         async move {
             store
                 .records_page(RecordsPage {
-                    id: sid(id),
+                    id: harvest::SessionKey::from(sid(id)),
                     offset: 0,
                     limit: 100,
                 })
@@ -1984,7 +2229,7 @@ pub async fn leader_race_has_one_winner(store: Arc<dyn Store>) {
 async fn frontier_urls(store: &Arc<dyn Store>, id: &str) -> Vec<String> {
     store
         .frontier_page(FrontierPage {
-            id: sid(id),
+            id: harvest::SessionKey::from(sid(id)),
             after_pos: 0,
             limit: 10_000,
         })
@@ -1999,7 +2244,7 @@ async fn frontier_urls(store: &Arc<dyn Store>, id: &str) -> Vec<String> {
 async fn seen(store: &Arc<dyn Store>, id: &str, urls: &[&str]) -> Vec<bool> {
     store
         .seen_filter(SeenFilter {
-            id: sid(id),
+            id: harvest::SessionKey::from(sid(id)),
             urls: urls.iter().map(|u| u.to_string()).collect(),
         })
         .await
@@ -2045,7 +2290,7 @@ pub async fn frontier_pages_in_insertion_order_after_removals(store: Arc<dyn Sto
     assert!(checkpoint(&store, &b, other, at(1)).await);
     let page1 = store
         .frontier_page(FrontierPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             after_pos: 0,
             limit: 2,
         })
@@ -2075,7 +2320,7 @@ pub async fn frontier_pages_in_insertion_order_after_removals(store: Arc<dyn Sto
     assert!(checkpoint(&store, &a, batch, at(2)).await);
     let rest = store
         .frontier_page(FrontierPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             after_pos: cursor,
             limit: 100,
         })
@@ -2106,7 +2351,14 @@ pub async fn frontier_pages_in_insertion_order_after_removals(store: Arc<dyn Sto
             "http://x/012"
         ]
     );
-    assert_eq!(store.resume_load(&sid("a")).await.unwrap().frontier_len, 6);
+    assert_eq!(
+        store
+            .resume_load(&harvest::SessionKey::from(&sid("a")))
+            .await
+            .unwrap()
+            .frontier_len,
+        6
+    );
     assert_eq!(
         frontier_urls(&store, "b").await,
         ["http://x/100", "http://x/101", "http://x/102"],
@@ -2119,7 +2371,7 @@ pub async fn frontier_pages_in_insertion_order_after_removals(store: Arc<dyn Sto
     assert!(
         store
             .frontier_page(FrontierPage {
-                id: sid("a"),
+                id: harvest::SessionKey::from(sid("a")),
                 after_pos: last,
                 limit: 10,
             })
@@ -2130,7 +2382,10 @@ pub async fn frontier_pages_in_insertion_order_after_removals(store: Arc<dyn Sto
     assert!(frontier_urls(&store, "nobody").await.is_empty());
     assert_eq!(seen(&store, "nobody", &["http://x/100"]).await, [false]);
     // Removal takes the frontier and the seen set with it.
-    store.session_remove(&sid("b")).await.expect("remove");
+    store
+        .session_remove(&harvest::SessionKey::from(&sid("b")))
+        .await
+        .expect("remove");
     assert!(frontier_urls(&store, "b").await.is_empty());
     assert_eq!(seen(&store, "b", &["http://x/100"]).await, [false]);
 }
@@ -2141,7 +2396,7 @@ pub async fn frontier_page_and_seen_filter_validation(store: Arc<dyn Store>) {
     for limit in [0, 10_001] {
         let r = store
             .frontier_page(FrontierPage {
-                id: sid("a"),
+                id: harvest::SessionKey::from(sid("a")),
                 after_pos: 0,
                 limit,
             })
@@ -2153,7 +2408,7 @@ pub async fn frontier_page_and_seen_filter_validation(store: Arc<dyn Store>) {
     }
     let r = store
         .seen_filter(SeenFilter {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             urls: vec!["http://x/".into(); 10_001],
         })
         .await;
@@ -2168,7 +2423,7 @@ pub async fn requeue_of_a_cancel_requested_session_ends_cancelled(store: Arc<dyn
     let s = claim(&store, "w", 1, at(0)).await.remove(0);
     let out = store
         .session_cancel(SessionCancel {
-            id: sid("c"),
+            id: harvest::SessionKey::from(sid("c")),
             cleanup_after: Duration::from_secs(4999),
             now: at(1),
         })
@@ -2420,7 +2675,7 @@ pub async fn transition_requeue_equals_policy(store: Arc<dyn Store>) {
     let c = claim_one(&store, "w", at(30)).await;
     store
         .session_cancel(SessionCancel {
-            id: c.id.clone(),
+            id: harvest::SessionKey::from(c.id.clone()),
             cleanup_after: DEFAULT_TIMEOUT,
             now: at(31),
         })
@@ -2472,7 +2727,7 @@ pub async fn transition_reclaim_equals_policy(store: Arc<dyn Store>) {
         .expect("applied");
     store
         .session_cancel(SessionCancel {
-            id: sid("cancelled"),
+            id: harvest::SessionKey::from(sid("cancelled")),
             cleanup_after: DEFAULT_TIMEOUT,
             now: at(3),
         })
@@ -2493,7 +2748,7 @@ pub async fn transition_reclaim_equals_policy(store: Arc<dyn Store>) {
         let (expected, outcome) = old.reclaimed(backoff, DEFAULT_TIMEOUT, now);
         let r = reclaimed
             .iter()
-            .find(|r| r.id == old.id)
+            .find(|r| r.id.id == old.id)
             .unwrap_or_else(|| panic!("{} reclaimed", old.id));
         assert_eq!((r.attempt, r.outcome), (old.attempt, outcome), "{}", old.id);
         assert_applied(
@@ -2524,7 +2779,7 @@ pub async fn transition_cancel_equals_policy(store: Arc<dyn Store>) {
     p.options.session_timeout_secs = Some(50);
     let p = insert(&store, p).await;
     let cancel = |id: &str, now| SessionCancel {
-        id: sid(id),
+        id: harvest::SessionKey::from(sid(id)),
         cleanup_after: DEFAULT_TIMEOUT,
         now,
     };
@@ -2605,12 +2860,15 @@ pub async fn transition_removals_follow_policy(store: Arc<dyn Store>) {
     );
     let gone = get(&store, "gone").await;
     assert_eq!(
-        store.session_remove(&sid("gone")).await.expect("remove"),
+        store
+            .session_remove(&harvest::SessionKey::from(&sid("gone")))
+            .await
+            .expect("remove"),
         Some(gone)
     );
     assert!(
         store
-            .session_get(&sid("gone"))
+            .session_get(&harvest::SessionKey::from(&sid("gone")))
             .await
             .expect("get")
             .is_none()
@@ -2653,7 +2911,9 @@ pub fn transition_case(t: Transition) -> &'static str {
 /// `resume_load` of a session that is gone is refused, on every backend alike (PostgreSQL
 /// answered an empty state).
 pub async fn resume_of_a_removed_session_is_refused(store: Arc<dyn Store>) {
-    let r = store.resume_load(&sid("never")).await;
+    let r = store
+        .resume_load(&harvest::SessionKey::from(&sid("never")))
+        .await;
     assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
 }
 

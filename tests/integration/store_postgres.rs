@@ -244,7 +244,7 @@ async fn notify_on_requeue_wakes_other_store() {
     let outcome = worker
         .session_requeue_if_running(harvest::store::SessionRequeue {
             attempt: harvest::store::AttemptRef {
-                id: s.id.clone(),
+                id: harvest::SessionKey::from(s.id.clone()),
                 attempt: s.attempt,
                 owner: "w".into(),
             },
@@ -391,7 +391,9 @@ async fn migrations_are_idempotent_and_race_free() {
         .expect("reconnect");
     assert!(
         again
-            .session_get(&"kept".parse().unwrap())
+            .session_get(&harvest::SessionKey::from(
+                &"kept".parse::<harvest::SessionId>().unwrap()
+            ))
             .await
             .unwrap()
             .is_some(),
@@ -599,4 +601,99 @@ async fn server_errors_are_unavailable_only_when_the_connection_goes() {
             .expect_err("the connection is gone"),
     );
     assert!(after.is_unavailable(), "{after}");
+}
+
+/// Migration 6 (tenant-scoped keys) on a schema holding data of version 5: every session,
+/// record and log line is found in the single namespace, and ids can then be reused by tenants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_6_keeps_version_5_data_in_the_single_namespace() {
+    use harvest::SessionKey;
+    use harvest::store::{AttemptRef, CheckpointBatch, CheckpointCommit, RecordsPage};
+    let Some(url) = database_url() else { return };
+    let (store, guard) = fresh(&url).await;
+    let store: Arc<dyn Store> = Arc::new(store);
+    for (name, n) in [("old-a", 2usize), ("old-b", 3)] {
+        insert(&store, session(name)).await;
+        let claimed = crate::store_conformance::claim(&store, "w", 1, at(1)).await;
+        let s = &claimed[0];
+        let batch = CheckpointBatch {
+            records: (0..n).map(|i| serde_json::json!({ "i": i })).collect(),
+            log: vec![harvest::session::LogLine {
+                at: at(2),
+                level: "info".into(),
+                message: format!("log of {name}"),
+            }],
+            ..Default::default()
+        };
+        store
+            .checkpoint_commit_if_running(CheckpointCommit {
+                attempt: AttemptRef {
+                    id: s.key(),
+                    attempt: s.attempt,
+                    owner: s.lease.as_ref().expect("lease").owner.clone(),
+                },
+                batch,
+                lease: Duration::from_secs(30),
+                now: at(2),
+            })
+            .await
+            .expect("checkpoint")
+            .expect("applied");
+    }
+    store.close().await.expect("close");
+    drop(store);
+    // Back to the shape of version 5: the keys without a tenant.
+    let db = admin(&url).await.expect("admin connection");
+    let s = &guard.schema;
+    db.batch_execute(&format!(
+        "ALTER TABLE {s}.sessions DROP CONSTRAINT sessions_pkey, DROP COLUMN tenant, ADD PRIMARY KEY (id);
+         ALTER TABLE {s}.records DROP CONSTRAINT records_pkey, DROP COLUMN tenant, ADD PRIMARY KEY (session_id, seq);
+         DROP INDEX {s}.frontier_pos_idx;
+         ALTER TABLE {s}.frontier DROP CONSTRAINT frontier_pkey, DROP COLUMN tenant, ADD PRIMARY KEY (session_id, url);
+         CREATE INDEX frontier_pos_idx ON {s}.frontier (session_id, pos);
+         ALTER TABLE {s}.seen DROP CONSTRAINT seen_pkey, DROP COLUMN tenant, ADD PRIMARY KEY (session_id, url);
+         ALTER TABLE {s}.log DROP CONSTRAINT log_pkey, DROP COLUMN tenant, ADD PRIMARY KEY (session_id, id);
+         ALTER TABLE {s}.context DROP CONSTRAINT context_pkey, DROP COLUMN tenant, ADD PRIMARY KEY (session_id);
+         DELETE FROM {s}.harvest_schema_version WHERE version = 6;"
+    ))
+    .await
+    .expect("downgrade to version 5");
+    let store: Arc<dyn Store> = Arc::new(
+        PostgresStore::connect_with_schema(&url, s)
+            .await
+            .expect("migrate to 6"),
+    );
+    for (name, n) in [("old-a", 2usize), ("old-b", 3)] {
+        let key = SessionKey::single(name.parse().unwrap());
+        let got = store
+            .session_get(&key)
+            .await
+            .unwrap()
+            .expect("session kept");
+        assert_eq!(got.tenant, None);
+        assert_eq!(got.records, n as u64);
+        let records = store
+            .records_page(RecordsPage {
+                id: key.clone(),
+                offset: 0,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(records.len(), n);
+        let log = store.log_tail(&key, 10).await.unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].message, format!("log of {name}"));
+    }
+    // A tenant may now take the same id.
+    let mut s2 = session("old-a");
+    s2.tenant = Some("acme".into());
+    insert(&store, s2).await;
+    assert!(
+        store
+            .session_get(&SessionKey::new(Some("acme"), "old-a".parse().unwrap()))
+            .await
+            .unwrap()
+            .is_some()
+    );
 }

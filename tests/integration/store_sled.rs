@@ -61,7 +61,7 @@ async fn reopen_after_drop_keeps_everything() {
         insert(&store, session("a")).await;
         let running = claim(&store, "w", 1, at(1)).await.remove(0);
         let a = harvest::store::AttemptRef {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             attempt: running.attempt,
             owner: "w".into(),
         };
@@ -84,19 +84,32 @@ async fn reopen_after_drop_keeps_everything() {
         let pending = insert(&store, session("b")).await;
         // Dropped without close(): every acknowledged write must already be on disk.
         (
-            store.session_get(&sid("a")).await.unwrap().unwrap(),
+            store
+                .session_get(&harvest::SessionKey::from(&sid("a")))
+                .await
+                .unwrap()
+                .unwrap(),
             pending,
         )
     };
     let store = open(&dir);
-    assert_eq!(store.session_get(&sid("a")).await.unwrap(), Some(running));
     assert_eq!(
-        store.session_get(&sid("b")).await.unwrap(),
+        store
+            .session_get(&harvest::SessionKey::from(&sid("a")))
+            .await
+            .unwrap(),
+        Some(running)
+    );
+    assert_eq!(
+        store
+            .session_get(&harvest::SessionKey::from(&sid("b")))
+            .await
+            .unwrap(),
         Some(pending.clone())
     );
     let recs = store
         .records_page(RecordsPage {
-            id: sid("a"),
+            id: harvest::SessionKey::from(sid("a")),
             offset: 0,
             limit: 10,
         })
@@ -106,7 +119,7 @@ async fn reopen_after_drop_keeps_everything() {
     assert_eq!(
         store
             .seen_filter(harvest::store::SeenFilter {
-                id: sid("a"),
+                id: harvest::SessionKey::from(sid("a")),
                 urls: vec!["http://x/".into()],
             })
             .await
@@ -204,20 +217,29 @@ async fn corrupt_session_names_its_key_and_the_rest_works() {
     }
     {
         let db = raw(&dir);
-        db.insert(b"Sbad", vec![SCHEMA_VERSION as u8, 0xFF, 0xFF, 0xFF])
-            .unwrap();
+        db.insert(
+            b"S\0\0\0\0bad",
+            vec![SCHEMA_VERSION as u8, 0xFF, 0xFF, 0xFF],
+        )
+        .unwrap();
         db.flush().unwrap();
     }
     let store = open(&dir);
     let err = store
-        .session_get(&sid("bad"))
+        .session_get(&harvest::SessionKey::from(&sid("bad")))
         .await
         .expect_err("corrupt value");
     assert!(
         matches!(err, StoreError::Corrupt { ref key, .. } if key.contains("bad")),
         "{err:?}"
     );
-    assert!(store.session_get(&sid("good")).await.unwrap().is_some());
+    assert!(
+        store
+            .session_get(&harvest::SessionKey::from(&sid("good")))
+            .await
+            .unwrap()
+            .is_some()
+    );
     let page = store
         .session_list(SessionList {
             limit: 10,
@@ -253,7 +275,7 @@ async fn remove_leaves_no_key_of_the_session() {
     }
     for s in claim(&store_dyn, "w", 10, at(1)).await {
         let a = harvest::store::AttemptRef {
-            id: s.id.clone(),
+            id: harvest::SessionKey::from(s.id.clone()),
             attempt: 1,
             owner: "w".into(),
         };
@@ -287,7 +309,7 @@ async fn remove_leaves_no_key_of_the_session() {
         );
     }
     store_dyn
-        .session_remove(&sid("gone"))
+        .session_remove(&harvest::SessionKey::from(&sid("gone")))
         .await
         .unwrap()
         .expect("removed");
@@ -500,8 +522,9 @@ fn throughput_group_commit_vs_naive() {
 async fn removal_interrupted_by_a_crash_is_finished_at_open() {
     let dir = TempDir::new().unwrap();
     drop(open(&dir));
+    // Layout 3: `tag lp(tenant) lp(id)`, here in the single namespace (tenant "").
     let lp = |tag: u8, id: &str| {
-        let mut k = vec![tag];
+        let mut k = vec![tag, 0, 0, 0, 0];
         k.extend_from_slice(&(id.len() as u32).to_be_bytes());
         k.extend_from_slice(id.as_bytes());
         k
@@ -509,7 +532,7 @@ async fn removal_interrupted_by_a_crash_is_finished_at_open() {
     {
         // What a crash between the removal batch and the end of the data purge leaves.
         let db = raw(&dir);
-        db.insert(b"Zhalf", &[][..]).unwrap();
+        db.insert(b"Z\0\0\0\0half", &[][..]).unwrap();
         for n in 0u64..3 {
             let mut k = lp(b'R', "half");
             k.extend_from_slice(&n.to_be_bytes());
@@ -524,7 +547,7 @@ async fn removal_interrupted_by_a_crash_is_finished_at_open() {
     let store = open(&dir);
     let left = store
         .records_page(RecordsPage {
-            id: sid("half"),
+            id: harvest::SessionKey::from(sid("half")),
             offset: 0,
             limit: 10,
         })

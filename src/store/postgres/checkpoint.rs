@@ -5,7 +5,7 @@
 use super::rows::{
     SESSION_COLUMNS, error_columns, session_from_row, to_i32, to_i64, usage_columns,
 };
-use super::sessions::IF_RUNNING;
+use super::sessions::if_running;
 use super::{PostgresStore, db_err};
 use crate::session::{AttemptOutcome, Session, SessionError, SessionStatus, Timestamp};
 
@@ -101,14 +101,15 @@ impl PostgresStore {
                 let stmt = tx
                     .prepare_cached(&format!(
                         "UPDATE sessions SET {COUNTERS}, lease_expires_at = $14 \
-                         WHERE {IF_RUNNING} RETURNING {SESSION_COLUMNS}"
+                         WHERE {} RETURNING {SESSION_COLUMNS}",
+                        if_running(15)
                     ))
                     .await
                     .map_err(db_err("preparing a checkpoint"))?;
                 tx.query_opt(
                     &stmt,
                     &[
-                        &a.id.as_str(),
+                        &a.id.id.as_str(),
                         &attempt,
                         &a.owner,
                         &pages,
@@ -122,6 +123,7 @@ impl PostgresStore {
                         &now.0,
                         &records,
                         &lease_expires_at.0,
+                        &a.id.tenant(),
                     ],
                 )
                 .await
@@ -148,7 +150,8 @@ impl PostgresStore {
                              THEN jsonb_set(jsonb_set(attempts, '{{-1,ended_at}}', \
                                  to_jsonb($12::bigint)), '{{-1,outcome}}', to_jsonb($18::text)) \
                              ELSE attempts END \
-                         WHERE {IF_RUNNING} RETURNING {SESSION_COLUMNS}"
+                         WHERE {} RETURNING {SESSION_COLUMNS}",
+                        if_running(19)
                     ))
                     .await
                     .map_err(db_err("preparing a finish"))?;
@@ -157,7 +160,7 @@ impl PostgresStore {
                 tx.query_opt(
                     &stmt,
                     &[
-                        &a.id.as_str(),
+                        &a.id.id.as_str(),
                         &attempt,
                         &a.owner,
                         &pages,
@@ -175,6 +178,7 @@ impl PostgresStore {
                         &error_message,
                         cleanup_after_ms,
                         &outcome,
+                        &a.id.tenant(),
                     ],
                 )
                 .await
@@ -209,7 +213,8 @@ async fn write_batch(
     batch: &CheckpointBatch,
     first_seq: i64,
 ) -> StoreResult<()> {
-    let id = a.id.as_str();
+    let id = a.id.id.as_str();
+    let tenant = a.id.tenant();
     let ctx = |what: &str| {
         format!(
             "writing the {what} of session {} attempt {}",
@@ -219,13 +224,13 @@ async fn write_batch(
     if !batch.records.is_empty() {
         let stmt = tx
             .prepare_cached(
-                "INSERT INTO records (session_id, seq, data)
-                 SELECT $1, $2 + t.ord - 1, t.data
+                "INSERT INTO records (tenant, session_id, seq, data)
+                 SELECT $4, $1, $2 + t.ord - 1, t.data
                  FROM unnest($3::jsonb[]) WITH ORDINALITY AS t(data, ord)",
             )
             .await
             .map_err(db_err("preparing a records insert"))?;
-        tx.execute(&stmt, &[&id, &first_seq, &batch.records])
+        tx.execute(&stmt, &[&id, &first_seq, &batch.records, &tenant])
             .await
             .map_err(db_err(&ctx("records")))?;
     }
@@ -245,38 +250,40 @@ async fn write_batch(
             .collect();
         let stmt = tx
             .prepare_cached(
-                "INSERT INTO frontier (session_id, url, depth, page)
-                 SELECT $1, t.url, t.depth, t.page
+                "INSERT INTO frontier (tenant, session_id, url, depth, page)
+                 SELECT $5, $1, t.url, t.depth, t.page
                  FROM unnest($2::text[], $3::int4[], $4::text[]) WITH ORDINALITY
                      AS t(url, depth, page, ord)
                  ORDER BY t.ord
-                 ON CONFLICT (session_id, url) DO NOTHING",
+                 ON CONFLICT (tenant, session_id, url) DO NOTHING",
             )
             .await
             .map_err(db_err("preparing a frontier insert"))?;
-        tx.execute(&stmt, &[&id, &urls, &depths, &pages])
+        tx.execute(&stmt, &[&id, &urls, &depths, &pages, &tenant])
             .await
             .map_err(db_err(&ctx("frontier")))?;
     }
     if !batch.frontier_done.is_empty() {
         let stmt = tx
-            .prepare_cached("DELETE FROM frontier WHERE session_id = $1 AND url = ANY($2)")
+            .prepare_cached(
+                "DELETE FROM frontier WHERE tenant = $3 AND session_id = $1 AND url = ANY($2)",
+            )
             .await
             .map_err(db_err("preparing a frontier delete"))?;
         let done: Vec<&str> = batch.frontier_done.iter().map(|d| d.url.as_str()).collect();
-        tx.execute(&stmt, &[&id, &done])
+        tx.execute(&stmt, &[&id, &done, &tenant])
             .await
             .map_err(db_err(&ctx("frontier")))?;
     }
     if !batch.seen_add.is_empty() {
         let stmt = tx
             .prepare_cached(
-                "INSERT INTO seen (session_id, url) SELECT $1, unnest($2::text[])
-                 ON CONFLICT (session_id, url) DO NOTHING",
+                "INSERT INTO seen (tenant, session_id, url) SELECT $3, $1, unnest($2::text[])
+                 ON CONFLICT (tenant, session_id, url) DO NOTHING",
             )
             .await
             .map_err(db_err("preparing a seen insert"))?;
-        tx.execute(&stmt, &[&id, &batch.seen_add])
+        tx.execute(&stmt, &[&id, &batch.seen_add, &tenant])
             .await
             .map_err(db_err(&ctx("seen set")))?;
     }
@@ -285,12 +292,12 @@ async fn write_batch(
             .map_err(|e| StoreError::Invalid(format!("the context is not valid JSON: {e}")))?;
         let stmt = tx
             .prepare_cached(
-                "INSERT INTO context (session_id, variables) VALUES ($1, $2)
-                 ON CONFLICT (session_id) DO UPDATE SET variables = EXCLUDED.variables",
+                "INSERT INTO context (tenant, session_id, variables) VALUES ($3, $1, $2)
+                 ON CONFLICT (tenant, session_id) DO UPDATE SET variables = EXCLUDED.variables",
             )
             .await
             .map_err(db_err("preparing a context write"))?;
-        tx.execute(&stmt, &[&id, &variables])
+        tx.execute(&stmt, &[&id, &variables, &tenant])
             .await
             .map_err(db_err(&ctx("context")))?;
     }
@@ -300,26 +307,26 @@ async fn write_batch(
         let message: Vec<&str> = batch.log.iter().map(|l| l.message.as_str()).collect();
         let stmt = tx
             .prepare_cached(
-                "INSERT INTO log (session_id, at, level, message)
-                 SELECT $1, t.at, t.level, t.message
+                "INSERT INTO log (tenant, session_id, at, level, message)
+                 SELECT $5, $1, t.at, t.level, t.message
                  FROM unnest($2::int8[], $3::text[], $4::text[]) WITH ORDINALITY
                      AS t(at, level, message, ord)
                  ORDER BY t.ord",
             )
             .await
             .map_err(db_err("preparing a log insert"))?;
-        tx.execute(&stmt, &[&id, &at, &level, &message])
+        tx.execute(&stmt, &[&id, &at, &level, &message, &tenant])
             .await
             .map_err(db_err(&ctx("log")))?;
         let trim = tx
             .prepare_cached(
-                "DELETE FROM log WHERE session_id = $1 AND id <= (
-                     SELECT id FROM log WHERE session_id = $1 ORDER BY id DESC
+                "DELETE FROM log WHERE tenant = $3 AND session_id = $1 AND id <= (
+                     SELECT id FROM log WHERE tenant = $3 AND session_id = $1 ORDER BY id DESC
                      OFFSET $2 LIMIT 1)",
             )
             .await
             .map_err(db_err("preparing a log trim"))?;
-        tx.execute(&trim, &[&id, &(LOG_LINES_MAX as i64)])
+        tx.execute(&trim, &[&id, &(LOG_LINES_MAX as i64), &tenant])
             .await
             .map_err(db_err(&ctx("log")))?;
     }

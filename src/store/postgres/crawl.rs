@@ -5,14 +5,14 @@
 use super::rows::SESSION_COLUMNS;
 use super::rows::{row_get, session_from_row, to_u32, to_u64};
 use super::{PostgresStore, db_err};
-use crate::session::{FrontierEntry, SessionId};
+use crate::session::{FrontierEntry, SessionKey};
 use crate::store::{
     FRONTIER_PAGE_MAX, FrontierItem, FrontierPage, ResumeState, SeenFilter, StoreError,
     StoreResult, key_name,
 };
 
 impl PostgresStore {
-    pub(super) async fn load_resume(&self, id: &SessionId) -> StoreResult<ResumeState> {
+    pub(super) async fn load_resume(&self, id: &SessionKey) -> StoreResult<ResumeState> {
         let mut client = self.client().await?;
         // One snapshot: the frontier, seen set and counters of the same checkpoint.
         let tx = client
@@ -25,8 +25,8 @@ impl PostgresStore {
         let key = key_name("sessions", id);
         let row = tx
             .query_opt(
-                &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"),
-                &[&id.as_str()],
+                &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $2 AND id = $1"),
+                &[&id.id.as_str(), &id.tenant()],
             )
             .await
             .map_err(db_err(&format!("reading session {id}")))?;
@@ -38,8 +38,8 @@ impl PostgresStore {
         let session = session_from_row(&row)?;
         let frontier_len = tx
             .query_one(
-                "SELECT count(*) FROM frontier WHERE session_id = $1",
-                &[&id.as_str()],
+                "SELECT count(*) FROM frontier WHERE tenant = $2 AND session_id = $1",
+                &[&id.id.as_str(), &id.tenant()],
             )
             .await
             .map_err(db_err(&format!("counting the frontier of session {id}")))?;
@@ -71,13 +71,16 @@ impl PostgresStore {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT pos, url, depth, page FROM frontier WHERE session_id = $1 AND pos > $2 \
-                 ORDER BY pos LIMIT $3",
+                "SELECT pos, url, depth, page FROM frontier \
+                 WHERE tenant = $4 AND session_id = $1 AND pos > $2 ORDER BY pos LIMIT $3",
             )
             .await
             .map_err(db_err("preparing a frontier read"))?;
         let rows = client
-            .query(&stmt, &[&p.id.as_str(), &after, &(p.limit as i64)])
+            .query(
+                &stmt,
+                &[&p.id.id.as_str(), &after, &(p.limit as i64), &p.id.tenant()],
+            )
             .await
             .map_err(db_err(&format!("reading the frontier of session {}", p.id)))?;
         let key = key_name("frontier", &p.id);
@@ -107,11 +110,13 @@ impl PostgresStore {
         }
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached("SELECT url FROM seen WHERE session_id = $1 AND url = ANY($2)")
+            .prepare_cached(
+                "SELECT url FROM seen WHERE tenant = $3 AND session_id = $1 AND url = ANY($2)",
+            )
             .await
             .map_err(db_err("preparing a seen-set read"))?;
         let rows = client
-            .query(&stmt, &[&p.id.as_str(), &p.urls])
+            .query(&stmt, &[&p.id.id.as_str(), &p.urls, &p.id.tenant()])
             .await
             .map_err(db_err(&format!("reading the seen set of session {}", p.id)))?;
         let key = key_name("seen", &p.id);

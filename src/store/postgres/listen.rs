@@ -17,7 +17,7 @@ use tokio::sync::{Notify, broadcast, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use crate::session::SessionId;
+use crate::session::{SessionId, SessionKey};
 
 /// The channel `session_insert`, requeue and reclaim notify, with the schema name as payload.
 pub(crate) const PENDING_CHANNEL: &str = "harvest_pending";
@@ -41,7 +41,7 @@ pub(crate) async fn run(
     config: tokio_postgres::Config,
     schema: String,
     notify: Arc<Notify>,
-    cancels: broadcast::Sender<SessionId>,
+    cancels: broadcast::Sender<SessionKey>,
     ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
@@ -69,7 +69,7 @@ async fn listen_once(
     config: &tokio_postgres::Config,
     schema: &str,
     notify: &Arc<Notify>,
-    cancels: &broadcast::Sender<SessionId>,
+    cancels: &broadcast::Sender<SessionKey>,
     ready: &watch::Sender<bool>,
     stop: &CancellationToken,
 ) -> Result<(), tokio_postgres::Error> {
@@ -87,11 +87,7 @@ async fn listen_once(
                 // Other schemas (tests, other deployments) share the channels; their
                 // notifications are not ours.
                 Ok(AsyncMessage::Notification(n)) if n.channel() == CANCEL_CHANNEL => {
-                    let id = n
-                        .payload()
-                        .strip_prefix(schema_owned.as_str())
-                        .and_then(|rest| rest.strip_prefix(':'))
-                        .and_then(|id| SessionId::parse(id).ok());
+                    let id = parse_cancel_payload(&schema_owned, n.payload());
                     if let Some(id) = id {
                         // No receiver is fine: no worker runs in this process.
                         let _ = cancels.send(id);
@@ -165,4 +161,20 @@ pub(crate) async fn announce(
             tracing::warn!(error = %e, "harvest: could not NOTIFY {PENDING_CHANNEL}; other processes will find new sessions at their next poll");
         }
     }
+}
+
+/// The payload of a cancel notification: the schema, the tenant and the session id as a JSON
+/// array (a tenant may hold any character, so no separator would do).
+pub(super) fn cancel_payload(schema: &str, key: &SessionKey) -> String {
+    serde_json::json!([schema, key.tenant(), key.id.as_str()]).to_string()
+}
+
+/// The session of a cancel notification for `schema`; `None` for another schema's, or for one
+/// that is not a cancel payload.
+fn parse_cancel_payload(schema: &str, payload: &str) -> Option<SessionKey> {
+    let (s, tenant, id): (String, String, String) = serde_json::from_str(payload).ok()?;
+    if s != schema {
+        return None;
+    }
+    Some(SessionKey::new(Some(&tenant), SessionId::parse(&id).ok()?))
 }

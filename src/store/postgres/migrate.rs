@@ -38,6 +38,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 5,
         sql: include_str!("../../../migrations/0005_context.sql"),
     },
+    Migration {
+        version: 6,
+        sql: include_str!("../../../migrations/0006_tenant_keys.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

@@ -54,12 +54,15 @@ use super::{
     SessionInsert, SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError,
     StoreResult,
 };
-use crate::session::{LogLine, Record, Session, SessionId, Timestamp};
+use crate::session::{LogLine, Record, Session, SessionKey, Timestamp};
 
 /// Advisory lock class (first key of the two-key form) of schema migrations.
 const ADVISORY_CLASS_MIGRATE: i32 = 0x6876_0001;
 /// Advisory lock class of the single-session-agent check.
 const ADVISORY_CLASS_AGENT: i32 = 0x6876_0002;
+/// Advisory lock class of the quota checks: key 0 serializes claims while `max_running` limits
+/// are set; `hashtext(client)` serializes a client's inserts while it has a `max_pending`.
+const ADVISORY_CLASS_QUOTA: i32 = 0x6876_0003;
 
 /// Connections in the pool. 16: enough for a process's workers, API and scheduler without
 /// exhausting a default server (`max_connections = 100`) when a few processes share it.
@@ -82,7 +85,9 @@ pub struct PostgresStore {
     /// The listener and the announcer; awaited by `close`.
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Cancels of RUNNING sessions, from this process and (through the listener) from others.
-    cancels: tokio::sync::broadcast::Sender<SessionId>,
+    cancels: tokio::sync::broadcast::Sender<SessionKey>,
+    /// Per-client limits ([`Store::quotas_set`]).
+    quotas: std::sync::RwLock<crate::store::Quotas>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -181,6 +186,7 @@ impl PostgresStore {
             stop,
             tasks: Mutex::new(vec![listener, announcer]),
             cancels,
+            quotas: std::sync::RwLock::new(crate::store::Quotas::default()),
         })
     }
 
@@ -230,11 +236,11 @@ impl Store for PostgresStore {
     async fn session_insert_many(
         &self,
         sessions: Vec<Session>,
-    ) -> StoreResult<Vec<StoreResult<Session>>> {
+    ) -> StoreResult<Vec<StoreResult<InsertOutcome>>> {
         self.insert_sessions(sessions).await
     }
 
-    async fn session_get(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    async fn session_get(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         self.get_session(id).await
     }
 
@@ -276,7 +282,7 @@ impl Store for PostgresStore {
         self.cancel_session(p).await
     }
 
-    async fn session_remove(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    async fn session_remove(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         self.remove_session(id).await
     }
 
@@ -292,7 +298,7 @@ impl Store for PostgresStore {
         self.page_records(p).await
     }
 
-    async fn resume_load(&self, id: &SessionId) -> StoreResult<ResumeState> {
+    async fn resume_load(&self, id: &SessionKey) -> StoreResult<ResumeState> {
         self.load_resume(id).await
     }
 
@@ -304,11 +310,11 @@ impl Store for PostgresStore {
         self.filter_seen(p).await
     }
 
-    async fn context_get(&self, id: &SessionId) -> StoreResult<Option<crate::session::Context>> {
+    async fn context_get(&self, id: &SessionKey) -> StoreResult<Option<crate::session::Context>> {
         self.context(id).await
     }
 
-    async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {
+    async fn log_tail(&self, id: &SessionKey, limit: usize) -> StoreResult<Vec<LogLine>> {
         self.tail_log(id, limit).await
     }
 
@@ -343,12 +349,17 @@ impl Store for PostgresStore {
         self.acquire_leader(p).await
     }
 
-    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionId> {
+    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionKey> {
         self.cancels.subscribe()
     }
 
     async fn pending_wait(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
+    }
+
+    fn quotas_set(&self, q: crate::store::Quotas) -> StoreResult<()> {
+        *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = q;
+        Ok(())
     }
 
     async fn close(&self) -> StoreResult<()> {

@@ -3,7 +3,7 @@
 
 use super::rows::{SESSION_COLUMNS, row_get, session_from_row, to_i64, to_u64};
 use super::{PostgresStore, db_err};
-use crate::session::{Context, LogLine, Record, Session, SessionId, Timestamp};
+use crate::session::{Context, LogLine, Record, Session, SessionKey, Timestamp};
 use crate::store::{LOG_LINES_MAX, RecordsPage, StoreError, StoreResult, key_name};
 
 /// Longest records page (the trait's documented range).
@@ -22,13 +22,13 @@ impl PostgresStore {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT seq, data FROM records WHERE session_id = $1 AND seq >= $2 \
-                 ORDER BY seq LIMIT $3",
+                "SELECT seq, data FROM records \
+                 WHERE tenant = $4 AND session_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
             )
             .await
             .map_err(db_err("preparing a records read"))?;
         let rows = client
-            .query(&stmt, &[&p.id.as_str(), &offset, &limit])
+            .query(&stmt, &[&p.id.id.as_str(), &offset, &limit, &p.id.tenant()])
             .await
             .map_err(db_err(&format!("reading records of session {}", p.id)))?;
         let key = key_name("records", &p.id);
@@ -44,7 +44,7 @@ impl PostgresStore {
 
     pub(super) async fn remove_records(
         &self,
-        id: &SessionId,
+        id: &SessionKey,
         below: Option<u64>,
     ) -> StoreResult<Option<Session>> {
         let mut client = self.client().await?;
@@ -56,8 +56,11 @@ impl PostgresStore {
         // the delete.
         let row = tx
             .query_opt(
-                &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1 FOR UPDATE"),
-                &[&id.as_str()],
+                &format!(
+                    "SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $2 AND id = $1 \
+                     FOR UPDATE"
+                ),
+                &[&id.id.as_str(), &id.tenant()],
             )
             .await
             .map_err(db_err(&format!("reading session {id}")))?;
@@ -68,15 +71,19 @@ impl PostgresStore {
         }
         let target = below.unwrap_or(s.records).min(s.records);
         tx.execute(
-            "DELETE FROM records WHERE session_id = $1 AND seq < $2",
-            &[&id.as_str(), &to_i64(target, "records")?],
+            "DELETE FROM records WHERE tenant = $3 AND session_id = $1 AND seq < $2",
+            &[&id.id.as_str(), &to_i64(target, "records")?, &id.tenant()],
         )
         .await
         .map_err(db_err(&format!("removing the records of session {id}")))?;
         s.records_removed = s.records_removed.max(target);
         tx.execute(
-            "UPDATE sessions SET records_removed = $2 WHERE id = $1",
-            &[&id.as_str(), &to_i64(s.records_removed, "records_removed")?],
+            "UPDATE sessions SET records_removed = $2 WHERE tenant = $3 AND id = $1",
+            &[
+                &id.id.as_str(),
+                &to_i64(s.records_removed, "records_removed")?,
+                &id.tenant(),
+            ],
         )
         .await
         .map_err(db_err(&format!("recording the record removal of {id}")))?;
@@ -86,14 +93,14 @@ impl PostgresStore {
         Ok(Some(s))
     }
 
-    pub(super) async fn context(&self, id: &SessionId) -> StoreResult<Option<Context>> {
+    pub(super) async fn context(&self, id: &SessionKey) -> StoreResult<Option<Context>> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached("SELECT variables FROM context WHERE session_id = $1")
+            .prepare_cached("SELECT variables FROM context WHERE tenant = $2 AND session_id = $1")
             .await
             .map_err(db_err("preparing a context read"))?;
         let row = client
-            .query_opt(&stmt, &[&id.as_str()])
+            .query_opt(&stmt, &[&id.id.as_str(), &id.tenant()])
             .await
             .map_err(db_err(&format!("reading the context of session {id}")))?;
         let Some(row) = row else { return Ok(None) };
@@ -107,7 +114,11 @@ impl PostgresStore {
             })
     }
 
-    pub(super) async fn tail_log(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {
+    pub(super) async fn tail_log(
+        &self,
+        id: &SessionKey,
+        limit: usize,
+    ) -> StoreResult<Vec<LogLine>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -116,7 +127,7 @@ impl PostgresStore {
         let stmt = client
             .prepare_cached(
                 "SELECT at, level, message FROM (
-                     SELECT id, at, level, message FROM log WHERE session_id = $1
+                     SELECT id, at, level, message FROM log WHERE tenant = $3 AND session_id = $1
                      ORDER BY id DESC LIMIT $2) t
                  ORDER BY id",
             )
@@ -124,7 +135,7 @@ impl PostgresStore {
             .map_err(db_err("preparing a log read"))?;
         let key = key_name("log", id);
         client
-            .query(&stmt, &[&id.as_str(), &limit])
+            .query(&stmt, &[&id.id.as_str(), &limit, &id.tenant()])
             .await
             .map_err(db_err(&format!("reading the log of session {id}")))?
             .iter()

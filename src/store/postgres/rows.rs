@@ -17,7 +17,7 @@ pub(super) const SESSION_COLUMNS: &str = "id, seq, status, attempt, failures, pr
      lease_owner, lease_expires_at, cancel_requested, run_at, created_at, updated_at, cleanup_at, \
      start_time, end_time, pages_processed, processed_elements, http_requests, http_errors, \
      bytes_received, retries, robots_blocked, error_kind, error_message, checkpoints, spec, \
-     records, records_removed, running_ms, running_since, attempts";
+     records, records_removed, running_ms, running_since, attempts, tenant";
 
 /// The immutable part of a session, stored as one versioned bincode value.
 #[derive(Serialize)]
@@ -86,8 +86,10 @@ pub(super) fn session_from_row(row: &Row) -> StoreResult<Session> {
     });
     let spec_bytes: Vec<u8> = row_get(row, 25, &key)?;
     let spec: Spec = codec::decode(&|| key.clone(), &spec_bytes)?;
+    let tenant: String = row_get(row, 31, &key)?;
     Ok(Session {
         id,
+        tenant: Some(tenant).filter(|t| !t.is_empty()),
         seq: g64(1)?,
         client: spec.client,
         status,

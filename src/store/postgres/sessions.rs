@@ -10,8 +10,10 @@ use super::rows::{
     SESSION_COLUMNS, SpecRef, attempts_to_json, error_columns, parse_status, row_get,
     session_from_row, to_i32, to_i64, to_u64, usage_columns,
 };
-use super::{ADVISORY_CLASS_AGENT, PostgresStore, db_err, listen};
-use crate::session::{ATTEMPTS_KEPT, CancelDecision, Session, SessionId, SessionStatus, Timestamp};
+use super::{ADVISORY_CLASS_AGENT, ADVISORY_CLASS_QUOTA, PostgresStore, db_err, listen};
+use crate::session::{
+    ATTEMPTS_KEPT, CancelDecision, Session, SessionId, SessionKey, SessionStatus, Timestamp,
+};
 use crate::store::{
     AttemptRef, CancelOutcome, HeartbeatOutcome, InsertOutcome, LeaseReclaim, Reclaimed,
     RequeueOutcome, SessionCancel, SessionClaim, SessionCounts, SessionHeartbeat, SessionInsert,
@@ -22,9 +24,30 @@ use crate::store::{
 /// Longest session list page (the trait's documented range).
 const LIST_LIMIT_MAX: usize = 1000;
 
-/// The compare-and-set precondition of every worker transition; `$1..$3` are the attempt.
-pub(super) const IF_RUNNING: &str =
-    "id = $1 AND status = 'RUNNING' AND attempt = $2 AND lease_owner = $3";
+/// The compare-and-set precondition of every worker transition; `$1..$3` are the attempt's id,
+/// number and owner, `$tenant` its tenant.
+pub(super) fn if_running(tenant: usize) -> String {
+    format!(
+        "tenant = ${tenant} AND id = $1 AND status = 'RUNNING' AND attempt = $2 AND lease_owner = $3"
+    )
+}
+
+/// The claim's `UPDATE` of the sessions a `due` CTE chose: `$1` now, `$3` the owner, `$4` the
+/// lease's expiry.
+fn claim_update() -> String {
+    format!(
+        "UPDATE sessions SET status = 'RUNNING', attempt = attempt + 1,
+             lease_owner = $3, lease_expires_at = $4,
+             start_time = COALESCE(start_time, $1), end_time = NULL,
+             running_since = $1, progress_this_attempt = false, updated_at = $1,
+             attempts = (CASE WHEN jsonb_array_length(attempts) >= {ATTEMPTS_KEPT}
+                         THEN attempts - 0 ELSE attempts END)
+                 || jsonb_build_array(jsonb_build_object('attempt', attempt + 1,
+                     'started_at', $1::bigint, 'ended_at', NULL, 'outcome', NULL))
+         FROM due WHERE tenant = due_tenant AND id = due_id AND status = 'PENDING'
+         RETURNING {SESSION_COLUMNS}, priority"
+    )
+}
 
 impl PostgresStore {
     async fn insert_row(
@@ -48,11 +71,12 @@ impl PostgresStore {
                          start_time, end_time, pages_processed, processed_elements, http_requests,
                          http_errors, bytes_received, retries, robots_blocked, error_kind,
                          error_message, checkpoints, spec, cleanup_after_ms, records,
-                         records_removed, running_ms, running_since, attempts, token_tracking)
+                         records_removed, running_ms, running_since, attempts, token_tracking,
+                         tenant)
                      VALUES ($1, $2, $3, 'PENDING', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
                          $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
-                         $29, $30, $31, $32, $33, $34, $35)
-                     ON CONFLICT (id) DO NOTHING
+                         $29, $30, $31, $32, $33, $34, $35, $36)
+                     ON CONFLICT (tenant, id) DO NOTHING
                      RETURNING seq)
                  SELECT seq FROM ins",
             )
@@ -78,7 +102,8 @@ impl PostgresStore {
         let running_ms = to_i64(s.metrics.running_ms, "running_ms")?;
         let running_since = s.metrics.running_since.map(|t| t.0);
         let attempts = attempts_to_json(&s.attempts);
-        let params: [&(dyn ToSql + Sync); 35] = [
+        let tenant = s.tenant.as_deref().unwrap_or("");
+        let params: [&(dyn ToSql + Sync); 36] = [
             &s.id.as_str(),
             &s.client.client_id(),
             &agent,
@@ -114,6 +139,7 @@ impl PostgresStore {
             &running_since,
             &attempts,
             &s.options.token_tracking,
+            &tenant,
         ];
         let row = client.query_opt(&stmt, &params).await.map_err(|e| {
             if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
@@ -132,7 +158,7 @@ impl PostgresStore {
     }
 
     pub(super) async fn insert_session(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
-        let mut session = p.session;
+        let session = p.session;
         if session.status != SessionStatus::Pending {
             return Err(StoreError::Invalid(format!(
                 "session {} is inserted as {}; new sessions must be PENDING",
@@ -140,14 +166,52 @@ impl PostgresStore {
             )));
         }
         let agent = session.job.agent.clone().or_else(|| p.single_agent.clone());
+        let max_pending = self
+            .quotas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_pending
+            .get(session.client.client_id())
+            .copied();
         let mut client = self.client().await?;
-        let seq = match &p.single_agent {
-            None => self.insert_row(&client, &session, agent.as_deref()).await?,
-            Some(name) => {
+        let seq = match (&p.single_agent, max_pending) {
+            (None, None) => self.insert_row(&client, &session, agent.as_deref()).await?,
+            (single, max_pending) => {
                 let tx = client
                     .transaction()
                     .await
                     .map_err(db_err("starting a transaction"))?;
+                if let Some(limit) = max_pending {
+                    // Serializes this client's inserts: the count below then sees every insert
+                    // committed before ours.
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                        &[&ADVISORY_CLASS_QUOTA, &session.client.client_id()],
+                    )
+                    .await
+                    .map_err(db_err("locking the client's pending quota"))?;
+                    let row = tx
+                        .query_one(
+                            "SELECT count(*) FROM sessions WHERE client_id = $1 AND status = 'PENDING'",
+                            &[&session.client.client_id()],
+                        )
+                        .await
+                        .map_err(db_err("counting the client's pending sessions"))?;
+                    let pending = to_u64(row_get::<i64>(&row, 0, "sessions/count")?, "count")?;
+                    if pending >= limit {
+                        return Ok(InsertOutcome::PendingQuota {
+                            client: session.client.client_id().to_string(),
+                            limit,
+                        });
+                    }
+                }
+                let Some(name) = single else {
+                    let seq = self.insert_row(&tx, &session, agent.as_deref()).await?;
+                    tx.commit()
+                        .await
+                        .map_err(db_err("committing the session insert"))?;
+                    return self.inserted(session, seq);
+                };
                 // Serializes inserts for this agent: the check below then sees every insert
                 // committed before ours, so two racing submissions cannot both pass it.
                 tx.execute(
@@ -179,6 +243,11 @@ impl PostgresStore {
                 seq
             }
         };
+        self.inserted(session, seq)
+    }
+
+    /// The outcome of an insert that returned `seq` (`None`: the id is taken in its tenant).
+    fn inserted(&self, mut session: Session, seq: Option<u64>) -> StoreResult<InsertOutcome> {
         let Some(seq) = seq else {
             return Err(StoreError::Duplicate(session.id));
         };
@@ -188,33 +257,80 @@ impl PostgresStore {
     }
 
     /// [`Store::session_insert_many`]: one transaction, the inserts pipelined on its
-    /// connection; `ON CONFLICT DO NOTHING` turns a taken id into that item's `Duplicate`
-    /// without aborting the others.
+    /// connection; `ON CONFLICT DO NOTHING` turns a taken key into that item's `Duplicate`
+    /// without aborting the others. A client with `max_pending` is locked and counted once (as
+    /// `insert_session` does), and its items beyond the quota get `PendingQuota`.
     pub(super) async fn insert_sessions(
         &self,
         sessions: Vec<Session>,
-    ) -> StoreResult<Vec<StoreResult<Session>>> {
+    ) -> StoreResult<Vec<StoreResult<InsertOutcome>>> {
+        let limits = self
+            .quotas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_pending
+            .clone();
         let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
             .map_err(db_err("starting a transaction"))?;
+        // Room left under each limited client's quota, counted under its lock.
+        let mut room: std::collections::HashMap<String, (u64, u64)> = Default::default();
+        let mut clients: Vec<&str> = sessions
+            .iter()
+            .map(|s| s.client.client_id())
+            .filter(|c| limits.contains_key(*c))
+            .collect();
+        clients.sort_unstable();
+        clients.dedup();
+        for c in clients {
+            let limit = limits.get(c).copied().unwrap_or(u64::MAX);
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&ADVISORY_CLASS_QUOTA, &c],
+            )
+            .await
+            .map_err(db_err("locking the client's pending quota"))?;
+            let row = tx
+                .query_one(
+                    "SELECT count(*) FROM sessions WHERE client_id = $1 AND status = 'PENDING'",
+                    &[&c],
+                )
+                .await
+                .map_err(db_err("counting the client's pending sessions"))?;
+            let pending = to_u64(row_get::<i64>(&row, 0, "sessions/count")?, "count")?;
+            room.insert(c.to_string(), (limit.saturating_sub(pending), limit));
+        }
         let mut seen = std::collections::HashSet::with_capacity(sessions.len());
-        // Refused before the database: `Some(error)`; to insert: `None`, in `accepted`.
-        let mut refused: Vec<Option<StoreError>> = Vec::with_capacity(sessions.len());
+        // Decided before the database: `Some(outcome)`; to insert: `None`, in `accepted`.
+        let mut decided: Vec<Option<StoreResult<InsertOutcome>>> =
+            Vec::with_capacity(sessions.len());
         let mut accepted = Vec::new();
         for s in sessions {
             if s.status != SessionStatus::Pending {
-                refused.push(Some(StoreError::Invalid(format!(
+                decided.push(Some(Err(StoreError::Invalid(format!(
                     "session {} is inserted as {}; new sessions must be PENDING",
                     s.id, s.status
-                ))));
-            } else if !seen.insert(s.id.clone()) {
-                refused.push(Some(StoreError::Duplicate(s.id)));
-            } else {
-                refused.push(None);
-                accepted.push(s);
+                )))));
+                continue;
             }
+            if !seen.insert(s.key()) {
+                decided.push(Some(Err(StoreError::Duplicate(s.id))));
+                continue;
+            }
+            if let Some((left, limit)) = room.get_mut(s.client.client_id()) {
+                if *left == 0 {
+                    decided.push(Some(Ok(InsertOutcome::PendingQuota {
+                        client: s.client.client_id().to_string(),
+                        limit: *limit,
+                    })));
+                    continue;
+                }
+                *left -= 1;
+            }
+            decided.push(None);
+            accepted.push(s);
         }
         let inserts = accepted
             .iter()
@@ -224,36 +340,39 @@ impl PostgresStore {
             .await
             .map_err(db_err("committing the session inserts"))?;
         let mut stored = accepted.into_iter().zip(seqs);
-        let mut out = Vec::with_capacity(refused.len());
-        for r in refused {
-            out.push(match r {
-                Some(e) => Err(e),
+        let mut out = Vec::with_capacity(decided.len());
+        for d in decided {
+            out.push(match d {
+                Some(outcome) => outcome,
                 None => match stored.next() {
                     Some((mut s, Some(seq))) => {
                         s.seq = seq;
-                        Ok(s)
+                        Ok(InsertOutcome::Inserted(Box::new(s)))
                     }
                     Some((s, None)) => Err(StoreError::Duplicate(s.id)),
                     None => Err(StoreError::Invalid("a batch item was lost".into())),
                 },
             });
         }
-        if out.iter().any(Result::is_ok) {
+        if out
+            .iter()
+            .any(|o| matches!(o, Ok(InsertOutcome::Inserted(_))))
+        {
             self.wake_local();
         }
         Ok(out)
     }
 
-    pub(super) async fn get_session(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    pub(super) async fn get_session(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
-                "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $2 AND id = $1"
             ))
             .await
             .map_err(db_err("preparing a session read"))?;
         let row = client
-            .query_opt(&stmt, &[&id.as_str()])
+            .query_opt(&stmt, &[&id.id.as_str(), &id.tenant()])
             .await
             .map_err(db_err(&format!("reading session {id}")))?;
         row.as_ref().map(session_from_row).transpose()
@@ -338,34 +457,100 @@ impl PostgresStore {
         }
         let limit = i64::try_from(p.limit).unwrap_or(i64::MAX);
         let expires = p.now.add(p.lease).0;
-        let client = self.client().await?;
-        // One statement: rows locked by a concurrent claim are skipped, not waited for, and the
-        // lock is held only until this statement's implicit commit.
-        let stmt = client
-            .prepare_cached(&format!(
-                "WITH due AS (
-                     SELECT id AS due_id FROM sessions
-                     WHERE status = 'PENDING' AND run_at <= $1
-                     ORDER BY priority DESC, run_at, seq
-                     LIMIT $2
-                     FOR UPDATE SKIP LOCKED)
-                 UPDATE sessions SET status = 'RUNNING', attempt = attempt + 1,
-                     lease_owner = $3, lease_expires_at = $4,
-                     start_time = COALESCE(start_time, $1), end_time = NULL,
-                     running_since = $1, progress_this_attempt = false, updated_at = $1,
-                     attempts = (CASE WHEN jsonb_array_length(attempts) >= {ATTEMPTS_KEPT}
-                                 THEN attempts - 0 ELSE attempts END)
-                         || jsonb_build_array(jsonb_build_object('attempt', attempt + 1,
-                             'started_at', $1::bigint, 'ended_at', NULL, 'outcome', NULL))
-                 FROM due WHERE id = due_id AND status = 'PENDING'
-                 RETURNING {SESSION_COLUMNS}, priority"
-            ))
+        let max_running = self
+            .quotas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_running
+            .clone();
+        let rows = if max_running.is_empty() {
+            let client = self.client().await?;
+            // One statement: rows locked by a concurrent claim are skipped, not waited for, and
+            // the lock is held only until this statement's implicit commit.
+            let stmt = client
+                .prepare_cached(&format!(
+                    "WITH due AS (
+                         SELECT tenant AS due_tenant, id AS due_id FROM sessions
+                         WHERE status = 'PENDING' AND run_at <= $1
+                         ORDER BY priority DESC, run_at, seq
+                         LIMIT $2
+                         FOR UPDATE SKIP LOCKED)
+                     {}",
+                    claim_update()
+                ))
+                .await
+                .map_err(db_err("preparing the claim"))?;
+            client
+                .query(&stmt, &[&p.now.0, &limit, &p.owner, &expires])
+                .await
+                .map_err(db_err("claiming sessions"))?
+        } else {
+            let mut client = self.client().await?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(db_err("starting a transaction"))?;
+            // Claims serialize while limits are set, so that two cannot both take a client's
+            // last slot; the RUNNING counts below see every claim committed before this one.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, 0)",
+                &[&ADVISORY_CLASS_QUOTA],
+            )
             .await
-            .map_err(db_err("preparing the claim"))?;
-        let rows = client
-            .query(&stmt, &[&p.now.0, &limit, &p.owner, &expires])
-            .await
-            .map_err(db_err("claiming sessions"))?;
+            .map_err(db_err("locking the claim quotas"))?;
+            let clients: Vec<&str> = max_running.keys().map(String::as_str).collect();
+            let running = tx
+                .query(
+                    "SELECT client_id, count(*) FROM sessions \
+                     WHERE status = 'RUNNING' AND client_id = ANY($1) GROUP BY client_id",
+                    &[&clients],
+                )
+                .await
+                .map_err(db_err("counting RUNNING sessions of limited clients"))?;
+            let mut allowed: Vec<i64> = Vec::with_capacity(clients.len());
+            for c in &clients {
+                let limit = to_i64(max_running.get(*c).copied().unwrap_or(0), "max_running")?;
+                let mut n = 0i64;
+                for row in &running {
+                    if row_get::<String>(row, 0, "sessions/client_id")? == *c {
+                        n = row_get(row, 1, "sessions/count")?;
+                    }
+                }
+                allowed.push((limit - n).max(0));
+            }
+            // A limited client's due sessions beyond its free slots are passed over (they stay
+            // PENDING), so the next eligible sessions (other clients') are taken instead.
+            let rows = tx
+                .query(
+                    &format!(
+                        "WITH allow AS (SELECT * FROM unnest($5::text[], $6::int8[]) AS a(client, n)),
+                         due AS (
+                             SELECT c.tenant AS due_tenant, c.id AS due_id FROM (
+                                 SELECT tenant, id, client_id, priority, run_at, seq,
+                                     row_number() OVER (PARTITION BY client_id
+                                         ORDER BY priority DESC, run_at, seq) AS rn
+                                 FROM sessions WHERE status = 'PENDING' AND run_at <= $1) c
+                             LEFT JOIN allow ON allow.client = c.client_id
+                             WHERE allow.client IS NULL OR c.rn <= allow.n
+                             ORDER BY c.priority DESC, c.run_at, c.seq
+                             LIMIT $2)
+                         {}",
+                        claim_update()
+                    ),
+                    &[
+                        &p.now.0,
+                        &limit,
+                        &p.owner,
+                        &expires,
+                        &clients,
+                        &allowed,
+                    ],
+                )
+                .await
+                .map_err(db_err("claiming sessions within the clients' max_running"))?;
+            tx.commit().await.map_err(db_err("committing the claim"))?;
+            rows
+        };
         let mut claimed = rows
             .iter()
             .map(session_from_row)
@@ -385,8 +570,9 @@ impl PostgresStore {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
-                "UPDATE sessions SET lease_expires_at = $4 WHERE {IF_RUNNING} \
-                 RETURNING cancel_requested"
+                "UPDATE sessions SET lease_expires_at = $4 WHERE {} \
+                 RETURNING cancel_requested",
+                if_running(5)
             ))
             .await
             .map_err(db_err("preparing a heartbeat"))?;
@@ -395,7 +581,13 @@ impl PostgresStore {
         let row = client
             .query_opt(
                 &stmt,
-                &[&a.id.as_str(), &attempt, &a.owner, &p.now.add(p.lease).0],
+                &[
+                    &a.id.id.as_str(),
+                    &attempt,
+                    &a.owner,
+                    &p.now.add(p.lease).0,
+                    &a.id.tenant(),
+                ],
             )
             .await
             .map_err(db_err(&format!("renewing the lease of session {}", a.id)))?;
@@ -414,13 +606,17 @@ impl PostgresStore {
     ) -> StoreResult<Option<Session>> {
         let stmt = tx
             .prepare_cached(&format!(
-                "SELECT {SESSION_COLUMNS} FROM sessions WHERE {IF_RUNNING} FOR UPDATE"
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE {} FOR UPDATE",
+                if_running(4)
             ))
             .await
             .map_err(db_err("preparing a locked read"))?;
         let attempt = to_i32(a.attempt, "attempt")?;
         let row = tx
-            .query_opt(&stmt, &[&a.id.as_str(), &attempt, &a.owner])
+            .query_opt(
+                &stmt,
+                &[&a.id.id.as_str(), &attempt, &a.owner, &a.id.tenant()],
+            )
             .await
             .map_err(db_err(&format!("reading session {} to change it", a.id)))?;
         row.as_ref().map(session_from_row).transpose()
@@ -473,7 +669,7 @@ impl PostgresStore {
             let old = session_from_row(row)?;
             let (s, outcome) = old.reclaimed(p.backoff, p.cleanup_after, p.now);
             out.push(Reclaimed {
-                id: s.id.clone(),
+                id: s.key(),
                 attempt: old.attempt,
                 outcome,
                 session: Box::new(s),
@@ -498,8 +694,11 @@ impl PostgresStore {
             .map_err(db_err("starting a transaction"))?;
         let row = tx
             .query_opt(
-                &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1 FOR UPDATE"),
-                &[&p.id.as_str()],
+                &format!(
+                    "SELECT {SESSION_COLUMNS} FROM sessions WHERE tenant = $2 AND id = $1 \
+                     FOR UPDATE"
+                ),
+                &[&p.id.id.as_str(), &p.id.tenant()],
             )
             .await
             .map_err(db_err(&format!("reading session {} to cancel it", p.id)))?;
@@ -520,8 +719,8 @@ impl PostgresStore {
         if matches!(outcome, CancelOutcome::Requested(_)) {
             // This process's workers at once; other processes' through their listeners. After
             // the commit, so the flag is visible to whoever acts on the notification.
-            let _ = self.cancels.send(s.id.clone());
-            let payload = format!("{}:{}", self.schema, s.id);
+            let _ = self.cancels.send(s.key());
+            let payload = listen::cancel_payload(&self.schema, &s.key());
             if let Err(e) = client
                 .execute(
                     "SELECT pg_notify($1, $2)",
@@ -535,7 +734,7 @@ impl PostgresStore {
         Ok(outcome)
     }
 
-    pub(super) async fn remove_session(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    pub(super) async fn remove_session(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         let mut client = self.client().await?;
         let tx = client
             .transaction()
@@ -546,14 +745,17 @@ impl PostgresStore {
         // checkpoint's compare-and-set finds no row.
         let row = tx
             .query_opt(
-                &format!("DELETE FROM sessions WHERE id = $1 RETURNING {SESSION_COLUMNS}"),
-                &[&id.as_str()],
+                &format!(
+                    "DELETE FROM sessions WHERE tenant = $2 AND id = $1 \
+                     RETURNING {SESSION_COLUMNS}"
+                ),
+                &[&id.id.as_str(), &id.tenant()],
             )
             .await
             .map_err(db_err(&format!("removing session {id}")))?;
         let Some(row) = row else { return Ok(None) };
         let session = session_from_row(&row)?;
-        delete_session_data(&tx, &[id.as_str()]).await?;
+        delete_session_data(&tx, &[id.tenant()], &[id.id.as_str()]).await?;
         tx.commit()
             .await
             .map_err(db_err(&format!("committing the removal of session {id}")))?;
@@ -573,8 +775,8 @@ impl PostgresStore {
         let rows = tx
             .query(
                 &format!(
-                    "DELETE FROM sessions WHERE id IN (
-                         SELECT id FROM sessions
+                    "DELETE FROM sessions WHERE (tenant, id) IN (
+                         SELECT tenant, id FROM sessions
                          WHERE cleanup_at <= $1
                            AND status IN ('COMPLETED', 'FAILED', 'CANCELLED')
                          ORDER BY cleanup_at
@@ -591,8 +793,12 @@ impl PostgresStore {
             .map(session_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
         if !sessions.is_empty() {
+            let tenants: Vec<&str> = sessions
+                .iter()
+                .map(|s| s.tenant.as_deref().unwrap_or(""))
+                .collect();
             let ids: Vec<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
-            delete_session_data(&tx, &ids).await?;
+            delete_session_data(&tx, &tenants, &ids).await?;
         }
         tx.commit()
             .await
@@ -634,12 +840,16 @@ impl PostgresStore {
 /// Deletes everything stored under the given sessions except their `sessions` rows.
 async fn delete_session_data(
     tx: &deadpool_postgres::Transaction<'_>,
+    tenants: &[&str],
     ids: &[&str],
 ) -> StoreResult<()> {
     for table in ["records", "frontier", "seen", "log", "context"] {
         tx.execute(
-            &format!("DELETE FROM {table} WHERE session_id = ANY($1)"),
-            &[&ids],
+            &format!(
+                "DELETE FROM {table} t USING unnest($1::text[], $2::text[]) AS k(tenant, id) \
+                 WHERE t.tenant = k.tenant AND t.session_id = k.id"
+            ),
+            &[&tenants, &ids],
         )
         .await
         .map_err(db_err(&format!(
@@ -661,6 +871,7 @@ pub(super) async fn write_sessions(
     }
     let n = sessions.len();
     let mut ids = Vec::with_capacity(n);
+    let mut tenants = Vec::with_capacity(n);
     let mut status = Vec::with_capacity(n);
     let mut attempt = Vec::with_capacity(n);
     let mut failures = Vec::with_capacity(n);
@@ -686,6 +897,7 @@ pub(super) async fn write_sessions(
     let mut attempts = Vec::with_capacity(n);
     for s in sessions {
         ids.push(s.id.as_str());
+        tenants.push(s.tenant.as_deref().unwrap_or(""));
         status.push(s.status.as_str());
         attempt.push(to_i32(s.attempt, "attempt")?);
         failures.push(to_i32(s.failures, "failures")?);
@@ -732,17 +944,17 @@ pub(super) async fn write_sessions(
                  $6::text[], $7::int8[], $8::bool[], $9::int8[], $10::int8[], $11::int8[],
                  $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[],
                  $18::int8[], $19::int8[], $20::int8[], $21::text[], $22::text[], $23::int8[],
-                 $24::int8[], $25::int8[], $26::int8[], $27::int8[], $28::jsonb[])
+                 $24::int8[], $25::int8[], $26::int8[], $27::int8[], $28::jsonb[], $29::text[])
                  AS u(id, status, attempt, failures, progress, lease_owner, lease_expires,
                       cancel, run_at, updated, cleanup, start_time, end_time, pages, elements,
                       requests, errors, bytes, retries, robots, error_kind, error_message,
                       checkpoints, records, records_removed, running_ms, running_since,
-                      attempts)
-             WHERE sessions.id = u.id",
+                      attempts, tenant)
+             WHERE sessions.tenant = u.tenant AND sessions.id = u.id",
         )
         .await
         .map_err(db_err("preparing a session write"))?;
-    let params: [&(dyn ToSql + Sync); 28] = [
+    let params: [&(dyn ToSql + Sync); 29] = [
         &ids,
         &status,
         &attempt,
@@ -771,6 +983,7 @@ pub(super) async fn write_sessions(
         &running_ms,
         &running_since,
         &attempts,
+        &tenants,
     ];
     let written = tx
         .execute(&stmt, &params)

@@ -27,7 +27,7 @@ use sled::IVec;
 use super::durability::Batch;
 use super::keys::{corrupt_key, data_prefix, k_chunk, k_url, show_key, u64_at};
 use super::{SledStore, blocking, read, sled_err};
-use crate::session::{FrontierEntry, SessionId};
+use crate::session::{FrontierEntry, SessionKey};
 use crate::store::{
     CheckpointBatch, FRONTIER_PAGE_MAX, FrontierItem, FrontierPage, ResumeState, SeenFilter,
     StoreError, StoreResult, codec,
@@ -126,7 +126,7 @@ impl UrlState {
 }
 
 /// The `U` state of `url` in session `id` (default: neither seen nor added).
-fn read_url(db: &sled::Db, id: &SessionId, url: &str) -> StoreResult<UrlState> {
+fn read_url(db: &sled::Db, id: &SessionKey, url: &str) -> StoreResult<UrlState> {
     let k = k_url(b'U', id, url);
     match db.get(&k).map_err(sled_err("reading a URL's state"))? {
         Some(v) => UrlState::decode(&k, &v),
@@ -136,7 +136,7 @@ fn read_url(db: &sled::Db, id: &SessionId, url: &str) -> StoreResult<UrlState> {
 
 /// The crawl-state changes of one checkpoint being staged: what it read and what it changes.
 struct FrontierStage<'a> {
-    id: &'a SessionId,
+    id: &'a SessionKey,
     /// URL states read or changed (`true`: changed).
     urls: std::collections::HashMap<&'a str, (UrlState, bool)>,
     /// Chunks of earlier checkpoints read or changed (`true`: changed), by first position.
@@ -212,7 +212,7 @@ impl SledStore {
     pub(super) fn stage_frontier(
         &self,
         b: &mut Batch,
-        id: &SessionId,
+        id: &SessionKey,
         batch: &CheckpointBatch,
     ) -> StoreResult<()> {
         if batch.frontier_add.is_empty()
@@ -364,7 +364,7 @@ impl SledStore {
 
     /// `I` and `K` of `id`: the index covers the frontier positions before the first, the
     /// next addition takes the second.
-    fn index_range(&self, id: &SessionId) -> StoreResult<(u64, u64)> {
+    fn index_range(&self, id: &SessionKey) -> StoreResult<(u64, u64)> {
         let indexed = read(&self.db, &data_prefix(b'I', id))?.unwrap_or(1);
         let next = read(&self.db, &data_prefix(b'K', id))?.unwrap_or(1);
         Ok((indexed, next))
@@ -379,7 +379,7 @@ impl SledStore {
     /// leaves an index that is behind, never wrong, and this redoes the rest. An entry whose URL
     /// has a `U` position at or after the entry's own was written there since (or by an earlier
     /// run of this): it is left as it is.
-    pub(super) fn index_step(&self, id: &SessionId, max_chunks: usize) -> StoreResult<bool> {
+    pub(super) fn index_step(&self, id: &SessionKey, max_chunks: usize) -> StoreResult<bool> {
         let k_indexed = data_prefix(b'I', id);
         let (from, next) = self.index_range(id)?;
         if from >= next {
@@ -441,7 +441,7 @@ impl SledStore {
     /// Brings the `U` index up to date before a commit that will look URLs up (one not shaped
     /// like the engine's: additions not all new, or done URLs without a position), a few chunks
     /// per hold of the store mutex, rather than all at once under it in `stage_frontier`.
-    pub(super) fn index_before(&self, id: &SessionId, batch: &CheckpointBatch) -> StoreResult<()> {
+    pub(super) fn index_before(&self, id: &SessionKey, batch: &CheckpointBatch) -> StoreResult<()> {
         let lookups = batch.frontier_add.len() != batch.seen_add.len()
             || batch.frontier_done.iter().any(|d| d.pos.is_none());
         if lookups && self.index_behind(id)? {
@@ -451,14 +451,14 @@ impl SledStore {
     }
 
     /// Whether some committed frontier chunks of `id` are not indexed in `U` yet.
-    fn index_behind(&self, id: &SessionId) -> StoreResult<bool> {
+    fn index_behind(&self, id: &SessionKey) -> StoreResult<bool> {
         let (from, next) = self.index_range(id)?;
         Ok(from < next)
     }
 
     /// Brings the `U` index of `id` up to date, a few chunks at a time so that commits of other
     /// sessions are not held off for long.
-    fn index_catch_up(&self, id: &SessionId) -> StoreResult<()> {
+    fn index_catch_up(&self, id: &SessionKey) -> StoreResult<()> {
         // Bounded by the session's chunks (each round indexes up to INDEX_STEP of them, and only
         // this session's commits add more).
         for _ in 0..(1u64 << 32) {
@@ -470,7 +470,7 @@ impl SledStore {
         Ok(())
     }
 
-    pub(super) fn resume_sync(&self, id: &SessionId) -> StoreResult<ResumeState> {
+    pub(super) fn resume_sync(&self, id: &SessionKey) -> StoreResult<ResumeState> {
         let s = self.load(id)?.ok_or_else(|| {
             StoreError::Invalid(format!("no session {id} to resume; it was removed"))
         })?;

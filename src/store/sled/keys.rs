@@ -3,7 +3,7 @@
 //! so they sort as numbers, `!seq` is the bitwise complement (newest first). Keys read back are
 //! parsed defensively: a malformed one is [`StoreError::Corrupt`], never a panic.
 
-use crate::session::{Session, SessionId, SessionStatus, Timestamp};
+use crate::session::{Session, SessionId, SessionKey, SessionStatus, Timestamp};
 use crate::store::{StoreError, StoreResult};
 
 pub(super) fn ts(t: Timestamp) -> [u8; 8] {
@@ -35,8 +35,25 @@ pub(super) fn lp_prefix(tag: u8, s: &str) -> Vec<u8> {
     k
 }
 
-pub(super) fn k_session(id: &SessionId) -> Vec<u8> {
-    key(b'S', &[id.as_str().as_bytes()])
+/// `lp(tenant) id`: a session's key at the end of a key (`""`: the single namespace).
+pub(super) fn kb(key: &SessionKey) -> Vec<u8> {
+    kb_of(key.tenant(), &key.id)
+}
+
+fn kb_of(tenant: &str, id: &SessionId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + tenant.len() + id.as_str().len());
+    lp(&mut k, tenant.as_bytes());
+    k.extend_from_slice(id.as_str().as_bytes());
+    k
+}
+
+/// [`kb`] of a session.
+fn kbs(s: &Session) -> Vec<u8> {
+    kb_of(s.tenant.as_deref().unwrap_or(""), &s.id)
+}
+
+pub(super) fn k_session(id: &SessionKey) -> Vec<u8> {
+    key(b'S', &[&kb(id)])
 }
 pub(super) fn k_wait(s: &Session) -> Vec<u8> {
     key(
@@ -45,7 +62,7 @@ pub(super) fn k_wait(s: &Session) -> Vec<u8> {
             &ts(s.run_at),
             &s.seq.to_be_bytes(),
             &prio_desc(s.options.priority),
-            s.id.as_str().as_bytes(),
+            &kbs(s),
         ],
     )
 }
@@ -57,35 +74,32 @@ pub(super) fn k_pending_of(s: &Session) -> Vec<u8> {
         prio_desc(s.options.priority),
         ts(s.run_at),
         s.seq.to_be_bytes(),
-        s.id.as_str().as_bytes(),
+        &kbs(s),
     )
 }
 pub(super) fn newest(seq: u64) -> [u8; 8] {
     (!seq).to_be_bytes()
 }
 pub(super) fn k_global(s: &Session) -> Vec<u8> {
-    key(b'G', &[&newest(s.seq), s.id.as_str().as_bytes()])
+    key(b'G', &[&newest(s.seq), &kbs(s)])
 }
 pub(super) fn k_client(s: &Session) -> Vec<u8> {
     let mut k = lp_prefix(b'C', s.client.client_id());
     k.extend_from_slice(&newest(s.seq));
-    k.extend_from_slice(s.id.as_str().as_bytes());
+    k.extend_from_slice(&kbs(s));
     k
 }
 pub(super) fn k_agent(agent: &str, s: &Session) -> Vec<u8> {
     let mut k = lp_prefix(b'A', agent);
     k.extend_from_slice(&newest(s.seq));
-    k.extend_from_slice(s.id.as_str().as_bytes());
+    k.extend_from_slice(&kbs(s));
     k
 }
 pub(super) fn status_prefix(status: SessionStatus) -> Vec<u8> {
     vec![b'T', status.code()]
 }
 pub(super) fn k_status(s: &Session) -> Vec<u8> {
-    key(
-        b'T',
-        &[&[s.status.code()], &newest(s.seq), s.id.as_str().as_bytes()],
-    )
+    key(b'T', &[&[s.status.code()], &newest(s.seq), &kbs(s)])
 }
 /// Active sessions of one client's agent: agents are named per client, so two tenants' agents
 /// of the same name never block each other.
@@ -94,42 +108,44 @@ pub(super) fn active_prefix(client: &str, agent: &str) -> Vec<u8> {
     lp(&mut k, agent.as_bytes());
     k
 }
-pub(super) fn k_active(client: &str, agent: &str, id: &SessionId) -> Vec<u8> {
+pub(super) fn k_active(client: &str, agent: &str, id: &SessionKey) -> Vec<u8> {
     let mut k = active_prefix(client, agent);
-    k.extend_from_slice(id.as_str().as_bytes());
+    k.extend_from_slice(&kb(id));
     k
 }
-pub(super) fn k_lease(expires: Timestamp, id: &SessionId) -> Vec<u8> {
-    key(b'L', &[&ts(expires), id.as_str().as_bytes()])
+pub(super) fn k_lease(expires: Timestamp, id: &SessionKey) -> Vec<u8> {
+    key(b'L', &[&ts(expires), &kb(id)])
 }
-pub(super) fn k_cleanup(at: Timestamp, id: &SessionId) -> Vec<u8> {
-    key(b'X', &[&ts(at), id.as_str().as_bytes()])
+pub(super) fn k_cleanup(at: Timestamp, id: &SessionKey) -> Vec<u8> {
+    key(b'X', &[&ts(at), &kb(id)])
 }
-pub(super) fn k_tombstone(id: &SessionId) -> Vec<u8> {
-    key(b'Z', &[id.as_str().as_bytes()])
+pub(super) fn k_tombstone(id: &SessionKey) -> Vec<u8> {
+    key(b'Z', &[&kb(id)])
 }
-/// Prefix of a session's data keyspace (`E`, `R`, `B`, `J`, `K`, `U`, `I`, `O`, and the legacy
-/// `F`, `Q`, `V`).
-pub(super) fn data_prefix(tag: u8, id: &SessionId) -> Vec<u8> {
-    lp_prefix(tag, id.as_str())
+/// Prefix of a session's data keyspace (`E`, `R`, `B`, `J`, `K`, `U`, `I`, `O`, `H`, and the
+/// legacy `F`, `Q`, `V`): `tag lp(tenant) lp(id)`.
+pub(super) fn data_prefix(tag: u8, id: &SessionKey) -> Vec<u8> {
+    let mut k = lp_prefix(tag, id.tenant());
+    lp(&mut k, id.id.as_str().as_bytes());
+    k
 }
-pub(super) fn k_record(id: &SessionId, n: u64) -> Vec<u8> {
+pub(super) fn k_record(id: &SessionKey, n: u64) -> Vec<u8> {
     let mut k = data_prefix(b'R', id);
     k.extend_from_slice(&n.to_be_bytes());
     k
 }
-pub(super) fn k_log(id: &SessionId, n: u64) -> Vec<u8> {
+pub(super) fn k_log(id: &SessionKey, n: u64) -> Vec<u8> {
     let mut k = data_prefix(b'O', id);
     k.extend_from_slice(&n.to_be_bytes());
     k
 }
-pub(super) fn k_url(tag: u8, id: &SessionId, url: &str) -> Vec<u8> {
+pub(super) fn k_url(tag: u8, id: &SessionKey, url: &str) -> Vec<u8> {
     let mut k = data_prefix(tag, id);
     k.extend_from_slice(url.as_bytes());
     k
 }
 /// `B` (entries) or `J` (live bitmap) of the frontier chunk starting at `first`.
-pub(super) fn k_chunk(tag: u8, id: &SessionId, first: u64) -> Vec<u8> {
+pub(super) fn k_chunk(tag: u8, id: &SessionKey, first: u64) -> Vec<u8> {
     let mut k = data_prefix(tag, id);
     k.extend_from_slice(&first.to_be_bytes());
     k
@@ -151,12 +167,26 @@ pub(super) fn corrupt_key(k: &[u8], reason: &str) -> StoreError {
     }
 }
 
-/// The session id at the end of an index key, after `fixed` bytes.
-pub(super) fn id_after(k: &[u8], fixed: usize) -> StoreResult<SessionId> {
+/// The session key (`lp(tenant) id`) at the end of an index key, after `fixed` bytes.
+pub(super) fn id_after(k: &[u8], fixed: usize) -> StoreResult<SessionKey> {
     let tail = k
         .get(fixed..)
         .ok_or_else(|| corrupt_key(k, "index key too short"))?;
-    let text = std::str::from_utf8(tail).map_err(|_| corrupt_key(k, "session id is not UTF-8"))?;
+    let (tenant, id) = split_lp(tail).ok_or_else(|| corrupt_key(k, "index key too short"))?;
+    let tenant = std::str::from_utf8(tenant).map_err(|_| corrupt_key(k, "tenant is not UTF-8"))?;
+    Ok(SessionKey::new(Some(tenant), raw_id(k, id)?))
+}
+
+/// `lp(s) rest` split into `s` and `rest`.
+pub(super) fn split_lp(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let s = b.get(4..4usize.checked_add(len)?)?;
+    Some((s, &b[4 + len..]))
+}
+
+/// A session id's bytes in key `k`, parsed.
+pub(super) fn raw_id(k: &[u8], id: &[u8]) -> StoreResult<SessionId> {
+    let text = std::str::from_utf8(id).map_err(|_| corrupt_key(k, "session id is not UTF-8"))?;
     SessionId::parse(text).map_err(|e| corrupt_key(k, &format!("bad session id: {e}")))
 }
 

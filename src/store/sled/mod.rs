@@ -5,8 +5,10 @@
 //! Everything lives in sled's default tree, one keyspace per leading byte. Every multi-key change
 //! is one batch made crash-atomic by an intent key (see `SledStore::apply_atomic`). A store-level
 //! `std::sync::Mutex` serializes every read-check-write (the compare-and-sets), so no two
-//! writers ever interleave. `id` below is the session id's bytes; `lp(s)` is a 4-byte big-endian
-//! length followed by the bytes, so that a prefix scan of session `ab` never sees `abc`'s keys.
+//! writers ever interleave. `id` below is a session's key, `lp(tenant)` then the id's bytes
+//! (tenant `""`: the single namespace), and `lp(id)` in data keys is `lp(tenant) lp(id)`;
+//! `lp(s)` is a 4-byte big-endian length followed by the bytes, so that a prefix scan of session
+//! `ab` never sees `abc`'s keys.
 //! Integers are big-endian; timestamps have their sign bit flipped so they sort as numbers;
 //! `!seq` is the bitwise complement (newest first).
 //!
@@ -69,6 +71,7 @@ mod agents;
 mod durability;
 mod frontier;
 mod keys;
+mod migrate;
 mod pidfile;
 mod records;
 mod sessions;
@@ -93,7 +96,7 @@ use super::{
     SessionInsert, SessionList, SessionPage, SessionRequeue, SessionsExpire, Store, StoreError,
     StoreHealth, StoreResult, codec, key_name,
 };
-use crate::session::{LogLine, Record, Session, SessionId, Timestamp};
+use crate::session::{LogLine, Record, Session, SessionKey, Timestamp};
 use durability::{Batch, Durability, replay_intents};
 use keys::{corrupt_key, k_session, show_key};
 
@@ -104,8 +107,10 @@ const META_KEY: &[u8] = b"\0meta";
 /// read, up to `I` ("Crawl state" in `frontier`). A version-1 store opens as it is (its `U` is
 /// complete; a missing `I` reads as 1, and the first catch-up re-indexes what is there, changing
 /// nothing) and is marked 2, so that a harvest that knows only version 1, which would take the URLs
-/// not yet indexed as never seen, refuses it instead of misreading it.
-pub const LAYOUT_VERSION: u32 = 2;
+/// not yet indexed as never seen, refuses it instead of misreading it. 3: session keys carry
+/// their tenant (`lp(tenant) id`); an older store's keys are moved at open, in resumable chunks,
+/// to the single namespace (`migrate`).
+pub const LAYOUT_VERSION: u32 = 3;
 
 // sled's page cache. Its default (1 GiB) lets a crawl of millions of URLs grow the process far
 // beyond what the crawl needs; sled's count is of serialized bytes, the nodes take ~3x that in
@@ -150,7 +155,9 @@ pub struct SledStore {
     /// rightly starts with no leader.
     leaders: std::sync::Mutex<std::collections::HashMap<String, (String, Timestamp)>>,
     /// Cancels of RUNNING sessions, for [`Store::cancel_requests`].
-    cancels: tokio::sync::broadcast::Sender<SessionId>,
+    cancels: tokio::sync::broadcast::Sender<SessionKey>,
+    /// Per-client limits ([`Store::quotas_set`]), checked under the store mutex.
+    quotas: std::sync::RwLock<super::Quotas>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -242,6 +249,15 @@ impl SledStore {
                     });
                 }
                 if found < LAYOUT_VERSION {
+                    // Interrupted batches are of the old layout: applied before it moves.
+                    replay_intents(&db)?;
+                    if found < 3 {
+                        let moved = migrate::to_tenant_keys(&db)?;
+                        tracing::info!(
+                            keys = moved,
+                            "store layout upgraded to tenant-scoped session keys"
+                        );
+                    }
                     db.insert(META_KEY, codec::encode(&LAYOUT_VERSION)?)
                         .map_err(sled_err("marking the layout version"))?;
                     db.flush()
@@ -288,6 +304,7 @@ impl SledStore {
             write_failure: std::sync::Mutex::new(None),
             leaders: std::sync::Mutex::new(std::collections::HashMap::new()),
             cancels: tokio::sync::broadcast::channel(CANCEL_CHANNEL).0,
+            quotas: std::sync::RwLock::new(super::Quotas::default()),
         };
         store.purge_interrupted()?;
         Ok(store)
@@ -305,16 +322,17 @@ impl SledStore {
         self.write.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn load(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    fn load(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         match self
             .db
             .get(k_session(id))
             .map_err(sled_err("reading a session"))?
         {
-            Some(bytes) => Ok(Some(codec::decode_session(
-                &|| key_name("sessions", id),
-                &bytes,
-            )?)),
+            Some(bytes) => {
+                let mut s = codec::decode_session(&|| key_name("sessions", id), &bytes)?;
+                s.tenant = id.client.clone();
+                Ok(Some(s))
+            }
             None => Ok(None),
         }
     }
@@ -356,7 +374,7 @@ impl Store for SledStore {
         true
     }
 
-    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionId> {
+    fn cancel_requests(&self) -> tokio::sync::broadcast::Receiver<SessionKey> {
         self.cancels.subscribe()
     }
 
@@ -367,11 +385,11 @@ impl Store for SledStore {
     async fn session_insert_many(
         &self,
         sessions: Vec<Session>,
-    ) -> StoreResult<Vec<StoreResult<Session>>> {
+    ) -> StoreResult<Vec<StoreResult<InsertOutcome>>> {
         self.insert_sessions(sessions).await
     }
 
-    async fn session_get(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    async fn session_get(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         self.load(id)
     }
 
@@ -413,7 +431,7 @@ impl Store for SledStore {
         self.cancel_session(p).await
     }
 
-    async fn session_remove(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    async fn session_remove(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         self.remove_session(id).await
     }
 
@@ -429,7 +447,7 @@ impl Store for SledStore {
         self.page_records(p)
     }
 
-    async fn resume_load(&self, id: &SessionId) -> StoreResult<ResumeState> {
+    async fn resume_load(&self, id: &SessionKey) -> StoreResult<ResumeState> {
         self.resume_sync(id)
     }
 
@@ -441,11 +459,11 @@ impl Store for SledStore {
         self.filter_seen(p)
     }
 
-    async fn context_get(&self, id: &SessionId) -> StoreResult<Option<crate::session::Context>> {
+    async fn context_get(&self, id: &SessionKey) -> StoreResult<Option<crate::session::Context>> {
         self.context(id)
     }
 
-    async fn log_tail(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {
+    async fn log_tail(&self, id: &SessionKey, limit: usize) -> StoreResult<Vec<LogLine>> {
         self.tail_log(id, limit)
     }
 
@@ -499,5 +517,10 @@ impl Store for SledStore {
     async fn close(&self) -> StoreResult<()> {
         let ticket = self.durability.ticket();
         self.durability.wait(ticket).await
+    }
+
+    fn quotas_set(&self, q: super::Quotas) -> StoreResult<()> {
+        *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = q;
+        Ok(())
     }
 }

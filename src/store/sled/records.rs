@@ -9,7 +9,7 @@ use super::durability::Batch;
 use super::keys::{corrupt_key, data_prefix, k_chunk, k_log, k_record, show_key, u64_at};
 use super::sessions::PURGE_CHUNK;
 use super::{SledStore, blocking, sled_err};
-use crate::session::{Context, LogLine, Record, Session, SessionId};
+use crate::session::{Context, LogLine, Record, Session, SessionKey};
 use crate::store::{LOG_LINES_MAX, RecordsPage, StoreError, StoreResult, codec};
 
 /// Most records of one record chunk (`E`), and about the most bytes: one key per checkpoint's
@@ -29,7 +29,7 @@ impl SledStore {
     pub(super) fn stage_records(
         &self,
         b: &mut Batch,
-        id: &SessionId,
+        id: &SessionKey,
         first: u64,
         records: &[serde_json::Value],
     ) -> StoreResult<()> {
@@ -73,7 +73,7 @@ impl SledStore {
     pub(super) fn stage_log(
         &self,
         b: &mut Batch,
-        id: &SessionId,
+        id: &SessionKey,
         lines: &[LogLine],
     ) -> StoreResult<()> {
         let prefix = data_prefix(b'O', id);
@@ -99,7 +99,7 @@ impl SledStore {
     /// Deletes the records numbered below `below` (whole chunks: a chunk that reaches past it
     /// stays), a bounded number of keys per hold of the store mutex; returns the first record
     /// still held.
-    fn delete_records_below(&self, id: &SessionId, below: u64) -> StoreResult<u64> {
+    fn delete_records_below(&self, id: &SessionKey, below: u64) -> StoreResult<u64> {
         // Stores before record chunks kept one `R` key per record.
         for _ in 0..(1u64 << 32) {
             let _st = self.lock();
@@ -148,7 +148,7 @@ impl SledStore {
     /// after it; `None` when there is none (or, for `None`, it is not terminal).
     pub(super) async fn remove_records(
         &self,
-        id: &SessionId,
+        id: &SessionKey,
         below: Option<u64>,
     ) -> StoreResult<Option<Session>> {
         let target = {
@@ -264,7 +264,7 @@ impl SledStore {
     /// Stages a session's context (JSON text: bincode cannot hold its untagged values).
     pub(super) fn stage_context(
         b: &mut Batch,
-        id: &SessionId,
+        id: &SessionKey,
         context: &Context,
     ) -> StoreResult<()> {
         let text = serde_json::to_string(context)
@@ -273,7 +273,7 @@ impl SledStore {
         Ok(())
     }
 
-    pub(super) fn context(&self, id: &SessionId) -> StoreResult<Option<Context>> {
+    pub(super) fn context(&self, id: &SessionKey) -> StoreResult<Option<Context>> {
         let k = data_prefix(b'H', id);
         let Some(v) = self.db.get(&k).map_err(sled_err("reading a context"))? else {
             return Ok(None);
@@ -284,7 +284,7 @@ impl SledStore {
             .map_err(|e| corrupt_key(&k, &format!("context is not JSON: {e}")))
     }
 
-    pub(super) fn tail_log(&self, id: &SessionId, limit: usize) -> StoreResult<Vec<LogLine>> {
+    pub(super) fn tail_log(&self, id: &SessionKey, limit: usize) -> StoreResult<Vec<LogLine>> {
         let mut lines = Vec::new();
         for kv in self.db.scan_prefix(data_prefix(b'O', id)).rev().take(limit) {
             let (k, v) = kv.map_err(sled_err("reading the log"))?;

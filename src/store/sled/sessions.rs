@@ -22,7 +22,7 @@ use super::keys::{
     show_key, status_prefix, upto,
 };
 use super::{COUNTERS_KEY, Counters, SledStore, blocking, sled_err};
-use crate::session::{CancelDecision, Session, SessionId, SessionStatus, Timestamp};
+use crate::session::{CancelDecision, Session, SessionKey, SessionStatus, Timestamp};
 use crate::store::{
     AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit, HeartbeatOutcome, InsertOutcome,
     LeaseReclaim, Reclaimed, RequeueOutcome, SessionCancel, SessionClaim, SessionCounts,
@@ -47,14 +47,14 @@ fn index_keys(s: &Session) -> Vec<Vec<u8>> {
     if let Some(agent) = &s.job.agent {
         keys.push(k_agent(agent, s));
         if s.status.is_active() {
-            keys.push(k_active(s.client.client_id(), agent, &s.id));
+            keys.push(k_active(s.client.client_id(), agent, &s.key()));
         }
     }
     if let (SessionStatus::Running, Some(lease)) = (s.status, &s.lease) {
-        keys.push(k_lease(lease.expires_at, &s.id));
+        keys.push(k_lease(lease.expires_at, &s.key()));
     }
     if let (true, Some(at)) = (s.status.is_terminal(), s.cleanup_at) {
-        keys.push(k_cleanup(at, &s.id));
+        keys.push(k_cleanup(at, &s.key()));
     }
     keys
 }
@@ -103,7 +103,7 @@ impl SledStore {
             *slot = slot.saturating_sub(1);
         }
         c.by_status[new.status.code() as usize] += 1;
-        b.insert(k_session(&new.id), codec::encode(new)?);
+        b.insert(k_session(&new.key()), codec::encode(new)?);
         Ok(())
     }
 
@@ -129,13 +129,14 @@ impl SledStore {
         if batch.is_empty() {
             return Ok(());
         }
-        self.stage_records(b, &s.id, s.records, &batch.records)?;
-        self.stage_frontier(b, &s.id, batch)?;
+        let key = s.key();
+        self.stage_records(b, &key, s.records, &batch.records)?;
+        self.stage_frontier(b, &key, batch)?;
         if !batch.log.is_empty() {
-            self.stage_log(b, &s.id, &batch.log)?;
+            self.stage_log(b, &key, &batch.log)?;
         }
         if let Some(context) = &batch.context {
-            Self::stage_context(b, &s.id, context)?;
+            Self::stage_context(b, &key, context)?;
         }
         Ok(())
     }
@@ -196,7 +197,7 @@ impl SledStore {
     }
 
     /// Removes a session and, in bounded chunks, all its data. Returns it and the ticket.
-    fn remove_sync(&self, id: &SessionId) -> StoreResult<(Option<Session>, Option<u64>)> {
+    fn remove_sync(&self, id: &SessionKey) -> StoreResult<(Option<Session>, Option<u64>)> {
         let removed = {
             let mut st = self.lock();
             let Some(s) = self.load(id)? else {
@@ -254,7 +255,7 @@ impl SledStore {
     }
 
     /// Deletes a removed session's data keyspaces in chunks, then its tombstone.
-    fn purge(&self, id: &SessionId) -> StoreResult<u64> {
+    fn purge(&self, id: &SessionKey) -> StoreResult<u64> {
         for tag in [
             b'R', b'E', b'B', b'J', b'Q', b'V', b'K', b'I', b'F', b'U', b'O', b'H',
         ] {
@@ -397,20 +398,29 @@ impl SledStore {
             let mut st = self.lock();
             if self
                 .db
-                .contains_key(k_session(&s.id))
+                .contains_key(k_session(&s.key()))
                 .map_err(sled_err("checking for the session"))?
                 || self
                     .db
-                    .contains_key(k_tombstone(&s.id))
+                    .contains_key(k_tombstone(&s.key()))
                     .map_err(sled_err("checking for the session"))?
             {
                 return Err(StoreError::Duplicate(s.id));
+            }
+            let max_pending = self.quotas().max_pending.get(s.client.client_id()).copied();
+            if let Some(limit) = max_pending
+                && self.count_client(s.client.client_id(), SessionStatus::Pending)? >= limit
+            {
+                return Ok(InsertOutcome::PendingQuota {
+                    client: s.client.client_id().to_string(),
+                    limit,
+                });
             }
             if let Some(agent) = &p.single_agent {
                 let prefix = active_prefix(s.client.client_id(), agent);
                 if let Some(kv) = self.db.scan_prefix(&prefix).next() {
                     let (k, _) = kv.map_err(sled_err("checking the agent's active sessions"))?;
-                    return Ok(InsertOutcome::AgentBusy(id_after(&k, prefix.len())?));
+                    return Ok(InsertOutcome::AgentBusy(id_after(&k, prefix.len())?.id));
                 }
             }
             let mut c = st.clone();
@@ -427,17 +437,21 @@ impl SledStore {
     }
 
     /// [`Store::session_insert_many`]: every session checked and staged under one lock, one
-    /// batch, one flush.
+    /// batch, one flush. A client's `max_pending` is counted once and the batch's own items
+    /// count against it.
     pub(super) async fn insert_sessions(
         &self,
         sessions: Vec<Session>,
-    ) -> StoreResult<Vec<StoreResult<Session>>> {
+    ) -> StoreResult<Vec<StoreResult<InsertOutcome>>> {
         let mut out = Vec::with_capacity(sessions.len());
         let ticket = {
             let mut st = self.lock();
             let mut c = st.clone();
             let mut b = Batch::default();
-            let mut ids = std::collections::HashSet::with_capacity(sessions.len());
+            let mut keys = std::collections::HashSet::with_capacity(sessions.len());
+            let limits = self.quotas().max_pending.clone();
+            let mut room: std::collections::HashMap<String, u64> = Default::default();
+            let mut inserted = 0usize;
             for mut s in sessions {
                 if s.status != SessionStatus::Pending {
                     out.push(Err(StoreError::Invalid(format!(
@@ -446,26 +460,47 @@ impl SledStore {
                     ))));
                     continue;
                 }
-                let taken = !ids.insert(s.id.clone())
+                let key = s.key();
+                let taken = !keys.insert(key.clone())
                     || self
                         .db
-                        .contains_key(k_session(&s.id))
+                        .contains_key(k_session(&key))
                         .map_err(sled_err("checking for the session"))?
                     || self
                         .db
-                        .contains_key(k_tombstone(&s.id))
+                        .contains_key(k_tombstone(&key))
                         .map_err(sled_err("checking for the session"))?;
                 if taken {
                     out.push(Err(StoreError::Duplicate(s.id)));
                     continue;
                 }
+                let client = s.client.client_id();
+                if let Some(&limit) = limits.get(client) {
+                    let left = match room.get_mut(client) {
+                        Some(left) => left,
+                        None => {
+                            let pending = self.count_client(client, SessionStatus::Pending)?;
+                            room.entry(client.to_string())
+                                .or_insert(limit.saturating_sub(pending))
+                        }
+                    };
+                    if *left == 0 {
+                        out.push(Ok(InsertOutcome::PendingQuota {
+                            client: client.to_string(),
+                            limit,
+                        }));
+                        continue;
+                    }
+                    *left -= 1;
+                }
                 s.seq = c.next_seq;
                 c.next_seq += 1;
                 Self::stage(&mut c, &mut b, None, &s)?;
                 b.insert(k_wait(&s), IVec::default());
-                out.push(Ok(s));
+                out.push(Ok(InsertOutcome::Inserted(Box::new(s))));
+                inserted += 1;
             }
-            if !out.iter().any(Result::is_ok) {
+            if inserted == 0 {
                 return Ok(out);
             }
             self.commit(&mut st, c, b)?
@@ -487,6 +522,13 @@ impl SledStore {
             let mut b = Batch::default();
             let mut claimed = Vec::new();
             let mut changed = false;
+            let max_running = self.quotas().max_running;
+            // RUNNING sessions per limited client, counted up as this claim takes more.
+            let mut running = if max_running.is_empty() {
+                std::collections::BTreeMap::new()
+            } else {
+                self.running_per_client()?
+            };
             for kv in self.db.scan_prefix(b"P") {
                 if claimed.len() >= p.limit {
                     break;
@@ -505,6 +547,15 @@ impl SledStore {
                         continue;
                     }
                 };
+                let client = old.client.client_id();
+                if let Some(limit) = max_running.get(client) {
+                    let n = running.entry(client.to_string()).or_insert(0);
+                    if *n >= *limit {
+                        // At its limit: left in the queue; the next eligible session is taken.
+                        continue;
+                    }
+                    *n += 1;
+                }
                 b.remove(k);
                 c.due = c.due.saturating_sub(1);
                 let s = old.claimed(&p.owner, p.lease, p.now);
@@ -620,7 +671,7 @@ impl SledStore {
                         if s.status == SessionStatus::Running
                             && s.lease.as_ref().is_some_and(|l| {
                                 l.expires_at <= p.expired_before
-                                    && k_lease(l.expires_at, &s.id) == *k
+                                    && k_lease(l.expires_at, &s.key()) == *k
                             }) =>
                     {
                         s
@@ -638,7 +689,7 @@ impl SledStore {
                 let (s, outcome) = old.reclaimed(p.backoff, p.cleanup_after, p.now);
                 self.stage_transition(&mut c, &mut b, &old, &s)?;
                 reclaimed.push(Reclaimed {
-                    id: s.id.clone(),
+                    id: s.key(),
                     attempt: old.attempt,
                     outcome,
                     session: Box::new(s),
@@ -682,14 +733,14 @@ impl SledStore {
         self.durability.wait(ticket).await?;
         if let CancelOutcome::Requested(s) = &outcome {
             // No receiver is fine: no worker runs here.
-            let _ = self.cancels.send(s.id.clone());
+            let _ = self.cancels.send(s.key());
         }
         // A claimer may be waiting for a slot this frees up (spurious wakeups are allowed).
         self.pending.notify_one();
         Ok(outcome)
     }
 
-    pub(super) async fn remove_session(&self, id: &SessionId) -> StoreResult<Option<Session>> {
+    pub(super) async fn remove_session(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         let (removed, ticket) = blocking(|| self.remove_sync(id))?;
         if let Some(t) = ticket {
             self.durability.wait(t).await?;
@@ -722,5 +773,51 @@ impl SledStore {
             by_status,
             queue_depth: c.due + waiting_due,
         })
+    }
+
+    fn quotas(&self) -> crate::store::Quotas {
+        self.quotas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A client's sessions in `status`, through its `C` index (O(its sessions)).
+    fn count_client(&self, client: &str, status: SessionStatus) -> StoreResult<u64> {
+        let prefix = lp_prefix(b'C', client);
+        let mut n = 0;
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(sled_err("counting a client's sessions"))?;
+            let Ok(key) = id_after(&k, prefix.len() + 8) else {
+                continue;
+            };
+            if self
+                .load(&key)
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.status == status)
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// RUNNING sessions per client, through the `T` index (O(running)).
+    fn running_per_client(&self) -> StoreResult<std::collections::BTreeMap<String, u64>> {
+        let prefix = status_prefix(SessionStatus::Running);
+        let mut out = std::collections::BTreeMap::new();
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(sled_err("counting running sessions"))?;
+            let Ok(key) = id_after(&k, prefix.len() + 8) else {
+                continue;
+            };
+            if let Ok(Some(s)) = self.load(&key)
+                && s.status == SessionStatus::Running
+            {
+                *out.entry(s.client.client_id().to_string()).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
     }
 }

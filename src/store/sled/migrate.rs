@@ -1,0 +1,140 @@
+//! Layout version 3: session keys carry their tenant. Keys written by layout 2 and before name a
+//! session by its id alone (`S id`, index keys ending in `id`, data keys `tag lp(id) ...`); from
+//! version 3 a session is `lp(tenant) id` (`tag lp(tenant) lp(id) ...` in data keys), and the
+//! sessions of an older store go to the single namespace (tenant `""`).
+//!
+//! The migration runs at open, before anything else reads the store, in chunks: each chunk is one
+//! atomic sled batch that writes the new keys and removes the old ones, and the layout version is
+//! written last. A migration killed part-way is resumed by the next open: a key already in the
+//! new form is told apart from an old one (an id never starts with a `\0` byte, and an old data
+//! key's `lp(id)` never has length 0) and left alone.
+
+use super::keys::split_lp;
+use super::sled_err;
+use crate::store::StoreResult;
+
+/// Keys moved per batch: bounds one batch's memory on a store of millions of keys.
+const CHUNK: usize = 10_000;
+
+/// The empty tenant's `lp("")`.
+const NO_TENANT: [u8; 4] = [0; 4];
+
+/// Tags of per-session data keyspaces (`tag lp(id) ...`).
+const DATA_TAGS: &[u8] = b"ERBJKUIOHFQV";
+
+/// Where the session id starts in an index key of layout 2, or `None` for a key that is not a
+/// session key (meta, agents) or cannot be parsed.
+fn id_offset(k: &[u8]) -> Option<usize> {
+    let lp_len = |at: usize| -> Option<usize> {
+        let (s, _) = split_lp(k.get(at..)?)?;
+        Some(4 + s.len())
+    };
+    match *k.first()? {
+        b'S' | b'Z' => Some(1),
+        b'W' | b'P' => Some(1 + 8 + 8 + 4),
+        b'G' | b'L' | b'X' => Some(1 + 8),
+        b'T' => Some(1 + 1 + 8),
+        b'C' | b'A' => Some(1 + lp_len(1)? + 8),
+        b'Y' => {
+            let first = lp_len(1)?;
+            Some(1 + first + lp_len(1 + first)?)
+        }
+        _ => None,
+    }
+}
+
+/// The layout-3 key of a layout-2 key, or `None` when `k` needs no change (already layout 3, or
+/// not a session key).
+pub(super) fn upgraded(k: &[u8]) -> Option<Vec<u8>> {
+    let tag = *k.first()?;
+    if DATA_TAGS.contains(&tag) {
+        // Old: tag lp(id) rest, with a non-empty id; new: tag lp(tenant) lp(id) rest.
+        let len = k.get(1..5)?;
+        if len == NO_TENANT {
+            return None;
+        }
+        let mut out = Vec::with_capacity(k.len() + 4);
+        out.push(tag);
+        out.extend_from_slice(&NO_TENANT);
+        out.extend_from_slice(&k[1..]);
+        return Some(out);
+    }
+    let at = id_offset(k)?;
+    // An id starts with one of [A-Za-z0-9._:-]; lp(tenant) with a 0 byte.
+    if *k.get(at)? == 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(k.len() + 4);
+    out.extend_from_slice(&k[..at]);
+    out.extend_from_slice(&NO_TENANT);
+    out.extend_from_slice(&k[at..]);
+    Some(out)
+}
+
+/// Moves every layout-2 session key to its layout-3 form (see the module doc); returns how many
+/// keys moved. The caller writes the new layout version once this returns.
+pub(super) fn to_tenant_keys(db: &sled::Db) -> StoreResult<u64> {
+    let mut moved = 0u64;
+    // The first key not yet looked at: every key before it is in the new form.
+    let mut from: Vec<u8> = vec![b'A'];
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        let mut next = None;
+        for kv in db.range(from.clone()..) {
+            let (k, v) = kv.map_err(sled_err("reading keys to upgrade the layout"))?;
+            if n >= CHUNK {
+                next = Some(k.to_vec());
+                break;
+            }
+            if let Some(new) = upgraded(&k) {
+                batch.insert(new, v);
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            db.apply_batch(batch)
+                .map_err(sled_err("writing upgraded keys"))?;
+            moved += n as u64;
+            tracing::info!(
+                keys = moved,
+                "upgrading the store layout to tenant-scoped keys"
+            );
+        }
+        match next {
+            Some(k) => from = k,
+            None => break,
+        }
+    }
+    db.flush()
+        .map_err(sled_err("flushing the upgraded layout"))?;
+    Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_keys_gain_the_empty_tenant_and_new_ones_stay() {
+        let s_old = b"Sab".to_vec();
+        let s_new = upgraded(&s_old).expect("old");
+        assert_eq!(s_new, b"S\0\0\0\0ab".to_vec());
+        assert_eq!(upgraded(&s_new), None);
+        let mut c_old = vec![b'C', 0, 0, 0, 2, b'c', b'1'];
+        c_old.extend_from_slice(&[9; 8]);
+        c_old.extend_from_slice(b"id1");
+        let c_new = upgraded(&c_old).expect("old");
+        assert_eq!(&c_new[..15], &c_old[..15]);
+        assert_eq!(&c_new[15..], b"\0\0\0\0id1");
+        assert_eq!(upgraded(&c_new), None);
+        let r_old = [b'R', 0, 0, 0, 2, b'a', b'b', 0, 0, 0, 0, 0, 0, 0, 7];
+        let r_new = upgraded(&r_old).expect("old");
+        assert_eq!(&r_new[..5], &[b'R', 0, 0, 0, 0]);
+        assert_eq!(&r_new[5..], &r_old[1..]);
+        assert_eq!(upgraded(&r_new), None);
+        assert_eq!(upgraded(b"\0meta"), None);
+        assert_eq!(upgraded(b"N\0\0\0\x01cname"), None);
+    }
+}
