@@ -24,7 +24,12 @@ pub struct ApiError {
     pub code: &'static str,
     /// What was wrong and what to do.
     pub message: String,
+    /// Seconds for a `Retry-After` header (503 `store_unavailable`).
+    pub retry_after: Option<u32>,
 }
+
+/// Seconds a client is told to wait (`Retry-After`) when the store is unavailable.
+pub const STORE_RETRY_AFTER_SECS: u32 = 2;
 
 /// The body of every error answer.
 #[derive(Debug, Serialize, ToSchema)]
@@ -49,6 +54,20 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 503 `store_unavailable` with `Retry-After`: the store could not be reached. The message
+    /// names no internals (schema, pool, server address): the operator's log has them.
+    pub fn store_unavailable() -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "store_unavailable",
+            message: format!(
+                "the session store is unavailable for the moment; retry in {STORE_RETRY_AFTER_SECS} s"
+            ),
+            retry_after: Some(STORE_RETRY_AFTER_SECS),
         }
     }
 
@@ -126,6 +145,10 @@ impl From<HarvestError> for ApiError {
                     "session {id} already exists; choose another id (an id can be reused only once its session is removed)"
                 ),
             ),
+            HarvestError::Store(e) if e.is_unavailable() => {
+                crate::store::outage::unavailable("API request", &e);
+                ApiError::store_unavailable()
+            }
             HarvestError::Store(_) | HarvestError::Startup(_) => {
                 tracing::error!(error = %message, "request failed in the store");
                 ApiError::new(
@@ -146,7 +169,14 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        response
     }
 }
 

@@ -27,6 +27,7 @@
 mod agents;
 mod checkpoint;
 mod crawl;
+mod events;
 mod listen;
 mod migrate;
 mod records;
@@ -77,6 +78,10 @@ pub struct PostgresStore {
     schema: String,
     notify: Arc<Notify>,
     announce: Arc<Notify>,
+    /// Woken when an event may have been recorded (here, or NOTIFY harvest_events).
+    events_notify: Arc<Notify>,
+    /// Has the announcer send `NOTIFY harvest_events`.
+    events_announce: Arc<Notify>,
     listener_ready: watch::Receiver<bool>,
     stop: CancellationToken,
     /// The listener and the announcer; awaited by `close`.
@@ -157,10 +162,12 @@ impl PostgresStore {
         // pg_stat_activity; the server truncates it to 63 bytes.
         listen_config.application_name(format!("harvest-listener {schema}"));
         let cancels = tokio::sync::broadcast::channel(1024).0;
+        let events_notify = Arc::new(Notify::new());
         let listener = tokio::spawn(listen::run(
             listen_config,
             schema.to_string(),
             Arc::clone(&notify),
+            Arc::clone(&events_notify),
             cancels.clone(),
             ready_tx,
             stop.clone(),
@@ -168,8 +175,17 @@ impl PostgresStore {
         let announce = Arc::new(Notify::new());
         let announcer = tokio::spawn(listen::announce(
             pool.clone(),
+            listen::PENDING_CHANNEL,
             schema.to_string(),
             Arc::clone(&announce),
+            stop.clone(),
+        ));
+        let events_announce = Arc::new(Notify::new());
+        let events_announcer = tokio::spawn(listen::announce(
+            pool.clone(),
+            listen::EVENTS_CHANNEL,
+            schema.to_string(),
+            Arc::clone(&events_announce),
             stop.clone(),
         ));
         Ok(PostgresStore {
@@ -177,9 +193,11 @@ impl PostgresStore {
             schema: schema.to_string(),
             notify,
             announce,
+            events_notify,
+            events_announce,
             listener_ready: ready_rx,
             stop,
-            tasks: Mutex::new(vec![listener, announcer]),
+            tasks: Mutex::new(vec![listener, announcer, events_announcer]),
             cancels,
         })
     }
@@ -215,6 +233,16 @@ impl PostgresStore {
         listen::wake(&self.notify);
         self.announce.notify_one();
     }
+
+    /// A transition may have recorded events (the trigger wrote them in its transaction):
+    /// wakes this process's reader and has the announcer NOTIFY the others. Called after every
+    /// write that can change a session, whatever its result (a failed call may still have
+    /// committed; a spurious wakeup costs one read).
+    fn event_written<T>(&self, r: StoreResult<T>) -> StoreResult<T> {
+        listen::wake(&self.events_notify);
+        self.events_announce.notify_one();
+        r
+    }
 }
 
 #[async_trait]
@@ -224,7 +252,8 @@ impl Store for PostgresStore {
     }
 
     async fn session_insert(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
-        self.insert_session(p).await
+        let r = self.insert_session(p).await;
+        self.event_written(r)
     }
 
     async fn session_get(&self, id: &SessionId) -> StoreResult<Option<Session>> {
@@ -236,7 +265,8 @@ impl Store for PostgresStore {
     }
 
     async fn session_claim(&self, p: SessionClaim) -> StoreResult<Vec<Session>> {
-        self.claim_sessions(p).await
+        let r = self.claim_sessions(p).await;
+        self.event_written(r)
     }
 
     async fn session_heartbeat_if_running(
@@ -250,27 +280,33 @@ impl Store for PostgresStore {
         &self,
         p: CheckpointCommit,
     ) -> StoreResult<Option<Session>> {
-        self.commit_checkpoint(p).await
+        let r = self.commit_checkpoint(p).await;
+        self.event_written(r)
     }
 
     async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
-        self.finish_session(p).await
+        let r = self.finish_session(p).await;
+        self.event_written(r)
     }
 
     async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<Option<Session>> {
-        self.requeue_session(p).await
+        let r = self.requeue_session(p).await;
+        self.event_written(r)
     }
 
     async fn leases_reclaim(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>> {
-        self.reclaim_leases(p).await
+        let r = self.reclaim_leases(p).await;
+        self.event_written(r)
     }
 
     async fn session_cancel(&self, p: SessionCancel) -> StoreResult<CancelOutcome> {
-        self.cancel_session(p).await
+        let r = self.cancel_session(p).await;
+        self.event_written(r)
     }
 
     async fn session_remove(&self, id: &SessionId) -> StoreResult<Option<Session>> {
-        self.remove_session(id).await
+        let r = self.remove_session(id).await;
+        self.event_written(r)
     }
 
     async fn records_remove(&self, p: RecordsRemove) -> StoreResult<Option<Session>> {
@@ -278,7 +314,8 @@ impl Store for PostgresStore {
     }
 
     async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {
-        self.expire_sessions(p).await
+        let r = self.expire_sessions(p).await;
+        self.event_written(r)
     }
 
     async fn records_page(&self, p: RecordsPage) -> StoreResult<Vec<Record>> {
@@ -342,6 +379,29 @@ impl Store for PostgresStore {
 
     async fn pending_wait(&self, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
+    }
+
+    fn events_recorded(&self) -> bool {
+        true
+    }
+
+    async fn events_after(
+        &self,
+        p: crate::store::EventsAfter,
+    ) -> StoreResult<Vec<crate::event::Event>> {
+        self.read_events(p).await
+    }
+
+    async fn events_last_id(&self) -> StoreResult<u64> {
+        self.last_event_id().await
+    }
+
+    async fn events_wait(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.events_notify.notified()).await;
+    }
+
+    async fn events_expire(&self, retention: Duration) -> StoreResult<u64> {
+        self.expire_events(retention).await
     }
 
     async fn close(&self) -> StoreResult<()> {
