@@ -91,6 +91,19 @@ impl ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
+    /// 503 `not_ready` with `Retry-After`: the process has not opened its store yet (it waits
+    /// for the database at start).
+    pub fn store_not_open() -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "not_ready",
+            message: format!(
+                "the server is starting and waits for its session store; retry in {STORE_RETRY_AFTER_SECS} s"
+            ),
+            retry_after: Some(STORE_RETRY_AFTER_SECS),
+        }
+    }
+
     /// The code for a status when nothing more specific is known.
     fn code_for(status: StatusCode) -> &'static str {
         match status {

@@ -296,7 +296,9 @@ impl Attempt {
                 attempt = s.attempt,
                 "attempt stopped: a later attempt ended the session"
             ),
-            Ok(Some(s)) if s.status == SessionStatus::Running && s.attempt != self.session.attempt => {
+            Ok(Some(s))
+                if s.status == SessionStatus::Running && s.attempt != self.session.attempt =>
+            {
                 tracing::info!(
                     attempt = s.attempt,
                     "attempt stopped: this attempt's lease expired and attempt {} runs the session",
@@ -503,9 +505,7 @@ impl Attempt {
                 }
                 Some(StopReason::LeaseLost) => self.say_why_lost().await,
                 Some(StopReason::Abandoned)
-                    if self
-                        .store_gave_up
-                        .load(std::sync::atomic::Ordering::SeqCst) =>
+                    if self.store_gave_up.load(std::sync::atomic::Ordering::SeqCst) =>
                 {
                     self.hand_back_when_answering().await
                 }
@@ -603,9 +603,7 @@ impl Attempt {
                 }
                 // Refused after a try whose answer was lost: that try may have applied.
                 Ok(None) if failed_once => match self.s.store.session_get(&self.aref.id).await {
-                    Ok(Some(s))
-                        if s.attempt == self.aref.attempt && s.status == status =>
-                    {
+                    Ok(Some(s)) if s.attempt == self.aref.attempt && s.status == status => {
                         break Ok(Some(s));
                     }
                     _ => break Ok(None),

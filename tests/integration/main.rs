@@ -17,6 +17,7 @@ mod lifecycle;
 mod messages;
 mod metrics;
 mod multiprocess;
+mod outage;
 mod proc;
 mod regressions;
 mod resume_crash;

@@ -29,7 +29,47 @@ impl Server {
         Server::spawn("worker", data_dir, workers, extra_env)
     }
 
+    /// Starts `harvest serve` and returns once it listens, before its store is open (with
+    /// PostgreSQL it listens first and answers 503 until the database answers).
+    pub fn start_unready(data_dir: &Path, workers: usize, extra_env: &[(&str, &str)]) -> Server {
+        Server::spawn_until("serve", data_dir, workers, extra_env, false)
+    }
+
+    /// Starts `harvest worker` and returns at once (it may be waiting for its database).
+    pub fn start_worker_unready(
+        data_dir: &Path,
+        workers: usize,
+        extra_env: &[(&str, &str)],
+    ) -> Server {
+        Server::spawn_until("worker", data_dir, workers, extra_env, false)
+    }
+
+    /// Waits (at most `limit`) for a log line containing `needle`; the lines read meanwhile
+    /// are dropped. `false` when none came.
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self._log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     fn spawn(command: &str, data_dir: &Path, workers: usize, extra_env: &[(&str, &str)]) -> Server {
+        Server::spawn_until(command, data_dir, workers, extra_env, true)
+    }
+
+    /// Spawns; with `ready`, waits until it has started (serve: also until it listens).
+    fn spawn_until(
+        command: &str,
+        data_dir: &Path,
+        workers: usize,
+        extra_env: &[(&str, &str)],
+        ready: bool,
+    ) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_harvest"));
         cmd.arg(command);
         if command == "serve" {
@@ -55,8 +95,16 @@ impl Server {
                 }
             }
         });
+        if !ready && command == "worker" {
+            return Server {
+                child,
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                _log: rx,
+            };
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut seen = Vec::new();
+        let mut addr: Option<SocketAddr> = None;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
@@ -68,12 +116,20 @@ impl Server {
                             _log: rx,
                         };
                     }
-                    if let Some(rest) = line.split("listening addr=").nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap_or_default();
-                        let addr: SocketAddr = addr.parse().expect("address in the listening line");
+                    if addr.is_none()
+                        && let Some(rest) = line.split("listening addr=").nth(1)
+                    {
+                        let a = rest.split_whitespace().next().unwrap_or_default();
+                        addr = Some(a.parse().expect("address in the listening line"));
+                    }
+                    // serve listens first, then opens its store (PostgreSQL) and says it
+                    // started; sled opens first. Ready once both are seen.
+                    if let Some(a) = addr
+                        && (!ready || line.contains("harvest started") || seen_started(&seen))
+                    {
                         return Server {
                             child,
-                            addr,
+                            addr: a,
                             _log: rx,
                         };
                     }
@@ -121,6 +177,10 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+fn seen_started(lines: &[String]) -> bool {
+    lines.iter().any(|l| l.contains("harvest started"))
 }
 
 impl Drop for Server {
