@@ -75,7 +75,7 @@ impl EventKind {
 }
 
 /// Events a bus of one process keeps for `Last-Event-ID` resume.
-pub const RING_MAX: usize = 10_000;
+pub const RING_MAX: usize = 4096;
 
 impl std::str::FromStr for EventKind {
     type Err = String;

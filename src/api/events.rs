@@ -14,6 +14,16 @@
 //! (`created` for PENDING, `started` for RUNNING, `completed`/`failed`/`cancelled` when it has
 //! ended), then what happens to it, and ends after its terminal (or `removed`) event. The
 //! all-sessions stream sends events from the moment it connects and does not end.
+//!
+//! Every event carries an SSE `id:` (see [`crate::event`]; the first state of a session stream
+//! has none). A client that reconnects with `Last-Event-ID` (browsers' `EventSource` does it by
+//! itself) first gets the events it missed, then the live ones, none twice: the all-sessions
+//! stream the events of its client after that id, a session stream that session's (instead of
+//! its current state). With PostgreSQL they come from the store's event log, kept
+//! `sessions.event_retention_secs` (1 h by default), with every process's events; with sled
+//! from the process's memory (its last [`crate::event::RING_MAX`] events, lost on restart).
+//! When events after the id are no longer kept, the stream starts with a `reset` event saying
+//! so. A replay sends at most 10,000 events.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;

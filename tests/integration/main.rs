@@ -17,6 +17,7 @@ mod lifecycle;
 mod messages;
 mod metrics;
 mod multiprocess;
+mod netns;
 mod outage;
 mod proc;
 mod regressions;

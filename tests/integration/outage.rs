@@ -31,22 +31,27 @@ use crate::proc::Server;
 use crate::store_postgres::{SchemaGuard, database_url, unique_schema};
 
 /// Pages of each session's chain, one record each.
-const CHAIN: usize = 12;
+pub(crate) const CHAIN: usize = 12;
 /// How long the fixture site takes per page.
 const PAGE_DELAY: Duration = Duration::from_millis(150);
 
 /// A TCP proxy to `target` that can be cut (every connection dropped, new ones closed at once)
 /// and restored.
-struct Proxy {
-    addr: SocketAddr,
+pub(crate) struct Proxy {
+    pub(crate) addr: SocketAddr,
     cut: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
-    async fn start(target: SocketAddr, cut: bool) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    pub(crate) async fn start(target: SocketAddr, cut: bool) -> Proxy {
+        Proxy::start_on([127, 0, 0, 1].into(), target, cut).await
+    }
+
+    /// A proxy listening on `ip` (a port chosen by the OS).
+    pub(crate) async fn start_on(ip: std::net::IpAddr, target: SocketAddr, cut: bool) -> Proxy {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let cut = Arc::new(AtomicBool::new(cut));
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
@@ -100,7 +105,12 @@ impl Drop for Proxy {
 /// A site of chains: `/c/{n}` has one `div.rec` and, below [`CHAIN`], a link to `/c/{n+1}`;
 /// each answer takes [`PAGE_DELAY`].
 async fn slow_site() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind site");
+    slow_site_on([127, 0, 0, 1].into(), CHAIN).await
+}
+
+/// [`slow_site`] on `ip`, with chains of `chain` pages.
+pub(crate) async fn slow_site_on(ip: std::net::IpAddr, chain: usize) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind site");
     let addr = listener.local_addr().expect("site addr");
     tokio::spawn(async move {
         loop {
@@ -123,9 +133,9 @@ async fn slow_site() -> SocketAddr {
                 let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
                 let n: Option<usize> = path.strip_prefix("/c/").and_then(|n| n.parse().ok());
                 let (status, body) = match n {
-                    Some(n) if n < CHAIN => {
+                    Some(n) if n < chain => {
                         tokio::time::sleep(PAGE_DELAY).await;
-                        let next = if n + 1 < CHAIN {
+                        let next = if n + 1 < chain {
                             format!("<a class=\"next\" href=\"/c/{}\">next</a>", n + 1)
                         } else {
                             String::new()
@@ -151,10 +161,11 @@ async fn slow_site() -> SocketAddr {
     addr
 }
 
-fn chain_config(site: SocketAddr) -> Value {
+pub(crate) fn chain_config(site: SocketAddr) -> Value {
     json!({
         "start_urls": [format!("http://{site}/c/0")],
         "start_page": "chain",
+        "limits": {"max_depth": 100},
         "follow": [{"selector": "a.next", "page": "chain"}],
         "pages": {"chain": {"item": "div.rec", "fields": {"text": "span.t"}}},
     })
@@ -162,20 +173,20 @@ fn chain_config(site: SocketAddr) -> Value {
 
 /// One Server-Sent Event.
 #[derive(Debug, Clone)]
-struct Ev {
-    id: Option<u64>,
-    event: String,
-    data: Value,
+pub(crate) struct Ev {
+    pub(crate) id: Option<u64>,
+    pub(crate) event: String,
+    pub(crate) data: Value,
 }
 
 /// Reads an SSE response block by block.
-struct Stream {
+pub(crate) struct Stream {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buf: String,
 }
 
 impl Stream {
-    async fn open(url: &str, last_event_id: Option<u64>) -> Stream {
+    pub(crate) async fn open(url: &str, last_event_id: Option<u64>) -> Stream {
         let mut req = reqwest::Client::new().get(url);
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id.to_string());
@@ -189,7 +200,7 @@ impl Stream {
     }
 
     /// The next event, `None` when none comes within `limit`.
-    async fn next(&mut self, limit: Duration) -> Option<Ev> {
+    pub(crate) async fn next(&mut self, limit: Duration) -> Option<Ev> {
         let fut = async {
             loop {
                 if let Some(pos) = self.buf.find("\n\n") {
@@ -220,7 +231,7 @@ impl Stream {
     }
 }
 
-fn session_of(e: &Ev) -> String {
+pub(crate) fn session_of(e: &Ev) -> String {
     e.data["session_id"]
         .as_str()
         .or_else(|| e.data["id"].as_str())
@@ -228,17 +239,22 @@ fn session_of(e: &Ev) -> String {
         .to_string()
 }
 
-struct Setup {
+pub(crate) struct Setup {
     _dir: tempfile::TempDir,
     _guard: SchemaGuard,
-    schema: String,
+    pub(crate) schema: String,
     config: std::path::PathBuf,
-    data: std::path::PathBuf,
+    pub(crate) data: std::path::PathBuf,
     url: String,
 }
 
 /// A schema and a config file for the binaries, whose database is `db_url`.
 fn setup(url: &str, db_url: &str) -> Setup {
+    setup_with(url, db_url, 30)
+}
+
+/// [`setup`] with a lease of `lease_secs`.
+pub(crate) fn setup_with(url: &str, db_url: &str, lease_secs: u64) -> Setup {
     let schema = unique_schema();
     let guard = SchemaGuard {
         url: url.to_string(),
@@ -250,7 +266,7 @@ fn setup(url: &str, db_url: &str) -> Setup {
         &config,
         format!(
             "store = \"postgres\"\ndatabase_url = \"{db_url}\"\ndatabase_wait_secs = 120\n\
-             [workers]\nlease_secs = 30\nretry_backoff_ms = 50\nshutdown_grace_secs = 2\n"
+             [workers]\nlease_secs = {lease_secs}\nretry_backoff_ms = 50\nshutdown_grace_secs = 2\n"
         ),
     )
     .expect("config");
@@ -266,7 +282,7 @@ fn setup(url: &str, db_url: &str) -> Setup {
 }
 
 impl Setup {
-    fn env(&self) -> Vec<(String, String)> {
+    pub(crate) fn env(&self) -> Vec<(String, String)> {
         vec![
             (
                 "HARVEST_CONFIG".into(),
@@ -277,7 +293,7 @@ impl Setup {
         ]
     }
 
-    async fn handle(&self) -> Harvest {
+    pub(crate) async fn handle(&self) -> Harvest {
         Harvest::open(Config {
             store: StoreKind::Postgres,
             database_url: Some(self.url.clone()),
@@ -289,11 +305,11 @@ impl Setup {
     }
 }
 
-fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+pub(crate) fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-async fn submit(http: &reqwest::Client, serve: &Server, config: &Value) -> String {
+pub(crate) async fn submit(http: &reqwest::Client, serve: &Server, config: &Value) -> String {
     let resp = http
         .post(serve.url("/v1/sessions"))
         .json(&json!({"config": config}))
@@ -305,19 +321,39 @@ async fn submit(http: &reqwest::Client, serve: &Server, config: &Value) -> Strin
     body["id"].as_str().expect("id").to_string()
 }
 
-fn pg_target(url: &str) -> SocketAddr {
+pub(crate) fn pg_target(url: &str) -> SocketAddr {
     let cfg: tokio_postgres::Config = url.parse().expect("database url");
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn with_port(url: &str, port: u16) -> String {
+pub(crate) fn with_port(url: &str, port: u16) -> String {
     let target = pg_target(url);
     url.replacen(&format!(":{}", target.port()), &format!(":{port}"), 1)
 }
 
+/// `url` with its host and port replaced.
+pub(crate) fn with_host_port(url: &str, host: &str, port: u16) -> String {
+    let target = pg_target(url);
+    let cfg: tokio_postgres::Config = url.parse().expect("database url");
+    let old_host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".to_string(),
+    };
+    url.replacen(
+        &format!("{old_host}:{}", target.port()),
+        &format!("{host}:{port}"),
+        1,
+    )
+}
+
 /// Each session's records are the chain's pages, each exactly once.
 async fn assert_exact_records(h: &Harvest, ids: &[String]) {
+    assert_exact_chain(h, ids, CHAIN).await
+}
+
+/// Each session's records are the `chain` pages, each exactly once.
+pub(crate) async fn assert_exact_chain(h: &Harvest, ids: &[String], chain: usize) {
     for id in ids {
         let id = SessionId::parse(id).expect("id");
         let records = h.records(&id, 0, 1000).await.expect("records");
@@ -325,7 +361,7 @@ async fn assert_exact_records(h: &Harvest, ids: &[String]) {
             .iter()
             .map(|r| r.data["text"].as_str().unwrap_or_default().to_string())
             .collect();
-        let want: Vec<String> = (0..CHAIN).map(|n| format!("page {n}")).collect();
+        let want: Vec<String> = (0..chain).map(|n| format!("page {n}")).collect();
         assert_eq!(texts, want, "records of {id}");
     }
 }

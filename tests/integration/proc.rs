@@ -62,6 +62,17 @@ impl Server {
         Server::spawn_until(command, data_dir, workers, extra_env, true)
     }
 
+    /// Starts `harvest worker` inside the network namespace `netns` (`ip netns exec`, which
+    /// execs the binary: the child is the worker) and waits until it has started.
+    pub fn start_worker_in_netns(
+        netns: &str,
+        data_dir: &Path,
+        workers: usize,
+        extra_env: &[(&str, &str)],
+    ) -> Server {
+        Server::spawn_in("worker", Some(netns), data_dir, workers, extra_env, true)
+    }
+
     /// Spawns; with `ready`, waits until it has started (serve: also until it listens).
     fn spawn_until(
         command: &str,
@@ -70,7 +81,25 @@ impl Server {
         extra_env: &[(&str, &str)],
         ready: bool,
     ) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harvest"));
+        Server::spawn_in(command, None, data_dir, workers, extra_env, ready)
+    }
+
+    fn spawn_in(
+        command: &str,
+        netns: Option<&str>,
+        data_dir: &Path,
+        workers: usize,
+        extra_env: &[(&str, &str)],
+        ready: bool,
+    ) -> Server {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_harvest")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_harvest")),
+        };
         cmd.arg(command);
         if command == "serve" {
             cmd.args(["--bind", "127.0.0.1:0"]);
@@ -127,10 +156,17 @@ impl Server {
                     if let Some(a) = addr
                         && (!ready || line.contains("harvest started") || seen_started(&seen))
                     {
+                        // The lines from "listening" on stay readable (tests look for them).
+                        let from = seen
+                            .iter()
+                            .position(|l| l.contains("listening addr="))
+                            .unwrap_or(seen.len());
+                        let mut kept: Vec<String> = seen.split_off(from);
+                        kept.push(line);
                         return Server {
                             child,
                             addr: a,
-                            _log: rx,
+                            _log: replay_then(kept, rx),
                         };
                     }
                     seen.push(line);
@@ -177,6 +213,22 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A receiver that yields `first`, then whatever `rest` receives.
+fn replay_then(first: Vec<String>, rest: mpsc::Receiver<String>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    for line in first {
+        let _ = tx.send(line);
+    }
+    std::thread::spawn(move || {
+        for line in rest {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 fn seen_started(lines: &[String]) -> bool {

@@ -69,6 +69,10 @@ const POOL_SIZE: usize = 16;
 const POOL_WAIT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the server lets a connection of this store sit idle inside a transaction before
+/// it ends the session (and its locks): see `connect_with_schema`.
+const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The schema [`PostgresStore::connect`] uses.
 pub const DEFAULT_SCHEMA: &str = "public";
 
@@ -123,7 +127,15 @@ impl PostgresStore {
         })?;
         // A startup option, not a `SET` after connect: it holds for every connection the pool
         // ever opens, including ones replaced after a network failure.
-        config.options(format!("-c search_path={schema}"));
+        // `idle_in_transaction_session_timeout`: a process cut off from the database in the
+        // middle of a transaction (a network partition) would otherwise keep its row locks until
+        // the server's TCP keepalive gives up (hours), and maintenance, which skips locked rows,
+        // could not take its sessions back; every transaction here sends its statements back to
+        // back, so none is idle for long on its own.
+        config.options(format!(
+            "-c search_path={schema} -c idle_in_transaction_session_timeout={}",
+            IDLE_IN_TRANSACTION_TIMEOUT.as_millis()
+        ));
         config.connect_timeout(CONNECT_TIMEOUT);
         if config.get_application_name().is_none() {
             config.application_name("harvest");
