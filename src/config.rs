@@ -62,6 +62,9 @@ pub struct Config {
     /// PostgreSQL schema the store works in (created and migrated at start), so several
     /// deployments or tests can share one database. `[a-z_][a-z0-9_]*`, at most 63 bytes.
     pub database_schema: String,
+    /// How long `serve` and `worker` wait at start for a PostgreSQL server that does not answer
+    /// yet, retrying with backoff (0: give up at the first failure).
+    pub database_wait_secs: u64,
     /// HTTP server.
     pub server: ServerConfig,
     /// Workers of this process.
@@ -87,6 +90,7 @@ impl Default for Config {
             store: StoreKind::Sled,
             database_url: None,
             database_schema: "public".into(),
+            database_wait_secs: 300,
             server: ServerConfig::default(),
             workers: WorkersConfig::default(),
             sessions: SessionsConfig::default(),
@@ -201,6 +205,9 @@ pub struct SessionsConfig {
     pub max_attempts: u32,
     /// How often the scheduler looks for expired leases, timeouts and cleanups (seconds).
     pub maintenance_interval_secs: u64,
+    /// How long session events stay readable for `Last-Event-ID` resume (PostgreSQL: rows of
+    /// the events table, removed by maintenance; sled keeps a bounded ring in memory).
+    pub event_retention_secs: u64,
 }
 
 impl Default for SessionsConfig {
@@ -209,6 +216,7 @@ impl Default for SessionsConfig {
             default_timeout_secs: 86_400,
             max_attempts: 3,
             maintenance_interval_secs: 1,
+            event_retention_secs: 3600,
         }
     }
 }
@@ -290,7 +298,7 @@ impl Config {
     }
 
     /// Applies environment overrides: `HARVEST_DATA_DIR`, `HARVEST_STORE`,
-    /// `HARVEST_DATABASE_URL`, `HARVEST_DATABASE_SCHEMA`, `HARVEST_EXPORT_DIR`, `HARVEST_BIND`, `HARVEST_WORKERS`, `HARVEST_LEASE_SECS`,
+    /// `HARVEST_DATABASE_URL`, `HARVEST_DATABASE_SCHEMA`, `HARVEST_DATABASE_WAIT_SECS`, `HARVEST_EXPORT_DIR`, `HARVEST_BIND`, `HARVEST_WORKERS`, `HARVEST_LEASE_SECS`,
     /// `HARVEST_SHUTDOWN_GRACE_SECS`, `HARVEST_LOG_FORMAT`, `HARVEST_METRICS_BIND`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn parse<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError>
@@ -322,6 +330,9 @@ impl Config {
         }
         if let Some(v) = get("HARVEST_DATABASE_SCHEMA") {
             self.database_schema = v;
+        }
+        if let Some(v) = get("HARVEST_DATABASE_WAIT_SECS") {
+            self.database_wait_secs = parse("HARVEST_DATABASE_WAIT_SECS", &v)?;
         }
         if let Some(v) = get("HARVEST_EXPORT_DIR") {
             self.export.dir = PathBuf::from(v);

@@ -2,8 +2,21 @@
 //!
 //! Publishing never blocks: a subscriber that falls more than the channel's capacity behind
 //! loses the oldest events (it sees `Lagged`), so a slow consumer can never stall a worker.
+//!
+//! Every event has an id, increasing in the order events are delivered, for SSE `id:` fields
+//! and `Last-Event-ID` resume. Where they come from depends on the store:
+//!
+//! - a store of one process (sled): the bus numbers the events the process publishes, starting
+//!   from the start time in microseconds (so ids keep increasing across restarts), and keeps the
+//!   last [`RING_MAX`] in memory for resume ([`EventBus::since`]);
+//! - a store that records events itself (PostgreSQL, shared by many processes): the store writes
+//!   each event with the transition that causes it, and the bus is [fed](EventBus::feed) from
+//!   the store's log in id order by the runtime (so every process sees every session's events,
+//!   in order per session); what the process itself would publish is dropped
+//!   ([`EventBus::set_external`]). Resume reads the store's log.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,9 +74,33 @@ impl EventKind {
     }
 }
 
+/// Events a bus of one process keeps for `Last-Event-ID` resume.
+pub const RING_MAX: usize = 4096;
+
+impl std::str::FromStr for EventKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<EventKind, String> {
+        Ok(match s {
+            "created" => EventKind::Created,
+            "started" => EventKind::Started,
+            "progress" => EventKind::Progress,
+            "completed" => EventKind::Completed,
+            "failed" => EventKind::Failed,
+            "cancelled" => EventKind::Cancelled,
+            "requeued" => EventKind::Requeued,
+            "removed" => EventKind::Removed,
+            other => return Err(format!("unknown event kind {other:?}")),
+        })
+    }
+}
+
 /// One event about one session.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
+    /// Position in the event log (see the module docs); 0 for a state that is not a logged
+    /// event (the first message of a session stream).
+    pub id: u64,
     /// What happened.
     pub kind: EventKind,
     /// Which session.
@@ -91,10 +128,20 @@ impl Event {
 #[derive(Debug, Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<Event>,
+    /// The last events and the last id given (own numbering only).
+    ring: Arc<Mutex<Ring>>,
+    /// The store records events: `publish` drops, `feed` delivers.
+    external: Arc<AtomicBool>,
     /// Sessions being submitted whose `created` event is not out yet. A worker can claim a
     /// session the moment it is stored, before the submitter publishes `created`; its `started`
     /// waits here so subscribers always see `created` first.
     creating: Arc<Mutex<HashMap<SessionKey, watch::Receiver<bool>>>>,
+}
+
+#[derive(Debug)]
+struct Ring {
+    last_id: u64,
+    events: VecDeque<Event>,
 }
 
 /// Held by a submitter between storing a session and publishing its `created` event.
@@ -132,24 +179,80 @@ impl EventBus {
     /// A bus whose subscribers may fall `capacity` events behind before losing the oldest.
     pub fn new(capacity: usize) -> EventBus {
         let (tx, _) = broadcast::channel(capacity.max(16));
+        // Microseconds since the epoch: a restarted process continues above the ids it gave
+        // before (unless it published a million events a second).
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
         EventBus {
             tx,
+            ring: Arc::new(Mutex::new(Ring {
+                last_id: start,
+                events: VecDeque::new(),
+            })),
+            external: Arc::default(),
             creating: Arc::default(),
         }
     }
 
-    /// Publishes (never blocks; no subscribers is fine).
+    /// The store records every event (see the module docs): from now on `publish` drops what
+    /// this process would publish, and only [`EventBus::feed`] delivers.
+    pub fn set_external(&self) {
+        self.external.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether events come from the store (see [`EventBus::set_external`]).
+    pub fn is_external(&self) -> bool {
+        self.external.load(Ordering::SeqCst)
+    }
+
+    /// Publishes an event of this process (never blocks; no subscribers is fine). Dropped when
+    /// the store records events.
     pub fn publish(&self, kind: EventKind, session: &Session) {
-        if self.tx.receiver_count() == 0 {
+        if self.is_external() {
             return;
         }
-        let _ = self.tx.send(Event {
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.last_id += 1;
+        let event = Event {
+            id: ring.last_id,
             kind,
             session_id: session.id.clone(),
             tenant: session.tenant.clone(),
             client_id: session.client.client_id().to_string(),
             session: Some(Box::new(session.clone())),
-        });
+        };
+        if ring.events.len() >= RING_MAX {
+            ring.events.pop_front();
+        }
+        ring.events.push_back(event.clone());
+        // Sent under the lock, so subscribers see ids in increasing order.
+        let _ = self.tx.send(event);
+    }
+
+    /// Delivers an event read from the store's log (ids increasing).
+    pub fn feed(&self, event: Event) {
+        let _ = self.tx.send(event);
+    }
+
+    /// This process's events after `after`, oldest first, at most `limit` (own numbering only;
+    /// empty when the store records events: read its log instead). `complete` is false when
+    /// events after `after` were already dropped from the ring.
+    pub fn since(&self, after: u64, limit: usize) -> (Vec<Event>, bool) {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let complete = ring
+            .events
+            .front()
+            .is_none_or(|first| first.id <= after.saturating_add(1))
+            || after >= ring.last_id;
+        let out = ring
+            .events
+            .iter()
+            .filter(|e| e.id > after)
+            .take(limit)
+            .cloned()
+            .collect();
+        (out, complete)
     }
 
     /// Marks a session as being created (call before storing it).
@@ -175,7 +278,7 @@ impl EventBus {
             .unwrap_or_else(|p| p.into_inner())
             .get(&session.key())
             .cloned();
-        if let Some(mut rx) = pending {
+        if let Some(mut rx) = pending.filter(|_| !self.is_external()) {
             let _ = tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|done| *done)).await;
         }
         self.publish(EventKind::Started, session);

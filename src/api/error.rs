@@ -32,6 +32,9 @@ pub struct ApiError {
 /// have slots.
 pub const QUOTA_RETRY_AFTER_SECS: u64 = 5;
 
+/// Seconds a client is told to wait (`Retry-After`) when the store is unavailable.
+pub const STORE_RETRY_AFTER_SECS: u64 = 2;
+
 /// The body of every error answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
@@ -59,6 +62,19 @@ impl ApiError {
         }
     }
 
+    /// 503 `store_unavailable` with `Retry-After`: the store could not be reached. The message
+    /// names no internals (schema, pool, server address): the operator's log has them.
+    pub fn store_unavailable() -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "store_unavailable",
+            message: format!(
+                "the session store is unavailable for the moment; retry in {STORE_RETRY_AFTER_SECS} s"
+            ),
+            retry_after: Some(STORE_RETRY_AFTER_SECS),
+        }
+    }
+
     /// The same error with a `Retry-After: secs` header.
     pub fn retry_after(mut self, secs: u64) -> ApiError {
         self.retry_after = Some(secs);
@@ -83,6 +99,19 @@ impl ApiError {
     /// 401 `unauthorized`.
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 503 `not_ready` with `Retry-After`: the process has not opened its store yet (it waits
+    /// for the database at start).
+    pub fn store_not_open() -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "not_ready",
+            message: format!(
+                "the server is starting and waits for its session store; retry in {STORE_RETRY_AFTER_SECS} s"
+            ),
+            retry_after: Some(STORE_RETRY_AFTER_SECS),
+        }
     }
 
     /// The code for a status when nothing more specific is known.
@@ -145,6 +174,10 @@ impl From<HarvestError> for ApiError {
             ),
             HarvestError::Busy(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
+            }
+            HarvestError::Store(e) if e.is_unavailable() => {
+                crate::store::outage::unavailable("API request", &e);
+                ApiError::store_unavailable()
             }
             HarvestError::Store(_) | HarvestError::Startup(_) => {
                 tracing::error!(error = %message, "request failed in the store");

@@ -292,11 +292,17 @@ pub async fn readyz(State(st): State<AppState>) -> Result<axum::Json<HealthView>
             "not_ready",
             "the workers of this process are not running",
         )),
-        (true, Err(e)) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            format!("the store does not answer: {e}"),
-        )),
+        (true, Err(e)) => {
+            crate::store::outage::unavailable("readiness check", &e);
+            Err(ApiError {
+                retry_after: Some(error::STORE_RETRY_AFTER_SECS),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_ready",
+                    "the session store does not answer (the server log says why)",
+                )
+            })
+        }
     }
 }
 

@@ -297,10 +297,18 @@ async fn serve(args: ServeArgs, http: bool) -> anyhow::Result<()> {
     }
     let metrics = harvest::metrics::install(cfg.metrics.per_client_labels);
     let grace = Duration::from_secs(cfg.workers.shutdown_grace_secs);
-    let harvest = Harvest::open(cfg.clone())
-        .await
-        .context("opening the store")?;
-    harvest.start();
+    // sled opens at once (or fails at once: a data directory held by another process), before
+    // listening. With PostgreSQL, listen first: until the store is open (a database that is
+    // not up yet), every route but /healthz answers 503 with Retry-After, so probes see "alive,
+    // not ready".
+    let opened = if cfg.store == harvest::config::StoreKind::Postgres {
+        None
+    } else {
+        Some(open_waiting(&cfg).await?)
+    };
+    // Each listener serves its router once the store is open (see `gate`).
+    type Cell = std::sync::Arc<tokio::sync::OnceCell<axum::Router>>;
+    let (api_app, metrics_app): (Cell, Cell) = Default::default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
     // Bind every listener before saying so, so a "listening" line means all of them answer.
@@ -323,18 +331,12 @@ async fn serve(args: ServeArgs, http: bool) -> anyhow::Result<()> {
             )
         })?;
         tracing::info!(metrics_addr = %listener.local_addr()?, "metrics and health endpoints");
-        listeners.push((
-            listener,
-            harvest::api::metrics_router(harvest.clone(), metrics.clone()),
-        ));
+        listeners.push((listener, gate(metrics_app.clone())));
     }
     if let Some(listener) = api {
         tracing::info!(addr = %listener.local_addr()?, "listening");
         tracing::info!(url = %format!("http://{}/", listener.local_addr()?), "web console");
-        listeners.push((
-            listener,
-            harvest::api::router(harvest.clone(), metrics.clone()),
-        ));
+        listeners.push((listener, gate(api_app.clone())));
     }
     for (listener, app) in listeners {
         let mut rx = stop_rx.clone();
@@ -346,6 +348,23 @@ async fn serve(args: ServeArgs, http: bool) -> anyhow::Result<()> {
                 .await
         }));
     }
+    let harvest = match opened {
+        Some(h) => h,
+        None => tokio::select! {
+            h = open_waiting(&cfg) => h?,
+            () = shutdown_signal() => {
+                tracing::info!("stopped before the store was open");
+                let _ = stop_tx.send(true);
+                return Ok(());
+            }
+        },
+    };
+    harvest.start();
+    let _ = api_app.set(harvest::api::router(harvest.clone(), metrics.clone()));
+    let _ = metrics_app.set(harvest::api::metrics_router(
+        harvest.clone(),
+        metrics.clone(),
+    ));
     tracing::info!(
         backend = harvest.store().backend(),
         workers = cfg.workers.concurrency,
@@ -392,6 +411,63 @@ fn shutdown_watchdog(limit: Duration) {
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "the shutdown watchdog did not start");
     }
+}
+
+/// Opens the service; with PostgreSQL, waits for a database that does not answer yet, trying
+/// again with backoff for up to `database_wait_secs` (logged, rate-limited). Any other failure
+/// (a sled data directory held by another process, a bad URL, a newer schema) ends at once.
+async fn open_waiting(cfg: &Config) -> anyhow::Result<Harvest> {
+    let patient = cfg.store == harvest::config::StoreKind::Postgres;
+    let started = std::time::Instant::now();
+    let limit = Duration::from_secs(cfg.database_wait_secs);
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match Harvest::open(cfg.clone()).await {
+            Ok(h) => {
+                if started.elapsed() > Duration::from_secs(1) {
+                    harvest::store::outage::answered("opening the store");
+                }
+                return Ok(h);
+            }
+            Err(harvest::HarvestError::Store(e))
+                if patient && e.is_unavailable() && started.elapsed() + pause < limit =>
+            {
+                harvest::store::outage::unavailable("opening the store", &e);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) if patient && started.elapsed() >= Duration::from_secs(1) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "opening the store (gave up after {} s; database_wait_secs = {})",
+                    started.elapsed().as_secs(),
+                    cfg.database_wait_secs
+                )));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("opening the store")),
+        }
+    }
+}
+
+/// The router every listener serves: 503 (`not_ready`, with Retry-After) for everything but
+/// `/healthz` until `api` is set, then `api`.
+fn gate(api: std::sync::Arc<tokio::sync::OnceCell<axum::Router>>) -> axum::Router {
+    use axum::response::IntoResponse;
+    use tower::ServiceExt;
+    axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let api = api.clone();
+        async move {
+            match api.get() {
+                Some(router) => match router.clone().oneshot(req).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                },
+                None if req.uri().path() == "/healthz" => {
+                    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+                }
+                None => harvest::api::error::ApiError::store_not_open().into_response(),
+            }
+        }
+    })
 }
 
 async fn shutdown_signal() {

@@ -27,6 +27,19 @@ use crate::store::{
 /// How long a job may take to notice its stop signal before its task is aborted.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// First and largest pause between tries of a write the store did not answer.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// How long, at most, a hand-back waits for a store that does not answer (after that the
+/// lease has long expired and maintenance takes the session back).
+const HAND_BACK_MAX: Duration = Duration::from_secs(600);
+
+/// The next pause of a backoff that starts at [`RETRY_MIN`] and doubles up to [`RETRY_MAX`].
+fn next_pause(pause: Duration) -> Duration {
+    (pause * 2).min(RETRY_MAX)
+}
+
 /// A session's committed frontier and seen set, read from the store: the [`CrawlState`] an
 /// attempt hands its job. Read-only by construction.
 pub struct StoreCrawlState {
@@ -75,6 +88,12 @@ pub(crate) struct Attempt {
     session: Session,
     aref: AttemptRef,
     stop: StopSignal,
+    /// The session's checkpoint count after this attempt's last commit known to have applied
+    /// (tells whether a commit whose answer was lost applied).
+    checkpoints: std::sync::atomic::AtomicU64,
+    /// The attempt stopped because the store did not answer a write for too long: hand the
+    /// session back as soon as it answers.
+    store_gave_up: std::sync::atomic::AtomicBool,
 }
 
 /// Commits checkpoints of one attempt under its lease.
@@ -130,6 +149,8 @@ impl Attempt {
                 owner,
             },
             s,
+            checkpoints: session.checkpoints.into(),
+            store_gave_up: false.into(),
             session,
             stop,
         });
@@ -140,22 +161,72 @@ impl Attempt {
     }
 
     /// Commits `batch` under the lease (with its effects). A refused or failed commit stops the
-    /// attempt.
+    /// attempt. A store that does not answer is retried with backoff for up to half a lease
+    /// (the lease was renewed at most a third of a lease ago, so it still holds): before each
+    /// retry the session is read, and a commit that applied though its answer was lost is
+    /// taken as done (its checkpoint count moved on), so a batch is never written twice.
     async fn commit(&self, batch: CheckpointBatch) -> Result<(), CommitError> {
+        use std::sync::atomic::Ordering;
         let counts = BatchCounts::of(&batch);
         let kept = self.s.effects.observes_commits().then(|| batch.clone());
-        let res = self
-            .s
-            .store
-            .checkpoint_commit_if_running(CheckpointCommit {
-                attempt: self.aref.clone(),
-                batch,
-                lease: self.s.workers.lease(),
-                now: self.s.clock.now(),
-            })
-            .await;
+        // A store shared over the network (not one process's own files) can be away for a
+        // moment: only then is a copy of the batch kept for retries.
+        let retryable = !self.s.store.exclusive();
+        let mut batch = batch;
+        let lease = self.s.workers.lease();
+        let give_up_at = tokio::time::Instant::now() + lease / 2;
+        let mut pause = RETRY_MIN;
+        let mut tried = false;
+        let res = loop {
+            if tried {
+                match self.s.store.session_get(&self.aref.id).await {
+                    Ok(Some(now)) if self.holds(&now) => {
+                        if now.checkpoints > self.checkpoints.load(Ordering::SeqCst) {
+                            // The lost answer was a success.
+                            break Ok(Some(now));
+                        }
+                    }
+                    // Closed, ended or taken over meanwhile: the commit is refused either way.
+                    Ok(_) => break Ok(None),
+                    Err(e) if e.is_unavailable() => {
+                        crate::store::outage::unavailable("checkpoint", &e);
+                        if !self.wait_retry(&mut pause, give_up_at).await {
+                            break Err(e);
+                        }
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+            tried = true;
+            let res = self
+                .s
+                .store
+                .checkpoint_commit_if_running(CheckpointCommit {
+                    attempt: self.aref.clone(),
+                    batch: if retryable {
+                        batch.clone()
+                    } else {
+                        std::mem::take(&mut batch)
+                    },
+                    lease,
+                    now: self.s.clock.now(),
+                })
+                .await;
+            match res {
+                Err(e) if e.is_unavailable() && retryable => {
+                    crate::store::outage::unavailable("checkpoint", &e);
+                    if !self.wait_retry(&mut pause, give_up_at).await {
+                        break Err(e);
+                    }
+                }
+                other => break other,
+            }
+        };
         match res {
             Ok(Some(after)) => {
+                crate::store::outage::answered("checkpoint");
+                self.checkpoints.store(after.checkpoints, Ordering::SeqCst);
                 if let Err(e) = self.s.effects.checkpointed(&after, counts, kept.as_ref()) {
                     tracing::error!(session = %self.aref.id, error = %e, "a committed checkpoint could not be followed up; abandoning the attempt");
                     self.stop.stop(StopReason::Abandoned);
@@ -167,8 +238,19 @@ impl Attempt {
                 self.stop.stop(StopReason::LeaseLost);
                 Err(CommitError::LeaseLost)
             }
+            Err(e) if e.is_unavailable() && retryable => {
+                // The lease is about to run out: stop, and hand the session back (not spending
+                // an attempt) as soon as the store answers, instead of leaving it RUNNING until
+                // its lease expires.
+                tracing::warn!(session = %self.aref.id, error = %e, "attempt stopped: the store did not answer a checkpoint within half a lease; the session is handed back when it answers");
+                self.store_gave_up.store(true, Ordering::SeqCst);
+                self.stop.stop(StopReason::Abandoned);
+                Err(CommitError::Abandoned(
+                    "the session store did not answer".to_string(),
+                ))
+            }
             Err(e) => {
-                // The write may or may not have happened; the only safe course is to stop and let
+                // Not an outage (a refused or corrupt write): stop, write nothing more, and let
                 // the lease expire, so the next attempt resumes from the last known checkpoint.
                 tracing::error!(session = %self.aref.id, error = %e, "checkpoint commit failed; abandoning the attempt");
                 self.stop.stop(StopReason::Abandoned);
@@ -177,19 +259,60 @@ impl Attempt {
         }
     }
 
+    /// Whether `s` is still this attempt's: RUNNING with its attempt and lease owner.
+    fn holds(&self, s: &Session) -> bool {
+        s.status == SessionStatus::Running
+            && s.attempt == self.aref.attempt
+            && s.lease.as_ref().is_some_and(|l| l.owner == self.aref.owner)
+    }
+
+    /// Sleeps the next backoff pause; `false` (without sleeping) when it would end after
+    /// `until`.
+    async fn wait_retry(&self, pause: &mut Duration, until: tokio::time::Instant) -> bool {
+        if tokio::time::Instant::now() + *pause > until {
+            return false;
+        }
+        tokio::time::sleep(*pause).await;
+        *pause = next_pause(*pause);
+        true
+    }
+
+    /// Hands the session back to PENDING without spending an attempt once the store answers
+    /// again: an attempt stopped by an outage must not leave it RUNNING until its lease expires.
+    async fn hand_back_when_answering(&self) {
+        self.requeue(false, None, Retry::Backoff).await;
+    }
+
     /// Logs why the lease is gone: the session was closed (deleted, or ended by a cancel), or
     /// another attempt took it over.
     async fn say_why_lost(&self) {
         match self.s.store.session_get(&self.aref.id).await {
             Ok(None) => tracing::info!("attempt stopped: session closed (it was deleted)"),
-            Ok(Some(s)) if s.status.is_terminal() => {
+            Ok(Some(s)) if s.status.is_terminal() && s.attempt == self.session.attempt => {
                 tracing::info!(status = %s.status, "attempt stopped: session closed")
             }
-            Ok(Some(s)) if s.attempt != self.session.attempt => tracing::info!(
+            Ok(Some(s)) if s.status.is_terminal() => tracing::info!(
+                status = %s.status,
                 attempt = s.attempt,
-                "lease lost; another attempt owns the session"
+                "attempt stopped: a later attempt ended the session"
             ),
-            _ => tracing::info!("lease lost; the session was taken back"),
+            Ok(Some(s))
+                if s.status == SessionStatus::Running && s.attempt != self.session.attempt =>
+            {
+                tracing::info!(
+                    attempt = s.attempt,
+                    "attempt stopped: this attempt's lease expired and attempt {} runs the session",
+                    s.attempt
+                )
+            }
+            Ok(Some(s)) if s.status == SessionStatus::Pending => tracing::info!(
+                "attempt stopped: the session was taken back (this attempt's lease expired) and waits for its next attempt"
+            ),
+            Ok(Some(_)) => tracing::info!("attempt stopped: the lease was taken back"),
+            Err(e) => tracing::info!(
+                error = %e,
+                "attempt stopped: the lease is no longer this attempt's (the store does not answer, so why is not known)"
+            ),
         }
     }
 
@@ -305,6 +428,7 @@ impl Attempt {
                         Ok(HeartbeatOutcome::Renewed { cancel_requested: true }) => stop.stop(StopReason::Cancelled),
                         Ok(HeartbeatOutcome::Renewed { .. }) => {}
                         Ok(HeartbeatOutcome::Lost) => stop.stop(StopReason::LeaseLost),
+                        Err(e) if e.is_unavailable() => crate::store::outage::unavailable("heartbeat", &e),
                         Err(e) => tracing::warn!(error = %e, "heartbeat failed; will retry"),
                     }
                     if stop.is_stopped() && stop_deadline.is_none() {
@@ -380,6 +504,11 @@ impl Attempt {
                     }
                 }
                 Some(StopReason::LeaseLost) => self.say_why_lost().await,
+                Some(StopReason::Abandoned)
+                    if self.store_gave_up.load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    self.hand_back_when_answering().await
+                }
                 Some(StopReason::Abandoned) => {
                     tracing::info!(
                         "attempt abandoned; the session is taken back when its lease expires"
@@ -447,18 +576,41 @@ impl Attempt {
     ) {
         let counts = BatchCounts::of(&batch);
         let kept = self.s.effects.observes_commits().then(|| batch.clone());
-        let res = self
-            .s
-            .store
-            .session_finish_if_running(SessionFinish {
-                attempt: self.aref.clone(),
-                status,
-                error,
-                batch,
-                cleanup_after: self.default_timeout(),
-                now: self.s.clock.now(),
-            })
-            .await;
+        let lease = self.s.workers.lease();
+        let give_up_at = tokio::time::Instant::now() + lease / 2;
+        let mut pause = RETRY_MIN;
+        let mut failed_once = false;
+        let res = loop {
+            let res = self
+                .s
+                .store
+                .session_finish_if_running(SessionFinish {
+                    attempt: self.aref.clone(),
+                    status,
+                    error: error.clone(),
+                    batch: batch.clone(),
+                    cleanup_after: self.default_timeout(),
+                    now: self.s.clock.now(),
+                })
+                .await;
+            match res {
+                Err(e) if e.is_unavailable() && !self.s.store.exclusive() => {
+                    crate::store::outage::unavailable("finishing a session", &e);
+                    failed_once = true;
+                    if !self.wait_retry(&mut pause, give_up_at).await {
+                        break Err(e);
+                    }
+                }
+                // Refused after a try whose answer was lost: that try may have applied.
+                Ok(None) if failed_once => match self.s.store.session_get(&self.aref.id).await {
+                    Ok(Some(s)) if s.attempt == self.aref.attempt && s.status == status => {
+                        break Ok(Some(s));
+                    }
+                    _ => break Ok(None),
+                },
+                other => break other,
+            }
+        };
         match res {
             Ok(Some(done)) => {
                 if let Err(e) = self.s.effects.checkpointed(&done, counts, kept.as_ref()) {
@@ -466,7 +618,11 @@ impl Attempt {
                 }
                 self.s.effects.transitioned(&done);
             }
-            Ok(None) => tracing::info!("finish not applied: the lease was lost"),
+            Ok(None) => self.say_why_lost().await,
+            Err(e) if e.is_unavailable() && !self.s.store.exclusive() => {
+                tracing::warn!(error = %e, "finishing the session: the store did not answer within half a lease; the session is handed back when it answers");
+                self.hand_back_when_answering().await;
+            }
             Err(e) => tracing::error!(error = %e, "finishing the session failed"),
         }
     }
@@ -480,23 +636,53 @@ impl Attempt {
             _ if !spend => Duration::ZERO,
             _ => self.s.backoff(self.session.failures),
         };
-        let res = self
-            .s
-            .store
-            .session_requeue_if_running(SessionRequeue {
-                attempt: self.aref.clone(),
-                spend_attempt: spend,
-                run_at: Timestamp(now.millis().saturating_add(delay.as_millis() as i64)),
-                error,
-                cleanup_after: self.default_timeout(),
-                now,
-            })
-            .await;
-        match res {
-            Ok(None) => {}
-            Ok(Some(after)) => self.s.effects.transitioned(&after),
-            Err(e) => {
-                tracing::error!(error = %e, "requeue failed; the lease will expire");
+        let run_at = Timestamp(now.millis().saturating_add(delay.as_millis() as i64));
+        // A store that does not answer is tried again with backoff (a requeue is a
+        // compare-and-set: one that applied though its answer was lost is refused after).
+        let until = tokio::time::Instant::now() + HAND_BACK_MAX;
+        let mut pause = RETRY_MIN;
+        let mut failed_once = false;
+        loop {
+            let now = self.s.clock.now();
+            let res = self
+                .s
+                .store
+                .session_requeue_if_running(SessionRequeue {
+                    attempt: self.aref.clone(),
+                    spend_attempt: spend,
+                    run_at: if failed_once && !spend { now } else { run_at },
+                    error: error.clone(),
+                    cleanup_after: self.default_timeout(),
+                    now,
+                })
+                .await;
+            match res {
+                Ok(None) if failed_once => {
+                    // Applied by a try whose answer was lost, or taken back meanwhile.
+                    self.say_why_lost().await;
+                    return;
+                }
+                Ok(None) => return,
+                Ok(Some(after)) => {
+                    if failed_once {
+                        crate::store::outage::answered("handing a session back");
+                        tracing::info!(status = %after.status, "the session was handed back now that the store answers");
+                    }
+                    self.s.effects.transitioned(&after);
+                    return;
+                }
+                Err(e) if e.is_unavailable() && !self.s.store.exclusive() => {
+                    crate::store::outage::unavailable("handing a session back", &e);
+                    failed_once = true;
+                    if !self.wait_retry(&mut pause, until).await {
+                        tracing::warn!(error = %e, "the store did not answer for {HAND_BACK_MAX:?}; the session is taken back when its lease expires");
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "requeue failed; the lease will expire");
+                    return;
+                }
             }
         }
     }

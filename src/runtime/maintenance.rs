@@ -70,6 +70,8 @@ pub(crate) struct Maintainer {
     pub default_timeout: Duration,
     /// Fires cron agents' runs.
     pub agents: Arc<dyn AgentRunner>,
+    /// How long recorded events are kept (stores that record events).
+    pub event_retention: Duration,
     /// Where the overdue check goes on at the next tick (a RUNNING-list cursor).
     overdue_cursor: Mutex<Option<String>>,
 }
@@ -93,6 +95,7 @@ impl Maintainer {
             reclaim_backoff,
             default_timeout,
             agents,
+            event_retention: Duration::from_secs(3600),
             overdue_cursor: Mutex::new(None),
         }
     }
@@ -272,10 +275,17 @@ impl Maintenance {
                     })
                     .await;
                 let lead = match elected {
-                    Ok(l) => l,
+                    Ok(l) => {
+                        crate::store::outage::answered("leader election");
+                        l
+                    }
                     Err(e) => {
                         // Cannot tell: act as a follower; the term of a past election runs out.
-                        tracing::warn!(error = %e, "leader election failed; not leading this tick");
+                        if e.is_unavailable() {
+                            crate::store::outage::unavailable("leader election", &e);
+                        } else {
+                            tracing::warn!(error = %e, "leader election failed; not leading this tick");
+                        }
                         false
                     }
                 };
@@ -297,6 +307,9 @@ impl Maintenance {
                 let pass = m.clone();
                 match tokio::spawn(async move { pass.pass().await }).await {
                     Ok(Ok(_)) => {}
+                    Ok(Err(e)) if e.is_unavailable() => {
+                        crate::store::outage::unavailable("maintenance", &e)
+                    }
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "maintenance tick failed; retrying next tick")
                     }
@@ -306,6 +319,11 @@ impl Maintenance {
                 }
                 if let Some(c) = cron.as_mut() {
                     c.sync(&*m.store).await;
+                }
+                match m.store.events_expire(m.event_retention).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(events = n, "removed events past their retention"),
+                    Err(e) => crate::store::outage::unavailable("removing old events", &e),
                 }
             }
             if let Some(c) = cron {

@@ -11,6 +11,7 @@
 mod attempt;
 mod cron;
 mod effects;
+pub mod events;
 mod maintenance;
 mod worker;
 

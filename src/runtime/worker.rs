@@ -217,9 +217,16 @@ async fn claim_loop(s: Arc<WorkerSettings>, mut stop: watch::Receiver<bool>) {
             })
             .await;
         let claimed = match claimed {
-            Ok(c) => c,
+            Ok(c) => {
+                crate::store::outage::answered("claiming sessions");
+                c
+            }
             Err(e) => {
-                tracing::error!(error = %e, "claiming sessions failed; retrying");
+                if e.is_unavailable() {
+                    crate::store::outage::unavailable("claiming sessions", &e);
+                } else {
+                    tracing::error!(error = %e, "claiming sessions failed; retrying");
+                }
                 drop(first);
                 tokio::select! {
                     _ = tokio::time::sleep(poll) => {}

@@ -155,6 +155,9 @@ struct Inner {
     stats: Mutex<StatsCache>,
     /// Permits of config checks (off the runtime, bounded).
     validations: Validations,
+    /// Stops the event feed (stores that record events) when the service shuts down or drops.
+    _events_feed: tokio_util::sync::DropGuard,
+    events_stop: tokio_util::sync::CancellationToken,
 }
 
 /// Stats per scope (a client id, or `None` for everyone's), reused for [`STATS_FRESH`].
@@ -237,8 +240,19 @@ impl HarvestBuilder {
             Some(j) => j,
             None => default_job(&self.config)?,
         };
+        let bus = EventBus::default();
+        let events_stop = tokio_util::sync::CancellationToken::new();
+        if store.events_recorded() {
+            // Every process's bus is fed from the store's log (see `runtime::events`).
+            bus.set_external();
+            tokio::spawn(crate::runtime::events::feed(
+                store.clone(),
+                bus.clone(),
+                events_stop.clone(),
+            ));
+        }
         let effects = Effects::new(
-            EventBus::default(),
+            bus,
             Arc::new(crate::sink::Sinks::new(&self.config)),
             self.observer,
         );
@@ -246,16 +260,21 @@ impl HarvestBuilder {
         let harvest = Harvest {
             inner: Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
                 let agents: Arc<dyn AgentRunner> = Arc::new(CronRunner(weak.clone()));
+                let mut maintainer = Maintainer::new(
+                    store.clone(),
+                    self.clock.clone(),
+                    effects.clone(),
+                    Duration::from_secs(self.config.sessions.maintenance_interval_secs),
+                    Duration::from_millis(self.config.workers.retry_backoff_ms),
+                    default_timeout,
+                    agents,
+                );
+                maintainer.event_retention =
+                    Duration::from_secs(self.config.sessions.event_retention_secs);
                 Inner {
-                    maintainer: Arc::new(Maintainer::new(
-                        store.clone(),
-                        self.clock.clone(),
-                        effects.clone(),
-                        Duration::from_secs(self.config.sessions.maintenance_interval_secs),
-                        Duration::from_millis(self.config.workers.retry_backoff_ms),
-                        default_timeout,
-                        agents,
-                    )),
+                    maintainer: Arc::new(maintainer),
+                    _events_feed: events_stop.clone().drop_guard(),
+                    events_stop,
                     store,
                     job,
                     effects,
@@ -475,6 +494,7 @@ impl Harvest {
         if let Some(m) = maintenance {
             m.shutdown().await;
         }
+        self.inner.events_stop.cancel();
         self.inner.store.close().await?;
         Ok(())
     }
@@ -876,6 +896,32 @@ impl Harvest {
             tracing::info!(session = %id, "records read to the end; removed (remove_after_export)");
         }
         Ok(removed)
+    }
+
+    /// Recorded events after the id `after` (SSE `Last-Event-ID`), oldest first, at most
+    /// `limit`, and whether none between was dropped (past the retention window or the ring).
+    /// See [`crate::event`] for where they come from: this process's ring (sled), or the
+    /// store's log (PostgreSQL).
+    pub async fn events_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<Event>, bool), HarvestError> {
+        if !self.inner.store.events_recorded() {
+            return Ok(self.events().since(after, limit));
+        }
+        let events = self
+            .inner
+            .store
+            .events_after(crate::store::EventsAfter {
+                after,
+                limit: limit.clamp(1, crate::store::EVENTS_PAGE_MAX),
+            })
+            .await?;
+        // The log keeps events for the retention window: when the first one kept is well past
+        // the id asked for, events between were removed (or rolled back: ids can have gaps).
+        let complete = after == 0 || events.first().is_none_or(|e| e.id <= after + 1);
+        Ok((events, complete))
     }
 
     /// Events from now on (created, started, progress, completed, failed, cancelled, requeued,

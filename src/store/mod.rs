@@ -29,6 +29,7 @@ use crate::session::{
 
 pub mod codec;
 mod error;
+pub mod outage;
 pub mod postgres;
 pub mod sled;
 
@@ -581,6 +582,18 @@ pub enum AgentSessions {
     Single,
 }
 
+/// Read a store's event log (see [`Store::events_recorded`]).
+#[derive(Debug, Clone)]
+pub struct EventsAfter {
+    /// Only events with a greater id (0: from the oldest kept).
+    pub after: u64,
+    /// At most this many (1..=10000).
+    pub limit: usize,
+}
+
+/// Most events of one [`Store::events_after`] call.
+pub const EVENTS_PAGE_MAX: usize = 10_000;
+
 /// The storage driver. See the module docs for the rules every method follows.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -722,6 +735,42 @@ pub trait Store: Send + Sync + 'static {
     /// Wait until a session may have become claimable (a submission or requeue, here or, for
     /// shared backends, in another process) or `timeout` passes. Spurious wakeups are allowed.
     async fn pending_wait(&self, timeout: Duration);
+
+    /// Whether the store records every session event itself, with the transition that causes
+    /// it, in one log shared by every process using it (PostgreSQL). Then the runtime feeds each
+    /// process's event bus from [`Store::events_after`] instead of publishing what the process
+    /// does, so every process sees every session's events. `false` (sled): events stay in the
+    /// process's bus.
+    fn events_recorded(&self) -> bool {
+        false
+    }
+
+    /// Recorded events after an id, in id order (ids increase in the order the transitions'
+    /// events were written; a gap is an event whose transaction has not committed yet, or never
+    /// will). Each event carries the session as the transition left it; `None` when it can no
+    /// longer be rebuilt (its session was removed and replaced since). Empty for a store that
+    /// records none.
+    async fn events_after(&self, _p: EventsAfter) -> StoreResult<Vec<crate::event::Event>> {
+        Ok(Vec::new())
+    }
+
+    /// The id of the newest recorded event (0: none); a reader starts after it to see events
+    /// from now on.
+    async fn events_last_id(&self) -> StoreResult<u64> {
+        Ok(0)
+    }
+
+    /// Wait until an event may have been recorded (here or in another process) or `timeout`
+    /// passes. Spurious wakeups are allowed.
+    async fn events_wait(&self, timeout: Duration) {
+        tokio::time::sleep(timeout).await;
+    }
+
+    /// Remove recorded events older than `retention` (by the store's own clock: the events are
+    /// stamped by the database when written); returns how many.
+    async fn events_expire(&self, _retention: Duration) -> StoreResult<u64> {
+        Ok(0)
+    }
 
     /// Make every acknowledged write durable and release resources.
     async fn close(&self) -> StoreResult<()>;

@@ -143,3 +143,76 @@ async fn a_cancelled_session_stream_ends_with_cancelled_and_unknown_is_404() {
         .await
         .assert_error(400, "invalid_request");
 }
+
+/// sled keeps the process's recent events in memory: a client that reconnects with
+/// `Last-Event-ID` gets the events after that id, in order, none twice, then the live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_event_id_replays_the_missed_events_then_the_live_ones() {
+    let s = start(CONFIG).await;
+    let mut all = SseReader::open(&s, "/v1/events", None).await;
+    s.submit(
+        json!({"config": {"name": "x", "records": 20, "per_checkpoint": 5}, "session_id": "a"}),
+    )
+    .await;
+    let mut before = Vec::new();
+    loop {
+        let e = all.next(T).await.expect("event");
+        assert!(e.id.is_some(), "every event has an id: {e:?}");
+        let started = e.event == "started";
+        before.push(e);
+        if started {
+            break;
+        }
+    }
+    let last = before.last().and_then(|e| e.id).expect("id");
+    drop(all);
+    // Missed while disconnected: the rest of a, all of b.
+    s.submit(json!({"config": {"name": "x", "records": 3}, "session_id": "b"}))
+        .await;
+    s.wait_terminal("a").await;
+    s.wait_terminal("b").await;
+    let mut resumed = SseReader::open_after(&s, "/v1/events", None, Some(last)).await;
+    let mut replayed = Vec::new();
+    while !(replayed
+        .iter()
+        .any(|e: &crate::api_support::Sse| e.event == "completed" && e.data["session_id"] == "a")
+        && replayed
+            .iter()
+            .any(|e| e.event == "completed" && e.data["session_id"] == "b"))
+    {
+        replayed.push(resumed.next(T).await.expect("replayed event"));
+    }
+    let ids: Vec<u64> = replayed.iter().map(|e| e.id.expect("id")).collect();
+    assert!(
+        ids[0] > last && ids.windows(2).all(|w| w[0] < w[1]),
+        "{ids:?}"
+    );
+    let of = |who: &str| -> Vec<String> {
+        replayed
+            .iter()
+            .filter(|e| e.data["session_id"] == who && e.event != "progress")
+            .map(|e| e.event.clone())
+            .collect()
+    };
+    assert_eq!(of("a"), ["completed"]);
+    assert_eq!(of("b"), ["created", "started", "completed"]);
+    // Then the live ones.
+    s.submit(json!({"config": {"name": "x", "records": 1}, "session_id": "c"}))
+        .await;
+    let live = resumed.next(T).await.expect("live event");
+    assert_eq!(
+        (live.event.as_str(), &live.data["session_id"]),
+        ("created", &json!("c"))
+    );
+    assert!(live.id > ids.last().copied());
+
+    // An id that is not one is refused.
+    let bad = s
+        .http
+        .get(format!("{}/v1/events", s.base))
+        .header("Last-Event-ID", "yesterday")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(bad.status(), 400);
+}

@@ -274,6 +274,8 @@ pub async fn into_resp(resp: reqwest::Response) -> Resp {
 /// One parsed Server-Sent Event.
 #[derive(Debug, Clone)]
 pub struct Sse {
+    /// The `id:` field, if any.
+    pub id: Option<u64>,
     pub event: String,
     pub data: Value,
 }
@@ -287,9 +289,22 @@ pub struct SseReader {
 impl SseReader {
     /// Opens an event stream; panics unless it answers 200 text/event-stream.
     pub async fn open(server: &TestServer, path: &str, token: Option<&str>) -> SseReader {
+        SseReader::open_after(server, path, token, None).await
+    }
+
+    /// Opens an event stream with `Last-Event-ID: last_id`.
+    pub async fn open_after(
+        server: &TestServer,
+        path: &str,
+        token: Option<&str>,
+        last_id: Option<u64>,
+    ) -> SseReader {
         let mut req = server.http.get(format!("{}{path}", server.base));
         if let Some(t) = token {
             req = req.bearer_auth(t);
+        }
+        if let Some(id) = last_id {
+            req = req.header("Last-Event-ID", id.to_string());
         }
         let resp = req.send().await.expect("sse request sent");
         assert_eq!(resp.status(), StatusCode::OK, "sse {path}");
@@ -315,8 +330,11 @@ impl SseReader {
                     let block: String = self.buf.drain(..pos + 2).collect();
                     let mut event = String::from("message");
                     let mut data = String::new();
+                    let mut id = None;
                     for line in block.lines() {
-                        if let Some(v) = line.strip_prefix("event:") {
+                        if let Some(v) = line.strip_prefix("id:") {
+                            id = v.trim().parse().ok();
+                        } else if let Some(v) = line.strip_prefix("event:") {
                             event = v.trim().to_string();
                         } else if let Some(v) = line.strip_prefix("data:") {
                             data.push_str(v.trim_start());
@@ -326,7 +344,7 @@ impl SseReader {
                         continue;
                     }
                     let data = serde_json::from_str(&data).expect("event data is JSON");
-                    return Some(Sse { event, data });
+                    return Some(Sse { id, event, data });
                 }
                 match self.stream.next().await {
                     Some(Ok(b)) => self.buf.push_str(&String::from_utf8_lossy(&b)),

@@ -22,6 +22,8 @@ mod listeners;
 mod messages;
 mod metrics;
 mod multiprocess;
+mod netns;
+mod outage;
 mod proc;
 mod regressions;
 mod resume_crash;

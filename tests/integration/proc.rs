@@ -29,8 +29,77 @@ impl Server {
         Server::spawn("worker", data_dir, workers, extra_env)
     }
 
+    /// Starts `harvest serve` and returns once it listens, before its store is open (with
+    /// PostgreSQL it listens first and answers 503 until the database answers).
+    pub fn start_unready(data_dir: &Path, workers: usize, extra_env: &[(&str, &str)]) -> Server {
+        Server::spawn_until("serve", data_dir, workers, extra_env, false)
+    }
+
+    /// Starts `harvest worker` and returns at once (it may be waiting for its database).
+    pub fn start_worker_unready(
+        data_dir: &Path,
+        workers: usize,
+        extra_env: &[(&str, &str)],
+    ) -> Server {
+        Server::spawn_until("worker", data_dir, workers, extra_env, false)
+    }
+
+    /// Waits (at most `limit`) for a log line containing `needle`; the lines read meanwhile
+    /// are dropped. `false` when none came.
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self._log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     fn spawn(command: &str, data_dir: &Path, workers: usize, extra_env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harvest"));
+        Server::spawn_until(command, data_dir, workers, extra_env, true)
+    }
+
+    /// Starts `harvest worker` inside the network namespace `netns` (`ip netns exec`, which
+    /// execs the binary: the child is the worker) and waits until it has started.
+    pub fn start_worker_in_netns(
+        netns: &str,
+        data_dir: &Path,
+        workers: usize,
+        extra_env: &[(&str, &str)],
+    ) -> Server {
+        Server::spawn_in("worker", Some(netns), data_dir, workers, extra_env, true)
+    }
+
+    /// Spawns; with `ready`, waits until it has started (serve: also until it listens).
+    fn spawn_until(
+        command: &str,
+        data_dir: &Path,
+        workers: usize,
+        extra_env: &[(&str, &str)],
+        ready: bool,
+    ) -> Server {
+        Server::spawn_in(command, None, data_dir, workers, extra_env, ready)
+    }
+
+    fn spawn_in(
+        command: &str,
+        netns: Option<&str>,
+        data_dir: &Path,
+        workers: usize,
+        extra_env: &[(&str, &str)],
+        ready: bool,
+    ) -> Server {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_harvest")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_harvest")),
+        };
         cmd.arg(command);
         if command == "serve" {
             cmd.args(["--bind", "127.0.0.1:0"]);
@@ -55,8 +124,16 @@ impl Server {
                 }
             }
         });
+        if !ready && command == "worker" {
+            return Server {
+                child,
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                _log: rx,
+            };
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut seen = Vec::new();
+        let mut addr: Option<SocketAddr> = None;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
@@ -68,13 +145,28 @@ impl Server {
                             _log: rx,
                         };
                     }
-                    if let Some(rest) = line.split("listening addr=").nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap_or_default();
-                        let addr: SocketAddr = addr.parse().expect("address in the listening line");
+                    if addr.is_none()
+                        && let Some(rest) = line.split("listening addr=").nth(1)
+                    {
+                        let a = rest.split_whitespace().next().unwrap_or_default();
+                        addr = Some(a.parse().expect("address in the listening line"));
+                    }
+                    // serve listens first, then opens its store (PostgreSQL) and says it
+                    // started; sled opens first. Ready once both are seen.
+                    if let Some(a) = addr
+                        && (!ready || line.contains("harvest started") || seen_started(&seen))
+                    {
+                        // The lines from "listening" on stay readable (tests look for them).
+                        let from = seen
+                            .iter()
+                            .position(|l| l.contains("listening addr="))
+                            .unwrap_or(seen.len());
+                        let mut kept: Vec<String> = seen.split_off(from);
+                        kept.push(line);
                         return Server {
                             child,
-                            addr,
-                            _log: rx,
+                            addr: a,
+                            _log: replay_then(kept, rx),
                         };
                     }
                     seen.push(line);
@@ -121,6 +213,26 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A receiver that yields `first`, then whatever `rest` receives.
+fn replay_then(first: Vec<String>, rest: mpsc::Receiver<String>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    for line in first {
+        let _ = tx.send(line);
+    }
+    std::thread::spawn(move || {
+        for line in rest {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn seen_started(lines: &[String]) -> bool {
+    lines.iter().any(|l| l.contains("harvest started"))
 }
 
 impl Drop for Server {

@@ -654,7 +654,10 @@ async fn migration_6_keeps_version_5_data_in_the_single_namespace() {
          ALTER TABLE {s}.seen DROP CONSTRAINT seen_pkey, DROP COLUMN tenant, ADD PRIMARY KEY (session_id, url);
          ALTER TABLE {s}.log DROP CONSTRAINT log_pkey, DROP COLUMN tenant, ADD PRIMARY KEY (session_id, id);
          ALTER TABLE {s}.context DROP CONSTRAINT context_pkey, DROP COLUMN tenant, ADD PRIMARY KEY (session_id);
-         DELETE FROM {s}.harvest_schema_version WHERE version = 6;"
+         DROP TRIGGER sessions_events ON {s}.sessions;
+         DROP FUNCTION {s}.harvest_session_event();
+         DROP TABLE {s}.events;
+         DELETE FROM {s}.harvest_schema_version WHERE version >= 6;"
     ))
     .await
     .expect("downgrade to version 5");
@@ -696,4 +699,137 @@ async fn migration_6_keeps_version_5_data_in_the_single_namespace() {
             .unwrap()
             .is_some()
     );
+}
+
+/// Every transition records its event in the same transaction, in order, with the session as
+/// the transition left it; a heartbeat records none. Events older than the retention go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transitions_record_their_events_in_order() {
+    use harvest::event::EventKind;
+    use harvest::store::{
+        AttemptRef, CheckpointBatch, CheckpointCommit, EventsAfter, SessionFinish, SessionHeartbeat,
+    };
+    let Some(url) = database_url() else { return };
+    let (store, _guard) = fresh(&url).await;
+    let store: Arc<dyn Store> = Arc::new(store);
+    assert!(store.events_recorded());
+    let start = store.events_last_id().await.expect("last id");
+    insert(&store, session("ev")).await;
+    let s = crate::store_conformance::claim(&store, "w", 1, at(1))
+        .await
+        .remove(0);
+    let aref = AttemptRef {
+        id: s.key(),
+        attempt: s.attempt,
+        owner: "w".into(),
+    };
+    store
+        .session_heartbeat_if_running(SessionHeartbeat {
+            attempt: aref.clone(),
+            lease: Duration::from_secs(30),
+            now: at(2),
+        })
+        .await
+        .expect("heartbeat");
+    store
+        .checkpoint_commit_if_running(CheckpointCommit {
+            attempt: aref.clone(),
+            batch: CheckpointBatch {
+                records: vec![serde_json::json!({"n": 1})],
+                ..Default::default()
+            },
+            lease: Duration::from_secs(30),
+            now: at(3),
+        })
+        .await
+        .expect("checkpoint")
+        .expect("applied");
+    store
+        .session_finish_if_running(SessionFinish {
+            attempt: aref,
+            status: SessionStatus::Completed,
+            error: None,
+            batch: CheckpointBatch::default(),
+            cleanup_after: Duration::from_secs(60),
+            now: at(4),
+        })
+        .await
+        .expect("finish")
+        .expect("applied");
+    store.session_remove(&s.key()).await.expect("remove");
+    let events = store
+        .events_after(EventsAfter {
+            after: start,
+            limit: 100,
+        })
+        .await
+        .expect("events");
+    let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Created,
+            EventKind::Started,
+            EventKind::Progress,
+            EventKind::Completed,
+            EventKind::Removed
+        ]
+    );
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    let status: Vec<Option<SessionStatus>> = events
+        .iter()
+        .map(|e| e.session.as_ref().map(|s| s.status))
+        .collect();
+    // Each as its transition left it; `removed` carries the session as it was (with its spec),
+    // the others lost theirs with the row (their spec is read from the live row).
+    assert_eq!(status[4], Some(SessionStatus::Completed));
+    assert!(status[..4].iter().all(Option::is_none), "{status:?}");
+    assert_eq!(events[4].session.as_ref().map(|s| s.records), Some(1));
+    assert!(events.iter().all(|e| e.session_id.as_str() == "ev"));
+
+    // While the session lives, each event carries the session as it was then.
+    insert(&store, session("live")).await;
+    let c = crate::store_conformance::claim(&store, "w", 1, at(5))
+        .await
+        .remove(0);
+    let events = store
+        .events_after(EventsAfter {
+            after: events[4].id,
+            limit: 100,
+        })
+        .await
+        .expect("events");
+    let got: Vec<(EventKind, Option<SessionStatus>, Option<u32>)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.kind,
+                e.session.as_ref().map(|s| s.status),
+                e.session.as_ref().map(|s| s.attempt),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (EventKind::Created, Some(SessionStatus::Pending), Some(0)),
+            (
+                EventKind::Started,
+                Some(SessionStatus::Running),
+                Some(c.attempt)
+            ),
+        ]
+    );
+    assert_eq!(
+        store
+            .events_expire(Duration::from_secs(3600))
+            .await
+            .expect("expire"),
+        0
+    );
+    assert_eq!(
+        store.events_expire(Duration::ZERO).await.expect("expire"),
+        7
+    );
+    assert_eq!(store.events_last_id().await.expect("last"), 0);
 }

@@ -25,6 +25,10 @@ pub(crate) const PENDING_CHANNEL: &str = "harvest_pending";
 /// The channel a cancel of a RUNNING session notifies, with `schema:session id` as payload.
 pub(crate) const CANCEL_CHANNEL: &str = "harvest_cancel";
 
+/// The channel the store notifies after a transition recorded events (see `events.rs`), with
+/// the schema name as payload.
+pub(crate) const EVENTS_CHANNEL: &str = "harvest_events";
+
 /// First and largest pause between reconnect attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -41,17 +45,16 @@ pub(crate) async fn run(
     config: tokio_postgres::Config,
     schema: String,
     notify: Arc<Notify>,
+    events: Arc<Notify>,
     cancels: broadcast::Sender<SessionKey>,
     ready: watch::Sender<bool>,
     stop: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
     while !stop.is_cancelled() {
-        match listen_once(&config, &schema, &notify, &cancels, &ready, &stop).await {
+        match listen_once(&config, &schema, &notify, &events, &cancels, &ready, &stop).await {
             Ok(()) => backoff = BACKOFF_MIN,
-            Err(e) => {
-                tracing::warn!(error = %e, "harvest: PostgreSQL listener connection failed; reconnecting");
-            }
+            Err(e) => crate::store::outage::unavailable("listening for notifications", &e),
         }
         ready.send_replace(false);
         // Jitter spreads the reconnects of many processes after a server restart.
@@ -69,6 +72,7 @@ async fn listen_once(
     config: &tokio_postgres::Config,
     schema: &str,
     notify: &Arc<Notify>,
+    events: &Arc<Notify>,
     cancels: &broadcast::Sender<SessionKey>,
     ready: &watch::Sender<bool>,
     stop: &CancellationToken,
@@ -78,6 +82,7 @@ async fn listen_once(
     let (closed_tx, mut closed_rx) =
         tokio::sync::oneshot::channel::<Option<tokio_postgres::Error>>();
     let forward = Arc::clone(notify);
+    let forward_events = Arc::clone(events);
     let schema_owned = schema.to_string();
     let driver = tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -93,6 +98,11 @@ async fn listen_once(
                         let _ = cancels.send(id);
                     }
                 }
+                Ok(AsyncMessage::Notification(n))
+                    if n.channel() == EVENTS_CHANNEL && n.payload() == schema_owned =>
+                {
+                    wake(&forward_events)
+                }
                 Ok(AsyncMessage::Notification(n)) if n.payload() == schema_owned => wake(&forward),
                 Ok(_) => {}
                 Err(e) => {
@@ -107,12 +117,15 @@ async fn listen_once(
     let result = async {
         client
             .batch_execute(&format!(
-                "LISTEN {PENDING_CHANNEL}; LISTEN {CANCEL_CHANNEL}"
+                "LISTEN {PENDING_CHANNEL}; LISTEN {CANCEL_CHANNEL}; LISTEN {EVENTS_CHANNEL}"
             ))
             .await?;
         ready.send_replace(true);
-        // Anything submitted while we were not listening would otherwise wait for a timeout.
+        crate::store::outage::answered("listening for notifications");
+        // Anything submitted (or any event) while we were not listening would otherwise wait
+        // for a timeout.
         wake(notify);
+        wake(events);
         tokio::select! {
             () = stop.cancelled() => Ok(()),
             end = &mut closed_rx => match end {
@@ -137,6 +150,7 @@ async fn listen_once(
 /// NOTIFY costs other processes at most their poll interval.
 pub(crate) async fn announce(
     pool: deadpool_postgres::Pool,
+    channel: &'static str,
     schema: String,
     signal: Arc<Notify>,
     stop: CancellationToken,
@@ -152,13 +166,13 @@ pub(crate) async fn announce(
         let sent = async {
             let client = pool.get().await.map_err(|e| e.to_string())?;
             client
-                .execute("SELECT pg_notify($1, $2)", &[&PENDING_CHANNEL, &schema])
+                .execute("SELECT pg_notify($1, $2)", &[&channel, &schema])
                 .await
                 .map_err(|e| e.to_string())
         }
         .await;
         if let Err(e) = sent {
-            tracing::warn!(error = %e, "harvest: could not NOTIFY {PENDING_CHANNEL}; other processes will find new sessions at their next poll");
+            crate::store::outage::unavailable("NOTIFY to other processes", &e);
         }
     }
 }

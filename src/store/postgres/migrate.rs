@@ -42,6 +42,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 6,
         sql: include_str!("../../../migrations/0006_tenant_keys.sql"),
     },
+    Migration {
+        version: 7,
+        sql: include_str!("../../../migrations/0007_events.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

@@ -27,6 +27,7 @@
 mod agents;
 mod checkpoint;
 mod crawl;
+mod events;
 mod listen;
 mod migrate;
 mod records;
@@ -71,6 +72,10 @@ const POOL_SIZE: usize = 16;
 const POOL_WAIT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the server lets a connection of this store sit idle inside a transaction before
+/// it ends the session (and its locks): see `connect_with_schema`.
+const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The schema [`PostgresStore::connect`] uses.
 pub const DEFAULT_SCHEMA: &str = "public";
 
@@ -80,6 +85,10 @@ pub struct PostgresStore {
     schema: String,
     notify: Arc<Notify>,
     announce: Arc<Notify>,
+    /// Woken when an event may have been recorded (here, or NOTIFY harvest_events).
+    events_notify: Arc<Notify>,
+    /// Has the announcer send `NOTIFY harvest_events`.
+    events_announce: Arc<Notify>,
     listener_ready: watch::Receiver<bool>,
     stop: CancellationToken,
     /// The listener and the announcer; awaited by `close`.
@@ -123,7 +132,15 @@ impl PostgresStore {
         })?;
         // A startup option, not a `SET` after connect: it holds for every connection the pool
         // ever opens, including ones replaced after a network failure.
-        config.options(format!("-c search_path={schema}"));
+        // `idle_in_transaction_session_timeout`: a process cut off from the database in the
+        // middle of a transaction (a network partition) would otherwise keep its row locks until
+        // the server's TCP keepalive gives up (hours), and maintenance, which skips locked rows,
+        // could not take its sessions back; every transaction here sends its statements back to
+        // back, so none is idle for long on its own.
+        config.options(format!(
+            "-c search_path={schema} -c idle_in_transaction_session_timeout={}",
+            IDLE_IN_TRANSACTION_TIMEOUT.as_millis()
+        ));
         config.connect_timeout(CONNECT_TIMEOUT);
         if config.get_application_name().is_none() {
             config.application_name("harvest");
@@ -162,10 +179,12 @@ impl PostgresStore {
         // pg_stat_activity; the server truncates it to 63 bytes.
         listen_config.application_name(format!("harvest-listener {schema}"));
         let cancels = tokio::sync::broadcast::channel(1024).0;
+        let events_notify = Arc::new(Notify::new());
         let listener = tokio::spawn(listen::run(
             listen_config,
             schema.to_string(),
             Arc::clone(&notify),
+            Arc::clone(&events_notify),
             cancels.clone(),
             ready_tx,
             stop.clone(),
@@ -173,8 +192,17 @@ impl PostgresStore {
         let announce = Arc::new(Notify::new());
         let announcer = tokio::spawn(listen::announce(
             pool.clone(),
+            listen::PENDING_CHANNEL,
             schema.to_string(),
             Arc::clone(&announce),
+            stop.clone(),
+        ));
+        let events_announce = Arc::new(Notify::new());
+        let events_announcer = tokio::spawn(listen::announce(
+            pool.clone(),
+            listen::EVENTS_CHANNEL,
+            schema.to_string(),
+            Arc::clone(&events_announce),
             stop.clone(),
         ));
         Ok(PostgresStore {
@@ -182,9 +210,11 @@ impl PostgresStore {
             schema: schema.to_string(),
             notify,
             announce,
+            events_notify,
+            events_announce,
             listener_ready: ready_rx,
             stop,
-            tasks: Mutex::new(vec![listener, announcer]),
+            tasks: Mutex::new(vec![listener, announcer, events_announcer]),
             cancels,
             quotas: std::sync::RwLock::new(crate::store::Quotas::default()),
         })
@@ -221,6 +251,16 @@ impl PostgresStore {
         listen::wake(&self.notify);
         self.announce.notify_one();
     }
+
+    /// A transition may have recorded events (the trigger wrote them in its transaction):
+    /// wakes this process's reader and has the announcer NOTIFY the others. Called after every
+    /// write that can change a session, whatever its result (a failed call may still have
+    /// committed; a spurious wakeup costs one read).
+    fn event_written<T>(&self, r: StoreResult<T>) -> StoreResult<T> {
+        listen::wake(&self.events_notify);
+        self.events_announce.notify_one();
+        r
+    }
 }
 
 #[async_trait]
@@ -230,7 +270,8 @@ impl Store for PostgresStore {
     }
 
     async fn session_insert(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
-        self.insert_session(p).await
+        let r = self.insert_session(p).await;
+        self.event_written(r)
     }
 
     async fn session_insert_many(
@@ -249,7 +290,8 @@ impl Store for PostgresStore {
     }
 
     async fn session_claim(&self, p: SessionClaim) -> StoreResult<Vec<Session>> {
-        self.claim_sessions(p).await
+        let r = self.claim_sessions(p).await;
+        self.event_written(r)
     }
 
     async fn session_heartbeat_if_running(
@@ -263,27 +305,33 @@ impl Store for PostgresStore {
         &self,
         p: CheckpointCommit,
     ) -> StoreResult<Option<Session>> {
-        self.commit_checkpoint(p).await
+        let r = self.commit_checkpoint(p).await;
+        self.event_written(r)
     }
 
     async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
-        self.finish_session(p).await
+        let r = self.finish_session(p).await;
+        self.event_written(r)
     }
 
     async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<Option<Session>> {
-        self.requeue_session(p).await
+        let r = self.requeue_session(p).await;
+        self.event_written(r)
     }
 
     async fn leases_reclaim(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>> {
-        self.reclaim_leases(p).await
+        let r = self.reclaim_leases(p).await;
+        self.event_written(r)
     }
 
     async fn session_cancel(&self, p: SessionCancel) -> StoreResult<CancelOutcome> {
-        self.cancel_session(p).await
+        let r = self.cancel_session(p).await;
+        self.event_written(r)
     }
 
     async fn session_remove(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
-        self.remove_session(id).await
+        let r = self.remove_session(id).await;
+        self.event_written(r)
     }
 
     async fn records_remove(&self, p: RecordsRemove) -> StoreResult<Option<Session>> {
@@ -291,7 +339,8 @@ impl Store for PostgresStore {
     }
 
     async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {
-        self.expire_sessions(p).await
+        let r = self.expire_sessions(p).await;
+        self.event_written(r)
     }
 
     async fn records_page(&self, p: RecordsPage) -> StoreResult<Vec<Record>> {
@@ -360,6 +409,29 @@ impl Store for PostgresStore {
     fn quotas_set(&self, q: crate::store::Quotas) -> StoreResult<()> {
         *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = q;
         Ok(())
+    }
+
+    fn events_recorded(&self) -> bool {
+        true
+    }
+
+    async fn events_after(
+        &self,
+        p: crate::store::EventsAfter,
+    ) -> StoreResult<Vec<crate::event::Event>> {
+        self.read_events(p).await
+    }
+
+    async fn events_last_id(&self) -> StoreResult<u64> {
+        self.last_event_id().await
+    }
+
+    async fn events_wait(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.events_notify.notified()).await;
+    }
+
+    async fn events_expire(&self, retention: Duration) -> StoreResult<u64> {
+        self.expire_events(retention).await
     }
 
     async fn close(&self) -> StoreResult<()> {

@@ -1,0 +1,117 @@
+//! The event feed: when the store records events ([`Store::events_recorded`]), one task per
+//! process reads the store's log in id order and delivers it to the process's event bus, so
+//! every process's subscribers (SSE streams, the library's subscription) see every session's
+//! events, whichever process made them, in order per session.
+//!
+//! It starts after the newest event at start (subscribers see events from then on; older ones
+//! are read from the store by `Last-Event-ID` resume). It wakes on the store's signal and
+//! polls at least every [`POLL`] (a notification lost in an outage costs at most that). After
+//! a failed read it continues from the last id it delivered, so nothing is missed across an
+//! outage. A gap in the ids (an event whose transaction has not committed yet) is waited for
+//! up to [`GAP_GRACE`]: ids are taken when the transition writes its event, so a later id can
+//! become visible first; after the grace the missing id is taken as rolled back and skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::EventBus;
+use crate::store::{EVENTS_PAGE_MAX, EventsAfter, Store};
+
+/// Longest wait for a notification before reading anyway.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// How long a gap in the ids is waited for before it is skipped.
+pub const GAP_GRACE: Duration = Duration::from_secs(3);
+
+/// Pause after a failed read.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// Reads the store's log into `bus` until `stop`.
+pub async fn feed(store: Arc<dyn Store>, bus: EventBus, stop: CancellationToken) {
+    const WHAT: &str = "reading session events";
+    let mut last = loop {
+        match store.events_last_id().await {
+            Ok(id) => break id,
+            Err(e) => {
+                crate::store::outage::unavailable(WHAT, &e);
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
+    };
+    // The first missing id and since when it is missed.
+    let mut gap: Option<(u64, Instant)> = None;
+    while !stop.is_cancelled() {
+        let events = match store
+            .events_after(EventsAfter {
+                after: last,
+                limit: 1000.min(EVENTS_PAGE_MAX),
+            })
+            .await
+        {
+            Ok(events) => {
+                crate::store::outage::answered(WHAT);
+                events
+            }
+            Err(e) => {
+                if e.is_unavailable() {
+                    crate::store::outage::unavailable(WHAT, &e);
+                } else {
+                    tracing::error!(error = %e, "reading session events failed; retrying");
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(RETRY) => {}
+                }
+                continue;
+            }
+        };
+        let full = events.len() >= 1000;
+        let mut waiting = false;
+        for e in events {
+            if e.id > last + 1 {
+                let now = Instant::now();
+                match gap {
+                    Some((missing, since))
+                        if missing == last + 1 && now.duration_since(since) >= GAP_GRACE =>
+                    {
+                        tracing::debug!(
+                            from = last + 1,
+                            to = e.id - 1,
+                            "event ids never committed; skipping them"
+                        );
+                    }
+                    Some((missing, _)) if missing == last + 1 => {
+                        waiting = true;
+                        break;
+                    }
+                    _ => {
+                        gap = Some((last + 1, now));
+                        waiting = true;
+                        break;
+                    }
+                }
+            }
+            gap = None;
+            last = e.id;
+            bus.feed(e);
+        }
+        if full && !waiting {
+            continue;
+        }
+        let pause = if waiting {
+            Duration::from_millis(50)
+        } else {
+            POLL
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = store.events_wait(pause) => {}
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The event log (`migrations/0007_events.sql`): rows written by a trigger on `sessions` in the
+//! transaction of each transition, read here in id order and rebuilt into [`Event`]s.
+//!
+//! A row keeps the session as the transition left it, without its immutable `spec` (except for
+//! `removed`); the spec comes from the live row of the same session instance (same `seq`). When
+//! that row is gone, the event carries no session.
+
+use std::time::Duration;
+
+use super::rows::{SESSION_COLUMNS, row_get, session_from_row, to_i64, to_u64};
+use super::{PostgresStore, db_err};
+use crate::event::{Event, EventKind};
+use crate::session::SessionId;
+use crate::store::{EVENTS_PAGE_MAX, EventsAfter, StoreError, StoreResult};
+
+/// `SESSION_COLUMNS` read from the event's row `r`, the spec from it or the live row `s`.
+fn event_columns() -> String {
+    SESSION_COLUMNS
+        .split(',')
+        .map(str::trim)
+        .map(|c| {
+            if c == "spec" {
+                "coalesce(r.spec, s.spec)".to_string()
+            } else {
+                format!("r.{c}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl PostgresStore {
+    pub(super) async fn read_events(&self, p: EventsAfter) -> StoreResult<Vec<Event>> {
+        if p.limit == 0 || p.limit > EVENTS_PAGE_MAX {
+            return Err(StoreError::Invalid(format!(
+                "events limit {} is out of range; use 1 to {EVENTS_PAGE_MAX}",
+                p.limit
+            )));
+        }
+        let after = to_i64(p.after, "after")?;
+        let limit = p.limit as i64;
+        let client = self.client().await?;
+        let columns = event_columns();
+        let n = SESSION_COLUMNS.split(',').count();
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {columns}, e.id, e.kind, e.session_id, e.client_id, \
+                 coalesce(e.session->>'tenant', '') \
+                 FROM events e \
+                 CROSS JOIN LATERAL jsonb_populate_record(NULL::sessions, e.session) r \
+                 LEFT JOIN sessions s ON s.seq = r.seq \
+                 WHERE e.id > $1 ORDER BY e.id LIMIT $2"
+            ))
+            .await
+            .map_err(db_err("preparing an events read"))?;
+        let rows = client
+            .query(&stmt, &[&after, &limit])
+            .await
+            .map_err(db_err("reading events"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id = to_u64(row_get::<i64>(row, n, "events/id")?, "events.id")?;
+            let key = format!("events/{id}");
+            let kind: EventKind =
+                row_get::<String>(row, n + 1, &key)?
+                    .parse()
+                    .map_err(|reason| StoreError::Corrupt {
+                        key: key.clone(),
+                        reason,
+                    })?;
+            let raw_id: String = row_get(row, n + 2, &key)?;
+            let session_id = SessionId::parse(&raw_id).map_err(|e| StoreError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
+            let client_id: String = row_get(row, n + 3, &key)?;
+            let tenant: String = row_get(row, n + 4, &key)?;
+            // No spec: the session was removed (and maybe replaced) before this read.
+            let spec_missing = row
+                .try_get::<_, Option<Vec<u8>>>(spec_index())
+                .ok()
+                .flatten()
+                .is_none();
+            let session = if spec_missing {
+                None
+            } else {
+                match session_from_row(row) {
+                    Ok(s) => Some(Box::new(s)),
+                    Err(e) => {
+                        tracing::debug!(event = id, error = %e, "event's session cannot be rebuilt");
+                        None
+                    }
+                }
+            };
+            out.push(Event {
+                id,
+                kind,
+                session_id,
+                tenant: Some(tenant).filter(|t| !t.is_empty()),
+                client_id,
+                session,
+            });
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn last_event_id(&self) -> StoreResult<u64> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT coalesce(max(id), 0) FROM events", &[])
+            .await
+            .map_err(db_err("reading the last event id"))?;
+        to_u64(row_get::<i64>(&row, 0, "events")?, "events.id")
+    }
+
+    pub(super) async fn expire_events(&self, retention: Duration) -> StoreResult<u64> {
+        let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "DELETE FROM events WHERE at < clock_timestamp() - $1::bigint * interval '1 millisecond'",
+                &[&ms],
+            )
+            .await
+            .map_err(db_err("removing old events"))?;
+        Ok(n)
+    }
+}
+
+/// Position of `spec` in `SESSION_COLUMNS`.
+fn spec_index() -> usize {
+    SESSION_COLUMNS
+        .split(',')
+        .map(str::trim)
+        .position(|c| c == "spec")
+        .unwrap_or(0)
+}
