@@ -344,7 +344,18 @@ async fn records_go_after_a_file_export_and_the_status_stays() {
     let s = terminal(&http, &api, &id).await;
     assert_eq!(s["status"], "COMPLETED", "{s}");
     assert_eq!(s["records"], 12, "{s}");
-    assert_eq!(s["records_held"], 0, "{s}");
+    // The removal follows the export, which follows the end: moments after it, not with it.
+    let s = wait_until(
+        &http,
+        &api,
+        &id,
+        Duration::from_secs(15),
+        "the internal records to go",
+        |s| s["records_held"] == 0,
+    )
+    .await;
+    assert_eq!(s["status"], "COMPLETED", "{s}");
+    assert_eq!(s["records"], 12, "{s}");
     let file = exports.join(format!("_/{id}.jsonl"));
     let lines = std::fs::read_to_string(&file)
         .unwrap_or_else(|e| panic!("{}: {e}", file.display()))

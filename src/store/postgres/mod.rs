@@ -28,6 +28,7 @@ mod agents;
 mod checkpoint;
 mod crawl;
 mod events;
+mod insert;
 mod listen;
 mod migrate;
 mod records;

@@ -237,7 +237,7 @@ mod fuzz {
             let (ka, kb_) = (k_lease(Timestamp(a), &k), k_lease(Timestamp(b), &k));
             prop_assert_eq!(a.cmp(&b), ka.cmp(&kb_));
             // `upto(t)` bounds every key at or before t, and no key after it.
-            let bound = upto(&[b'L'], Timestamp(b));
+            let bound = upto(b"L", Timestamp(b));
             prop_assert_eq!(ka < bound, a <= b);
         }
 

@@ -70,6 +70,7 @@
 mod agents;
 mod durability;
 mod frontier;
+mod insert;
 mod keys;
 mod migrate;
 mod pidfile;

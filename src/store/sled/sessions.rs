@@ -1,6 +1,5 @@
-//! Sessions (`S`) and their index keys (`W`, `P`, `G`, `C`, `A`, `T`, `Y`, `L`, `X`): insert,
-//! claim, every transition of a running attempt, cancel, removal (`Z` until its data is purged)
-//! and expiry, listings and counts. Every transition is a read-check-write under the store mutex
+//! Sessions (`S`) and their index keys (`W`, `P`, `G`, `C`, `A`, `T`, `Y`, `L`, `X`): claim, every transition of a running attempt, cancel, removal (`Z` until its data is purged)
+//! and expiry, listings and counts (inserts are in `insert.rs`). Every transition is a read-check-write under the store mutex
 //! that stages the session's new value and index changes into one [`Batch`].
 //!
 //! # Claims
@@ -17,17 +16,17 @@ use sled::IVec;
 
 use super::durability::Batch;
 use super::keys::{
-    active_prefix, data_prefix, id_after, k_active, k_agent, k_cleanup, k_client, k_global,
-    k_lease, k_pending, k_pending_of, k_session, k_status, k_tombstone, k_wait, lp_prefix, newest,
-    show_key, status_prefix, upto,
+    data_prefix, id_after, k_active, k_agent, k_cleanup, k_client, k_global, k_lease, k_pending,
+    k_pending_of, k_session, k_status, k_tombstone, k_wait, lp_prefix, newest, show_key,
+    status_prefix, upto,
 };
 use super::{COUNTERS_KEY, Counters, SledStore, blocking, sled_err};
 use crate::session::{CancelDecision, Session, SessionKey, SessionStatus, Timestamp};
 use crate::store::{
-    AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit, HeartbeatOutcome, InsertOutcome,
-    LeaseReclaim, Reclaimed, RequeueOutcome, SessionCancel, SessionClaim, SessionCounts,
-    SessionFinish, SessionHeartbeat, SessionInsert, SessionList, SessionPage, SessionRequeue,
-    SessionsExpire, StoreError, StoreResult, codec,
+    AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit, HeartbeatOutcome, LeaseReclaim,
+    Reclaimed, RequeueOutcome, SessionCancel, SessionClaim, SessionCounts, SessionFinish,
+    SessionHeartbeat, SessionList, SessionPage, SessionRequeue, SessionsExpire, StoreError,
+    StoreResult, codec,
 };
 
 // Sessions moved from `W` to `P` per claim at most: bounds the claim's batch; any remainder moves
@@ -386,131 +385,6 @@ impl SledStore {
         })
     }
 
-    pub(super) async fn insert_session(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
-        let mut s = p.session;
-        if s.status != SessionStatus::Pending {
-            return Err(StoreError::Invalid(format!(
-                "a new session must be PENDING, not {}",
-                s.status
-            )));
-        }
-        let ticket = {
-            let mut st = self.lock();
-            if self
-                .db
-                .contains_key(k_session(&s.key()))
-                .map_err(sled_err("checking for the session"))?
-                || self
-                    .db
-                    .contains_key(k_tombstone(&s.key()))
-                    .map_err(sled_err("checking for the session"))?
-            {
-                return Err(StoreError::Duplicate(s.id));
-            }
-            let max_pending = self.quotas().max_pending.get(s.client.client_id()).copied();
-            if let Some(limit) = max_pending
-                && self.count_client(s.client.client_id(), SessionStatus::Pending)? >= limit
-            {
-                return Ok(InsertOutcome::PendingQuota {
-                    client: s.client.client_id().to_string(),
-                    limit,
-                });
-            }
-            if let Some(agent) = &p.single_agent {
-                let prefix = active_prefix(s.client.client_id(), agent);
-                if let Some(kv) = self.db.scan_prefix(&prefix).next() {
-                    let (k, _) = kv.map_err(sled_err("checking the agent's active sessions"))?;
-                    return Ok(InsertOutcome::AgentBusy(id_after(&k, prefix.len())?.id));
-                }
-            }
-            let mut c = st.clone();
-            s.seq = c.next_seq;
-            c.next_seq += 1;
-            let mut b = Batch::default();
-            Self::stage(&mut c, &mut b, None, &s)?;
-            b.insert(k_wait(&s), IVec::default());
-            self.commit(&mut st, c, b)?
-        };
-        self.durability.wait(ticket).await?;
-        self.pending.notify_one();
-        Ok(InsertOutcome::Inserted(Box::new(s)))
-    }
-
-    /// [`Store::session_insert_many`]: every session checked and staged under one lock, one
-    /// batch, one flush. A client's `max_pending` is counted once and the batch's own items
-    /// count against it.
-    pub(super) async fn insert_sessions(
-        &self,
-        sessions: Vec<Session>,
-    ) -> StoreResult<Vec<StoreResult<InsertOutcome>>> {
-        let mut out = Vec::with_capacity(sessions.len());
-        let ticket = {
-            let mut st = self.lock();
-            let mut c = st.clone();
-            let mut b = Batch::default();
-            let mut keys = std::collections::HashSet::with_capacity(sessions.len());
-            let limits = self.quotas().max_pending.clone();
-            let mut room: std::collections::HashMap<String, u64> = Default::default();
-            let mut inserted = 0usize;
-            for mut s in sessions {
-                if s.status != SessionStatus::Pending {
-                    out.push(Err(StoreError::Invalid(format!(
-                        "a new session must be PENDING, not {}",
-                        s.status
-                    ))));
-                    continue;
-                }
-                let key = s.key();
-                let taken = !keys.insert(key.clone())
-                    || self
-                        .db
-                        .contains_key(k_session(&key))
-                        .map_err(sled_err("checking for the session"))?
-                    || self
-                        .db
-                        .contains_key(k_tombstone(&key))
-                        .map_err(sled_err("checking for the session"))?;
-                if taken {
-                    out.push(Err(StoreError::Duplicate(s.id)));
-                    continue;
-                }
-                let client = s.client.client_id();
-                if let Some(&limit) = limits.get(client) {
-                    let left = match room.get_mut(client) {
-                        Some(left) => left,
-                        None => {
-                            let pending = self.count_client(client, SessionStatus::Pending)?;
-                            room.entry(client.to_string())
-                                .or_insert(limit.saturating_sub(pending))
-                        }
-                    };
-                    if *left == 0 {
-                        out.push(Ok(InsertOutcome::PendingQuota {
-                            client: client.to_string(),
-                            limit,
-                        }));
-                        continue;
-                    }
-                    *left -= 1;
-                }
-                s.seq = c.next_seq;
-                c.next_seq += 1;
-                Self::stage(&mut c, &mut b, None, &s)?;
-                b.insert(k_wait(&s), IVec::default());
-                out.push(Ok(InsertOutcome::Inserted(Box::new(s))));
-                inserted += 1;
-            }
-            if inserted == 0 {
-                return Ok(out);
-            }
-            self.commit(&mut st, c, b)?
-        };
-        self.durability.wait(ticket).await?;
-        self.pending.notify_waiters();
-        self.pending.notify_one();
-        Ok(out)
-    }
-
     pub(super) fn claim_sessions(&self, p: SessionClaim) -> StoreResult<Vec<Session>> {
         if p.limit == 0 {
             return Ok(Vec::new());
@@ -775,7 +649,7 @@ impl SledStore {
         })
     }
 
-    fn quotas(&self) -> crate::store::Quotas {
+    pub(super) fn quotas(&self) -> crate::store::Quotas {
         self.quotas
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -783,7 +657,7 @@ impl SledStore {
     }
 
     /// A client's sessions in `status`, through its `C` index (O(its sessions)).
-    fn count_client(&self, client: &str, status: SessionStatus) -> StoreResult<u64> {
+    pub(super) fn count_client(&self, client: &str, status: SessionStatus) -> StoreResult<u64> {
         let prefix = lp_prefix(b'C', client);
         let mut n = 0;
         for kv in self.db.scan_prefix(&prefix) {

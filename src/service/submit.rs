@@ -1,0 +1,213 @@
+//! Submission: one session ([`Harvest::submit`]) or a batch in one durable step
+//! ([`Harvest::submit_many`]), each validated off the runtime, given its defaults and its tenant,
+//! and followed by its `created` effect.
+
+use super::*;
+
+impl Harvest {
+    /// Makes the PENDING session of a submission whose config [`Harvest::check_config`]
+    /// accepted (not stored yet); with the agent name when it runs for a single-session agent.
+    async fn new_session(
+        &self,
+        req: SubmitRequest,
+    ) -> Result<(Session, Option<String>), HarvestError> {
+        let mut options = req.options;
+        if let Some(0) = options.max_attempts {
+            return Err(HarvestError::Invalid(
+                "options.max_attempts must be at least 1".into(),
+            ));
+        }
+        if let Some(0) = options.max_duration_secs {
+            return Err(HarvestError::Invalid(
+                "options.max_duration_secs must be at least 1 (omit it for no limit)".into(),
+            ));
+        }
+        // Bounds keep every deadline computed from these well inside the range of the clocks
+        // (an unchecked u64::MAX once overflowed the worker's and the scheduler's arithmetic).
+        if options
+            .max_duration_secs
+            .is_some_and(|d| d > MAX_DURATION_SECS)
+        {
+            return Err(HarvestError::Invalid(format!(
+                "options.max_duration_secs must be at most {MAX_DURATION_SECS} (one year)"
+            )));
+        }
+        if options
+            .session_timeout_secs
+            .is_some_and(|d| d > MAX_TIMEOUT_SECS)
+        {
+            return Err(HarvestError::Invalid(format!(
+                "options.session_timeout_secs must be at most {MAX_TIMEOUT_SECS} (ten years)"
+            )));
+        }
+        options
+            .max_attempts
+            .get_or_insert(self.inner.config.sessions.max_attempts);
+        options
+            .session_timeout_secs
+            .get_or_insert(self.inner.config.sessions.default_timeout_secs);
+        let now = self.inner.clock.now();
+        let chosen = req.session_id.is_some();
+        let id = req.session_id.unwrap_or_else(SessionId::generate);
+        let tenant = self.tenant_of(req.client.client_id());
+        // The client's sessions stored before ids were scoped keep their ids taken (see
+        // `resolve`), so that one id never names two of its sessions.
+        if chosen
+            && tenant.is_some()
+            && self
+                .get(SessionKey::single(id.clone()))
+                .await?
+                .is_some_and(|s| s.client.client_id() == req.client.client_id())
+        {
+            return Err(HarvestError::Duplicate(id));
+        }
+        let mut session = Session::pending(
+            id.clone(),
+            req.client,
+            JobSpec {
+                config: req.config,
+                params: req.params,
+                agent: req.agent.clone(),
+            },
+            options,
+            now,
+        );
+        session.tenant = tenant;
+        let single_agent = if req.single_agent { req.agent } else { None };
+        Ok((session, single_agent))
+    }
+
+    /// Validates and durably stores a new session; returns as soon as it is durable.
+    pub async fn submit(&self, mut req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
+        let (config, params) = self
+            .check_config(
+                std::mem::take(&mut req.config),
+                std::mem::take(&mut req.params),
+            )
+            .await?;
+        req.config = config;
+        req.params = params;
+        let (session, single_agent) = self.new_session(req).await?;
+        let key = session.key();
+        let creating = self.events().creating(&key);
+        match self
+            .inner
+            .store
+            .session_insert(SessionInsert {
+                session,
+                single_agent,
+            })
+            .await
+        {
+            Ok(InsertOutcome::Inserted(session)) => {
+                self.inner.effects.created(&session, creating);
+                Ok(SessionHandle {
+                    id: key,
+                    harvest: self.clone(),
+                })
+            }
+            Ok(InsertOutcome::AgentBusy(active)) => Err(HarvestError::Conflict(format!(
+                "agent allows a single session and session {active} is still active"
+            ))),
+            Ok(InsertOutcome::PendingQuota { client, limit }) => {
+                Err(HarvestError::QuotaExceeded { client, limit })
+            }
+            Err(StoreError::Duplicate(id)) => Err(HarvestError::Duplicate(id)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Validates and durably stores many sessions in one step (one flush on sled, one
+    /// transaction on PostgreSQL): for each request, in order, the stored session or its own
+    /// error (an
+    /// invalid config, a taken id, ...). At most [`MAX_BATCH`] requests; a single-session
+    /// agent's run is refused (submit it alone). When the whole call fails (the store), none of
+    /// them was acknowledged.
+    pub async fn submit_many(
+        &self,
+        reqs: Vec<SubmitRequest>,
+    ) -> Result<Vec<Result<Session, HarvestError>>, HarvestError> {
+        if reqs.len() > MAX_BATCH {
+            return Err(HarvestError::Invalid(format!(
+                "a batch holds at most {MAX_BATCH} sessions, not {}; split it",
+                reqs.len()
+            )));
+        }
+        // Every config checked in one turn of the validation pool (see `check_config`).
+        let job = self.inner.job.clone();
+        let checked: Vec<(SubmitRequest, Result<(), HarvestError>)> = self
+            .off_runtime(move || {
+                reqs.into_iter()
+                    .map(|req| {
+                        let verdict = match crate::kinds::kind_of(&req.config) {
+                            None => Err(HarvestError::InvalidConfig(ConfigRejected::new(
+                                "config must be an object (JSON), a TOML document or Web-Harvest XML",
+                            ))),
+                            Some(_) => job
+                                .validate(&req.config, &req.params)
+                                .map_err(HarvestError::InvalidConfig),
+                        };
+                        (req, verdict)
+                    })
+                    .collect()
+            })
+            .await?;
+        let mut results: Vec<Option<Result<Session, HarvestError>>> =
+            Vec::with_capacity(checked.len());
+        let mut sessions = Vec::new();
+        for (req, verdict) in checked {
+            if let Err(e) = verdict {
+                results.push(Some(Err(e)));
+                continue;
+            }
+            if req.single_agent {
+                results.push(Some(Err(HarvestError::Invalid(
+                    "a single-session agent's run cannot be part of a batch; submit it alone"
+                        .into(),
+                ))));
+                continue;
+            }
+            match self.new_session(req).await {
+                Ok((session, _)) => {
+                    results.push(None);
+                    sessions.push(session);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let creating: Vec<_> = sessions
+            .iter()
+            .map(|s| self.events().creating(&s.key()))
+            .collect();
+        let stored = if sessions.is_empty() {
+            Vec::new()
+        } else {
+            self.inner.store.session_insert_many(sessions).await?
+        };
+        let mut stored = stored.into_iter().zip(creating);
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            out.push(match r {
+                Some(r) => r,
+                None => match stored.next() {
+                    Some((Ok(InsertOutcome::Inserted(session)), creating)) => {
+                        self.inner.effects.created(&session, creating);
+                        Ok(*session)
+                    }
+                    Some((Ok(InsertOutcome::PendingQuota { client, limit }), _)) => {
+                        Err(HarvestError::QuotaExceeded { client, limit })
+                    }
+                    Some((Ok(InsertOutcome::AgentBusy(active)), _)) => {
+                        Err(HarvestError::Conflict(format!(
+                            "agent allows a single session and session {active} is still active"
+                        )))
+                    }
+                    Some((Err(StoreError::Duplicate(id)), _)) => Err(HarvestError::Duplicate(id)),
+                    Some((Err(e), _)) => Err(e.into()),
+                    None => Err(HarvestError::Invalid("a batch item was lost".into())),
+                },
+            });
+        }
+        Ok(out)
+    }
+}
