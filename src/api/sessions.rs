@@ -228,7 +228,7 @@ async fn submit_request(
     Ok(req)
 }
 
-/// Submit many sessions at once: one durable write for the batch, one result per item.
+/// Submit many sessions at once: one durable flush for the batch, one result per item.
 #[utoipa::path(
     post,
     path = "/v1/sessions/batch",

@@ -623,8 +623,8 @@ pub trait Store: Send + Sync + 'static {
     /// on PostgreSQL): for each, in order, [`InsertOutcome::Inserted`] with its `seq`,
     /// [`InsertOutcome::PendingQuota`] when its client's `max_pending` is reached (counting the
     /// batch's earlier items), or why it was refused ([`StoreError::Duplicate`], also for a key
-    /// given twice in the batch). Durable on return; when the call itself fails, none of them
-    /// was acknowledged.
+    /// given twice in the batch). Durable on return; when the call itself fails (or the process
+    /// dies first), none of them was acknowledged, though a prefix may be stored (sled).
     async fn session_insert_many(
         &self,
         sessions: Vec<Session>,

@@ -328,22 +328,9 @@ impl SseReader {
             loop {
                 if let Some(pos) = self.buf.find("\n\n") {
                     let block: String = self.buf.drain(..pos + 2).collect();
-                    let mut event = String::from("message");
-                    let mut data = String::new();
-                    let mut id = None;
-                    for line in block.lines() {
-                        if let Some(v) = line.strip_prefix("id:") {
-                            id = v.trim().parse().ok();
-                        } else if let Some(v) = line.strip_prefix("event:") {
-                            event = v.trim().to_string();
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            data.push_str(v.trim_start());
-                        }
-                    }
-                    if data.is_empty() {
+                    let Some((id, event, data)) = parse_sse_block(&block) else {
                         continue;
-                    }
-                    let data = serde_json::from_str(&data).expect("event data is JSON");
+                    };
                     return Some(Sse { id, event, data });
                 }
                 match self.stream.next().await {
@@ -369,4 +356,30 @@ impl SseReader {
         }
         out
     }
+}
+
+/// One Server-Sent Events block (up to its blank line): its `id`, its `event` name (`message`
+/// when unnamed) and its `data` as JSON; `None` for a block without data (a comment, a
+/// keep-alive).
+pub fn parse_sse_block(block: &str) -> Option<(Option<u64>, String, Value)> {
+    let mut event = String::from("message");
+    let mut data = String::new();
+    let mut id = None;
+    for line in block.lines() {
+        if let Some(v) = line.strip_prefix("id:") {
+            id = v.trim().parse().ok();
+        } else if let Some(v) = line.strip_prefix("event:") {
+            event = v.trim().to_string();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push_str(v.trim_start());
+        }
+    }
+    if data.is_empty() {
+        return None;
+    }
+    Some((
+        id,
+        event,
+        serde_json::from_str(&data).expect("event data is JSON"),
+    ))
 }

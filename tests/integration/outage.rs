@@ -205,20 +205,10 @@ impl Stream {
             loop {
                 if let Some(pos) = self.buf.find("\n\n") {
                     let block: String = self.buf.drain(..pos + 2).collect();
-                    let (mut id, mut event, mut data) = (None, String::new(), String::new());
-                    for line in block.lines() {
-                        if let Some(v) = line.strip_prefix("id:") {
-                            id = v.trim().parse().ok();
-                        } else if let Some(v) = line.strip_prefix("event:") {
-                            event = v.trim().to_string();
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            data.push_str(v.trim_start());
-                        }
-                    }
-                    if data.is_empty() {
+                    let Some((id, event, data)) = crate::api_support::parse_sse_block(&block)
+                    else {
                         continue;
-                    }
-                    let data = serde_json::from_str(&data).expect("event data is JSON");
+                    };
                     return Some(Ev { id, event, data });
                 }
                 match self.body.next().await {

@@ -1,5 +1,5 @@
 //! Inserts: one session (duplicate, `max_pending` and single-session-agent checks) and batches
-//! (every session staged under one lock into one batch, one flush).
+//! (every session staged under one lock, in intent batches of 64, waiting for one flush).
 
 use sled::IVec;
 
@@ -8,6 +8,9 @@ use super::keys::{active_prefix, id_after, k_session, k_tombstone, k_wait};
 use super::{SledStore, sled_err};
 use crate::session::{Session, SessionStatus};
 use crate::store::{InsertOutcome, SessionInsert, StoreError, StoreResult};
+
+/// Sessions per intent batch of a batch insert.
+const INSERT_CHUNK: usize = 64;
 
 impl SledStore {
     pub(super) async fn insert_session(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
@@ -61,8 +64,8 @@ impl SledStore {
     }
 
     /// [`Store::session_insert_many`]: every session checked and staged under one lock, one
-    /// batch, one flush. A client's `max_pending` is counted once and the batch's own items
-    /// count against it.
+    /// intent per 64 sessions, one flush. A client's `max_pending` is counted once and the
+    /// batch's own items count against it.
     pub(super) async fn insert_sessions(
         &self,
         sessions: Vec<Session>,
@@ -76,6 +79,7 @@ impl SledStore {
             let limits = self.quotas().max_pending.clone();
             let mut room: std::collections::HashMap<String, u64> = Default::default();
             let mut inserted = 0usize;
+            let mut ticket = None;
             for mut s in sessions {
                 if s.status != SessionStatus::Pending {
                     out.push(Err(StoreError::Invalid(format!(
@@ -123,11 +127,20 @@ impl SledStore {
                 b.insert(k_wait(&s), IVec::default());
                 out.push(Ok(InsertOutcome::Inserted(Box::new(s))));
                 inserted += 1;
+                // One intent per chunk keeps each intent small (a large value becomes a sled
+                // blob file: written, synced and removed again); the last chunk's flush makes
+                // every chunk durable (tickets are flushed in order).
+                if inserted.is_multiple_of(INSERT_CHUNK) {
+                    ticket = Some(self.commit(&mut st, c.clone(), std::mem::take(&mut b))?);
+                }
             }
-            if inserted == 0 {
-                return Ok(out);
+            if !b.is_empty() {
+                ticket = Some(self.commit(&mut st, c, b)?);
             }
-            self.commit(&mut st, c, b)?
+            match ticket {
+                Some(t) => t,
+                None => return Ok(out),
+            }
         };
         self.durability.wait(ticket).await?;
         self.pending.notify_waiters();
