@@ -8,7 +8,7 @@ use super::keys::{data_prefix, k_chunk, k_url};
 use crate::session::{FrontierEntry, Session, SessionId, SessionKey, Timestamp};
 use crate::store::{
     AttemptRef, CheckpointBatch, CheckpointCommit, FRONTIER_PAGE_MAX, FrontierDone, FrontierPage,
-    RecordsPage, SeenFilter, SessionClaim, SessionInsert, Store, codec,
+    RecordsPage, SeenFilter, SessionClaim, SessionInsert, Store, StoreError, codec,
 };
 
 async fn running(store: &SledStore) -> AttemptRef {
@@ -513,7 +513,16 @@ async fn a_layout_2_store_is_migrated_at_open_even_after_an_interrupted_migratio
         }
         // Rewrite every key to layout 2.
         {
-            let db = sled::open(dir.path()).expect("raw open");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let db = loop {
+                match sled::open(dir.path()) {
+                    Ok(db) => break db,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("raw open: {e}"),
+                }
+            };
             let keys: Vec<(sled::IVec, sled::IVec)> = db.iter().map(|kv| kv.expect("kv")).collect();
             let mut moved = 0;
             for (k, v) in keys {
@@ -548,7 +557,18 @@ async fn a_layout_2_store_is_migrated_at_open_even_after_an_interrupted_migratio
             }
             db.flush().expect("flush");
         }
-        let store = SledStore::open(dir.path()).expect("reopen");
+        // A dropped sled db lets go of its lock only when its background flusher has stopped,
+        // a moment later on a loaded machine: retry as a restarted process would (bounded).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let store = loop {
+            match SledStore::open(dir.path()) {
+                Ok(s) => break s,
+                Err(StoreError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("reopen: {e:?}"),
+            }
+        };
         let meta: u32 = codec::decode(
             &|| "meta".into(),
             &store.db.get(super::META_KEY).expect("get").expect("meta"),
