@@ -235,7 +235,7 @@ async fn submit_request(
     tag = "sessions",
     request_body = BatchBody,
     responses(
-        (status = 200, description = "Per item, in order: 201 and the session, or the item's own error; created items are durable", body = BatchView),
+        (status = 200, description = "Per item, in order: 201 and the new id, or the item's own error; created items are durable", body = BatchView),
         (status = 400, description = "Invalid JSON, an empty batch or one over 1000 items", body = ErrorBody),
         (status = 401, description = "Missing or unknown token", body = ErrorBody),
         (status = 413, description = "Body over server.max_body_bytes", body = ErrorBody),
@@ -248,16 +248,16 @@ pub async fn submit_batch(
     ApiJson(body): ApiJson<BatchBody>,
 ) -> Result<Response, ApiError> {
     let max = crate::service::MAX_BATCH;
-    if body.sessions.is_empty() || body.sessions.len() > max {
+    if body.items.is_empty() || body.items.len() > max {
         return Err(ApiError::invalid(format!(
-            "sessions: a batch holds 1 to {max} sessions, not {}",
-            body.sessions.len()
+            "items: a batch holds 1 to {max} submissions, not {}",
+            body.items.len()
         )));
     }
     // Items refused here keep their place: `None` marks one passed on to the service.
-    let mut refused: Vec<Option<ApiError>> = Vec::with_capacity(body.sessions.len());
+    let mut refused: Vec<Option<ApiError>> = Vec::with_capacity(body.items.len());
     let mut reqs = Vec::new();
-    for item in body.sessions {
+    for item in body.items {
         if item.agent.is_some() {
             refused.push(Some(ApiError::invalid(
                 "agent: an agent's run cannot be part of a batch; POST /v1/sessions with `agent`",
@@ -286,12 +286,12 @@ pub async fn submit_batch(
         results.push(match outcome {
             Ok(session) => BatchItemView {
                 status: StatusCode::CREATED.as_u16(),
-                session: Some(view(&st, &session)),
+                id: Some(session.id.to_string()),
                 error: None,
             },
             Err(e) => BatchItemView {
                 status: e.status.as_u16(),
-                session: None,
+                id: None,
                 error: Some(ErrorDetail {
                     code: e.code.to_string(),
                     message: e.message,
@@ -299,11 +299,11 @@ pub async fn submit_batch(
             },
         });
     }
-    let created = results.iter().filter(|r| r.session.is_some()).count();
+    let created = results.iter().filter(|r| r.id.is_some()).count();
     Ok(axum::Json(BatchView {
         created,
         failed: results.len() - created,
-        results,
+        items: results,
     })
     .into_response())
 }

@@ -49,9 +49,8 @@ pub struct SubmitBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody {
-    /// The sessions to submit (at most 1000), each as the body of `POST /v1/sessions` without
-    /// `agent`.
-    pub sessions: Vec<SubmitBody>,
+    /// The submissions (at most 1000), each as the body of `POST /v1/sessions` without `agent`.
+    pub items: Vec<SubmitBody>,
 }
 
 /// `POST /v1/sessions/batch` answer: one result per submitted item, in order.
@@ -62,17 +61,18 @@ pub struct BatchView {
     /// Items refused (each with its error).
     pub failed: usize,
     /// Per item, in the order given.
-    pub results: Vec<BatchItemView>,
+    pub items: Vec<BatchItemView>,
 }
 
-/// One item of a batch: `status` is what `POST /v1/sessions` would have answered for it alone.
+/// One item of a batch: `{status: 201, id}` when created, else `{status, error}` with what
+/// `POST /v1/sessions` would have answered for it alone.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BatchItemView {
-    /// 201 when created; else the item's own error status (400, 409, ...).
+    /// 201 when created; else the item's own error status (400, 409, 429, ...).
     pub status: u16,
-    /// The stored session, when created.
+    /// The new session's id, when created.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub session: Option<SessionView>,
+    pub id: Option<String>,
     /// Why the item was refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<super::error::ErrorDetail>,

@@ -16,7 +16,7 @@ async fn a_batch_answers_each_item_in_order() {
     s.submit(json!({"config": {"name": "x"}, "session_id": "taken"}))
         .await;
     let later = json!({"run_at": "2999-01-01T00:00:00Z"});
-    let body = json!({"sessions": [
+    let body = json!({"items": [
         {"config": {"name": "a"}, "options": later},
         {"config": {"name": 7}},
         {"config": {"name": "b"}, "session_id": "taken"},
@@ -28,7 +28,7 @@ async fn a_batch_answers_each_item_in_order() {
     ]});
     let r = s.post("/v1/sessions/batch", &body).await;
     assert_eq!(r.status.as_u16(), 200, "{}", r.text);
-    let results = r.json["results"].as_array().expect("results");
+    let results = r.json["items"].as_array().expect("items");
     let statuses: Vec<u64> = results
         .iter()
         .map(|i| i["status"].as_u64().expect("status"))
@@ -59,7 +59,7 @@ async fn a_batch_answers_each_item_in_order() {
     );
     assert_eq!(results[6]["error"]["code"], "invalid_session_id");
     // Created items are stored and readable; the refused ones are not.
-    let first = results[0]["session"]["id"].as_str().expect("id");
+    let first = results[0]["id"].as_str().expect("id");
     for id in [first, "twice", "from-toml"] {
         let got = s.get(&format!("/v1/sessions/{id}")).await;
         assert_eq!(got.status.as_u16(), 200, "{id}: {}", got.text);
@@ -69,15 +69,13 @@ async fn a_batch_answers_each_item_in_order() {
     assert_eq!(twice.json["job"]["config"]["name"], "c", "{}", twice.text);
 
     // Bounds: an empty batch and one over 1000 items are refused whole.
-    s.post("/v1/sessions/batch", &json!({"sessions": []}))
+    s.post("/v1/sessions/batch", &json!({"items": []}))
         .await
         .assert_error(400, "invalid_request");
     let many: Vec<Value> = (0..1001)
         .map(|_| json!({"config": {"name": "x"}}))
         .collect();
-    let r = s
-        .post("/v1/sessions/batch", &json!({"sessions": many}))
-        .await;
+    let r = s.post("/v1/sessions/batch", &json!({"items": many})).await;
     r.assert_error(400, "invalid_request");
     assert!(r.text.contains("1 to 1000"), "{}", r.text);
 }
@@ -218,7 +216,7 @@ async fn a_sigkill_during_batch_submits_keeps_every_acknowledged_item() {
                     .collect();
                 let r = http
                     .post(&url)
-                    .json(&json!({"sessions": sessions}))
+                    .json(&json!({"items": sessions}))
                     .send()
                     .await;
                 match r {

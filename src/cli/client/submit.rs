@@ -73,23 +73,19 @@ async fn submit_batches(client: &Client, bodies: Vec<Value>) -> anyhow::Result<(
     let mut out = std::io::stdout().lock();
     for chunk in bodies.chunks(BATCH) {
         let answer = client
-            .post_json("/v1/sessions/batch", &json!({"sessions": chunk}))
+            .post_json("/v1/sessions/batch", &json!({"items": chunk}))
             .await?;
-        let results = answer["results"]
+        let results = answer["items"]
             .as_array()
-            .ok_or_else(|| anyhow!("the server's batch answer has no results"))?;
+            .ok_or_else(|| anyhow!("the server's batch answer has no items"))?;
+        // Each item is already one line's worth: `{status, id}` or `{status, error}`.
         for r in results {
-            let line = match r.get("session") {
-                Some(s) => {
-                    created += 1;
-                    json!({"status": r["status"], "id": s["id"]})
-                }
-                None => {
-                    failed += 1;
-                    json!({"status": r["status"], "error": r["error"]})
-                }
-            };
-            writeln!(out, "{line}")?;
+            if r.get("id").is_some() {
+                created += 1;
+            } else {
+                failed += 1;
+            }
+            writeln!(out, "{r}")?;
         }
     }
     drop(out);
