@@ -227,12 +227,12 @@ impl PostgresStore {
         &self,
         sessions: Vec<Session>,
     ) -> StoreResult<Vec<StoreResult<InsertOutcome>>> {
-        let limits = self
+        let quotas = self
             .quotas
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .max_pending
             .clone();
+        let limits = &quotas.max_pending;
         let mut client = self.client().await?;
         let tx = client
             .transaction()

@@ -97,7 +97,7 @@ pub struct PostgresStore {
     /// Cancels of RUNNING sessions, from this process and (through the listener) from others.
     cancels: tokio::sync::broadcast::Sender<SessionKey>,
     /// Per-client limits ([`Store::quotas_set`]).
-    quotas: std::sync::RwLock<crate::store::Quotas>,
+    quotas: std::sync::RwLock<Arc<crate::store::Quotas>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -217,7 +217,7 @@ impl PostgresStore {
             stop,
             tasks: Mutex::new(vec![listener, announcer, events_announcer]),
             cancels,
-            quotas: std::sync::RwLock::new(crate::store::Quotas::default()),
+            quotas: std::sync::RwLock::new(Arc::default()),
         })
     }
 
@@ -408,7 +408,7 @@ impl Store for PostgresStore {
     }
 
     fn quotas_set(&self, q: crate::store::Quotas) -> StoreResult<()> {
-        *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = q;
+        *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(q);
         Ok(())
     }
 

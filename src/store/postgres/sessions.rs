@@ -142,12 +142,12 @@ impl PostgresStore {
         }
         let limit = i64::try_from(p.limit).unwrap_or(i64::MAX);
         let expires = p.now.add(p.lease).0;
-        let max_running = self
+        let quotas = self
             .quotas
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .max_running
             .clone();
+        let max_running = &quotas.max_running;
         let rows = if max_running.is_empty() {
             let client = self.client().await?;
             // One statement: rows locked by a concurrent claim are skipped, not waited for, and

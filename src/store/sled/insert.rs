@@ -76,7 +76,8 @@ impl SledStore {
             let mut c = st.clone();
             let mut b = Batch::default();
             let mut keys = std::collections::HashSet::with_capacity(sessions.len());
-            let limits = self.quotas().max_pending.clone();
+            let quotas = self.quotas();
+            let limits = &quotas.max_pending;
             let mut room: std::collections::HashMap<String, u64> = Default::default();
             let mut inserted = 0usize;
             let mut ticket = None;

@@ -158,7 +158,7 @@ pub struct SledStore {
     /// Cancels of RUNNING sessions, for [`Store::cancel_requests`].
     cancels: tokio::sync::broadcast::Sender<SessionKey>,
     /// Per-client limits ([`Store::quotas_set`]), checked under the store mutex.
-    quotas: std::sync::RwLock<super::Quotas>,
+    quotas: std::sync::RwLock<Arc<super::Quotas>>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -305,7 +305,7 @@ impl SledStore {
             write_failure: std::sync::Mutex::new(None),
             leaders: std::sync::Mutex::new(std::collections::HashMap::new()),
             cancels: tokio::sync::broadcast::channel(CANCEL_CHANNEL).0,
-            quotas: std::sync::RwLock::new(super::Quotas::default()),
+            quotas: std::sync::RwLock::new(Arc::default()),
         };
         store.purge_interrupted()?;
         Ok(store)
@@ -521,7 +521,7 @@ impl Store for SledStore {
     }
 
     fn quotas_set(&self, q: super::Quotas) -> StoreResult<()> {
-        *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = q;
+        *self.quotas.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(q);
         Ok(())
     }
 }

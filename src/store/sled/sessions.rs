@@ -396,7 +396,8 @@ impl SledStore {
             let mut b = Batch::default();
             let mut claimed = Vec::new();
             let mut changed = false;
-            let max_running = self.quotas().max_running;
+            let quotas = self.quotas();
+            let max_running = &quotas.max_running;
             // RUNNING sessions per limited client, counted up as this claim takes more.
             let mut running = if max_running.is_empty() {
                 std::collections::BTreeMap::new()
@@ -649,7 +650,8 @@ impl SledStore {
         })
     }
 
-    pub(super) fn quotas(&self) -> crate::store::Quotas {
+    /// The current limits, shared (no copy of the maps on the submit and claim paths).
+    pub(super) fn quotas(&self) -> std::sync::Arc<crate::store::Quotas> {
         self.quotas
             .read()
             .unwrap_or_else(|p| p.into_inner())
