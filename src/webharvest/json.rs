@@ -8,7 +8,7 @@ use std::fmt;
 use quick_xml::events::Event;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use crate::engine::xml::html::escape_into;
+use crate::engine::xml::html::{escape_into, xml_name_with};
 
 /// Deepest XML nesting `xml-to-json` reads.
 const MAX_XML_DEPTH: usize = 256;
@@ -36,24 +36,7 @@ pub(crate) fn json_to_xml(
 
 /// A JSON key as an element name (invalid characters become `_`).
 fn element_name(key: &str) -> String {
-    let mut s: String = key
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if !s
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_alphabetic() || c == '_')
-    {
-        s.insert(0, '_');
-    }
-    s
+    xml_name_with(key, '_')
 }
 
 /// Writes one JSON value as XML, under `tag` (JSON.org's `XML.toString(value, tag)`).

@@ -136,13 +136,19 @@ pub(crate) fn document_to_xml(doc: &Html, html: &str, opts: &Options) -> Result<
 /// A valid XML name from an HTML name: invalid characters become `-`, a bad first character
 /// gets a `_` before it.
 fn xml_name(name: &str) -> String {
+    xml_name_with(name, '-')
+}
+
+/// A valid XML name from any text: characters an XML name cannot hold become `replacement`,
+/// and a name that does not start with a letter or `_` gets a `_` before it.
+pub(crate) fn xml_name_with(name: &str, replacement: char) -> String {
     let mut s: String = name
         .chars()
         .map(|c| {
             if c.is_alphanumeric() || matches!(c, '-' | '_' | '.') {
                 c
             } else {
-                '-'
+                replacement
             }
         })
         .collect();
