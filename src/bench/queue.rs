@@ -7,7 +7,8 @@
 //! Phases, each on a fresh store (a temporary directory, or a fresh schema):
 //! 1. naive: 16 threads each doing sled `insert` + `flush` per write, and the same plus an
 //!    `fdatasync` of sled's log per write — the durability harvest acknowledges with
-//!    (`naive_fdatasync_per_sec`, the baseline the group commit must beat);
+//!    (`naive_fdatasync_per_sec`, the baseline the group commit must beat); on PostgreSQL, 16
+//!    connections each committing one INSERT per write;
 //! 2. submit: 16 concurrent submitters, each waiting for its own durable acknowledgment;
 //! 3. end to end: the same submitters with workers claiming and completing the sessions; latency
 //!    is submit → COMPLETED per session;
@@ -141,6 +142,17 @@ pub async fn run(args: &QueueBenchArgs) -> anyhow::Result<serde_json::Value> {
                 anyhow::anyhow!("--store postgres needs --database-url (or HARVEST_DATABASE_URL)")
             })?;
             let mut pg = phases(args, Backend::Postgres(url)).await?;
+            say(
+                args,
+                "naive PostgreSQL: one INSERT committed per write, 16 connections",
+            );
+            let naive_pg = naive_postgres(url, args.naive_writes, 16).await?;
+            say(args, &format!("naive PostgreSQL: {naive_pg:.0} writes/s"));
+            pg["naive_fdatasync_per_sec"] = json!(naive_pg.round());
+            if let Some(submit) = pg["submit_per_sec"].as_f64() {
+                pg["submit_vs_naive_fdatasync"] =
+                    json!((submit / naive_pg * 100.0).round() / 100.0);
+            }
             pg["sled"] = sled;
             pg
         }
@@ -452,4 +464,56 @@ fn naive_baseline(writes: usize, threads: usize, fdatasync: bool) -> anyhow::Res
         Ok(())
     })?;
     Ok((writes / threads * threads) as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// PostgreSQL's equal-durability naive loop: `threads` connections each committing one
+/// ~300-byte INSERT per write (a commit waits for its WAL flush, as an acknowledged submit
+/// does), in a fresh schema dropped afterwards.
+async fn naive_postgres(url: &str, writes: usize, threads: usize) -> anyhow::Result<f64> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let schema = format!("harvest_bench_naive_{}_{nanos}", std::process::id());
+    let place = Place {
+        _dir: tempfile::tempdir()?,
+        schema: Some((url.to_string(), schema.clone())),
+    };
+    let (admin, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let conn = tokio::spawn(conn);
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema}; CREATE TABLE {schema}.t (k text PRIMARY KEY, v text NOT NULL)"
+        ))
+        .await?;
+    drop(admin);
+    let _ = conn.await;
+    let per = (writes / threads).max(1);
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..threads {
+        let (url, schema) = (url.to_string(), schema.clone());
+        tasks.push(tokio::spawn(async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            let conn = tokio::spawn(conn);
+            let stmt = client
+                .prepare(&format!("INSERT INTO {schema}.t (k, v) VALUES ($1, $2)"))
+                .await?;
+            let value = "x".repeat(300);
+            for i in 0..per {
+                client
+                    .execute(&stmt, &[&format!("{t}/{i}"), &value])
+                    .await?;
+            }
+            drop(client);
+            let _ = conn.await;
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let rate = (per * threads) as f64 / t0.elapsed().as_secs_f64();
+    place.remove().await?;
+    Ok(rate)
 }
