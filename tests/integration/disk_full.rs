@@ -34,14 +34,6 @@ impl Drop for Tmpfs {
     }
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 /// Fills the file system holding `path` (bounded: at most 256 MiB written).
 fn fill(path: &Path) {
     use std::io::Write;
@@ -57,7 +49,7 @@ fn fill(path: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_makes_the_store_unhealthy_and_shutdown_ends_in_time() {
-    if !is_root() {
+    if !crate::proc::is_root() {
         eprintln!("skipped: mounting a tmpfs for the disk-full test needs root");
         return;
     }

@@ -3,16 +3,15 @@
 //! listens only there and has no `--bind`; two processes given one metrics port are told how to
 //! give each its own. Real binary, real sled directories.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::proc::Server;
 
-/// A loopback port that was free a moment ago.
+/// A loopback address whose port was free a moment ago.
 fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr")
+    SocketAddr::from(([127, 0, 0, 1], crate::seeds::closed_port()))
 }
 
 /// Runs the binary to its end (it is expected to refuse to start), at most 30 s.

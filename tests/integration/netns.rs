@@ -122,17 +122,10 @@ impl Drop for Net {
     }
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cut_off_in_its_namespace_is_fenced_and_every_session_ends_once() {
     let Some(url) = database_url() else { return };
-    if !is_root() {
+    if !crate::proc::is_root() {
         eprintln!("skipped: the namespace test needs root (ip netns, veth links)");
         return;
     }

@@ -241,3 +241,12 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// Whether the tests run as root (network namespaces, mounts); tests that need it skip
+/// otherwise.
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
