@@ -173,6 +173,11 @@ pub struct WorkersConfig {
     pub retry_backoff_ms: u64,
     /// Largest retry backoff.
     pub retry_backoff_max_secs: u64,
+    /// Sessions claimed ahead of free slots and held, under lease, in a local buffer, so a
+    /// slot that frees starts its next session without a claim round trip (0: claim only for
+    /// free slots). Buffered sessions are not available to other workers meanwhile: worth it
+    /// for many short sessions, not for long crawls.
+    pub prefetch: usize,
 }
 
 impl Default for WorkersConfig {
@@ -184,6 +189,7 @@ impl Default for WorkersConfig {
             poll_interval_ms: 1000,
             retry_backoff_ms: 1000,
             retry_backoff_max_secs: 300,
+            prefetch: 0,
         }
     }
 }
@@ -374,6 +380,9 @@ impl Config {
         }
         if self.workers.concurrency > 10_000 {
             return invalid("workers.concurrency", "must be at most 10000");
+        }
+        if self.workers.prefetch > 10_000 {
+            return invalid("workers.prefetch", "must be at most 10000");
         }
         if self.sessions.max_attempts == 0 {
             return invalid("sessions.max_attempts", "must be at least 1");

@@ -14,8 +14,8 @@
 //!    is submit → COMPLETED per session;
 //! 4. idle latency: one session at a time into an idle queue, submit → `started`;
 //! 5. burn down: `--burn` sessions submitted in batches of 1000 (`submit_many`) with no worker
-//!    running, then the workers started: `burn_per_sec` is sessions / time until the last
-//!    COMPLETED.
+//!    running, then the workers started, claiming `--prefetch` sessions ahead of their free
+//!    slots: `burn_per_sec` is sessions / time until the last COMPLETED.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,6 +47,10 @@ pub struct QueueBenchArgs {
     /// Sessions of the burn-down phase (submitted in batches, then run); 0 skips it.
     #[arg(long, default_value_t = 50_000)]
     pub burn: usize,
+    /// Sessions each worker process claims ahead of its free slots in the burn-down phase
+    /// (`workers.prefetch`; the other phases use the default, 0).
+    #[arg(long, default_value_t = 256)]
+    pub prefetch: usize,
     /// Sessions of the idle-latency phase (one at a time); 0 skips it.
     #[arg(long, default_value_t = 200)]
     pub idle: usize,
@@ -169,7 +173,7 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
     };
     say(args, &format!("phase 2/3 ({name}): durable submissions"));
     let (submit_per_sec, submit_lat) = {
-        let (harvest, place) = open(&backend, 0).await?;
+        let (harvest, place) = open(&backend, 0, 0).await?;
         let t0 = Instant::now();
         let lats = submit_all(&harvest, args.sessions, args.submitters, None).await?;
         let secs = t0.elapsed().as_secs_f64();
@@ -183,7 +187,7 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
         args,
         &format!("phase 3/3 ({name}): submit → claim → complete"),
     );
-    let (harvest, place) = open(&backend, args.workers).await?;
+    let (harvest, place) = open(&backend, args.workers, 0).await?;
     let submitted: Arc<Mutex<HashMap<SessionId, Instant>>> = Arc::default();
     let mut events = harvest.subscribe();
     let seen = submitted.clone();
@@ -244,6 +248,7 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
         "burn_sessions": args.burn,
         "batch_submit_per_sec": burn.map(|b| b.0.round()),
         "burn_per_sec": burn.map(|b| b.1.round()),
+        "burn_prefetch": args.prefetch,
     }))
 }
 
@@ -256,7 +261,7 @@ async fn idle_latency(
         return Ok(None);
     }
     say(args, "idle queue: submit → started, one at a time");
-    let (harvest, place) = open(backend, 4).await?;
+    let (harvest, place) = open(backend, 4, 0).await?;
     harvest.start();
     let mut events = harvest.subscribe();
     // Let the workers reach their idle wait.
@@ -304,7 +309,7 @@ async fn burn_down(
         args,
         &format!("burn down: {} sessions in batches of 1000", args.burn),
     );
-    let (harvest, place) = open(backend, args.workers).await?;
+    let (harvest, place) = open(backend, args.workers, args.prefetch).await?;
     let t0 = Instant::now();
     let mut batches = Vec::new();
     let per_task = args.burn.div_ceil(4);
@@ -365,7 +370,11 @@ async fn burn_down(
     Ok(Some((args.burn as f64 / submit_secs, burn)))
 }
 
-async fn open(backend: &Backend<'_>, workers: usize) -> anyhow::Result<(Harvest, Place)> {
+async fn open(
+    backend: &Backend<'_>,
+    workers: usize,
+    prefetch: usize,
+) -> anyhow::Result<(Harvest, Place)> {
     let dir = tempfile::tempdir()?;
     let mut cfg = Config {
         data_dir: dir.path().to_path_buf(),
@@ -387,6 +396,7 @@ async fn open(backend: &Backend<'_>, workers: usize) -> anyhow::Result<(Harvest,
         place.schema = Some((url.to_string(), schema));
     }
     cfg.workers.concurrency = workers;
+    cfg.workers.prefetch = prefetch;
     cfg.workers.poll_interval_ms = 100;
     match Harvest::builder(cfg).job(Arc::new(NoopJob)).open().await {
         Ok(h) => Ok((h, place)),

@@ -11,7 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tracing::Instrument;
 
-use super::worker::WorkerSettings;
+use super::finisher::Finisher;
+use super::worker::{Registered, WorkerSettings};
 use crate::job::{
     CheckpointSink, CommitError, CrawlState, CrawlStateError, JobContext, JobOutcome, Retry,
     StopReason, StopSignal,
@@ -85,6 +86,8 @@ impl CrawlState for StoreCrawlState {
 /// One claimed attempt and what it needs to end itself.
 pub(crate) struct Attempt {
     s: Arc<WorkerSettings>,
+    /// Ends the session together with other attempts' finishes.
+    finisher: Finisher,
     session: Session,
     aref: AttemptRef,
     stop: StopSignal,
@@ -138,11 +141,19 @@ impl CheckpointSink for LeaseSink {
 }
 
 impl Attempt {
-    /// Runs one claimed attempt to its end and records the outcome.
-    pub(crate) async fn run(s: Arc<WorkerSettings>, session: Session, owner: String) {
-        let stop = StopSignal::new();
-        let registered = s.running.register(session.key(), stop.clone());
+    /// Runs one claimed attempt to its end and records the outcome. `stop` is its signal,
+    /// registered (`registered`) since the claim, so a cancel that came while the session
+    /// waited in the claimer's buffer stops it at once.
+    pub(crate) async fn run(
+        s: Arc<WorkerSettings>,
+        finisher: Finisher,
+        session: Session,
+        owner: String,
+        stop: StopSignal,
+        registered: Registered,
+    ) {
         let attempt = Arc::new(Attempt {
+            finisher,
             aref: AttemptRef {
                 id: session.key(),
                 attempt: session.attempt,
@@ -321,6 +332,12 @@ impl Attempt {
     }
 
     async fn run_job(self: &Arc<Self>) {
+        if self.stop.reason() == Some(StopReason::Cancelled) {
+            // Cancelled while it waited in the claimer's buffer: nothing ran, nothing to keep.
+            self.finish(SessionStatus::Cancelled, None, CheckpointBatch::default())
+                .await;
+            return;
+        }
         let span = tracing::Span::current();
         // Frontier, seen set and records are only ever written by checkpoints: a session that
         // has committed none has nothing to resume, and skipping the read saves three queries
@@ -582,9 +599,8 @@ impl Attempt {
         let mut failed_once = false;
         let res = loop {
             let res = self
-                .s
-                .store
-                .session_finish_if_running(SessionFinish {
+                .finisher
+                .finish(SessionFinish {
                     attempt: self.aref.clone(),
                     status,
                     error: error.clone(),

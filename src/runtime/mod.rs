@@ -12,6 +12,7 @@ mod attempt;
 mod cron;
 mod effects;
 pub mod events;
+mod finisher;
 mod maintenance;
 mod worker;
 

@@ -10,17 +10,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, watch};
+use std::collections::VecDeque;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::attempt::Attempt;
 use super::effects::Effects;
+use super::finisher::Finisher;
 use crate::clock::Clock;
 use crate::config::WorkersConfig;
 use crate::job::{Job, StopReason, StopSignal};
-use crate::session::SessionKey;
-use crate::store::{SessionClaim, Store};
+use crate::session::{Session, SessionKey};
+use crate::store::{
+    AttemptRef, HeartbeatOutcome, SessionClaim, SessionHeartbeat, SessionRequeue, Store,
+};
 
 /// What a worker pool needs.
 pub(crate) struct WorkerSettings {
@@ -59,6 +64,8 @@ pub(crate) struct Running {
     signals: std::sync::Mutex<Vec<(u64, SessionKey, StopSignal)>>,
     next: AtomicU64,
     stopped: AtomicBool,
+    /// Told when a cancel stopped a signal: the claimer ends the buffered sessions it names.
+    cancelled: tokio::sync::Notify,
 }
 
 impl Running {
@@ -100,6 +107,7 @@ async fn relay_cancels(s: Arc<WorkerSettings>, mut stop: watch::Receiver<bool>) 
                 Ok(id) => {
                     if s.running.stop_session(&id, StopReason::Cancelled) {
                         tracing::info!(session = %id, "cancel requested; stopping the attempt after the requests in flight");
+                        s.running.cancelled.notify_one();
                     }
                 }
                 // Missed some: their attempts learn of them at their next heartbeat.
@@ -141,6 +149,8 @@ pub(crate) struct WorkerPool {
     stop_claiming: watch::Sender<bool>,
     claimer: tokio::task::JoinHandle<()>,
     relay: tokio::task::JoinHandle<()>,
+    /// The batching task of finishes; ends after the claimer (which holds its handle).
+    finishing: tokio::task::JoinHandle<()>,
     running: Arc<Running>,
 }
 
@@ -149,13 +159,15 @@ impl WorkerPool {
     pub fn start(settings: WorkerSettings) -> WorkerPool {
         let (stop_tx, stop_rx) = watch::channel(false);
         let running = settings.running.clone();
+        let (finisher, finishing) = Finisher::start(settings.store.clone());
         let settings = Arc::new(settings);
         let relay = tokio::spawn(relay_cancels(settings.clone(), stop_rx.clone()));
-        let claimer = tokio::spawn(claim_loop(settings, stop_rx));
+        let claimer = tokio::spawn(claim_loop(settings, finisher, stop_rx));
         WorkerPool {
             stop_claiming: stop_tx,
             claimer,
             relay,
+            finishing,
             running,
         }
     }
@@ -181,25 +193,213 @@ impl WorkerPool {
         // It holds the store: when shutdown returns, nothing of the pool does (a sled
         // directory is then free to reopen).
         let _ = self.relay.await;
+        let _ = self.finishing.await;
     }
 }
 
-async fn claim_loop(s: Arc<WorkerSettings>, mut stop: watch::Receiver<bool>) {
+/// A claimed session waiting for a slot (`workers.prefetch`): its lease is held and renewed
+/// while it waits, a cancel reaches it through its registered stop signal, and shutdown hands
+/// it back.
+struct Buffered {
+    session: Session,
+    owner: String,
+    stop: StopSignal,
+    registered: Registered,
+    /// When its lease was last taken or renewed.
+    renewed: tokio::time::Instant,
+}
+
+/// The claimer's state: free slots, the local buffer, the attempts running.
+struct Claimer {
+    s: Arc<WorkerSettings>,
+    finisher: Finisher,
+    slots: Arc<Semaphore>,
+    buffer: VecDeque<Buffered>,
+    tasks: JoinSet<()>,
+    /// How often a buffered session's lease is renewed.
+    renew_every: Duration,
+}
+
+impl Claimer {
+    /// Starts buffered sessions on the free slots.
+    fn start_buffered(&mut self) {
+        while !self.buffer.is_empty() {
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                break;
+            };
+            self.start_next(permit);
+        }
+        while self.tasks.try_join_next().is_some() {}
+    }
+
+    /// Starts the first buffered session on `permit` (dropped when the buffer is empty).
+    fn start_next(&mut self, permit: OwnedSemaphorePermit) {
+        let Some(b) = self.buffer.pop_front() else {
+            return;
+        };
+        // Every log line of the attempt, the engine's included, carries the session id.
+        let span =
+            tracing::info_span!("session", session = %b.session.id, attempt = b.session.attempt);
+        let (s, finisher) = (self.s.clone(), self.finisher.clone());
+        self.tasks.spawn(
+            async move {
+                Attempt::run(s, finisher, b.session, b.owner, b.stop, b.registered).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Ends the buffered sessions a client cancelled: each runs at once, outside the slots, as
+    /// an attempt that finds its stop signal set and ends CANCELLED without running its job.
+    fn end_cancelled(&mut self) {
+        let (cancelled, kept): (VecDeque<Buffered>, VecDeque<Buffered>) =
+            std::mem::take(&mut self.buffer)
+                .into_iter()
+                .partition(|b| b.stop.reason() == Some(StopReason::Cancelled));
+        self.buffer = kept;
+        for b in cancelled {
+            let span = tracing::info_span!("session", session = %b.session.id, attempt = b.session.attempt);
+            let (s, finisher) = (self.s.clone(), self.finisher.clone());
+            self.tasks.spawn(
+                Attempt::run(s, finisher, b.session, b.owner, b.stop, b.registered)
+                    .instrument(span),
+            );
+        }
+    }
+
+    /// When the next buffered lease is due for renewal.
+    fn next_renewal(&self) -> tokio::time::Instant {
+        self.buffer
+            .iter()
+            .map(|b| b.renewed + self.renew_every)
+            .min()
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400))
+    }
+
+    /// Renews the leases of buffered sessions that are due; drops the ones no longer held
+    /// (taken back, closed) and stops the ones a client cancelled (they end CANCELLED when they
+    /// start).
+    async fn renew_buffered(&mut self) {
+        let now = tokio::time::Instant::now();
+        let lease = self.s.workers.lease();
+        let mut kept = VecDeque::with_capacity(self.buffer.len());
+        while let Some(mut b) = self.buffer.pop_front() {
+            if b.renewed + self.renew_every > now {
+                kept.push_back(b);
+                continue;
+            }
+            let hb = self
+                .s
+                .store
+                .session_heartbeat_if_running(SessionHeartbeat {
+                    attempt: AttemptRef {
+                        id: b.session.key(),
+                        attempt: b.session.attempt,
+                        owner: b.owner.clone(),
+                    },
+                    lease,
+                    now: self.s.clock.now(),
+                })
+                .await;
+            match hb {
+                Ok(HeartbeatOutcome::Renewed { cancel_requested }) => {
+                    if cancel_requested {
+                        // Missed the broadcast (another process's cancel, a lagging channel).
+                        b.stop.stop(StopReason::Cancelled);
+                        self.s.running.cancelled.notify_one();
+                    }
+                    b.renewed = now;
+                    kept.push_back(b);
+                }
+                Ok(HeartbeatOutcome::Lost) => {
+                    tracing::info!(session = %b.session.id, "a buffered session was taken back before it started; dropping it");
+                }
+                Err(e) => {
+                    if e.is_unavailable() {
+                        crate::store::outage::unavailable("renewing a buffered lease", &e);
+                    } else {
+                        tracing::warn!(session = %b.session.id, error = %e, "renewing a buffered lease failed; will retry");
+                    }
+                    // Tried again at the next renewal; the attempt's own heartbeats take over
+                    // once it starts.
+                    b.renewed = now;
+                    kept.push_back(b);
+                }
+            }
+        }
+        self.buffer = kept;
+    }
+
+    /// Hands every buffered session back (PENDING at once, no attempt spent): shutdown.
+    async fn hand_back_buffered(&mut self) {
+        let n = self.buffer.len();
+        for b in std::mem::take(&mut self.buffer) {
+            let now = self.s.clock.now();
+            let res = self
+                .s
+                .store
+                .session_requeue_if_running(SessionRequeue {
+                    attempt: AttemptRef {
+                        id: b.session.key(),
+                        attempt: b.session.attempt,
+                        owner: b.owner.clone(),
+                    },
+                    spend_attempt: false,
+                    run_at: now,
+                    error: None,
+                    cleanup_after: self.s.default_timeout,
+                    now,
+                })
+                .await;
+            match res {
+                Ok(Some(after)) => self.s.effects.transitioned(&after),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(session = %b.session.id, error = %e, "handing a buffered session back failed; it returns when its lease expires")
+                }
+            }
+        }
+        if n > 0 {
+            tracing::info!(sessions = n, "handed the buffered sessions back");
+        }
+    }
+}
+
+async fn claim_loop(s: Arc<WorkerSettings>, finisher: Finisher, mut stop: watch::Receiver<bool>) {
     let process = process_owner();
     let mut claims = 0u64;
-    let slots = Arc::new(Semaphore::new(s.workers.concurrency.max(1)));
-    let mut tasks = JoinSet::new();
     let poll = Duration::from_millis(s.workers.poll_interval_ms.max(10));
+    let prefetch = s.workers.prefetch;
+    let mut c = Claimer {
+        slots: Arc::new(Semaphore::new(s.workers.concurrency.max(1))),
+        buffer: VecDeque::new(),
+        tasks: JoinSet::new(),
+        renew_every: (s.workers.lease() / 3).max(Duration::from_millis(200)),
+        finisher,
+        s,
+    };
     loop {
         if *stop.borrow() {
             break;
         }
-        // Wait for at least one free slot, then claim as many as are free, never more.
-        let first = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stop.changed() => break,
-        };
-        let free = 1 + slots.available_permits();
+        c.start_buffered();
+        let free = c.slots.available_permits();
+        // Room for as many as slots are free plus the buffer's room; claimed when a slot is
+        // free or the buffer is down to half, so a busy buffer is refilled in batches.
+        let room = (free + prefetch).saturating_sub(c.buffer.len());
+        if room == 0 || (free == 0 && c.buffer.len() > prefetch / 2) {
+            tokio::select! {
+                p = c.slots.clone().acquire_owned() => match p {
+                    Ok(p) => c.start_next(p),
+                    Err(_) => break,
+                },
+                _ = tokio::time::sleep_until(c.next_renewal()) => c.renew_buffered().await,
+                _ = c.s.running.cancelled.notified() => c.end_cancelled(),
+                _ = stop.changed() => break,
+            }
+            continue;
+        }
         let started = tokio::time::Instant::now();
         // A lease owner unique to this claim call, not just to the process: a session closed
         // while RUNNING and submitted again under the same id starts over at attempt 1, and
@@ -207,19 +407,19 @@ async fn claim_loop(s: Arc<WorkerSettings>, mut stop: watch::Receiver<bool>) {
         // lease's (attempt, owner).
         claims += 1;
         let owner = format!("{process}/{claims}");
-        let claimed = s
-            .store
-            .session_claim(SessionClaim {
-                owner: owner.clone(),
-                limit: free,
-                lease: s.workers.lease(),
-                now: s.clock.now(),
-            })
-            .await;
+        let claimed =
+            c.s.store
+                .session_claim(SessionClaim {
+                    owner: owner.clone(),
+                    limit: room,
+                    lease: c.s.workers.lease(),
+                    now: c.s.clock.now(),
+                })
+                .await;
         let claimed = match claimed {
-            Ok(c) => {
+            Ok(claimed) => {
                 crate::store::outage::answered("claiming sessions");
-                c
+                claimed
             }
             Err(e) => {
                 if e.is_unavailable() {
@@ -227,7 +427,6 @@ async fn claim_loop(s: Arc<WorkerSettings>, mut stop: watch::Receiver<bool>) {
                 } else {
                     tracing::error!(error = %e, "claiming sessions failed; retrying");
                 }
-                drop(first);
                 tokio::select! {
                     _ = tokio::time::sleep(poll) => {}
                     _ = stop.changed() => break,
@@ -236,43 +435,39 @@ async fn claim_loop(s: Arc<WorkerSettings>, mut stop: watch::Receiver<bool>) {
             }
         };
         if claimed.is_empty() {
-            drop(first);
+            // Nothing due: sleep until a submission wakes us, or (with sessions buffered) a
+            // slot frees or a buffered lease needs renewing.
+            let waiting = !c.buffer.is_empty();
             tokio::select! {
-                _ = s.store.pending_wait(poll) => {}
+                _ = c.s.store.pending_wait(poll) => {}
+                p = c.slots.clone().acquire_owned(), if waiting => match p {
+                    Ok(p) => c.start_next(p),
+                    Err(_) => break,
+                },
+                _ = tokio::time::sleep_until(c.next_renewal()), if waiting => c.renew_buffered().await,
+                _ = c.s.running.cancelled.notified(), if waiting => c.end_cancelled(),
                 _ = stop.changed() => break,
             }
             // Reap finished attempts so the set does not grow.
-            while tasks.try_join_next().is_some() {}
+            while c.tasks.try_join_next().is_some() {}
             continue;
         }
         crate::metrics::claim_latency(started.elapsed(), claimed.len());
-        let mut first = Some(first);
+        let renewed = tokio::time::Instant::now();
         for session in claimed {
-            let permit = match first.take() {
-                Some(p) => p,
-                // `free` permits were available a moment ago and only this loop takes them.
-                None => match slots.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => match slots.clone().acquire_owned().await {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                },
-            };
-            // Every log line of the attempt, the engine's included, carries the session id.
-            let span =
-                tracing::info_span!("session", session = %session.id, attempt = session.attempt);
-            let (s, owner) = (s.clone(), owner.clone());
-            tasks.spawn(
-                async move {
-                    Attempt::run(s, session, owner).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            );
+            let stop = StopSignal::new();
+            let registered = c.s.running.register(session.key(), stop.clone());
+            c.buffer.push_back(Buffered {
+                session,
+                owner: owner.clone(),
+                stop,
+                registered,
+                renewed,
+            });
         }
-        while tasks.try_join_next().is_some() {}
     }
-    // Stop claiming; wait for attempts in flight (shutdown bounds this with its grace period).
-    while tasks.join_next().await.is_some() {}
+    // Stop claiming; hand back what never started, and wait for attempts in flight (shutdown
+    // bounds this with its grace period).
+    c.hand_back_buffered().await;
+    while c.tasks.join_next().await.is_some() {}
 }

@@ -656,6 +656,17 @@ pub trait Store: Send + Sync + 'static {
     /// ([`Session::finished`]); the session after it, `None` when not applied.
     async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<Option<Session>>;
 
+    /// [`Store::session_finish_if_running`] for many attempts in one durable step (one flush on
+    /// sled, one transaction on PostgreSQL): for each, in order, what a finish of its own would
+    /// answer (an item naming an attempt an earlier item ended is `None`). Durable on return.
+    /// When the call itself fails, none was acknowledged: the caller may finish each on its own
+    /// (a finish is a compare-and-set, so one that applied is refused, and its session shows
+    /// its terminal status with the attempt's number).
+    async fn session_finish_many(
+        &self,
+        items: Vec<SessionFinish>,
+    ) -> StoreResult<Vec<StoreResult<Option<Session>>>>;
+
     /// Back to PENDING if RUNNING with this attempt and owner; FAILED instead when attempts are
     /// exhausted, CANCELLED when a client asked to cancel meanwhile ([`Session::requeued`]).
     /// The session after it ([`RequeueOutcome::of`] its status says which), `None` when not

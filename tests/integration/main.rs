@@ -24,6 +24,7 @@ mod metrics;
 mod multiprocess;
 mod netns;
 mod outage;
+mod prefetch;
 mod proc;
 mod regressions;
 mod resume_crash;

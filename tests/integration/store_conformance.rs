@@ -62,6 +62,8 @@ macro_rules! store_conformance {
             transitions_refused_when_precondition_fails,
             finish_each_terminal_status,
             finish_with_non_terminal_status_is_invalid,
+            finish_many_per_item_results,
+            finish_many_across_intents,
             stale_worker_fenced_after_reclaim,
             heartbeat_renews_lease,
             list_newest_first_with_cursor_and_filters,
@@ -856,6 +858,139 @@ pub async fn finish_each_terminal_status(store: Arc<dyn Store>) {
             .await
             .expect("records");
         assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1]);
+    }
+}
+
+fn finish_of(s: &Session, status: SessionStatus, batch: CheckpointBatch) -> SessionFinish {
+    SessionFinish {
+        attempt: aref(s),
+        status,
+        error: (status == SessionStatus::Failed)
+            .then(|| SessionError::new("job_failed", "the job said no")),
+        batch,
+        cleanup_after: DEFAULT_TIMEOUT,
+        now: at(9),
+    }
+}
+
+/// Many finishes in one call: each answered as a finish of its own would be (the state
+/// machine's session, refused when the attempt does not hold it or an earlier item ended it,
+/// Invalid for a non-terminal status), and only the applied ones written.
+pub async fn finish_many_per_item_results(store: Arc<dyn Store>) {
+    for id in ["a", "b", "c", "d", "e"] {
+        insert(&store, session(id)).await;
+    }
+    let claimed = claim(&store, "w", 5, at(1)).await;
+    assert_eq!(ids(&claimed), ["a", "b", "c", "d", "e"]);
+    let [a, b, c, d, e] = [0, 1, 2, 3, 4].map(|i| claimed[i].clone());
+    let mut stranger = finish_of(&d, SessionStatus::Completed, CheckpointBatch::default());
+    stranger.attempt.owner = "someone-else".into();
+    let items = vec![
+        finish_of(&a, SessionStatus::Completed, full_batch(0)),
+        finish_of(&b, SessionStatus::Failed, full_batch(3)),
+        finish_of(&c, SessionStatus::Running, CheckpointBatch::default()),
+        stranger,
+        finish_of(&a, SessionStatus::Failed, CheckpointBatch::default()),
+        finish_of(&e, SessionStatus::Cancelled, CheckpointBatch::default()),
+    ];
+    let out = store
+        .session_finish_many(items.clone())
+        .await
+        .expect("finish_many");
+    assert_eq!(out.len(), items.len(), "one answer per item");
+    for (i, before) in [(0, &a), (1, &b), (5, &e)] {
+        let p = &items[i];
+        let expected = before.finished(
+            p.status,
+            p.error.clone(),
+            &p.batch.progress(),
+            DEFAULT_TIMEOUT,
+            at(9),
+        );
+        let got = match &out[i] {
+            Ok(Some(s)) => s.clone(),
+            other => panic!("item {i}: {other:?}"),
+        };
+        assert_applied(&store, &got, &expected, &format!("finish_many item {i}")).await;
+    }
+    assert!(
+        matches!(&out[2], Err(StoreError::Invalid(_))),
+        "a non-terminal status is refused: {:?}",
+        out[2]
+    );
+    assert!(matches!(&out[3], Ok(None)), "another owner: {:?}", out[3]);
+    assert!(
+        matches!(&out[4], Ok(None)),
+        "a second finish of one attempt is refused: {:?}",
+        out[4]
+    );
+    for id in ["c", "d"] {
+        assert_eq!(get(&store, id).await.status, SessionStatus::Running, "{id}");
+    }
+    assert_eq!(get(&store, "a").await.status, SessionStatus::Completed);
+    for (id, first) in [("a", 0), ("b", 0)] {
+        let recs = store
+            .records_page(RecordsPage {
+                id: harvest::SessionKey::from(sid(id)),
+                offset: 0,
+                limit: 100,
+            })
+            .await
+            .expect("records");
+        assert_eq!(
+            recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [first, first + 1, first + 2],
+            "{id}: its last batch's records, numbered from 0"
+        );
+    }
+    // Refused items still finish on their own afterwards.
+    assert!(finish(&store, &aref(&c), SessionStatus::Completed, at(10)).await);
+    assert!(finish(&store, &aref(&d), SessionStatus::Completed, at(10)).await);
+}
+
+/// A batch larger than one write unit (sled applies 64 sessions per intent): every session
+/// finished, the status counts and queue depth exact.
+pub async fn finish_many_across_intents(store: Arc<dyn Store>) {
+    let n = 150;
+    let batch: Vec<Session> = (0..n).map(|i| session(&format!("s{i:03}"))).collect();
+    let inserted = store.session_insert_many(batch).await.expect("insert_many");
+    assert!(
+        inserted
+            .iter()
+            .all(|r| matches!(r, Ok(InsertOutcome::Inserted(_))))
+    );
+    let claimed = claim(&store, "w", n, at(1)).await;
+    assert_eq!(claimed.len(), n);
+    let items: Vec<SessionFinish> = claimed
+        .iter()
+        .map(|s| finish_of(s, SessionStatus::Completed, CheckpointBatch::default()))
+        .collect();
+    let out = store.session_finish_many(items).await.expect("finish_many");
+    assert!(
+        out.iter()
+            .all(|r| matches!(r, Ok(Some(s)) if s.status == SessionStatus::Completed)),
+        "every item applied"
+    );
+    let counts = store.session_counts(at(10)).await.expect("counts");
+    assert_eq!(
+        counts.by_status.get(&SessionStatus::Completed).copied(),
+        Some(n as u64),
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts
+            .by_status
+            .get(&SessionStatus::Running)
+            .copied()
+            .unwrap_or(0),
+        0
+    );
+    assert_eq!(counts.queue_depth, 0);
+    for s in &claimed {
+        assert_eq!(
+            get(&store, s.id.as_str()).await.status,
+            SessionStatus::Completed
+        );
     }
 }
 

@@ -41,28 +41,59 @@ impl PostgresStore {
     }
 
     pub(super) async fn finish_session(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
-        if !p.status.is_terminal() {
-            return Err(StoreError::Invalid(format!(
-                "session {} cannot finish as {}; use COMPLETED, FAILED or CANCELLED",
-                p.attempt.id, p.status
-            )));
-        }
-        // Capped so that now + delay stays far inside bigint (a century is ~3.2e12 ms).
-        let cleanup_after_ms = i64::try_from(p.cleanup_after.as_millis())
-            .unwrap_or(i64::MAX)
-            .min(CENTURY_MS);
-        let ending = Ending::Finish {
-            status: p.status,
-            error: p.error,
-            cleanup_after_ms,
-        };
+        let ending = finish_ending(&p)?;
         self.attempt_commit(&p.attempt, &p.batch, p.now, ending)
             .await
     }
 
+    /// [`Store::session_finish_many`](crate::store::Store::session_finish_many): one
+    /// transaction, the finishes sent without waiting for each other's answers (pipelined on
+    /// one connection), one commit. A statement that fails aborts the transaction: the call
+    /// fails and nothing was written.
+    pub(super) async fn finish_sessions(
+        &self,
+        items: Vec<SessionFinish>,
+    ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
+        /// An item refused before anything was sent, or the answer to its statements.
+        enum Item {
+            Refused(StoreError),
+            Sent(StoreResult<Option<Session>>),
+        }
+        let endings: Vec<StoreResult<Ending>> = items.iter().map(finish_ending).collect();
+        let mut client = self.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        let answers = {
+            let tx = &tx;
+            futures::future::join_all(items.iter().zip(endings).map(|(p, ending)| async move {
+                match ending {
+                    Ok(ending) => {
+                        Item::Sent(attempt_in(tx, &p.attempt, &p.batch, p.now, ending).await)
+                    }
+                    Err(e) => Item::Refused(e),
+                }
+            }))
+            .await
+        };
+        let mut out = Vec::with_capacity(answers.len());
+        for a in answers {
+            match a {
+                Item::Refused(e) => out.push(Err(e)),
+                Item::Sent(Ok(s)) => out.push(Ok(s)),
+                // The transaction is aborted; dropping it rolls back.
+                Item::Sent(Err(e)) => return Err(e),
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(db_err("committing a batch of finished sessions"))?;
+        Ok(out)
+    }
+
     /// Commits `batch` and `ending` in one transaction if the attempt still holds its lease;
-    /// the session after it. One statement each, equal to the state machine's
-    /// [`Session::checkpointed`] and [`Session::finished`] (the conformance suite checks it).
+    /// the session after it ([`attempt_in`]).
     async fn attempt_commit(
         &self,
         a: &AttemptRef,
@@ -70,24 +101,65 @@ impl PostgresStore {
         now: Timestamp,
         ending: Ending,
     ) -> StoreResult<Option<Session>> {
-        let attempt = to_i32(a.attempt, "attempt")?;
-        let progress = batch.progress();
-        let records = to_i64(progress.records, "records")?;
-        let elements = to_i64(progress.elements, "elements")?;
-        let pages = to_i64(batch.pages, "pages")?;
-        let u = usage_columns(&batch.usage)?;
-        let nonempty = !batch.is_empty();
-        let checkpoint: i64 = nonempty.into();
-
         let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
             .map_err(db_err("starting a transaction"))?;
-        // The compare-and-set comes first: it locks the session row, so the batch below is
-        // written only while this attempt holds the lease, and the record numbering cannot race.
-        // Usage only with token tracking on (as `Session::checkpointed` says).
-        const COUNTERS: &str = "pages_processed = pages_processed + $4, \
+        let Some(session) = attempt_in(&tx, a, batch, now, ending).await? else {
+            // Not ours any more; the transaction rolls back on drop having written nothing.
+            return Ok(None);
+        };
+        tx.commit().await.map_err(db_err(&format!(
+            "committing attempt {} of session {}",
+            a.attempt, a.id
+        )))?;
+        Ok(Some(session))
+    }
+}
+
+/// How a finish ends the session, or why it cannot.
+fn finish_ending(p: &SessionFinish) -> StoreResult<Ending> {
+    if !p.status.is_terminal() {
+        return Err(StoreError::Invalid(format!(
+            "session {} cannot finish as {}; use COMPLETED, FAILED or CANCELLED",
+            p.attempt.id, p.status
+        )));
+    }
+    // Capped so that now + delay stays far inside bigint (a century is ~3.2e12 ms).
+    let cleanup_after_ms = i64::try_from(p.cleanup_after.as_millis())
+        .unwrap_or(i64::MAX)
+        .min(CENTURY_MS);
+    Ok(Ending::Finish {
+        status: p.status,
+        error: p.error.clone(),
+        cleanup_after_ms,
+    })
+}
+
+/// Writes `batch` and `ending` inside `tx` if the attempt still holds its lease; the session
+/// after it. One statement each, equal to the state machine's [`Session::checkpointed`] and
+/// [`Session::finished`] (the conformance suite checks it).
+async fn attempt_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    a: &AttemptRef,
+    batch: &CheckpointBatch,
+    now: Timestamp,
+    ending: Ending,
+) -> StoreResult<Option<Session>> {
+    let attempt = to_i32(a.attempt, "attempt")?;
+    let progress = batch.progress();
+    let records = to_i64(progress.records, "records")?;
+    let elements = to_i64(progress.elements, "elements")?;
+    let pages = to_i64(batch.pages, "pages")?;
+    let u = usage_columns(&batch.usage)?;
+    let nonempty = !batch.is_empty();
+    let checkpoint: i64 = nonempty.into();
+
+    // The compare-and-set comes first: it locks the session row, so the batch below is
+    // written only while this attempt holds the lease, and the record numbering cannot race.
+    // Usage only with token tracking on (as `Session::checkpointed` says).
+    const COUNTERS: &str = "pages_processed = pages_processed + $4, \
              processed_elements = processed_elements + $5, records = records + $13, \
              http_requests = http_requests + CASE WHEN token_tracking THEN $6::bigint ELSE 0 END, \
              http_errors = http_errors + CASE WHEN token_tracking THEN $7::bigint ELSE 0 END, \
@@ -96,49 +168,49 @@ impl PostgresStore {
              robots_blocked = robots_blocked + CASE WHEN token_tracking THEN $10::bigint ELSE 0 END, \
              checkpoints = checkpoints + $11, \
              progress_this_attempt = progress_this_attempt OR $11 > 0, updated_at = $12";
-        let row = match &ending {
-            Ending::Checkpoint { lease_expires_at } => {
-                let stmt = tx
-                    .prepare_cached(&format!(
-                        "UPDATE sessions SET {COUNTERS}, lease_expires_at = $14 \
+    let row = match &ending {
+        Ending::Checkpoint { lease_expires_at } => {
+            let stmt = tx
+                .prepare_cached(&format!(
+                    "UPDATE sessions SET {COUNTERS}, lease_expires_at = $14 \
                          WHERE {} RETURNING {SESSION_COLUMNS}",
-                        if_running(15)
-                    ))
-                    .await
-                    .map_err(db_err("preparing a checkpoint"))?;
-                tx.query_opt(
-                    &stmt,
-                    &[
-                        &a.id.id.as_str(),
-                        &attempt,
-                        &a.owner,
-                        &pages,
-                        &elements,
-                        &u[0],
-                        &u[1],
-                        &u[2],
-                        &u[3],
-                        &u[4],
-                        &checkpoint,
-                        &now.0,
-                        &records,
-                        &lease_expires_at.0,
-                        &a.id.tenant(),
-                    ],
-                )
+                    if_running(15)
+                ))
                 .await
-            }
-            Ending::Finish {
-                status,
-                error,
-                cleanup_after_ms,
-            } => {
-                // The session's own timeout (cleanup_after_ms, set at insert) else the default;
-                // the attempt running ends (`Session::finished`): its time counts, and its entry
-                // in `attempts` gets its end and outcome.
-                let stmt = tx
-                    .prepare_cached(&format!(
-                        "UPDATE sessions SET {COUNTERS}, status = $14, error_kind = $15, \
+                .map_err(db_err("preparing a checkpoint"))?;
+            tx.query_opt(
+                &stmt,
+                &[
+                    &a.id.id.as_str(),
+                    &attempt,
+                    &a.owner,
+                    &pages,
+                    &elements,
+                    &u[0],
+                    &u[1],
+                    &u[2],
+                    &u[3],
+                    &u[4],
+                    &checkpoint,
+                    &now.0,
+                    &records,
+                    &lease_expires_at.0,
+                    &a.id.tenant(),
+                ],
+            )
+            .await
+        }
+        Ending::Finish {
+            status,
+            error,
+            cleanup_after_ms,
+        } => {
+            // The session's own timeout (cleanup_after_ms, set at insert) else the default;
+            // the attempt running ends (`Session::finished`): its time counts, and its entry
+            // in `attempts` gets its end and outcome.
+            let stmt = tx
+                .prepare_cached(&format!(
+                    "UPDATE sessions SET {COUNTERS}, status = $14, error_kind = $15, \
                          error_message = $16, \
                          cleanup_at = $12::bigint + COALESCE(cleanup_after_ms, $17::bigint), \
                          end_time = $12, lease_owner = NULL, lease_expires_at = NULL, \
@@ -151,58 +223,52 @@ impl PostgresStore {
                                  to_jsonb($12::bigint)), '{{-1,outcome}}', to_jsonb($18::text)) \
                              ELSE attempts END \
                          WHERE {} RETURNING {SESSION_COLUMNS}",
-                        if_running(19)
-                    ))
-                    .await
-                    .map_err(db_err("preparing a finish"))?;
-                let (error_kind, error_message) = error_columns(error.as_ref());
-                let outcome = AttemptOutcome::ended(*status).as_str();
-                tx.query_opt(
-                    &stmt,
-                    &[
-                        &a.id.id.as_str(),
-                        &attempt,
-                        &a.owner,
-                        &pages,
-                        &elements,
-                        &u[0],
-                        &u[1],
-                        &u[2],
-                        &u[3],
-                        &u[4],
-                        &checkpoint,
-                        &now.0,
-                        &records,
-                        &status.as_str(),
-                        &error_kind,
-                        &error_message,
-                        cleanup_after_ms,
-                        &outcome,
-                        &a.id.tenant(),
-                    ],
-                )
+                    if_running(19)
+                ))
                 .await
-            }
+                .map_err(db_err("preparing a finish"))?;
+            let (error_kind, error_message) = error_columns(error.as_ref());
+            let outcome = AttemptOutcome::ended(*status).as_str();
+            tx.query_opt(
+                &stmt,
+                &[
+                    &a.id.id.as_str(),
+                    &attempt,
+                    &a.owner,
+                    &pages,
+                    &elements,
+                    &u[0],
+                    &u[1],
+                    &u[2],
+                    &u[3],
+                    &u[4],
+                    &checkpoint,
+                    &now.0,
+                    &records,
+                    &status.as_str(),
+                    &error_kind,
+                    &error_message,
+                    cleanup_after_ms,
+                    &outcome,
+                    &a.id.tenant(),
+                ],
+            )
+            .await
         }
-        .map_err(db_err(&format!(
-            "committing attempt {} of session {}",
-            a.attempt, a.id
-        )))?;
-        let Some(row) = row else {
-            // Not ours any more; the transaction rolls back on drop having written nothing.
-            return Ok(None);
-        };
-        let session = session_from_row(&row)?;
-        if nonempty {
-            let total = to_i64(session.records, "records")?;
-            write_batch(&tx, a, batch, total - records).await?;
-        }
-        tx.commit().await.map_err(db_err(&format!(
-            "committing attempt {} of session {}",
-            a.attempt, a.id
-        )))?;
-        Ok(Some(session))
     }
+    .map_err(db_err(&format!(
+        "committing attempt {} of session {}",
+        a.attempt, a.id
+    )))?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let session = session_from_row(&row)?;
+    if nonempty {
+        let total = to_i64(session.records, "records")?;
+        write_batch(tx, a, batch, total - records).await?;
+    }
+    Ok(Some(session))
 }
 
 /// Writes a checkpoint's records, frontier, seen set and log inside the caller's transaction.

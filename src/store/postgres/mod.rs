@@ -279,7 +279,8 @@ impl Store for PostgresStore {
         &self,
         sessions: Vec<Session>,
     ) -> StoreResult<Vec<StoreResult<InsertOutcome>>> {
-        self.insert_sessions(sessions).await
+        let r = self.insert_sessions(sessions).await;
+        self.event_written(r)
     }
 
     async fn session_get(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
@@ -312,6 +313,14 @@ impl Store for PostgresStore {
 
     async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
         let r = self.finish_session(p).await;
+        self.event_written(r)
+    }
+
+    async fn session_finish_many(
+        &self,
+        items: Vec<SessionFinish>,
+    ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
+        let r = self.finish_sessions(items).await;
         self.event_written(r)
     }
 

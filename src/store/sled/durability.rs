@@ -46,6 +46,11 @@ pub(super) fn k_intent(seq: u64) -> Vec<u8> {
     k
 }
 
+/// Sessions per intent of a many-session write (batch insert, batched finishes): a large intent
+/// becomes a sled blob file, written, synced and removed again; one flush after the last intent
+/// makes them all durable (tickets are flushed in order).
+pub(super) const SESSIONS_PER_INTENT: usize = 64;
+
 /// A group of key changes that is applied as a unit (see [`SledStore::apply_atomic`]). Later
 /// changes to the same key win, as in sled's own `Batch`.
 #[derive(Default, Debug)]
@@ -68,6 +73,18 @@ impl Batch {
 
     pub(super) fn remove<K: Into<IVec>>(&mut self, key: K) {
         self.ops.push((key.into(), None));
+    }
+
+    /// Where the batch ends now, for [`Batch::truncated`].
+    pub(super) fn mark(&self) -> (usize, usize) {
+        (self.ops.len(), self.loose.len())
+    }
+
+    /// The batch without the changes staged after `mark` (a failed item's).
+    pub(super) fn truncated(mut self, (ops, loose): (usize, usize)) -> Batch {
+        self.ops.truncate(ops);
+        self.loose.truncate(loose);
+        self
     }
 
     /// `count u32`, then per change `1 klen key vlen value` (insert) or `0 klen key` (remove),

@@ -3,14 +3,11 @@
 
 use sled::IVec;
 
-use super::durability::Batch;
+use super::durability::{Batch, SESSIONS_PER_INTENT};
 use super::keys::{active_prefix, id_after, k_session, k_tombstone, k_wait};
 use super::{SledStore, sled_err};
 use crate::session::{Session, SessionStatus};
 use crate::store::{InsertOutcome, SessionInsert, StoreError, StoreResult};
-
-/// Sessions per intent batch of a batch insert.
-const INSERT_CHUNK: usize = 64;
 
 impl SledStore {
     pub(super) async fn insert_session(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
@@ -131,7 +128,7 @@ impl SledStore {
                 // One intent per chunk keeps each intent small (a large value becomes a sled
                 // blob file: written, synced and removed again); the last chunk's flush makes
                 // every chunk durable (tickets are flushed in order).
-                if inserted.is_multiple_of(INSERT_CHUNK) {
+                if inserted.is_multiple_of(SESSIONS_PER_INTENT) {
                     ticket = Some(self.commit(&mut st, c.clone(), std::mem::take(&mut b))?);
                 }
             }

@@ -420,6 +420,13 @@ impl Store for SledStore {
         self.finish_session(p).await
     }
 
+    async fn session_finish_many(
+        &self,
+        items: Vec<SessionFinish>,
+    ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
+        self.finish_sessions(items).await
+    }
+
     async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<Option<Session>> {
         self.requeue_session(p).await
     }

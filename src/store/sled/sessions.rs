@@ -14,7 +14,7 @@ use std::ops::Bound;
 
 use sled::IVec;
 
-use super::durability::Batch;
+use super::durability::{Batch, SESSIONS_PER_INTENT};
 use super::keys::{
     data_prefix, id_after, k_active, k_agent, k_cleanup, k_client, k_global, k_lease, k_pending,
     k_pending_of, k_session, k_status, k_tombstone, k_wait, lp_prefix, newest, show_key,
@@ -437,6 +437,11 @@ impl SledStore {
                 Self::stage(&mut c, &mut b, Some(&old), &s)?;
                 changed = true;
                 claimed.push(s);
+                // Small intents (a large one becomes a blob file); claims need no flush.
+                if claimed.len().is_multiple_of(SESSIONS_PER_INTENT) {
+                    self.apply(&mut st, c.clone(), std::mem::take(&mut b))?;
+                    changed = false;
+                }
             }
             if changed {
                 self.apply(&mut st, c, b)?;
@@ -488,24 +493,98 @@ impl SledStore {
         self.index_before(&p.attempt.id, &p.batch)?;
         let (s, ticket) = {
             let mut st = self.lock();
-            let Some(old) = self.load_running(&p.attempt)? else {
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            let Some(s) = self.stage_finish(&mut c, &mut b, p)? else {
                 return Ok(None);
             };
-            let mut b = Batch::default();
-            self.stage_batch(&mut b, &old, &p.batch)?;
-            let s = old.finished(
-                p.status,
-                p.error,
-                &p.batch.progress(),
-                p.cleanup_after,
-                p.now,
-            );
-            let mut c = st.clone();
-            self.stage_transition(&mut c, &mut b, &old, &s)?;
             let ticket = self.commit(&mut st, c, b)?;
             (s, ticket)
         };
         self.durability.wait(ticket).await?;
+        Ok(Some(s))
+    }
+
+    /// [`Store::session_finish_many`](crate::store::Store::session_finish_many): every finish
+    /// staged under one hold of the lock, one intent per [`SESSIONS_PER_INTENT`] sessions, one flush.
+    /// An item that cannot be staged gets its own error and leaves the others alone.
+    pub(super) async fn finish_sessions(
+        &self,
+        items: Vec<SessionFinish>,
+    ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
+        // Outside the lock, as a finish of its own does it.
+        let ready: Vec<StoreResult<()>> = items
+            .iter()
+            .map(|p| {
+                validate_terminal(p.status)?;
+                self.index_before(&p.attempt.id, &p.batch)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        let ticket = {
+            let mut st = self.lock();
+            let mut c = st.clone();
+            let mut b = Batch::default();
+            let mut ended = std::collections::HashSet::with_capacity(items.len());
+            let (mut staged, mut ticket) = (0usize, None);
+            for (p, ready) in items.into_iter().zip(ready) {
+                if let Err(e) = ready {
+                    out.push(Err(e));
+                    continue;
+                }
+                if !ended.insert(p.attempt.id.clone()) {
+                    // An earlier item ended this session.
+                    out.push(Ok(None));
+                    continue;
+                }
+                let (before, mark) = (c.clone(), b.mark());
+                match self.stage_finish(&mut c, &mut b, p) {
+                    Ok(Some(s)) => {
+                        out.push(Ok(Some(s)));
+                        staged += 1;
+                    }
+                    Ok(None) => out.push(Ok(None)),
+                    Err(e) => {
+                        (c, b) = (before, b.truncated(mark));
+                        out.push(Err(e));
+                    }
+                }
+                // Small intents, as batch inserts keep them; the last flush covers them all.
+                if staged > 0 && staged.is_multiple_of(SESSIONS_PER_INTENT) && !b.is_empty() {
+                    ticket = Some(self.commit(&mut st, c.clone(), std::mem::take(&mut b))?);
+                }
+            }
+            if !b.is_empty() {
+                ticket = Some(self.commit(&mut st, c, b)?);
+            }
+            ticket
+        };
+        if let Some(ticket) = ticket {
+            self.durability.wait(ticket).await?;
+        }
+        Ok(out)
+    }
+
+    /// Stages ending the attempt `p` names (its last checkpoint and terminal status) into `b`
+    /// and `c`; the session after it, `None` when the attempt no longer holds the session.
+    fn stage_finish(
+        &self,
+        c: &mut Counters,
+        b: &mut Batch,
+        p: SessionFinish,
+    ) -> StoreResult<Option<Session>> {
+        let Some(old) = self.load_running(&p.attempt)? else {
+            return Ok(None);
+        };
+        self.stage_batch(b, &old, &p.batch)?;
+        let s = old.finished(
+            p.status,
+            p.error,
+            &p.batch.progress(),
+            p.cleanup_after,
+            p.now,
+        );
+        self.stage_transition(c, b, &old, &s)?;
         Ok(Some(s))
     }
 
