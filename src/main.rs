@@ -8,6 +8,13 @@ mod cli;
 #[allow(dead_code)]
 mod sitegen;
 
+/// mimalloc instead of glibc's malloc: under `bench queue` the profile (`perf record -e
+/// cpu-clock`) showed a quarter of the CPU in glibc's malloc and free, much of it waiting on its
+/// arena locks (futex wake/wait), since sled and the codec allocate per key and per value on
+/// every worker thread.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     if let Err(e) = cli::main().await {
