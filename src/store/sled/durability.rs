@@ -46,16 +46,20 @@ pub(super) fn k_intent(seq: u64) -> Vec<u8> {
     k
 }
 
-/// Sessions per intent of a many-session write (batch insert, batched finishes): a large intent
-/// becomes a sled blob file, written, synced and removed again; one flush after the last intent
-/// makes them all durable (tickets are flushed in order).
-pub(super) const SESSIONS_PER_INTENT: usize = 64;
+/// Size at which a many-session write (batch insert, claim, batched finishes) ends its intent
+/// and starts another. The intent is one sled value: past ~128 KiB (a 512 KiB segment over
+/// sled's minimum of 4 items) it becomes a blob file, written, synced and removed again, and
+/// every rewrite of its leaf copies it. One flush after the last intent makes them all durable
+/// (tickets are flushed in order).
+const INTENT_BYTES: usize = 32 * 1024;
 
 /// A group of key changes that is applied as a unit (see [`SledStore::apply_atomic`]). Later
 /// changes to the same key win, as in sled's own `Batch`.
 #[derive(Default, Debug)]
 pub(super) struct Batch {
     ops: Vec<(IVec, Option<IVec>)>,
+    /// The encoded size of `ops` ([`Batch::encode`]).
+    bytes: usize,
     /// Changes applied before the intent, outside it: to keys no reader sees until the batch's
     /// other changes are in (records numbered from the session's committed count).
     pub(super) loose: Vec<(IVec, Option<IVec>)>,
@@ -68,11 +72,21 @@ impl Batch {
     }
 
     pub(super) fn insert<K: Into<IVec>, V: Into<IVec>>(&mut self, key: K, value: V) {
-        self.ops.push((key.into(), Some(value.into())));
+        let (key, value) = (key.into(), value.into());
+        self.bytes += 13 + key.len() + value.len();
+        self.ops.push((key, Some(value)));
     }
 
     pub(super) fn remove<K: Into<IVec>>(&mut self, key: K) {
-        self.ops.push((key.into(), None));
+        let key = key.into();
+        self.bytes += 9 + key.len();
+        self.ops.push((key, None));
+    }
+
+    /// Whether the intent is as large as one should be: a many-session write commits it and
+    /// goes on in a new batch ([`INTENT_BYTES`]).
+    pub(super) fn full(&self) -> bool {
+        self.bytes >= INTENT_BYTES
     }
 
     /// Where the batch ends now, for [`Batch::truncated`].
@@ -84,6 +98,11 @@ impl Batch {
     pub(super) fn truncated(mut self, (ops, loose): (usize, usize)) -> Batch {
         self.ops.truncate(ops);
         self.loose.truncate(loose);
+        self.bytes = self
+            .ops
+            .iter()
+            .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, |v| 4 + v.len()))
+            .sum();
         self
     }
 
@@ -141,6 +160,7 @@ impl Batch {
         }
         b.is_empty().then_some(Batch {
             ops,
+            bytes: bytes.len().saturating_sub(4),
             loose: Vec::new(),
         })
     }

@@ -1,9 +1,9 @@
 //! Inserts: one session (duplicate, `max_pending` and single-session-agent checks) and batches
-//! (every session staged under one lock, in intent batches of 64, waiting for one flush).
+//! (every session staged under one lock, in intents of bounded size, waiting for one flush).
 
 use sled::IVec;
 
-use super::durability::{Batch, SESSIONS_PER_INTENT};
+use super::durability::Batch;
 use super::keys::{active_prefix, id_after, k_session, k_tombstone, k_wait};
 use super::{SledStore, sled_err};
 use crate::session::{Session, SessionStatus};
@@ -60,8 +60,8 @@ impl SledStore {
         Ok(InsertOutcome::Inserted(Box::new(s)))
     }
 
-    /// [`Store::session_insert_many`]: every session checked and staged under one lock, one
-    /// intent per 64 sessions, one flush. A client's `max_pending` is counted once and the
+    /// [`Store::session_insert_many`]: every session checked and staged under one lock, in
+    /// intents of at most ~32 KiB, one flush. A client's `max_pending` is counted once and the
     /// batch's own items count against it.
     pub(super) async fn insert_sessions(
         &self,
@@ -76,7 +76,6 @@ impl SledStore {
             let quotas = self.quotas();
             let limits = &quotas.max_pending;
             let mut room: std::collections::HashMap<String, u64> = Default::default();
-            let mut inserted = 0usize;
             let mut ticket = None;
             for mut s in sessions {
                 if s.status != SessionStatus::Pending {
@@ -124,11 +123,10 @@ impl SledStore {
                 Self::stage(&mut c, &mut b, None, &s)?;
                 b.insert(k_wait(&s), IVec::default());
                 out.push(Ok(InsertOutcome::Inserted(Box::new(s))));
-                inserted += 1;
                 // One intent per chunk keeps each intent small (a large value becomes a sled
                 // blob file: written, synced and removed again); the last chunk's flush makes
                 // every chunk durable (tickets are flushed in order).
-                if inserted.is_multiple_of(SESSIONS_PER_INTENT) {
+                if b.full() {
                     ticket = Some(self.commit(&mut st, c.clone(), std::mem::take(&mut b))?);
                 }
             }

@@ -14,7 +14,7 @@ use std::ops::Bound;
 
 use sled::IVec;
 
-use super::durability::{Batch, SESSIONS_PER_INTENT};
+use super::durability::Batch;
 use super::keys::{
     data_prefix, id_after, k_active, k_agent, k_cleanup, k_client, k_global, k_lease, k_pending,
     k_pending_of, k_session, k_status, k_tombstone, k_wait, lp_prefix, newest, show_key,
@@ -438,7 +438,7 @@ impl SledStore {
                 changed = true;
                 claimed.push(s);
                 // Small intents (a large one becomes a blob file); claims need no flush.
-                if claimed.len().is_multiple_of(SESSIONS_PER_INTENT) {
+                if b.full() {
                     self.apply(&mut st, c.clone(), std::mem::take(&mut b))?;
                     changed = false;
                 }
@@ -506,7 +506,7 @@ impl SledStore {
     }
 
     /// [`Store::session_finish_many`](crate::store::Store::session_finish_many): every finish
-    /// staged under one hold of the lock, one intent per [`SESSIONS_PER_INTENT`] sessions, one flush.
+    /// staged under one hold of the lock, intents of bounded size, one flush.
     /// An item that cannot be staged gets its own error and leaves the others alone.
     pub(super) async fn finish_sessions(
         &self,
@@ -526,7 +526,7 @@ impl SledStore {
             let mut c = st.clone();
             let mut b = Batch::default();
             let mut ended = std::collections::HashSet::with_capacity(items.len());
-            let (mut staged, mut ticket) = (0usize, None);
+            let mut ticket = None;
             for (p, ready) in items.into_iter().zip(ready) {
                 if let Err(e) = ready {
                     out.push(Err(e));
@@ -539,10 +539,7 @@ impl SledStore {
                 }
                 let (before, mark) = (c.clone(), b.mark());
                 match self.stage_finish(&mut c, &mut b, p) {
-                    Ok(Some(s)) => {
-                        out.push(Ok(Some(s)));
-                        staged += 1;
-                    }
+                    Ok(Some(s)) => out.push(Ok(Some(s))),
                     Ok(None) => out.push(Ok(None)),
                     Err(e) => {
                         (c, b) = (before, b.truncated(mark));
@@ -550,7 +547,7 @@ impl SledStore {
                     }
                 }
                 // Small intents, as batch inserts keep them; the last flush covers them all.
-                if staged > 0 && staged.is_multiple_of(SESSIONS_PER_INTENT) && !b.is_empty() {
+                if b.full() {
                     ticket = Some(self.commit(&mut st, c.clone(), std::mem::take(&mut b))?);
                 }
             }
