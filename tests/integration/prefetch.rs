@@ -78,12 +78,11 @@ async fn open(dir: &std::path::Path, gate: &Gate) -> Harvest {
     cfg.workers.prefetch = 4;
     cfg.workers.poll_interval_ms = 50;
     cfg.workers.lease_secs = 3;
-    let h = Harvest::builder(cfg)
+    Harvest::builder(cfg)
         .job(Arc::new(gate.clone()))
         .open()
         .await
-        .expect("open harvest");
-    h
+        .expect("open harvest")
 }
 
 async fn sessions(h: &Harvest) -> Vec<Session> {

@@ -54,36 +54,29 @@ impl PostgresStore {
         &self,
         items: Vec<SessionFinish>,
     ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
-        /// An item refused before anything was sent, or the answer to its statements.
-        enum Item {
-            Refused(StoreError),
-            Sent(StoreResult<Option<Session>>),
-        }
         let endings: Vec<StoreResult<Ending>> = items.iter().map(finish_ending).collect();
         let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
             .map_err(db_err("starting a transaction"))?;
-        let answers = {
+        // Per item: `Err` when refused before anything was sent, else the answer to its
+        // statements.
+        let answers: Vec<Result<StoreResult<Option<Session>>, StoreError>> = {
             let tx = &tx;
             futures::future::join_all(items.iter().zip(endings).map(|(p, ending)| async move {
-                match ending {
-                    Ok(ending) => {
-                        Item::Sent(attempt_in(tx, &p.attempt, &p.batch, p.now, ending).await)
-                    }
-                    Err(e) => Item::Refused(e),
-                }
+                let ending = ending?;
+                Ok(attempt_in(tx, &p.attempt, &p.batch, p.now, ending).await)
             }))
             .await
         };
         let mut out = Vec::with_capacity(answers.len());
         for a in answers {
             match a {
-                Item::Refused(e) => out.push(Err(e)),
-                Item::Sent(Ok(s)) => out.push(Ok(s)),
+                Err(refused) => out.push(Err(refused)),
+                Ok(Ok(s)) => out.push(Ok(s)),
                 // The transaction is aborted; dropping it rolls back.
-                Item::Sent(Err(e)) => return Err(e),
+                Ok(Err(e)) => return Err(e),
             }
         }
         tx.commit()
