@@ -4,7 +4,9 @@
 //! events, whichever process made them, in order per session.
 //!
 //! It starts after the newest event at start (subscribers see events from then on; older ones
-//! are read from the store by `Last-Event-ID` resume). It wakes on the store's signal and
+//! are read from the store by `Last-Event-ID` resume). While the process has no subscriber it
+//! only follows the log's end (one `max(id)` per wake-up) instead of reading every event: a
+//! worker process never has one, and reading rebuilt three sessions per session run. It wakes on the store's signal and
 //! polls at least every [`POLL`] (a notification lost in an outage costs at most that). After
 //! a failed read it continues from the last id it delivered, so nothing is missed across an
 //! outage. A gap in the ids (an event whose transaction has not committed yet) is waited for
@@ -47,6 +49,33 @@ pub async fn feed(store: Arc<dyn Store>, bus: EventBus, stop: CancellationToken)
     // The first missing id and since when it is missed.
     let mut gap: Option<(u64, Instant)> = None;
     while !stop.is_cancelled() {
+        if !bus.has_subscribers() {
+            // Nobody in this process listens (a worker process, a server with no stream
+            // open): keep up with the log's end instead of reading and rebuilding every event.
+            // The end is read before the check, so an event committed after a subscriber came
+            // is past it and delivered by the next read.
+            match store.events_last_id().await {
+                Ok(id) if !bus.has_subscribers() => {
+                    last = last.max(id);
+                    gap = None;
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = store.events_wait(POLL) => {}
+                    }
+                    continue;
+                }
+                // A subscriber came meanwhile: read from where the feed was.
+                Ok(_) => {}
+                Err(e) => {
+                    crate::store::outage::unavailable(WHAT, &e);
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(RETRY) => {}
+                    }
+                    continue;
+                }
+            }
+        }
         let events = match store
             .events_after(EventsAfter {
                 after: last,

@@ -106,8 +106,12 @@ impl PostgresStore {
 
     pub(super) async fn last_event_id(&self) -> StoreResult<u64> {
         let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT coalesce(max(id), 0) FROM events")
+            .await
+            .map_err(db_err("preparing the last event id"))?;
         let row = client
-            .query_one("SELECT coalesce(max(id), 0) FROM events", &[])
+            .query_one(&stmt, &[])
             .await
             .map_err(db_err("reading the last event id"))?;
         to_u64(row_get::<i64>(&row, 0, "events")?, "events.id")
