@@ -2,6 +2,8 @@
 //! seen URLs and log lines, in one transaction that first takes the session row by its
 //! compare-and-set, so nothing is written unless the attempt still holds its lease.
 
+use tokio_postgres::types::ToSql;
+
 use super::rows::{
     SESSION_COLUMNS, error_columns, session_from_row, to_i32, to_i64, usage_columns,
 };
@@ -161,95 +163,76 @@ async fn attempt_in(
              robots_blocked = robots_blocked + CASE WHEN token_tracking THEN $10::bigint ELSE 0 END, \
              checkpoints = checkpoints + $11, \
              progress_this_attempt = progress_this_attempt OR $11 > 0, updated_at = $12";
-    let row = match &ending {
+    let id = a.id.id.as_str();
+    let tenant = a.id.tenant();
+    // $1..$13, shared by both statements.
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &id,
+        &attempt,
+        &a.owner,
+        &pages,
+        &elements,
+        &u[0],
+        &u[1],
+        &u[2],
+        &u[3],
+        &u[4],
+        &checkpoint,
+        &now.0,
+        &records,
+    ];
+    let (error_kind, error_message);
+    let (status_text, outcome);
+    let stmt = match &ending {
         Ending::Checkpoint { lease_expires_at } => {
-            let stmt = tx
-                .prepare_cached(&format!(
-                    "UPDATE sessions SET {COUNTERS}, lease_expires_at = $14 \
-                         WHERE {} RETURNING {SESSION_COLUMNS}",
-                    if_running(15)
-                ))
-                .await
-                .map_err(db_err("preparing a checkpoint"))?;
-            tx.query_opt(
-                &stmt,
-                &[
-                    &a.id.id.as_str(),
-                    &attempt,
-                    &a.owner,
-                    &pages,
-                    &elements,
-                    &u[0],
-                    &u[1],
-                    &u[2],
-                    &u[3],
-                    &u[4],
-                    &checkpoint,
-                    &now.0,
-                    &records,
-                    &lease_expires_at.0,
-                    &a.id.tenant(),
-                ],
-            )
+            params.extend([&lease_expires_at.0 as &(dyn ToSql + Sync), &tenant]);
+            tx.prepare_cached(&format!(
+                "UPDATE sessions SET {COUNTERS}, lease_expires_at = $14 \
+                 WHERE {} RETURNING {SESSION_COLUMNS}",
+                if_running(15)
+            ))
             .await
+            .map_err(db_err("preparing a checkpoint"))?
         }
         Ending::Finish {
             status,
             error,
             cleanup_after_ms,
         } => {
+            (error_kind, error_message) = error_columns(error.as_ref());
+            (status_text, outcome) = (status.as_str(), AttemptOutcome::ended(*status).as_str());
+            params.extend([
+                &status_text as &(dyn ToSql + Sync),
+                &error_kind,
+                &error_message,
+                cleanup_after_ms,
+                &outcome,
+                &tenant,
+            ]);
             // The session's own timeout (cleanup_after_ms, set at insert) else the default;
             // the attempt running ends (`Session::finished`): its time counts, and its entry
             // in `attempts` gets its end and outcome.
-            let stmt = tx
-                .prepare_cached(&format!(
-                    "UPDATE sessions SET {COUNTERS}, status = $14, error_kind = $15, \
-                         error_message = $16, \
-                         cleanup_at = $12::bigint + COALESCE(cleanup_after_ms, $17::bigint), \
-                         end_time = $12, lease_owner = NULL, lease_expires_at = NULL, \
-                         running_ms = running_ms + CASE WHEN running_since IS NULL THEN 0 \
-                             ELSE GREATEST(0, $12::bigint - running_since) END, \
-                         running_since = NULL, \
-                         attempts = CASE WHEN jsonb_array_length(attempts) > 0 AND \
-                             COALESCE(attempts->-1->'ended_at', 'null'::jsonb) = 'null'::jsonb \
-                             THEN jsonb_set(jsonb_set(attempts, '{{-1,ended_at}}', \
-                                 to_jsonb($12::bigint)), '{{-1,outcome}}', to_jsonb($18::text)) \
-                             ELSE attempts END \
-                         WHERE {} RETURNING {SESSION_COLUMNS}",
-                    if_running(19)
-                ))
-                .await
-                .map_err(db_err("preparing a finish"))?;
-            let (error_kind, error_message) = error_columns(error.as_ref());
-            let outcome = AttemptOutcome::ended(*status).as_str();
-            tx.query_opt(
-                &stmt,
-                &[
-                    &a.id.id.as_str(),
-                    &attempt,
-                    &a.owner,
-                    &pages,
-                    &elements,
-                    &u[0],
-                    &u[1],
-                    &u[2],
-                    &u[3],
-                    &u[4],
-                    &checkpoint,
-                    &now.0,
-                    &records,
-                    &status.as_str(),
-                    &error_kind,
-                    &error_message,
-                    cleanup_after_ms,
-                    &outcome,
-                    &a.id.tenant(),
-                ],
-            )
+            tx.prepare_cached(&format!(
+                "UPDATE sessions SET {COUNTERS}, status = $14, error_kind = $15, \
+                 error_message = $16, \
+                 cleanup_at = $12::bigint + COALESCE(cleanup_after_ms, $17::bigint), \
+                 end_time = $12, lease_owner = NULL, lease_expires_at = NULL, \
+                 running_ms = running_ms + CASE WHEN running_since IS NULL THEN 0 \
+                     ELSE GREATEST(0, $12::bigint - running_since) END, \
+                 running_since = NULL, \
+                 attempts = CASE WHEN jsonb_array_length(attempts) > 0 AND \
+                     COALESCE(attempts->-1->'ended_at', 'null'::jsonb) = 'null'::jsonb \
+                     THEN jsonb_set(jsonb_set(attempts, '{{-1,ended_at}}', \
+                         to_jsonb($12::bigint)), '{{-1,outcome}}', to_jsonb($18::text)) \
+                     ELSE attempts END \
+                 WHERE {} RETURNING {SESSION_COLUMNS}",
+                if_running(19)
+            ))
             .await
+            .map_err(db_err("preparing a finish"))?
         }
-    }
-    .map_err(db_err(&format!(
+    };
+    let row = tx.query_opt(&stmt, &params).await.map_err(db_err(&format!(
         "committing attempt {} of session {}",
         a.attempt, a.id
     )))?;
