@@ -92,7 +92,7 @@ async fn write(store: &dyn Store, batch: Vec<(SessionFinish, Answer)>) {
         }
         return;
     }
-    match store.session_finish_many(items.clone()).await {
+    match store.session_finish_many(&items).await {
         Ok(results) => {
             for (answer, r) in answers.into_iter().zip(results) {
                 let _ = answer.send(r);

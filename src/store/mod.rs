@@ -664,7 +664,7 @@ pub trait Store: Send + Sync + 'static {
     /// its terminal status with the attempt's number).
     async fn session_finish_many(
         &self,
-        items: Vec<SessionFinish>,
+        items: &[SessionFinish],
     ) -> StoreResult<Vec<StoreResult<Option<Session>>>>;
 
     /// Back to PENDING if RUNNING with this attempt and owner; FAILED instead when attempts are

@@ -894,7 +894,7 @@ pub async fn finish_many_per_item_results(store: Arc<dyn Store>) {
         finish_of(&e, SessionStatus::Cancelled, CheckpointBatch::default()),
     ];
     let out = store
-        .session_finish_many(items.clone())
+        .session_finish_many(&items)
         .await
         .expect("finish_many");
     assert_eq!(out.len(), items.len(), "one answer per item");
@@ -965,7 +965,10 @@ pub async fn finish_many_across_intents(store: Arc<dyn Store>) {
         .iter()
         .map(|s| finish_of(s, SessionStatus::Completed, CheckpointBatch::default()))
         .collect();
-    let out = store.session_finish_many(items).await.expect("finish_many");
+    let out = store
+        .session_finish_many(&items)
+        .await
+        .expect("finish_many");
     assert!(
         out.iter()
             .all(|r| matches!(r, Ok(Some(s)) if s.status == SessionStatus::Completed)),

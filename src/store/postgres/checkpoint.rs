@@ -54,7 +54,7 @@ impl PostgresStore {
     /// fails and nothing was written.
     pub(super) async fn finish_sessions(
         &self,
-        items: Vec<SessionFinish>,
+        items: &[SessionFinish],
     ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
         let endings: Vec<StoreResult<Ending>> = items.iter().map(finish_ending).collect();
         let mut client = self.client().await?;

@@ -318,7 +318,7 @@ impl Store for PostgresStore {
 
     async fn session_finish_many(
         &self,
-        items: Vec<SessionFinish>,
+        items: &[SessionFinish],
     ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
         let r = self.finish_sessions(items).await;
         self.event_written(r)

@@ -422,7 +422,7 @@ impl Store for SledStore {
 
     async fn session_finish_many(
         &self,
-        items: Vec<SessionFinish>,
+        items: &[SessionFinish],
     ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
         self.finish_sessions(items).await
     }

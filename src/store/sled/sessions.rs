@@ -495,7 +495,7 @@ impl SledStore {
             let mut st = self.lock();
             let mut c = st.clone();
             let mut b = Batch::default();
-            let Some(s) = self.stage_finish(&mut c, &mut b, p)? else {
+            let Some(s) = self.stage_finish(&mut c, &mut b, &p)? else {
                 return Ok(None);
             };
             let ticket = self.commit(&mut st, c, b)?;
@@ -510,7 +510,7 @@ impl SledStore {
     /// An item that cannot be staged gets its own error and leaves the others alone.
     pub(super) async fn finish_sessions(
         &self,
-        items: Vec<SessionFinish>,
+        items: &[SessionFinish],
     ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
         // Outside the lock, as a finish of its own does it.
         let ready: Vec<StoreResult<()>> = items
@@ -527,7 +527,7 @@ impl SledStore {
             let mut b = Batch::default();
             let mut ended = std::collections::HashSet::with_capacity(items.len());
             let mut ticket = None;
-            for (p, ready) in items.into_iter().zip(ready) {
+            for (p, ready) in items.iter().zip(ready) {
                 if let Err(e) = ready {
                     out.push(Err(e));
                     continue;
@@ -568,7 +568,7 @@ impl SledStore {
         &self,
         c: &mut Counters,
         b: &mut Batch,
-        p: SessionFinish,
+        p: &SessionFinish,
     ) -> StoreResult<Option<Session>> {
         let Some(old) = self.load_running(&p.attempt)? else {
             return Ok(None);
@@ -576,7 +576,7 @@ impl SledStore {
         self.stage_batch(b, &old, &p.batch)?;
         let s = old.finished(
             p.status,
-            p.error,
+            p.error.clone(),
             &p.batch.progress(),
             p.cleanup_after,
             p.now,
