@@ -225,9 +225,12 @@ impl EventBus {
         if ring.events.len() >= RING_MAX {
             ring.events.pop_front();
         }
-        ring.events.push_back(event.clone());
-        // Sent under the lock, so subscribers see ids in increasing order.
-        let _ = self.tx.send(event);
+        // Sent under the lock, so subscribers see ids in increasing order; copied only for a
+        // subscriber (the ring keeps the event for Last-Event-ID either way).
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(event.clone());
+        }
+        ring.events.push_back(event);
     }
 
     /// Delivers an event read from the store's log (ids increasing).

@@ -593,6 +593,9 @@ impl Attempt {
     ) {
         let counts = BatchCounts::of(&batch);
         let kept = self.s.effects.observes_commits().then(|| batch.clone());
+        // Kept for another try only where the store can be away (as in `commit`).
+        let retryable = !self.s.store.exclusive();
+        let (mut batch, mut error) = (batch, error);
         let lease = self.s.workers.lease();
         let give_up_at = tokio::time::Instant::now() + lease / 2;
         let mut pause = RETRY_MIN;
@@ -603,8 +606,16 @@ impl Attempt {
                 .finish(SessionFinish {
                     attempt: self.aref.clone(),
                     status,
-                    error: error.clone(),
-                    batch: batch.clone(),
+                    error: if retryable {
+                        error.clone()
+                    } else {
+                        error.take()
+                    },
+                    batch: if retryable {
+                        batch.clone()
+                    } else {
+                        std::mem::take(&mut batch)
+                    },
                     cleanup_after: self.default_timeout(),
                     now: self.s.clock.now(),
                 })

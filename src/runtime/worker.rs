@@ -234,9 +234,13 @@ impl Claimer {
 
     /// Starts the first buffered session on `permit` (dropped when the buffer is empty).
     fn start_next(&mut self, permit: OwnedSemaphorePermit) {
-        let Some(b) = self.buffer.pop_front() else {
-            return;
-        };
+        if let Some(b) = self.buffer.pop_front() {
+            self.spawn(b, Some(permit));
+        }
+    }
+
+    /// Runs `b`'s attempt, holding `permit` (a slot) until it ends.
+    fn spawn(&mut self, b: Buffered, permit: Option<OwnedSemaphorePermit>) {
         // Every log line of the attempt, the engine's included, carries the session id.
         let span =
             tracing::info_span!("session", session = %b.session.id, attempt = b.session.attempt);
@@ -259,12 +263,7 @@ impl Claimer {
                 .partition(|b| b.stop.reason() == Some(StopReason::Cancelled));
         self.buffer = kept;
         for b in cancelled {
-            let span = tracing::info_span!("session", session = %b.session.id, attempt = b.session.attempt);
-            let (s, finisher) = (self.s.clone(), self.finisher.clone());
-            self.tasks.spawn(
-                Attempt::run(s, finisher, b.session, b.owner, b.stop, b.registered)
-                    .instrument(span),
-            );
+            self.spawn(b, None);
         }
     }
 

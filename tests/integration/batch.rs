@@ -101,15 +101,19 @@ async fn the_cli_submits_many_configs_and_json_lines() {
     let b = dir.path().join("b.toml");
     std::fs::write(&a, cfg("a")).expect("write");
     std::fs::write(&b, cfg("b")).expect("write");
+    // Bounded: a CLI that hangs fails the test after 60 s (and is killed with it).
     let run = |args: Vec<String>| {
         let api = api.clone();
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_harvest"))
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_harvest"))
                 .args(&args)
                 .env("HARVEST_SERVER", api)
-                .output()
-                .expect("run harvest")
-        })
+                .kill_on_drop(true)
+                .output();
+            tokio::time::timeout(Duration::from_secs(60), out)
+                .await
+                .map(|out| out.expect("run harvest"))
+        }
     };
     let later = r#"{"run_at": "2999-01-01T00:00:00Z"}"#.to_string();
     let out = run(vec![
@@ -120,7 +124,7 @@ async fn the_cli_submits_many_configs_and_json_lines() {
         later.clone(),
     ])
     .await
-    .expect("join");
+    .expect("harvest submit finished within 60 s");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -161,7 +165,7 @@ async fn the_cli_submits_many_configs_and_json_lines() {
         jsonl.display().to_string(),
     ])
     .await
-    .expect("join");
+    .expect("harvest submit finished within 60 s");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -241,7 +245,8 @@ async fn a_sigkill_during_batch_submits_keeps_every_acknowledged_item() {
         }
     }
     server.kill9();
-    let _ = submitter.await;
+    // Its per-batch assertions count: a panic there fails the test.
+    submitter.await.expect("submitter");
     while let Ok(b) = rx.try_recv() {
         acked.push(b);
     }

@@ -255,11 +255,18 @@ impl PostgresStore {
 
     /// A transition may have recorded events (the trigger wrote them in its transaction):
     /// wakes this process's reader and has the announcer NOTIFY the others. Called after every
-    /// write that can change a session, whatever its result (a failed call may still have
-    /// committed; a spurious wakeup costs one read).
-    fn event_written<T>(&self, r: StoreResult<T>) -> StoreResult<T> {
-        listen::wake(&self.events_notify);
-        self.events_announce.notify_one();
+    /// write that can change a session; skipped when `wrote` says its answer changed nothing
+    /// (an empty claim of an idle worker would otherwise wake every process's reader). A failed
+    /// call may still have committed: it always signals (a spurious wakeup costs one read).
+    fn event_written<T>(
+        &self,
+        r: StoreResult<T>,
+        wrote: impl FnOnce(&T) -> bool,
+    ) -> StoreResult<T> {
+        if r.as_ref().map_or(true, wrote) {
+            listen::wake(&self.events_notify);
+            self.events_announce.notify_one();
+        }
         r
     }
 }
@@ -272,7 +279,7 @@ impl Store for PostgresStore {
 
     async fn session_insert(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
         let r = self.insert_session(p).await;
-        self.event_written(r)
+        self.event_written(r, |_| true)
     }
 
     async fn session_insert_many(
@@ -280,7 +287,7 @@ impl Store for PostgresStore {
         sessions: Vec<Session>,
     ) -> StoreResult<Vec<StoreResult<InsertOutcome>>> {
         let r = self.insert_sessions(sessions).await;
-        self.event_written(r)
+        self.event_written(r, |_| true)
     }
 
     async fn session_get(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
@@ -293,7 +300,7 @@ impl Store for PostgresStore {
 
     async fn session_claim(&self, p: SessionClaim) -> StoreResult<Vec<Session>> {
         let r = self.claim_sessions(p).await;
-        self.event_written(r)
+        self.event_written(r, |c| !c.is_empty())
     }
 
     async fn session_heartbeat_if_running(
@@ -308,12 +315,12 @@ impl Store for PostgresStore {
         p: CheckpointCommit,
     ) -> StoreResult<Option<Session>> {
         let r = self.commit_checkpoint(p).await;
-        self.event_written(r)
+        self.event_written(r, Option::is_some)
     }
 
     async fn session_finish_if_running(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
         let r = self.finish_session(p).await;
-        self.event_written(r)
+        self.event_written(r, Option::is_some)
     }
 
     async fn session_finish_many(
@@ -321,27 +328,27 @@ impl Store for PostgresStore {
         items: &[SessionFinish],
     ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
         let r = self.finish_sessions(items).await;
-        self.event_written(r)
+        self.event_written(r, |out| out.iter().any(|r| matches!(r, Ok(Some(_)))))
     }
 
     async fn session_requeue_if_running(&self, p: SessionRequeue) -> StoreResult<Option<Session>> {
         let r = self.requeue_session(p).await;
-        self.event_written(r)
+        self.event_written(r, Option::is_some)
     }
 
     async fn leases_reclaim(&self, p: LeaseReclaim) -> StoreResult<Vec<Reclaimed>> {
         let r = self.reclaim_leases(p).await;
-        self.event_written(r)
+        self.event_written(r, |r| !r.is_empty())
     }
 
     async fn session_cancel(&self, p: SessionCancel) -> StoreResult<CancelOutcome> {
         let r = self.cancel_session(p).await;
-        self.event_written(r)
+        self.event_written(r, |_| true)
     }
 
     async fn session_remove(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
         let r = self.remove_session(id).await;
-        self.event_written(r)
+        self.event_written(r, Option::is_some)
     }
 
     async fn records_remove(&self, p: RecordsRemove) -> StoreResult<Option<Session>> {
@@ -350,7 +357,7 @@ impl Store for PostgresStore {
 
     async fn sessions_expire(&self, p: SessionsExpire) -> StoreResult<Vec<Session>> {
         let r = self.expire_sessions(p).await;
-        self.event_written(r)
+        self.event_written(r, |r| !r.is_empty())
     }
 
     async fn records_page(&self, p: RecordsPage) -> StoreResult<Vec<Record>> {

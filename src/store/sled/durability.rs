@@ -90,31 +90,22 @@ impl Batch {
     }
 
     /// Where the batch ends now, for [`Batch::truncated`].
-    pub(super) fn mark(&self) -> (usize, usize) {
-        (self.ops.len(), self.loose.len())
+    pub(super) fn mark(&self) -> (usize, usize, usize) {
+        (self.ops.len(), self.loose.len(), self.bytes)
     }
 
     /// The batch without the changes staged after `mark` (a failed item's).
-    pub(super) fn truncated(mut self, (ops, loose): (usize, usize)) -> Batch {
+    pub(super) fn truncated(mut self, (ops, loose, bytes): (usize, usize, usize)) -> Batch {
         self.ops.truncate(ops);
         self.loose.truncate(loose);
-        self.bytes = self
-            .ops
-            .iter()
-            .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, |v| 4 + v.len()))
-            .sum();
+        self.bytes = bytes;
         self
     }
 
     /// `count u32`, then per change `1 klen key vlen value` (insert) or `0 klen key` (remove),
     /// lengths u32 BE.
     fn encode(&self) -> Vec<u8> {
-        let size: usize = self
-            .ops
-            .iter()
-            .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, |v| 4 + v.len()))
-            .sum();
-        let mut out = Vec::with_capacity(4 + size);
+        let mut out = Vec::with_capacity(4 + self.bytes);
         out.extend_from_slice(&(self.ops.len() as u32).to_be_bytes());
         for (k, v) in &self.ops {
             out.push(u8::from(v.is_some()));
@@ -467,6 +458,22 @@ impl SledStore {
     pub(super) fn commit(&self, st: &mut Counters, next: Counters, b: Batch) -> StoreResult<u64> {
         self.apply(st, next, b)?;
         Ok(self.durability.ticket())
+    }
+
+    /// The end of a many-session write whose full intents went through [`SledStore::apply`]
+    /// (`applied`): commits the rest, and returns the one ticket that makes them all durable
+    /// (`None` when nothing was written).
+    pub(super) fn commit_rest(
+        &self,
+        st: &mut Counters,
+        next: Counters,
+        b: Batch,
+        applied: bool,
+    ) -> StoreResult<Option<u64>> {
+        if !b.is_empty() {
+            return self.commit(st, next, b).map(Some);
+        }
+        Ok(applied.then(|| self.durability.ticket()))
     }
 
     /// Applies `b` with the new counters without asking for a flush (claims and heartbeats:

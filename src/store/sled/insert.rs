@@ -76,7 +76,7 @@ impl SledStore {
             let quotas = self.quotas();
             let limits = &quotas.max_pending;
             let mut room: std::collections::HashMap<String, u64> = Default::default();
-            let mut ticket = None;
+            let mut applied = false;
             for mut s in sessions {
                 if s.status != SessionStatus::Pending {
                     out.push(Err(StoreError::Invalid(format!(
@@ -124,16 +124,14 @@ impl SledStore {
                 b.insert(k_wait(&s), IVec::default());
                 out.push(Ok(InsertOutcome::Inserted(Box::new(s))));
                 // One intent per chunk keeps each intent small (a large value becomes a sled
-                // blob file: written, synced and removed again); the last chunk's flush makes
-                // every chunk durable (tickets are flushed in order).
+                // blob file: written, synced and removed again); one flush after the last
+                // chunk makes every chunk durable.
                 if b.full() {
-                    ticket = Some(self.commit(&mut st, c.clone(), std::mem::take(&mut b))?);
+                    self.apply(&mut st, c.clone(), std::mem::take(&mut b))?;
+                    applied = true;
                 }
             }
-            if !b.is_empty() {
-                ticket = Some(self.commit(&mut st, c, b)?);
-            }
-            match ticket {
+            match self.commit_rest(&mut st, c, b, applied)? {
                 Some(t) => t,
                 None => return Ok(out),
             }

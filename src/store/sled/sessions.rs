@@ -526,13 +526,13 @@ impl SledStore {
             let mut c = st.clone();
             let mut b = Batch::default();
             let mut ended = std::collections::HashSet::with_capacity(items.len());
-            let mut ticket = None;
+            let mut applied = false;
             for (p, ready) in items.iter().zip(ready) {
                 if let Err(e) = ready {
                     out.push(Err(e));
                     continue;
                 }
-                if !ended.insert(p.attempt.id.clone()) {
+                if !ended.insert(&p.attempt.id) {
                     // An earlier item ended this session.
                     out.push(Ok(None));
                     continue;
@@ -546,15 +546,13 @@ impl SledStore {
                         out.push(Err(e));
                     }
                 }
-                // Small intents, as batch inserts keep them; the last flush covers them all.
+                // Small intents, as batch inserts keep them; one flush covers them all.
                 if b.full() {
-                    ticket = Some(self.commit(&mut st, c.clone(), std::mem::take(&mut b))?);
+                    self.apply(&mut st, c.clone(), std::mem::take(&mut b))?;
+                    applied = true;
                 }
             }
-            if !b.is_empty() {
-                ticket = Some(self.commit(&mut st, c, b)?);
-            }
-            ticket
+            self.commit_rest(&mut st, c, b, applied)?
         };
         if let Some(ticket) = ticket {
             self.durability.wait(ticket).await?;
