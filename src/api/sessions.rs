@@ -36,13 +36,16 @@ pub(crate) async fn config_from_text_off_runtime(
     st.harvest
         .off_runtime(move || config_from_text(&text))
         .await?
-        .map_err(|m| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_config",
-                format!("invalid config: {m}"),
-            )
-        })
+        .map_err(text_refused)
+}
+
+/// A config text that does not parse.
+fn text_refused(m: String) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_config",
+        format!("invalid config: {m}"),
+    )
 }
 
 /// The `config` of a request body as the JSON object the service takes: an object as is, a
@@ -245,7 +248,7 @@ async fn submit_request(
 pub async fn submit_batch(
     State(st): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<BatchBody>,
+    ApiJson(mut body): ApiJson<BatchBody>,
 ) -> Result<Response, ApiError> {
     let max = crate::service::MAX_BATCH;
     if body.items.is_empty() || body.items.len() > max {
@@ -254,15 +257,41 @@ pub async fn submit_batch(
             body.items.len()
         )));
     }
+    // Config texts parsed in one turn of the blocking pool, not one turn per item.
+    let texts: Vec<Option<String>> = body
+        .items
+        .iter_mut()
+        .map(|item| match &mut item.config {
+            serde_json::Value::String(text) => Some(std::mem::take(text)),
+            _ => None,
+        })
+        .collect();
+    let parsed: Vec<Option<Result<serde_json::Value, String>>> = st
+        .harvest
+        .off_runtime(move || {
+            texts
+                .into_iter()
+                .map(|t| t.map(|t| config_from_text(&t)))
+                .collect()
+        })
+        .await?;
     // Items refused here keep their place: `None` marks one passed on to the service.
     let mut refused: Vec<Option<ApiError>> = Vec::with_capacity(body.items.len());
     let mut reqs = Vec::new();
-    for item in body.items {
+    for (mut item, parsed) in body.items.into_iter().zip(parsed) {
         if item.agent.is_some() {
             refused.push(Some(ApiError::invalid(
                 "agent: an agent's run cannot be part of a batch; POST /v1/sessions with `agent`",
             )));
             continue;
+        }
+        match parsed {
+            Some(Ok(config)) => item.config = config,
+            Some(Err(m)) => {
+                refused.push(Some(text_refused(m)));
+                continue;
+            }
+            None => {}
         }
         match submit_request(&st, &caller, item).await {
             Ok(req) => {

@@ -416,17 +416,11 @@ impl Harvest {
         params: BTreeMap<String, String>,
     ) -> Result<(serde_json::Value, BTreeMap<String, String>), HarvestError> {
         if crate::kinds::kind_of(&config).is_none() {
-            return Err(HarvestError::InvalidConfig(ConfigRejected::new(
-                "config must be an object (JSON), a TOML document or Web-Harvest XML",
-            )));
+            return Err(not_a_config());
         }
         let job = self.inner.job.clone();
-        self.off_runtime(move || {
-            job.validate(&config, &params)
-                .map(|()| (config, params))
-                .map_err(HarvestError::InvalidConfig)
-        })
-        .await?
+        self.off_runtime(move || check_one(&*job, &config, &params).map(|()| (config, params)))
+            .await?
     }
 
     /// The export sinks.
@@ -799,4 +793,25 @@ impl SessionHandle {
             .await;
         }
     }
+}
+
+/// Why a config of no known kind is refused.
+fn not_a_config() -> HarvestError {
+    HarvestError::InvalidConfig(ConfigRejected::new(
+        "config must be an object (JSON), a TOML document or Web-Harvest XML",
+    ))
+}
+
+/// Submission's check of one config and its params (call it off the runtime: validation can
+/// be costly).
+fn check_one(
+    job: &dyn Job,
+    config: &serde_json::Value,
+    params: &BTreeMap<String, String>,
+) -> Result<(), HarvestError> {
+    if crate::kinds::kind_of(config).is_none() {
+        return Err(not_a_config());
+    }
+    job.validate(config, params)
+        .map_err(HarvestError::InvalidConfig)
 }

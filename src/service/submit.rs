@@ -106,14 +106,7 @@ impl Harvest {
                     harvest: self.clone(),
                 })
             }
-            Ok(InsertOutcome::AgentBusy(active)) => Err(HarvestError::Conflict(format!(
-                "agent allows a single session and session {active} is still active"
-            ))),
-            Ok(InsertOutcome::PendingQuota { client, limit }) => {
-                Err(HarvestError::QuotaExceeded { client, limit })
-            }
-            Err(StoreError::Duplicate(id)) => Err(HarvestError::Duplicate(id)),
-            Err(e) => Err(e.into()),
+            other => Err(refused(other)),
         }
     }
 
@@ -139,14 +132,7 @@ impl Harvest {
             .off_runtime(move || {
                 reqs.into_iter()
                     .map(|req| {
-                        let verdict = match crate::kinds::kind_of(&req.config) {
-                            None => Err(HarvestError::InvalidConfig(ConfigRejected::new(
-                                "config must be an object (JSON), a TOML document or Web-Harvest XML",
-                            ))),
-                            Some(_) => job
-                                .validate(&req.config, &req.params)
-                                .map_err(HarvestError::InvalidConfig),
-                        };
+                        let verdict = super::check_one(&*job, &req.config, &req.params);
                         (req, verdict)
                     })
                     .collect()
@@ -194,20 +180,28 @@ impl Harvest {
                         self.inner.effects.created(&session, creating);
                         Ok(*session)
                     }
-                    Some((Ok(InsertOutcome::PendingQuota { client, limit }), _)) => {
-                        Err(HarvestError::QuotaExceeded { client, limit })
-                    }
-                    Some((Ok(InsertOutcome::AgentBusy(active)), _)) => {
-                        Err(HarvestError::Conflict(format!(
-                            "agent allows a single session and session {active} is still active"
-                        )))
-                    }
-                    Some((Err(StoreError::Duplicate(id)), _)) => Err(HarvestError::Duplicate(id)),
-                    Some((Err(e), _)) => Err(e.into()),
+                    Some((other, _)) => Err(refused(other)),
                     None => Err(HarvestError::Invalid("a batch item was lost".into())),
                 },
             });
         }
         Ok(out)
+    }
+}
+
+/// Why the store did not insert a session (any answer but `Inserted`).
+fn refused(r: crate::store::StoreResult<InsertOutcome>) -> HarvestError {
+    match r {
+        Ok(InsertOutcome::AgentBusy(active)) => HarvestError::Conflict(format!(
+            "agent allows a single session and session {active} is still active"
+        )),
+        Ok(InsertOutcome::PendingQuota { client, limit }) => {
+            HarvestError::QuotaExceeded { client, limit }
+        }
+        Ok(InsertOutcome::Inserted(s)) => {
+            HarvestError::Invalid(format!("session {} was inserted", s.id))
+        }
+        Err(StoreError::Duplicate(id)) => HarvestError::Duplicate(id),
+        Err(e) => e.into(),
     }
 }
