@@ -145,22 +145,7 @@ impl PostgresStore {
                     .await
                     .map_err(db_err("starting a transaction"))?;
                 if let Some(limit) = max_pending {
-                    // Serializes this client's inserts: the count below then sees every insert
-                    // committed before ours.
-                    tx.execute(
-                        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                        &[&ADVISORY_CLASS_QUOTA, &session.client.client_id()],
-                    )
-                    .await
-                    .map_err(db_err("locking the client's pending quota"))?;
-                    let row = tx
-                        .query_one(
-                            "SELECT count(*) FROM sessions WHERE client_id = $1 AND status = 'PENDING'",
-                            &[&session.client.client_id()],
-                        )
-                        .await
-                        .map_err(db_err("counting the client's pending sessions"))?;
-                    let pending = to_u64(row_get::<i64>(&row, 0, "sessions/count")?, "count")?;
+                    let pending = pending_locked(&tx, session.client.client_id()).await?;
                     if pending >= limit {
                         return Ok(InsertOutcome::PendingQuota {
                             client: session.client.client_id().to_string(),
@@ -249,20 +234,7 @@ impl PostgresStore {
         clients.dedup();
         for c in clients {
             let limit = limits.get(c).copied().unwrap_or(u64::MAX);
-            tx.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                &[&ADVISORY_CLASS_QUOTA, &c],
-            )
-            .await
-            .map_err(db_err("locking the client's pending quota"))?;
-            let row = tx
-                .query_one(
-                    "SELECT count(*) FROM sessions WHERE client_id = $1 AND status = 'PENDING'",
-                    &[&c],
-                )
-                .await
-                .map_err(db_err("counting the client's pending sessions"))?;
-            let pending = to_u64(row_get::<i64>(&row, 0, "sessions/count")?, "count")?;
+            let pending = pending_locked(&tx, c).await?;
             room.insert(c.to_string(), (limit.saturating_sub(pending), limit));
         }
         let mut seen = std::collections::HashSet::with_capacity(sessions.len());
@@ -325,4 +297,23 @@ impl PostgresStore {
         }
         Ok(out)
     }
+}
+
+/// `client`'s PENDING sessions, counted after taking its quota lock: that lock serializes the
+/// client's inserts (held to the end of `tx`), so the count sees every insert committed before.
+async fn pending_locked(tx: &deadpool_postgres::Transaction<'_>, client: &str) -> StoreResult<u64> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&ADVISORY_CLASS_QUOTA, &client],
+    )
+    .await
+    .map_err(db_err("locking the client's pending quota"))?;
+    let row = tx
+        .query_one(
+            "SELECT count(*) FROM sessions WHERE client_id = $1 AND status = 'PENDING'",
+            &[&client],
+        )
+        .await
+        .map_err(db_err("counting the client's pending sessions"))?;
+    to_u64(row_get::<i64>(&row, 0, "sessions/count")?, "count")
 }
