@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use super::rows::{SESSION_COLUMNS, row_get, session_from_row, to_i64, to_u64};
+use super::rows::{SESSION_COLUMNS, SPEC_COLUMN, row_get, session_from_row, to_i64, to_u64};
 use super::{PostgresStore, db_err};
 use crate::event::{Event, EventKind};
 use crate::session::SessionId;
@@ -77,7 +77,7 @@ impl PostgresStore {
             let tenant: String = row_get(row, n + 4, &key)?;
             // No spec: the session was removed (and maybe replaced) before this read.
             let spec_missing = row
-                .try_get::<_, Option<Vec<u8>>>(spec_index())
+                .try_get::<_, Option<&[u8]>>(SPEC_COLUMN)
                 .ok()
                 .flatten()
                 .is_none();
@@ -129,13 +129,4 @@ impl PostgresStore {
             .map_err(db_err("removing old events"))?;
         Ok(n)
     }
-}
-
-/// Position of `spec` in `SESSION_COLUMNS`.
-fn spec_index() -> usize {
-    SESSION_COLUMNS
-        .split(',')
-        .map(str::trim)
-        .position(|c| c == "spec")
-        .unwrap_or(0)
 }

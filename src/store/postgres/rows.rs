@@ -19,6 +19,9 @@ pub(super) const SESSION_COLUMNS: &str = "id, seq, status, attempt, failures, pr
      bytes_received, retries, robots_blocked, error_kind, error_message, checkpoints, spec, \
      records, records_removed, running_ms, running_since, attempts, tenant";
 
+/// The position of `spec` in [`SESSION_COLUMNS`] (checked by a test).
+pub(super) const SPEC_COLUMN: usize = 25;
+
 /// The immutable part of a session, stored as one versioned bincode value.
 #[derive(Serialize)]
 pub(super) struct SpecRef<'a> {
@@ -84,7 +87,7 @@ pub(super) fn session_from_row(row: &Row) -> StoreResult<Session> {
         kind: kind.into(),
         message: error_message.unwrap_or_default(),
     });
-    let spec_bytes: Vec<u8> = row_get(row, 25, &key)?;
+    let spec_bytes: Vec<u8> = row_get(row, SPEC_COLUMN, &key)?;
     let spec: Spec = codec::decode(&|| key.clone(), &spec_bytes)?;
     let tenant: String = row_get(row, 31, &key)?;
     Ok(Session {
@@ -210,4 +213,18 @@ pub(super) fn to_u32(v: i32, what: &str) -> StoreResult<u32> {
         key: what.to_string(),
         reason: format!("negative value {v}"),
     })
+}
+
+#[cfg(test)]
+mod spec_column_tests {
+    use super::*;
+
+    #[test]
+    fn spec_column_is_the_position_of_spec() {
+        let at = SESSION_COLUMNS
+            .split(',')
+            .map(str::trim)
+            .position(|c| c == "spec");
+        assert_eq!(at, Some(SPEC_COLUMN));
+    }
 }
