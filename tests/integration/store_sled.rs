@@ -32,7 +32,13 @@ fn reopening<T, E: std::fmt::Display>(mut f: impl FnMut() -> Result<T, E>) -> T 
     loop {
         match f() {
             Ok(v) => return v,
-            Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
+            // sled's own lock error, or the store's `InUse` made of it ("is in use by").
+            Err(e)
+                if Instant::now() < deadline && {
+                    let m = e.to_string();
+                    m.contains("lock") || m.contains("is in use by")
+                } =>
+            {
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => panic!("reopening the store: {e}"),
