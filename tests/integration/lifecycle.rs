@@ -351,16 +351,7 @@ async fn overdue_check_reaches_every_running_session_over_successive_ticks() {
 
 /// Retries `f` while sled's file lock of a just-dropped store is still held (10 s deadline).
 fn reopen_raw(dir: &std::path::Path) -> sled::Db {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match sled::open(dir) {
-            Ok(db) => return db,
-            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("opening the sled directory: {e}"),
-        }
-    }
+    crate::store_sled::reopening(|| sled::open(dir))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -262,18 +262,7 @@ async fn soak() {
     drop(harvest);
 
     // No leaked keys: only the store's own bookkeeping is left, in any tree.
-    let db = {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match sled::open(dir.path()) {
-                Ok(db) => break db,
-                Err(e) if Instant::now() < deadline && e.to_string().contains("lock") => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => panic!("reopening the sled directory: {e}"),
-            }
-        }
-    };
+    let db = crate::store_sled::reopening(|| sled::open(dir.path()));
     let mut left = Vec::new();
     for name in db.tree_names() {
         let tree = db.open_tree(&name).expect("tree");

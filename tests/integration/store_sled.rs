@@ -27,7 +27,7 @@ crate::store_conformance::store_conformance!(fixture);
 
 /// Retries `f` while the directory is still locked by a just-dropped instance: sled's I/O
 /// threads release its file lock shortly after the drop returns (polled, 10 s deadline).
-fn reopening<T, E: std::fmt::Display>(mut f: impl FnMut() -> Result<T, E>) -> T {
+pub(crate) fn reopening<T, E: std::fmt::Display>(mut f: impl FnMut() -> Result<T, E>) -> T {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match f() {
