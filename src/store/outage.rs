@@ -8,6 +8,7 @@
 //! underlying error is in every line, for the operator.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,11 @@ struct Activity {
     streak: u64,
     last_logged: Option<Instant>,
 }
+
+/// How many activities have failed since they last succeeded: while none has, [`answered`]
+/// (called on every successful claim, checkpoint and event read) does not take the lock.
+/// Changed only under the lock.
+static OPEN_STREAKS: AtomicUsize = AtomicUsize::new(0);
 
 fn activities() -> &'static Mutex<HashMap<&'static str, Activity>> {
     static A: OnceLock<Mutex<HashMap<&'static str, Activity>>> = OnceLock::new();
@@ -47,6 +53,9 @@ pub fn note_failure(what: &'static str, at: Instant) -> Option<String> {
     }
     a.failures.push_back(at);
     a.streak += 1;
+    if a.streak == 1 {
+        OPEN_STREAKS.fetch_add(1, Ordering::Release);
+    }
     let due = a
         .last_logged
         .is_none_or(|t| at.saturating_duration_since(t) >= REPEAT_EVERY);
@@ -69,8 +78,12 @@ pub fn unavailable(what: &'static str, error: &dyn std::fmt::Display) {
     }
 }
 
-/// Logs, once, that `what` succeeded after failing; cheap when it had not failed.
+/// Logs, once, that `what` succeeded after failing; one atomic load when no activity is
+/// failing.
 pub fn answered(what: &'static str) {
+    if OPEN_STREAKS.load(Ordering::Acquire) == 0 {
+        return;
+    }
     let mut all = activities().lock().unwrap_or_else(|p| p.into_inner());
     if let Some(a) = all.get_mut(what)
         && a.streak > 0
@@ -82,6 +95,7 @@ pub fn answered(what: &'static str) {
         );
         a.streak = 0;
         a.last_logged = None;
+        OPEN_STREAKS.fetch_sub(1, Ordering::Release);
     }
 }
 
