@@ -48,7 +48,10 @@ fn run(args: &[&str]) -> Result<(), String> {
 }
 
 /// Two namespaces with a veth pair each, and a host address on `lo` that both reach through
-/// their default route (the site and the database proxy listen there). Removed on drop.
+/// their default route (the site and the database proxy listen there). Removed on drop, also
+/// when `setup` fails half-way (it returns through `?` with the `Net` already built). The
+/// addresses are in 198.18.0.0/15, set aside for benchmarking (RFC 2544): never routed
+/// outside, unlike the private ranges a host's own networks may use.
 struct Net {
     tag: String,
     /// Third octet of each namespace's /30.
@@ -72,13 +75,13 @@ impl Net {
         let net = Net {
             tag,
             nets: [base + 1, base + 2],
-            shared: Ipv4Addr::new(10, 232, 250, (pid % 250) as u8 + 1),
+            shared: Ipv4Addr::new(198, 18, 250, (pid % 250) as u8 + 1),
         };
         let shared = format!("{}/32", net.shared);
         run(&["addr", "add", &shared, "dev", "lo"])?;
         for i in 0..2 {
             let (ns, host, peer) = (net.ns(i), net.host_link(i), format!("hv{}p{i}", net.tag));
-            let gw = format!("10.232.{}.1", net.nets[i]);
+            let gw = format!("198.18.{}.1", net.nets[i]);
             run(&["netns", "add", &ns])?;
             run(&["link", "add", &host, "type", "veth", "peer", "name", &peer])?;
             run(&["link", "set", &peer, "netns", &ns])?;
@@ -92,7 +95,7 @@ impl Net {
             inside(&[
                 "addr",
                 "add",
-                &format!("10.232.{}.2/30", net.nets[i]),
+                &format!("198.18.{}.2/30", net.nets[i]),
                 "dev",
                 &peer,
             ])?;
