@@ -124,6 +124,31 @@ impl Event {
     }
 }
 
+/// Which events a reader wants: a `Last-Event-ID` resume of one session's stream, or of one
+/// client's, reads only those (the store filters them, so a resume does not read every
+/// tenant's events to keep a few).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EventScope {
+    /// Every event.
+    #[default]
+    All,
+    /// The events of sessions owned by this client.
+    Client(String),
+    /// The events of this session.
+    Session(SessionKey),
+}
+
+impl EventScope {
+    /// Whether `e` is in the scope.
+    pub fn matches(&self, e: &Event) -> bool {
+        match self {
+            EventScope::All => true,
+            EventScope::Client(c) => *c == e.client_id,
+            EventScope::Session(k) => k.id == e.session_id && k.client == e.tenant,
+        }
+    }
+}
+
 /// The process-wide event channel.
 #[derive(Debug, Clone)]
 pub struct EventBus {
@@ -238,10 +263,10 @@ impl EventBus {
         let _ = self.tx.send(event);
     }
 
-    /// This process's events after `after`, oldest first, at most `limit` (own numbering only;
+    /// This process's events in `scope` after `after`, oldest first, at most `limit` (own numbering only;
     /// empty when the store records events: read its log instead). `complete` is false when
     /// events after `after` were already dropped from the ring.
-    pub fn since(&self, after: u64, limit: usize) -> (Vec<Event>, bool) {
+    pub fn since(&self, after: u64, limit: usize, scope: &EventScope) -> (Vec<Event>, bool) {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         let complete = ring
             .events
@@ -251,7 +276,7 @@ impl EventBus {
         let out = ring
             .events
             .iter()
-            .filter(|e| e.id > after)
+            .filter(|e| e.id > after && scope.matches(e))
             .take(limit)
             .cloned()
             .collect();
@@ -295,5 +320,53 @@ impl EventBus {
     /// A new subscription that sees events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{ClientContext, JobSpec, Timestamp};
+
+    fn session(client: &str, tenant: Option<&str>, id: &str) -> Session {
+        let mut s = Session::pending(
+            SessionId::parse(id).expect("id"),
+            ClientContext::of(client),
+            JobSpec {
+                config: serde_json::json!({}),
+                params: Default::default(),
+                agent: None,
+            },
+            Default::default(),
+            Timestamp(0),
+        );
+        s.tenant = tenant.map(str::to_string);
+        s
+    }
+
+    /// A resume reads only its scope from the ring; a session's scope tells tenants' equal ids
+    /// apart; the limit counts events in the scope.
+    #[test]
+    fn since_keeps_only_the_scope() {
+        let bus = EventBus::default();
+        let a = session("alice", Some("alice"), "same");
+        let b = session("bob", Some("bob"), "same");
+        let c = session("alice", Some("alice"), "other");
+        for s in [&a, &b, &c, &a, &b] {
+            bus.publish(EventKind::Created, s);
+        }
+        let first = bus.since(0, 10, &EventScope::All).0[0].id;
+        let ids = |scope: EventScope, limit: usize| -> Vec<u64> {
+            bus.since(first - 1, limit, &scope)
+                .0
+                .iter()
+                .map(|e| e.id - first)
+                .collect()
+        };
+        assert_eq!(ids(EventScope::All, 10), [0, 1, 2, 3, 4]);
+        assert_eq!(ids(EventScope::Client("alice".into()), 10), [0, 2, 3]);
+        assert_eq!(ids(EventScope::Session(b.key()), 10), [1, 4]);
+        assert_eq!(ids(EventScope::Session(a.key()), 1), [0]);
+        assert!(ids(EventScope::Client("carol".into()), 10).is_empty());
     }
 }

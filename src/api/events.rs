@@ -40,7 +40,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
 use super::sessions::{owned_session, path_id, scope_client};
 use super::view::{EventView, EventsQuery};
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, EventScope};
 use crate::session::{SessionId, SessionKey, SessionStatus, Timestamp};
 
 /// Progress events of one session are at least this far apart.
@@ -99,24 +99,24 @@ fn last_event_id(headers: &axum::http::HeaderMap) -> Result<Option<u64>, ApiErro
     })
 }
 
-/// The events after `after` that `keep` accepts, and whether some were no longer kept.
+/// The events in `scope` after `after`, and whether some were no longer kept.
 async fn replay(
     st: &AppState,
     after: u64,
-    keep: impl Fn(&Event) -> bool,
+    scope: &EventScope,
 ) -> Result<(VecDeque<Event>, bool), ApiError> {
     let mut out = VecDeque::new();
     let mut cursor = after;
     let mut complete = true;
     loop {
-        let (page, whole) = st.harvest.events_since(cursor, 1000).await?;
+        let (page, whole) = st.harvest.events_since(cursor, 1000, scope).await?;
         if cursor == after {
             complete = whole;
         }
         let Some(last) = page.last() else { break };
         cursor = last.id;
         let n = page.len();
-        out.extend(page.into_iter().filter(|e| keep(e)));
+        out.extend(page);
         if n < 1000 || out.len() >= REPLAY_MAX {
             break;
         }
@@ -164,7 +164,7 @@ pub async fn session_events(
     let snapshot = owned_session(&st, &caller, &id).await?;
     let key = snapshot.key();
     if let Some(after) = resume {
-        let (backlog, complete) = replay(&st, after, |e| e.key() == key).await?;
+        let (backlog, complete) = replay(&st, after, &EventScope::Session(key.clone())).await?;
         let feed = SessionFeed {
             st,
             rx,
@@ -330,11 +330,8 @@ pub async fn all_events(
     let rx = st.harvest.subscribe();
     let (backlog, complete) = match resume {
         Some(after) => {
-            let scope = client.clone();
-            replay(&st, after, move |e| {
-                scope.as_ref().is_none_or(|c| *c == e.client_id)
-            })
-            .await?
+            let scope = client.clone().map_or(EventScope::All, EventScope::Client);
+            replay(&st, after, &scope).await?
         }
         None => (VecDeque::new(), true),
     };

@@ -80,6 +80,7 @@ pub async fn feed(store: Arc<dyn Store>, bus: EventBus, stop: CancellationToken)
             .events_after(EventsAfter {
                 after: last,
                 limit: 1000.min(EVENTS_PAGE_MAX),
+                scope: crate::event::EventScope::All,
             })
             .await
         {

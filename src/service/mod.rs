@@ -15,7 +15,7 @@ use async_trait::async_trait;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StoreKind};
-use crate::event::{Event, EventBus};
+use crate::event::{Event, EventBus, EventScope};
 use crate::job::{ConfigRejected, Job};
 use crate::runtime::{
     AgentRunner, CommitObserver, Effects, Maintainer, Maintenance, MaintenanceReport, Running,
@@ -687,29 +687,36 @@ impl Harvest {
         Ok(removed)
     }
 
-    /// Recorded events after the id `after` (SSE `Last-Event-ID`), oldest first, at most
-    /// `limit`, and whether none between was dropped (past the retention window or the ring).
-    /// See [`crate::event`] for where they come from: this process's ring (sled), or the
+    /// Recorded events in `scope` after the id `after` (SSE `Last-Event-ID`), oldest first,
+    /// at most `limit`, and whether none between was dropped (past the retention window or the
+    /// ring). See [`crate::event`] for where they come from: this process's ring (sled), or the
     /// store's log (PostgreSQL).
     pub async fn events_since(
         &self,
         after: u64,
         limit: usize,
+        scope: &EventScope,
     ) -> Result<(Vec<Event>, bool), HarvestError> {
         if !self.inner.store.events_recorded() {
-            return Ok(self.events().since(after, limit));
+            return Ok(self.events().since(after, limit, scope));
         }
-        let events = self
-            .inner
-            .store
-            .events_after(crate::store::EventsAfter {
+        let read = |limit: usize, scope: EventScope| {
+            self.inner.store.events_after(crate::store::EventsAfter {
                 after,
                 limit: limit.clamp(1, crate::store::EVENTS_PAGE_MAX),
+                scope,
             })
-            .await?;
+        };
+        let events = read(limit, scope.clone()).await?;
         // The log keeps events for the retention window: when the first one kept is well past
         // the id asked for, events between were removed (or rolled back: ids can have gaps).
-        let complete = after == 0 || events.first().is_none_or(|e| e.id <= after + 1);
+        // Whatever the scope, the first event kept after `after` tells.
+        let first = match scope {
+            EventScope::All => events.first().map(|e| e.id),
+            _ if after == 0 => None,
+            _ => read(1, EventScope::All).await?.first().map(|e| e.id),
+        };
+        let complete = after == 0 || first.is_none_or(|id| id <= after + 1);
         Ok((events, complete))
     }
 

@@ -589,6 +589,8 @@ pub struct EventsAfter {
     pub after: u64,
     /// At most this many (1..=10000).
     pub limit: usize,
+    /// Only these (filtered by the store).
+    pub scope: crate::event::EventScope,
 }
 
 /// Most events of one [`Store::events_after`] call.

@@ -761,6 +761,7 @@ async fn transitions_record_their_events_in_order() {
         .events_after(EventsAfter {
             after: start,
             limit: 100,
+            scope: Default::default(),
         })
         .await
         .expect("events");
@@ -796,6 +797,7 @@ async fn transitions_record_their_events_in_order() {
         .events_after(EventsAfter {
             after: events[4].id,
             limit: 100,
+            scope: Default::default(),
         })
         .await
         .expect("events");
@@ -820,6 +822,43 @@ async fn transitions_record_their_events_in_order() {
             ),
         ]
     );
+    // A scope is filtered by the store: one session's events, one client's.
+    let scoped = |scope| {
+        let store = store.clone();
+        async move {
+            store
+                .events_after(EventsAfter {
+                    after: start,
+                    limit: 100,
+                    scope,
+                })
+                .await
+                .expect("events")
+                .iter()
+                .map(|e| (e.kind, e.session_id.to_string()))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        scoped(harvest::event::EventScope::Session(c.key())).await,
+        [
+            (EventKind::Created, "live".to_string()),
+            (EventKind::Started, "live".to_string())
+        ]
+    );
+    assert_eq!(
+        scoped(harvest::event::EventScope::Client(
+            c.client.client_id().to_string()
+        ))
+        .await
+        .len(),
+        7
+    );
+    assert!(
+        scoped(harvest::event::EventScope::Client("someone-else".into()))
+            .await
+            .is_empty()
+    );
     assert_eq!(
         store
             .events_expire(Duration::from_secs(3600))
@@ -832,4 +871,107 @@ async fn transitions_record_their_events_in_order() {
         7
     );
     assert_eq!(store.events_last_id().await.expect("last"), 0);
+}
+
+/// Migration 8 (events as columns) on a schema holding events written by version 7's JSON
+/// trigger: each old event reads back as it was written (kind, order, the session as the
+/// transition left it, the spec of a removed one), and new events continue the same ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_8_keeps_version_7_events() {
+    use harvest::event::EventKind;
+    use harvest::store::EventsAfter;
+    let Some(url) = database_url() else { return };
+    let (store, guard) = fresh(&url).await;
+    let store: Arc<dyn Store> = Arc::new(store);
+    insert(&store, session("kept")).await;
+    let claimed = crate::store_conformance::claim(&store, "w", 1, at(1)).await;
+    assert_eq!(claimed[0].id.as_str(), "kept");
+    insert(&store, session("gone")).await;
+    let before = store.events_last_id().await.expect("last id");
+    store.close().await.expect("close");
+    drop(store);
+
+    // Back to version 7: its events table and trigger, then transitions it records as JSON.
+    let db = admin(&url).await.expect("admin connection");
+    let s = &guard.schema;
+    db.batch_execute(&format!(
+        "DROP TRIGGER sessions_events ON {s}.sessions;
+         DROP FUNCTION {s}.harvest_session_event();
+         DROP TABLE {s}.events;
+         DELETE FROM {s}.harvest_schema_version WHERE version >= 8;
+         SET search_path TO {s};
+         {v7}
+         SELECT setval('{s}.events_id_seq', {before});
+         UPDATE {s}.sessions SET checkpoints = checkpoints + 1, records = 4 WHERE id = 'kept';
+         DELETE FROM {s}.sessions WHERE id = 'gone';
+         RESET search_path;",
+        v7 = include_str!("../../migrations/0007_events.sql"),
+    ))
+    .await
+    .expect("downgrade to version 7");
+
+    let store: Arc<dyn Store> = Arc::new(
+        PostgresStore::connect_with_schema(&url, s)
+            .await
+            .expect("migrate to 8"),
+    );
+    let events = store
+        .events_after(EventsAfter {
+            after: before,
+            limit: 100,
+            scope: Default::default(),
+        })
+        .await
+        .expect("events");
+    // (id, kind, session, its status, its records)
+    type Seen<'a> = (u64, EventKind, &'a str, Option<SessionStatus>, Option<u64>);
+    let got: Vec<Seen> = events
+        .iter()
+        .map(|e| {
+            (
+                e.id,
+                e.kind,
+                e.session_id.as_str(),
+                e.session.as_ref().map(|s| s.status),
+                e.session.as_ref().map(|s| s.records),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                before + 1,
+                EventKind::Progress,
+                "kept",
+                Some(SessionStatus::Running),
+                Some(4)
+            ),
+            (
+                before + 2,
+                EventKind::Removed,
+                "gone",
+                Some(SessionStatus::Pending),
+                Some(0)
+            ),
+        ]
+    );
+    // The removed session's config came through the JSON and back.
+    let gone = events[1]
+        .session
+        .as_ref()
+        .expect("removed carries its session");
+    assert_eq!(gone.job, session("gone").job);
+    // New events continue the ids.
+    insert(&store, session("after")).await;
+    let next = store
+        .events_after(EventsAfter {
+            after: before + 2,
+            limit: 100,
+            scope: Default::default(),
+        })
+        .await
+        .expect("events");
+    assert_eq!(next.len(), 1);
+    assert_eq!((next[0].id, next[0].kind), (before + 3, EventKind::Created));
 }

@@ -1,28 +1,30 @@
-//! The event log (`migrations/0007_events.sql`): rows written by a trigger on `sessions` in the
-//! transaction of each transition, read here in id order and rebuilt into [`Event`]s.
+//! The event log (`migrations/0007_events.sql`, columns since `0008_events_columns.sql`): rows
+//! written by a trigger on `sessions` in the transaction of each transition, read here in id
+//! order and rebuilt into [`Event`]s.
 //!
-//! A row keeps the session as the transition left it, without its immutable `spec` (except for
-//! `removed`); the spec comes from the live row of the same session instance (same `seq`). When
-//! that row is gone, the event carries no session.
+//! A row is `event_id`, `event_kind`, `event_at`, then the session's columns as the transition
+//! left them, without its immutable `spec` (except for `removed`); the spec comes from the live
+//! row of the same session instance (same `seq`). When that row is gone, the event carries no
+//! session.
 
 use std::time::Duration;
 
 use super::rows::{SESSION_COLUMNS, SPEC_COLUMN, row_get, session_from_row, to_i64, to_u64};
 use super::{PostgresStore, db_err};
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, EventScope};
 use crate::session::SessionId;
 use crate::store::{EVENTS_PAGE_MAX, EventsAfter, StoreError, StoreResult};
 
-/// `SESSION_COLUMNS` read from the event's row `r`, the spec from it or the live row `s`.
+/// `SESSION_COLUMNS` read from the event's row `e`, the spec from it or the live row `s`.
 fn event_columns() -> String {
     SESSION_COLUMNS
         .split(',')
         .map(str::trim)
         .map(|c| {
             if c == "spec" {
-                "coalesce(r.spec, s.spec)".to_string()
+                "coalesce(e.spec, s.spec)".to_string()
             } else {
-                format!("r.{c}")
+                format!("e.{c}")
             }
         })
         .collect::<Vec<_>>()
@@ -39,22 +41,29 @@ impl PostgresStore {
         }
         let after = to_i64(p.after, "after")?;
         let limit = p.limit as i64;
+        // NULL: no filter on that column.
+        let (client_id, tenant, id) = match &p.scope {
+            EventScope::All => (None, None, None),
+            EventScope::Client(c) => (Some(c.as_str()), None, None),
+            EventScope::Session(k) => (None, Some(k.tenant()), Some(k.id.as_str())),
+        };
         let client = self.client().await?;
         let columns = event_columns();
         let n = SESSION_COLUMNS.split(',').count();
         let stmt = client
             .prepare_cached(&format!(
-                "SELECT {columns}, e.id, e.kind, e.session_id, e.client_id, \
-                 coalesce(e.session->>'tenant', '') \
+                "SELECT {columns}, e.event_id, e.event_kind, e.id, e.client_id, e.tenant \
                  FROM events e \
-                 CROSS JOIN LATERAL jsonb_populate_record(NULL::sessions, e.session) r \
-                 LEFT JOIN sessions s ON s.seq = r.seq \
-                 WHERE e.id > $1 ORDER BY e.id LIMIT $2"
+                 LEFT JOIN sessions s ON s.seq = e.seq AND e.spec IS NULL \
+                 WHERE e.event_id > $1 \
+                 AND ($3::text IS NULL OR e.client_id = $3) \
+                 AND ($4::text IS NULL OR (e.tenant = $4 AND e.id = $5)) \
+                 ORDER BY e.event_id LIMIT $2"
             ))
             .await
             .map_err(db_err("preparing an events read"))?;
         let rows = client
-            .query(&stmt, &[&after, &limit])
+            .query(&stmt, &[&after, &limit, &client_id, &tenant, &id])
             .await
             .map_err(db_err("reading events"))?;
         let mut out = Vec::with_capacity(rows.len());
@@ -107,7 +116,7 @@ impl PostgresStore {
     pub(super) async fn last_event_id(&self) -> StoreResult<u64> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached("SELECT coalesce(max(id), 0) FROM events")
+            .prepare_cached("SELECT coalesce(max(event_id), 0) FROM events")
             .await
             .map_err(db_err("preparing the last event id"))?;
         let row = client
@@ -122,7 +131,7 @@ impl PostgresStore {
         let client = self.client().await?;
         let n = client
             .execute(
-                "DELETE FROM events WHERE at < clock_timestamp() - $1::bigint * interval '1 millisecond'",
+                "DELETE FROM events WHERE event_at < clock_timestamp() - $1::bigint * interval '1 millisecond'",
                 &[&ms],
             )
             .await

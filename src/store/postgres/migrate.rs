@@ -46,6 +46,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 7,
         sql: include_str!("../../../migrations/0007_events.sql"),
     },
+    Migration {
+        version: 8,
+        sql: include_str!("../../../migrations/0008_events_columns.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.
