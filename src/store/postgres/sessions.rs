@@ -30,9 +30,16 @@ pub(super) fn if_running(tenant: usize) -> String {
     )
 }
 
-/// The claim's `UPDATE` of the sessions a `due` CTE chose: `$1` now, `$3` the owner, `$4` the
-/// lease's expiry.
-fn claim_update() -> String {
+/// The claim's `UPDATE` of the rows whose `ctid`s the query `due` chose: `$1` now, `$3` the
+/// owner, `$4` the lease's expiry.
+///
+/// The rows are found by `ctid` (a TID scan), not by joining `due` back on the key: that join's
+/// generic plan, which a prepared statement switches to after a few runs, is a hash join over
+/// a sequential scan of every session (measured: 35 ms per claim of 256 with 60,000 PENDING,
+/// growing with the table; the TID scan takes 1 ms). A row `due` locked cannot move before the
+/// update; one that moved otherwise no longer matches `status = 'PENDING'` as this statement
+/// sees it, and waits for the next claim.
+fn claim_update(due: &str) -> String {
     format!(
         "UPDATE sessions SET status = 'RUNNING', attempt = attempt + 1,
              lease_owner = $3, lease_expires_at = $4,
@@ -42,7 +49,7 @@ fn claim_update() -> String {
                          THEN attempts - 0 ELSE attempts END)
                  || jsonb_build_array(jsonb_build_object('attempt', attempt + 1,
                      'started_at', $1::bigint, 'ended_at', NULL, 'outcome', NULL))
-         FROM due WHERE tenant = due_tenant AND id = due_id AND status = 'PENDING'
+         WHERE ctid = ANY(ARRAY({due})) AND status = 'PENDING'
          RETURNING {SESSION_COLUMNS}, priority"
     )
 }
@@ -153,15 +160,12 @@ impl PostgresStore {
             // One statement: rows locked by a concurrent claim are skipped, not waited for, and
             // the lock is held only until this statement's implicit commit.
             let stmt = client
-                .prepare_cached(&format!(
-                    "WITH due AS (
-                         SELECT tenant AS due_tenant, id AS due_id FROM sessions
-                         WHERE status = 'PENDING' AND run_at <= $1
-                         ORDER BY priority DESC, run_at, seq
-                         LIMIT $2
-                         FOR UPDATE SKIP LOCKED)
-                     {}",
-                    claim_update()
+                .prepare_cached(&claim_update(
+                    "SELECT ctid FROM sessions
+                     WHERE status = 'PENDING' AND run_at <= $1
+                     ORDER BY priority DESC, run_at, seq
+                     LIMIT $2
+                     FOR UPDATE SKIP LOCKED",
                 ))
                 .await
                 .map_err(db_err("preparing the claim"))?;
@@ -207,29 +211,19 @@ impl PostgresStore {
             // PENDING), so the next eligible sessions (other clients') are taken instead.
             let rows = tx
                 .query(
-                    &format!(
-                        "WITH allow AS (SELECT * FROM unnest($5::text[], $6::int8[]) AS a(client, n)),
-                         due AS (
-                             SELECT c.tenant AS due_tenant, c.id AS due_id FROM (
-                                 SELECT tenant, id, client_id, priority, run_at, seq,
-                                     row_number() OVER (PARTITION BY client_id
-                                         ORDER BY priority DESC, run_at, seq) AS rn
-                                 FROM sessions WHERE status = 'PENDING' AND run_at <= $1) c
-                             LEFT JOIN allow ON allow.client = c.client_id
-                             WHERE allow.client IS NULL OR c.rn <= allow.n
-                             ORDER BY c.priority DESC, c.run_at, c.seq
-                             LIMIT $2)
-                         {}",
-                        claim_update()
+                    &claim_update(
+                        "SELECT c.ctid FROM (
+                             SELECT ctid, client_id, priority, run_at, seq,
+                                 row_number() OVER (PARTITION BY client_id
+                                     ORDER BY priority DESC, run_at, seq) AS rn
+                             FROM sessions WHERE status = 'PENDING' AND run_at <= $1) c
+                         LEFT JOIN unnest($5::text[], $6::int8[]) AS allow(client, n)
+                             ON allow.client = c.client_id
+                         WHERE allow.client IS NULL OR c.rn <= allow.n
+                         ORDER BY c.priority DESC, c.run_at, c.seq
+                         LIMIT $2",
                     ),
-                    &[
-                        &p.now.0,
-                        &limit,
-                        &p.owner,
-                        &expires,
-                        &clients,
-                        &allowed,
-                    ],
+                    &[&p.now.0, &limit, &p.owner, &expires, &clients, &allowed],
                 )
                 .await
                 .map_err(db_err("claiming sessions within the clients' max_running"))?;
