@@ -229,6 +229,15 @@ pub fn router(harvest: Harvest, metrics: Option<PrometheusHandle>) -> Router {
         .fallback(error::not_found_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        // A response other than 503 means the store answered the request, if it asked it.
+        .layer(axum::middleware::map_response(
+            |resp: axum::response::Response| async move {
+                if resp.status() != StatusCode::SERVICE_UNAVAILABLE {
+                    crate::store::outage::answered("API request");
+                }
+                resp
+            },
+        ))
         .with_state(AppState { harvest, metrics })
 }
 
@@ -284,9 +293,12 @@ pub async fn readyz(State(st): State<AppState>) -> Result<axum::Json<HealthView>
         .session_counts(st.harvest.clock().now())
         .await;
     match (workers, store) {
-        (true, Ok(_)) => Ok(axum::Json(HealthView {
-            status: "ready".into(),
-        })),
+        (true, Ok(_)) => {
+            crate::store::outage::answered("readiness check");
+            Ok(axum::Json(HealthView {
+                status: "ready".into(),
+            }))
+        }
         (false, _) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",

@@ -441,6 +441,9 @@ impl Attempt {
                     let hb = self.s.store.session_heartbeat_if_running(SessionHeartbeat {
                         attempt: self.aref.clone(), lease, now: self.s.clock.now(),
                     }).await;
+                    if hb.is_ok() {
+                        crate::store::outage::answered("heartbeat");
+                    }
                     match hb {
                         Ok(HeartbeatOutcome::Renewed { cancel_requested: true }) => stop.stop(StopReason::Cancelled),
                         Ok(HeartbeatOutcome::Renewed { .. }) => {}
@@ -638,6 +641,9 @@ impl Attempt {
                 other => break other,
             }
         };
+        if res.is_ok() {
+            crate::store::outage::answered("finishing a session");
+        }
         match res {
             Ok(Some(done)) => {
                 if let Err(e) = self.s.effects.checkpointed(&done, counts, kept.as_ref()) {

@@ -306,7 +306,7 @@ impl Maintenance {
                 // maintenance (reclaims, cleanup, cron) for every tenant for good.
                 let pass = m.clone();
                 match tokio::spawn(async move { pass.pass().await }).await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(_)) => crate::store::outage::answered("maintenance"),
                     Ok(Err(e)) if e.is_unavailable() => {
                         crate::store::outage::unavailable("maintenance", &e)
                     }
@@ -321,8 +321,12 @@ impl Maintenance {
                     c.sync(&*m.store).await;
                 }
                 match m.store.events_expire(m.event_retention).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(events = n, "removed events past their retention"),
+                    Ok(n) => {
+                        crate::store::outage::answered("removing old events");
+                        if n > 0 {
+                            tracing::debug!(events = n, "removed events past their retention");
+                        }
+                    }
                     Err(e) => crate::store::outage::unavailable("removing old events", &e),
                 }
             }

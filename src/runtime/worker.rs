@@ -301,6 +301,9 @@ impl Claimer {
                     now: self.s.clock.now(),
                 })
                 .await;
+            if hb.is_ok() {
+                crate::store::outage::answered("renewing a buffered lease");
+            }
             match hb {
                 Ok(HeartbeatOutcome::Renewed { cancel_requested }) => {
                     if cancel_requested {

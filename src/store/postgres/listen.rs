@@ -171,8 +171,9 @@ pub(crate) async fn announce(
                 .map_err(|e| e.to_string())
         }
         .await;
-        if let Err(e) = sent {
-            crate::store::outage::unavailable("NOTIFY to other processes", &e);
+        match sent {
+            Ok(_) => crate::store::outage::answered("NOTIFY to other processes"),
+            Err(e) => crate::store::outage::unavailable("NOTIFY to other processes", &e),
         }
     }
 }
