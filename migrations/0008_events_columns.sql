@@ -3,21 +3,25 @@
 -- Version 7's trigger stored `to_jsonb(NEW) - 'spec'`: building that document deforms and
 -- converts every column of the row, and was the largest single cost of a transition after the
 -- update itself (a trigger-disabled run submitted 40% more sessions per second). Copying the
--- row into columns of the same types costs about a third of it: 20,000 single-row inserts,
+-- row into columns of the same types costs about half of it: 20,000 single-row inserts,
 -- then two 20,000-row updates, in one session of this database took 2.07 s, 1.41 s and 1.55 s
 -- with the JSON trigger, 1.58 s, 0.94 s and 1.03 s with this one, and 1.06 s, 0.45 s and
 -- 0.50 s with no trigger at all. (A statement-level trigger with transition tables was slower
 -- for both: 5.8 s and 2.1 s.)
 --
 -- `events` is `event_id`, `event_kind`, `event_at`, then every column of `sessions` in its
--- order (`LIKE sessions`), so that the trigger copies a row with `NEW.*`. A later migration
--- that adds a column to `sessions` must add the same column to `events` (both append at the
--- end); until it does, every transition fails with "INSERT has more expressions than target
--- columns", so the omission cannot go unnoticed. `spec` is NULL except for `removed`, as
--- before: readers take it from the live row of the same `seq`.
+-- order (`LIKE sessions`), so that the trigger copies a row with `NEW.*`, by position. A later
+-- migration that adds, drops or retypes a column of `sessions` must do the same to `events`
+-- (an added column is appended to both). A forgotten addition fails every transition ("INSERT
+-- has more expressions than target columns"); a forgotten drop or type change may not fail,
+-- and would shift or cast values, so `store_postgres::events_mirror_the_sessions_columns`
+-- compares the two tables' columns. `spec` is NULL except for `removed`, as before: readers
+-- take it from the live row of the same `seq`.
 --
--- Rows written by version 7 are converted in place; ids continue from the same sequence, so a
--- client resuming with `Last-Event-ID` across the upgrade misses nothing.
+-- Rows written by version 7 are copied into the new table; ids continue from the same
+-- sequence, so a client resuming with `Last-Event-ID` across the upgrade misses nothing. The
+-- copy runs inside the migration's transaction: a log of millions of events (a long
+-- `event_retention_secs` on a busy queue) makes the upgrade take a while.
 DROP TRIGGER sessions_events ON sessions;
 ALTER TABLE events RENAME TO events_v7;
 ALTER INDEX events_pkey RENAME TO events_v7_pkey;

@@ -50,8 +50,9 @@ fn run(args: &[&str]) -> Result<(), String> {
 /// Two namespaces with a veth pair each, and a host address on `lo` that both reach through
 /// their default route (the site and the database proxy listen there). Removed on drop, also
 /// when `setup` fails half-way (it returns through `?` with the `Net` already built). The
-/// addresses are in 198.18.0.0/15, set aside for benchmarking (RFC 2544): never routed
-/// outside, unlike the private ranges a host's own networks may use.
+/// addresses are in 198.18.0.0/15, set aside for benchmarking (RFC 2544): not a network a
+/// host normally routes to, unlike the private ranges its own networks may use (a proxy in
+/// fake-IP mode may claim it, as it may claim any range).
 struct Net {
     tag: String,
     /// Third octet of each namespace's /30.

@@ -975,3 +975,37 @@ async fn migration_8_keeps_version_7_events() {
     assert_eq!(next.len(), 1);
     assert_eq!((next[0].id, next[0].kind), (before + 3, EventKind::Created));
 }
+
+/// The events trigger copies a session row into `events` by position (`NEW.*`): after every
+/// migration, `events` is `event_id`, `event_kind`, `event_at`, then exactly the columns of
+/// `sessions`, same names, types and order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_mirror_the_sessions_columns() {
+    let Some(url) = database_url() else { return };
+    let (_store, guard) = fresh(&url).await;
+    let db = admin(&url).await.expect("admin connection");
+    let columns = |table: &'static str| {
+        let db = &db;
+        let schema = guard.schema.clone();
+        async move {
+            db.query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
+                 FROM pg_attribute a \
+                 WHERE a.attrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass \
+                 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                &[&schema, &table],
+            )
+            .await
+            .expect("columns")
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect::<Vec<_>>()
+        }
+    };
+    let sessions = columns("sessions").await;
+    let events = columns("events").await;
+    assert!(sessions.len() > 30, "{sessions:?}");
+    let head: Vec<&str> = events.iter().take(3).map(|(n, _)| n.as_str()).collect();
+    assert_eq!(head, ["event_id", "event_kind", "event_at"]);
+    assert_eq!(events[3..], sessions[..]);
+}
