@@ -60,15 +60,26 @@ impl PostgresStore {
                 params.extend([&tenant as &(dyn ToSql + Sync), &id]);
             }
         }
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let columns = event_columns();
         let n = SESSION_COLUMNS.split(',').count();
-        // Planned with its parameters at every read (not a cached statement): a cached one
-        // may switch to a generic plan that expects a third of the log after any id, and that
-        // plan sorted a scan of every event and merged every session per read (seen in
-        // `bench queue`: 740 scans of `events` reading 15.6M rows in one run). A read is at
-        // most a few per second per process, each of up to 1,000 events; planning is ~0.3 ms.
-        let rows = client
+        // A read takes the next events in the primary key's order, whatever the planner
+        // believes. The log grows faster than autovacuum analyzes it, and without statistics
+        // for the ids just written the planner assumes a third of the log lies after any id,
+        // and sorted a scan of every event instead (seen with auto_explain in `bench queue`:
+        // hundreds of such reads in one run; as a cached statement, whose generic plan assumes
+        // the same, it also merged every session per read: 740 scans of `events` reading
+        // 15.6M rows). So the read runs with sequential scans off, in its own transaction, and
+        // is planned with its parameters each time. A read is at most a few per second per
+        // process, each of up to 1,000 events.
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting an events read"))?;
+        tx.batch_execute("SET LOCAL enable_seqscan = off")
+            .await
+            .map_err(db_err("starting an events read"))?;
+        let rows = tx
             .query(
                 &format!(
                     "SELECT {columns}, e.event_id, e.event_kind, e.id, e.client_id, e.tenant \
@@ -79,6 +90,7 @@ impl PostgresStore {
             )
             .await
             .map_err(db_err("reading events"))?;
+        tx.commit().await.map_err(db_err("ending an events read"))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let id = to_u64(row_get::<i64>(row, n, "events/id")?, "events.id")?;

@@ -31,16 +31,26 @@ pub(super) fn if_running(tenant: usize) -> String {
 }
 
 /// The claim's `UPDATE` of the sessions whose `seq`s the query `due` chose: `$1` now, `$3` the
-/// owner, `$4` the lease's expiry.
+/// owner, `$4` the lease's expiry. `locked`: `due` locks its rows (`FOR UPDATE`, which rechecks
+/// them PENDING in their newest version), else the update checks the status itself.
 ///
 /// The rows are found by `seq = ANY(...)` (an index scan of `sessions_seq_key`), not by joining
 /// `due` back on the key: that join's generic plan, which a prepared statement switches to
 /// after a few runs, is a hash join over a sequential scan of every session (measured: 35 ms
 /// per claim of 256 with 60,000 PENDING, growing with the table; this statement takes about
 /// 1.5 ms in both plans, plus the trigger). A row that another transaction changed after this
-/// statement began is followed to its new version and claimed only if that is still PENDING,
-/// as with the join.
-fn claim_update(due: &str) -> String {
+/// statement began is followed to its newest version, as with the join.
+///
+/// With its rows locked the update has no status condition: with one, the planner may scan
+/// every PENDING session through `sessions_claim_idx` and filter them by `seq` (it did, with
+/// statistics older than the queue's growth: a claim of a few sessions read the whole backlog,
+/// and the end-to-end bench lost 15%). The quota path reads every PENDING session anyway.
+fn claim_update(due: &str, locked: bool) -> String {
+    let recheck = if locked {
+        ""
+    } else {
+        " AND status = 'PENDING'"
+    };
     format!(
         "UPDATE sessions SET status = 'RUNNING', attempt = attempt + 1,
              lease_owner = $3, lease_expires_at = $4,
@@ -50,7 +60,7 @@ fn claim_update(due: &str) -> String {
                          THEN attempts - 0 ELSE attempts END)
                  || jsonb_build_array(jsonb_build_object('attempt', attempt + 1,
                      'started_at', $1::bigint, 'ended_at', NULL, 'outcome', NULL))
-         WHERE seq = ANY(ARRAY({due})) AND status = 'PENDING'
+         WHERE seq = ANY(ARRAY({due})){recheck}
          RETURNING {SESSION_COLUMNS}, priority"
     )
 }
@@ -167,6 +177,7 @@ impl PostgresStore {
                      ORDER BY priority DESC, run_at, seq
                      LIMIT $2
                      FOR UPDATE SKIP LOCKED",
+                    true,
                 ))
                 .await
                 .map_err(db_err("preparing the claim"))?;
@@ -223,6 +234,7 @@ impl PostgresStore {
                          WHERE allow.client IS NULL OR c.rn <= allow.n
                          ORDER BY c.priority DESC, c.run_at, c.seq
                          LIMIT $2",
+                        false,
                     ),
                     &[&p.now.0, &limit, &p.owner, &expires, &clients, &allowed],
                 )
