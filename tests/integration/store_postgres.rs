@@ -1009,3 +1009,45 @@ async fn events_mirror_the_sessions_columns() {
     assert_eq!(head, ["event_id", "event_kind", "event_at"]);
     assert_eq!(events[3..], sessions[..]);
 }
+
+/// A session's scope tells two tenants' sessions of the same id apart, and a client's scope
+/// keeps only that client's (tenants are clients here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_event_reads_keep_tenants_apart() {
+    use harvest::event::EventScope;
+    use harvest::store::EventsAfter;
+    let Some(url) = database_url() else { return };
+    let (store, _guard) = fresh(&url).await;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let start = store.events_last_id().await.expect("last id");
+    let mut keys = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let mut s = session("same");
+        s.tenant = Some(tenant.into());
+        s.client = harvest::session::ClientContext::of(tenant);
+        keys.push(insert(&store, s).await.key());
+    }
+    let read = |scope: EventScope| {
+        let store = store.clone();
+        async move {
+            store
+                .events_after(EventsAfter {
+                    after: start,
+                    limit: 100,
+                    scope,
+                })
+                .await
+                .expect("events")
+                .iter()
+                .map(|e| (e.tenant.clone(), e.client_id.clone()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let globex = (Some("globex".to_string()), "globex".to_string());
+    assert_eq!(
+        read(EventScope::Session(keys[1].clone())).await,
+        std::slice::from_ref(&globex)
+    );
+    assert_eq!(read(EventScope::Client("globex".into())).await, [globex]);
+    assert_eq!(read(EventScope::All).await.len(), 2);
+}
