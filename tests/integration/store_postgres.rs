@@ -707,7 +707,7 @@ async fn migration_6_keeps_version_5_data_in_the_single_namespace() {
 async fn transitions_record_their_events_in_order() {
     use harvest::event::EventKind;
     use harvest::store::{
-        AttemptRef, CheckpointBatch, CheckpointCommit, EventsAfter, SessionFinish, SessionHeartbeat,
+        AttemptRef, CheckpointBatch, CheckpointCommit, SessionFinish, SessionHeartbeat,
     };
     let Some(url) = database_url() else { return };
     let (store, _guard) = fresh(&url).await;
@@ -757,14 +757,7 @@ async fn transitions_record_their_events_in_order() {
         .expect("finish")
         .expect("applied");
     store.session_remove(&s.key()).await.expect("remove");
-    let events = store
-        .events_after(EventsAfter {
-            after: start,
-            limit: 100,
-            scope: Default::default(),
-        })
-        .await
-        .expect("events");
+    let events = events_in(&store, start, Default::default()).await;
     let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
     assert_eq!(
         kinds,
@@ -793,14 +786,7 @@ async fn transitions_record_their_events_in_order() {
     let c = crate::store_conformance::claim(&store, "w", 1, at(5))
         .await
         .remove(0);
-    let events = store
-        .events_after(EventsAfter {
-            after: events[4].id,
-            limit: 100,
-            scope: Default::default(),
-        })
-        .await
-        .expect("events");
+    let events = events_in(&store, events[4].id, Default::default()).await;
     let got: Vec<(EventKind, Option<SessionStatus>, Option<u32>)> = events
         .iter()
         .map(|e| {
@@ -826,14 +812,8 @@ async fn transitions_record_their_events_in_order() {
     let scoped = |scope| {
         let store = store.clone();
         async move {
-            store
-                .events_after(EventsAfter {
-                    after: start,
-                    limit: 100,
-                    scope,
-                })
+            events_in(&store, start, scope)
                 .await
-                .expect("events")
                 .iter()
                 .map(|e| (e.kind, e.session_id.to_string()))
                 .collect::<Vec<_>>()
@@ -879,7 +859,6 @@ async fn transitions_record_their_events_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_8_keeps_version_7_events() {
     use harvest::event::EventKind;
-    use harvest::store::EventsAfter;
     let Some(url) = database_url() else { return };
     let (store, guard) = fresh(&url).await;
     let store: Arc<dyn Store> = Arc::new(store);
@@ -915,14 +894,7 @@ async fn migration_8_keeps_version_7_events() {
             .await
             .expect("migrate to 8"),
     );
-    let events = store
-        .events_after(EventsAfter {
-            after: before,
-            limit: 100,
-            scope: Default::default(),
-        })
-        .await
-        .expect("events");
+    let events = events_in(&store, before, Default::default()).await;
     // (id, kind, session, its status, its records)
     type Seen<'a> = (u64, EventKind, &'a str, Option<SessionStatus>, Option<u64>);
     let got: Vec<Seen> = events
@@ -964,14 +936,7 @@ async fn migration_8_keeps_version_7_events() {
     assert_eq!(gone.job, session("gone").job);
     // New events continue the ids.
     insert(&store, session("after")).await;
-    let next = store
-        .events_after(EventsAfter {
-            after: before + 2,
-            limit: 100,
-            scope: Default::default(),
-        })
-        .await
-        .expect("events");
+    let next = events_in(&store, before + 2, Default::default()).await;
     assert_eq!(next.len(), 1);
     assert_eq!((next[0].id, next[0].kind), (before + 3, EventKind::Created));
 }
@@ -1015,7 +980,6 @@ async fn events_mirror_the_sessions_columns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scoped_event_reads_keep_tenants_apart() {
     use harvest::event::EventScope;
-    use harvest::store::EventsAfter;
     let Some(url) = database_url() else { return };
     let (store, _guard) = fresh(&url).await;
     let store: Arc<dyn Store> = Arc::new(store);
@@ -1030,14 +994,8 @@ async fn scoped_event_reads_keep_tenants_apart() {
     let read = |scope: EventScope| {
         let store = store.clone();
         async move {
-            store
-                .events_after(EventsAfter {
-                    after: start,
-                    limit: 100,
-                    scope,
-                })
+            events_in(&store, start, scope)
                 .await
-                .expect("events")
                 .iter()
                 .map(|e| (e.tenant.clone(), e.client_id.clone()))
                 .collect::<Vec<_>>()
@@ -1050,4 +1008,20 @@ async fn scoped_event_reads_keep_tenants_apart() {
     );
     assert_eq!(read(EventScope::Client("globex".into())).await, [globex]);
     assert_eq!(read(EventScope::All).await.len(), 2);
+}
+
+/// The store's events after `after` in `scope` (at most 100).
+async fn events_in(
+    store: &Arc<dyn Store>,
+    after: u64,
+    scope: harvest::event::EventScope,
+) -> Vec<harvest::event::Event> {
+    store
+        .events_after(harvest::store::EventsAfter {
+            after,
+            limit: 100,
+            scope,
+        })
+        .await
+        .expect("events")
 }
