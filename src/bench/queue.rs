@@ -342,32 +342,60 @@ async fn burn_down(
     let t1 = Instant::now();
     harvest.start();
     let deadline = t1 + Duration::from_secs(600);
-    loop {
-        let counts = harvest
-            .store()
-            .session_counts(harvest.clock().now())
-            .await?;
-        let done = counts
-            .by_status
-            .get(&harvest::session::SessionStatus::Completed)
-            .copied()
-            .unwrap_or(0);
-        if done as usize >= args.burn {
-            break;
-        }
+    // Done when no session is PENDING or RUNNING: two one-row index reads per poll. Counting
+    // by status instead (`session_counts`) is a scan of every session on PostgreSQL, about
+    // 11 ms for 50,000 rows, and polling it every 20 ms took a sixth of this machine's CPU
+    // away from the queue being measured.
+    while !burned(&harvest).await? {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "burn down: {done} of {} completed in 600 s",
+            "burn down: not all of {} sessions ended in 600 s",
             args.burn
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let burn_secs = t1.elapsed().as_secs_f64();
+    let done = harvest
+        .store()
+        .session_counts(harvest.clock().now())
+        .await?
+        .by_status
+        .get(&harvest::session::SessionStatus::Completed)
+        .copied()
+        .unwrap_or(0);
+    anyhow::ensure!(
+        done as usize == args.burn,
+        "burn down: {done} of {} sessions completed",
+        args.burn
+    );
     harvest.shutdown(Duration::from_secs(5)).await?;
     place.remove().await?;
     let burn = args.burn as f64 / burn_secs;
     say(args, &format!("burn down: {burn:.0}/s"));
     Ok(Some((args.burn as f64 / submit_secs, burn)))
+}
+
+/// Whether no session is left PENDING or RUNNING.
+async fn burned(harvest: &Harvest) -> anyhow::Result<bool> {
+    for status in [
+        harvest::session::SessionStatus::Pending,
+        harvest::session::SessionStatus::Running,
+    ] {
+        let page = harvest
+            .store()
+            .session_list(harvest::store::SessionList {
+                client_id: None,
+                status: Some(status),
+                agent: None,
+                limit: 1,
+                cursor: None,
+            })
+            .await?;
+        if !page.sessions.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 async fn open(
