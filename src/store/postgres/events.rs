@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio_postgres::types::ToSql;
 
 use super::rows::{SESSION_COLUMNS, SPEC_COLUMN, row_get, session_from_row, to_i64, to_u64};
-use super::{PostgresStore, db_err};
+use super::{PostgresStore, db_err, index_planned};
 use crate::event::{Event, EventKind, EventScope};
 use crate::session::SessionId;
 use crate::store::{EVENTS_PAGE_MAX, EventsAfter, StoreError, StoreResult};
@@ -64,33 +64,23 @@ impl PostgresStore {
         let columns = event_columns();
         let n = SESSION_COLUMNS.split(',').count();
         // A read takes the next events in the primary key's order, whatever the planner
-        // believes. The log grows faster than autovacuum analyzes it, and without statistics
-        // for the ids just written the planner assumes a third of the log lies after any id,
-        // and sorted a scan of every event instead (seen with auto_explain in `bench queue`:
-        // hundreds of such reads in one run; as a cached statement, whose generic plan assumes
-        // the same, it also merged every session per read: 740 scans of `events` reading
-        // 15.6M rows). So the read runs with sequential scans off, in its own transaction, and
-        // is planned with its parameters each time. A read is at most a few per second per
-        // process, each of up to 1,000 events.
-        let tx = client
-            .transaction()
-            .await
-            .map_err(db_err("starting an events read"))?;
-        tx.batch_execute("SET LOCAL enable_seqscan = off")
-            .await
-            .map_err(db_err("starting an events read"))?;
-        let rows = tx
-            .query(
-                &format!(
-                    "SELECT {columns}, e.event_id, e.event_kind, e.id, e.client_id, e.tenant \
-                     FROM events e WHERE e.event_id > $1 {filter} \
-                     ORDER BY e.event_id LIMIT $2"
-                ),
-                &params,
-            )
-            .await
-            .map_err(db_err("reading events"))?;
-        tx.commit().await.map_err(db_err("ending an events read"))?;
+        // believes ([`INDEX_PLANS`]). The log grows faster than autovacuum analyzes it, and
+        // without statistics for the ids just written the planner assumes a third of the log
+        // lies after any id: it sorted a scan of every event instead (seen with auto_explain in
+        // `bench queue`: hundreds of such reads in one run; as a cached statement, whose
+        // generic plan assumes the same, it also merged every session per read: 740 scans of
+        // `events` reading 15.6M rows). The statement is prepared per scope and cached.
+        let rows = index_planned(
+            &mut client,
+            &format!(
+                "SELECT {columns}, e.event_id, e.event_kind, e.id, e.client_id, e.tenant \
+                 FROM events e WHERE e.event_id > $1 {filter} \
+                 ORDER BY e.event_id LIMIT $2"
+            ),
+            &params,
+            "reading events",
+        )
+        .await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let id = to_u64(row_get::<i64>(row, n, "events/id")?, "events.id")?;
@@ -153,18 +143,23 @@ impl PostgresStore {
 
     pub(super) async fn expire_events(&self, retention: Duration) -> StoreResult<u64> {
         let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        let client = self.client().await?;
-        let n = client
-            .execute(
-                // The cutoff is computed once (an init plan), so that `events_at_idx` finds the
-                // old rows; compared with the volatile clock_timestamp() directly, every event
-                // was read at every maintenance tick.
-                "DELETE FROM events WHERE event_at < \
-                 (SELECT clock_timestamp() - $1::bigint * interval '1 millisecond')",
-                &[&ms],
-            )
-            .await
-            .map_err(db_err("removing old events"))?;
+        let mut client = self.client().await?;
+        // The cutoff is computed once (an init plan), and the plan reads `events_at_idx`
+        // ([`INDEX_PLANS`]): compared with the volatile clock_timestamp() directly, or planned
+        // with the log's stale statistics, every event was read at every maintenance tick.
+        let n = index_planned(
+            &mut client,
+            "WITH gone AS (DELETE FROM events WHERE event_at < \
+             (SELECT clock_timestamp() - $1::bigint * interval '1 millisecond') RETURNING 1) \
+             SELECT count(*) FROM gone",
+            &[&ms],
+            "removing old events",
+        )
+        .await?;
+        let n = match n.first() {
+            Some(row) => to_u64(row_get::<i64>(row, 0, "events")?, "removed events")?,
+            None => 0,
+        };
         Ok(n)
     }
 }

@@ -9,7 +9,7 @@ use super::rows::{
     SESSION_COLUMNS, attempts_to_json, error_columns, parse_status, row_get, session_from_row,
     to_i32, to_i64, to_u64, usage_columns,
 };
-use super::{ADVISORY_CLASS_QUOTA, PostgresStore, db_err, listen};
+use super::{ADVISORY_CLASS_QUOTA, PostgresStore, db_err, index_planned, listen};
 use crate::session::{
     ATTEMPTS_KEPT, CancelDecision, Session, SessionKey, SessionStatus, Timestamp,
 };
@@ -167,24 +167,25 @@ impl PostgresStore {
             .clone();
         let max_running = &quotas.max_running;
         let rows = if max_running.is_empty() {
-            let client = self.client().await?;
+            let mut client = self.client().await?;
             // One statement: rows locked by a concurrent claim are skipped, not waited for, and
-            // the lock is held only until this statement's implicit commit.
-            let stmt = client
-                .prepare_cached(&claim_update(
+            // the locks are held only until its transaction commits right after it. Planned to
+            // read `sessions_claim_idx` in order up to the limit ([`INDEX_PLANS`]); with stale
+            // statistics the planner read and sorted every PENDING session for each claim.
+            index_planned(
+                &mut client,
+                &claim_update(
                     "SELECT seq FROM sessions
                      WHERE status = 'PENDING' AND run_at <= $1
                      ORDER BY priority DESC, run_at, seq
                      LIMIT $2
                      FOR UPDATE SKIP LOCKED",
                     true,
-                ))
-                .await
-                .map_err(db_err("preparing the claim"))?;
-            client
-                .query(&stmt, &[&p.now.0, &limit, &p.owner, &expires])
-                .await
-                .map_err(db_err("claiming sessions"))?
+                ),
+                &[&p.now.0, &limit, &p.owner, &expires],
+                "claiming sessions",
+            )
+            .await?
         } else {
             let mut client = self.client().await?;
             let tx = client
