@@ -63,6 +63,7 @@ macro_rules! store_conformance {
             finish_each_terminal_status,
             finish_with_non_terminal_status_is_invalid,
             finish_many_per_item_results,
+            finish_many_applies_items_in_order,
             finish_many_across_intents,
             stale_worker_fenced_after_reclaim,
             heartbeat_renews_lease,
@@ -946,6 +947,51 @@ pub async fn finish_many_per_item_results(store: Arc<dyn Store>) {
     // Refused items still finish on their own afterwards.
     assert!(finish(&store, &aref(&c), SessionStatus::Completed, at(10)).await);
     assert!(finish(&store, &aref(&d), SessionStatus::Completed, at(10)).await);
+}
+
+/// Items of one session in one call apply as if one after the other: a refused item does not
+/// stop a later one of the same session (here, the real owner's after a stranger's), and once
+/// one applies the later ones are refused, whatever their batch carries.
+pub async fn finish_many_applies_items_in_order(store: Arc<dyn Store>) {
+    for id in ["a", "b"] {
+        insert(&store, session(id)).await;
+    }
+    let claimed = claim(&store, "w", 2, at(1)).await;
+    let [a, b] = [0, 1].map(|i| claimed[i].clone());
+    let mut stranger = finish_of(&a, SessionStatus::Failed, full_batch(0));
+    stranger.attempt.owner = "someone-else".into();
+    let items = vec![
+        stranger,
+        finish_of(&b, SessionStatus::Completed, CheckpointBatch::default()),
+        finish_of(&a, SessionStatus::Completed, full_batch(0)),
+        finish_of(&a, SessionStatus::Cancelled, full_batch(0)),
+        finish_of(&b, SessionStatus::Failed, full_batch(0)),
+    ];
+    let out = store
+        .session_finish_many(&items)
+        .await
+        .expect("finish_many");
+    let applied: Vec<bool> = out
+        .iter()
+        .map(|r| match r {
+            Ok(s) => s.is_some(),
+            Err(e) => panic!("no item is invalid: {e}"),
+        })
+        .collect();
+    assert_eq!(applied, [false, true, true, false, false]);
+    assert_eq!(get(&store, "a").await.status, SessionStatus::Completed);
+    assert_eq!(get(&store, "b").await.status, SessionStatus::Completed);
+    for (id, n) in [("a", 3), ("b", 0)] {
+        let recs = store
+            .records_page(RecordsPage {
+                id: harvest::SessionKey::from(sid(id)),
+                offset: 0,
+                limit: 100,
+            })
+            .await
+            .expect("records");
+        assert_eq!(recs.len(), n, "{id}: only the applied item's records");
+    }
 }
 
 /// A batch larger than one write unit (sled applies 64 sessions per intent): every session

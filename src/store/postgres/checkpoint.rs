@@ -2,14 +2,16 @@
 //! seen URLs and log lines, in one transaction that first takes the session row by its
 //! compare-and-set, so nothing is written unless the attempt still holds its lease.
 
+use std::collections::HashMap;
+
 use tokio_postgres::types::ToSql;
 
 use super::rows::{
-    SESSION_COLUMNS, error_columns, session_from_row, to_i32, to_i64, usage_columns,
+    SESSION_COLUMNS, error_columns, row_get, session_from_row, to_i32, to_i64, usage_columns,
 };
 use super::sessions::if_running;
 use super::{PostgresStore, db_err};
-use crate::session::{AttemptOutcome, Session, SessionError, SessionStatus, Timestamp};
+use crate::session::{AttemptOutcome, Session, Timestamp};
 
 /// A century in milliseconds: the cap of a cleanup delay, far inside bigint.
 const CENTURY_MS: i64 = 100 * 365 * 86_400_000;
@@ -18,16 +20,141 @@ use crate::store::{
     StoreResult,
 };
 
-/// How an attempt's commit ends: a checkpoint renews the lease, a finish ends the session.
-enum Ending {
-    Checkpoint {
-        lease_expires_at: Timestamp,
-    },
-    Finish {
-        status: SessionStatus,
-        error: Option<SessionError>,
-        cleanup_after_ms: i64,
-    },
+/// The counters every commit of an attempt adds to, with the values at `{p}4`..`{p}13` (`p`:
+/// `$` for a statement's parameters, `t.c` for the columns of [`finish_sql`]'s rows): pages,
+/// elements, the five usage counters (counted only with token tracking on, as
+/// `Session::checkpointed` says), the checkpoint (0 or 1), now, and the batch's records.
+fn counters(p: &str) -> String {
+    format!(
+        "pages_processed = pages_processed + {p}4, \
+         processed_elements = processed_elements + {p}5, records = records + {p}13, \
+         http_requests = http_requests + CASE WHEN token_tracking THEN {p}6::bigint ELSE 0 END, \
+         http_errors = http_errors + CASE WHEN token_tracking THEN {p}7::bigint ELSE 0 END, \
+         bytes_received = bytes_received + CASE WHEN token_tracking THEN {p}8::bigint ELSE 0 END, \
+         retries = retries + CASE WHEN token_tracking THEN {p}9::bigint ELSE 0 END, \
+         robots_blocked = robots_blocked + CASE WHEN token_tracking THEN {p}10::bigint ELSE 0 END, \
+         checkpoints = checkpoints + {p}11, \
+         progress_this_attempt = progress_this_attempt OR {p}11 > 0, updated_at = {p}12"
+    )
+}
+
+/// Finishes, one row of `unnest` each, `t.c1`..`t.c19` in the order of a commit's parameters
+/// (id, attempt, owner, the [`counters`] at 4..13, status, error kind and message, default
+/// cleanup delay, outcome, tenant): one statement for the whole batch, equal to the state
+/// machine's [`Session::finished`] for each row (the conformance suite checks it). The session
+/// ends: its own timeout (`cleanup_after_ms`, set at insert) else the default starts, the
+/// running attempt's time counts, and its entry in `attempts` gets its end and outcome.
+///
+/// The planner is held to one plan ([`FINISH_PLANS`]): for each row, the session by its primary
+/// key. `status || ''` keeps `sessions_lease_idx` (`WHERE status = 'RUNNING'`) out of the
+/// candidates: with statistics from when few sessions ran, the planner read that index whole,
+/// with a filter, for each finish (seen with auto_explain in `bench queue`).
+fn finish_sql() -> String {
+    format!(
+        "UPDATE sessions SET {}, status = t.c14, error_kind = t.c15, error_message = t.c16, \
+         cleanup_at = t.c12 + COALESCE(cleanup_after_ms, t.c17), \
+         end_time = t.c12, lease_owner = NULL, lease_expires_at = NULL, \
+         running_ms = running_ms + CASE WHEN running_since IS NULL THEN 0 \
+             ELSE GREATEST(0, t.c12 - running_since) END, \
+         running_since = NULL, \
+         attempts = CASE WHEN jsonb_array_length(attempts) > 0 AND \
+             COALESCE(attempts->-1->'ended_at', 'null'::jsonb) = 'null'::jsonb \
+             THEN jsonb_set(jsonb_set(attempts, '{{-1,ended_at}}', to_jsonb(t.c12)), \
+                 '{{-1,outcome}}', to_jsonb(t.c18)) \
+             ELSE attempts END \
+         FROM unnest($1::text[], $2::int4[], $3::text[], $4::int8[], $5::int8[], $6::int8[], \
+             $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], \
+             $13::int8[], $14::text[], $15::text[], $16::text[], $17::int8[], $18::text[], \
+             $19::text[]) WITH ORDINALITY \
+             AS t(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17, \
+                 c18, c19, ord) \
+         WHERE tenant = t.c19 AND id = t.c1 AND status || '' = 'RUNNING' AND attempt = t.c2 \
+             AND lease_owner = t.c3 \
+         RETURNING {SESSION_COLUMNS}, t.ord",
+        counters("t.c")
+    )
+}
+
+/// [`INDEX_PLANS`](super::INDEX_PLANS), and for each row of a join an index lookup: no hash or
+/// merge join over a scan of every RUNNING session.
+const FINISH_PLANS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+     SET LOCAL enable_sort = off; SET LOCAL enable_hashjoin = off; \
+     SET LOCAL enable_mergejoin = off";
+
+/// The columns of [`finish_sql`]'s rows, one entry per finish sent.
+#[derive(Default)]
+struct FinishColumns<'a> {
+    id: Vec<&'a str>,
+    attempt: Vec<i32>,
+    owner: Vec<&'a str>,
+    /// pages, elements, the five usage counters, checkpoint, now, records (`c4`..`c13`).
+    counts: [Vec<i64>; 10],
+    status: Vec<&'static str>,
+    error_kind: Vec<Option<&'a str>>,
+    error_message: Vec<Option<&'a str>>,
+    cleanup_after_ms: Vec<i64>,
+    outcome: Vec<&'static str>,
+    tenant: Vec<&'a str>,
+}
+
+impl<'a> FinishColumns<'a> {
+    /// Adds `p`, or says why it cannot finish (nothing added).
+    fn push(&mut self, p: &'a SessionFinish) -> StoreResult<()> {
+        if !p.status.is_terminal() {
+            return Err(StoreError::Invalid(format!(
+                "session {} cannot finish as {}; use COMPLETED, FAILED or CANCELLED",
+                p.attempt.id, p.status
+            )));
+        }
+        let attempt = to_i32(p.attempt.attempt, "attempt")?;
+        let progress = p.batch.progress();
+        let u = usage_columns(&p.batch.usage)?;
+        let counts = [
+            to_i64(p.batch.pages, "pages")?,
+            to_i64(progress.elements, "elements")?,
+            u[0],
+            u[1],
+            u[2],
+            u[3],
+            u[4],
+            i64::from(!p.batch.is_empty()),
+            p.now.0,
+            to_i64(progress.records, "records")?,
+        ];
+        // Capped so that now + delay stays far inside bigint (a century is ~3.2e12 ms).
+        let cleanup_after_ms = i64::try_from(p.cleanup_after.as_millis())
+            .unwrap_or(i64::MAX)
+            .min(CENTURY_MS);
+        let (error_kind, error_message) = error_columns(p.error.as_ref());
+        self.id.push(p.attempt.id.id.as_str());
+        self.attempt.push(attempt);
+        self.owner.push(&p.attempt.owner);
+        for (column, v) in self.counts.iter_mut().zip(counts) {
+            column.push(v);
+        }
+        self.status.push(p.status.as_str());
+        self.error_kind.push(error_kind);
+        self.error_message.push(error_message);
+        self.cleanup_after_ms.push(cleanup_after_ms);
+        self.outcome.push(AttemptOutcome::ended(p.status).as_str());
+        self.tenant.push(p.attempt.id.tenant());
+        Ok(())
+    }
+
+    /// `$1..$19` of [`finish_sql`].
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.id, &self.attempt, &self.owner];
+        params.extend(self.counts.iter().map(|c| c as &(dyn ToSql + Sync)));
+        params.extend([
+            &self.status as &(dyn ToSql + Sync),
+            &self.error_kind,
+            &self.error_message,
+            &self.cleanup_after_ms,
+            &self.outcome,
+            &self.tenant,
+        ]);
+        params
+    }
 }
 
 impl PostgresStore {
@@ -35,73 +162,14 @@ impl PostgresStore {
         &self,
         p: CheckpointCommit,
     ) -> StoreResult<Option<Session>> {
-        let ending = Ending::Checkpoint {
-            lease_expires_at: p.now.add(p.lease),
-        };
-        self.attempt_commit(&p.attempt, &p.batch, p.now, ending)
-            .await
-    }
-
-    pub(super) async fn finish_session(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
-        let ending = finish_ending(&p)?;
-        self.attempt_commit(&p.attempt, &p.batch, p.now, ending)
-            .await
-    }
-
-    /// [`Store::session_finish_many`](crate::store::Store::session_finish_many): one
-    /// transaction, the finishes sent without waiting for each other's answers (pipelined on
-    /// one connection), one commit. A statement that fails aborts the transaction: the call
-    /// fails and nothing was written.
-    pub(super) async fn finish_sessions(
-        &self,
-        items: &[SessionFinish],
-    ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
-        let endings: Vec<StoreResult<Ending>> = items.iter().map(finish_ending).collect();
+        let a = &p.attempt;
         let mut client = self.client().await?;
         let tx = client
             .transaction()
             .await
             .map_err(db_err("starting a transaction"))?;
-        // Per item: `Err` when refused before anything was sent, else the answer to its
-        // statements.
-        let answers: Vec<Result<StoreResult<Option<Session>>, StoreError>> = {
-            let tx = &tx;
-            futures::future::join_all(items.iter().zip(endings).map(|(p, ending)| async move {
-                let ending = ending?;
-                Ok(attempt_in(tx, &p.attempt, &p.batch, p.now, ending).await)
-            }))
-            .await
-        };
-        let mut out = Vec::with_capacity(answers.len());
-        for a in answers {
-            match a {
-                Err(refused) => out.push(Err(refused)),
-                Ok(Ok(s)) => out.push(Ok(s)),
-                // The transaction is aborted; dropping it rolls back.
-                Ok(Err(e)) => return Err(e),
-            }
-        }
-        tx.commit()
-            .await
-            .map_err(db_err("committing a batch of finished sessions"))?;
-        Ok(out)
-    }
-
-    /// Commits `batch` and `ending` in one transaction if the attempt still holds its lease;
-    /// the session after it ([`attempt_in`]).
-    async fn attempt_commit(
-        &self,
-        a: &AttemptRef,
-        batch: &CheckpointBatch,
-        now: Timestamp,
-        ending: Ending,
-    ) -> StoreResult<Option<Session>> {
-        let mut client = self.client().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(db_err("starting a transaction"))?;
-        let Some(session) = attempt_in(&tx, a, batch, now, ending).await? else {
+        let lease_expires_at = p.now.add(p.lease);
+        let Some(session) = checkpoint_in(&tx, a, &p.batch, p.now, lease_expires_at).await? else {
             // Not ours any more; the transaction rolls back on drop having written nothing.
             return Ok(None);
         };
@@ -111,36 +179,120 @@ impl PostgresStore {
         )))?;
         Ok(Some(session))
     }
-}
 
-/// How a finish ends the session, or why it cannot.
-fn finish_ending(p: &SessionFinish) -> StoreResult<Ending> {
-    if !p.status.is_terminal() {
-        return Err(StoreError::Invalid(format!(
-            "session {} cannot finish as {}; use COMPLETED, FAILED or CANCELLED",
-            p.attempt.id, p.status
-        )));
+    pub(super) async fn finish_session(&self, p: SessionFinish) -> StoreResult<Option<Session>> {
+        let mut results = self.finish_sessions(std::slice::from_ref(&p)).await?;
+        results.pop().unwrap_or(Ok(None))
     }
-    // Capped so that now + delay stays far inside bigint (a century is ~3.2e12 ms).
-    let cleanup_after_ms = i64::try_from(p.cleanup_after.as_millis())
-        .unwrap_or(i64::MAX)
-        .min(CENTURY_MS);
-    Ok(Ending::Finish {
-        status: p.status,
-        error: p.error.clone(),
-        cleanup_after_ms,
-    })
+
+    /// [`Store::session_finish_many`](crate::store::Store::session_finish_many): one
+    /// transaction, one statement for every finish ([`finish_sql`]), then the last batches of
+    /// those that carry one (sent without waiting for each other's answers, pipelined on one
+    /// connection), one commit. A statement that fails aborts the transaction: the call fails
+    /// and nothing was written. A finish that cannot be sent (not a terminal status) gets its
+    /// own error and the others go on.
+    ///
+    /// Items are applied as if one after the other: a session named twice is finished by the
+    /// first item whose attempt holds it. One statement joins each session once (which of two
+    /// joined rows updates a row is not defined), so a second item for the same session goes
+    /// in a second statement after the first ("rounds"; the worker never sends one, it only
+    /// keeps the answer exact).
+    pub(super) async fn finish_sessions(
+        &self,
+        items: &[SessionFinish],
+    ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
+        let mut out: Vec<Option<StoreResult<Option<Session>>>> =
+            items.iter().map(|_| None).collect();
+        // Per round, its rows and the item of each.
+        let mut rounds: Vec<(FinishColumns<'_>, Vec<usize>)> = Vec::new();
+        let mut named: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, p) in items.iter().enumerate() {
+            let seen = named
+                .entry((p.attempt.id.tenant(), p.attempt.id.id.as_str()))
+                .or_insert(0);
+            if rounds.len() <= *seen {
+                rounds.push(Default::default());
+            }
+            let (columns, sent) = &mut rounds[*seen];
+            match columns.push(p) {
+                Ok(()) => {
+                    sent.push(i);
+                    *seen += 1;
+                }
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        if rounds.iter().any(|(_, sent)| !sent.is_empty()) {
+            let mut client = self.client().await?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(db_err("starting a transaction"))?;
+            let stmt = tx
+                .prepare_cached(&finish_sql())
+                .await
+                .map_err(db_err("preparing a finish"))?;
+            // Sent with the first statement, in one round trip.
+            let mut plans = Some(tx.batch_execute(FINISH_PLANS));
+            let mut batches = Vec::new();
+            for (columns, sent) in rounds.iter().filter(|(_, sent)| !sent.is_empty()) {
+                let params = columns.params();
+                let query = tx.query(&stmt, &params);
+                let rows = match plans.take() {
+                    Some(plans) => {
+                        let (set, rows) = futures::future::join(plans, query).await;
+                        set.map_err(db_err("setting the plan of a finish"))?;
+                        rows
+                    }
+                    None => query.await,
+                }
+                .map_err(db_err(&format!("finishing {} sessions", sent.len())))?;
+                for row in &rows {
+                    let (i, session) = finished_row(row, sent)?;
+                    let p = &items[i];
+                    if !p.batch.is_empty() {
+                        let records = to_i64(p.batch.progress().records, "records")?;
+                        let first = to_i64(session.records, "records")? - records;
+                        batches.push(write_batch(&tx, &p.attempt, &p.batch, first));
+                    }
+                    out[i] = Some(Ok(Some(session)));
+                }
+            }
+            for written in futures::future::join_all(batches).await {
+                // The transaction is aborted; dropping it rolls back.
+                written?;
+            }
+            drop(plans);
+            tx.commit()
+                .await
+                .map_err(db_err("committing a batch of finished sessions"))?;
+        }
+        // No row: the attempt does not hold its lease (or an earlier item ended the session).
+        Ok(out.into_iter().map(|r| r.unwrap_or(Ok(None))).collect())
+    }
 }
 
-/// Writes `batch` and `ending` inside `tx` if the attempt still holds its lease; the session
-/// after it. One statement each, equal to the state machine's [`Session::checkpointed`] and
-/// [`Session::finished`] (the conformance suite checks it).
-async fn attempt_in(
+/// A row of [`finish_sql`]: the item it answers (`sent[ord - 1]`) and the session.
+fn finished_row(row: &tokio_postgres::Row, sent: &[usize]) -> StoreResult<(usize, Session)> {
+    let n: i64 = row_get(row, SESSION_COLUMNS.split(',').count(), "sessions/ord")?;
+    let Some(&i) = usize::try_from(n - 1).ok().and_then(|k| sent.get(k)) else {
+        return Err(StoreError::Corrupt {
+            key: "sessions".into(),
+            reason: format!("a finish returned row {n} of {}", sent.len()),
+        });
+    };
+    Ok((i, session_from_row(row)?))
+}
+
+/// Writes `batch` and renews the lease inside `tx` if the attempt still holds it; the session
+/// after it. One statement, equal to the state machine's [`Session::checkpointed`] (the
+/// conformance suite checks it).
+async fn checkpoint_in(
     tx: &deadpool_postgres::Transaction<'_>,
     a: &AttemptRef,
     batch: &CheckpointBatch,
     now: Timestamp,
-    ending: Ending,
+    lease_expires_at: Timestamp,
 ) -> StoreResult<Option<Session>> {
     let attempt = to_i32(a.attempt, "attempt")?;
     let progress = batch.progress();
@@ -150,23 +302,11 @@ async fn attempt_in(
     let u = usage_columns(&batch.usage)?;
     let nonempty = !batch.is_empty();
     let checkpoint: i64 = nonempty.into();
-
-    // The compare-and-set comes first: it locks the session row, so the batch below is
-    // written only while this attempt holds the lease, and the record numbering cannot race.
-    // Usage only with token tracking on (as `Session::checkpointed` says).
-    const COUNTERS: &str = "pages_processed = pages_processed + $4, \
-             processed_elements = processed_elements + $5, records = records + $13, \
-             http_requests = http_requests + CASE WHEN token_tracking THEN $6::bigint ELSE 0 END, \
-             http_errors = http_errors + CASE WHEN token_tracking THEN $7::bigint ELSE 0 END, \
-             bytes_received = bytes_received + CASE WHEN token_tracking THEN $8::bigint ELSE 0 END, \
-             retries = retries + CASE WHEN token_tracking THEN $9::bigint ELSE 0 END, \
-             robots_blocked = robots_blocked + CASE WHEN token_tracking THEN $10::bigint ELSE 0 END, \
-             checkpoints = checkpoints + $11, \
-             progress_this_attempt = progress_this_attempt OR $11 > 0, updated_at = $12";
     let id = a.id.id.as_str();
     let tenant = a.id.tenant();
-    // $1..$13, shared by both statements.
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+    // The compare-and-set comes first: it locks the session row, so the batch below is
+    // written only while this attempt holds the lease, and the record numbering cannot race.
+    let params: [&(dyn ToSql + Sync); 15] = [
         &id,
         &attempt,
         &a.owner,
@@ -180,58 +320,17 @@ async fn attempt_in(
         &checkpoint,
         &now.0,
         &records,
+        &lease_expires_at.0,
+        &tenant,
     ];
-    let (error_kind, error_message);
-    let (status_text, outcome);
-    let stmt = match &ending {
-        Ending::Checkpoint { lease_expires_at } => {
-            params.extend([&lease_expires_at.0 as &(dyn ToSql + Sync), &tenant]);
-            tx.prepare_cached(&format!(
-                "UPDATE sessions SET {COUNTERS}, lease_expires_at = $14 \
-                 WHERE {} RETURNING {SESSION_COLUMNS}",
-                if_running(15)
-            ))
-            .await
-            .map_err(db_err("preparing a checkpoint"))?
-        }
-        Ending::Finish {
-            status,
-            error,
-            cleanup_after_ms,
-        } => {
-            (error_kind, error_message) = error_columns(error.as_ref());
-            (status_text, outcome) = (status.as_str(), AttemptOutcome::ended(*status).as_str());
-            params.extend([
-                &status_text as &(dyn ToSql + Sync),
-                &error_kind,
-                &error_message,
-                cleanup_after_ms,
-                &outcome,
-                &tenant,
-            ]);
-            // The session's own timeout (cleanup_after_ms, set at insert) else the default;
-            // the attempt running ends (`Session::finished`): its time counts, and its entry
-            // in `attempts` gets its end and outcome.
-            tx.prepare_cached(&format!(
-                "UPDATE sessions SET {COUNTERS}, status = $14, error_kind = $15, \
-                 error_message = $16, \
-                 cleanup_at = $12::bigint + COALESCE(cleanup_after_ms, $17::bigint), \
-                 end_time = $12, lease_owner = NULL, lease_expires_at = NULL, \
-                 running_ms = running_ms + CASE WHEN running_since IS NULL THEN 0 \
-                     ELSE GREATEST(0, $12::bigint - running_since) END, \
-                 running_since = NULL, \
-                 attempts = CASE WHEN jsonb_array_length(attempts) > 0 AND \
-                     COALESCE(attempts->-1->'ended_at', 'null'::jsonb) = 'null'::jsonb \
-                     THEN jsonb_set(jsonb_set(attempts, '{{-1,ended_at}}', \
-                         to_jsonb($12::bigint)), '{{-1,outcome}}', to_jsonb($18::text)) \
-                     ELSE attempts END \
-                 WHERE {} RETURNING {SESSION_COLUMNS}",
-                if_running(19)
-            ))
-            .await
-            .map_err(db_err("preparing a finish"))?
-        }
-    };
+    let stmt = tx
+        .prepare_cached(&format!(
+            "UPDATE sessions SET {}, lease_expires_at = $14 WHERE {} RETURNING {SESSION_COLUMNS}",
+            counters("$"),
+            if_running(15)
+        ))
+        .await
+        .map_err(db_err("preparing a checkpoint"))?;
     let row = tx.query_opt(&stmt, &params).await.map_err(db_err(&format!(
         "committing attempt {} of session {}",
         a.attempt, a.id

@@ -532,14 +532,18 @@ impl SledStore {
                     out.push(Err(e));
                     continue;
                 }
-                if !ended.insert(&p.attempt.id) {
-                    // An earlier item ended this session.
+                if ended.contains(&p.attempt.id) {
+                    // An earlier item ended this session (staged, so not yet in the tree that
+                    // `stage_finish` reads). A refused one did not: a later item may apply.
                     out.push(Ok(None));
                     continue;
                 }
                 let (before, mark) = (c.clone(), b.mark());
                 match self.stage_finish(&mut c, &mut b, p) {
-                    Ok(Some(s)) => out.push(Ok(Some(s))),
+                    Ok(Some(s)) => {
+                        ended.insert(&p.attempt.id);
+                        out.push(Ok(Some(s)));
+                    }
                     Ok(None) => out.push(Ok(None)),
                     Err(e) => {
                         (c, b) = (before, b.truncated(mark));
