@@ -20,19 +20,23 @@ use crate::store::{EVENTS_PAGE_MAX, EventsAfter, StoreError, StoreResult};
 /// `SESSION_COLUMNS` read from the event's row `e`, the spec from it or from the live row of
 /// the same `seq` (a subquery per row: one lookup in `sessions_seq_key` each, never a join that
 /// a plan could turn into a scan of every session).
-fn event_columns() -> String {
-    SESSION_COLUMNS
-        .split(',')
-        .map(str::trim)
-        .map(|c| {
-            if c == "spec" {
-                "coalesce(e.spec, (SELECT s.spec FROM sessions s WHERE s.seq = e.seq))".to_string()
-            } else {
-                format!("e.{c}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+fn event_columns() -> &'static str {
+    static COLUMNS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    COLUMNS.get_or_init(|| {
+        SESSION_COLUMNS
+            .split(',')
+            .map(str::trim)
+            .map(|c| {
+                if c == "spec" {
+                    "coalesce(e.spec, (SELECT s.spec FROM sessions s WHERE s.seq = e.seq))"
+                        .to_string()
+                } else {
+                    format!("e.{c}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 impl PostgresStore {

@@ -50,6 +50,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 8,
         sql: include_str!("../../../migrations/0008_events_columns.sql"),
     },
+    Migration {
+        version: 9,
+        sql: include_str!("../../../migrations/0009_events_per_statement.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.
