@@ -205,6 +205,21 @@ async fn remove_all_records(store: &Arc<dyn Store>, id: &str) -> bool {
         .is_some()
 }
 
+/// The numbers of the first 100 records of the single-namespace session `id`.
+async fn record_seqs(store: &Arc<dyn Store>, id: &str) -> Vec<u64> {
+    store
+        .records_page(RecordsPage {
+            id: harvest::SessionKey::from(sid(id)),
+            offset: 0,
+            limit: 100,
+        })
+        .await
+        .expect("records")
+        .iter()
+        .map(|r| r.seq)
+        .collect()
+}
+
 /// Claims up to `limit` sessions for `owner` at `now` with a 30 s lease.
 pub async fn claim(
     store: &Arc<dyn Store>,
@@ -850,15 +865,7 @@ pub async fn finish_each_terminal_status(store: Arc<dyn Store>) {
             "the final batch commits with the status"
         );
         assert_eq!(f.metrics.pages_processed, 1);
-        let recs = store
-            .records_page(RecordsPage {
-                id: harvest::SessionKey::from(sid(id)),
-                offset: 0,
-                limit: 100,
-            })
-            .await
-            .expect("records");
-        assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(record_seqs(&store, id).await, [0, 1]);
     }
 }
 
@@ -930,16 +937,8 @@ pub async fn finish_many_per_item_results(store: Arc<dyn Store>) {
     }
     assert_eq!(get(&store, "a").await.status, SessionStatus::Completed);
     for (id, first) in [("a", 0), ("b", 0)] {
-        let recs = store
-            .records_page(RecordsPage {
-                id: harvest::SessionKey::from(sid(id)),
-                offset: 0,
-                limit: 100,
-            })
-            .await
-            .expect("records");
         assert_eq!(
-            recs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            record_seqs(&store, id).await,
             [first, first + 1, first + 2],
             "{id}: its last batch's records, numbered from 0"
         );
@@ -982,15 +981,11 @@ pub async fn finish_many_applies_items_in_order(store: Arc<dyn Store>) {
     assert_eq!(get(&store, "a").await.status, SessionStatus::Completed);
     assert_eq!(get(&store, "b").await.status, SessionStatus::Completed);
     for (id, n) in [("a", 3), ("b", 0)] {
-        let recs = store
-            .records_page(RecordsPage {
-                id: harvest::SessionKey::from(sid(id)),
-                offset: 0,
-                limit: 100,
-            })
-            .await
-            .expect("records");
-        assert_eq!(recs.len(), n, "{id}: only the applied item's records");
+        assert_eq!(
+            record_seqs(&store, id).await.len(),
+            n,
+            "{id}: only the applied item's records"
+        );
     }
 }
 
