@@ -10,7 +10,7 @@ use super::rows::{
     SESSION_COLUMNS, error_columns, row_get, session_from_row, to_i32, to_i64, usage_columns,
 };
 use super::sessions::if_running;
-use super::{PostgresStore, db_err};
+use super::{LOOKUP_PLANS, PostgresStore, db_err, query_planned};
 use crate::session::{AttemptOutcome, Session, Timestamp};
 
 /// A century in milliseconds: the cap of a cleanup delay, far inside bigint.
@@ -45,13 +45,15 @@ fn counters(p: &str) -> String {
 /// ends: its own timeout (`cleanup_after_ms`, set at insert) else the default starts, the
 /// running attempt's time counts, and its entry in `attempts` gets its end and outcome.
 ///
-/// The planner is held to one plan ([`FINISH_PLANS`]): for each row, the session by its primary
+/// The planner is held to one plan ([`LOOKUP_PLANS`]): for each row, the session by its primary
 /// key. `status || ''` keeps `sessions_lease_idx` (`WHERE status = 'RUNNING'`) out of the
 /// candidates: with statistics from when few sessions ran, the planner read that index whole,
 /// with a filter, for each finish (seen with auto_explain in `bench queue`).
-fn finish_sql() -> String {
-    format!(
-        "UPDATE sessions SET {}, status = t.c14, error_kind = t.c15, error_message = t.c16, \
+fn finish_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "UPDATE sessions SET {}, status = t.c14, error_kind = t.c15, error_message = t.c16, \
          cleanup_at = t.c12 + COALESCE(cleanup_after_ms, t.c17), \
          end_time = t.c12, lease_owner = NULL, lease_expires_at = NULL, \
          running_ms = running_ms + CASE WHEN running_since IS NULL THEN 0 \
@@ -71,15 +73,41 @@ fn finish_sql() -> String {
          WHERE tenant = t.c19 AND id = t.c1 AND status || '' = 'RUNNING' AND attempt = t.c2 \
              AND lease_owner = t.c3 \
          RETURNING {SESSION_COLUMNS}, t.ord",
-        counters("t.c")
-    )
+            counters("t.c")
+        )
+    })
 }
 
-/// [`INDEX_PLANS`](super::INDEX_PLANS), and for each row of a join an index lookup: no hash or
-/// merge join over a scan of every RUNNING session.
-const FINISH_PLANS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
-     SET LOCAL enable_sort = off; SET LOCAL enable_hashjoin = off; \
-     SET LOCAL enable_mergejoin = off";
+/// The checkpoint's compare-and-set `UPDATE` (`$1..$13` as for [`counters`], `$14` the new
+/// lease expiry, `$15` the tenant).
+fn checkpoint_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        format!(
+            "UPDATE sessions SET {}, lease_expires_at = $14 WHERE {} RETURNING {SESSION_COLUMNS}",
+            counters("$"),
+            if_running(15)
+        )
+    })
+}
+
+/// The values of [`counters`] (`$4..$13`) for a commit of `batch` at `now`.
+fn counter_values(batch: &CheckpointBatch, now: Timestamp) -> StoreResult<[i64; 10]> {
+    let progress = batch.progress();
+    let u = usage_columns(&batch.usage)?;
+    Ok([
+        to_i64(batch.pages, "pages")?,
+        to_i64(progress.elements, "elements")?,
+        u[0],
+        u[1],
+        u[2],
+        u[3],
+        u[4],
+        i64::from(!batch.is_empty()),
+        now.0,
+        to_i64(progress.records, "records")?,
+    ])
+}
 
 /// The columns of [`finish_sql`]'s rows, one entry per finish sent.
 #[derive(Default)]
@@ -87,7 +115,7 @@ struct FinishColumns<'a> {
     id: Vec<&'a str>,
     attempt: Vec<i32>,
     owner: Vec<&'a str>,
-    /// pages, elements, the five usage counters, checkpoint, now, records (`c4`..`c13`).
+    /// [`counter_values`] (`c4`..`c13`).
     counts: [Vec<i64>; 10],
     status: Vec<&'static str>,
     error_kind: Vec<Option<&'a str>>,
@@ -107,20 +135,7 @@ impl<'a> FinishColumns<'a> {
             )));
         }
         let attempt = to_i32(p.attempt.attempt, "attempt")?;
-        let progress = p.batch.progress();
-        let u = usage_columns(&p.batch.usage)?;
-        let counts = [
-            to_i64(p.batch.pages, "pages")?,
-            to_i64(progress.elements, "elements")?,
-            u[0],
-            u[1],
-            u[2],
-            u[3],
-            u[4],
-            i64::from(!p.batch.is_empty()),
-            p.now.0,
-            to_i64(progress.records, "records")?,
-        ];
+        let counts = counter_values(&p.batch, p.now)?;
         // Capped so that now + delay stays far inside bigint (a century is ~3.2e12 ms).
         let cleanup_after_ms = i64::try_from(p.cleanup_after.as_millis())
             .unwrap_or(i64::MAX)
@@ -229,24 +244,22 @@ impl PostgresStore {
                 .await
                 .map_err(db_err("starting a transaction"))?;
             let stmt = tx
-                .prepare_cached(&finish_sql())
+                .prepare_cached(finish_sql())
                 .await
                 .map_err(db_err("preparing a finish"))?;
-            // Sent with the first statement, in one round trip.
-            let mut plans = Some(tx.batch_execute(FINISH_PLANS));
             let mut batches = Vec::new();
-            for (columns, sent) in rounds.iter().filter(|(_, sent)| !sent.is_empty()) {
+            for (round, (columns, sent)) in rounds
+                .iter()
+                .filter(|(_, sent)| !sent.is_empty())
+                .enumerate()
+            {
                 let params = columns.params();
-                let query = tx.query(&stmt, &params);
-                let rows = match plans.take() {
-                    Some(plans) => {
-                        let (set, rows) = futures::future::join(plans, query).await;
-                        set.map_err(db_err("setting the plan of a finish"))?;
-                        rows
-                    }
-                    None => query.await,
-                }
-                .map_err(db_err(&format!("finishing {} sessions", sent.len())))?;
+                const WHAT: &str = "finishing a batch of sessions";
+                let rows = if round == 0 {
+                    query_planned(&tx, LOOKUP_PLANS, &stmt, &params, WHAT).await?
+                } else {
+                    tx.query(&stmt, &params).await.map_err(db_err(WHAT))?
+                };
                 for row in &rows {
                     let (i, session) = finished_row(row, sent)?;
                     let p = &items[i];
@@ -262,7 +275,6 @@ impl PostgresStore {
                 // The transaction is aborted; dropping it rolls back.
                 written?;
             }
-            drop(plans);
             tx.commit()
                 .await
                 .map_err(db_err("committing a batch of finished sessions"))?;
@@ -295,13 +307,7 @@ async fn checkpoint_in(
     lease_expires_at: Timestamp,
 ) -> StoreResult<Option<Session>> {
     let attempt = to_i32(a.attempt, "attempt")?;
-    let progress = batch.progress();
-    let records = to_i64(progress.records, "records")?;
-    let elements = to_i64(progress.elements, "elements")?;
-    let pages = to_i64(batch.pages, "pages")?;
-    let u = usage_columns(&batch.usage)?;
-    let nonempty = !batch.is_empty();
-    let checkpoint: i64 = nonempty.into();
+    let c = counter_values(batch, now)?;
     let id = a.id.id.as_str();
     let tenant = a.id.tenant();
     // The compare-and-set comes first: it locks the session row, so the batch below is
@@ -310,25 +316,21 @@ async fn checkpoint_in(
         &id,
         &attempt,
         &a.owner,
-        &pages,
-        &elements,
-        &u[0],
-        &u[1],
-        &u[2],
-        &u[3],
-        &u[4],
-        &checkpoint,
-        &now.0,
-        &records,
+        &c[0],
+        &c[1],
+        &c[2],
+        &c[3],
+        &c[4],
+        &c[5],
+        &c[6],
+        &c[7],
+        &c[8],
+        &c[9],
         &lease_expires_at.0,
         &tenant,
     ];
     let stmt = tx
-        .prepare_cached(&format!(
-            "UPDATE sessions SET {}, lease_expires_at = $14 WHERE {} RETURNING {SESSION_COLUMNS}",
-            counters("$"),
-            if_running(15)
-        ))
+        .prepare_cached(checkpoint_sql())
         .await
         .map_err(db_err("preparing a checkpoint"))?;
     let row = tx.query_opt(&stmt, &params).await.map_err(db_err(&format!(
@@ -339,9 +341,10 @@ async fn checkpoint_in(
         return Ok(None);
     };
     let session = session_from_row(&row)?;
-    if nonempty {
+    if !batch.is_empty() {
+        // The batch's records are numbered after those committed before it (`c[9]`: its own).
         let total = to_i64(session.records, "records")?;
-        write_batch(tx, a, batch, total - records).await?;
+        write_batch(tx, a, batch, total - c[9]).await?;
     }
     Ok(Some(session))
 }

@@ -26,6 +26,14 @@
 //! conversions), `listen` (LISTEN/NOTIFY) and `migrate` (schema migrations). The methods of
 //! [`Store`] below only call into them.
 
+/// The text of [`INDEX_PLANS`], a macro so that [`LOOKUP_PLANS`] can extend it with `concat!`.
+macro_rules! index_plans {
+    () => {
+        "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+         SET LOCAL enable_sort = off"
+    };
+}
+
 mod agents;
 mod checkpoint;
 mod crawl;
@@ -497,10 +505,18 @@ async fn connect_one(config: &tokio_postgres::Config) -> StoreResult<tokio_postg
 /// server's CPU), an event read sorted a bitmap scan of the log, and event expiry read every
 /// event. Disabled plan kinds are still used where nothing else can answer, so a statement
 /// never fails for them.
-const INDEX_PLANS: &str = "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off";
+const INDEX_PLANS: &str = index_plans!();
 
-/// Runs `stmt` with [`INDEX_PLANS`] in a transaction of its own (the settings and the statement
-/// sent together, one round trip) and commits; its rows. `what` names it in errors.
+/// [`INDEX_PLANS`], and each row of a join found by an index lookup: no hash or merge join
+/// over a scan of every row of the other side (a batch of finishes joins its rows to
+/// `sessions`).
+const LOOKUP_PLANS: &str = concat!(
+    index_plans!(),
+    "; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+);
+
+/// Runs `stmt` with [`INDEX_PLANS`] in a transaction of its own and commits; its rows. `what`
+/// names it in errors.
 async fn index_planned(
     client: &mut deadpool_postgres::Object,
     stmt: &str,
@@ -515,15 +531,26 @@ async fn index_planned(
         .prepare_cached(stmt)
         .await
         .map_err(db_err(&format!("preparing {what}")))?;
-    // Polled in this order, the settings are sent before the statement.
-    let (set, rows) =
-        futures::future::join(tx.batch_execute(INDEX_PLANS), tx.query(&stmt, params)).await;
-    set.map_err(db_err(&format!("setting the plan of {what}")))?;
-    let rows = rows.map_err(db_err(what))?;
+    let rows = query_planned(&tx, INDEX_PLANS, &stmt, params, what).await?;
     tx.commit()
         .await
         .map_err(db_err(&format!("committing {what}")))?;
     Ok(rows)
+}
+
+/// Sets `plans` (`SET LOCAL` commands) in `tx` and runs `stmt`, both sent together: one round
+/// trip. The settings hold for the rest of the transaction.
+async fn query_planned(
+    tx: &deadpool_postgres::Transaction<'_>,
+    plans: &str,
+    stmt: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    what: &str,
+) -> StoreResult<Vec<tokio_postgres::Row>> {
+    // Polled in this order, the settings are sent before the statement.
+    let (set, rows) = futures::future::join(tx.batch_execute(plans), tx.query(stmt, params)).await;
+    set.map_err(db_err(&format!("setting the plan of {what}")))?;
+    rows.map_err(db_err(what))
 }
 
 /// Maps a driver error to [`StoreError::Postgres`] saying what was being done.

@@ -172,16 +172,20 @@ impl PostgresStore {
             // the locks are held only until its transaction commits right after it. Planned to
             // read `sessions_claim_idx` in order up to the limit ([`INDEX_PLANS`]); with stale
             // statistics the planner read and sorted every PENDING session for each claim.
-            index_planned(
-                &mut client,
-                &claim_update(
+            static CLAIM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+            let claim = CLAIM.get_or_init(|| {
+                claim_update(
                     "SELECT seq FROM sessions
                      WHERE status = 'PENDING' AND run_at <= $1
                      ORDER BY priority DESC, run_at, seq
                      LIMIT $2
                      FOR UPDATE SKIP LOCKED",
                     true,
-                ),
+                )
+            });
+            index_planned(
+                &mut client,
+                claim,
                 &[&p.now.0, &limit, &p.owner, &expires],
                 "claiming sessions",
             )
