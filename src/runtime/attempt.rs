@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use tracing::Instrument;
 
 use super::finisher::Finisher;
-use super::worker::{Registered, WorkerSettings};
+use super::worker::{Registered, Slot, WorkerSettings};
 use crate::job::{
     CheckpointSink, CommitError, CrawlState, CrawlStateError, JobContext, JobOutcome, Retry,
     StopReason, StopSignal,
@@ -97,6 +97,8 @@ pub(crate) struct Attempt {
     /// The attempt stopped because the store did not answer a write for too long: hand the
     /// session back as soon as it answers.
     store_gave_up: std::sync::atomic::AtomicBool,
+    /// Its hold on the worker's capacity, traded for a finishing permit at its last write.
+    slot: std::sync::Mutex<Slot>,
 }
 
 /// Commits checkpoints of one attempt under its lease.
@@ -151,6 +153,7 @@ impl Attempt {
         owner: String,
         stop: StopSignal,
         registered: Registered,
+        slot: Slot,
     ) {
         let attempt = Arc::new(Attempt {
             finisher,
@@ -164,11 +167,19 @@ impl Attempt {
             store_gave_up: false.into(),
             session,
             stop,
+            slot: slot.into(),
         });
         attempt.s.effects.started(&attempt.session).await;
         tracing::debug!("attempt started");
         attempt.run_job().await;
         drop(registered);
+        // Not with the attempt: a job may keep a clone of its sink (and so of the attempt).
+        attempt.slot().release();
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
+        // Two permits and no invariant between them: a panic elsewhere leaves it usable.
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Commits `batch` under the lease (with its effects). A refused or failed commit stops the
@@ -594,6 +605,8 @@ impl Attempt {
         error: Option<SessionError>,
         batch: CheckpointBatch,
     ) {
+        // Only this write is left: the next session may start while it waits for its commit.
+        self.slot().job_done();
         let counts = BatchCounts::of(&batch);
         let kept = self.s.effects.observes_commits().then(|| batch.clone());
         // Kept for another try only where the store can be away (as in `commit`).
@@ -663,6 +676,7 @@ impl Attempt {
     /// Hands the session back: PENDING after a backoff (or at once when `spend` is false), or
     /// FAILED when it was its last attempt, CANCELLED when a cancel was asked meanwhile.
     async fn requeue(&self, spend: bool, error: Option<SessionError>, retry: Retry) {
+        self.slot().job_done();
         let now = self.s.clock.now();
         let delay = match retry {
             Retry::After(d) => d,

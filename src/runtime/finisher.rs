@@ -24,6 +24,11 @@ pub(crate) const FINISH_BATCH_MAX: usize = 256;
 /// (PostgreSQL) while the previous one waits for its flush or commit.
 const IN_FLIGHT: usize = 2;
 
+/// Attempts that may wait for their finish without holding a worker slot
+/// ([`Slot`](super::worker::Slot)): as many as the batches in flight can carry, so more would
+/// not be written any sooner.
+pub(crate) const FINISHING_MAX: usize = FINISH_BATCH_MAX * IN_FLIGHT;
+
 type Answer = oneshot::Sender<StoreResult<Option<Session>>>;
 
 /// Hands finishes to the store in batches. Cloned into every attempt; the batching task ends

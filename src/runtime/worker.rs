@@ -1,8 +1,8 @@
 //! Workers: claim sessions under leases and run each claimed attempt ([`super::attempt`]).
 //!
 //! One claimer task per process owns the claim loop. It never claims more sessions than it has
-//! free slots (a [`Semaphore`] of `workers.concurrency` permits, each held for the life of one
-//! attempt), and sleeps on [`Store::pending_wait`] (a submission wakes it; a slow poll is only a
+//! free slots (a [`Semaphore`] of `workers.concurrency` permits, each held by one attempt until
+//! only its last write is left: [`Slot`]) plus `workers.prefetch`, and sleeps on [`Store::pending_wait`] (a submission wakes it; a slow poll is only a
 //! safety net). Shutdown is two-phase: stop claiming, let attempts finish for the grace period,
 //! then ask the rest to hand their sessions back.
 
@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use super::attempt::Attempt;
 use super::effects::Effects;
-use super::finisher::Finisher;
+use super::finisher::{FINISHING_MAX, Finisher};
 use crate::clock::Clock;
 use crate::config::WorkersConfig;
 use crate::job::{Job, StopReason, StopSignal};
@@ -209,11 +209,45 @@ struct Buffered {
     renewed: tokio::time::Instant,
 }
 
+/// An attempt's hold on the worker's capacity. While its job runs it holds a slot (one of
+/// `workers.concurrency`). Once only its last write is left (the finish or the hand-back, which
+/// waits for a durable commit), it trades the slot for one of [`FINISHING_MAX`] finishing
+/// permits, so the next session starts without waiting for the disk or the database: measured
+/// with `bench queue`, 64 slots each held through its flush capped the burn-down at 64
+/// sessions per flush time. With no finishing permit free it keeps its slot, so attempts alive
+/// stay bounded by `concurrency + FINISHING_MAX`.
+pub(crate) struct Slot {
+    running: Option<OwnedSemaphorePermit>,
+    finishing: Option<OwnedSemaphorePermit>,
+    finishers: Arc<Semaphore>,
+}
+
+impl Slot {
+    /// The job has ended; the attempt only writes its outcome from now on.
+    pub(crate) fn job_done(&mut self) {
+        if self.running.is_none() || self.finishing.is_some() {
+            return;
+        }
+        if let Ok(p) = self.finishers.clone().try_acquire_owned() {
+            self.finishing = Some(p);
+            self.running = None;
+        }
+    }
+
+    /// The attempt has ended.
+    pub(crate) fn release(&mut self) {
+        self.running = None;
+        self.finishing = None;
+    }
+}
+
 /// The claimer's state: free slots, the local buffer, the attempts running.
 struct Claimer {
     s: Arc<WorkerSettings>,
     finisher: Finisher,
     slots: Arc<Semaphore>,
+    /// Finishing permits ([`Slot`]).
+    finishers: Arc<Semaphore>,
     buffer: VecDeque<Buffered>,
     tasks: JoinSet<()>,
     /// How often a buffered session's lease is renewed.
@@ -239,18 +273,20 @@ impl Claimer {
         }
     }
 
-    /// Runs `b`'s attempt, holding `permit` (a slot) until it ends.
+    /// Runs `b`'s attempt, holding `permit` (a slot) until its last write ([`Slot`]).
     fn spawn(&mut self, b: Buffered, permit: Option<OwnedSemaphorePermit>) {
         // Every log line of the attempt, the engine's included, carries the session id.
         let span =
             tracing::info_span!("session", session = %b.session.id, attempt = b.session.attempt);
         let (s, finisher) = (self.s.clone(), self.finisher.clone());
+        let slot = Slot {
+            running: permit,
+            finishing: None,
+            finishers: self.finishers.clone(),
+        };
         self.tasks.spawn(
-            async move {
-                Attempt::run(s, finisher, b.session, b.owner, b.stop, b.registered).await;
-                drop(permit);
-            }
-            .instrument(span),
+            Attempt::run(s, finisher, b.session, b.owner, b.stop, b.registered, slot)
+                .instrument(span),
         );
     }
 
@@ -375,6 +411,7 @@ async fn claim_loop(s: Arc<WorkerSettings>, finisher: Finisher, mut stop: watch:
     let prefetch = s.workers.prefetch;
     let mut c = Claimer {
         slots: Arc::new(Semaphore::new(s.workers.concurrency.max(1))),
+        finishers: Arc::new(Semaphore::new(FINISHING_MAX)),
         buffer: VecDeque::new(),
         tasks: JoinSet::new(),
         renew_every: (s.workers.lease() / 3).max(Duration::from_millis(200)),

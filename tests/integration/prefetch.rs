@@ -384,3 +384,127 @@ async fn worker_killed_with_a_full_buffer_runs_each_buffered_session_once() {
     );
     drop(b);
 }
+
+/// Completes at once, except a session whose config says `"hold": true`, which waits for
+/// `release` first; counts runs per session.
+#[derive(Clone, Default)]
+struct Hold {
+    runs: Arc<Mutex<HashMap<String, u32>>>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl Job for Hold {
+    fn validate(
+        &self,
+        _: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
+        Ok(())
+    }
+
+    async fn run(&self, ctx: JobContext) -> JobOutcome {
+        *self
+            .runs
+            .lock()
+            .unwrap()
+            .entry(ctx.session.id.to_string())
+            .or_default() += 1;
+        if ctx.session.job.config["hold"] == json!(true) {
+            self.release.notified().await;
+        }
+        JobOutcome::Completed(CheckpointBatch::default())
+    }
+}
+
+/// An attempt gives its worker slot up once only its finish is left to write: with one slot,
+/// while session A's finish waits (another connection holds A's row locked, so the UPDATE
+/// blocks, as it would on a slow commit), session B is claimed, runs and completes. A then
+/// completes once the lock goes, and each ran once. (Before, A's slot was held through its
+/// commit, and B could not start until A's finish was written.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finishing_attempt_frees_its_slot_for_the_next_session() {
+    let Some(url) = database_url() else {
+        eprintln!("skipped: HARVEST_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let schema = unique_schema();
+    let _guard = SchemaGuard {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = Config {
+        data_dir: dir.path().to_path_buf(),
+        store: StoreKind::Postgres,
+        database_url: Some(url.clone()),
+        database_schema: schema.clone(),
+        ..Config::default()
+    };
+    cfg.workers.concurrency = 1;
+    cfg.workers.prefetch = 0;
+    cfg.workers.poll_interval_ms = 50;
+    let job = Hold::default();
+    let h = Harvest::builder(cfg)
+        .job(Arc::new(job.clone()))
+        .open()
+        .await
+        .expect("open harvest");
+    h.start();
+    let a = h
+        .submit(SubmitRequest::new(json!({"name": "a", "hold": true})))
+        .await
+        .expect("submit a")
+        .id()
+        .clone();
+    let runs = |id: &SessionId| job.runs.lock().unwrap().get(id.as_str()).copied();
+    wait_until("A running", Duration::from_secs(20), async || {
+        runs(&a) == Some(1)
+    })
+    .await;
+    // Lock A's row, then let its job end: its finish blocks on the lock.
+    let mut admin = crate::store_postgres::admin(&url).await.expect("connect");
+    let lock = admin.transaction().await.expect("begin");
+    let locked = lock
+        .execute(
+            &format!("SELECT 1 FROM {schema}.sessions WHERE id = $1 FOR UPDATE"),
+            &[&a.as_str()],
+        )
+        .await
+        .expect("lock A's row");
+    assert_eq!(locked, 1);
+    job.release.notify_one();
+    let b = h
+        .submit(SubmitRequest::new(json!({"name": "b"})))
+        .await
+        .expect("submit b")
+        .id()
+        .clone();
+    wait_until(
+        "B completed while A's finish waits",
+        Duration::from_secs(20),
+        async || {
+            h.get(&b)
+                .await
+                .expect("get b")
+                .is_some_and(|s| s.status == SessionStatus::Completed)
+        },
+    )
+    .await;
+    let a_now = h.get(&a).await.expect("get a").expect("a exists");
+    assert_eq!(
+        a_now.status,
+        SessionStatus::Running,
+        "A's finish is still blocked on the lock"
+    );
+    lock.rollback().await.expect("release the lock");
+    wait_until("A completed", Duration::from_secs(20), async || {
+        h.get(&a)
+            .await
+            .expect("get a")
+            .is_some_and(|s| s.status == SessionStatus::Completed)
+    })
+    .await;
+    assert_eq!((runs(&a), runs(&b)), (Some(1), Some(1)), "each ran once");
+    h.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+}
