@@ -7,8 +7,8 @@
 //! - **PostgreSQL table** (`postgres_table = "items"`): after each committed checkpoint the
 //!   worker copies the session's committed records that the table does not have yet. Each copy
 //!   is one database transaction that inserts the rows and advances the session's marker row
-//!   (`harvest_export_marks`: session, table, next record seq) under a row lock, so a retried or
-//!   concurrent copy (a stale worker, a resumed attempt) finds the marker already past those
+//!   (`harvest_export_marks`: session id and seq, table, next record seq) under a row lock, so a
+//!   retried or concurrent copy (a stale worker, a resumed attempt) finds the marker already past those
 //!   records and writes nothing. The records come from the store, never from the engine's
 //!   memory: the table only ever holds a prefix of what the store committed, and a copy that was
 //!   skipped (a crash right after a checkpoint) is caught up by the next one.
@@ -246,10 +246,13 @@ impl Sinks {
         tx.batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {s};
              CREATE TABLE IF NOT EXISTS {s}.harvest_export_marks (
-                 session_id text NOT NULL,
-                 tbl        text NOT NULL,
-                 next_seq   bigint NOT NULL,
-                 PRIMARY KEY (session_id, tbl));
+                 session_id  text NOT NULL,
+                 session_seq bigint NOT NULL,
+                 tbl         text NOT NULL,
+                 next_seq    bigint NOT NULL,
+                 PRIMARY KEY (session_id, session_seq, tbl));
+             ALTER TABLE {s}.harvest_export_marks
+                 ADD COLUMN IF NOT EXISTS session_seq bigint NOT NULL DEFAULT 0;
              CREATE TABLE IF NOT EXISTS {s}.{table} (
                  session_id  text NOT NULL,
                  session_seq bigint NOT NULL,
@@ -261,20 +264,25 @@ impl Sinks {
         ))
         .await
         .map_err(db_err("creating the export tables"))?;
+        // Markers made by an earlier harvest were keyed (session_id, tbl), so two tenants'
+        // sessions with one id, or a session and an earlier one of its id whose marker stayed,
+        // shared one: a few rows per session, so the key is rebuilt here. Their old markers
+        // (session_seq 0) are no longer read.
+        if !primary_key(&tx, &format!("{s}.harvest_export_marks"))
+            .await?
+            .iter()
+            .any(|c| c == "session_seq")
+        {
+            tx.batch_execute(&format!(
+                "ALTER TABLE {s}.harvest_export_marks DROP CONSTRAINT harvest_export_marks_pkey,
+                     ADD PRIMARY KEY (session_id, session_seq, tbl)"
+            ))
+            .await
+            .map_err(db_err("re-keying the export markers"))?;
+        }
         // A table made by an earlier harvest keeps its (session_id, seq) key: rebuilding the key
         // of a big table locks it for long, so that is left to its operator.
-        let key: Vec<String> = tx
-            .query(
-                "SELECT a.attname FROM pg_index i
-                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-                 WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
-                &[&format!("{s}.{table}")],
-            )
-            .await
-            .map_err(db_err("reading the export table's key"))?
-            .iter()
-            .filter_map(|r| r.try_get::<_, String>(0).ok())
-            .collect();
+        let key = primary_key(&tx, &format!("{s}.{table}")).await?;
         if !key.iter().any(|c| c == "session_seq") {
             tracing::warn!(
                 table = %format!("{s}.{table}"),
@@ -326,12 +334,16 @@ impl Sinks {
                 .transaction()
                 .await
                 .map_err(db_err("starting an export"))?;
+            // A new marker starts after the rows the table has of this session (none, unless
+            // it exported under a marker of an earlier harvest, which was keyed differently).
             tx.execute(
                 &format!(
-                    "INSERT INTO {s}.harvest_export_marks (session_id, tbl, next_seq)
-                     VALUES ($1, $2, 0) ON CONFLICT DO NOTHING"
+                    "INSERT INTO {s}.harvest_export_marks (session_id, session_seq, tbl, next_seq)
+                     SELECT $1, $3, $2, coalesce(max(seq) + 1, 0) FROM {s}.{table}
+                     WHERE session_id = $1 AND session_seq = $3
+                     ON CONFLICT DO NOTHING"
                 ),
-                &[&id, table],
+                &[&id, table, &session_seq],
             )
             .await
             .map_err(db_err("creating the export marker"))?;
@@ -339,9 +351,9 @@ impl Sinks {
                 .query_one(
                     &format!(
                         "SELECT next_seq FROM {s}.harvest_export_marks
-                         WHERE session_id = $1 AND tbl = $2 FOR UPDATE"
+                         WHERE session_id = $1 AND session_seq = $3 AND tbl = $2 FOR UPDATE"
                     ),
-                    &[&id, table],
+                    &[&id, table, &session_seq],
                 )
                 .await
                 .map_err(db_err("reading the export marker"))?
@@ -382,9 +394,9 @@ impl Sinks {
             tx.execute(
                 &format!(
                     "UPDATE {s}.harvest_export_marks SET next_seq = $3
-                     WHERE session_id = $1 AND tbl = $2"
+                     WHERE session_id = $1 AND session_seq = $4 AND tbl = $2"
                 ),
-                &[&id, table, &next_seq],
+                &[&id, table, &next_seq, &session_seq],
             )
             .await
             .map_err(db_err("advancing the export marker"))?;
@@ -553,9 +565,13 @@ impl Sinks {
             .await
             .map_err(db_err("deleting exported rows"))?;
         }
+        // With a marker an earlier harvest left (session_seq 0), no longer read.
         tx.execute(
-            &format!("DELETE FROM {s}.harvest_export_marks WHERE session_id = $1 AND tbl = $2"),
-            &[&id, table],
+            &format!(
+                "DELETE FROM {s}.harvest_export_marks
+                 WHERE session_id = $1 AND session_seq IN ($3, 0) AND tbl = $2"
+            ),
+            &[&id, table, &session_seq_of(session)?],
         )
         .await
         .map_err(db_err("deleting the export marker"))?;
@@ -592,6 +608,25 @@ impl FileFormat {
 }
 
 /// The session's store sequence number as the export tables keep it.
+/// The columns of `table`'s primary key (none when it has no key or does not exist).
+async fn primary_key(
+    tx: &deadpool_postgres::Transaction<'_>,
+    table: &str,
+) -> Result<Vec<String>, SinkError> {
+    Ok(tx
+        .query(
+            "SELECT a.attname FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+            &[&table],
+        )
+        .await
+        .map_err(db_err("reading an export table's key"))?
+        .iter()
+        .filter_map(|r| r.try_get::<_, String>(0).ok())
+        .collect())
+}
+
 fn session_seq_of(session: &Session) -> Result<i64, SinkError> {
     i64::try_from(session.seq)
         .map_err(|_| SinkError::Database(format!("session seq {} out of range", session.seq)))

@@ -336,7 +336,9 @@ async fn file_sink_failure_fails_the_session_and_leaves_no_file() {
 /// A session whose exported rows were kept (`cleanup_external = false`) is removed, and a new
 /// session takes its id: the new one exports beside the kept rows (they differ in
 /// `session_seq`), and closing it with `cleanup_external` deletes only its own. A table made by
-/// an earlier harvest (no `session_seq`) gets the column and keeps working.
+/// an earlier harvest (no `session_seq`) gets the column and keeps working, and a marker an
+/// earlier harvest left under the id (keyed without the session's seq) does not make the new
+/// session skip rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_session_id_exports_beside_the_rows_its_predecessor_kept() {
     let Some(Fixture {
@@ -358,7 +360,8 @@ async fn a_reused_session_id_exports_beside_the_rows_its_predecessor_kept() {
          INSERT INTO {export_schema}.items VALUES ('old', 0, 'c', '{{}}');
          CREATE TABLE {export_schema}.harvest_export_marks (
              session_id text NOT NULL, tbl text NOT NULL, next_seq bigint NOT NULL,
-             PRIMARY KEY (session_id, tbl));"
+             PRIMARY KEY (session_id, tbl));
+         INSERT INTO {export_schema}.harvest_export_marks VALUES ('reused', 'items', 3);"
     ))
     .await
     .expect("an old-style table");
@@ -443,6 +446,96 @@ async fn a_reused_session_id_exports_beside_the_rows_its_predecessor_kept() {
     harvest.close(&id).await.expect("close");
     assert_eq!(count(per_seq(b.seq)).await, 0);
     assert_eq!(count(per_seq(a.seq)).await, 5);
+    harvest
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+}
+
+/// With `[[clients]]`, two tenants each run a session named `same` exporting to one table: each
+/// exports all its rows (markers are per session, not per id), and closing one tenant's session
+/// deletes only its rows, leaving the other's marker, so a later export of the other's writes
+/// nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_sessions_of_one_id_each_export_every_row() {
+    let Some(Fixture {
+        url,
+        export_schema,
+        store,
+        _guards,
+    }) = fixture().await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(&export_schema, &url, dir.path());
+    for client in ["a", "b"] {
+        cfg.clients.push(harvest::config::ClientConfig {
+            id: client.into(),
+            token: format!("token-{client}"),
+            max_running: None,
+            max_pending: None,
+        });
+    }
+    let harvest = Harvest::builder(cfg)
+        .store(store.clone())
+        .job(Arc::new(RecordsJob { total: 5, per: 2 }))
+        .open()
+        .await
+        .expect("open");
+    harvest.start();
+    let id = harvest::session::SessionId::parse("same").expect("id");
+    let mut ended = Vec::new();
+    for client in ["a", "b"] {
+        let mut req =
+            SubmitRequest::new(json!({"name": "t", "export": {"postgres_table": "shared"}}))
+                .client(harvest::session::ClientContext::of(client));
+        req.session_id = Some(id.clone());
+        let handle = harvest.submit(req).await.expect("submit");
+        let s = handle
+            .await_completion(Duration::from_secs(30))
+            .await
+            .expect("await")
+            .expect("ends");
+        assert_eq!(s.status, SessionStatus::Completed, "{client}: {s:?}");
+        ended.push(s);
+    }
+    let db = admin(&url).await.expect("admin");
+    let rows = |client: &'static str| {
+        let (db, schema) = (&db, &export_schema);
+        async move {
+            db.query_one(
+                &format!(
+                    "SELECT count(*), count(DISTINCT data) FROM {schema}.shared \
+                     WHERE session_id = 'same' AND client_id = $1"
+                ),
+                &[&client],
+            )
+            .await
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+            .expect("count")
+        }
+    };
+    assert_eq!(rows("a").await, (5, 5), "tenant a's rows, each once");
+    assert_eq!(rows("b").await, (5, 5), "tenant b's rows, each once");
+    // Closing b's session (cleanup_external) takes b's rows and marker only.
+    harvest
+        .close(harvest.key(Some("b"), id.clone()))
+        .await
+        .expect("close b");
+    assert_eq!(rows("b").await, (0, 0));
+    assert_eq!(rows("a").await, (5, 5));
+    let sinks = harvest::sink::Sinks::new(&config(&export_schema, &url, dir.path()));
+    let spec = ExportSpec::of(&ended[0].job.config).expect("spec");
+    assert_eq!(
+        sinks
+            .export_rows(&*store, &ended[0], &spec)
+            .await
+            .expect("export a again"),
+        0,
+        "a's marker survived b's cleanup: nothing is written twice"
+    );
+    assert_eq!(rows("a").await, (5, 5));
     harvest
         .shutdown(Duration::from_secs(5))
         .await
