@@ -19,11 +19,12 @@ use crate::proc::Server;
 use crate::store_postgres::{SchemaGuard, database_url, unique_schema};
 
 /// Counts its runs per session; until `open`, holds each until its stop signal, then completes
-/// with one record.
+/// with one record. A session whose config says `"hold": true` first waits for `release`.
 #[derive(Clone, Default)]
 struct Gate {
     runs: Arc<Mutex<HashMap<String, u32>>>,
     open: Arc<std::sync::atomic::AtomicBool>,
+    release: Arc<tokio::sync::Notify>,
 }
 
 impl Gate {
@@ -58,6 +59,9 @@ impl Job for Gate {
             .unwrap()
             .entry(ctx.session.id.to_string())
             .or_default() += 1;
+        if ctx.session.job.config["hold"] == json!(true) {
+            self.release.notified().await;
+        }
         if !self.open.load(std::sync::atomic::Ordering::SeqCst) {
             ctx.stop.stopped().await;
             return JobOutcome::Stopped(CheckpointBatch::default());
@@ -385,38 +389,6 @@ async fn worker_killed_with_a_full_buffer_runs_each_buffered_session_once() {
     drop(b);
 }
 
-/// Completes at once, except a session whose config says `"hold": true`, which waits for
-/// `release` first; counts runs per session.
-#[derive(Clone, Default)]
-struct Hold {
-    runs: Arc<Mutex<HashMap<String, u32>>>,
-    release: Arc<tokio::sync::Notify>,
-}
-
-#[async_trait]
-impl Job for Hold {
-    fn validate(
-        &self,
-        _: &serde_json::Value,
-        _: &BTreeMap<String, String>,
-    ) -> Result<(), harvest::job::ConfigRejected> {
-        Ok(())
-    }
-
-    async fn run(&self, ctx: JobContext) -> JobOutcome {
-        *self
-            .runs
-            .lock()
-            .unwrap()
-            .entry(ctx.session.id.to_string())
-            .or_default() += 1;
-        if ctx.session.job.config["hold"] == json!(true) {
-            self.release.notified().await;
-        }
-        JobOutcome::Completed(CheckpointBatch::default())
-    }
-}
-
 /// An attempt gives its worker slot up once only its finish is left to write: with one slot,
 /// while session A's finish waits (another connection holds A's row locked, so the UPDATE
 /// blocks, as it would on a slow commit), session B is claimed, runs and completes. A then
@@ -444,7 +416,8 @@ async fn a_finishing_attempt_frees_its_slot_for_the_next_session() {
     cfg.workers.concurrency = 1;
     cfg.workers.prefetch = 0;
     cfg.workers.poll_interval_ms = 50;
-    let job = Hold::default();
+    let job = Gate::default();
+    job.open.store(true, std::sync::atomic::Ordering::SeqCst);
     let h = Harvest::builder(cfg)
         .job(Arc::new(job.clone()))
         .open()
@@ -457,9 +430,8 @@ async fn a_finishing_attempt_frees_its_slot_for_the_next_session() {
         .expect("submit a")
         .id()
         .clone();
-    let runs = |id: &SessionId| job.runs.lock().unwrap().get(id.as_str()).copied();
     wait_until("A running", Duration::from_secs(20), async || {
-        runs(&a) == Some(1)
+        job.runs(&a) == 1
     })
     .await;
     // Lock A's row, then let its job end: its finish blocks on the lock.
@@ -505,6 +477,6 @@ async fn a_finishing_attempt_frees_its_slot_for_the_next_session() {
             .is_some_and(|s| s.status == SessionStatus::Completed)
     })
     .await;
-    assert_eq!((runs(&a), runs(&b)), (Some(1), Some(1)), "each ran once");
+    assert_eq!((job.runs(&a), job.runs(&b)), (1, 1), "each ran once");
     h.shutdown(Duration::from_secs(5)).await.expect("shutdown");
 }
