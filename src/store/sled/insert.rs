@@ -1,10 +1,8 @@
 //! Inserts: one session (duplicate, `max_pending` and single-session-agent checks) and batches
 //! (every session staged under one lock, in intents of bounded size, waiting for one flush).
 
-use sled::IVec;
-
 use super::durability::Batch;
-use super::keys::{active_prefix, id_after, k_session, k_tombstone, k_wait};
+use super::keys::{active_prefix, id_after, k_session, k_tombstone};
 use super::{SledStore, sled_err};
 use crate::session::{Session, SessionStatus};
 use crate::store::{InsertOutcome, SessionInsert, StoreError, StoreResult};
@@ -52,7 +50,7 @@ impl SledStore {
             c.next_seq += 1;
             let mut b = Batch::default();
             Self::stage(&mut c, &mut b, None, &s)?;
-            b.insert(k_wait(&s), IVec::default());
+            Self::enqueue(&mut c, &mut b, &s);
             self.commit(&mut st, c, b)?
         };
         self.durability.wait(ticket).await?;
@@ -121,7 +119,7 @@ impl SledStore {
                 s.seq = c.next_seq;
                 c.next_seq += 1;
                 Self::stage(&mut c, &mut b, None, &s)?;
-                b.insert(k_wait(&s), IVec::default());
+                Self::enqueue(&mut c, &mut b, &s);
                 out.push(Ok(InsertOutcome::Inserted(Box::new(s))));
                 // One intent per chunk keeps each intent small (a large value becomes a sled
                 // blob file: written, synced and removed again); one flush after the last

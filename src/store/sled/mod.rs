@@ -18,7 +18,7 @@
 //! | `\0counters` | `Counters` | next seq, sessions per status, size of the due index |
 //! | `\0i` seq | encoded batch | a batch being applied; present after a crash only if interrupted |
 //! | `S` id | `Session` | the sessions |
-//! | `W` run_at seq prio id | empty | PENDING sessions not yet moved to the due index |
+//! | `W` run_at seq prio id | empty | scheduled or requeued PENDING sessions not yet moved to the due index |
 //! | `P` !prio run_at seq id | empty | due PENDING sessions, in claim order |
 //! | `G` !seq id | empty | every session, newest first |
 //! | `C` lp(client) !seq id | empty | per client, newest first |

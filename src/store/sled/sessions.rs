@@ -4,11 +4,12 @@
 //!
 //! # Claims
 //!
-//! New and requeued sessions go to `W` (keyed by run_at). A claim first moves the due ones (run_at
-//! at or before its `now`) to `P`, whose order is the claim order, then takes the first `limit`
-//! entries of `P`: O(log n + claimed + promoted), and a not-yet-due high-priority session is never
-//! scanned by a claim. A session promoted to `P` stays due even if a later claim passes an
-//! earlier `now` (clocks only move forward in practice).
+//! A new session due at once goes straight to `P`, whose order is the claim order; scheduled and
+//! requeued sessions go to `W` (keyed by run_at). A claim first moves the due ones of `W` (run_at
+//! at or before its `now`) to `P`, then takes the first `limit` entries of `P`:
+//! O(log n + claimed + promoted), and a not-yet-due high-priority session is never scanned by a
+//! claim. A session in `P` stays due even if a later claim passes an earlier `now` (clocks only
+//! move forward in practice).
 
 use std::ops::Bound;
 
@@ -104,6 +105,18 @@ impl SledStore {
         c.by_status[new.status.code() as usize] += 1;
         b.insert(k_session(&new.key()), codec::encode(new)?);
         Ok(())
+    }
+
+    /// Stages a new session's place in the claim queue: `P` when it is due at once (run_at not
+    /// after its submission: nearly every session), else `W` until a claim promotes it. Going
+    /// straight to `P` saves a due session the promotion's two writes under the store lock.
+    pub(super) fn enqueue(c: &mut Counters, b: &mut Batch, s: &Session) {
+        if s.run_at <= s.created_at {
+            b.insert(k_pending_of(s), IVec::default());
+            c.due += 1;
+        } else {
+            b.insert(k_wait(s), IVec::default());
+        }
     }
 
     /// Stages taking a PENDING session out of the claim queue (`W` or `P`).
