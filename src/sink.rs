@@ -8,8 +8,8 @@
 //!   worker copies the session's committed records that the table does not have yet. Each copy
 //!   is one database transaction that inserts the rows and advances the session's marker row
 //!   (`harvest_export_marks`: session id and seq, table, next record seq) under a row lock, so a
-//!   retried or concurrent copy (a stale worker, a resumed attempt) finds the marker already past those
-//!   records and writes nothing. The records come from the store, never from the engine's
+//!   retried or concurrent copy (a stale worker, a resumed attempt) finds the marker already past
+//!   those records and writes nothing. The records come from the store, never from the engine's
 //!   memory: the table only ever holds a prefix of what the store committed, and a copy that was
 //!   skipped (a crash right after a checkpoint) is caught up by the next one.
 //! - **JSON lines / CSV files** (`jsonl = true`, `csv = true`): written when the session

@@ -2,9 +2,10 @@
 //!
 //! One claimer task per process owns the claim loop. It never claims more sessions than it has
 //! free slots (a [`Semaphore`] of `workers.concurrency` permits, each held by one attempt until
-//! only its last write is left: [`Slot`]) plus `workers.prefetch`, and sleeps on [`Store::pending_wait`] (a submission wakes it; a slow poll is only a
-//! safety net). Shutdown is two-phase: stop claiming, let attempts finish for the grace period,
-//! then ask the rest to hand their sessions back.
+//! only its last write is left: [`Slot`]) plus `workers.prefetch`, and sleeps on
+//! [`Store::pending_wait`] (a submission wakes it; a slow poll is only a safety net). Shutdown is
+//! two-phase: stop claiming, let attempts finish for the grace period, then ask the rest to hand
+//! their sessions back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
