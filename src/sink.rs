@@ -267,14 +267,18 @@ impl Sinks {
         // Markers made by an earlier harvest were keyed (session_id, tbl), so two tenants'
         // sessions with one id, or a session and an earlier one of its id whose marker stayed,
         // shared one: a few rows per session, so the key is rebuilt here. Their old markers
-        // (session_seq 0) are no longer read.
-        if !primary_key(&tx, &format!("{s}.harvest_export_marks"))
-            .await?
-            .iter()
-            .any(|c| c == "session_seq")
-        {
+        // (session_seq 0) are read only to adopt a session's own position (see
+        // `export_rows_marked`). (Workers of an earlier harvest must be stopped first: they
+        // would write markers under the old key.)
+        let marks_key = primary_key(&tx, &format!("{s}.harvest_export_marks")).await?;
+        if !marks_key.iter().any(|c| c == "session_seq") {
+            let drop = if marks_key.is_empty() {
+                ""
+            } else {
+                "DROP CONSTRAINT harvest_export_marks_pkey,"
+            };
             tx.batch_execute(&format!(
-                "ALTER TABLE {s}.harvest_export_marks DROP CONSTRAINT harvest_export_marks_pkey,
+                "ALTER TABLE {s}.harvest_export_marks {drop}
                      ADD PRIMARY KEY (session_id, session_seq, tbl)"
             ))
             .await
@@ -334,16 +338,27 @@ impl Sinks {
                 .transaction()
                 .await
                 .map_err(db_err("starting an export"))?;
-            // A new marker starts after the rows the table has of this session (none, unless
-            // it exported under a marker of an earlier harvest, which was keyed differently).
+            // A new marker starts after the rows the table has of this session: none, unless
+            // it exported under a marker of an earlier harvest (keyed by id alone). Its rows
+            // then carry its seq; or, written before rows had `session_seq`, they carry 0 and
+            // its client, and the old marker (now `session_seq` 0) stands right after them:
+            // that position is adopted (a session of another client, or one whose rows do not
+            // end at the old marker, starts at 0).
             tx.execute(
                 &format!(
                     "INSERT INTO {s}.harvest_export_marks (session_id, session_seq, tbl, next_seq)
-                     SELECT $1, $3, $2, coalesce(max(seq) + 1, 0) FROM {s}.{table}
-                     WHERE session_id = $1 AND session_seq = $3
+                     SELECT $1, $3, $2, coalesce(
+                         (SELECT max(seq) + 1 FROM {s}.{table}
+                          WHERE session_id = $1 AND session_seq = $3),
+                         (SELECT m.next_seq FROM {s}.harvest_export_marks m
+                          WHERE m.session_id = $1 AND m.session_seq = 0 AND m.tbl = $2
+                            AND m.next_seq = (SELECT max(seq) + 1 FROM {s}.{table}
+                                              WHERE session_id = $1 AND session_seq = 0
+                                                AND client_id = $4)),
+                         0)
                      ON CONFLICT DO NOTHING"
                 ),
-                &[&id, table, &session_seq],
+                &[&id, table, &session_seq, &session.client.client_id()],
             )
             .await
             .map_err(db_err("creating the export marker"))?;
@@ -536,8 +551,8 @@ impl Sinks {
     /// Deletes what the table sink exported for a removed session, when its options ask for it
     /// (`cleanup_external`, the default). Files stay.
     ///
-    /// The progress marker goes in any case: it is keyed by session id, and a later session
-    /// reusing the id must start exporting from its own first record.
+    /// The progress marker goes in any case (keyed by session id and seq, it would never be read
+    /// again), with the id's marker of an earlier harvest (`session_seq` 0), if one is left.
     pub async fn cleanup(&self, session: &Session) -> Result<(), SinkError> {
         let Ok(spec) = ExportSpec::of(&session.job.config) else {
             return Ok(());

@@ -101,6 +101,15 @@ pub(crate) struct Attempt {
     slot: std::sync::Mutex<Slot>,
 }
 
+/// Releases an attempt's slot when dropped.
+struct ReleaseSlot(Arc<Attempt>);
+
+impl Drop for ReleaseSlot {
+    fn drop(&mut self) {
+        self.0.slot().release();
+    }
+}
+
 /// Commits checkpoints of one attempt under its lease.
 struct LeaseSink {
     attempt: Arc<Attempt>,
@@ -169,12 +178,13 @@ impl Attempt {
             stop,
             slot: slot.into(),
         });
+        // Released when this ends, even by a panic, not with the attempt: a job may keep a
+        // clone of its sink (and so of the attempt).
+        let _release = ReleaseSlot(attempt.clone());
         attempt.s.effects.started(&attempt.session).await;
         tracing::debug!("attempt started");
         attempt.run_job().await;
         drop(registered);
-        // Not with the attempt: a job may keep a clone of its sink (and so of the attempt).
-        attempt.slot().release();
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
@@ -505,6 +515,10 @@ impl Attempt {
                     let error = SessionError::new(ErrorKind::ExportFailed, e.to_string());
                     self.requeue(true, Some(error), Retry::Backoff).await;
                     return;
+                }
+                if self.session.options.remove_after_export {
+                    // The removal after the finish can be long: it runs within the slots.
+                    self.slot().pin();
                 }
                 self.finish(SessionStatus::Completed, None, CheckpointBatch::default())
                     .await;

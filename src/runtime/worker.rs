@@ -216,17 +216,35 @@ struct Buffered {
 /// permits, so the next session starts without waiting for the disk or the database: measured
 /// with `bench queue`, 64 slots each held through its flush capped the burn-down at 64
 /// sessions per flush time. With no finishing permit free it keeps its slot, so attempts alive
-/// stay bounded by `concurrency + FINISHING_MAX`.
+/// stay bounded by `concurrency + FINISHING_MAX` (each finishing one still holds its last
+/// checkpoint batch until it is written).
 pub(crate) struct Slot {
     running: Option<OwnedSemaphorePermit>,
     finishing: Option<OwnedSemaphorePermit>,
     finishers: Arc<Semaphore>,
+    /// More than the last write follows (a removal of exported records): keep the slot.
+    pinned: bool,
 }
 
 impl Slot {
+    /// A slot on `permit` (none: an attempt outside the slots).
+    fn new(running: Option<OwnedSemaphorePermit>, finishers: Arc<Semaphore>) -> Slot {
+        Slot {
+            running,
+            finishing: None,
+            finishers,
+            pinned: false,
+        }
+    }
+
+    /// The attempt keeps its slot to its end, whatever it writes last.
+    pub(crate) fn pin(&mut self) {
+        self.pinned = true;
+    }
+
     /// The job has ended; the attempt only writes its outcome from now on.
     pub(crate) fn job_done(&mut self) {
-        if self.running.is_none() || self.finishing.is_some() {
+        if self.pinned || self.running.is_none() || self.finishing.is_some() {
             return;
         }
         if let Ok(p) = self.finishers.clone().try_acquire_owned() {
@@ -280,11 +298,7 @@ impl Claimer {
         let span =
             tracing::info_span!("session", session = %b.session.id, attempt = b.session.attempt);
         let (s, finisher) = (self.s.clone(), self.finisher.clone());
-        let slot = Slot {
-            running: permit,
-            finishing: None,
-            finishers: self.finishers.clone(),
-        };
+        let slot = Slot::new(permit, self.finishers.clone());
         self.tasks.spawn(
             Attempt::run(s, finisher, b.session, b.owner, b.stop, b.registered, slot)
                 .instrument(span),

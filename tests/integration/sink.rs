@@ -541,3 +541,89 @@ async fn two_tenants_sessions_of_one_id_each_export_every_row() {
         .await
         .expect("shutdown");
 }
+
+/// A session that exported under a marker of an earlier harvest (keyed by id alone), to a table
+/// made before rows had `session_seq`, resumes after the upgrade where it was: its new marker
+/// adopts the old one, which stands right after its rows, and the next export writes only the
+/// records the table lacks, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_under_a_marker_of_an_earlier_harvest_resumes_after_its_rows() {
+    let Some(Fixture {
+        url,
+        export_schema,
+        store,
+        _guards,
+    }) = fixture().await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let harvest = Harvest::builder(config(&export_schema, &url, dir.path()))
+        .store(store.clone())
+        .job(Arc::new(RecordsJob { total: 5, per: 2 }))
+        .open()
+        .await
+        .expect("open");
+    harvest.start();
+    let mut req = SubmitRequest::new(json!({"name": "t"}));
+    req.session_id = Some(harvest::session::SessionId::parse("inflight").expect("id"));
+    let s = harvest
+        .submit(req)
+        .await
+        .expect("submit")
+        .await_completion(Duration::from_secs(30))
+        .await
+        .expect("await")
+        .expect("ends");
+    assert_eq!(s.status, SessionStatus::Completed, "{s:?}");
+    // What the earlier harvest left: records 0..2 exported, its marker at 3.
+    let db = admin(&url).await.expect("admin");
+    db.batch_execute(&format!(
+        "CREATE SCHEMA {export_schema};
+         CREATE TABLE {export_schema}.legacy (
+             session_id text NOT NULL, seq bigint NOT NULL, client_id text NOT NULL,
+             data jsonb NOT NULL, PRIMARY KEY (session_id, seq));
+         CREATE TABLE {export_schema}.harvest_export_marks (
+             session_id text NOT NULL, tbl text NOT NULL, next_seq bigint NOT NULL,
+             PRIMARY KEY (session_id, tbl));
+         INSERT INTO {export_schema}.harvest_export_marks VALUES ('inflight', 'legacy', 3);"
+    ))
+    .await
+    .expect("the earlier harvest's tables");
+    for n in 0..3i64 {
+        db.execute(
+            &format!("INSERT INTO {export_schema}.legacy VALUES ('inflight', $1, $2, $3)"),
+            &[&n, &s.client.client_id(), &record(n as u64)],
+        )
+        .await
+        .expect("an earlier row");
+    }
+    let sinks = harvest::sink::Sinks::new(&config(&export_schema, &url, dir.path()));
+    let spec = ExportSpec::of(&json!({"name": "t", "export": {"postgres_table": "legacy"}}))
+        .expect("spec");
+    assert_eq!(
+        sinks.export_rows(&*store, &s, &spec).await.expect("export"),
+        2,
+        "records 3 and 4 only"
+    );
+    assert_eq!(
+        sinks.export_rows(&*store, &s, &spec).await.expect("again"),
+        0
+    );
+    let rows: Vec<(i64, i64)> = db
+        .query(
+            &format!("SELECT seq, session_seq FROM {export_schema}.legacy ORDER BY seq"),
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let seq = s.seq as i64;
+    assert_eq!(rows, vec![(0, 0), (1, 0), (2, 0), (3, seq), (4, seq)]);
+    harvest
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
+}
