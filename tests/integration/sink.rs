@@ -101,6 +101,30 @@ fn config(export_schema: &str, url: &str, dir: &std::path::Path) -> Config {
     cfg
 }
 
+/// A started service on `store` whose sessions run [`RecordsJob`] (5 records, 2 per checkpoint).
+async fn started(cfg: Config, store: &Arc<dyn Store>) -> Harvest {
+    let harvest = Harvest::builder(cfg)
+        .store(store.clone())
+        .job(Arc::new(RecordsJob { total: 5, per: 2 }))
+        .open()
+        .await
+        .expect("open");
+    harvest.start();
+    harvest
+}
+
+/// Submits `req` and waits for the session to end.
+async fn complete(harvest: &Harvest, req: SubmitRequest) -> harvest::session::Session {
+    harvest
+        .submit(req)
+        .await
+        .expect("submit")
+        .await_completion(Duration::from_secs(30))
+        .await
+        .expect("await")
+        .expect("ends")
+}
+
 /// A worker commits all records, copies them to the table and writes the files, then dies before
 /// committing COMPLETED. After its lease is reclaimed and the session resumes elsewhere, the table
 /// holds each record exactly once, the files are whole, and closing the session deletes the rows.
@@ -366,13 +390,7 @@ async fn a_reused_session_id_exports_beside_the_rows_its_predecessor_kept() {
     .await
     .expect("an old-style table");
     let dir = tempfile::tempdir().expect("tempdir");
-    let harvest = Harvest::builder(config(&export_schema, &url, dir.path()))
-        .store(store.clone())
-        .job(Arc::new(RecordsJob { total: 5, per: 2 }))
-        .open()
-        .await
-        .expect("open");
-    harvest.start();
+    let harvest = started(config(&export_schema, &url, dir.path()), &store).await;
     let id = harvest::session::SessionId::parse("reused").expect("id");
     let run = |table: &str, keep: bool| {
         let mut req = SubmitRequest::new(json!({"name": "t", "export": {"postgres_table": table}}));
@@ -380,27 +398,16 @@ async fn a_reused_session_id_exports_beside_the_rows_its_predecessor_kept() {
         req.options.cleanup_external = !keep;
         req
     };
-    let complete = |req: SubmitRequest| {
-        let harvest = &harvest;
-        async move {
-            let handle = harvest.submit(req).await.expect("submit");
-            handle
-                .await_completion(Duration::from_secs(30))
-                .await
-                .expect("await")
-                .expect("ends")
-        }
-    };
     // In the old-style table: the column is added, rows of new sessions carry their seq.
-    let first = complete(run("items", true)).await;
+    let first = complete(&harvest, run("items", true)).await;
     assert_eq!(first.status, SessionStatus::Completed, "{first:?}");
     harvest.close(&id).await.expect("close, keeping the rows");
 
     // A fresh table, twice with one id.
-    let a = complete(run("fresh", true)).await;
+    let a = complete(&harvest, run("fresh", true)).await;
     assert_eq!(a.status, SessionStatus::Completed, "{a:?}");
     harvest.close(&id).await.expect("close, keeping the rows");
-    let b = complete(run("fresh", false)).await;
+    let b = complete(&harvest, run("fresh", false)).await;
     assert_eq!(
         b.status,
         SessionStatus::Completed,
@@ -477,13 +484,7 @@ async fn two_tenants_sessions_of_one_id_each_export_every_row() {
             max_pending: None,
         });
     }
-    let harvest = Harvest::builder(cfg)
-        .store(store.clone())
-        .job(Arc::new(RecordsJob { total: 5, per: 2 }))
-        .open()
-        .await
-        .expect("open");
-    harvest.start();
+    let harvest = started(cfg, &store).await;
     let id = harvest::session::SessionId::parse("same").expect("id");
     let mut ended = Vec::new();
     for client in ["a", "b"] {
@@ -491,12 +492,7 @@ async fn two_tenants_sessions_of_one_id_each_export_every_row() {
             SubmitRequest::new(json!({"name": "t", "export": {"postgres_table": "shared"}}))
                 .client(harvest::session::ClientContext::of(client));
         req.session_id = Some(id.clone());
-        let handle = harvest.submit(req).await.expect("submit");
-        let s = handle
-            .await_completion(Duration::from_secs(30))
-            .await
-            .expect("await")
-            .expect("ends");
+        let s = complete(&harvest, req).await;
         assert_eq!(s.status, SessionStatus::Completed, "{client}: {s:?}");
         ended.push(s);
     }
@@ -558,23 +554,10 @@ async fn an_export_under_a_marker_of_an_earlier_harvest_resumes_after_its_rows()
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let harvest = Harvest::builder(config(&export_schema, &url, dir.path()))
-        .store(store.clone())
-        .job(Arc::new(RecordsJob { total: 5, per: 2 }))
-        .open()
-        .await
-        .expect("open");
-    harvest.start();
+    let harvest = started(config(&export_schema, &url, dir.path()), &store).await;
     let mut req = SubmitRequest::new(json!({"name": "t"}));
     req.session_id = Some(harvest::session::SessionId::parse("inflight").expect("id"));
-    let s = harvest
-        .submit(req)
-        .await
-        .expect("submit")
-        .await_completion(Duration::from_secs(30))
-        .await
-        .expect("await")
-        .expect("ends");
+    let s = complete(&harvest, req).await;
     assert_eq!(s.status, SessionStatus::Completed, "{s:?}");
     // What the earlier harvest left: records 0..2 exported, its marker at 3.
     let db = admin(&url).await.expect("admin");
