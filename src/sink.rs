@@ -343,7 +343,8 @@ impl Sinks {
             // then carry its seq; or, written before rows had `session_seq`, they carry 0 and
             // its client, and the old marker (now `session_seq` 0) stands right after them:
             // that position is adopted (a session of another client, or one whose rows do not
-            // end at the old marker, starts at 0).
+            // end at the old marker, starts at 0). Once the marker exists (every later chunk),
+            // the NOT EXISTS gate skips those reads of the table.
             tx.execute(
                 &format!(
                     "INSERT INTO {s}.harvest_export_marks (session_id, session_seq, tbl, next_seq)
@@ -356,6 +357,8 @@ impl Sinks {
                                               WHERE session_id = $1 AND session_seq = 0
                                                 AND client_id = $4)),
                          0)
+                     WHERE NOT EXISTS (SELECT 1 FROM {s}.harvest_export_marks
+                                       WHERE session_id = $1 AND session_seq = $3 AND tbl = $2)
                      ON CONFLICT DO NOTHING"
                 ),
                 &[&id, table, &session_seq, &session.client.client_id()],
