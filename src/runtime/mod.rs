@@ -9,6 +9,7 @@
 //! and constants, and the cron id rules.
 
 mod attempt;
+pub(crate) mod batch;
 mod cron;
 mod effects;
 pub mod events;

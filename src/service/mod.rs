@@ -145,6 +145,8 @@ impl SubmitRequest {
 
 struct Inner {
     store: Arc<dyn Store>,
+    /// Combines concurrent single submissions, for a store that [`Store::combines_inserts`].
+    inserts: Option<submit::Inserter>,
     job: Arc<dyn Job>,
     effects: Effects,
     clock: Arc<dyn Clock>,
@@ -276,6 +278,7 @@ impl HarvestBuilder {
                     maintainer: Arc::new(maintainer),
                     _events_feed: events_stop.clone().drop_guard(),
                     events_stop,
+                    inserts: store.combines_inserts().then(|| submit::inserter(&store)),
                     store,
                     job,
                     effects,

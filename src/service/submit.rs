@@ -3,6 +3,8 @@
 //! and followed by its `created` effect.
 
 use super::*;
+use crate::runtime::batch::{BatchWrite, Batcher, unanswered, write_batch};
+use crate::store::StoreResult;
 
 impl Harvest {
     /// Makes the PENDING session of a submission whose config [`Harvest::check_config`]
@@ -90,15 +92,24 @@ impl Harvest {
         let (session, single_agent) = self.new_session(req).await?;
         let key = session.key();
         let creating = self.events().creating(&key);
-        match self
-            .inner
-            .store
-            .session_insert(SessionInsert {
-                session,
-                single_agent,
-            })
-            .await
-        {
+        let stored = match (&self.inner.inserts, single_agent) {
+            (Some(inserts), None) => inserts.call(session).await.unwrap_or_else(|| {
+                Err(unanswered(
+                    "submissions",
+                    "the submission was dropped before it was written",
+                ))
+            }),
+            (_, single_agent) => {
+                self.inner
+                    .store
+                    .session_insert(SessionInsert {
+                        session,
+                        single_agent,
+                    })
+                    .await
+            }
+        };
+        match stored {
             Ok(InsertOutcome::Inserted(session)) => {
                 self.inner.effects.created(&session, creating);
                 Ok(SessionHandle {
@@ -186,6 +197,56 @@ impl Harvest {
             });
         }
         Ok(out)
+    }
+}
+
+/// Most single submissions written as one batch ([`Store::combines_inserts`]).
+const COMBINE_MAX: usize = 256;
+
+/// Batches of single submissions being written at once: four keep a pooled connection each
+/// busy while the next batch gathers.
+const COMBINE_IN_FLIGHT: usize = 4;
+
+/// Combines concurrent single submissions into [`Store::session_insert_many`] calls, for a
+/// store that [`Store::combines_inserts`]. A submission of a single-session agent's run goes
+/// alone (its check is per agent).
+pub(super) type Inserter = Batcher<Session, StoreResult<InsertOutcome>>;
+
+/// Starts the [`Inserter`] of `store`. It holds the store weakly, so that it does not keep a
+/// dropped service's store open; its task ends with the service.
+pub(super) fn inserter(store: &Arc<dyn Store>) -> Inserter {
+    let store = Arc::downgrade(store);
+    let (inserts, _task) = Batcher::start(COMBINE_MAX, COMBINE_IN_FLIGHT, move |batch| {
+        let store = store.upgrade();
+        async move {
+            // Gone with its service: the callers see their answers dropped.
+            if let Some(store) = store {
+                write_batch(&Inserts(store), batch).await;
+            }
+        }
+    });
+    inserts
+}
+
+/// A batch of submissions ([`write_batch`]; a store that [`Store::combines_inserts`] stored
+/// nothing of a failed batch, so an item written again cannot find itself taken).
+struct Inserts(Arc<dyn Store>);
+
+#[async_trait]
+impl BatchWrite<Session, InsertOutcome> for Inserts {
+    const WHAT: &'static str = "submissions";
+
+    async fn one(&self, session: Session) -> StoreResult<InsertOutcome> {
+        self.0
+            .session_insert(SessionInsert {
+                session,
+                single_agent: None,
+            })
+            .await
+    }
+
+    async fn many(&self, sessions: &[Session]) -> StoreResult<Vec<StoreResult<InsertOutcome>>> {
+        self.0.session_insert_many(sessions.to_vec()).await
     }
 }
 

@@ -749,6 +749,16 @@ pub trait Store: Send + Sync + 'static {
     /// shared backends, in another process) or `timeout` passes. Spurious wakeups are allowed.
     async fn pending_wait(&self, timeout: Duration);
 
+    /// Whether concurrent single inserts are better written together, as one
+    /// [`Store::session_insert_many`]: the backend pays per transaction, not per flush of a
+    /// shared log, and a failed `session_insert_many` stored none of its items, so each can be
+    /// written again on its own. The service then combines concurrent submissions
+    /// (PostgreSQL). `false` (sled): its flusher already makes concurrent inserts durable
+    /// together.
+    fn combines_inserts(&self) -> bool {
+        false
+    }
+
     /// Whether the store records every session event itself, with the transition that causes
     /// it, in one log shared by every process using it (PostgreSQL). Then the runtime feeds each
     /// process's event bus from [`Store::events_after`] instead of publishing what the process

@@ -282,3 +282,103 @@ async fn a_sigkill_during_batch_submits_keeps_every_acknowledged_item() {
         "a batch after the kill?"
     );
 }
+
+/// On PostgreSQL the service writes concurrent single submissions together
+/// (`Store::combines_inserts`). 200 at once, among them five pairs sharing an id and one whose
+/// `max_attempts` does not fit the database's integer (its statement fails, and with it the
+/// transaction of its batch): every other submission is acknowledged and stored once, one of
+/// each pair is created and the other refused as a duplicate, and only the bad one fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_single_submits_on_postgres_each_get_their_own_answer() {
+    use harvest::config::{Config, StoreKind};
+    use harvest::service::{Harvest, HarvestError, SubmitRequest};
+    use harvest::session::{SessionId, SessionOptions, SessionStatus};
+
+    use crate::store_postgres::{SchemaGuard, database_url, unique_schema};
+
+    let Some(url) = database_url() else {
+        eprintln!("skipped: HARVEST_TEST_DATABASE_URL is not set");
+        return;
+    };
+    let schema = unique_schema();
+    let _guard = SchemaGuard {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
+    let h = Harvest::builder(Config {
+        store: StoreKind::Postgres,
+        database_url: Some(url),
+        database_schema: schema,
+        ..Config::default()
+    })
+    .job(std::sync::Arc::new(harvest::job::NoopJob))
+    .open()
+    .await
+    .expect("open");
+    const N: usize = 200;
+    const BAD: usize = 150;
+    let id_of = |i: usize| {
+        if i < 10 {
+            format!("pair-{}", i / 2)
+        } else {
+            format!("s-{i}")
+        }
+    };
+    let mut tasks = Vec::with_capacity(N);
+    for i in 0..N {
+        let h = h.clone();
+        let id = SessionId::parse(&id_of(i)).expect("id");
+        let options = SessionOptions {
+            max_attempts: (i == BAD).then_some(u32::MAX),
+            ..SessionOptions::default()
+        };
+        let req = SubmitRequest::new(json!({"name": "x"}))
+            .session_id(id)
+            .options(options);
+        tasks.push(tokio::spawn(async move { h.submit(req).await.map(|_| ()) }));
+    }
+    let mut answers = Vec::with_capacity(N);
+    for t in tasks {
+        answers.push(t.await.expect("join"));
+    }
+    for pair in 0..5 {
+        let (a, b) = (&answers[2 * pair], &answers[2 * pair + 1]);
+        assert!(
+            a.is_ok() != b.is_ok(),
+            "pair {pair}: exactly one is created: {a:?} {b:?}"
+        );
+        let refused = if a.is_ok() { b } else { a };
+        assert!(
+            matches!(refused, Err(HarvestError::Duplicate(_))),
+            "pair {pair}: {refused:?}"
+        );
+    }
+    for (i, a) in answers.iter().enumerate().skip(10) {
+        if i == BAD {
+            let e = a.as_ref().expect_err("max_attempts over i32 fails");
+            assert!(e.to_string().contains("max_attempts"), "{e}");
+        } else {
+            assert!(a.is_ok(), "submission {i}: {a:?}");
+        }
+    }
+    for i in (0..N).step_by(2).chain([BAD]) {
+        let id = SessionId::parse(&id_of(i)).expect("id");
+        let got = h.get(id).await.expect("get");
+        if i == BAD {
+            assert!(got.is_none(), "the failed submission is not stored");
+        } else {
+            assert_eq!(got.map(|s| s.status), Some(SessionStatus::Pending), "{i}");
+        }
+    }
+    let stored = h
+        .list(harvest::store::SessionList {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .sessions
+        .len();
+    assert_eq!(stored, N - 5 - 1);
+    h.shutdown(Duration::from_secs(1)).await.expect("shutdown");
+}

@@ -656,8 +656,10 @@ async fn migration_6_keeps_version_5_data_in_the_single_namespace() {
          ALTER TABLE {s}.context DROP CONSTRAINT context_pkey, DROP COLUMN tenant, ADD PRIMARY KEY (session_id);
          DROP TRIGGER sessions_events ON {s}.sessions;
          DROP TRIGGER sessions_events_updated ON {s}.sessions;
+         DROP TRIGGER sessions_events_inserted ON {s}.sessions;
          DROP FUNCTION {s}.harvest_session_event();
          DROP FUNCTION {s}.harvest_session_events_updated();
+         DROP FUNCTION {s}.harvest_session_events_inserted();
          DROP TABLE {s}.events;
          DELETE FROM {s}.harvest_schema_version WHERE version >= 6;"
     ))
@@ -878,8 +880,10 @@ async fn migration_8_keeps_version_7_events() {
     db.batch_execute(&format!(
         "DROP TRIGGER sessions_events ON {s}.sessions;
          DROP TRIGGER sessions_events_updated ON {s}.sessions;
+         DROP TRIGGER sessions_events_inserted ON {s}.sessions;
          DROP FUNCTION {s}.harvest_session_event();
          DROP FUNCTION {s}.harvest_session_events_updated();
+         DROP FUNCTION {s}.harvest_session_events_inserted();
          DROP TABLE {s}.events;
          DELETE FROM {s}.harvest_schema_version WHERE version >= 8;
          SET search_path TO {s};
@@ -977,20 +981,26 @@ async fn events_mirror_the_sessions_columns() {
     let head: Vec<&str> = events.iter().take(3).map(|(n, _)| n.as_str()).collect();
     assert_eq!(head, ["event_id", "event_kind", "event_at"]);
     assert_eq!(events[3..], sessions[..]);
-    // The UPDATE trigger's function names every column (migration 9 lists them).
-    let body: String = db
-        .query_one(
-            "SELECT pg_get_functiondef((quote_ident($1) || '.harvest_session_events_updated')::regproc)",
-            &[&guard.schema],
-        )
-        .await
-        .expect("the UPDATE trigger's function")
-        .get(0);
-    for (name, _) in sessions.iter().filter(|(n, _)| n != "spec") {
-        assert!(
-            body.contains(&format!("n.{name},")) || body.contains(&format!("n.{name}\n")),
-            "harvest_session_events_updated does not copy {name}: recreate it as migration 9 does"
-        );
+    // The UPDATE and INSERT triggers' functions name every column (migrations 9 and 10 list
+    // them).
+    for function in [
+        "harvest_session_events_updated",
+        "harvest_session_events_inserted",
+    ] {
+        let body: String = db
+            .query_one(
+                "SELECT pg_get_functiondef((quote_ident($1) || '.' || $2)::regproc)",
+                &[&guard.schema, &function],
+            )
+            .await
+            .expect("the trigger's function")
+            .get(0);
+        for (name, _) in sessions.iter().filter(|(n, _)| n != "spec") {
+            assert!(
+                body.contains(&format!("n.{name},")) || body.contains(&format!("n.{name}\n")),
+                "{function} does not copy {name}: recreate it as migrations 9 and 10 do"
+            );
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! Inserts: one session (with the single-session-agent and `max_pending` checks) and batches
-//! (one transaction, pipelined).
+//! (one statement, under the quota locks of their clients when they have a `max_pending`).
 
 use deadpool_postgres::GenericClient;
 use tokio_postgres::error::SqlState;
@@ -12,6 +12,194 @@ use super::{ADVISORY_CLASS_AGENT, ADVISORY_CLASS_QUOTA, PostgresStore, db_err};
 use crate::session::{Session, SessionId, SessionStatus};
 use crate::store::{InsertOutcome, SessionInsert, StoreError, StoreResult, codec};
 
+/// Declares the columns a new session's row is written with (every column of `sessions` but
+/// `status`, always PENDING, and the generated `seq`), in one place for both statements: the
+/// one-row [`Row`] and the many-row [`Columns`], whose SQL is built from the same list.
+macro_rules! session_columns {
+    ($($name:ident: $ty:ty = $sql:literal,)*) => {
+        /// One new session's column values.
+        struct Row<'a> {
+            $($name: $ty,)*
+        }
+
+        /// Many new sessions' column values, one array per column (`unnest` zips them).
+        #[derive(Default)]
+        struct Columns<'a> {
+            $($name: Vec<$ty>,)*
+        }
+
+        impl<'a> Row<'a> {
+            fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+                vec![$(&self.$name,)*]
+            }
+        }
+
+        impl<'a> Columns<'a> {
+            fn push(&mut self, r: Row<'a>) {
+                $(self.$name.push(r.$name);)*
+            }
+
+            fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+                vec![$(&self.$name,)*]
+            }
+        }
+
+        /// Column names and SQL types, in parameter order.
+        const COLUMNS: &[(&str, &str)] = &[$((stringify!($name), $sql),)*];
+    };
+}
+
+session_columns! {
+    id: &'a str = "text",
+    client_id: &'a str = "text",
+    agent: Option<&'a str> = "text",
+    priority: i32 = "int4",
+    run_at: i64 = "int8",
+    max_attempts: i32 = "int4",
+    attempt: i32 = "int4",
+    failures: i32 = "int4",
+    progress_this_attempt: bool = "bool",
+    lease_owner: Option<&'a str> = "text",
+    lease_expires_at: Option<i64> = "int8",
+    cancel_requested: bool = "bool",
+    created_at: i64 = "int8",
+    updated_at: i64 = "int8",
+    cleanup_at: Option<i64> = "int8",
+    start_time: Option<i64> = "int8",
+    end_time: Option<i64> = "int8",
+    pages_processed: i64 = "int8",
+    processed_elements: i64 = "int8",
+    http_requests: i64 = "int8",
+    http_errors: i64 = "int8",
+    bytes_received: i64 = "int8",
+    retries: i64 = "int8",
+    robots_blocked: i64 = "int8",
+    error_kind: Option<&'a str> = "text",
+    error_message: Option<&'a str> = "text",
+    checkpoints: i64 = "int8",
+    spec: Vec<u8> = "bytea",
+    cleanup_after_ms: Option<i64> = "int8",
+    records: i64 = "int8",
+    records_removed: i64 = "int8",
+    running_ms: i64 = "int8",
+    running_since: Option<i64> = "int8",
+    attempts: serde_json::Value = "jsonb",
+    token_tracking: bool = "bool",
+    tenant: &'a str = "text",
+}
+
+impl<'a> Row<'a> {
+    /// `s`'s row, run for `agent`; fails on a value the column cannot hold.
+    fn of(s: &'a Session, agent: Option<&'a str>) -> StoreResult<Row<'a>> {
+        let spec = codec::encode(&SpecRef {
+            client: &s.client,
+            job: &s.job,
+            options: &s.options,
+        })?;
+        let (error_kind, error_message) = error_columns(s.error.as_ref());
+        let [
+            http_requests,
+            http_errors,
+            bytes_received,
+            retries,
+            robots_blocked,
+        ] = usage_columns(&s.usage)?;
+        Ok(Row {
+            id: s.id.as_str(),
+            client_id: s.client.client_id(),
+            agent,
+            priority: s.options.priority,
+            run_at: s.run_at.0,
+            max_attempts: to_i32(s.max_attempts(), "max_attempts")?,
+            attempt: to_i32(s.attempt, "attempt")?,
+            failures: to_i32(s.failures, "failures")?,
+            progress_this_attempt: s.progress_this_attempt,
+            lease_owner: s.lease.as_ref().map(|l| l.owner.as_str()),
+            lease_expires_at: s.lease.as_ref().map(|l| l.expires_at.0),
+            cancel_requested: s.cancel_requested,
+            created_at: s.created_at.0,
+            updated_at: s.updated_at.0,
+            cleanup_at: s.cleanup_at.map(|t| t.0),
+            start_time: s.metrics.start_time.map(|t| t.0),
+            end_time: s.metrics.end_time.map(|t| t.0),
+            pages_processed: to_i64(s.metrics.pages_processed, "pages_processed")?,
+            processed_elements: to_i64(s.metrics.processed_elements, "processed_elements")?,
+            http_requests,
+            http_errors,
+            bytes_received,
+            retries,
+            robots_blocked,
+            error_kind,
+            error_message,
+            checkpoints: to_i64(s.checkpoints, "checkpoints")?,
+            spec,
+            cleanup_after_ms: s
+                .options
+                .session_timeout_secs
+                .map(|secs| to_i64(secs.saturating_mul(1000), "session_timeout_secs"))
+                .transpose()?,
+            records: to_i64(s.records, "records")?,
+            records_removed: to_i64(s.records_removed, "records_removed")?,
+            running_ms: to_i64(s.metrics.running_ms, "running_ms")?,
+            running_since: s.metrics.running_since.map(|t| t.0),
+            attempts: attempts_to_json(&s.attempts),
+            token_tracking: s.options.token_tracking,
+            tenant: s.tenant.as_deref().unwrap_or(""),
+        })
+    }
+}
+
+/// `INSERT INTO sessions (status, <COLUMNS>)` followed by `rows`, skipping a taken key and
+/// returning each inserted row's key and `seq`.
+fn insert_sql(rows: &str) -> String {
+    let names: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
+    format!(
+        "INSERT INTO sessions (status, {}) {rows} \
+         ON CONFLICT (tenant, id) DO NOTHING RETURNING tenant, id, seq",
+        names.join(", ")
+    )
+}
+
+/// One session's insert.
+fn insert_one_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let values: Vec<String> = (1..=COLUMNS.len()).map(|i| format!("${i}")).collect();
+        insert_sql(&format!("VALUES ('PENDING', {})", values.join(", ")))
+    })
+}
+
+/// Many sessions' insert in one statement: one array parameter per column, zipped by `unnest`
+/// (one executor start, one constraint setup and one round trip for the whole batch).
+fn insert_many_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let arrays: Vec<String> = COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 1))
+            .collect();
+        let names: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
+        insert_sql(&format!(
+            "SELECT 'PENDING', u.* FROM unnest({}) AS u({})",
+            arrays.join(", "),
+            names.join(", ")
+        ))
+    })
+}
+
+/// A session insert's error: a unique violation (of a key other than the id's, which `ON
+/// CONFLICT` skips) is the id's duplicate all the same.
+fn insert_err(id: &SessionId) -> impl FnOnce(tokio_postgres::Error) -> StoreError + '_ {
+    move |e| {
+        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+            StoreError::Duplicate(id.clone())
+        } else {
+            db_err("inserting a session")(e)
+        }
+    }
+}
+
 impl PostgresStore {
     async fn insert_row(
         &self,
@@ -19,105 +207,60 @@ impl PostgresStore {
         s: &Session,
         agent: Option<&str>,
     ) -> StoreResult<Option<u64>> {
-        let spec = codec::encode(&SpecRef {
-            client: &s.client,
-            job: &s.job,
-            options: &s.options,
-        })?;
-        let (error_kind, error_message) = error_columns(s.error.as_ref());
+        let row = Row::of(s, agent)?;
         let stmt = client
-            .prepare_cached(
-                "WITH ins AS (
-                     INSERT INTO sessions (id, client_id, agent, status, priority, run_at,
-                         max_attempts, attempt, failures, progress_this_attempt, lease_owner,
-                         lease_expires_at, cancel_requested, created_at, updated_at, cleanup_at,
-                         start_time, end_time, pages_processed, processed_elements, http_requests,
-                         http_errors, bytes_received, retries, robots_blocked, error_kind,
-                         error_message, checkpoints, spec, cleanup_after_ms, records,
-                         records_removed, running_ms, running_since, attempts, token_tracking,
-                         tenant)
-                     VALUES ($1, $2, $3, 'PENDING', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-                         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
-                         $29, $30, $31, $32, $33, $34, $35, $36)
-                     ON CONFLICT (tenant, id) DO NOTHING
-                     RETURNING seq)
-                 SELECT seq FROM ins",
-            )
+            .prepare_cached(insert_one_sql())
             .await
             .map_err(db_err("preparing the session insert"))?;
-        let priority = s.options.priority;
-        let max_attempts = to_i32(s.max_attempts(), "max_attempts")?;
-        let attempt = to_i32(s.attempt, "attempt")?;
-        let failures = to_i32(s.failures, "failures")?;
-        let lease_owner = s.lease.as_ref().map(|l| l.owner.as_str());
-        let lease_expires = s.lease.as_ref().map(|l| l.expires_at.0);
-        let u = usage_columns(&s.usage)?;
-        let pages = to_i64(s.metrics.pages_processed, "pages_processed")?;
-        let elements = to_i64(s.metrics.processed_elements, "processed_elements")?;
-        let checkpoints = to_i64(s.checkpoints, "checkpoints")?;
-        let cleanup_after_ms = s
-            .options
-            .session_timeout_secs
-            .map(|secs| to_i64(secs.saturating_mul(1000), "session_timeout_secs"))
-            .transpose()?;
-        let records = to_i64(s.records, "records")?;
-        let records_removed = to_i64(s.records_removed, "records_removed")?;
-        let running_ms = to_i64(s.metrics.running_ms, "running_ms")?;
-        let running_since = s.metrics.running_since.map(|t| t.0);
-        let attempts = attempts_to_json(&s.attempts);
-        let tenant = s.tenant.as_deref().unwrap_or("");
-        let params: [&(dyn ToSql + Sync); 36] = [
-            &s.id.as_str(),
-            &s.client.client_id(),
-            &agent,
-            &priority,
-            &s.run_at.0,
-            &max_attempts,
-            &attempt,
-            &failures,
-            &s.progress_this_attempt,
-            &lease_owner,
-            &lease_expires,
-            &s.cancel_requested,
-            &s.created_at.0,
-            &s.updated_at.0,
-            &s.cleanup_at.map(|t| t.0),
-            &s.metrics.start_time.map(|t| t.0),
-            &s.metrics.end_time.map(|t| t.0),
-            &pages,
-            &elements,
-            &u[0],
-            &u[1],
-            &u[2],
-            &u[3],
-            &u[4],
-            &error_kind,
-            &error_message,
-            &checkpoints,
-            &spec,
-            &cleanup_after_ms,
-            &records,
-            &records_removed,
-            &running_ms,
-            &running_since,
-            &attempts,
-            &s.options.token_tracking,
-            &tenant,
-        ];
-        let row = client.query_opt(&stmt, &params).await.map_err(|e| {
-            if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-                StoreError::Duplicate(s.id.clone())
-            } else {
-                db_err("inserting a session")(e)
-            }
-        })?;
+        let row = client
+            .query_opt(&stmt, &row.params())
+            .await
+            .map_err(insert_err(&s.id))?;
         match row {
             Some(row) => Ok(Some(to_u64(
-                row_get::<i64>(&row, 0, "sessions/seq")?,
+                row_get::<i64>(&row, 2, "sessions/seq")?,
                 "seq",
             )?)),
             None => Ok(None),
         }
+    }
+
+    /// Inserts `sessions` (keys distinct) with one statement: each one's `seq`, or `None` where
+    /// its key is taken.
+    async fn insert_rows(
+        &self,
+        client: &impl GenericClient,
+        sessions: &[Session],
+    ) -> StoreResult<Vec<Option<u64>>> {
+        let mut columns = Columns::default();
+        for s in sessions {
+            columns.push(Row::of(s, s.job.agent.as_deref())?);
+        }
+        let stmt = client
+            .prepare_cached(insert_many_sql())
+            .await
+            .map_err(db_err("preparing the session inserts"))?;
+        let rows = client
+            .query(&stmt, &columns.params())
+            .await
+            .map_err(db_err("inserting sessions"))?;
+        let mut seqs = std::collections::HashMap::with_capacity(rows.len());
+        for row in rows {
+            let tenant: String = row_get(&row, 0, "sessions/tenant")?;
+            let id: String = row_get(&row, 1, "sessions/id")?;
+            let seq = to_u64(row_get::<i64>(&row, 2, "sessions/seq")?, "seq")?;
+            seqs.insert((tenant, id), seq);
+        }
+        Ok(sessions
+            .iter()
+            .map(|s| {
+                let key = (
+                    s.tenant.clone().unwrap_or_default(),
+                    s.id.as_str().to_string(),
+                );
+                seqs.get(&key).copied()
+            })
+            .collect())
     }
 
     pub(super) async fn insert_session(&self, p: SessionInsert) -> StoreResult<InsertOutcome> {
@@ -204,10 +347,10 @@ impl PostgresStore {
         Ok(InsertOutcome::Inserted(Box::new(session)))
     }
 
-    /// [`Store::session_insert_many`]: one transaction, the inserts pipelined on its
-    /// connection; `ON CONFLICT DO NOTHING` turns a taken key into that item's `Duplicate`
-    /// without aborting the others. A client with `max_pending` is locked and counted once (as
-    /// `insert_session` does), and its items beyond the quota get `PendingQuota`.
+    /// [`Store::session_insert_many`]: one statement (`ON CONFLICT DO NOTHING` turns a taken key
+    /// into that item's `Duplicate` without failing the others). A client with `max_pending` is
+    /// locked and counted once (as `insert_session` does) in a transaction that holds the lock
+    /// until the insert commits, and its items beyond the quota get `PendingQuota`.
     pub(super) async fn insert_sessions(
         &self,
         sessions: Vec<Session>,
@@ -218,13 +361,6 @@ impl PostgresStore {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let limits = &quotas.max_pending;
-        let mut client = self.client().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(db_err("starting a transaction"))?;
-        // Room left under each limited client's quota, counted under its lock.
-        let mut room: std::collections::HashMap<String, (u64, u64)> = Default::default();
         let mut clients: Vec<&str> = sessions
             .iter()
             .map(|s| s.client.client_id())
@@ -232,11 +368,44 @@ impl PostgresStore {
             .collect();
         clients.sort_unstable();
         clients.dedup();
-        for c in clients {
-            let limit = limits.get(c).copied().unwrap_or(u64::MAX);
-            let pending = pending_locked(&tx, c).await?;
-            room.insert(c.to_string(), (limit.saturating_sub(pending), limit));
+        let mut client = self.client().await?;
+        let out = if clients.is_empty() {
+            self.insert_decided(&client, sessions, Room::new()).await?
+        } else {
+            let tx = client
+                .transaction()
+                .await
+                .map_err(db_err("starting a transaction"))?;
+            // Room left under each limited client's quota, counted under its lock.
+            let mut room = Room::new();
+            for c in clients {
+                let limit = limits.get(c).copied().unwrap_or(u64::MAX);
+                let pending = pending_locked(&tx, c).await?;
+                room.insert(c.to_string(), (limit.saturating_sub(pending), limit));
+            }
+            let out = self.insert_decided(&tx, sessions, room).await?;
+            tx.commit()
+                .await
+                .map_err(db_err("committing the session inserts"))?;
+            out
+        };
+        if out
+            .iter()
+            .any(|o| matches!(o, Ok(InsertOutcome::Inserted(_))))
+        {
+            self.wake_local();
         }
+        Ok(out)
+    }
+
+    /// Inserts those of `sessions` that can be (PENDING, a key not given earlier in the batch,
+    /// room under their client's quota) and answers each.
+    async fn insert_decided(
+        &self,
+        client: &impl GenericClient,
+        sessions: Vec<Session>,
+        mut room: Room,
+    ) -> StoreResult<Vec<StoreResult<InsertOutcome>>> {
         let mut seen = std::collections::HashSet::with_capacity(sessions.len());
         // Decided before the database: `Some(outcome)`; to insert: `None`, in `accepted`.
         let mut decided: Vec<Option<StoreResult<InsertOutcome>>> =
@@ -267,13 +436,11 @@ impl PostgresStore {
             decided.push(None);
             accepted.push(s);
         }
-        let inserts = accepted
-            .iter()
-            .map(|s| self.insert_row(&tx, s, s.job.agent.as_deref()));
-        let seqs = futures::future::try_join_all(inserts).await?;
-        tx.commit()
-            .await
-            .map_err(db_err("committing the session inserts"))?;
+        let seqs = if accepted.is_empty() {
+            Vec::new()
+        } else {
+            self.insert_rows(client, &accepted).await?
+        };
         let mut stored = accepted.into_iter().zip(seqs);
         let mut out = Vec::with_capacity(decided.len());
         for d in decided {
@@ -289,15 +456,12 @@ impl PostgresStore {
                 },
             });
         }
-        if out
-            .iter()
-            .any(|o| matches!(o, Ok(InsertOutcome::Inserted(_))))
-        {
-            self.wake_local();
-        }
         Ok(out)
     }
 }
+
+/// Per limited client: (room left under its `max_pending`, the limit).
+type Room = std::collections::HashMap<String, (u64, u64)>;
 
 /// `client`'s PENDING sessions, counted after taking its quota lock: that lock serializes the
 /// client's inserts (held to the end of `tx`), so the count sees every insert committed before.

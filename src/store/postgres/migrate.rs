@@ -54,6 +54,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 9,
         sql: include_str!("../../../migrations/0009_events_per_statement.sql"),
     },
+    Migration {
+        version: 10,
+        sql: include_str!("../../../migrations/0010_events_per_insert_statement.sql"),
+    },
 ];
 
 /// The schema version this build creates and understands.

@@ -442,6 +442,10 @@ impl Store for PostgresStore {
         true
     }
 
+    fn combines_inserts(&self) -> bool {
+        true
+    }
+
     async fn events_after(
         &self,
         p: crate::store::EventsAfter,
