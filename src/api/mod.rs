@@ -287,10 +287,15 @@ pub async fn readyz(State(st): State<AppState>) -> Result<axum::Json<HealthView>
         ));
     }
     let workers = st.harvest.config().workers.concurrency == 0 || st.harvest.workers_running();
+    // One row read, not the counts: on PostgreSQL counting reads every session, and a probe
+    // polled every few seconds must stay cheap however many sessions the store keeps.
     let store = st
         .harvest
         .store()
-        .session_counts(st.harvest.clock().now())
+        .session_list(crate::store::SessionList {
+            limit: 1,
+            ..Default::default()
+        })
         .await;
     match (workers, store) {
         (true, Ok(_)) => {

@@ -211,4 +211,78 @@ mod tests {
                 .is_ok()
         );
     }
+
+    /// A writer whose batch fails with `fail`; counts the items written on their own.
+    struct Failing {
+        fail: fn() -> StoreError,
+        alone: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl BatchWrite<u32, u32> for Failing {
+        const WHAT: &'static str = "tests";
+
+        async fn one(&self, item: u32) -> StoreResult<u32> {
+            self.alone
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(item * 10)
+        }
+
+        async fn many(&self, _: &[u32]) -> StoreResult<Vec<StoreResult<u32>>> {
+            Err((self.fail)())
+        }
+    }
+
+    async fn answers(w: &Failing) -> Vec<StoreResult<u32>> {
+        let mut batch = Vec::new();
+        let mut rx = Vec::new();
+        for i in 1..=3 {
+            let (tx, answer) = oneshot::channel();
+            batch.push((i, tx));
+            rx.push(answer);
+        }
+        write_batch(w, batch).await;
+        let mut out = Vec::new();
+        for answer in rx {
+            out.push(
+                answer
+                    .await
+                    .unwrap_or_else(|_| Err(unanswered("tests", "dropped"))),
+            );
+        }
+        out
+    }
+
+    /// A batch that failed on one item's statement is written again item by item: each gets
+    /// its own answer.
+    #[tokio::test]
+    async fn a_batch_failed_by_an_item_is_written_item_by_item() {
+        let w = Failing {
+            fail: || StoreError::Invalid("one item's value".into()),
+            alone: Default::default(),
+        };
+        let got: Vec<Option<u32>> = answers(&w).await.into_iter().map(|r| r.ok()).collect();
+        assert_eq!(got, [Some(10), Some(20), Some(30)]);
+        assert_eq!(w.alone.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+
+    /// A batch that failed with an outage is not written again: every item gets the outage, as
+    /// after a call of its own.
+    #[tokio::test]
+    async fn a_batch_failed_by_an_outage_answers_every_item_with_it() {
+        let w = Failing {
+            fail: || StoreError::Io {
+                context: "test".into(),
+                source: std::io::Error::other("down"),
+            },
+            alone: Default::default(),
+        };
+        let got = answers(&w).await;
+        assert!(
+            got.iter()
+                .all(|r| r.as_ref().is_err_and(|e| e.is_unavailable())),
+            "{got:?}"
+        );
+        assert_eq!(w.alone.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
 }

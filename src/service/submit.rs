@@ -92,14 +92,28 @@ impl Harvest {
         let (session, single_agent) = self.new_session(req).await?;
         let key = session.key();
         let creating = self.events().creating(&key);
-        let stored = match (&self.inner.inserts, single_agent) {
-            (Some(inserts), None) => inserts.call(session).await.unwrap_or_else(|| {
-                Err(unanswered(
-                    "submissions",
-                    "the submission was dropped before it was written",
-                ))
-            }),
-            (_, single_agent) => {
+        // A client with a `max_pending` goes alone: its insert counts the client's PENDING
+        // sessions under the client's lock, which a batch would hold for everyone in it.
+        let limited = self
+            .inner
+            .config
+            .clients
+            .iter()
+            .any(|c| c.max_pending.is_some() && c.id == session.client.client_id());
+        let queued = match (&self.inner.inserts, &single_agent, limited) {
+            (Some(inserts), None, false) => inserts.queue.clone().try_acquire_owned().ok(),
+            _ => None,
+        };
+        let stored = match (&self.inner.inserts, queued) {
+            (Some(inserts), Some(_queued)) => {
+                inserts.batcher.call(session).await.unwrap_or_else(|| {
+                    Err(unanswered(
+                        "submissions",
+                        "the submission was dropped before it was written",
+                    ))
+                })
+            }
+            _ => {
                 self.inner
                     .store
                     .session_insert(SessionInsert {
@@ -122,7 +136,7 @@ impl Harvest {
     }
 
     /// Validates and durably stores many sessions in one step (one flush on sled, one
-    /// transaction on PostgreSQL): for each request, in order, the stored session or its own
+    /// statement on PostgreSQL): for each request, in order, the stored session or its own
     /// error (an
     /// invalid config, a taken id, ...). At most [`MAX_BATCH`] requests; a single-session
     /// agent's run is refused (submit it alone). When the whole call fails (the store), none of
@@ -207,25 +221,41 @@ const COMBINE_MAX: usize = 256;
 /// busy while the next batch gathers.
 const COMBINE_IN_FLIGHT: usize = 4;
 
+/// Most submissions waiting in or for the batches in flight. Beyond it a submission goes alone
+/// (waiting for a pooled connection, and refused as unavailable when none comes in time), so an
+/// overload is shed as it was before combining, not queued without bound.
+const COMBINE_QUEUED: usize = COMBINE_MAX * COMBINE_IN_FLIGHT * 2;
+
 /// Combines concurrent single submissions into [`Store::session_insert_many`] calls, for a
-/// store that [`Store::combines_inserts`]. A submission of a single-session agent's run goes
-/// alone (its check is per agent).
-pub(super) type Inserter = Batcher<Session, StoreResult<InsertOutcome>>;
+/// store that [`Store::combines_inserts`]. A single-session agent's run, a submission of a
+/// client with a `max_pending`, and one beyond [`COMBINE_QUEUED`] go alone.
+pub(super) struct Inserter {
+    batcher: Batcher<Session, StoreResult<InsertOutcome>>,
+    queue: Arc<tokio::sync::Semaphore>,
+}
 
 /// Starts the [`Inserter`] of `store`. It holds the store weakly, so that it does not keep a
 /// dropped service's store open; its task ends with the service.
 pub(super) fn inserter(store: &Arc<dyn Store>) -> Inserter {
     let store = Arc::downgrade(store);
-    let (inserts, _task) = Batcher::start(COMBINE_MAX, COMBINE_IN_FLIGHT, move |batch| {
+    let (batcher, _task) = Batcher::start(COMBINE_MAX, COMBINE_IN_FLIGHT, move |mut batch| {
         let store = store.upgrade();
+        // A submission whose caller is gone (a client that hung up) is not written: nobody
+        // would learn of it, and its retry would get a new id.
+        batch.retain(|(_, answer)| !answer.is_closed());
         async move {
             // Gone with its service: the callers see their answers dropped.
-            if let Some(store) = store {
+            if let Some(store) = store
+                && !batch.is_empty()
+            {
                 write_batch(&Inserts(store), batch).await;
             }
         }
     });
-    inserts
+    Inserter {
+        batcher,
+        queue: Arc::new(tokio::sync::Semaphore::new(COMBINE_QUEUED)),
+    }
 }
 
 /// A batch of submissions ([`write_batch`]; a store that [`Store::combines_inserts`] stored

@@ -621,7 +621,7 @@ pub trait Store: Send + Sync + 'static {
     /// overwrite; the same id in another tenant is another session.
     async fn session_insert(&self, p: SessionInsert) -> StoreResult<InsertOutcome>;
 
-    /// Insert many new PENDING sessions in one durable step (one flush on sled, one transaction
+    /// Insert many new PENDING sessions in one durable step (one flush on sled, one statement
     /// on PostgreSQL): for each, in order, [`InsertOutcome::Inserted`] with its `seq`,
     /// [`InsertOutcome::PendingQuota`] when its client's `max_pending` is reached (counting the
     /// batch's earlier items), or why it was refused ([`StoreError::Duplicate`], also for a key

@@ -284,10 +284,12 @@ async fn a_sigkill_during_batch_submits_keeps_every_acknowledged_item() {
 }
 
 /// On PostgreSQL the service writes concurrent single submissions together
-/// (`Store::combines_inserts`). 200 at once, among them five pairs sharing an id and one whose
-/// `max_attempts` does not fit the database's integer (its statement fails, and with it the
-/// transaction of its batch): every other submission is acknowledged and stored once, one of
-/// each pair is created and the other refused as a duplicate, and only the bad one fails.
+/// (`Store::combines_inserts`). 200 at once, among them five pairs sharing an id, one whose
+/// `max_attempts` does not fit the database's integer (refused before the statement) and one
+/// whose agent name holds a NUL byte, which PostgreSQL's text refuses: the statement of its
+/// batch fails, and the batch is written again item by item. Every other submission is
+/// acknowledged and stored once, one of each pair is created and the other refused as a
+/// duplicate, and only the two bad ones fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_single_submits_on_postgres_each_get_their_own_answer() {
     use harvest::config::{Config, StoreKind};
@@ -317,6 +319,7 @@ async fn concurrent_single_submits_on_postgres_each_get_their_own_answer() {
     .expect("open");
     const N: usize = 200;
     const BAD: usize = 150;
+    const NUL: usize = 120;
     let id_of = |i: usize| {
         if i < 10 {
             format!("pair-{}", i / 2)
@@ -332,9 +335,12 @@ async fn concurrent_single_submits_on_postgres_each_get_their_own_answer() {
             max_attempts: (i == BAD).then_some(u32::MAX),
             ..SessionOptions::default()
         };
-        let req = SubmitRequest::new(json!({"name": "x"}))
+        let mut req = SubmitRequest::new(json!({"name": "x"}))
             .session_id(id)
             .options(options);
+        if i == NUL {
+            req.agent = Some("bad\0agent".into());
+        }
         tasks.push(tokio::spawn(async move { h.submit(req).await.map(|_| ()) }));
     }
     let mut answers = Vec::with_capacity(N);
@@ -357,14 +363,17 @@ async fn concurrent_single_submits_on_postgres_each_get_their_own_answer() {
         if i == BAD {
             let e = a.as_ref().expect_err("max_attempts over i32 fails");
             assert!(e.to_string().contains("max_attempts"), "{e}");
+        } else if i == NUL {
+            let e = a.as_ref().expect_err("a NUL byte in a text column fails");
+            assert!(!matches!(e, HarvestError::Duplicate(_)), "{e}");
         } else {
             assert!(a.is_ok(), "submission {i}: {a:?}");
         }
     }
-    for i in (0..N).step_by(2).chain([BAD]) {
+    for i in (0..N).step_by(2).chain([BAD, NUL + 1]) {
         let id = SessionId::parse(&id_of(i)).expect("id");
         let got = h.get(id).await.expect("get");
-        if i == BAD {
+        if i == BAD || i == NUL {
             assert!(got.is_none(), "the failed submission is not stored");
         } else {
             assert_eq!(got.map(|s| s.status), Some(SessionStatus::Pending), "{i}");
@@ -379,6 +388,6 @@ async fn concurrent_single_submits_on_postgres_each_get_their_own_answer() {
         .expect("list")
         .sessions
         .len();
-    assert_eq!(stored, N - 5 - 1);
+    assert_eq!(stored, N - 5 - 2);
     h.shutdown(Duration::from_secs(1)).await.expect("shutdown");
 }

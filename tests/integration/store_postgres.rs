@@ -1054,3 +1054,52 @@ async fn events_in(
         .await
         .expect("events")
 }
+
+/// A batch insert is one statement whose trigger writes the `created` events of the rows it
+/// inserted (migration 10): one per inserted session, none for a key already taken, with ids in
+/// the order of the sessions' `seq`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_insert_records_one_created_event_per_inserted_session() {
+    use harvest::event::{EventKind, EventScope};
+    use harvest::store::InsertOutcome;
+    let Some(url) = database_url() else { return };
+    let (store, _guard) = fresh(&url).await;
+    let store: Arc<dyn Store> = Arc::new(store);
+    insert(&store, session("taken")).await;
+    let start = store.events_last_id().await.expect("last id");
+    let out = store
+        .session_insert_many(vec![
+            session("b1"),
+            session("taken"),
+            session("b2"),
+            session("b3"),
+        ])
+        .await
+        .expect("insert many");
+    assert!(matches!(out[1], Err(StoreError::Duplicate(_))), "{out:?}");
+    let inserted: Vec<(String, u64)> = out
+        .iter()
+        .filter_map(|r| match r {
+            Ok(InsertOutcome::Inserted(s)) => Some((s.id.to_string(), s.seq)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(inserted.len(), 3, "{out:?}");
+    assert!(inserted.windows(2).all(|w| w[0].1 < w[1].1), "{inserted:?}");
+    let events = events_in(&store, start, EventScope::All).await;
+    assert!(
+        events.iter().all(|e| e.kind == EventKind::Created),
+        "{events:?}"
+    );
+    let recorded: Vec<(String, u64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e.session_id.to_string(),
+                e.session.as_ref().map_or(0, |s| s.seq),
+            )
+        })
+        .collect();
+    assert_eq!(recorded, inserted);
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+}

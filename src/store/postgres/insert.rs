@@ -225,40 +225,54 @@ impl PostgresStore {
         }
     }
 
-    /// Inserts `sessions` (keys distinct) with one statement: each one's `seq`, or `None` where
-    /// its key is taken.
+    /// Inserts `sessions` (keys distinct) with one statement: for each, its `seq`, `None` where
+    /// its key is taken, or why its row cannot be written (a value its column cannot hold: that
+    /// item alone is refused, before the statement).
     async fn insert_rows(
         &self,
         client: &impl GenericClient,
         sessions: &[Session],
-    ) -> StoreResult<Vec<Option<u64>>> {
+    ) -> StoreResult<Vec<StoreResult<Option<u64>>>> {
         let mut columns = Columns::default();
+        let mut refused = Vec::with_capacity(sessions.len());
         for s in sessions {
-            columns.push(Row::of(s, s.job.agent.as_deref())?);
+            match Row::of(s, s.job.agent.as_deref()) {
+                Ok(row) => {
+                    columns.push(row);
+                    refused.push(None);
+                }
+                Err(e) => refused.push(Some(e)),
+            }
         }
-        let stmt = client
-            .prepare_cached(insert_many_sql())
-            .await
-            .map_err(db_err("preparing the session inserts"))?;
-        let rows = client
-            .query(&stmt, &columns.params())
-            .await
-            .map_err(db_err("inserting sessions"))?;
-        let mut seqs = std::collections::HashMap::with_capacity(rows.len());
-        for row in rows {
-            let tenant: String = row_get(&row, 0, "sessions/tenant")?;
-            let id: String = row_get(&row, 1, "sessions/id")?;
-            let seq = to_u64(row_get::<i64>(&row, 2, "sessions/seq")?, "seq")?;
-            seqs.insert((tenant, id), seq);
+        let mut seqs = std::collections::HashMap::with_capacity(sessions.len());
+        if !columns.id.is_empty() {
+            let stmt = client
+                .prepare_cached(insert_many_sql())
+                .await
+                .map_err(db_err("preparing the session inserts"))?;
+            let rows = client
+                .query(&stmt, &columns.params())
+                .await
+                .map_err(db_err("inserting sessions"))?;
+            for row in rows {
+                let tenant: String = row_get(&row, 0, "sessions/tenant")?;
+                let id: String = row_get(&row, 1, "sessions/id")?;
+                let seq = to_u64(row_get::<i64>(&row, 2, "sessions/seq")?, "seq")?;
+                seqs.insert((tenant, id), seq);
+            }
         }
         Ok(sessions
             .iter()
-            .map(|s| {
-                let key = (
-                    s.tenant.clone().unwrap_or_default(),
-                    s.id.as_str().to_string(),
-                );
-                seqs.get(&key).copied()
+            .zip(refused)
+            .map(|(s, refused)| match refused {
+                Some(e) => Err(e),
+                None => {
+                    let key = (
+                        s.tenant.clone().unwrap_or_default(),
+                        s.id.as_str().to_string(),
+                    );
+                    Ok(seqs.get(&key).copied())
+                }
             })
             .collect())
     }
@@ -447,11 +461,12 @@ impl PostgresStore {
             out.push(match d {
                 Some(outcome) => outcome,
                 None => match stored.next() {
-                    Some((mut s, Some(seq))) => {
+                    Some((mut s, Ok(Some(seq)))) => {
                         s.seq = seq;
                         Ok(InsertOutcome::Inserted(Box::new(s)))
                     }
-                    Some((s, None)) => Err(StoreError::Duplicate(s.id)),
+                    Some((s, Ok(None))) => Err(StoreError::Duplicate(s.id)),
+                    Some((_, Err(e))) => Err(e),
                     None => Err(StoreError::Invalid("a batch item was lost".into())),
                 },
             });
