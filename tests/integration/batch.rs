@@ -292,31 +292,17 @@ async fn a_sigkill_during_batch_submits_keeps_every_acknowledged_item() {
 /// duplicate, and only the two bad ones fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_single_submits_on_postgres_each_get_their_own_answer() {
-    use harvest::config::{Config, StoreKind};
     use harvest::service::{Harvest, HarvestError, SubmitRequest};
     use harvest::session::{SessionId, SessionOptions, SessionStatus};
 
-    use crate::store_postgres::{SchemaGuard, database_url, unique_schema};
-
-    let Some(url) = database_url() else {
-        eprintln!("skipped: HARVEST_TEST_DATABASE_URL is not set");
+    let Some((config, _guard)) = crate::store_postgres::postgres_config() else {
         return;
     };
-    let schema = unique_schema();
-    let _guard = SchemaGuard {
-        url: url.clone(),
-        schema: schema.clone(),
-    };
-    let h = Harvest::builder(Config {
-        store: StoreKind::Postgres,
-        database_url: Some(url),
-        database_schema: schema,
-        ..Config::default()
-    })
-    .job(std::sync::Arc::new(harvest::job::NoopJob))
-    .open()
-    .await
-    .expect("open");
+    let h = Harvest::builder(config)
+        .job(std::sync::Arc::new(harvest::job::NoopJob))
+        .open()
+        .await
+        .expect("open");
     const N: usize = 200;
     const BAD: usize = 150;
     const NUL: usize = 120;

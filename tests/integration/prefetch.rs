@@ -396,23 +396,13 @@ async fn worker_killed_with_a_full_buffer_runs_each_buffered_session_once() {
 /// commit, and B could not start until A's finish was written.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finishing_attempt_frees_its_slot_for_the_next_session() {
-    let Some(url) = database_url() else {
-        eprintln!("skipped: HARVEST_TEST_DATABASE_URL is not set");
+    let Some((mut cfg, _guard)) = crate::store_postgres::postgres_config() else {
         return;
     };
-    let schema = unique_schema();
-    let _guard = SchemaGuard {
-        url: url.clone(),
-        schema: schema.clone(),
-    };
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = Config {
-        data_dir: dir.path().to_path_buf(),
-        store: StoreKind::Postgres,
-        database_url: Some(url.clone()),
-        database_schema: schema.clone(),
-        ..Config::default()
-    };
+    cfg.data_dir = dir.path().to_path_buf();
+    let url = cfg.database_url.clone().unwrap_or_default();
+    let schema = cfg.database_schema.clone();
     cfg.workers.concurrency = 1;
     cfg.workers.prefetch = 0;
     cfg.workers.poll_interval_ms = 50;

@@ -47,6 +47,24 @@ pub(crate) fn unique_schema() -> String {
     format!("harvest_t_{}_{n}_{nanos}", std::process::id())
 }
 
+/// A config of the PostgreSQL store in a schema of its own (dropped with the guard), or `None`
+/// when the test is skipped ([`database_url`] says so).
+pub(crate) fn postgres_config() -> Option<(harvest::config::Config, SchemaGuard)> {
+    let url = database_url()?;
+    let schema = unique_schema();
+    let guard = SchemaGuard {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
+    let config = harvest::config::Config {
+        store: harvest::config::StoreKind::Postgres,
+        database_url: Some(url),
+        database_schema: schema,
+        ..harvest::config::Config::default()
+    };
+    Some((config, guard))
+}
+
 /// Drops its schema (and everything in it) when dropped.
 pub(crate) struct SchemaGuard {
     pub(crate) url: String,
