@@ -13,8 +13,8 @@ use crate::session::{Session, SessionId, SessionStatus};
 use crate::store::{InsertOutcome, SessionInsert, StoreError, StoreResult, codec};
 
 /// Declares the columns a new session's row is written with (every column of `sessions` but
-/// `status`, always PENDING, and the generated `seq`), in one place for both statements: the
-/// one-row [`Row`] and the many-row [`Columns`], whose SQL is built from the same list.
+/// `status`, always PENDING, and the generated `seq`), in one place: one session's [`Row`], the
+/// [`Columns`] of the sessions an insert writes, and the insert's SQL ([`insert_sql`]).
 macro_rules! session_columns {
     ($($name:ident: $ty:ty = $sql:literal,)*) => {
         /// One new session's column values.
@@ -26,12 +26,6 @@ macro_rules! session_columns {
         #[derive(Default)]
         struct Columns<'a> {
             $($name: Vec<$ty>,)*
-        }
-
-        impl<'a> Row<'a> {
-            fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-                vec![$(&self.$name,)*]
-            }
         }
 
         impl<'a> Columns<'a> {
@@ -149,29 +143,10 @@ impl<'a> Row<'a> {
     }
 }
 
-/// `INSERT INTO sessions (status, <COLUMNS>)` followed by `rows`, skipping a taken key and
-/// returning each inserted row's key and `seq`.
-fn insert_sql(rows: &str) -> String {
-    let names: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
-    format!(
-        "INSERT INTO sessions (status, {}) {rows} \
-         ON CONFLICT (tenant, id) DO NOTHING RETURNING tenant, id, seq",
-        names.join(", ")
-    )
-}
-
-/// One session's insert.
-fn insert_one_sql() -> &'static str {
-    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SQL.get_or_init(|| {
-        let values: Vec<String> = (1..=COLUMNS.len()).map(|i| format!("${i}")).collect();
-        insert_sql(&format!("VALUES ('PENDING', {})", values.join(", ")))
-    })
-}
-
-/// Many sessions' insert in one statement: one array parameter per column, zipped by `unnest`
-/// (one executor start, one constraint setup and one round trip for the whole batch).
-fn insert_many_sql() -> &'static str {
+/// The insert of new sessions, one or many with one statement: one array parameter per column,
+/// zipped by `unnest` (one executor start, one constraint setup and one round trip for the whole
+/// batch), skipping a taken key and returning each inserted row's key and `seq`.
+fn insert_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
         let arrays: Vec<String> = COLUMNS
@@ -180,11 +155,13 @@ fn insert_many_sql() -> &'static str {
             .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 1))
             .collect();
         let names: Vec<&str> = COLUMNS.iter().map(|(n, _)| *n).collect();
-        insert_sql(&format!(
-            "SELECT 'PENDING', u.* FROM unnest({}) AS u({})",
-            arrays.join(", "),
-            names.join(", ")
-        ))
+        let names = names.join(", ");
+        format!(
+            "INSERT INTO sessions (status, {names}) \
+             SELECT 'PENDING', u.* FROM unnest({}) AS u({names}) \
+             ON CONFLICT (tenant, id) DO NOTHING RETURNING tenant, id, seq",
+            arrays.join(", ")
+        )
     })
 }
 
@@ -207,13 +184,14 @@ impl PostgresStore {
         s: &Session,
         agent: Option<&str>,
     ) -> StoreResult<Option<u64>> {
-        let row = Row::of(s, agent)?;
+        let mut columns = Columns::default();
+        columns.push(Row::of(s, agent)?);
         let stmt = client
-            .prepare_cached(insert_one_sql())
+            .prepare_cached(insert_sql())
             .await
             .map_err(db_err("preparing the session insert"))?;
         let row = client
-            .query_opt(&stmt, &row.params())
+            .query_opt(&stmt, &columns.params())
             .await
             .map_err(insert_err(&s.id))?;
         match row {
@@ -247,7 +225,7 @@ impl PostgresStore {
         let mut seqs = std::collections::HashMap::with_capacity(sessions.len());
         if !columns.id.is_empty() {
             let stmt = client
-                .prepare_cached(insert_many_sql())
+                .prepare_cached(insert_sql())
                 .await
                 .map_err(db_err("preparing the session inserts"))?;
             let rows = client
