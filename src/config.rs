@@ -387,6 +387,12 @@ impl Config {
         if self.sessions.max_attempts == 0 {
             return invalid("sessions.max_attempts", "must be at least 1");
         }
+        if self.sessions.max_attempts > crate::session::SessionOptions::MAX_ATTEMPTS {
+            return invalid(
+                "sessions.max_attempts",
+                "must be at most 10000, as a session's own max_attempts",
+            );
+        }
         if self.sessions.default_timeout_secs > crate::session::SessionOptions::MAX_TIMEOUT_SECS {
             return invalid(
                 "sessions.default_timeout_secs",

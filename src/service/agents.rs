@@ -83,6 +83,7 @@ impl Harvest {
         spec: AgentSpec,
     ) -> Result<Agent, HarvestError> {
         validate_name(name)?;
+        spec.options.check().map_err(HarvestError::Invalid)?;
         let mut spec = spec;
         let (config, params) = self
             .check_config(

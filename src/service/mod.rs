@@ -83,9 +83,6 @@ pub enum HarvestError {
     Busy(String),
 }
 
-const MAX_DURATION_SECS: u64 = SessionOptions::MAX_DURATION_SECS;
-const MAX_TIMEOUT_SECS: u64 = SessionOptions::MAX_TIMEOUT_SECS;
-
 /// The most sessions [`Harvest::submit_many`] takes at once.
 pub const MAX_BATCH: usize = 1000;
 

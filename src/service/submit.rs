@@ -14,33 +14,9 @@ impl Harvest {
         req: SubmitRequest,
     ) -> Result<(Session, Option<String>), HarvestError> {
         let mut options = req.options;
-        if let Some(0) = options.max_attempts {
-            return Err(HarvestError::Invalid(
-                "options.max_attempts must be at least 1".into(),
-            ));
-        }
-        if let Some(0) = options.max_duration_secs {
-            return Err(HarvestError::Invalid(
-                "options.max_duration_secs must be at least 1 (omit it for no limit)".into(),
-            ));
-        }
-        // Bounds keep every deadline computed from these well inside the range of the clocks
-        // (an unchecked u64::MAX once overflowed the worker's and the scheduler's arithmetic).
-        if options
-            .max_duration_secs
-            .is_some_and(|d| d > MAX_DURATION_SECS)
-        {
-            return Err(HarvestError::Invalid(format!(
-                "options.max_duration_secs must be at most {MAX_DURATION_SECS} (one year)"
-            )));
-        }
-        if options
-            .session_timeout_secs
-            .is_some_and(|d| d > MAX_TIMEOUT_SECS)
-        {
-            return Err(HarvestError::Invalid(format!(
-                "options.session_timeout_secs must be at most {MAX_TIMEOUT_SECS} (ten years)"
-            )));
+        options.check().map_err(HarvestError::Invalid)?;
+        if let Some(agent) = &req.agent {
+            super::agents::validate_name(agent)?;
         }
         options
             .max_attempts

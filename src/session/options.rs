@@ -37,6 +37,48 @@ impl SessionOptions {
     /// Largest `session_timeout_secs` a submission may ask for: ten years.
     pub const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 86_400;
 
+    /// Largest `max_attempts` a submission (or `sessions.max_attempts`) may ask for. Every
+    /// store keeps it exactly (PostgreSQL's column is a 32-bit integer).
+    pub const MAX_ATTEMPTS: u32 = 10_000;
+
+    /// Checks the options a caller gave: `Err` names the option and what to change.
+    pub fn check(&self) -> Result<(), String> {
+        match self.max_attempts {
+            Some(0) => return Err("options.max_attempts must be at least 1".into()),
+            Some(n) if n > Self::MAX_ATTEMPTS => {
+                return Err(format!(
+                    "options.max_attempts must be at most {}, not {n}",
+                    Self::MAX_ATTEMPTS
+                ));
+            }
+            _ => {}
+        }
+        match self.max_duration_secs {
+            Some(0) => {
+                return Err(
+                    "options.max_duration_secs must be at least 1 (omit it for no limit)".into(),
+                );
+            }
+            Some(d) if d > Self::MAX_DURATION_SECS => {
+                return Err(format!(
+                    "options.max_duration_secs must be at most {} (one year)",
+                    Self::MAX_DURATION_SECS
+                ));
+            }
+            _ => {}
+        }
+        if self
+            .session_timeout_secs
+            .is_some_and(|d| d > Self::MAX_TIMEOUT_SECS)
+        {
+            return Err(format!(
+                "options.session_timeout_secs must be at most {} (ten years)",
+                Self::MAX_TIMEOUT_SECS
+            ));
+        }
+        Ok(())
+    }
+
     /// `max_duration_secs` as a duration, clamped to [`SessionOptions::MAX_DURATION_SECS`] (a
     /// value stored by an older build cannot overflow deadline arithmetic).
     pub fn max_duration(&self) -> Option<Duration> {

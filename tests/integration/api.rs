@@ -173,6 +173,26 @@ async fn bad_bodies_are_answered_in_the_error_shape() {
         )
         .await;
     r.assert_error(400, "invalid_request");
+    // Over the bound (PostgreSQL's column would refuse it with a server error).
+    let r = s
+        .post(
+            "/v1/sessions",
+            &json!({"config": {"name": "x"}, "options": {"max_attempts": 4294967295u32}}),
+        )
+        .await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("at most 10000"), "{}", r.text);
+    // An agent's options are checked when it is saved, not at its first run.
+    let r = s
+        .call(
+            Method::PUT,
+            "/v1/agents/bounded",
+            None,
+            Some(&json!({"config": {"name": "x"}, "options": {"max_attempts": 10001}})),
+        )
+        .await;
+    r.assert_error(400, "invalid_request");
+    assert!(r.text.contains("max_attempts"), "{}", r.text);
     let r = s
         .post(
             "/v1/sessions",

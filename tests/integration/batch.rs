@@ -1,7 +1,8 @@
 //! The batch path (issue 16): `POST /v1/sessions/batch` answers per item, in order, with the
 //! item's own error where it has one; `harvest submit` of several configs or a JSON-lines file
 //! uses it; a SIGKILL during batch submits loses no acknowledged session, and of a batch whose
-//! answer never came a prefix survives, each of its sessions whole.
+//! answer never came a prefix survives on sled (each of its sessions whole) and all or none on
+//! PostgreSQL.
 
 use std::time::{Duration, Instant};
 
@@ -190,20 +191,71 @@ async fn the_cli_submits_many_configs_and_json_lines() {
 }
 
 /// SIGKILL while batches of 100 are being submitted: after a restart every acknowledged
-/// session is there, and of the batch in flight a prefix (no gap).
+/// session is there, and of a batch in flight a prefix (no gap).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkill_during_batch_submits_keeps_every_acknowledged_item() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let env = [("HARVEST_CONFIG", "config.toml")];
-    let server = Server::start(&data, 1, &env);
+    sigkill_during_batch_submits(
+        &data,
+        &[("HARVEST_CONFIG", "config.toml")],
+        InFlight::Prefix,
+    )
+    .await;
+}
+
+/// The same on PostgreSQL, where a batch is one statement: of a batch in flight all or none
+/// survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_during_batch_submits_on_postgres_keeps_every_acknowledged_item() {
+    let Some((_, guard)) = crate::store_postgres::postgres_config() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(
+        &config_path,
+        format!("store = \"postgres\"\ndatabase_url = \"{}\"\n", guard.url),
+    )
+    .expect("config");
+    let config_env = config_path.to_string_lossy().into_owned();
+    let env = [
+        ("HARVEST_CONFIG", config_env.as_str()),
+        ("HARVEST_DATABASE_SCHEMA", guard.schema.as_str()),
+    ];
+    let data = dir.path().join("unused-sled");
+    sigkill_during_batch_submits(&data, &env, InFlight::AllOrNone).await;
+}
+
+/// What a SIGKILL may leave of the batch whose answer never came.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum InFlight {
+    /// Its items are applied in order, each session whole: a prefix, never a gap (sled).
+    Prefix,
+    /// One statement: every item or none (PostgreSQL).
+    AllOrNone,
+}
+
+/// Three submitters send batches of 100 to a server started with `env`; it is killed with
+/// SIGKILL at a random moment after five batches were acknowledged (while some are being
+/// written), then restarted. Every acknowledged session is there; of each submitter's batch in
+/// flight, what `in_flight` allows; nothing after it.
+async fn sigkill_during_batch_submits(
+    data: &std::path::Path,
+    env: &[(&str, &str)],
+    in_flight: InFlight,
+) {
+    const PER: usize = 100;
+    const SUBMITTERS: usize = 3;
+    let server = Server::start(data, 1, env);
     let url = server.url("/v1/sessions/batch");
     let http = reqwest::Client::new();
-    const PER: usize = 100;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
-    let submitter = tokio::spawn({
-        let http = http.clone();
-        async move {
+    let id = |s: usize, b: usize, i: usize| format!("k{s}-{b}-{i}");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
+    let mut submitters = Vec::with_capacity(SUBMITTERS);
+    for s in 0..SUBMITTERS {
+        let (http, url, tx) = (http.clone(), url.clone(), tx.clone());
+        submitters.push(tokio::spawn(async move {
             // Bounded: at most 400 batches or 60 s; the kill comes long before.
             let deadline = Instant::now() + Duration::from_secs(60);
             for b in 0..400 {
@@ -214,7 +266,7 @@ async fn a_sigkill_during_batch_submits_keeps_every_acknowledged_item() {
                     .map(|i| {
                         json!({"config": {"name": "k", "start_urls": ["http://127.0.0.1:9/"],
                             "pages": {"start": {"fields": {"t": "h1"}}}},
-                            "session_id": format!("k{b}-{i}"),
+                            "session_id": id(s, b, i),
                             "options": {"run_at": "2999-01-01T00:00:00Z"}})
                     })
                     .collect();
@@ -226,17 +278,19 @@ async fn a_sigkill_during_batch_submits_keeps_every_acknowledged_item() {
                 match r {
                     Ok(r) if r.status() == 200 => {
                         let v: Value = r.json().await.unwrap_or(Value::Null);
-                        assert_eq!(v["created"], PER, "batch {b}: {v}");
-                        if tx.send(b).is_err() {
+                        assert_eq!(v["created"], PER, "batch {s}/{b}: {v}");
+                        if tx.send((s, b)).is_err() {
                             break;
                         }
                     }
                     _ => break,
                 }
             }
-        }
-    });
-    // Let some batches be acknowledged, then kill without warning.
+        }));
+    }
+    drop(tx);
+    // Let some batches be acknowledged, then kill without warning, 0-49 ms later: a batch
+    // takes tens of ms, so the kill lands inside one.
     let mut acked = Vec::new();
     while acked.len() < 5 {
         match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
@@ -244,58 +298,78 @@ async fn a_sigkill_during_batch_submits_keeps_every_acknowledged_item() {
             _ => panic!("batches were not acknowledged"),
         }
     }
+    let jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() % 50)
+        .unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(u64::from(jitter))).await;
     server.kill9();
-    // Its per-batch assertions count: a panic there fails the test.
-    submitter.await.expect("submitter");
-    while let Ok(b) = rx.try_recv() {
+    // Their per-batch assertions count: a panic there fails the test.
+    for t in submitters {
+        t.await.expect("submitter");
+    }
+    while let Some(b) = rx.recv().await {
         acked.push(b);
     }
-    let server = Server::start(&data, 1, &env);
+    let server = Server::start(data, 1, env);
     let exists = |id: String| {
         let http = http.clone();
         let url = server.url(&format!("/v1/sessions/{id}"));
         async move { http.get(url).send().await.expect("GET").status().as_u16() == 200 }
     };
-    let last = *acked.iter().max().expect("acked");
-    for &b in &acked {
+    for &(s, b) in &acked {
         for i in [0, PER / 2, PER - 1] {
             assert!(
-                exists(format!("k{b}-{i}")).await,
-                "acknowledged k{b}-{i} lost"
+                exists(id(s, b, i)).await,
+                "acknowledged {} lost",
+                id(s, b, i)
             );
         }
     }
-    // The batch after the last acknowledged one was in flight: what of it survived is a prefix
-    // (its items are applied in order, each session whole), never a gap.
-    let b = last + 1;
-    let mut present = Vec::with_capacity(PER);
-    for i in 0..PER {
-        present.push(exists(format!("k{b}-{i}")).await);
+    for s in 0..SUBMITTERS {
+        // A submitter's batches go one after another: the one after its last acknowledged
+        // batch was in flight.
+        let b = acked
+            .iter()
+            .filter(|a| a.0 == s)
+            .map(|a| a.1 + 1)
+            .max()
+            .unwrap_or(0);
+        let mut present = Vec::with_capacity(PER);
+        for i in 0..PER {
+            present.push(exists(id(s, b, i)).await);
+        }
+        let kept = present.iter().take_while(|p| **p).count();
+        assert!(
+            present[kept..].iter().all(|p| !p),
+            "batch {s}/{b} kept a gap: {present:?}"
+        );
+        if in_flight == InFlight::AllOrNone {
+            assert!(
+                kept == 0 || kept == PER,
+                "batch {s}/{b} kept {kept} of {PER} items: {present:?}"
+            );
+        }
+        eprintln!("submitter {s}: batch {b} in flight, {kept} of {PER} kept ({in_flight:?})");
+        assert!(
+            !exists(id(s, b + 1, 0)).await,
+            "a batch of submitter {s} after the kill?"
+        );
     }
-    let kept = present.iter().take_while(|p| **p).count();
-    assert!(
-        present[kept..].iter().all(|p| !p),
-        "batch {b} kept a gap: {present:?}"
-    );
-    assert!(
-        !exists(format!("k{}-0", b + 1)).await,
-        "a batch after the kill?"
-    );
 }
 
 /// On PostgreSQL the service writes concurrent single submissions together
 /// (`Store::combines_inserts`). 200 at once, among them five pairs sharing an id, one whose
-/// `max_attempts` does not fit the database's integer (refused before the statement) and one
-/// whose agent name holds a NUL byte, which PostgreSQL's text refuses: the statement of its
-/// batch fails, and the batch is written again item by item. Every other submission is
-/// acknowledged and stored once, one of each pair is created and the other refused as a
-/// duplicate, and only the two bad ones fail.
+/// `max_attempts` is over the bound (refused before the store) and one that a CHECK constraint
+/// this test adds to the table refuses: the statement of its batch fails, and the batch is
+/// written again item by item. Every other submission is acknowledged and stored once, one of
+/// each pair is created and the other refused as a duplicate, and only the two bad ones fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_single_submits_on_postgres_each_get_their_own_answer() {
     use harvest::service::{Harvest, HarvestError, SubmitRequest};
     use harvest::session::{SessionId, SessionOptions, SessionStatus};
 
-    let Some((config, _guard)) = crate::store_postgres::postgres_config() else {
+    let Some((config, guard)) = crate::store_postgres::postgres_config() else {
         return;
     };
     let h = Harvest::builder(config)
@@ -303,9 +377,20 @@ async fn concurrent_single_submits_on_postgres_each_get_their_own_answer() {
         .open()
         .await
         .expect("open");
+    // Every value the service lets through fits its column, so the in-statement failure is
+    // made here: the database refuses one id.
+    crate::store_postgres::admin(&guard.url)
+        .await
+        .expect("connect")
+        .batch_execute(&format!(
+            "ALTER TABLE {}.sessions ADD CONSTRAINT poisoned CHECK (id <> 's-120')",
+            guard.schema
+        ))
+        .await
+        .expect("add the constraint");
     const N: usize = 200;
     const BAD: usize = 150;
-    const NUL: usize = 120;
+    const POISONED: usize = 120;
     let id_of = |i: usize| {
         if i < 10 {
             format!("pair-{}", i / 2)
@@ -318,15 +403,12 @@ async fn concurrent_single_submits_on_postgres_each_get_their_own_answer() {
         let h = h.clone();
         let id = SessionId::parse(&id_of(i)).expect("id");
         let options = SessionOptions {
-            max_attempts: (i == BAD).then_some(u32::MAX),
+            max_attempts: (i == BAD).then_some(SessionOptions::MAX_ATTEMPTS + 1),
             ..SessionOptions::default()
         };
-        let mut req = SubmitRequest::new(json!({"name": "x"}))
+        let req = SubmitRequest::new(json!({"name": "x"}))
             .session_id(id)
             .options(options);
-        if i == NUL {
-            req.agent = Some("bad\0agent".into());
-        }
         tasks.push(tokio::spawn(async move { h.submit(req).await.map(|_| ()) }));
     }
     let mut answers = Vec::with_capacity(N);
@@ -347,19 +429,22 @@ async fn concurrent_single_submits_on_postgres_each_get_their_own_answer() {
     }
     for (i, a) in answers.iter().enumerate().skip(10) {
         if i == BAD {
-            let e = a.as_ref().expect_err("max_attempts over i32 fails");
-            assert!(e.to_string().contains("max_attempts"), "{e}");
-        } else if i == NUL {
-            let e = a.as_ref().expect_err("a NUL byte in a text column fails");
+            let e = a.as_ref().expect_err("max_attempts over the bound fails");
+            assert!(
+                matches!(e, HarvestError::Invalid(m) if m.contains("max_attempts")),
+                "{e}"
+            );
+        } else if i == POISONED {
+            let e = a.as_ref().expect_err("the poisoned id fails");
             assert!(!matches!(e, HarvestError::Duplicate(_)), "{e}");
         } else {
             assert!(a.is_ok(), "submission {i}: {a:?}");
         }
     }
-    for i in (0..N).step_by(2).chain([BAD, NUL + 1]) {
+    for i in (0..N).step_by(2).chain([BAD, POISONED + 1]) {
         let id = SessionId::parse(&id_of(i)).expect("id");
         let got = h.get(id).await.expect("get");
-        if i == BAD || i == NUL {
+        if i == BAD || i == POISONED {
             assert!(got.is_none(), "the failed submission is not stored");
         } else {
             assert_eq!(got.map(|s| s.status), Some(SessionStatus::Pending), "{i}");

@@ -182,6 +182,51 @@ async fn an_absurd_max_duration_is_refused_at_submission() {
     }
 }
 
+/// The library API took any agent name and any `max_attempts`: sled stored a NUL byte and
+/// `u32::MAX`, which PostgreSQL refuses with a server error. Both are refused at submission,
+/// with what to fix, on every store.
+#[tokio::test]
+async fn a_bad_agent_name_or_max_attempts_is_refused_at_submission() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    cfg.workers.concurrency = 0;
+    let h = Harvest::builder(cfg)
+        .job(Arc::new(harvest::job::NoopJob))
+        .open()
+        .await
+        .expect("open");
+    let mut req = SubmitRequest::new(json!({"name": "t"}));
+    req.agent = Some("bad\0agent".into());
+    let err = h.submit(req).await.unwrap_err();
+    assert!(
+        matches!(&err, HarvestError::Invalid(m) if m.contains("agent name")),
+        "{err}"
+    );
+    let opts = SessionOptions {
+        max_attempts: Some(u32::MAX),
+        ..Default::default()
+    };
+    let err = h
+        .submit(SubmitRequest::new(json!({"name": "t"})).options(opts))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, HarvestError::Invalid(m) if m.contains("max_attempts")),
+        "{err}"
+    );
+    let stored = h
+        .list(harvest::store::SessionList {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert!(stored.sessions.is_empty(), "nothing stored");
+}
+
 /// sled's single-agent index ignored the client: one tenant's active run blocked another
 /// tenant's agent of the same name, and the 409 named the other tenant's session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
