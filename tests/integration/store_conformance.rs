@@ -530,6 +530,32 @@ pub async fn insert_many_per_item_results(store: Arc<dyn Store>) {
         "{:?}",
         out[3]
     );
+    // A taken id is that item's duplicate and uses up no room: with q1 and q2 PENDING and a
+    // limit of 3, q4 still fits after a second q1.
+    let mut q = harvest::store::Quotas::default();
+    q.max_pending.insert("q".into(), 3);
+    store.quotas_set(q).expect("quotas");
+    let out = store
+        .session_insert_many(vec![of_q("q1"), of_q("q4"), of_q("q5")])
+        .await
+        .expect("batch insert");
+    assert!(
+        matches!(&out[0], Err(StoreError::Duplicate(_))),
+        "{:?}",
+        out[0]
+    );
+    assert!(
+        matches!(out[1], Ok(InsertOutcome::Inserted(_))),
+        "a duplicate used up the room: {:?}",
+        out[1]
+    );
+    assert_eq!(
+        out[2].as_ref().ok(),
+        Some(&InsertOutcome::PendingQuota {
+            client: "q".into(),
+            limit: 3
+        })
+    );
     store
         .quotas_set(harvest::store::Quotas::default())
         .expect("no quotas");

@@ -362,7 +362,8 @@ impl PostgresStore {
         clients.dedup();
         let mut client = self.client().await?;
         let out = if clients.is_empty() {
-            self.insert_decided(&client, sessions, Room::new()).await?
+            self.insert_decided(&client, sessions, Room::new(), &Taken::new())
+                .await?
         } else {
             let tx = client
                 .transaction()
@@ -375,7 +376,14 @@ impl PostgresStore {
                 let pending = pending_locked(&tx, c).await?;
                 room.insert(c.to_string(), (limit.saturating_sub(pending), limit));
             }
-            let out = self.insert_decided(&tx, sessions, room).await?;
+            // A limited client's item whose key is taken is its duplicate before it is counted:
+            // otherwise it would use up room that the database then leaves unused.
+            let limited: Vec<&Session> = sessions
+                .iter()
+                .filter(|s| room.contains_key(s.client.client_id()))
+                .collect();
+            let taken = taken_keys(&tx, &limited).await?;
+            let out = self.insert_decided(&tx, sessions, room, &taken).await?;
             tx.commit()
                 .await
                 .map_err(db_err("committing the session inserts"))?;
@@ -390,13 +398,14 @@ impl PostgresStore {
         Ok(out)
     }
 
-    /// Inserts those of `sessions` that can be (PENDING, a key not given earlier in the batch,
-    /// room under their client's quota) and answers each.
+    /// Inserts those of `sessions` that can be (PENDING, a key neither `taken` nor given
+    /// earlier in the batch, room under their client's quota) and answers each.
     async fn insert_decided(
         &self,
         client: &impl GenericClient,
         sessions: Vec<Session>,
         mut room: Room,
+        taken: &Taken,
     ) -> StoreResult<Vec<StoreResult<InsertOutcome>>> {
         let mut seen = std::collections::HashSet::with_capacity(sessions.len());
         // Decided before the database: `Some(outcome)`; to insert: `None`, in `accepted`.
@@ -411,7 +420,10 @@ impl PostgresStore {
                 )))));
                 continue;
             }
-            if !seen.insert(s.key()) {
+            let key = s.key();
+            if taken.contains(&(key.tenant().to_string(), s.id.as_str().to_string()))
+                || !seen.insert(key)
+            {
                 decided.push(Some(Err(StoreError::Duplicate(s.id))));
                 continue;
             }
@@ -455,6 +467,43 @@ impl PostgresStore {
 
 /// Per limited client: (room left under its `max_pending`, the limit).
 type Room = std::collections::HashMap<String, (u64, u64)>;
+
+/// Keys `(tenant, id)` already stored ([`taken_keys`]).
+type Taken = std::collections::HashSet<(String, String)>;
+
+/// Which of `sessions`' keys are stored already. Read in the transaction that holds their
+/// clients' quota locks; a key taken after this read is still refused by the insert, so the
+/// room it used stays unused: the quota errs on the safe side.
+async fn taken_keys(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sessions: &[&Session],
+) -> StoreResult<Taken> {
+    if sessions.is_empty() {
+        return Ok(Taken::new());
+    }
+    let tenants: Vec<&str> = sessions
+        .iter()
+        .map(|s| s.tenant.as_deref().unwrap_or(""))
+        .collect();
+    let ids: Vec<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
+    let rows = tx
+        .query(
+            "SELECT s.tenant, s.id FROM sessions s \
+             JOIN unnest($1::text[], $2::text[]) AS k(tenant, id) \
+             ON s.tenant = k.tenant AND s.id = k.id",
+            &[&tenants, &ids],
+        )
+        .await
+        .map_err(db_err("checking which of the sessions exist"))?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row_get::<String>(row, 0, "sessions/tenant")?,
+                row_get::<String>(row, 1, "sessions/id")?,
+            ))
+        })
+        .collect()
+}
 
 /// `client`'s PENDING sessions, counted after taking its quota lock: that lock serializes the
 /// client's inserts (held to the end of `tx`), so the count sees every insert committed before.
