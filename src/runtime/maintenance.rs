@@ -10,12 +10,13 @@
 //!
 //! Several processes may share a store (PostgreSQL): only the elected leader
 //! ([`Store::leader_acquire`], renewed every tick, term [`leader_ttl`]) runs the maintenance
-//! jobs and the cron scheduler; the others only refresh their gauges. Leadership saves work, it
+//! jobs and the cron scheduler; the others only refresh their gauges. Every process refreshes
+//! its gauges at most 1% of the time ([`Maintainer::refresh_counts`]). Leadership saves work, it
 //! does not carry correctness: every maintenance write is a compare-and-set.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -39,6 +40,28 @@ pub fn leader_ttl(interval: Duration) -> Duration {
 
 /// Most sessions one job handles per tick; the rest wait for the next tick.
 const PER_TICK: usize = 1000;
+
+/// The gauges' refresh takes at most 1/`COUNTS_DUTY` of the time: the next one waits this many
+/// times as long as the last took (with a 1 s tick: every tick up to 10 ms per refresh).
+const COUNTS_DUTY: u32 = 100;
+
+/// When a job that may take at most 1/[`COUNTS_DUTY`] of the time may run next.
+#[derive(Debug, Default)]
+struct DutyCycle {
+    next: Option<Instant>,
+}
+
+impl DutyCycle {
+    /// Whether it may run at `now`.
+    fn due(&self, now: Instant) -> bool {
+        self.next.is_none_or(|next| now >= next)
+    }
+
+    /// A run that started at `started` took `took`.
+    fn spent(&mut self, started: Instant, took: Duration) {
+        self.next = Some(started + took.saturating_mul(COUNTS_DUTY));
+    }
+}
 
 /// How long past its `max_duration` an attempt may still run before maintenance ends it. The
 /// worker stops it at `max_duration` and aborts it 10 s later; only an attempt whose worker is
@@ -74,6 +97,8 @@ pub(crate) struct Maintainer {
     pub event_retention: Duration,
     /// Where the overdue check goes on at the next tick (a RUNNING-list cursor).
     overdue_cursor: Mutex<Option<String>>,
+    /// When the gauges are next refreshed ([`Maintainer::refresh_counts`]).
+    counts_due: Mutex<DutyCycle>,
 }
 
 impl Maintainer {
@@ -97,6 +122,7 @@ impl Maintainer {
             agents,
             event_retention: Duration::from_secs(3600),
             overdue_cursor: Mutex::new(None),
+            counts_due: Mutex::new(DutyCycle::default()),
         }
     }
 
@@ -149,8 +175,31 @@ impl Maintainer {
         Ok(reclaimed.len())
     }
 
-    /// One maintenance pass at the clock's current time.
+    /// One maintenance pass at the clock's current time, the gauges refreshed at its end.
     pub async fn pass(&self) -> Result<MaintenanceReport, StoreError> {
+        let report = self.jobs().await?;
+        self.refresh_counts(true).await?;
+        Ok(report)
+    }
+
+    /// Refreshes the session gauges: always when `force`, otherwise only once the last refresh
+    /// is [`COUNTS_DUTY`] times its own duration ago. On PostgreSQL the count reads every
+    /// session (10 ms at 40k rows, growing with the table) and every process refreshes its own
+    /// gauges; so a large table's gauges refresh less often, instead of each process spending
+    /// a growing share of a core (and of the database's) on them every tick.
+    pub async fn refresh_counts(&self, force: bool) -> Result<(), StoreError> {
+        let started = Instant::now();
+        if !force && !lock(&self.counts_due).due(started) {
+            return Ok(());
+        }
+        let counts = self.store.session_counts(self.clock.now()).await?;
+        crate::metrics::set_counts(&counts);
+        lock(&self.counts_due).spent(started, started.elapsed());
+        Ok(())
+    }
+
+    /// The jobs of one pass: reclaims, overdue attempts, cleanup.
+    async fn jobs(&self) -> Result<MaintenanceReport, StoreError> {
         let now = self.clock.now();
         let reclaimed = self
             .reclaim(
@@ -169,8 +218,6 @@ impl Maintainer {
             })
             .await?;
         self.effects.removed(&expired).await;
-        let counts = self.store.session_counts(now).await?;
-        crate::metrics::set_counts(&counts);
         Ok(MaintenanceReport {
             reclaimed,
             overdue,
@@ -296,16 +343,20 @@ impl Maintenance {
                     if let Some(c) = cron.as_mut() {
                         c.clear().await;
                     }
-                    match m.store.session_counts(m.clock.now()).await {
-                        Ok(counts) => crate::metrics::set_counts(&counts),
-                        Err(e) => tracing::debug!(error = %e, "session counts failed"),
+                    if let Err(e) = m.refresh_counts(false).await {
+                        tracing::debug!(error = %e, "session counts failed");
                     }
                     continue;
                 }
                 // A pass runs in its own task: a bug that panics in one pass must not end
                 // maintenance (reclaims, cleanup, cron) for every tenant for good.
                 let pass = m.clone();
-                match tokio::spawn(async move { pass.pass().await }).await {
+                let pass = tokio::spawn(async move {
+                    let report = pass.jobs().await?;
+                    pass.refresh_counts(false).await?;
+                    Ok::<_, StoreError>(report)
+                });
+                match pass.await {
                     Ok(Ok(_)) => crate::store::outage::answered("maintenance"),
                     Ok(Err(e)) if e.is_unavailable() => {
                         crate::store::outage::unavailable("maintenance", &e)
@@ -341,5 +392,26 @@ impl Maintenance {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+#[cfg(test)]
+mod duty_tests {
+    use super::*;
+
+    /// A 10 ms refresh waits 1 s for the next; a 250 ms one (a large table) waits 25 s.
+    #[test]
+    fn a_slow_refresh_waits_in_proportion() {
+        let t0 = Instant::now();
+        let mut d = DutyCycle::default();
+        assert!(d.due(t0), "the first runs at once");
+        d.spent(t0, Duration::from_millis(10));
+        assert!(!d.due(t0 + Duration::from_millis(999)));
+        assert!(d.due(t0 + Duration::from_secs(1)));
+        d.spent(t0, Duration::from_millis(250));
+        assert!(!d.due(t0 + Duration::from_secs(24)));
+        assert!(d.due(t0 + Duration::from_secs(25)));
+        d.spent(t0, Duration::ZERO);
+        assert!(d.due(t0), "a quick one does not hold the next back");
     }
 }
