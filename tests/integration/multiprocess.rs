@@ -3,8 +3,9 @@
 //! and a cron agent fires every second. Checked afterwards, from the database:
 //!
 //! - every session ended COMPLETED, with its records exactly once (store and export table);
-//! - extra attempts are bounded by what the killed processes held (a session claimed by two live
-//!   workers would show up as a duplicate record or export row, or a failed CAS and a retry);
+//! - extra attempts are bounded by what the killed processes held, counted from their leases
+//!   right after each kill (a session claimed by two live workers would show up as a duplicate
+//!   record or export row, or a failed CAS and a retry);
 //! - the cron agent's runs have one session per scheduled second.
 //!
 //! Skips without `HARVEST_TEST_DATABASE_URL`.
@@ -176,14 +177,33 @@ async fn serve_and_workers_share_postgres_through_kills() {
             .copied()
             .unwrap_or(0)
     };
-    // Kill two workers while sessions run, one after the other, and restart each.
+    // Kill two workers while sessions run, one after the other, and restart each. What each
+    // held at its death is counted from its leases: its running sessions and those whose
+    // finish was not committed yet (a slot is handed on while the finish commits, so that can
+    // be more than its slots).
+    let db = admin(&url).await.expect("admin");
+    let mut held = 0;
     for (i, at) in [(0usize, 400u64), (1, 900)] {
         wait_for(&format!("{at} completed sessions"), deadline, async || {
             completed(h.clone()).await >= at
         })
         .await;
         if let Some(w) = workers[i].take() {
+            let pid = w.child.id();
             w.kill9();
+            // Owners are `host:pid:suffix/n`. A finish the dead process sent may still commit
+            // after this count: then it counts a session that is not retried, never the reverse.
+            let row = db
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM {schema}.sessions \
+                         WHERE status = 'RUNNING' AND lease_owner LIKE $1"
+                    ),
+                    &[&format!("%:{pid}:%")],
+                )
+                .await
+                .expect("count the killed worker's sessions");
+            held += row.get::<_, i64>(0) as usize;
         }
         workers[i] = Some(Server::start_worker(&data, WORKERS_PER_PROCESS, &env));
     }
@@ -250,14 +270,17 @@ async fn serve_and_workers_share_postgres_through_kills() {
         "sessions not COMPLETED with {PER_SESSION} records: {not_done:?}"
     );
     // Only sessions held by the two killed processes needed a second attempt.
-    let retried = sessions.iter().filter(|s| s.attempt > 1).count();
+    let retried: Vec<_> = sessions.iter().filter(|s| s.attempt > 1).collect();
     assert!(
-        retried <= 2 * WORKERS_PER_PROCESS,
-        "{retried} sessions took more than one attempt; the killed workers held at most {}",
-        2 * WORKERS_PER_PROCESS
+        retried.len() <= held,
+        "{} sessions took more than one attempt; the killed workers held {held}: {:?}",
+        retried.len(),
+        retried
+            .iter()
+            .map(|s| (s.id.to_string(), &s.attempts))
+            .collect::<Vec<_>>()
     );
 
-    let db = admin(&url).await.expect("admin");
     let count = |sql: String| {
         let db = &db;
         async move { db.query_one(&sql, &[]).await.expect(&sql).get::<_, i64>(0) }
@@ -309,9 +332,10 @@ async fn serve_and_workers_share_postgres_through_kills() {
     );
 
     eprintln!(
-        "multiprocess: {} sessions ({} cron runs), {retried} retried, in {:.1} s",
+        "multiprocess: {} sessions ({} cron runs), {} retried, {held} held by the killed, in {:.1} s",
         sessions.len(),
         cron_runs.len(),
+        retried.len(),
         started.elapsed().as_secs_f64()
     );
     let _ = serve.terminate(Duration::from_secs(10));
