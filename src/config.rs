@@ -390,7 +390,11 @@ impl Config {
         if self.sessions.max_attempts > crate::session::SessionOptions::MAX_ATTEMPTS {
             return invalid(
                 "sessions.max_attempts",
-                "must be at most 10000, as a session's own max_attempts",
+                &format!(
+                    "must be at most {}, as a session's own max_attempts, not {}",
+                    crate::session::SessionOptions::MAX_ATTEMPTS,
+                    self.sessions.max_attempts
+                ),
             );
         }
         if self.sessions.default_timeout_secs > crate::session::SessionOptions::MAX_TIMEOUT_SECS {

@@ -124,6 +124,7 @@ pub struct OptionsView {
     /// Keep usage counters.
     pub token_tracking: bool,
     /// Attempts before a failing session ends FAILED.
+    #[schema(minimum = 1, maximum = 10000)]
     pub max_attempts: Option<u32>,
     /// Higher runs first.
     pub priority: i32,

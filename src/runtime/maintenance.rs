@@ -42,8 +42,13 @@ pub fn leader_ttl(interval: Duration) -> Duration {
 const PER_TICK: usize = 1000;
 
 /// The gauges' refresh takes at most 1/`COUNTS_DUTY` of the time: the next one waits this many
-/// times as long as the last took (with a 1 s tick: every tick up to 10 ms per refresh).
+/// times as long as the last took (with a 1 s tick: every tick up to 10 ms per refresh), but
+/// never more than [`COUNTS_MAX_WAIT`].
 const COUNTS_DUTY: u32 = 100;
+
+/// The longest the gauges go without a refresh: one slow count (a cold cache, a wait for a
+/// pooled connection) must not leave them stale for an hour.
+const COUNTS_MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// When a job that may take at most 1/[`COUNTS_DUTY`] of the time may run next.
 #[derive(Debug, Default)]
@@ -59,7 +64,7 @@ impl DutyCycle {
 
     /// A run that started at `started` took `took`.
     fn spent(&mut self, started: Instant, took: Duration) {
-        self.next = Some(started + took.saturating_mul(COUNTS_DUTY));
+        self.next = Some(started + took.saturating_mul(COUNTS_DUTY).min(COUNTS_MAX_WAIT));
     }
 }
 
@@ -399,7 +404,8 @@ impl Maintenance {
 mod duty_tests {
     use super::*;
 
-    /// A 10 ms refresh waits 1 s for the next; a 250 ms one (a large table) waits 25 s.
+    /// A 10 ms refresh waits 1 s for the next; a 250 ms one (a large table) waits 25 s; none
+    /// waits more than a minute.
     #[test]
     fn a_slow_refresh_waits_in_proportion() {
         let t0 = Instant::now();
@@ -411,6 +417,12 @@ mod duty_tests {
         d.spent(t0, Duration::from_millis(250));
         assert!(!d.due(t0 + Duration::from_secs(24)));
         assert!(d.due(t0 + Duration::from_secs(25)));
+        d.spent(t0, Duration::from_secs(29));
+        assert!(!d.due(t0 + Duration::from_secs(59)));
+        assert!(
+            d.due(t0 + COUNTS_MAX_WAIT),
+            "one very slow count waits a minute at most"
+        );
         d.spent(t0, Duration::ZERO);
         assert!(d.due(t0), "a quick one does not hold the next back");
     }

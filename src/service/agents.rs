@@ -172,11 +172,17 @@ impl Harvest {
         let mut params = agent.params.clone();
         params.extend(run.params);
         let single = agent.sessions == AgentSessions::Single;
+        // An agent saved before `max_attempts` was bounded keeps running, at the bound; a run's
+        // own value over it is still refused.
+        let mut saved = agent.options.clone();
+        saved.max_attempts = saved
+            .max_attempts
+            .map(|n| n.min(SessionOptions::MAX_ATTEMPTS));
         let req = SubmitRequest {
             config: agent.config.clone(),
             params,
             client: ClientContext::of(client_id),
-            options: run.options.apply_to(&agent.options),
+            options: run.options.apply_to(&saved),
             session_id: run.session_id,
             agent: Some(agent.name.clone()),
             single_agent: single,

@@ -6,6 +6,16 @@ use super::*;
 use crate::runtime::batch::{BatchWrite, Batcher, unanswered, write_batch};
 use crate::store::StoreResult;
 
+/// The checks of a submission that need neither its config nor the store: its options' bounds
+/// and its agent's name.
+fn check_request(req: &SubmitRequest) -> Result<(), HarvestError> {
+    req.options.check().map_err(HarvestError::Invalid)?;
+    if let Some(agent) = &req.agent {
+        super::agents::validate_name(agent)?;
+    }
+    Ok(())
+}
+
 impl Harvest {
     /// Makes the PENDING session of a submission whose config [`Harvest::check_config`]
     /// accepted (not stored yet); with the agent name when it runs for a single-session agent.
@@ -13,11 +23,8 @@ impl Harvest {
         &self,
         req: SubmitRequest,
     ) -> Result<(Session, Option<String>), HarvestError> {
+        check_request(&req)?;
         let mut options = req.options;
-        options.check().map_err(HarvestError::Invalid)?;
-        if let Some(agent) = &req.agent {
-            super::agents::validate_name(agent)?;
-        }
         options
             .max_attempts
             .get_or_insert(self.inner.config.sessions.max_attempts);
@@ -57,6 +64,9 @@ impl Harvest {
 
     /// Validates and durably stores a new session; returns as soon as it is durable.
     pub async fn submit(&self, mut req: SubmitRequest) -> Result<SessionHandle, HarvestError> {
+        // Before the config check, which may wait for a permit: a bad option is a 400 that says
+        // what to fix, never a 503 "busy".
+        check_request(&req)?;
         let (config, params) = self
             .check_config(
                 std::mem::take(&mut req.config),

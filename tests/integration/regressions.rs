@@ -151,8 +151,10 @@ async fn a_closed_and_resubmitted_session_is_not_written_by_its_old_attempt() {
 
 /// A `max_duration_secs` near u64::MAX overflowed the worker's and the scheduler's deadline
 /// arithmetic (panics that stopped maintenance for everyone); it is refused at submission.
+/// Likewise a `max_attempts` of u32::MAX and, from the library API, an agent name with a NUL
+/// byte: sled stored both, and PostgreSQL refused them with a server error. Nothing is stored.
 #[tokio::test]
-async fn an_absurd_max_duration_is_refused_at_submission() {
+async fn absurd_options_and_a_bad_agent_name_are_refused_at_submission() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = Config {
         data_dir: dir.path().to_path_buf(),
@@ -164,57 +166,43 @@ async fn an_absurd_max_duration_is_refused_at_submission() {
         .open()
         .await
         .expect("open");
-    for opts in [
-        SessionOptions {
-            max_duration_secs: Some(u64::MAX),
-            ..Default::default()
-        },
-        SessionOptions {
-            session_timeout_secs: Some(u64::MAX),
-            ..Default::default()
-        },
+    for (opts, what) in [
+        (
+            SessionOptions {
+                max_duration_secs: Some(u64::MAX),
+                ..Default::default()
+            },
+            "max_duration_secs",
+        ),
+        (
+            SessionOptions {
+                session_timeout_secs: Some(u64::MAX),
+                ..Default::default()
+            },
+            "session_timeout_secs",
+        ),
+        (
+            SessionOptions {
+                max_attempts: Some(u32::MAX),
+                ..Default::default()
+            },
+            "max_attempts",
+        ),
     ] {
         let err = h
             .submit(SubmitRequest::new(json!({"name": "t"})).options(opts))
             .await
             .unwrap_err();
-        assert!(matches!(err, HarvestError::Invalid(_)), "{err}");
+        assert!(
+            matches!(&err, HarvestError::Invalid(m) if m.contains(what)),
+            "{err}"
+        );
     }
-}
-
-/// The library API took any agent name and any `max_attempts`: sled stored a NUL byte and
-/// `u32::MAX`, which PostgreSQL refuses with a server error. Both are refused at submission,
-/// with what to fix, on every store.
-#[tokio::test]
-async fn a_bad_agent_name_or_max_attempts_is_refused_at_submission() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = Config {
-        data_dir: dir.path().to_path_buf(),
-        ..Config::default()
-    };
-    cfg.workers.concurrency = 0;
-    let h = Harvest::builder(cfg)
-        .job(Arc::new(harvest::job::NoopJob))
-        .open()
-        .await
-        .expect("open");
     let mut req = SubmitRequest::new(json!({"name": "t"}));
     req.agent = Some("bad\0agent".into());
     let err = h.submit(req).await.unwrap_err();
     assert!(
         matches!(&err, HarvestError::Invalid(m) if m.contains("agent name")),
-        "{err}"
-    );
-    let opts = SessionOptions {
-        max_attempts: Some(u32::MAX),
-        ..Default::default()
-    };
-    let err = h
-        .submit(SubmitRequest::new(json!({"name": "t"})).options(opts))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, HarvestError::Invalid(m) if m.contains("max_attempts")),
         "{err}"
     );
     let stored = h
@@ -225,6 +213,62 @@ async fn a_bad_agent_name_or_max_attempts_is_refused_at_submission() {
         .await
         .expect("list");
     assert!(stored.sessions.is_empty(), "nothing stored");
+}
+
+/// An agent saved before `max_attempts` was bounded (written to the store directly here, as an
+/// older harvest did) keeps running, at the bound, instead of having every run and cron tick
+/// refused; a run's own `max_attempts` over the bound is still refused.
+#[tokio::test]
+async fn an_agent_saved_with_max_attempts_over_the_bound_still_runs() {
+    use harvest::service::AgentRun;
+    use harvest::session::OptionsPatch;
+    use harvest::store::{Agent, AgentSessions};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    cfg.workers.concurrency = 0;
+    let h = Harvest::builder(cfg)
+        .job(Arc::new(harvest::job::NoopJob))
+        .open()
+        .await
+        .expect("open");
+    h.store()
+        .agent_put(Agent {
+            name: "old".into(),
+            client_id: "c1".into(),
+            config: json!({"name": "t"}),
+            params: BTreeMap::new(),
+            options: SessionOptions {
+                max_attempts: Some(50_000),
+                ..Default::default()
+            },
+            schedule: None,
+            sessions: AgentSessions::Multiple,
+            updated_at: h.clock().now(),
+        })
+        .await
+        .expect("stored as an older harvest would");
+    let run = h
+        .agent_run("c1", "old", AgentRun::default())
+        .await
+        .expect("the saved agent still runs");
+    let s = run.session().await.expect("session");
+    assert_eq!(s.options.max_attempts, Some(SessionOptions::MAX_ATTEMPTS));
+    let own = AgentRun {
+        options: OptionsPatch {
+            max_attempts: Some(Some(SessionOptions::MAX_ATTEMPTS + 1)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = h.agent_run("c1", "old", own).await.unwrap_err();
+    assert!(
+        matches!(&err, HarvestError::Invalid(m) if m.contains("max_attempts")),
+        "{err}"
+    );
 }
 
 /// sled's single-agent index ignored the client: one tenant's active run blocked another

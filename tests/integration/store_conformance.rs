@@ -650,7 +650,8 @@ pub async fn same_id_in_two_tenants(store: Arc<dyn Store>) {
 }
 
 /// `max_running`: a claim skips a client at its limit and takes the next eligible session (of
-/// another client) instead of stalling; `max_pending`: an insert beyond it is refused.
+/// another client) instead of stalling; `max_pending`: an insert beyond it is refused, and one
+/// of a taken id is a duplicate all the same.
 pub async fn quotas_limit_claims_and_inserts(store: Arc<dyn Store>) {
     let mut q = harvest::store::Quotas::default();
     q.max_running.insert("busy".into(), 2);
@@ -680,6 +681,14 @@ pub async fn quotas_limit_claims_and_inserts(store: Arc<dyn Store>) {
             limit: 4
         }
     );
+    // A taken id is a duplicate even at the limit (a client's retry of a stored submission).
+    let again = store
+        .session_insert(SessionInsert {
+            session: of("b0", "busy", 10),
+            single_agent: None,
+        })
+        .await;
+    assert!(matches!(again, Err(StoreError::Duplicate(_))), "{again:?}");
     for i in 0..2 {
         insert(&store, of(&format!("o{i}"), "other", 0)).await;
     }

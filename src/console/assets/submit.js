@@ -19,7 +19,7 @@ export function render(main, _params, _query, ctx) {
     client_id: ctx.needsToken ? null : h('input', { id: 'o-client', name: 'client_id', type: 'text', autocomplete: 'off' }),
     metadata: h('textarea', { id: 'o-metadata', name: 'metadata', rows: '2', spellcheck: 'false', class: 'code', placeholder: '{"team": "shop"}' }),
     priority: h('input', { id: 'o-priority', name: 'priority', type: 'number', step: '1', inputmode: 'numeric' }),
-    max_attempts: h('input', { id: 'o-attempts', name: 'max_attempts', type: 'number', min: '1', step: '1', inputmode: 'numeric' }),
+    max_attempts: h('input', { id: 'o-attempts', name: 'max_attempts', type: 'number', min: '1', max: '10000', step: '1', inputmode: 'numeric' }),
     max_duration_secs: h('input', { id: 'o-max-duration', name: 'max_duration_secs', type: 'number', min: '1', step: '1', inputmode: 'numeric' }),
     session_timeout_secs: h('input', { id: 'o-timeout', name: 'session_timeout_secs', type: 'number', min: '0', step: '1', inputmode: 'numeric' }),
     run_at: h('input', { id: 'o-run-at', name: 'run_at', type: 'datetime-local', step: '1' }),

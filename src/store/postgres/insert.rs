@@ -282,6 +282,11 @@ impl PostgresStore {
                 if let Some(limit) = max_pending {
                     let pending = pending_locked(&tx, session.client.client_id()).await?;
                     if pending >= limit {
+                        // A taken id is a duplicate whatever the quota, as on sled and in a
+                        // batch: a client's retry of a stored submission is told so.
+                        if !taken_keys(&tx, &[&session]).await?.is_empty() {
+                            return Err(StoreError::Duplicate(session.id));
+                        }
                         return Ok(InsertOutcome::PendingQuota {
                             client: session.client.client_id().to_string(),
                             limit,
@@ -486,13 +491,16 @@ async fn taken_keys(
         .map(|s| s.tenant.as_deref().unwrap_or(""))
         .collect();
     let ids: Vec<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
-    let rows = tx
-        .query(
+    let stmt = tx
+        .prepare_cached(
             "SELECT s.tenant, s.id FROM sessions s \
              JOIN unnest($1::text[], $2::text[]) AS k(tenant, id) \
              ON s.tenant = k.tenant AND s.id = k.id",
-            &[&tenants, &ids],
         )
+        .await
+        .map_err(db_err("preparing the check of which sessions exist"))?;
+    let rows = tx
+        .query(&stmt, &[&tenants, &ids])
         .await
         .map_err(db_err("checking which of the sessions exist"))?;
     rows.iter()
