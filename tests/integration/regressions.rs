@@ -149,6 +149,20 @@ async fn a_closed_and_resubmitted_session_is_not_written_by_its_old_attempt() {
     h.shutdown(Duration::from_secs(1)).await.expect("shutdown");
 }
 
+/// A service on sled in `dir` that runs no session (no worker slots).
+async fn without_workers(dir: &std::path::Path) -> Harvest {
+    let mut cfg = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
+    cfg.workers.concurrency = 0;
+    Harvest::builder(cfg)
+        .job(Arc::new(harvest::job::NoopJob))
+        .open()
+        .await
+        .expect("open")
+}
+
 /// A `max_duration_secs` near u64::MAX overflowed the worker's and the scheduler's deadline
 /// arithmetic (panics that stopped maintenance for everyone); it is refused at submission.
 /// Likewise a `max_attempts` of u32::MAX and, from the library API, an agent name with a NUL
@@ -156,16 +170,7 @@ async fn a_closed_and_resubmitted_session_is_not_written_by_its_old_attempt() {
 #[tokio::test]
 async fn absurd_options_and_a_bad_agent_name_are_refused_at_submission() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = Config {
-        data_dir: dir.path().to_path_buf(),
-        ..Config::default()
-    };
-    cfg.workers.concurrency = 0;
-    let h = Harvest::builder(cfg)
-        .job(Arc::new(harvest::job::NoopJob))
-        .open()
-        .await
-        .expect("open");
+    let h = without_workers(dir.path()).await;
     for (opts, what) in [
         (
             SessionOptions {
@@ -225,16 +230,7 @@ async fn an_agent_saved_with_max_attempts_over_the_bound_still_runs() {
     use harvest::store::{Agent, AgentSessions};
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = Config {
-        data_dir: dir.path().to_path_buf(),
-        ..Config::default()
-    };
-    cfg.workers.concurrency = 0;
-    let h = Harvest::builder(cfg)
-        .job(Arc::new(harvest::job::NoopJob))
-        .open()
-        .await
-        .expect("open");
+    let h = without_workers(dir.path()).await;
     h.store()
         .agent_put(Agent {
             name: "old".into(),
