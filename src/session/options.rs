@@ -41,7 +41,10 @@ impl SessionOptions {
     /// store keeps it exactly (PostgreSQL's column is a 32-bit integer).
     pub const MAX_ATTEMPTS: u32 = 10_000;
 
-    /// Checks the options a caller gave: `Err` names the option and what to change.
+    /// Checks the options a caller gave: `Err` names the option and what to change. The upper
+    /// bounds keep every deadline computed from them well inside the range of the clocks (an
+    /// unchecked u64::MAX once overflowed the worker's and the scheduler's arithmetic) and every
+    /// value within what each store keeps.
     pub fn check(&self) -> Result<(), String> {
         match self.max_attempts {
             Some(0) => return Err("options.max_attempts must be at least 1".into()),
