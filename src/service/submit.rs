@@ -17,13 +17,13 @@ fn check_request(req: &SubmitRequest) -> Result<(), HarvestError> {
 }
 
 impl Harvest {
-    /// Makes the PENDING session of a submission whose config [`Harvest::check_config`]
-    /// accepted (not stored yet); with the agent name when it runs for a single-session agent.
+    /// Makes the PENDING session of a submission that [`check_request`] and
+    /// [`Harvest::check_config`] accepted (not stored yet); with the agent name when it runs for
+    /// a single-session agent.
     async fn new_session(
         &self,
         req: SubmitRequest,
     ) -> Result<(Session, Option<String>), HarvestError> {
-        check_request(&req)?;
         let mut options = req.options;
         options
             .max_attempts
@@ -162,6 +162,10 @@ impl Harvest {
                     "a single-session agent's run cannot be part of a batch; submit it alone"
                         .into(),
                 ))));
+                continue;
+            }
+            if let Err(e) = check_request(&req) {
+                results.push(Some(Err(e)));
                 continue;
             }
             match self.new_session(req).await {

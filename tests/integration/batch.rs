@@ -69,6 +69,28 @@ async fn a_batch_answers_each_item_in_order() {
     let twice = s.get("/v1/sessions/twice").await;
     assert_eq!(twice.json["job"]["config"]["name"], "c", "{}", twice.text);
 
+    // An item's options are checked like a single submission's: that item alone is refused.
+    let r = s
+        .post(
+            "/v1/sessions/batch",
+            &json!({"items": [
+                {"config": {"name": "g"}, "options": {"max_attempts": 10001}},
+                {"config": {"name": "h"}, "options": later},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text);
+    let results = r.json["items"].as_array().expect("items");
+    assert_eq!(results[0]["status"], 400, "{}", r.text);
+    assert!(
+        results[0]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_attempts must be at most 10000")),
+        "{}",
+        r.text
+    );
+    assert_eq!(results[1]["status"], 201, "{}", r.text);
+
     // Bounds: an empty batch and one over 1000 items are refused whole.
     s.post("/v1/sessions/batch", &json!({"items": []}))
         .await

@@ -426,9 +426,10 @@ impl PostgresStore {
                 continue;
             }
             let key = s.key();
-            if taken.contains(&(key.tenant().to_string(), s.id.as_str().to_string()))
-                || !seen.insert(key)
-            {
+            // `taken` is empty but for limited clients' batches: no key is built for it else.
+            let stored = !taken.is_empty()
+                && taken.contains(&(key.tenant().to_string(), s.id.as_str().to_string()));
+            if stored || !seen.insert(key) {
                 decided.push(Some(Err(StoreError::Duplicate(s.id))));
                 continue;
             }
