@@ -5,8 +5,11 @@
 //!
 //! It starts after the newest event at start (subscribers see events from then on; older ones
 //! are read from the store by `Last-Event-ID` resume). While the process has no subscriber it
-//! only follows the log's end (one `max(id)` per wake-up) instead of reading every event: a
-//! worker process never has one, and reading rebuilt three sessions per session run. It wakes on the store's signal and
+//! only follows the log's end, at most every [`END_EVERY`], instead of reading every event: a
+//! worker process never has one, and reading rebuilt three sessions per session run. (Reading
+//! the end at every wake-up was a third of the statements a PostgreSQL process sent while it
+//! took submissions.) A subscriber that comes may therefore also get up to [`END_EVERY`] of the
+//! events from before it came, never miss one after. It wakes on the store's signal and
 //! polls at least every [`POLL`] (a notification lost in an outage costs at most that). After
 //! a failed read it continues from the last id it delivered, so nothing is missed across an
 //! outage. A gap in the ids (an event whose transaction has not committed yet) is waited for
@@ -28,6 +31,9 @@ pub const POLL: Duration = Duration::from_secs(1);
 /// How long a gap in the ids is waited for before it is skipped.
 pub const GAP_GRACE: Duration = Duration::from_secs(3);
 
+/// How often a process with no subscriber reads the log's end, at most.
+pub const END_EVERY: Duration = Duration::from_millis(200);
+
 /// Pause after a failed read.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -48,16 +54,31 @@ pub async fn feed(store: Arc<dyn Store>, bus: EventBus, stop: CancellationToken)
     };
     // The first missing id and since when it is missed.
     let mut gap: Option<(u64, Instant)> = None;
+    // When the log's end was last read with no subscriber.
+    let mut end_read: Option<Instant> = None;
     while !stop.is_cancelled() {
         if !bus.has_subscribers() {
             // Nobody in this process listens (a worker process, a server with no stream
-            // open): keep up with the log's end instead of reading and rebuilding every event.
-            // The end is read before the check, so an event committed after a subscriber came
-            // is past it and delivered by the next read.
+            // open): keep up with the log's end instead of reading and rebuilding every event,
+            // and not at every commit's wake-up: a subscriber that comes starts at most
+            // END_EVERY behind. The end is read before the check, so an event committed after
+            // a subscriber came is past it and delivered by the next read.
+            if let Some(left) = end_read.and_then(|at| END_EVERY.checked_sub(at.elapsed()))
+                && !left.is_zero()
+            {
+                // A commit's wake-up still ends the wait: a subscriber that came meanwhile
+                // gets its events at once.
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = store.events_wait(left) => {}
+                }
+                continue;
+            }
             match store.events_last_id().await {
                 Ok(id) if !bus.has_subscribers() => {
                     last = last.max(id);
                     gap = None;
+                    end_read = Some(Instant::now());
                     tokio::select! {
                         () = stop.cancelled() => return,
                         () = store.events_wait(POLL) => {}

@@ -1121,3 +1121,123 @@ async fn a_batch_insert_records_one_created_event_per_inserted_session() {
     assert_eq!(recorded, inserted);
     assert!(events.windows(2).all(|w| w[0].id < w[1].id));
 }
+
+/// A submission through one store wakes both waiters of another: its claimers (`harvest_pending`)
+/// and its event feed (`harvest_events`). The store owes both NOTIFYs after an insert and sends
+/// them in one statement; each channel must still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_insert_wakes_both_the_claimers_and_the_event_feed_of_another_store() {
+    let Some(url) = database_url() else { return };
+    let (waiter_store, guard) = fresh(&url).await;
+    let waiter_store = Arc::new(waiter_store);
+    let submitter: Arc<dyn Store> = Arc::new(
+        PostgresStore::connect_with_schema(&url, &guard.schema)
+            .await
+            .expect("connect"),
+    );
+    assert!(
+        waiter_store.listener_ready(Duration::from_secs(10)).await,
+        "listener never connected"
+    );
+    // The listener leaves one permit of each when it connects; use them up so the waits below
+    // are real.
+    waiter_store.pending_wait(Duration::ZERO).await;
+    waiter_store.events_wait(Duration::ZERO).await;
+    let pending = {
+        let store = waiter_store.clone();
+        tokio::spawn(async move { store.pending_wait(Duration::from_secs(60)).await })
+    };
+    let events = {
+        let store = waiter_store.clone();
+        tokio::spawn(async move { store.events_wait(Duration::from_secs(60)).await })
+    };
+    let start = Instant::now();
+    insert(&submitter, session("a")).await;
+    for (what, waiter) in [("pending", pending), ("events", events)] {
+        tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .unwrap_or_else(|_| panic!("the {what} waiter did not wake within 30 s"))
+            .expect("waiter task");
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "woke after {:?}",
+        start.elapsed()
+    );
+}
+
+/// A batch of finishes is one transaction sent in one round trip (`BEGIN`, the statement and
+/// `COMMIT` together). When its statement fails, nothing of it is written, and the connection
+/// goes back to the pool outside any transaction: every later call works (one left in the
+/// failed transaction would refuse every statement until its end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_finish_writes_nothing_and_leaves_its_connection_usable() {
+    let Some(url) = database_url() else { return };
+    let (store, guard) = fresh(&url).await;
+    let store: Arc<dyn Store> = Arc::new(store);
+    // Only this test's schema refuses one session's end.
+    admin(&url)
+        .await
+        .expect("connect")
+        .batch_execute(&format!(
+            "ALTER TABLE {}.sessions ADD CONSTRAINT poisoned \
+             CHECK (id <> 'poison' OR status <> 'COMPLETED')",
+            guard.schema
+        ))
+        .await
+        .expect("add the constraint");
+    const N: usize = 40;
+    for i in 0..N {
+        insert(&store, session(&format!("s{i:02}"))).await;
+    }
+    insert(&store, session("poison")).await;
+    let claimed = crate::store_conformance::claim(&store, "w", N + 1, at(1)).await;
+    assert_eq!(claimed.len(), N + 1);
+    let finish = |s: &harvest::session::Session| harvest::store::SessionFinish {
+        attempt: harvest::store::AttemptRef {
+            id: s.key(),
+            attempt: s.attempt,
+            owner: "w".into(),
+        },
+        status: SessionStatus::Completed,
+        error: None,
+        batch: Default::default(),
+        cleanup_after: Duration::from_secs(60),
+        now: at(2),
+    };
+    let all: Vec<_> = claimed.iter().map(finish).collect();
+    let e = store
+        .session_finish_many(&all)
+        .await
+        .expect_err("the poisoned session fails the batch's statement");
+    assert!(e.to_string().contains("poisoned"), "{e}");
+    // Then one call at a time, more calls than the pool has connections: each would fail on a
+    // connection left inside the failed transaction.
+    for (i, s) in claimed.iter().enumerate() {
+        let got = store
+            .session_get(&s.key())
+            .await
+            .unwrap_or_else(|e| panic!("read {i} after the failed finish: {e}"));
+        assert_eq!(
+            got.map(|s| s.status),
+            Some(SessionStatus::Running),
+            "{}: nothing of the failed batch is written",
+            s.id
+        );
+        if s.id.as_str() != "poison" {
+            let done = store
+                .session_finish_many(std::slice::from_ref(&finish(s)))
+                .await
+                .unwrap_or_else(|e| panic!("finish {i} after the failed one: {e}"));
+            assert_eq!(
+                done[0]
+                    .as_ref()
+                    .ok()
+                    .and_then(|s| s.as_ref())
+                    .map(|s| s.status),
+                Some(SessionStatus::Completed)
+            );
+        }
+    }
+    store.close().await.expect("close");
+}

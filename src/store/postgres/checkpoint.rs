@@ -10,7 +10,7 @@ use super::rows::{
     SESSION_COLUMNS, error_columns, row_get, session_from_row, to_i32, to_i64, usage_columns,
 };
 use super::sessions::if_running;
-use super::{LOOKUP_PLANS, PostgresStore, db_err, query_planned};
+use super::{LOOKUP_PLANS, PostgresStore, db_err, query_planned, transaction_planned};
 use crate::session::{AttemptOutcome, Session, Timestamp};
 
 /// A century in milliseconds: the cap of a cleanup delay, far inside bigint.
@@ -237,7 +237,34 @@ impl PostgresStore {
                 Err(e) => out[i] = Some(Err(e)),
             }
         }
-        if rounds.iter().any(|(_, sent)| !sent.is_empty()) {
+        let rounds: Vec<_> = rounds
+            .into_iter()
+            .filter(|(_, sent)| !sent.is_empty())
+            .collect();
+        if let [(columns, sent)] = rounds.as_slice()
+            && sent.iter().all(|&i| items[i].batch.is_empty())
+        {
+            // The common case of a batch of finishes: one statement, nothing else to write, so
+            // the transaction is one round trip.
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(finish_sql())
+                .await
+                .map_err(db_err("preparing a finish"))?;
+            let params = columns.params();
+            let rows = transaction_planned(
+                &client,
+                LOOKUP_PLANS,
+                &stmt,
+                &params,
+                "finishing a batch of sessions",
+            )
+            .await?;
+            for row in &rows {
+                let (i, session) = finished_row(row, sent)?;
+                out[i] = Some(Ok(Some(session)));
+            }
+        } else if !rounds.is_empty() {
             let mut client = self.client().await?;
             let tx = client
                 .transaction()
@@ -248,11 +275,7 @@ impl PostgresStore {
                 .await
                 .map_err(db_err("preparing a finish"))?;
             let mut batches = Vec::new();
-            for (round, (columns, sent)) in rounds
-                .iter()
-                .filter(|(_, sent)| !sent.is_empty())
-                .enumerate()
-            {
+            for (round, (columns, sent)) in rounds.iter().enumerate() {
                 let params = columns.params();
                 const WHAT: &str = "finishing a batch of sessions";
                 let rows = if round == 0 {

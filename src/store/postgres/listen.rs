@@ -10,10 +10,12 @@
 //! worse than the caller's timeout).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::{Notify, broadcast, watch};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
@@ -140,8 +142,33 @@ async fn listen_once(
     result
 }
 
-/// Sends `NOTIFY harvest_pending` after commits that made a session claimable, coalescing
-/// bursts: every signal that arrives while one NOTIFY is in flight is answered by one more.
+/// What the announcer owes the other processes: a NOTIFY on [`PENDING_CHANNEL`] (a session
+/// became claimable), on [`EVENTS_CHANNEL`] (a transition recorded events), or both.
+#[derive(Debug, Default)]
+pub(crate) struct Announcements {
+    pending: AtomicBool,
+    events: AtomicBool,
+    signal: Notify,
+}
+
+impl Announcements {
+    /// Asks for a NOTIFY on [`PENDING_CHANNEL`].
+    pub(crate) fn pending(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.signal.notify_one();
+    }
+
+    /// Asks for a NOTIFY on [`EVENTS_CHANNEL`].
+    pub(crate) fn events(&self) {
+        self.events.store(true, Ordering::Release);
+        self.signal.notify_one();
+    }
+}
+
+/// Sends the NOTIFYs of `owed` after the commits that asked for them, coalescing bursts: every
+/// request that arrives while one statement is in flight is answered by one more, and when both
+/// channels are owed one statement notifies both (a process that takes submissions owes both
+/// after each; two statements were a third of everything it sent).
 ///
 /// Not sent inside the writing transaction: a transaction that notifies takes a database-wide
 /// lock at commit that serializes all such commits and defeats group commit (pgbench, 8
@@ -150,23 +177,40 @@ async fn listen_once(
 /// NOTIFY costs other processes at most their poll interval.
 pub(crate) async fn announce(
     pool: deadpool_postgres::Pool,
-    channel: &'static str,
     schema: String,
-    signal: Arc<Notify>,
+    owed: Arc<Announcements>,
     stop: CancellationToken,
 ) {
-    // Bounded by `stop`; a signal already given when the store stops is still sent (biased
+    // Bounded by `stop`; a request already made when the store stops is still sent (biased
     // select), so a process that submits and exits at once does not lose its NOTIFY.
     loop {
         tokio::select! {
             biased;
-            () = signal.notified() => {}
+            () = owed.signal.notified() => {}
             () = stop.cancelled() => return,
         }
+        let pending = owed.pending.swap(false, Ordering::AcqRel);
+        let events = owed.events.swap(false, Ordering::AcqRel);
+        let channels: Vec<&str> = [(pending, PENDING_CHANNEL), (events, EVENTS_CHANNEL)]
+            .into_iter()
+            .filter_map(|(owed, channel)| owed.then_some(channel))
+            .collect();
+        let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = match channels.as_slice() {
+            [] => continue,
+            [one] => ("SELECT pg_notify($1, $2)", vec![one, &schema]),
+            [one, two, ..] => (
+                "SELECT pg_notify($1, $3), pg_notify($2, $3)",
+                vec![one, two, &schema],
+            ),
+        };
         let sent = async {
             let client = pool.get().await.map_err(|e| e.to_string())?;
+            let stmt = client
+                .prepare_cached(sql)
+                .await
+                .map_err(|e| e.to_string())?;
             client
-                .execute("SELECT pg_notify($1, $2)", &[&channel, &schema])
+                .execute(&stmt, &params)
                 .await
                 .map_err(|e| e.to_string())
         }

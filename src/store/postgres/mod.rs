@@ -95,11 +95,10 @@ pub struct PostgresStore {
     pool: Pool,
     schema: String,
     notify: Arc<Notify>,
-    announce: Arc<Notify>,
+    /// The NOTIFYs the announcer owes other processes (`harvest_pending`, `harvest_events`).
+    announce: Arc<listen::Announcements>,
     /// Woken when an event may have been recorded (here, or NOTIFY harvest_events).
     events_notify: Arc<Notify>,
-    /// Has the announcer send `NOTIFY harvest_events`.
-    events_announce: Arc<Notify>,
     listener_ready: watch::Receiver<bool>,
     stop: CancellationToken,
     /// The listener and the announcer; awaited by `close`.
@@ -200,20 +199,11 @@ impl PostgresStore {
             ready_tx,
             stop.clone(),
         ));
-        let announce = Arc::new(Notify::new());
+        let announce = Arc::new(listen::Announcements::default());
         let announcer = tokio::spawn(listen::announce(
             pool.clone(),
-            listen::PENDING_CHANNEL,
             schema.to_string(),
             Arc::clone(&announce),
-            stop.clone(),
-        ));
-        let events_announce = Arc::new(Notify::new());
-        let events_announcer = tokio::spawn(listen::announce(
-            pool.clone(),
-            listen::EVENTS_CHANNEL,
-            schema.to_string(),
-            Arc::clone(&events_announce),
             stop.clone(),
         ));
         Ok(PostgresStore {
@@ -222,10 +212,9 @@ impl PostgresStore {
             notify,
             announce,
             events_notify,
-            events_announce,
             listener_ready: ready_rx,
             stop,
-            tasks: Mutex::new(vec![listener, announcer, events_announcer]),
+            tasks: Mutex::new(vec![listener, announcer]),
             cancels,
             quotas: std::sync::RwLock::new(Arc::default()),
         })
@@ -260,7 +249,7 @@ impl PostgresStore {
     /// NOTIFY other processes.
     fn wake_local(&self) {
         listen::wake(&self.notify);
-        self.announce.notify_one();
+        self.announce.pending();
     }
 
     /// A transition may have recorded events (the trigger wrote them in its transaction):
@@ -275,7 +264,7 @@ impl PostgresStore {
     ) -> StoreResult<T> {
         if r.as_ref().map_or(true, wrote) {
             listen::wake(&self.events_notify);
-            self.events_announce.notify_one();
+            self.announce.events();
         }
         r
     }
@@ -527,18 +516,39 @@ async fn index_planned(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     what: &str,
 ) -> StoreResult<Vec<tokio_postgres::Row>> {
-    let tx = client
-        .transaction()
-        .await
-        .map_err(db_err(&format!("starting a transaction for {what}")))?;
-    let stmt = tx
+    let stmt = client
         .prepare_cached(stmt)
         .await
         .map_err(db_err(&format!("preparing {what}")))?;
-    let rows = query_planned(&tx, INDEX_PLANS, &stmt, params, what).await?;
-    tx.commit()
-        .await
-        .map_err(db_err(&format!("committing {what}")))?;
+    transaction_planned(client, INDEX_PLANS, &stmt, params, what).await
+}
+
+/// Runs `stmt` with `plans` (`SET LOCAL` commands) in a transaction of its own and commits; its
+/// rows. `BEGIN` with the settings, the statement and `COMMIT` are sent together: one round
+/// trip where a [`Transaction`](tokio_postgres::Transaction) takes three (each round trip is
+/// a wake-up of both processes; claims, finishes and event reads are most of what a busy
+/// process sends). All three are queued on the connection in the first poll, before anything
+/// is awaited, so once this future has been polled the server runs the whole transaction even
+/// if the future is dropped: the connection goes back to the pool outside a transaction, as a
+/// `Transaction`'s drop leaves it. If the statement fails the server ends the transaction at
+/// `COMMIT` (it answers `ROLLBACK`), and the statement's error is returned.
+async fn transaction_planned(
+    client: &tokio_postgres::Client,
+    plans: &str,
+    stmt: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    what: &str,
+) -> StoreResult<Vec<tokio_postgres::Row>> {
+    let begin = format!("BEGIN; {plans}");
+    let (begun, rows, committed) = futures::future::join3(
+        client.batch_execute(&begin),
+        client.query(stmt, params),
+        client.batch_execute("COMMIT"),
+    )
+    .await;
+    begun.map_err(db_err(&format!("starting a transaction for {what}")))?;
+    let rows = rows.map_err(db_err(what))?;
+    committed.map_err(db_err(&format!("committing {what}")))?;
     Ok(rows)
 }
 
