@@ -461,15 +461,29 @@ async fn claim_loop(s: Arc<WorkerSettings>, finisher: Finisher, mut stop: watch:
         // lease's (attempt, owner).
         claims += 1;
         let owner = format!("{process}/{claims}");
-        let claimed =
-            c.s.store
-                .session_claim(SessionClaim {
-                    owner: owner.clone(),
-                    limit: room,
-                    lease: c.s.workers.lease(),
-                    now: c.s.clock.now(),
-                })
-                .await;
+        let store = c.s.store.clone();
+        let claim = store.session_claim(SessionClaim {
+            owner: owner.clone(),
+            limit: room,
+            lease: c.s.workers.lease(),
+            now: c.s.clock.now(),
+        });
+        tokio::pin!(claim);
+        // Buffered sessions keep starting while the claim is in flight. A claim of hundreds
+        // of sessions takes milliseconds (on PostgreSQL a statement over every row, its
+        // trigger and a commit), and while the loop only awaited it every slot that freed
+        // stayed empty until it returned: one claim at a time set the pace of the whole
+        // pipeline, with a core idle.
+        let claimed = loop {
+            tokio::select! {
+                claimed = &mut claim => break claimed,
+                p = c.slots.clone().acquire_owned(), if !c.buffer.is_empty() => match p {
+                    Ok(p) => c.start_next(p),
+                    // The slots are never closed; were they, the claim still ends first.
+                    Err(_) => break claim.await,
+                },
+            }
+        };
         let claimed = match claimed {
             Ok(claimed) => {
                 crate::store::outage::answered("claiming sessions");

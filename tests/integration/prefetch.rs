@@ -470,3 +470,67 @@ async fn a_finishing_attempt_frees_its_slot_for_the_next_session() {
     assert_eq!((job.runs(&a), job.runs(&b)), (1, 1), "each ran once");
     h.shutdown(Duration::from_secs(5)).await.expect("shutdown");
 }
+
+/// Buffered sessions keep starting while a claim is in flight. On PostgreSQL, with 1 slot and a
+/// buffer of 4: the table is locked against updates once five sessions are claimed (one held
+/// running, four buffered), then the held one is let go. Every finish now waits for the lock,
+/// but hands its slot on; and once the buffer is down to half the claimer claims again, a claim
+/// that also waits. The buffered sessions behind it must still run (the claimer used to await
+/// its claim, leaving the freed slot idle until the claim returned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_sessions_start_while_a_claim_waits() {
+    let Some((mut cfg, _guard)) = crate::store_postgres::postgres_config() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    cfg.data_dir = dir.path().to_path_buf();
+    let url = cfg.database_url.clone().unwrap_or_default();
+    let schema = cfg.database_schema.clone();
+    cfg.workers.concurrency = 1;
+    cfg.workers.prefetch = 4;
+    cfg.workers.poll_interval_ms = 50;
+    let job = Gate::default();
+    job.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    let h = Harvest::builder(cfg)
+        .job(Arc::new(job.clone()))
+        .open()
+        .await
+        .expect("open harvest");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let config = json!({"name": format!("s{i}"), "hold": i == 0});
+        let s = h.submit(SubmitRequest::new(config)).await.expect("submit");
+        ids.push(s.id().clone());
+    }
+    h.start();
+    wait_until(
+        "the first running and four buffered",
+        Duration::from_secs(20),
+        async || {
+            job.runs(&ids[0]) == 1
+                && with_status(&sessions(&h).await, SessionStatus::Running).len() == 5
+        },
+    )
+    .await;
+    let mut admin = crate::store_postgres::admin(&url).await.expect("connect");
+    let lock = admin.transaction().await.expect("begin");
+    lock.batch_execute(&format!(
+        "LOCK TABLE {schema}.sessions IN SHARE ROW EXCLUSIVE MODE"
+    ))
+    .await
+    .expect("lock the sessions against updates");
+    job.release.notify_one();
+    wait_until(
+        "every buffered session started while the table is locked",
+        Duration::from_secs(20),
+        async || ids.iter().all(|id| job.runs(id) == 1),
+    )
+    .await;
+    lock.rollback().await.expect("release the lock");
+    wait_until("all completed", Duration::from_secs(20), async || {
+        with_status(&sessions(&h).await, SessionStatus::Completed).len() == 5
+    })
+    .await;
+    assert!(ids.iter().all(|id| job.runs(id) == 1), "each ran once");
+    h.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+}
