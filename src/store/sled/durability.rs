@@ -53,6 +53,15 @@ pub(super) fn k_intent(seq: u64) -> Vec<u8> {
 /// (tickets are flushed in order).
 const INTENT_BYTES: usize = 32 * 1024;
 
+/// Where a [`Batch`] ended ([`Batch::mark`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Mark {
+    ops: usize,
+    loose: usize,
+    leases: usize,
+    bytes: usize,
+}
+
 /// A group of key changes that is applied as a unit (see [`SledStore::apply_atomic`]). Later
 /// changes to the same key win, as in sled's own `Batch`.
 #[derive(Default, Debug)]
@@ -63,12 +72,25 @@ pub(super) struct Batch {
     /// Changes applied before the intent, outside it: to keys no reader sees until the batch's
     /// other changes are in (records numbered from the session's committed count).
     pub(super) loose: Vec<(IVec, Option<IVec>)>,
+    /// Changes to the lease index, which lives in memory only (see `SledStore::leases`):
+    /// applied once the batch is, never written to sled.
+    leases: Vec<(Vec<u8>, bool)>,
 }
 
 impl Batch {
     /// Whether it changes nothing.
     pub(super) fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.loose.is_empty()
+        self.ops.is_empty() && self.loose.is_empty() && self.leases.is_empty()
+    }
+
+    /// Adds lease-index key `k` once the batch is applied.
+    pub(super) fn lease(&mut self, k: Vec<u8>) {
+        self.leases.push((k, true));
+    }
+
+    /// Removes lease-index key `k` once the batch is applied.
+    pub(super) fn unlease(&mut self, k: Vec<u8>) {
+        self.leases.push((k, false));
     }
 
     pub(super) fn insert<K: Into<IVec>, V: Into<IVec>>(&mut self, key: K, value: V) {
@@ -90,15 +112,21 @@ impl Batch {
     }
 
     /// Where the batch ends now, for [`Batch::truncated`].
-    pub(super) fn mark(&self) -> (usize, usize, usize) {
-        (self.ops.len(), self.loose.len(), self.bytes)
+    pub(super) fn mark(&self) -> Mark {
+        Mark {
+            ops: self.ops.len(),
+            loose: self.loose.len(),
+            leases: self.leases.len(),
+            bytes: self.bytes,
+        }
     }
 
     /// The batch without the changes staged after `mark` (a failed item's).
-    pub(super) fn truncated(mut self, (ops, loose, bytes): (usize, usize, usize)) -> Batch {
-        self.ops.truncate(ops);
-        self.loose.truncate(loose);
-        self.bytes = bytes;
+    pub(super) fn truncated(mut self, mark: Mark) -> Batch {
+        self.ops.truncate(mark.ops);
+        self.loose.truncate(mark.loose);
+        self.leases.truncate(mark.leases);
+        self.bytes = mark.bytes;
         self
     }
 
@@ -153,6 +181,7 @@ impl Batch {
             ops,
             bytes: bytes.len().saturating_sub(4),
             loose: Vec::new(),
+            leases: Vec::new(),
         })
     }
 
@@ -528,10 +557,26 @@ impl SledStore {
                 .map(|_| ())
                 .map_err(sled_err("removing a batch's intent"))
         });
-        if let Err(e) = &applied {
-            self.note_write_failure(e);
-            self.poisoned.store(true, Ordering::Release);
-            tracing::error!("a sled write failed half-way; refusing further writes until restart");
+        match &applied {
+            Ok(()) => {
+                if !b.leases.is_empty() {
+                    let mut leases = self.leases();
+                    for (k, add) in b.leases {
+                        if add {
+                            leases.insert(k);
+                        } else {
+                            leases.remove(&k);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                self.note_write_failure(e);
+                self.poisoned.store(true, Ordering::Release);
+                tracing::error!(
+                    "a sled write failed half-way; refusing further writes until restart"
+                );
+            }
         }
         applied
     }

@@ -1,3 +1,6 @@
+//! Layout migrations at open. Version 4 ([`drop_lease_keys`]): the lease index `L` moved to
+//! memory, and an older store's `L` keys are removed.
+//!
 //! Layout version 3: session keys carry their tenant. Keys written by layout 2 and before name a
 //! session by its id alone (`S id`, index keys ending in `id`, data keys `tag lp(id) ...`); from
 //! version 3 a session is `lp(tenant) id` (`tag lp(tenant) lp(id) ...` in data keys), and the
@@ -110,6 +113,34 @@ pub(super) fn to_tenant_keys(db: &sled::Db) -> StoreResult<u64> {
     db.flush()
         .map_err(sled_err("flushing the upgraded layout"))?;
     Ok(moved)
+}
+
+/// Layout 4: removes the lease index `L` (kept in memory from this layout on), in chunks. Resumed
+/// by the next open if killed part-way (the layout version is written after it).
+pub(super) fn drop_lease_keys(db: &sled::Db) -> StoreResult<()> {
+    let mut removed = 0usize;
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in db.scan_prefix(b"L").take(CHUNK) {
+            let (k, _) = kv.map_err(sled_err("reading the lease index"))?;
+            batch.remove(k);
+            n += 1;
+        }
+        if n == 0 {
+            break;
+        }
+        db.apply_batch(batch)
+            .map_err(sled_err("removing the lease index"))?;
+        removed += n;
+    }
+    if removed > 0 {
+        tracing::info!(
+            keys = removed,
+            "store layout upgraded: the lease index is kept in memory"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@
 //! | `A` lp(agent) !seq id | empty | per agent, newest first |
 //! | `T` status !seq id | empty | per status, newest first |
 //! | `Y` lp(client) lp(agent) id | empty | active (PENDING or RUNNING) sessions per client's agent |
-//! | `L` expires_at id | empty | RUNNING sessions by lease expiry |
+//! | (`L` expires_at id) | | RUNNING sessions by lease expiry: in memory since layout 4, rebuilt at open (`SledStore::leases`) |
 //! | `X` cleanup_at id | empty | terminal sessions by cleanup time |
 //! | `E` lp(id) first | `Vec<String>` | records `first..` of a checkpoint, JSON text, up to 256 a chunk |
 //! | `R` lp(id) n | JSON text | records of stores written before `E` (read, never written) |
@@ -110,8 +110,11 @@ const META_KEY: &[u8] = b"\0meta";
 /// nothing) and is marked 2, so that a harvest that knows only version 1, which would take the URLs
 /// not yet indexed as never seen, refuses it instead of misreading it. 3: session keys carry
 /// their tenant (`lp(tenant) id`); an older store's keys are moved at open, in resumable chunks,
-/// to the single namespace (`migrate`).
-pub const LAYOUT_VERSION: u32 = 3;
+/// to the single namespace (`migrate`). 4: the lease index `L` is kept in memory, rebuilt at
+/// open (`SledStore::leases`); an older store's `L` keys are removed at open. A harvest that
+/// knows only layout 3 would find no `L` key for the sessions this one started, and its recovery
+/// at open would leave them RUNNING: it refuses the store.
+pub const LAYOUT_VERSION: u32 = 4;
 
 // sled's page cache. Its default (1 GiB) lets a crawl of millions of URLs grow the process far
 // beyond what the crawl needs; sled's count is of serialized bytes, the nodes take ~3x that in
@@ -159,6 +162,13 @@ pub struct SledStore {
     cancels: tokio::sync::broadcast::Sender<SessionKey>,
     /// Per-client limits ([`Store::quotas_set`]), checked under the store mutex.
     quotas: std::sync::RwLock<Arc<super::Quotas>>,
+    /// The lease index: `L expires_at id` ([`keys::k_lease`]) of every RUNNING session. In
+    /// memory since layout 4: only this process runs sessions of this store, and at open every
+    /// RUNNING session is recovered anyway, so the index is rebuilt from the `T` keys of
+    /// RUNNING sessions ([`SledStore::load_leases`]). Kept in sled it was two of the ten writes
+    /// of a session's claim and finish, and two more per heartbeat or checkpoint. Changed only
+    /// under the store mutex, after the batch that stages the change is applied.
+    leases: std::sync::Mutex<std::collections::BTreeSet<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -259,6 +269,9 @@ impl SledStore {
                             "store layout upgraded to tenant-scoped session keys"
                         );
                     }
+                    if found < 4 {
+                        migrate::drop_lease_keys(&db)?;
+                    }
                     db.insert(META_KEY, codec::encode(&LAYOUT_VERSION)?)
                         .map_err(sled_err("marking the layout version"))?;
                     db.flush()
@@ -306,7 +319,9 @@ impl SledStore {
             leaders: std::sync::Mutex::new(std::collections::HashMap::new()),
             cancels: tokio::sync::broadcast::channel(CANCEL_CHANNEL).0,
             quotas: std::sync::RwLock::new(Arc::default()),
+            leases: Default::default(),
         };
+        store.load_leases()?;
         store.purge_interrupted()?;
         Ok(store)
     }
@@ -315,6 +330,11 @@ impl SledStore {
     /// before it started): writes / flushes is the group-commit batching factor.
     pub fn flush_count(&self) -> u64 {
         self.durability.flushes()
+    }
+
+    /// The lease index ([`SledStore::leases`]).
+    fn leases(&self) -> MutexGuard<'_, std::collections::BTreeSet<Vec<u8>>> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, Counters> {

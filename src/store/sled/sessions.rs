@@ -50,13 +50,18 @@ fn index_keys(s: &Session) -> Vec<Vec<u8>> {
             keys.push(k_active(s.client.client_id(), agent, &s.key()));
         }
     }
-    if let (SessionStatus::Running, Some(lease)) = (s.status, &s.lease) {
-        keys.push(k_lease(lease.expires_at, &s.key()));
-    }
     if let (true, Some(at)) = (s.status.is_terminal(), s.cleanup_at) {
         keys.push(k_cleanup(at, &s.key()));
     }
     keys
+}
+
+/// The session's key in the lease index ([`SledStore::leases`]), when it is RUNNING.
+fn lease_key(s: &Session) -> Option<Vec<u8>> {
+    match (s.status, &s.lease) {
+        (SessionStatus::Running, Some(lease)) => Some(k_lease(lease.expires_at, &s.key())),
+        _ => None,
+    }
 }
 
 fn validate_terminal(status: SessionStatus) -> StoreResult<()> {
@@ -96,6 +101,15 @@ impl SledStore {
         for k in new_keys {
             if !old_keys.contains(&k) {
                 b.insert(k, IVec::default());
+            }
+        }
+        let (old_lease, new_lease) = (old.and_then(lease_key), lease_key(new));
+        if old_lease != new_lease {
+            if let Some(k) = old_lease {
+                b.unlease(k);
+            }
+            if let Some(k) = new_lease {
+                b.lease(k);
             }
         }
         if let Some(old) = old {
@@ -208,6 +222,24 @@ impl SledStore {
         Ok(())
     }
 
+    /// Builds the lease index ([`SledStore::leases`]) from the RUNNING sessions (`T`), at open.
+    pub(super) fn load_leases(&self) -> StoreResult<()> {
+        let prefix = status_prefix(SessionStatus::Running);
+        let mut leases = std::collections::BTreeSet::new();
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(sled_err("reading the RUNNING sessions"))?;
+            match id_after(&k, prefix.len() + 8).and_then(|id| self.load(&id)) {
+                Ok(Some(s)) => leases.extend(lease_key(&s)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping an unreadable RUNNING session's lease")
+                }
+            }
+        }
+        *self.leases() = leases;
+        Ok(())
+    }
+
     /// Removes a session and, in bounded chunks, all its data. Returns it and the ticket.
     fn remove_sync(&self, id: &SessionKey) -> StoreResult<(Option<Session>, Option<u64>)> {
         let removed = {
@@ -219,6 +251,9 @@ impl SledStore {
             let mut b = Batch::default();
             for k in index_keys(&s) {
                 b.remove(k);
+            }
+            if let Some(k) = lease_key(&s) {
+                b.unlease(k);
             }
             if s.status == SessionStatus::Pending {
                 self.unqueue(&mut c, &mut b, &s)?;
@@ -627,17 +662,23 @@ impl SledStore {
             let mut b = Batch::default();
             let mut reclaimed = Vec::new();
             let mut changed = false;
-            for kv in self.db.range(vec![b'L']..upto(b"L", p.expired_before)) {
+            // The expired entries, copied out of the index (changed only under the store
+            // mutex, which is held here).
+            let expired: Vec<Vec<u8>> = self
+                .leases()
+                .range(vec![b'L']..upto(b"L", p.expired_before))
+                .cloned()
+                .collect();
+            for k in expired {
                 if reclaimed.len() >= p.limit {
                     break;
                 }
-                let (k, _) = kv.map_err(sled_err("reading the lease index"))?;
                 let old = match id_after(&k, 1 + 8).and_then(|id| self.load(&id)) {
                     Ok(Some(s))
                         if s.status == SessionStatus::Running
                             && s.lease.as_ref().is_some_and(|l| {
                                 l.expires_at <= p.expired_before
-                                    && k_lease(l.expires_at, &s.key()) == *k
+                                    && k_lease(l.expires_at, &s.key()) == k
                             }) =>
                     {
                         s
@@ -646,7 +687,7 @@ impl SledStore {
                         if let Err(e) = other {
                             tracing::warn!(error = %e, "dropping an unreadable session's lease entry");
                         }
-                        b.remove(k);
+                        b.unlease(k);
                         changed = true;
                         continue;
                     }

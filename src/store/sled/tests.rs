@@ -609,3 +609,87 @@ async fn a_layout_2_store_is_migrated_at_open_even_after_an_interrupted_migratio
         assert_eq!(left, 0);
     }
 }
+
+/// Opens the store in `dir`, waiting (bounded) for a dropped store's sled to let go of its lock.
+fn reopen(dir: &std::path::Path) -> SledStore {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match SledStore::open(dir) {
+            Ok(s) => break s,
+            Err(StoreError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("reopen: {e:?}"),
+        }
+    }
+}
+
+/// The sessions `leases_reclaim` finds with every lease taken as expired.
+async fn reclaim_all(store: &SledStore) -> Vec<SessionKey> {
+    let mut ids: Vec<SessionKey> = store
+        .leases_reclaim(crate::store::LeaseReclaim {
+            expired_before: Timestamp(i64::MAX),
+            limit: 100,
+            backoff: Duration::ZERO,
+            cleanup_after: Duration::from_secs(60),
+            now: Timestamp::now(),
+        })
+        .await
+        .expect("reclaim")
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    ids.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    ids
+}
+
+/// Layout 4 keeps the lease index in memory: no `L` key is written, and a store reopened with
+/// RUNNING sessions (a process that died) rebuilds the index from them, so the recovery at open
+/// finds every one. A layout-3 store's `L` keys are removed at open.
+#[tokio::test]
+async fn the_lease_index_is_rebuilt_at_open_and_old_lease_keys_are_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ids = Vec::new();
+    {
+        let store = SledStore::open(dir.path()).expect("open");
+        for _ in 0..3 {
+            ids.push(running(&store).await.id);
+        }
+        assert_eq!(store.db.scan_prefix(b"L").count(), 0, "no L key in sled");
+        store.close().await.expect("close");
+    }
+    ids.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    // Layout 3 kept `L` expires_at id in sled: write one as it would have, and mark the store 3.
+    {
+        let store = reopen(dir.path());
+        let stale = super::keys::k_lease(Timestamp(5), &ids[0]);
+        store.db.insert(stale, Vec::new()).expect("insert");
+        store
+            .db
+            .insert(super::META_KEY, codec::encode(&3u32).expect("enc"))
+            .expect("meta");
+        store.db.flush().expect("flush");
+        store.close().await.expect("close");
+    }
+    let store = reopen(dir.path());
+    assert_eq!(
+        store.db.scan_prefix(b"L").count(),
+        0,
+        "the old L keys are gone"
+    );
+    let meta: u32 = codec::decode(
+        &|| "meta".into(),
+        &store.db.get(super::META_KEY).expect("get").expect("meta"),
+    )
+    .expect("meta");
+    assert_eq!(meta, super::LAYOUT_VERSION);
+    assert_eq!(
+        reclaim_all(&store).await,
+        ids,
+        "every RUNNING session found"
+    );
+    assert!(
+        reclaim_all(&store).await.is_empty(),
+        "and taken off the index"
+    );
+}
