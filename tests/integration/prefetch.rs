@@ -114,6 +114,44 @@ fn with_status(all: &[Session], status: SessionStatus) -> Vec<Session> {
     all.iter().filter(|s| s.status == status).cloned().collect()
 }
 
+/// A harvest on PostgreSQL, in a schema of its own, with one slot, a buffer of `prefetch` and an
+/// open [`Gate`] (not started); `None` when the test is skipped. Bind every field: one left to
+/// `..` is dropped at once, and the guard drops the schema with it.
+struct OnPostgres {
+    h: Harvest,
+    job: Gate,
+    url: String,
+    schema: String,
+    _guard: SchemaGuard,
+    _dir: tempfile::TempDir,
+}
+
+async fn one_slot_on_postgres(prefetch: usize) -> Option<OnPostgres> {
+    let (mut cfg, guard) = crate::store_postgres::postgres_config()?;
+    let dir = tempfile::tempdir().expect("tempdir");
+    cfg.data_dir = dir.path().to_path_buf();
+    let url = cfg.database_url.clone().unwrap_or_default();
+    let schema = cfg.database_schema.clone();
+    cfg.workers.concurrency = 1;
+    cfg.workers.prefetch = prefetch;
+    cfg.workers.poll_interval_ms = 50;
+    let job = Gate::default();
+    job.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    let h = Harvest::builder(cfg)
+        .job(Arc::new(job.clone()))
+        .open()
+        .await
+        .expect("open harvest");
+    Some(OnPostgres {
+        h,
+        job,
+        url,
+        schema,
+        _guard: guard,
+        _dir: dir,
+    })
+}
+
 /// On sled, in process: 2 slots and a buffer of 4. The buffered sessions stay RUNNING under
 /// their first attempt for longer than a lease (renewed while they wait; maintenance would take
 /// them back otherwise), a cancel ends a buffered session without running its job, shutdown
@@ -396,23 +434,17 @@ async fn worker_killed_with_a_full_buffer_runs_each_buffered_session_once() {
 /// commit, and B could not start until A's finish was written.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finishing_attempt_frees_its_slot_for_the_next_session() {
-    let Some((mut cfg, _guard)) = crate::store_postgres::postgres_config() else {
+    let Some(OnPostgres {
+        h,
+        job,
+        url,
+        schema,
+        _guard,
+        _dir,
+    }) = one_slot_on_postgres(0).await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    cfg.data_dir = dir.path().to_path_buf();
-    let url = cfg.database_url.clone().unwrap_or_default();
-    let schema = cfg.database_schema.clone();
-    cfg.workers.concurrency = 1;
-    cfg.workers.prefetch = 0;
-    cfg.workers.poll_interval_ms = 50;
-    let job = Gate::default();
-    job.open.store(true, std::sync::atomic::Ordering::SeqCst);
-    let h = Harvest::builder(cfg)
-        .job(Arc::new(job.clone()))
-        .open()
-        .await
-        .expect("open harvest");
     h.start();
     let a = h
         .submit(SubmitRequest::new(json!({"name": "a", "hold": true})))
@@ -479,23 +511,17 @@ async fn a_finishing_attempt_frees_its_slot_for_the_next_session() {
 /// its claim, leaving the freed slot idle until the claim returned).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_sessions_start_while_a_claim_waits() {
-    let Some((mut cfg, _guard)) = crate::store_postgres::postgres_config() else {
+    let Some(OnPostgres {
+        h,
+        job,
+        url,
+        schema,
+        _guard,
+        _dir,
+    }) = one_slot_on_postgres(4).await
+    else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    cfg.data_dir = dir.path().to_path_buf();
-    let url = cfg.database_url.clone().unwrap_or_default();
-    let schema = cfg.database_schema.clone();
-    cfg.workers.concurrency = 1;
-    cfg.workers.prefetch = 4;
-    cfg.workers.poll_interval_ms = 50;
-    let job = Gate::default();
-    job.open.store(true, std::sync::atomic::Ordering::SeqCst);
-    let h = Harvest::builder(cfg)
-        .job(Arc::new(job.clone()))
-        .open()
-        .await
-        .expect("open harvest");
     let mut ids = Vec::new();
     for i in 0..5 {
         let config = json!({"name": format!("s{i}"), "hold": i == 0});
