@@ -115,8 +115,9 @@ fn with_status(all: &[Session], status: SessionStatus) -> Vec<Session> {
 }
 
 /// A harvest on PostgreSQL, in a schema of its own, with one slot, a buffer of `prefetch` and an
-/// open [`Gate`] (not started); `None` when the test is skipped. Bind every field: one left to
-/// `..` is dropped at once, and the guard drops the schema with it.
+/// open [`Gate`] (not started); `None` when the test is skipped. Keep it whole (borrow its
+/// fields): a field moved out by a pattern with `..` drops the rest at once, the schema with
+/// the guard.
 struct OnPostgres {
     h: Harvest,
     job: Gate,
@@ -434,17 +435,10 @@ async fn worker_killed_with_a_full_buffer_runs_each_buffered_session_once() {
 /// commit, and B could not start until A's finish was written.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_finishing_attempt_frees_its_slot_for_the_next_session() {
-    let Some(OnPostgres {
-        h,
-        job,
-        url,
-        schema,
-        _guard,
-        _dir,
-    }) = one_slot_on_postgres(0).await
-    else {
+    let Some(pg) = one_slot_on_postgres(0).await else {
         return;
     };
+    let (h, job, url, schema) = (&pg.h, &pg.job, &pg.url, &pg.schema);
     h.start();
     let a = h
         .submit(SubmitRequest::new(json!({"name": "a", "hold": true})))
@@ -457,7 +451,7 @@ async fn a_finishing_attempt_frees_its_slot_for_the_next_session() {
     })
     .await;
     // Lock A's row, then let its job end: its finish blocks on the lock.
-    let mut admin = crate::store_postgres::admin(&url).await.expect("connect");
+    let mut admin = crate::store_postgres::admin(url).await.expect("connect");
     let lock = admin.transaction().await.expect("begin");
     let locked = lock
         .execute(
@@ -511,17 +505,10 @@ async fn a_finishing_attempt_frees_its_slot_for_the_next_session() {
 /// its claim, leaving the freed slot idle until the claim returned).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_sessions_start_while_a_claim_waits() {
-    let Some(OnPostgres {
-        h,
-        job,
-        url,
-        schema,
-        _guard,
-        _dir,
-    }) = one_slot_on_postgres(4).await
-    else {
+    let Some(pg) = one_slot_on_postgres(4).await else {
         return;
     };
+    let (h, job, url, schema) = (&pg.h, &pg.job, &pg.url, &pg.schema);
     let mut ids = Vec::new();
     for i in 0..5 {
         let config = json!({"name": format!("s{i}"), "hold": i == 0});
@@ -534,11 +521,11 @@ async fn buffered_sessions_start_while_a_claim_waits() {
         Duration::from_secs(20),
         async || {
             job.runs(&ids[0]) == 1
-                && with_status(&sessions(&h).await, SessionStatus::Running).len() == 5
+                && with_status(&sessions(h).await, SessionStatus::Running).len() == 5
         },
     )
     .await;
-    let mut admin = crate::store_postgres::admin(&url).await.expect("connect");
+    let mut admin = crate::store_postgres::admin(url).await.expect("connect");
     let lock = admin.transaction().await.expect("begin");
     lock.batch_execute(&format!(
         "LOCK TABLE {schema}.sessions IN SHARE ROW EXCLUSIVE MODE"
@@ -554,7 +541,7 @@ async fn buffered_sessions_start_while_a_claim_waits() {
     .await;
     lock.rollback().await.expect("release the lock");
     wait_until("all completed", Duration::from_secs(20), async || {
-        with_status(&sessions(&h).await, SessionStatus::Completed).len() == 5
+        with_status(&sessions(h).await, SessionStatus::Completed).len() == 5
     })
     .await;
     assert!(ids.iter().all(|id| job.runs(id) == 1), "each ran once");

@@ -10,7 +10,9 @@ use super::rows::{
     SESSION_COLUMNS, error_columns, row_get, session_from_row, to_i32, to_i64, usage_columns,
 };
 use super::sessions::if_running;
-use super::{LOOKUP_PLANS, PostgresStore, db_err, query_planned, transaction_planned};
+use super::{
+    BEGIN_LOOKUP_PLANS, LOOKUP_PLANS, PostgresStore, db_err, query_planned, transaction_planned,
+};
 use crate::session::{AttemptOutcome, Session, Timestamp};
 
 /// A century in milliseconds: the cap of a cleanup delay, far inside bigint.
@@ -241,43 +243,35 @@ impl PostgresStore {
             .into_iter()
             .filter(|(_, sent)| !sent.is_empty())
             .collect();
+        if rounds.is_empty() {
+            return Ok(out.into_iter().map(|r| r.unwrap_or(Ok(None))).collect());
+        }
+        const WHAT: &str = "finishing a batch of sessions";
+        let mut client = self.client().await?;
+        let stmt = client
+            .prepare_cached(finish_sql())
+            .await
+            .map_err(db_err("preparing a finish"))?;
         if let [(columns, sent)] = rounds.as_slice()
             && sent.iter().all(|&i| items[i].batch.is_empty())
         {
             // The common case of a batch of finishes: one statement, nothing else to write, so
             // the transaction is one round trip.
-            let client = self.client().await?;
-            let stmt = client
-                .prepare_cached(finish_sql())
-                .await
-                .map_err(db_err("preparing a finish"))?;
-            let params = columns.params();
-            let rows = transaction_planned(
-                &client,
-                LOOKUP_PLANS,
-                &stmt,
-                &params,
-                "finishing a batch of sessions",
-            )
-            .await?;
+            let rows =
+                transaction_planned(&client, BEGIN_LOOKUP_PLANS, &stmt, &columns.params(), WHAT)
+                    .await?;
             for row in &rows {
                 let (i, session) = finished_row(row, sent)?;
                 out[i] = Some(Ok(Some(session)));
             }
-        } else if !rounds.is_empty() {
-            let mut client = self.client().await?;
+        } else {
             let tx = client
                 .transaction()
                 .await
                 .map_err(db_err("starting a transaction"))?;
-            let stmt = tx
-                .prepare_cached(finish_sql())
-                .await
-                .map_err(db_err("preparing a finish"))?;
             let mut batches = Vec::new();
             for (round, (columns, sent)) in rounds.iter().enumerate() {
                 let params = columns.params();
-                const WHAT: &str = "finishing a batch of sessions";
                 let rows = if round == 0 {
                     query_planned(&tx, LOOKUP_PLANS, &stmt, &params, WHAT).await?
                 } else {

@@ -68,7 +68,7 @@ impl PostgresStore {
         let columns = event_columns();
         let n = SESSION_COLUMNS.split(',').count();
         // A read takes the next events in the primary key's order, whatever the planner
-        // believes ([`INDEX_PLANS`]). The log grows faster than autovacuum analyzes it, and
+        // believes ([`BEGIN_INDEX_PLANS`]). The log grows faster than autovacuum analyzes it, and
         // without statistics for the ids just written the planner assumes a third of the log
         // lies after any id: it sorted a scan of every event instead (seen with auto_explain in
         // `bench queue`: hundreds of such reads in one run; as a cached statement, whose
@@ -149,7 +149,7 @@ impl PostgresStore {
         let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let mut client = self.client().await?;
         // The cutoff is computed once (an init plan), and the plan reads `events_at_idx`
-        // ([`INDEX_PLANS`]): compared with the volatile clock_timestamp() directly, or planned
+        // ([`BEGIN_INDEX_PLANS`]): compared with the volatile clock_timestamp() directly, or planned
         // with the log's stale statistics, every event was read at every maintenance tick.
         let n = index_planned(
             &mut client,

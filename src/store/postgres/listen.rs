@@ -189,18 +189,16 @@ pub(crate) async fn announce(
             () = owed.signal.notified() => {}
             () = stop.cancelled() => return,
         }
+        const ONE: &str = "SELECT pg_notify($1, $2)";
         let pending = owed.pending.swap(false, Ordering::AcqRel);
         let events = owed.events.swap(false, Ordering::AcqRel);
-        let channels: Vec<&str> = [(pending, PENDING_CHANNEL), (events, EVENTS_CHANNEL)]
-            .into_iter()
-            .filter_map(|(owed, channel)| owed.then_some(channel))
-            .collect();
-        let (sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = match channels.as_slice() {
-            [] => continue,
-            [one] => ("SELECT pg_notify($1, $2)", vec![one, &schema]),
-            [one, two, ..] => (
+        let (sql, params): (&str, &[&(dyn ToSql + Sync)]) = match (pending, events) {
+            (false, false) => continue,
+            (true, false) => (ONE, &[&PENDING_CHANNEL, &schema]),
+            (false, true) => (ONE, &[&EVENTS_CHANNEL, &schema]),
+            (true, true) => (
                 "SELECT pg_notify($1, $3), pg_notify($2, $3)",
-                vec![one, two, &schema],
+                &[&PENDING_CHANNEL, &EVENTS_CHANNEL, &schema],
             ),
         };
         let sent = async {
@@ -210,7 +208,7 @@ pub(crate) async fn announce(
                 .await
                 .map_err(|e| e.to_string())?;
             client
-                .execute(&stmt, &params)
+                .execute(&stmt, params)
                 .await
                 .map_err(|e| e.to_string())
         }

@@ -10,7 +10,7 @@
 //! back in the same transaction. A claim is one
 //! `UPDATE ... WHERE seq = ANY(ARRAY(SELECT ... FOR UPDATE SKIP LOCKED))` statement, so racing
 //! claimers never block on, nor double-claim, a row. Statements whose right plan is an index
-//! read in order run with the planner told so ([`INDEX_PLANS`]): a queue table outruns its
+//! read in order run with the planner told so ([`BEGIN_INDEX_PLANS`]): a queue table outruns its
 //! statistics. After a submission, requeue or reclaim commits, the store
 //! sends `NOTIFY harvest_pending` (payload: the schema name; coalesced; `listen::announce` says
 //! why not inside the transaction); each store keeps one dedicated `LISTEN` connection that
@@ -26,11 +26,22 @@
 //! conversions), `listen` (LISTEN/NOTIFY) and `migrate` (schema migrations). The methods of
 //! [`Store`] below only call into them.
 
-/// The text of [`INDEX_PLANS`], a macro so that [`LOOKUP_PLANS`] can extend it with `concat!`.
+/// The settings of [`BEGIN_INDEX_PLANS`], a macro so that the other plan texts can extend it
+/// with `concat!`.
 macro_rules! index_plans {
     () => {
         "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
          SET LOCAL enable_sort = off"
+    };
+}
+
+/// The settings of [`LOOKUP_PLANS`].
+macro_rules! lookup_plans {
+    () => {
+        concat!(
+            index_plans!(),
+            "; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+        )
     };
 }
 
@@ -498,18 +509,19 @@ async fn connect_one(config: &tokio_postgres::Config) -> StoreResult<tokio_postg
 /// server's CPU), an event read sorted a bitmap scan of the log, and event expiry read every
 /// event. Disabled plan kinds are still used where nothing else can answer, so a statement
 /// never fails for them.
-const INDEX_PLANS: &str = index_plans!();
+/// `BEGIN` comes first: the text opens the transaction of [`transaction_planned`].
+const BEGIN_INDEX_PLANS: &str = concat!("BEGIN; ", index_plans!());
 
-/// [`INDEX_PLANS`], and each row of a join found by an index lookup: no hash or merge join
-/// over a scan of every row of the other side (a batch of finishes joins its rows to
-/// `sessions`).
-const LOOKUP_PLANS: &str = concat!(
-    index_plans!(),
-    "; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
-);
+/// The settings of [`BEGIN_INDEX_PLANS`], and each row of a join found by an index lookup: no
+/// hash or merge join over a scan of every row of the other side (a batch of finishes joins its
+/// rows to `sessions`). Set inside a transaction ([`query_planned`]).
+const LOOKUP_PLANS: &str = lookup_plans!();
 
-/// Runs `stmt` with [`INDEX_PLANS`] in a transaction of its own and commits; its rows. `what`
-/// names it in errors.
+/// `BEGIN` and [`LOOKUP_PLANS`], for [`transaction_planned`].
+const BEGIN_LOOKUP_PLANS: &str = concat!("BEGIN; ", lookup_plans!());
+
+/// Runs `stmt` with [`BEGIN_INDEX_PLANS`] in a transaction of its own and commits; its rows.
+/// `what` names it in errors.
 async fn index_planned(
     client: &mut deadpool_postgres::Object,
     stmt: &str,
@@ -519,12 +531,14 @@ async fn index_planned(
     let stmt = client
         .prepare_cached(stmt)
         .await
-        .map_err(db_err(&format!("preparing {what}")))?;
-    transaction_planned(client, INDEX_PLANS, &stmt, params, what).await
+        .map_err(|e| db_err(&format!("preparing {what}"))(e))?;
+    transaction_planned(client, BEGIN_INDEX_PLANS, &stmt, params, what).await
 }
 
-/// Runs `stmt` with `plans` (`SET LOCAL` commands) in a transaction of its own and commits; its
-/// rows. `BEGIN` with the settings, the statement and `COMMIT` are sent together: one round
+/// Runs `stmt` in a transaction of its own, opened by `begin` (`BEGIN` and `SET LOCAL` commands:
+/// [`BEGIN_INDEX_PLANS`] or [`BEGIN_LOOKUP_PLANS`]), and commits; its rows. The error contexts
+/// are only formatted for an error: this runs for every claim, finish and event read.
+/// `BEGIN` with the settings, the statement and `COMMIT` are sent together: one round
 /// trip where a [`Transaction`](tokio_postgres::Transaction) takes three (each round trip is
 /// a wake-up of both processes; claims, finishes and event reads are most of what a busy
 /// process sends). All three are queued on the connection in the first poll, before anything
@@ -534,21 +548,20 @@ async fn index_planned(
 /// `COMMIT` (it answers `ROLLBACK`), and the statement's error is returned.
 async fn transaction_planned(
     client: &tokio_postgres::Client,
-    plans: &str,
+    begin: &str,
     stmt: &tokio_postgres::Statement,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     what: &str,
 ) -> StoreResult<Vec<tokio_postgres::Row>> {
-    let begin = format!("BEGIN; {plans}");
     let (begun, rows, committed) = futures::future::join3(
-        client.batch_execute(&begin),
+        client.batch_execute(begin),
         client.query(stmt, params),
         client.batch_execute("COMMIT"),
     )
     .await;
-    begun.map_err(db_err(&format!("starting a transaction for {what}")))?;
+    begun.map_err(|e| db_err(&format!("starting a transaction for {what}"))(e))?;
     let rows = rows.map_err(db_err(what))?;
-    committed.map_err(db_err(&format!("committing {what}")))?;
+    committed.map_err(|e| db_err(&format!("committing {what}"))(e))?;
     Ok(rows)
 }
 

@@ -170,7 +170,7 @@ impl PostgresStore {
             let mut client = self.client().await?;
             // One statement: rows locked by a concurrent claim are skipped, not waited for, and
             // the locks are held only until its transaction commits right after it. Planned to
-            // read `sessions_claim_idx` in order up to the limit ([`INDEX_PLANS`]); with stale
+            // read `sessions_claim_idx` in order up to the limit ([`BEGIN_INDEX_PLANS`]); with stale
             // statistics the planner read and sorted every PENDING session for each claim.
             static CLAIM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
             let claim = CLAIM.get_or_init(|| {
