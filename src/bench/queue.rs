@@ -9,7 +9,9 @@
 //!    `fdatasync` of sled's log per write — the durability harvest acknowledges with
 //!    (`naive_fdatasync_per_sec`, the baseline the group commit must beat); on PostgreSQL, 16
 //!    connections each committing one INSERT per write;
-//! 2. submit: 16 concurrent submitters, each waiting for its own durable acknowledgment;
+//! 2. submit: 16 concurrent submitters, each waiting for its own durable acknowledgment (every
+//!    submission carries the same config, so after the first its check is remembered, as for
+//!    an agent's runs: see `service::validation::Passed`);
 //! 3. end to end: the same submitters with workers claiming and completing the sessions; latency
 //!    is submit → COMPLETED per session;
 //! 4. idle latency: one session at a time into an idle queue, submit → `started`;

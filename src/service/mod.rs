@@ -155,6 +155,8 @@ struct Inner {
     stats: Mutex<StatsCache>,
     /// Permits of config checks (off the runtime, bounded).
     validations: Validations,
+    /// Configs whose check passed recently ([`check_config`](Harvest::check_config)).
+    passed: validation::Passed,
     /// Stops the event feed (stores that record events) when the service shuts down or drops.
     _events_feed: tokio_util::sync::DropGuard,
     events_stop: tokio_util::sync::CancellationToken,
@@ -284,6 +286,7 @@ impl HarvestBuilder {
                     maintenance: Mutex::new(None),
                     stats: Mutex::new(StatsCache::new()),
                     validations: Validations::default(),
+                    passed: validation::Passed::new(),
                     config: self.config,
                 }
             }),
@@ -409,7 +412,8 @@ impl Harvest {
     }
 
     /// Validates a config and its params as submission does, off the runtime (see
-    /// [`validation`]); hands them back when valid.
+    /// [`validation`]); hands them back when valid. A pair that passed recently is not checked
+    /// again ([`validation::Passed`]).
     pub async fn check_config(
         &self,
         config: serde_json::Value,
@@ -418,9 +422,19 @@ impl Harvest {
         if crate::kinds::kind_of(&config).is_none() {
             return Err(not_a_config());
         }
+        let passed = &self.inner.passed;
+        let fingerprint = passed.fingerprint(&config, &params);
+        if fingerprint.is_some_and(|f| passed.contains(f)) {
+            return Ok((config, params));
+        }
         let job = self.inner.job.clone();
-        self.off_runtime(move || check_one(&*job, &config, &params).map(|()| (config, params)))
-            .await?
+        let checked = self
+            .off_runtime(move || check_one(&*job, &config, &params).map(|()| (config, params)))
+            .await?;
+        if let (Ok(_), Some(f)) = (&checked, fingerprint) {
+            passed.insert(f);
+        }
+        checked
     }
 
     /// The export sinks.

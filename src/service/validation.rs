@@ -7,8 +7,16 @@
 //! reads and SSE stay responsive while configs are checked. A caller that finds every permit
 //! taken for [`VALIDATION_QUEUE_WAIT`] gets [`HarvestError::Busy`] (503 with `Retry-After`)
 //! instead of queueing without bound.
+//!
+//! A check is a pure function of the config and its params, so a pass stays a pass:
+//! [`Passed`] remembers the fingerprints of recent passes, and a config submitted again (an
+//! agent's or a schedule's runs, one scraper submitted with many params) skips its check and the
+//! hand-off to the blocking pool.
 
-use std::sync::Arc;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -80,9 +88,180 @@ impl Default for Validations {
     }
 }
 
+/// Most passes [`Passed`] remembers; the oldest is forgotten first. 4096 fingerprints are
+/// ~100 KiB.
+pub const PASSES_REMEMBERED: usize = 4096;
+
+/// Largest config (as JSON text, with its params) whose pass is remembered. Its fingerprint is
+/// computed on the runtime's thread, so that a hit costs no hand-off: bounded, it takes
+/// microseconds; a larger config is checked every time.
+pub const PASS_MAX_BYTES: usize = 32 * 1024;
+
+/// The fingerprints of the (config, params) pairs whose check passed most recently.
+///
+/// A fingerprint is two SipHash-1-3 hashes of the config's JSON text and the params, keyed at
+/// random per process: 128 bits that a client cannot aim at another config's. Failures are not
+/// remembered: their message is the answer, and they are the rare case.
+#[derive(Debug)]
+pub struct Passed {
+    keys: [RandomState; 2],
+    seen: Mutex<Remembered>,
+}
+
+#[derive(Debug, Default)]
+struct Remembered {
+    set: HashSet<u128>,
+    /// `set` in the order it was filled, to forget the oldest.
+    order: VecDeque<u128>,
+}
+
+/// Feeds JSON text to both hashers; refuses more than its budget.
+struct Fingerprinter<H> {
+    hashers: [H; 2],
+    left: usize,
+}
+
+impl<H: Hasher> Fingerprinter<H> {
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        if bytes.len() > self.left {
+            return false;
+        }
+        self.left -= bytes.len();
+        for h in &mut self.hashers {
+            h.write(bytes);
+        }
+        true
+    }
+}
+
+impl<H: Hasher> std::io::Write for Fingerprinter<H> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.feed(buf) {
+            Ok(buf.len())
+        } else {
+            Err(std::io::Error::other("the config is too large to remember"))
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Passed {
+    /// Remembers nothing yet.
+    pub fn new() -> Passed {
+        Passed {
+            keys: [RandomState::new(), RandomState::new()],
+            seen: Mutex::new(Remembered::default()),
+        }
+    }
+
+    /// The fingerprint of `config` with `params`; `None` when they are larger than
+    /// [`PASS_MAX_BYTES`] (never remembered).
+    pub fn fingerprint(
+        &self,
+        config: &serde_json::Value,
+        params: &BTreeMap<String, String>,
+    ) -> Option<u128> {
+        let mut f = Fingerprinter {
+            hashers: [self.keys[0].build_hasher(), self.keys[1].build_hasher()],
+            left: PASS_MAX_BYTES,
+        };
+        serde_json::to_writer(&mut f, config).ok()?;
+        // 0xff never occurs in JSON text: the config's end is unambiguous. Each param is
+        // length-prefixed.
+        if !f.feed(&[0xff]) {
+            return None;
+        }
+        for (k, v) in params {
+            for part in [k, v] {
+                if !f.feed(&(part.len() as u64).to_le_bytes()) || !f.feed(part.as_bytes()) {
+                    return None;
+                }
+            }
+        }
+        let [a, b] = f.hashers;
+        Some(u128::from(a.finish()) << 64 | u128::from(b.finish()))
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, Remembered> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the check of `fingerprint` passed recently.
+    pub fn contains(&self, fingerprint: u128) -> bool {
+        self.remembered().set.contains(&fingerprint)
+    }
+
+    /// Remembers that the check of `fingerprint` passed (forgetting the oldest pass beyond
+    /// [`PASSES_REMEMBERED`]).
+    pub fn insert(&self, fingerprint: u128) {
+        let mut r = self.remembered();
+        if r.set.insert(fingerprint) {
+            r.order.push_back(fingerprint);
+            while r.order.len() > PASSES_REMEMBERED {
+                if let Some(old) = r.order.pop_front() {
+                    r.set.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+impl Default for Passed {
+    fn default() -> Self {
+        Passed::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fingerprints_tell_configs_and_params_apart_and_refuse_large_ones() {
+        let p = Passed::new();
+        let none = BTreeMap::new();
+        let one = BTreeMap::from([("a".to_string(), "b".to_string())]);
+        let moved = BTreeMap::from([("ab".to_string(), String::new())]);
+        let c = serde_json::json!({"name": "x"});
+        let f = p.fingerprint(&c, &none).expect("small");
+        assert_eq!(p.fingerprint(&c, &none), Some(f), "stable");
+        assert_ne!(
+            p.fingerprint(&serde_json::json!({"name": "y"}), &none),
+            Some(f)
+        );
+        assert_ne!(p.fingerprint(&c, &one), Some(f));
+        assert_ne!(
+            p.fingerprint(&c, &one),
+            p.fingerprint(&c, &moved),
+            "params delimited"
+        );
+        assert_ne!(
+            Passed::new().fingerprint(&c, &none),
+            Some(f),
+            "keyed per process"
+        );
+        let big = serde_json::json!({"name": "x".repeat(PASS_MAX_BYTES)});
+        assert_eq!(p.fingerprint(&big, &none), None);
+        let long = BTreeMap::from([("k".to_string(), "v".repeat(PASS_MAX_BYTES))]);
+        assert_eq!(p.fingerprint(&c, &long), None);
+    }
+
+    #[test]
+    fn the_oldest_pass_is_forgotten_first() {
+        let p = Passed::new();
+        for f in 0..PASSES_REMEMBERED as u128 {
+            p.insert(f);
+        }
+        p.insert(0); // already there: stays the oldest
+        assert!(p.contains(0));
+        p.insert(PASSES_REMEMBERED as u128);
+        assert!(!p.contains(0), "oldest forgotten");
+        assert!(p.contains(1) && p.contains(PASSES_REMEMBERED as u128));
+        assert_eq!(p.remembered().set.len(), PASSES_REMEMBERED);
+    }
 
     #[tokio::test]
     async fn a_check_runs_off_the_runtime_thread() {

@@ -692,3 +692,77 @@ async fn stop_reason_first_wins() {
     assert_eq!(s.reason(), Some(StopReason::Cancelled));
     assert!(s.is_stopped());
 }
+
+/// Counts the configs it checks; refuses one with `bad`.
+struct CountsChecks(Arc<AtomicU32>);
+
+#[async_trait]
+impl Job for CountsChecks {
+    fn validate(
+        &self,
+        c: &serde_json::Value,
+        _: &BTreeMap<String, String>,
+    ) -> Result<(), harvest::job::ConfigRejected> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        if c.get("bad").is_some() {
+            Err(harvest::job::ConfigRejected::new(
+                "bad: refused by the test job",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+    async fn run(&self, _ctx: JobContext) -> JobOutcome {
+        JobOutcome::Completed(CheckpointBatch::default())
+    }
+}
+
+/// A config (with its params) that passed its check is not checked again; a refused one is
+/// checked, and refused, every time, and so is one too large to remember.
+#[tokio::test]
+async fn a_config_that_passed_its_check_is_not_checked_again() {
+    let checks = Arc::new(AtomicU32::new(0));
+    let f = fixture(CountsChecks(checks.clone()), |c| c.workers.concurrency = 0).await;
+    let h = &f.harvest;
+    let count = || checks.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        h.submit(SubmitRequest::new(json!({"name": "a"})))
+            .await
+            .expect("submit");
+    }
+    assert_eq!(count(), 1, "the same config three times: one check");
+    h.submit(SubmitRequest::new(json!({"name": "a"})).param("page", "2"))
+        .await
+        .expect("submit with a param");
+    assert_eq!(count(), 2, "other params: another check");
+    for _ in 0..2 {
+        let refused = h
+            .submit(SubmitRequest::new(json!({"name": "a", "bad": 1})))
+            .await;
+        assert!(
+            matches!(refused, Err(HarvestError::InvalidConfig(_))),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(count(), 4, "a refused config is checked every time");
+    let big = json!({"name": "x".repeat(harvest::service::validation::PASS_MAX_BYTES)});
+    for _ in 0..2 {
+        h.submit(SubmitRequest::new(big.clone()))
+            .await
+            .expect("submit a large config");
+    }
+    assert_eq!(
+        count(),
+        6,
+        "a config too large to remember is checked every time"
+    );
+    assert_eq!(
+        h.list(SessionList::default())
+            .await
+            .expect("list")
+            .sessions
+            .len(),
+        6,
+        "every accepted submission stored"
+    );
+}
