@@ -207,12 +207,15 @@ impl Harvest {
 /// Most single submissions written as one batch ([`Store::combines_inserts`]).
 const COMBINE_MAX: usize = 256;
 
-/// Batches of single submissions being written at once: while they are, the next batch
-/// gathers. Two rather than four: with 16 submitters four in flight made batches of 2-3
-/// submissions, and each batch is an INSERT, its statement trigger and a commit. (`bench queue`
-/// on PostgreSQL, 2 cores, alternating with four: 1.08-1.21× the single submissions per
-/// second, p99 latency 28 ms instead of 32-34.)
-const COMBINE_IN_FLIGHT: usize = 2;
+/// Batches of single submissions being written at once: while one is, the next gathers. Each
+/// batch is an INSERT, its statement trigger and a commit, and commits of concurrent
+/// transactions share WAL flushes anyway, so fewer, larger batches cost the server less per
+/// session. Four in flight made batches of 2-3 submissions with 16 submitters; two gave
+/// 1.08-1.21x the single submissions per second and p99 28 ms instead of 32-34; one (with the
+/// finisher's batches also going from two in flight to one) gave end to end x1.00-1.30, median
+/// ~x1.09, and latency p50 15-17 -> 12-14 ms (`bench queue` on PostgreSQL, 2 cores,
+/// alternating pairs).
+const COMBINE_IN_FLIGHT: usize = 1;
 
 /// Most submissions waiting in or for the batches in flight. Beyond it a submission goes alone
 /// (waiting for a pooled connection, and refused as unavailable when none comes in time), so an
