@@ -200,6 +200,10 @@ pub struct JobContext {
 pub trait Job: Send + Sync + 'static {
     /// Checks a config (and params) at submission. The error names the field and what is wrong,
     /// e.g. `pages.product.fields.price.regex: unclosed group`.
+    ///
+    /// The verdict must depend on `config` and `params` only (no clock, file or setting that
+    /// can change): a client's submission of a config that passed recently is not checked
+    /// again (`service::validation::Passed`).
     fn validate(
         &self,
         config: &serde_json::Value,

@@ -3,7 +3,7 @@
 //! [`Store::session_finish_many`] (one flush on sled, one transaction on PostgreSQL).
 //!
 //! Nothing waits to fill a batch. A finish that arrives while the store is idle goes alone at
-//! once; finishes that arrive while the batches in flight ([`in_flight`]) are written queue up and go
+//! once; finishes that arrive while [`IN_FLIGHT`] batches are being written queue up and go
 //! together as the next batch. So an idle queue pays no latency, and a busy one pays one durable
 //! commit per batch instead of one per session. Each attempt still gets its own answer and
 //! keeps its own retries: a finish is a compare-and-set on (status, attempt, owner), so
@@ -18,29 +18,19 @@ use crate::store::{SessionFinish, Store, StoreResult};
 /// Most finishes in one batch.
 pub(crate) const FINISH_BATCH_MAX: usize = 256;
 
-/// Most batches being written at once.
-const IN_FLIGHT_MAX: usize = 2;
-
-/// Batches being written at once on `store`. On sled two: the next batch is staged while the
-/// previous one waits for its flush, and both share the flusher's next flush. On a store that
-/// pays per transaction ([`Store::combines_inserts`]: PostgreSQL) one: the next batch gathers
-/// while one is committed, so batches are larger and the server runs fewer statements, trigger
-/// calls and commits per session; its commits already share WAL flushes with the other
-/// processes'. (`bench queue` on PostgreSQL, 2 cores, with the inserts' batcher also going from
-/// two batches in flight to one, 6 alternating pairs: end to end x1.00-1.30, median ~x1.09,
-/// latency p50 15-17 -> 12-14 ms.)
-fn in_flight(store: &dyn Store) -> usize {
-    if store.combines_inserts() {
-        1
-    } else {
-        IN_FLIGHT_MAX
-    }
-}
+/// Batches being written at once. More than one lets the next batch be staged (sled) or sent
+/// (PostgreSQL) while the previous one waits for its flush or commit, and keeps finishes going
+/// while one batch waits on a row lock another process holds (PostgreSQL): with one batch in
+/// flight, one such finish stalled every finish of the process
+/// (`prefetch::a_finishing_attempt_frees_its_slot_for_the_next_session`). One in flight on
+/// PostgreSQL made batches larger (10.4 finishes per UPDATE instead of 6.8 in `bench queue`'s
+/// end-to-end phase) for no end-to-end gain that alternating runs could tell from noise.
+const IN_FLIGHT: usize = 2;
 
 /// Attempts that may wait for their finish without holding a worker slot
 /// ([`Slot`](super::worker::Slot)): as many as the batches in flight can carry, so more would
 /// not be written any sooner.
-pub(crate) const FINISHING_MAX: usize = FINISH_BATCH_MAX * IN_FLIGHT_MAX;
+pub(crate) const FINISHING_MAX: usize = FINISH_BATCH_MAX * IN_FLIGHT;
 
 /// Hands finishes to the store in batches. Cloned into every attempt; the batching task ends
 /// when the last clone is dropped.
@@ -51,8 +41,7 @@ impl Finisher {
     /// Starts the batching task; the handle ends once every [`Finisher`] clone is dropped and
     /// the batches in flight are written (it then no longer holds the store).
     pub(crate) fn start(store: Arc<dyn Store>) -> (Finisher, tokio::task::JoinHandle<()>) {
-        let in_flight = in_flight(&*store);
-        let (batcher, task) = Batcher::start(FINISH_BATCH_MAX, in_flight, move |batch| {
+        let (batcher, task) = Batcher::start(FINISH_BATCH_MAX, IN_FLIGHT, move |batch| {
             let store = store.clone();
             async move { write_batch(&Finishes(&*store), batch).await }
         });

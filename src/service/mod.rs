@@ -155,7 +155,7 @@ struct Inner {
     stats: Mutex<StatsCache>,
     /// Permits of config checks (off the runtime, bounded).
     validations: Validations,
-    /// Configs whose check passed recently ([`check_config`](Harvest::check_config)).
+    /// Submitted configs whose check passed recently ([`Harvest::check_submitted`]).
     passed: validation::Passed,
     /// Stops the event feed (stores that record events) when the service shuts down or drops.
     _events_feed: tokio_util::sync::DropGuard,
@@ -412,8 +412,7 @@ impl Harvest {
     }
 
     /// Validates a config and its params as submission does, off the runtime (see
-    /// [`validation`]); hands them back when valid. A pair that passed recently is not checked
-    /// again ([`validation::Passed`]).
+    /// [`validation`]); hands them back when valid.
     pub async fn check_config(
         &self,
         config: serde_json::Value,
@@ -422,15 +421,26 @@ impl Harvest {
         if crate::kinds::kind_of(&config).is_none() {
             return Err(not_a_config());
         }
+        let job = self.inner.job.clone();
+        self.off_runtime(move || check_one(&*job, &config, &params).map(|()| (config, params)))
+            .await?
+    }
+
+    /// [`Harvest::check_config`] for a submission of `client`, which skips the check when the
+    /// same client's same config and params passed recently ([`validation::Passed`]; per client,
+    /// so that no tenant learns from the answer's speed what another submitted).
+    pub(crate) async fn check_submitted(
+        &self,
+        client: &str,
+        config: serde_json::Value,
+        params: BTreeMap<String, String>,
+    ) -> Result<(serde_json::Value, BTreeMap<String, String>), HarvestError> {
         let passed = &self.inner.passed;
-        let fingerprint = passed.fingerprint(&config, &params);
+        let fingerprint = passed.fingerprint(client, &config, &params);
         if fingerprint.is_some_and(|f| passed.contains(f)) {
             return Ok((config, params));
         }
-        let job = self.inner.job.clone();
-        let checked = self
-            .off_runtime(move || check_one(&*job, &config, &params).map(|()| (config, params)))
-            .await?;
+        let checked = self.check_config(config, params).await;
         if let (Ok(_), Some(f)) = (&checked, fingerprint) {
             passed.insert(f);
         }

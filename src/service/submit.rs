@@ -18,7 +18,7 @@ fn check_request(req: &SubmitRequest) -> Result<(), HarvestError> {
 
 impl Harvest {
     /// Makes the PENDING session of a submission that [`check_request`] and
-    /// [`Harvest::check_config`] accepted (not stored yet); with the agent name when it runs for
+    /// [`Harvest::check_submitted`] accepted (not stored yet); with the agent name when it runs for
     /// a single-session agent.
     async fn new_session(
         &self,
@@ -68,7 +68,8 @@ impl Harvest {
         // what to fix, never a 503 "busy".
         check_request(&req)?;
         let (config, params) = self
-            .check_config(
+            .check_submitted(
+                req.client.client_id(),
                 std::mem::take(&mut req.config),
                 std::mem::take(&mut req.params),
             )
@@ -207,15 +208,14 @@ impl Harvest {
 /// Most single submissions written as one batch ([`Store::combines_inserts`]).
 const COMBINE_MAX: usize = 256;
 
-/// Batches of single submissions being written at once: while one is, the next gathers. Each
-/// batch is an INSERT, its statement trigger and a commit, and commits of concurrent
-/// transactions share WAL flushes anyway, so fewer, larger batches cost the server less per
-/// session. Four in flight made batches of 2-3 submissions with 16 submitters; two gave
-/// 1.08-1.21x the single submissions per second and p99 28 ms instead of 32-34; one (with the
-/// finisher's batches also going from two in flight to one) gave end to end x1.00-1.30, median
-/// ~x1.09, and latency p50 15-17 -> 12-14 ms (`bench queue` on PostgreSQL, 2 cores,
-/// alternating pairs).
-const COMBINE_IN_FLIGHT: usize = 1;
+/// Batches of single submissions being written at once: while they are, the next batch
+/// gathers. Two rather than four: with 16 submitters four in flight made batches of 2-3
+/// submissions, and each batch is an INSERT, its statement trigger and a commit. (`bench queue`
+/// on PostgreSQL, 2 cores, alternating with four: 1.08-1.21× the single submissions per
+/// second, p99 latency 28 ms instead of 32-34.) One in flight made batches of 8 instead of 5
+/// (1048 -> 617 INSERTs per 5000 sessions end to end) but no faster in alternating runs
+/// (x0.74-1.07), and left a batch that waits, or one rewritten item by item, alone in its lane.
+const COMBINE_IN_FLIGHT: usize = 2;
 
 /// Most submissions waiting in or for the batches in flight. Beyond it a submission goes alone
 /// (waiting for a pooled connection, and refused as unavailable when none comes in time), so an

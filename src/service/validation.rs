@@ -8,10 +8,12 @@
 //! taken for [`VALIDATION_QUEUE_WAIT`] gets [`HarvestError::Busy`] (503 with `Retry-After`)
 //! instead of queueing without bound.
 //!
-//! A check is a pure function of the config and its params, so a pass stays a pass:
-//! [`Passed`] remembers the fingerprints of recent passes, and a config submitted again (an
-//! agent's or a schedule's runs, one scraper submitted with many params) skips its check and the
-//! hand-off to the blocking pool.
+//! A check is a pure function of the config and its params (a rule of [`Job::validate`]), so a
+//! pass stays a pass: [`Passed`] remembers the fingerprints of a client's recent passes, and a
+//! config the client submits again (an agent's or a schedule's runs, one scraper submitted with
+//! many params) skips its check and the hand-off to the blocking pool.
+//!
+//! [`Job::validate`]: crate::job::Job::validate
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -88,20 +90,22 @@ impl Default for Validations {
     }
 }
 
-/// Most passes [`Passed`] remembers; the oldest is forgotten first. 4096 fingerprints are
-/// ~100 KiB.
+/// Most passes [`Passed`] remembers; the oldest is forgotten first. 4096 fingerprints take
+/// ~260 KiB (a set and a queue of 16-byte entries, with their spare room).
 pub const PASSES_REMEMBERED: usize = 4096;
 
 /// Largest config (as JSON text, with its params) whose pass is remembered. Its fingerprint is
-/// computed on the runtime's thread, so that a hit costs no hand-off: bounded, it takes
-/// microseconds; a larger config is checked every time.
+/// computed on the runtime's thread, so that a hit costs no hand-off: hashing stops after this
+/// many bytes (serde_json may first scan one long string whole: a pass over a body the request
+/// already parsed); a larger config is checked every time.
 pub const PASS_MAX_BYTES: usize = 32 * 1024;
 
-/// The fingerprints of the (config, params) pairs whose check passed most recently.
+/// The fingerprints of the (client, config, params) triples whose check passed most recently.
 ///
-/// A fingerprint is two SipHash-1-3 hashes of the config's JSON text and the params, keyed at
-/// random per process: 128 bits that a client cannot aim at another config's. Failures are not
-/// remembered: their message is the answer, and they are the rare case.
+/// A fingerprint is two SipHash-1-3 hashes of the client id, the config's JSON text and the
+/// params, with keys chosen at random when the process starts. No client ever sees one, so
+/// none can aim a config at another's fingerprint. Failures are not remembered: their message
+/// is the answer, and they are the rare case.
 #[derive(Debug)]
 pub struct Passed {
     keys: [RandomState; 2],
@@ -157,10 +161,11 @@ impl Passed {
         }
     }
 
-    /// The fingerprint of `config` with `params`; `None` when they are larger than
+    /// The fingerprint of `client`'s `config` with `params`; `None` when they are larger than
     /// [`PASS_MAX_BYTES`] (never remembered).
     pub fn fingerprint(
         &self,
+        client: &str,
         config: &serde_json::Value,
         params: &BTreeMap<String, String>,
     ) -> Option<u128> {
@@ -168,6 +173,9 @@ impl Passed {
             hashers: [self.keys[0].build_hasher(), self.keys[1].build_hasher()],
             left: PASS_MAX_BYTES,
         };
+        if !f.feed(&(client.len() as u64).to_le_bytes()) || !f.feed(client.as_bytes()) {
+            return None;
+        }
         serde_json::to_writer(&mut f, config).ok()?;
         // 0xff never occurs in JSON text: the config's end is unambiguous. Each param is
         // length-prefixed.
@@ -226,27 +234,28 @@ mod tests {
         let one = BTreeMap::from([("a".to_string(), "b".to_string())]);
         let moved = BTreeMap::from([("ab".to_string(), String::new())]);
         let c = serde_json::json!({"name": "x"});
-        let f = p.fingerprint(&c, &none).expect("small");
-        assert_eq!(p.fingerprint(&c, &none), Some(f), "stable");
+        let f = p.fingerprint("a", &c, &none).expect("small");
+        assert_eq!(p.fingerprint("a", &c, &none), Some(f), "stable");
+        assert_ne!(p.fingerprint("b", &c, &none), Some(f), "per client");
         assert_ne!(
-            p.fingerprint(&serde_json::json!({"name": "y"}), &none),
+            p.fingerprint("a", &serde_json::json!({"name": "y"}), &none),
             Some(f)
         );
-        assert_ne!(p.fingerprint(&c, &one), Some(f));
+        assert_ne!(p.fingerprint("a", &c, &one), Some(f));
         assert_ne!(
-            p.fingerprint(&c, &one),
-            p.fingerprint(&c, &moved),
+            p.fingerprint("a", &c, &one),
+            p.fingerprint("a", &c, &moved),
             "params delimited"
         );
         assert_ne!(
-            Passed::new().fingerprint(&c, &none),
+            Passed::new().fingerprint("a", &c, &none),
             Some(f),
             "keyed per process"
         );
         let big = serde_json::json!({"name": "x".repeat(PASS_MAX_BYTES)});
-        assert_eq!(p.fingerprint(&big, &none), None);
+        assert_eq!(p.fingerprint("a", &big, &none), None);
         let long = BTreeMap::from([("k".to_string(), "v".repeat(PASS_MAX_BYTES))]);
-        assert_eq!(p.fingerprint(&c, &long), None);
+        assert_eq!(p.fingerprint("a", &c, &long), None);
     }
 
     #[test]

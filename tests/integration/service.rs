@@ -693,7 +693,7 @@ async fn stop_reason_first_wins() {
     assert!(s.is_stopped());
 }
 
-/// Counts the configs it checks; refuses one with `bad`.
+/// Counts the configs it checks; refuses one with `bad` (as [`RecordsJob`] does).
 struct CountsChecks(Arc<AtomicU32>);
 
 #[async_trait]
@@ -701,24 +701,19 @@ impl Job for CountsChecks {
     fn validate(
         &self,
         c: &serde_json::Value,
-        _: &BTreeMap<String, String>,
+        params: &BTreeMap<String, String>,
     ) -> Result<(), harvest::job::ConfigRejected> {
         self.0.fetch_add(1, Ordering::SeqCst);
-        if c.get("bad").is_some() {
-            Err(harvest::job::ConfigRejected::new(
-                "bad: refused by the test job",
-            ))
-        } else {
-            Ok(())
-        }
+        RecordsJob { n: 0, per_batch: 1 }.validate(c, params)
     }
     async fn run(&self, _ctx: JobContext) -> JobOutcome {
         JobOutcome::Completed(CheckpointBatch::default())
     }
 }
 
-/// A config (with its params) that passed its check is not checked again; a refused one is
-/// checked, and refused, every time, and so is one too large to remember.
+/// A client's config (with its params) that passed its check is not checked again; another
+/// client's is; a refused one is checked, and refused, every time, and so is one too large to
+/// remember.
 #[tokio::test]
 async fn a_config_that_passed_its_check_is_not_checked_again() {
     let checks = Arc::new(AtomicU32::new(0));
@@ -735,6 +730,10 @@ async fn a_config_that_passed_its_check_is_not_checked_again() {
         .await
         .expect("submit with a param");
     assert_eq!(count(), 2, "other params: another check");
+    h.submit(SubmitRequest::new(json!({"name": "a"})).client(harvest::ClientContext::of("other")))
+        .await
+        .expect("submit as another client");
+    assert_eq!(count(), 3, "passes are remembered per client");
     for _ in 0..2 {
         let refused = h
             .submit(SubmitRequest::new(json!({"name": "a", "bad": 1})))
@@ -744,7 +743,7 @@ async fn a_config_that_passed_its_check_is_not_checked_again() {
             "{refused:?}"
         );
     }
-    assert_eq!(count(), 4, "a refused config is checked every time");
+    assert_eq!(count(), 5, "a refused config is checked every time");
     let big = json!({"name": "x".repeat(harvest::service::validation::PASS_MAX_BYTES)});
     for _ in 0..2 {
         h.submit(SubmitRequest::new(big.clone()))
@@ -753,7 +752,7 @@ async fn a_config_that_passed_its_check_is_not_checked_again() {
     }
     assert_eq!(
         count(),
-        6,
+        7,
         "a config too large to remember is checked every time"
     );
     assert_eq!(
@@ -762,7 +761,7 @@ async fn a_config_that_passed_its_check_is_not_checked_again() {
             .expect("list")
             .sessions
             .len(),
-        6,
+        7,
         "every accepted submission stored"
     );
 }
