@@ -13,7 +13,11 @@
 //!    submission carries the same config, so after the first its check is remembered, as for
 //!    an agent's runs: see `service::validation::Passed`);
 //! 3. end to end: the same submitters with workers claiming and completing the sessions; latency
-//!    is submit → COMPLETED per session;
+//!    is submit → COMPLETED per session. The submitters do not wait for the workers, so when
+//!    they outpace them a backlog builds and this latency is mostly queueing: see 3b;
+//!    3b. paced: then, on the same store, `--paced` sessions submitted open loop at half the
+//!    end-to-end rate just measured (each at its scheduled time, whatever the others are
+//!    doing); latency submit → COMPLETED at that load (`paced_latency_*`);
 //! 4. idle latency: one session at a time into an idle queue, submit → `started`;
 //! 5. burn down: `--burn` sessions submitted in batches of 1000 (`submit_many`) with no worker
 //!    running, then the workers started, claiming `--prefetch` sessions ahead of their free
@@ -56,6 +60,9 @@ pub struct QueueBenchArgs {
     /// Sessions of the idle-latency phase (one at a time); 0 skips it.
     #[arg(long, default_value_t = 200)]
     pub idle: usize,
+    /// Sessions of the paced phase (submitted at half the end-to-end rate); 0 skips it.
+    #[arg(long, default_value_t = 2_000)]
+    pub paced: usize,
     /// Print only the JSON object (no progress on stderr).
     #[arg(long)]
     pub json: bool,
@@ -191,44 +198,34 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
     );
     let (harvest, place) = open(&backend, args.workers, 0).await?;
     let submitted: Arc<Mutex<HashMap<SessionId, Instant>>> = Arc::default();
-    let mut events = harvest.subscribe();
-    let seen = submitted.clone();
-    let total = args.sessions;
-    let collector = tokio::spawn(async move {
-        let mut lats = Vec::with_capacity(total);
-        let mut last = Instant::now();
-        let mut lagged = 0u64;
-        while lats.len() + (lagged as usize) < total {
-            match events.recv().await {
-                Ok(e) if e.kind == EventKind::Completed => {
-                    let at = Instant::now();
-                    let start = seen.lock().ok().and_then(|m| m.get(&e.session_id).copied());
-                    if let Some(s) = start {
-                        lats.push(at - s);
-                    }
-                    last = at;
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => lagged += n,
-                Err(_) => break,
-            }
-        }
-        (lats, last, lagged)
-    });
+    let collector = completions(&harvest, submitted.clone(), args.sessions);
     harvest.start();
     let t0 = Instant::now();
     submit_all(&harvest, args.sessions, args.submitters, Some(submitted)).await?;
-    let (mut lats, last, lagged) = tokio::time::timeout(Duration::from_secs(600), collector)
-        .await
-        .map_err(|_| anyhow::anyhow!("sessions did not complete within 600 s"))??;
+    let (mut lats, last, lagged) = collector.await?;
     let e2e_secs = (last - t0).as_secs_f64();
-    harvest.shutdown(Duration::from_secs(5)).await?;
-    place.remove().await?;
     lats.sort();
     let mut submit_lat = submit_lat;
     submit_lat.sort();
     let sessions_per_sec = args.sessions as f64 / e2e_secs;
     say(args, &format!("end to end: {sessions_per_sec:.0}/s"));
+    let paced_rate = sessions_per_sec / 2.0;
+    let paced = if args.paced > 0 {
+        say(
+            args,
+            &format!(
+                "phase 3b ({name}): {} sessions at {paced_rate:.0}/s, half the end-to-end rate",
+                args.paced
+            ),
+        );
+        let mut lats = paced_run(&harvest, args.paced, paced_rate).await?;
+        lats.sort();
+        Some(lats)
+    } else {
+        None
+    };
+    harvest.shutdown(Duration::from_secs(5)).await?;
+    place.remove().await?;
 
     let idle = idle_latency(args, &backend).await?;
     let burn = burn_down(args, &backend).await?;
@@ -245,6 +242,9 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
         "latency_p50_ms": super::quantile_ms(&lats, 0.5),
         "latency_p99_ms": super::quantile_ms(&lats, 0.99),
         "events_lagged": lagged,
+        "paced_per_sec": paced.as_ref().map(|_| paced_rate.round()),
+        "paced_latency_p50_ms": paced.as_ref().map(|l| super::quantile_ms(l, 0.5)),
+        "paced_latency_p99_ms": paced.as_ref().map(|l| super::quantile_ms(l, 0.99)),
         "idle_latency_p50_ms": idle.as_ref().map(|l| super::quantile_ms(l, 0.5)),
         "idle_latency_p99_ms": idle.as_ref().map(|l| super::quantile_ms(l, 0.99)),
         "burn_sessions": args.burn,
@@ -252,6 +252,77 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
         "burn_per_sec": burn.map(|b| b.1.round()),
         "burn_prefetch": args.prefetch,
     }))
+}
+
+/// Collects the latency submit → COMPLETED of `total` sessions whose submission instants
+/// `submitted` holds (subscribed before the first submission): the latencies, when the last
+/// completed, and how many events the subscription lost. Gives up after 600 s.
+fn completions(
+    harvest: &Harvest,
+    submitted: Arc<Mutex<HashMap<SessionId, Instant>>>,
+    total: usize,
+) -> impl std::future::Future<Output = anyhow::Result<(Vec<Duration>, Instant, u64)>> + use<> {
+    let mut events = harvest.subscribe();
+    let collector = tokio::spawn(async move {
+        let mut lats = Vec::with_capacity(total);
+        let mut last = Instant::now();
+        let mut lagged = 0u64;
+        while lats.len() + (lagged as usize) < total {
+            match events.recv().await {
+                Ok(e) if e.kind == EventKind::Completed => {
+                    let at = Instant::now();
+                    let start = submitted
+                        .lock()
+                        .ok()
+                        .and_then(|m| m.get(&e.session_id).copied());
+                    if let Some(s) = start {
+                        lats.push(at - s);
+                    }
+                    last = at;
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => lagged += n,
+                Err(_) => break,
+            }
+        }
+        (lats, last, lagged)
+    });
+    async move {
+        tokio::time::timeout(Duration::from_secs(600), collector)
+            .await
+            .map_err(|_| anyhow::anyhow!("sessions did not complete within 600 s"))?
+            .map_err(anyhow::Error::from)
+    }
+}
+
+/// Phase 3b: `total` sessions submitted open loop at `rate` per second (each at its scheduled
+/// instant, in a task of its own, so a slow submission delays no other) into a running
+/// harvest; their latencies submit → COMPLETED.
+async fn paced_run(harvest: &Harvest, total: usize, rate: f64) -> anyhow::Result<Vec<Duration>> {
+    let submitted: Arc<Mutex<HashMap<SessionId, Instant>>> = Arc::default();
+    let collector = completions(harvest, submitted.clone(), total);
+    let every = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let t0 = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        tokio::time::sleep_until(t0 + every.mul_f64(i as f64)).await;
+        let harvest = harvest.clone();
+        let submitted = submitted.clone();
+        tasks.spawn(async move {
+            let id = SessionId::generate();
+            if let Ok(mut m) = submitted.lock() {
+                m.insert(id.clone(), Instant::now());
+            }
+            harvest
+                .submit(SubmitRequest::new(json!({"name": "noop"})).session_id(id))
+                .await
+                .map(|_| ())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(collector.await?.0)
 }
 
 /// Phase 4: one session at a time into an idle queue (workers waiting), submit → `started`.

@@ -1,7 +1,8 @@
-//! `harvest bench crawl` and `harvest bench frontier`. The crawl figures are measurements
-//! (ignored tests, for a release build:
+//! `harvest bench crawl`, `harvest bench frontier` and `harvest bench queue`. The crawl figures
+//! are measurements (ignored tests, for a release build:
 //! `cargo test --release --test integration engine_bench -- --ignored --nocapture`); the
-//! 100,000-URL frontier check runs with every `cargo test`.
+//! 100,000-URL frontier check and a small queue run (every figure reported) run with every
+//! `cargo test`.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a test: run it in release"]
@@ -41,6 +42,51 @@ async fn bench_frontier_urls_in_bounded_memory() {
     let r = bench(&["frontier", "--urls", &urls.to_string(), "--json"]).await;
     println!("{r}");
     check_frontier(&r, urls);
+}
+
+/// `harvest bench queue` on sled, small: every figure of its JSON is there and positive,
+/// the paced phase's among them (it exists because the end-to-end phase's latency is mostly
+/// queueing when the submitters outpace the workers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_queue_reports_every_figure() {
+    let r = bench(&[
+        "queue",
+        "--json",
+        "--sessions",
+        "300",
+        "--burn",
+        "300",
+        "--idle",
+        "5",
+        "--paced",
+        "60",
+        "--naive-writes",
+        "160",
+    ])
+    .await;
+    println!("{r}");
+    for key in [
+        "submit_per_sec",
+        "sessions_per_sec",
+        "burn_per_sec",
+        "naive_fdatasync_per_sec",
+        "submit_latency_p50_ms",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "idle_latency_p50_ms",
+        "paced_per_sec",
+        "paced_latency_p50_ms",
+        "paced_latency_p99_ms",
+    ] {
+        assert!(
+            r[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key} missing or not positive: {r}"
+        );
+    }
+    assert!(
+        r["paced_latency_p50_ms"].as_f64() <= r["paced_latency_p99_ms"].as_f64(),
+        "{r}"
+    );
 }
 
 /// Runs `harvest bench ARGS` (the real binary, so that its peak RSS is the bench's alone) and
