@@ -308,16 +308,7 @@ async fn paced_run(harvest: &Harvest, total: usize, rate: f64) -> anyhow::Result
         tokio::time::sleep_until(t0 + every.mul_f64(i as f64)).await;
         let harvest = harvest.clone();
         let submitted = submitted.clone();
-        tasks.spawn(async move {
-            let id = SessionId::generate();
-            if let Ok(mut m) = submitted.lock() {
-                m.insert(id.clone(), Instant::now());
-            }
-            harvest
-                .submit(SubmitRequest::new(json!({"name": "noop"})).session_id(id))
-                .await
-                .map(|_| ())
-        });
+        tasks.spawn(async move { submit_noop(&harvest, Some(&submitted)).await });
     }
     while let Some(done) = tasks.join_next().await {
         done??;
@@ -522,15 +513,7 @@ async fn submit_all(
         tasks.push(tokio::spawn(async move {
             let mut lats = Vec::with_capacity(n);
             for _ in 0..n {
-                let id = SessionId::generate();
-                let t = Instant::now();
-                if let Some(Ok(mut m)) = record.as_ref().map(|r| r.lock()) {
-                    m.insert(id.clone(), t);
-                }
-                harvest
-                    .submit(SubmitRequest::new(json!({"name": "noop"})).session_id(id))
-                    .await?;
-                lats.push(t.elapsed());
+                lats.push(submit_noop(&harvest, record.as_deref()).await?);
             }
             anyhow::Ok(lats)
         }));
@@ -540,6 +523,23 @@ async fn submit_all(
         all.extend(t.await??);
     }
     Ok(all)
+}
+
+/// Submits one no-op session, its submission instant noted in `record`; how long the
+/// submission took to be acknowledged.
+async fn submit_noop(
+    harvest: &Harvest,
+    record: Option<&Mutex<HashMap<SessionId, Instant>>>,
+) -> anyhow::Result<Duration> {
+    let id = SessionId::generate();
+    let t = Instant::now();
+    if let Some(Ok(mut m)) = record.map(|r| r.lock()) {
+        m.insert(id.clone(), t);
+    }
+    harvest
+        .submit(SubmitRequest::new(json!({"name": "noop"})).session_id(id))
+        .await?;
+    Ok(t.elapsed())
 }
 
 /// 16 threads each inserting and flushing per write into one sled db: what a store without group

@@ -99,6 +99,19 @@ async fn sessions(h: &Harvest) -> Vec<Session> {
     .sessions
 }
 
+/// Submits each config, in order; their session ids.
+async fn submit_each(
+    h: &Harvest,
+    configs: impl IntoIterator<Item = serde_json::Value>,
+) -> Vec<SessionId> {
+    let mut ids = Vec::new();
+    for config in configs {
+        let s = h.submit(SubmitRequest::new(config)).await.expect("submit");
+        ids.push(s.id().clone());
+    }
+    ids
+}
+
 async fn wait_until(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -163,14 +176,7 @@ async fn buffered_sessions_keep_leases_take_cancels_and_go_back_at_shutdown() {
     let dir = tempfile::tempdir().expect("tempdir");
     let gate = Gate::default();
     let h = open(dir.path(), &gate).await;
-    let mut ids = Vec::new();
-    for _ in 0..10 {
-        let s = h
-            .submit(SubmitRequest::new(json!({"name": "gate"})))
-            .await
-            .expect("submit");
-        ids.push(s.id().clone());
-    }
+    submit_each(&h, (0..10).map(|_| json!({"name": "gate"}))).await;
     // Started once all are queued, so that the first claim fills the slots and the buffer.
     h.start();
     wait_until(
@@ -509,12 +515,11 @@ async fn buffered_sessions_start_while_a_claim_waits() {
         return;
     };
     let (h, job, url, schema) = (&pg.h, &pg.job, &pg.url, &pg.schema);
-    let mut ids = Vec::new();
-    for i in 0..5 {
-        let config = json!({"name": format!("s{i}"), "hold": i == 0});
-        let s = h.submit(SubmitRequest::new(config)).await.expect("submit");
-        ids.push(s.id().clone());
-    }
+    let ids = submit_each(
+        h,
+        (0..5).map(|i| json!({"name": format!("s{i}"), "hold": i == 0})),
+    )
+    .await;
     h.start();
     wait_until(
         "the first running and four buffered",
