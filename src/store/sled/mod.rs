@@ -212,29 +212,62 @@ impl SledStore {
     /// Opens (or creates) the store in `path`. A store written by a newer harvest is refused with
     /// [`StoreError::NewerVersion`]; removals interrupted by a crash are finished here.
     pub fn open(path: &Path) -> StoreResult<SledStore> {
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(None)
-            .cache_capacity(CACHE_BYTES)
-            .open()
-            .map_err(|source| match source {
-                // sled wraps the lock's EWOULDBLOCK in an error of its own words.
-                sled::Error::Io(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.to_string().contains("could not acquire lock") =>
-                {
-                    StoreError::InUse {
-                        path: path.to_path_buf(),
-                        pid: pidfile::holder(path),
-                    }
-                }
-                source => StoreError::Sled {
-                    context: format!("opening the store at {}", path.display()),
-                    source,
-                },
-            })?;
+        let db = open_db(path)?;
         // Best effort: it only makes the error of a second process more helpful.
         pidfile::write(path);
+        Self::open_db_at(path, db)
+    }
+}
+
+/// How long [`open_db`] waits for this process's own earlier handle of a store to let its lock
+/// go.
+const OWN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens sled in `path`. When the lock is held by this very process, the holder is most likely
+/// a handle just dropped: sled releases its file (and lock) when its last I/O task lets go of
+/// it, which can be a moment after the flush that `SledStore`'s drop waits for has returned. So
+/// the open is retried for up to [`OWN_LOCK_WAIT`]; another process's lock is reported at once.
+fn open_db(path: &Path) -> StoreResult<sled::Db> {
+    let deadline = std::time::Instant::now() + OWN_LOCK_WAIT;
+    loop {
+        match try_open_db(path) {
+            Err(StoreError::InUse { pid, .. })
+                if pid == Some(std::process::id()) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn try_open_db(path: &Path) -> StoreResult<sled::Db> {
+    sled::Config::new()
+        .path(path)
+        .flush_every_ms(None)
+        .cache_capacity(CACHE_BYTES)
+        .open()
+        .map_err(|source| match source {
+            // sled wraps the lock's EWOULDBLOCK in an error of its own words.
+            sled::Error::Io(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock") =>
+            {
+                StoreError::InUse {
+                    path: path.to_path_buf(),
+                    pid: pidfile::holder(path),
+                }
+            }
+            source => StoreError::Sled {
+                context: format!("opening the store at {}", path.display()),
+                source,
+            },
+        })
+}
+
+impl SledStore {
+    /// The rest of [`SledStore::open`], with sled open.
+    fn open_db_at(path: &Path, db: sled::Db) -> StoreResult<SledStore> {
         let what = || format!("the sled store at {}", path.display());
         match db
             .get(META_KEY)
