@@ -307,10 +307,14 @@ impl Browser {
             .collect();
         let shot = self.save_failure_screenshot().await;
         let logs = self.console_log().await.join("\n");
-        panic!(
+        let report = format!(
             "{}: {why}\nat {url}\nscreenshot: {shot}\nbrowser console:\n{logs}\npage text:\n{text}",
             self.name
         );
+        // Printed without a backtrace: under RUST_BACKTRACE=1 (as in CI) the panic hook's
+        // backtrace would follow the report and push it out of a log that keeps only its tail.
+        eprintln!("{report}");
+        std::panic::resume_unwind(Box::new(report));
     }
 
     async fn save_failure_screenshot(&self) -> String {

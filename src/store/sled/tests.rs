@@ -643,6 +643,43 @@ async fn reclaim_all(store: &SledStore) -> Vec<SessionKey> {
     ids
 }
 
+/// `leases_reclaim` reads the expired part of the lease index a chunk at a time: entries left by
+/// sessions that no longer hold their lease are dropped on the way without counting against the
+/// limit, and every expired session is reclaimed once over calls of `limit` each.
+#[tokio::test]
+async fn reclaiming_reads_the_lease_index_in_chunks_past_stale_entries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(running(&store).await.id);
+    }
+    // Seven stale entries that sort first (expired at 1..=7 ns): sessions that do not exist.
+    for t in 1..=7 {
+        let gone = SessionKey::new(None, SessionId::generate());
+        store.leases().insert(super::keys::k_lease(Timestamp(t), &gone));
+    }
+    let reclaim = || {
+        store.leases_reclaim(crate::store::LeaseReclaim {
+            expired_before: Timestamp(i64::MAX),
+            limit: 2,
+            backoff: Duration::ZERO,
+            cleanup_after: Duration::from_secs(60),
+            now: Timestamp::now(),
+        })
+    };
+    let mut found = Vec::new();
+    for want in [2, 2, 1, 0] {
+        let got = reclaim().await.expect("reclaim");
+        assert_eq!(got.len(), want, "a call reclaims up to its limit");
+        found.extend(got.into_iter().map(|r| r.id));
+    }
+    assert_eq!(store.leases().len(), 0, "stale entries dropped, reclaimed leases gone");
+    found.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    ids.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    assert_eq!(found, ids, "each expired session reclaimed once");
+}
+
 /// Layout 4 keeps the lease index in memory: no `L` key is written, and a store reopened with
 /// RUNNING sessions (a process that died) rebuilds the index from them, so the recovery at open
 /// finds every one. A layout-3 store's `L` keys are removed at open.
