@@ -1241,3 +1241,107 @@ async fn a_failed_finish_writes_nothing_and_leaves_its_connection_usable() {
     }
     store.close().await.expect("close");
 }
+
+/// Notifications on `harvest_pending` for `schema`, as the instants they arrived, from a
+/// connection of their own that LISTENs.
+async fn pending_notifications(
+    url: &str,
+    schema: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<Instant>,
+) {
+    use futures::StreamExt;
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let schema = schema.to_string();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m
+                && n.channel() == "harvest_pending"
+                && n.payload() == schema
+            {
+                let _ = tx.send(Instant::now());
+            }
+        }
+    });
+    client
+        .batch_execute("LISTEN harvest_pending")
+        .await
+        .expect("listen");
+    (client, rx)
+}
+
+/// The store's NOTIFYs to other processes are at least 10 ms apart (`NOTIFY_GAP`): a burst of
+/// 400 submissions from 16 tasks is announced by a handful, not one per commit. No request is
+/// dropped for it: a submission made while the gap runs is announced once the gap is over, so
+/// two back-to-back submissions are two notifications.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifies_to_other_processes_are_paced_and_none_is_dropped() {
+    const GAP: Duration = Duration::from_millis(10);
+    let Some(url) = database_url() else { return };
+    let (store, guard) = fresh(&url).await;
+    let (_listener, mut heard) = pending_notifications(&url, &guard.schema).await;
+    let store: Arc<dyn Store> = Arc::new(store);
+    // A quiet spell first, so the first submission is announced at once.
+    tokio::time::sleep(GAP * 2).await;
+    let count_until_quiet = |heard: &mut tokio::sync::mpsc::UnboundedReceiver<Instant>| {
+        let mut times = Vec::new();
+        while let Ok(t) = heard.try_recv() {
+            times.push(t);
+        }
+        times
+    };
+
+    // Two submissions back to back: the first is announced at once, the second after the gap.
+    insert(&store, session("first")).await;
+    insert(&store, session("second")).await;
+    let mut two = Vec::new();
+    while two.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(10), heard.recv()).await {
+            Ok(Some(t)) => two.push(t),
+            _ => panic!(
+                "heard {} notification(s) for two submissions, not 2",
+                two.len()
+            ),
+        }
+    }
+    tokio::time::sleep(GAP * 5).await;
+    let extra = count_until_quiet(&mut heard);
+    assert!(
+        extra.is_empty(),
+        "{} notifications more than owed",
+        extra.len()
+    );
+
+    // A burst: at most one notification per gap.
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    insert(&store, session(&format!("b{t:02}-{i:02}"))).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("submitter");
+    }
+    tokio::time::sleep(GAP * 5).await;
+    let times = count_until_quiet(&mut heard);
+    let last = *times
+        .last()
+        .expect("a burst of 400 submissions was never announced");
+    let most = (last - start).as_secs_f64() / GAP.as_secs_f64() + 1.0;
+    assert!(
+        (times.len() as f64) <= most,
+        "{} notifications in {:?}: more than one per {GAP:?}",
+        times.len(),
+        last - start
+    );
+}

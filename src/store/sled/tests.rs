@@ -657,7 +657,9 @@ async fn reclaiming_reads_the_lease_index_in_chunks_past_stale_entries() {
     // Seven stale entries that sort first (expired at 1..=7 ns): sessions that do not exist.
     for t in 1..=7 {
         let gone = SessionKey::new(None, SessionId::generate());
-        store.leases().insert(super::keys::k_lease(Timestamp(t), &gone));
+        store
+            .leases()
+            .insert(super::keys::k_lease(Timestamp(t), &gone));
     }
     let reclaim = || {
         store.leases_reclaim(crate::store::LeaseReclaim {
@@ -674,7 +676,11 @@ async fn reclaiming_reads_the_lease_index_in_chunks_past_stale_entries() {
         assert_eq!(got.len(), want, "a call reclaims up to its limit");
         found.extend(got.into_iter().map(|r| r.id));
     }
-    assert_eq!(store.leases().len(), 0, "stale entries dropped, reclaimed leases gone");
+    assert_eq!(
+        store.leases().len(),
+        0,
+        "stale entries dropped, reclaimed leases gone"
+    );
     found.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
     ids.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
     assert_eq!(found, ids, "each expired session reclaimed once");
