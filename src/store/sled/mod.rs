@@ -146,6 +146,8 @@ pub struct SledStore {
     write: Mutex<Counters>,
     durability: Arc<Durability>,
     flusher: Option<JoinHandle<()>>,
+    /// This store's entry in [`OPEN_HERE`]; it goes after `drop` has joined the flusher.
+    _open_here: OpenHere,
     pending: Notify,
     /// Sequence of the next intent key (see [`SledStore::apply_atomic`]).
     intent_seq: AtomicU64,
@@ -213,9 +215,41 @@ impl SledStore {
     /// [`StoreError::NewerVersion`]; removals interrupted by a crash are finished here.
     pub fn open(path: &Path) -> StoreResult<SledStore> {
         let db = open_db(path)?;
+        let here = OpenHere::register(path);
         // Best effort: it only makes the error of a second process more helpful.
         pidfile::write(path);
-        Self::open_db_at(path, db)
+        Self::open_db_at(path, db, here)
+    }
+}
+
+/// The data directories this process has a [`SledStore`] open in (canonical paths). A lock
+/// held by this process on a directory not listed here is a dropped store's, which sled lets go
+/// of a moment later; one listed here is a live store's (see [`open_db`]).
+static OPEN_HERE: Mutex<std::collections::BTreeSet<PathBuf>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+fn open_here() -> MutexGuard<'static, std::collections::BTreeSet<PathBuf>> {
+    OPEN_HERE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A directory's entry in [`OPEN_HERE`], removed when dropped.
+struct OpenHere(Option<PathBuf>);
+
+impl OpenHere {
+    fn register(path: &Path) -> OpenHere {
+        let dir = std::fs::canonicalize(path).ok();
+        if let Some(d) = &dir {
+            open_here().insert(d.clone());
+        }
+        OpenHere(dir)
+    }
+}
+
+impl Drop for OpenHere {
+    fn drop(&mut self) {
+        if let Some(d) = &self.0 {
+            open_here().remove(d);
+        }
     }
 }
 
@@ -223,16 +257,20 @@ impl SledStore {
 /// go.
 const OWN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Opens sled in `path`. When the lock is held by this very process, the holder is most likely
-/// a handle just dropped: sled releases its file (and lock) when its last I/O task lets go of
-/// it, which can be a moment after the flush that `SledStore`'s drop waits for has returned. So
-/// the open is retried for up to [`OWN_LOCK_WAIT`]; another process's lock is reported at once.
+/// Opens sled in `path`. When the lock is held by this very process and no store of this
+/// process is open there ([`OPEN_HERE`]), the holder is a handle just dropped: sled releases
+/// its file (and lock) when its last I/O task lets go of it, which can be a moment after the
+/// flush that `SledStore`'s drop waits for has returned. So the open is retried for up to
+/// [`OWN_LOCK_WAIT`]; a live store's lock, or another process's, is reported at once.
 fn open_db(path: &Path) -> StoreResult<sled::Db> {
     let deadline = std::time::Instant::now() + OWN_LOCK_WAIT;
+    let dropped_here = || std::fs::canonicalize(path).map_or(true, |d| !open_here().contains(&d));
     loop {
         match try_open_db(path) {
             Err(StoreError::InUse { pid, .. })
-                if pid == Some(std::process::id()) && std::time::Instant::now() < deadline =>
+                if pid == Some(std::process::id())
+                    && std::time::Instant::now() < deadline
+                    && dropped_here() =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
@@ -267,7 +305,7 @@ fn try_open_db(path: &Path) -> StoreResult<sled::Db> {
 
 impl SledStore {
     /// The rest of [`SledStore::open`], with sled open.
-    fn open_db_at(path: &Path, db: sled::Db) -> StoreResult<SledStore> {
+    fn open_db_at(path: &Path, db: sled::Db, here: OpenHere) -> StoreResult<SledStore> {
         let what = || format!("the sled store at {}", path.display());
         match db
             .get(META_KEY)
@@ -345,6 +383,7 @@ impl SledStore {
             write: Mutex::new(counters),
             durability,
             flusher: Some(flusher),
+            _open_here: here,
             pending: Notify::new(),
             intent_seq: AtomicU64::new(1),
             poisoned: AtomicBool::new(false),

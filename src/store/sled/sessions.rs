@@ -662,55 +662,45 @@ impl SledStore {
             let mut b = Batch::default();
             let mut reclaimed = Vec::new();
             let mut changed = false;
-            // The expired entries, copied out of the index (changed only under the store
-            // mutex, which is held here) a chunk at a time: after a crash of many workers the
-            // index holds far more expired leases than one call reclaims.
-            let end = upto(b"L", p.expired_before);
-            let mut from = Bound::Included(vec![b'L']);
-            let chunk = p.limit.clamp(1, 1024);
-            'scan: loop {
-                let expired: Vec<Vec<u8>> = self
-                    .leases()
-                    .range((from, Bound::Excluded(end.clone())))
-                    .take(chunk)
-                    .cloned()
-                    .collect();
-                let Some(last) = expired.last() else { break };
-                from = Bound::Excluded(last.clone());
-                for k in expired {
-                    if reclaimed.len() >= p.limit {
-                        break 'scan;
-                    }
-                    let old = match id_after(&k, 1 + 8).and_then(|id| self.load(&id)) {
-                        Ok(Some(s))
-                            if s.status == SessionStatus::Running
-                                && s.lease.as_ref().is_some_and(|l| {
-                                    l.expires_at <= p.expired_before
-                                        && k_lease(l.expires_at, &s.key()) == k
-                                }) =>
-                        {
-                            s
-                        }
-                        other => {
-                            if let Err(e) = other {
-                                tracing::warn!(error = %e, "dropping an unreadable session's lease entry");
-                            }
-                            b.unlease(k);
-                            changed = true;
-                            continue;
-                        }
-                    };
-                    changed = true;
-                    let (s, outcome) = old.reclaimed(p.backoff, p.cleanup_after, p.now);
-                    self.stage_transition(&mut c, &mut b, &old, &s)?;
-                    reclaimed.push(Reclaimed {
-                        id: s.key(),
-                        attempt: old.attempt,
-                        outcome,
-                        session: Box::new(s),
-                    });
+            // The expired entries, read in place: the index changes only in `apply_atomic`
+            // and at open, both under the store mutex, which is held here; nothing below locks
+            // it. After a crash of many workers it holds far more expired leases than one call
+            // reclaims, so they are not copied out first.
+            let leases = self.leases();
+            for k in leases.range(vec![b'L']..upto(b"L", p.expired_before)) {
+                if reclaimed.len() >= p.limit {
+                    break;
                 }
+                let old = match id_after(k, 1 + 8).and_then(|id| self.load(&id)) {
+                    Ok(Some(s))
+                        if s.status == SessionStatus::Running
+                            && s.lease.as_ref().is_some_and(|l| {
+                                l.expires_at <= p.expired_before
+                                    && k_lease(l.expires_at, &s.key()) == *k
+                            }) =>
+                    {
+                        s
+                    }
+                    other => {
+                        if let Err(e) = other {
+                            tracing::warn!(error = %e, "dropping an unreadable session's lease entry");
+                        }
+                        b.unlease(k.clone());
+                        changed = true;
+                        continue;
+                    }
+                };
+                changed = true;
+                let (s, outcome) = old.reclaimed(p.backoff, p.cleanup_after, p.now);
+                self.stage_transition(&mut c, &mut b, &old, &s)?;
+                reclaimed.push(Reclaimed {
+                    id: s.key(),
+                    attempt: old.attempt,
+                    outcome,
+                    session: Box::new(s),
+                });
             }
+            drop(leases);
             if !changed {
                 return Ok(reclaimed);
             }

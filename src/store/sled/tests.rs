@@ -643,11 +643,11 @@ async fn reclaim_all(store: &SledStore) -> Vec<SessionKey> {
     ids
 }
 
-/// `leases_reclaim` reads the expired part of the lease index a chunk at a time: entries left by
+/// `leases_reclaim` reads the expired part of the lease index in place: entries left by
 /// sessions that no longer hold their lease are dropped on the way without counting against the
 /// limit, and every expired session is reclaimed once over calls of `limit` each.
 #[tokio::test]
-async fn reclaiming_reads_the_lease_index_in_chunks_past_stale_entries() {
+async fn reclaiming_drops_stale_lease_entries_and_stops_at_its_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SledStore::open(dir.path()).expect("open");
     let mut ids = Vec::new();
