@@ -202,8 +202,8 @@ pub trait Job: Send + Sync + 'static {
     /// e.g. `pages.product.fields.price.regex: unclosed group`.
     ///
     /// The verdict must depend on `config` and `params` only (no clock, file or setting that
-    /// can change): a client's submission of a config that passed recently is not checked
-    /// again (`service::validation::Passed`).
+    /// can change): a client's submission of a config and params that passed recently is not
+    /// checked again (`service::validation::Passed`).
     fn validate(
         &self,
         config: &serde_json::Value,

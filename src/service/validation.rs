@@ -10,8 +10,8 @@
 //!
 //! A check is a pure function of the config and its params (a rule of [`Job::validate`]), so a
 //! pass stays a pass: [`Passed`] remembers the fingerprints of a client's recent passes, and a
-//! config the client submits again (an agent's or a schedule's runs, one scraper submitted with
-//! many params) skips its check and the hand-off to the blocking pool.
+//! config the client submits again with the same params (an agent's or a schedule's runs, a
+//! retried submission) skips its check and the hand-off to the blocking pool.
 //!
 //! [`Job::validate`]: crate::job::Job::validate
 
