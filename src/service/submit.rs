@@ -138,13 +138,27 @@ impl Harvest {
                 reqs.len()
             )));
         }
-        // Every config checked in one turn of the validation pool (see `check_config`).
-        let job = self.inner.job.clone();
+        // Every config checked in one turn of the validation pool (see `check_config`),
+        // fingerprinted there too (up to 32 KiB of JSON each: no work for the runtime's
+        // threads). A client's config and params that passed recently, or earlier in this
+        // batch, are not checked again ([`validation::Passed`], as for a single submission):
+        // a batch of one config's runs costs one check, and primes the passes its single
+        // submissions find.
+        let h = self.clone();
         let checked: Vec<(SubmitRequest, Result<(), HarvestError>)> = self
             .off_runtime(move || {
+                let (job, passed) = (&*h.inner.job, &h.inner.passed);
                 reqs.into_iter()
                     .map(|req| {
-                        let verdict = super::check_one(&*job, &req.config, &req.params);
+                        let print =
+                            passed.fingerprint(req.client.client_id(), &req.config, &req.params);
+                        if print.is_some_and(|f| passed.contains(f)) {
+                            return (req, Ok(()));
+                        }
+                        let verdict = super::check_one(job, &req.config, &req.params);
+                        if let (Ok(()), Some(f)) = (&verdict, print) {
+                            passed.insert(f);
+                        }
                         (req, verdict)
                     })
                     .collect()

@@ -11,7 +11,9 @@
 //! A check is a pure function of the config and its params (a rule of [`Job::validate`]), so a
 //! pass stays a pass: [`Passed`] remembers the fingerprints of a client's recent passes, and a
 //! config the client submits again with the same params (an agent's or a schedule's runs, a
-//! retried submission) skips its check and the hand-off to the blocking pool.
+//! retried submission) skips its check and the hand-off to the blocking pool. A batch
+//! ([`Harvest::submit_many`](super::Harvest::submit_many)) goes to the pool once, and there
+//! checks each of its items that has no remembered pass, remembering the ones that pass.
 //!
 //! [`Job::validate`]: crate::job::Job::validate
 

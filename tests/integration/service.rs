@@ -711,6 +711,85 @@ impl Job for CountsChecks {
     }
 }
 
+/// A batch checks each config (with its params, per client) once, as single submissions do:
+/// repeats within the batch and configs that passed before are not checked again; a refused
+/// one is checked, and refused, every time; and the batch's passes spare later single
+/// submissions their check.
+#[tokio::test]
+async fn a_batch_checks_each_passing_config_once_and_shares_passes_with_single_submissions() {
+    let checks = Arc::new(AtomicU32::new(0));
+    let f = fixture(CountsChecks(checks.clone()), |c| c.workers.concurrency = 0).await;
+    let h = &f.harvest;
+    let count = || checks.load(Ordering::SeqCst);
+    h.submit(SubmitRequest::new(json!({"name": "before"})))
+        .await
+        .expect("submit");
+    assert_eq!(count(), 1);
+    let other = harvest::ClientContext::of("other");
+    let batch = vec![
+        SubmitRequest::new(json!({"name": "a"})),
+        SubmitRequest::new(json!({"name": "a"})),
+        SubmitRequest::new(json!({"name": "a"})).param("page", "2"),
+        SubmitRequest::new(json!({"name": "a"})).param("page", "2"),
+        SubmitRequest::new(json!({"name": "a"})).client(other.clone()),
+        SubmitRequest::new(json!({"name": "a", "bad": 1})),
+        SubmitRequest::new(json!({"name": "a", "bad": 1})),
+        SubmitRequest::new(json!({"name": "before"})),
+        SubmitRequest::new(json!({"name": "a"})),
+    ];
+    let results = h.submit_many(batch).await.expect("submit_many");
+    let refused: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_err())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(refused, vec![5, 6], "{results:?}");
+    for i in [5, 6] {
+        assert!(
+            matches!(results[i], Err(HarvestError::InvalidConfig(_))),
+            "{:?}",
+            results[i]
+        );
+    }
+    // a, a with page 2, the other client's a, and the refused config twice.
+    assert_eq!(
+        count(),
+        1 + 5,
+        "one check per passing config, refusals every time"
+    );
+    h.submit(SubmitRequest::new(json!({"name": "a"})).param("page", "2"))
+        .await
+        .expect("submit after the batch");
+    h.submit(SubmitRequest::new(json!({"name": "a"})).client(other))
+        .await
+        .expect("submit after the batch as the other client");
+    assert_eq!(
+        count(),
+        6,
+        "the batch's passes spare single submissions their check"
+    );
+    let again = h
+        .submit_many(vec![SubmitRequest::new(json!({"name": "a", "bad": 1}))])
+        .await
+        .expect("submit_many");
+    assert!(matches!(again[0], Err(HarvestError::InvalidConfig(_))));
+    assert_eq!(
+        count(),
+        7,
+        "a refused config is checked again in a later batch"
+    );
+    assert_eq!(
+        h.list(SessionList::default())
+            .await
+            .expect("list")
+            .sessions
+            .len(),
+        1 + 7 + 2,
+        "every accepted submission stored"
+    );
+}
+
 /// A client's config (with its params) that passed its check is not checked again; another
 /// client's is; a refused one is checked, and refused, every time, and so is one too large to
 /// remember.
