@@ -17,7 +17,8 @@
 //!    they outpace them a backlog builds and this latency is mostly queueing: see 3b;
 //!    3b. paced: then, on the same store, `--paced` sessions submitted open loop at half the
 //!    end-to-end rate just measured (each at its scheduled time, whatever the others are
-//!    doing); latency submit → COMPLETED at that load (`paced_latency_*`);
+//!    doing); latency submit → COMPLETED at that load (`paced_latency_*`). `paced_per_sec` is
+//!    that offered rate, not a measured one: the phase measures latency at a known load;
 //! 4. idle latency: one session at a time into an idle queue, submit → `started`;
 //! 5. burn down: `--burn` sessions submitted in batches of 1000 (`submit_many`) with no worker
 //!    running, then the workers started, claiming `--prefetch` sessions ahead of their free
@@ -332,11 +333,7 @@ async fn idle_latency(
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut lats = Vec::with_capacity(args.idle);
     for _ in 0..args.idle {
-        let id = SessionId::generate();
-        let t = Instant::now();
-        harvest
-            .submit(SubmitRequest::new(json!({"name": "noop"})).session_id(id.clone()))
-            .await?;
+        let (id, t) = submit_noop(&harvest, None).await?;
         let started = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 match events.recv().await {
@@ -513,7 +510,8 @@ async fn submit_all(
         tasks.push(tokio::spawn(async move {
             let mut lats = Vec::with_capacity(n);
             for _ in 0..n {
-                lats.push(submit_noop(&harvest, record.as_deref()).await?);
+                let (_, t) = submit_noop(&harvest, record.as_deref()).await?;
+                lats.push(t.elapsed());
             }
             anyhow::Ok(lats)
         }));
@@ -525,21 +523,21 @@ async fn submit_all(
     Ok(all)
 }
 
-/// Submits one no-op session, its submission instant noted in `record`; how long the
-/// submission took to be acknowledged.
+/// Submits one no-op session, its submission instant noted in `record`; once it is
+/// acknowledged, its id and that instant.
 async fn submit_noop(
     harvest: &Harvest,
     record: Option<&Mutex<HashMap<SessionId, Instant>>>,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(SessionId, Instant)> {
     let id = SessionId::generate();
     let t = Instant::now();
     if let Some(Ok(mut m)) = record.map(|r| r.lock()) {
         m.insert(id.clone(), t);
     }
     harvest
-        .submit(SubmitRequest::new(json!({"name": "noop"})).session_id(id))
+        .submit(SubmitRequest::new(json!({"name": "noop"})).session_id(id.clone()))
         .await?;
-    Ok(t.elapsed())
+    Ok((id, t))
 }
 
 /// 16 threads each inserting and flushing per write into one sled db: what a store without group
