@@ -711,6 +711,15 @@ impl Job for CountsChecks {
     }
 }
 
+/// How many sessions the service has stored (up to a first page of 50).
+async fn stored(h: &Harvest) -> usize {
+    h.list(SessionList::default())
+        .await
+        .expect("list")
+        .sessions
+        .len()
+}
+
 /// A batch checks each config (with its params, per client) once, as single submissions do:
 /// repeats within the batch and configs that passed before are not checked again; a refused
 /// one is checked, and refused, every time; and the batch's passes spare later single
@@ -780,11 +789,7 @@ async fn a_batch_checks_each_passing_config_once_and_shares_passes_with_single_s
         "a refused config is checked again in a later batch"
     );
     assert_eq!(
-        h.list(SessionList::default())
-            .await
-            .expect("list")
-            .sessions
-            .len(),
+        stored(h).await,
         1 + 7 + 2,
         "every accepted submission stored"
     );
@@ -834,13 +839,5 @@ async fn a_config_that_passed_its_check_is_not_checked_again() {
         7,
         "a config too large to remember is checked every time"
     );
-    assert_eq!(
-        h.list(SessionList::default())
-            .await
-            .expect("list")
-            .sessions
-            .len(),
-        7,
-        "every accepted submission stored"
-    );
+    assert_eq!(stored(h).await, 7, "every accepted submission stored");
 }
