@@ -142,6 +142,19 @@ impl Browser {
     }
 
     async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        self.try_cmd(method, path, body)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A WebDriver command; its error (with WebDriver's error code, e.g. `stale element
+    /// reference`) when the driver refuses it.
+    async fn try_cmd(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         if std::env::var_os("HARVEST_WEBDRIVER_TRACE").is_some() {
             eprintln!("webdriver {method} {path} {body:?}");
         }
@@ -156,16 +169,16 @@ impl Browser {
         let resp = req
             .send()
             .await
-            .unwrap_or_else(|e| panic!("webdriver {method} {path}: {e}"));
+            .map_err(|e| format!("webdriver {method} {path}: {e}"))?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            panic!(
-                "webdriver {method} {path}: {status}: {}",
-                v["value"]["message"]
-            );
+            return Err(format!(
+                "webdriver {method} {path}: {status}: {}: {}",
+                v["value"]["error"], v["value"]["message"]
+            ));
         }
-        v["value"].clone()
+        Ok(v["value"].clone())
     }
 
     async fn post(&self, path: &str, body: Value) -> Value {
@@ -213,10 +226,29 @@ impl Browser {
         element_id(&v)
     }
 
-    /// Clicks the element matching `css` (a real pointer click, as WebDriver does it).
+    /// Clicks the element matching `css` (a real pointer click, as WebDriver does it). The
+    /// console rebuilds a part of a page when what it shows changes (a session's actions when
+    /// its status or its first full read arrives), so the element found may be replaced before
+    /// the click lands: then it is found again, for up to 10 s.
     pub async fn click(&self, css: &str) {
-        let id = self.find(css).await;
-        self.post(&format!("/element/{id}/click"), json!({})).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let id = self.find(css).await;
+            let clicked = self
+                .try_cmd(
+                    reqwest::Method::POST,
+                    &format!("/element/{id}/click"),
+                    Some(json!({})),
+                )
+                .await;
+            match clicked {
+                Ok(_) => return,
+                Err(e) if e.contains("stale element reference") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => self.fail(&format!("clicking {css}: {e}")).await,
+            }
+        }
     }
 
     /// Types `text` into the element matching `css` (keystrokes, as a user would).
