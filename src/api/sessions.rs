@@ -4,7 +4,7 @@
 //! Handlers validate input, check that the caller owns the session (another client's session is
 //! a 404), call [`Harvest`](crate::Harvest), and answer with a [`SessionView`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -257,7 +257,8 @@ pub async fn submit_batch(
             body.items.len()
         )));
     }
-    // Config texts parsed in one turn of the blocking pool, not one turn per item.
+    // Config texts parsed in one turn of the blocking pool, not one turn per item, and each
+    // distinct text once: a batch is mostly one config's runs with different params.
     let texts: Vec<Option<String>> = body
         .items
         .iter_mut()
@@ -269,10 +270,23 @@ pub async fn submit_batch(
     let parsed: Vec<Option<Result<serde_json::Value, String>>> = st
         .harvest
         .off_runtime(move || {
-            texts
-                .into_iter()
-                .map(|t| t.map(|t| config_from_text(&t)))
-                .collect()
+            let mut first: HashMap<&str, usize> = HashMap::with_capacity(texts.len());
+            let mut parsed: Vec<Option<Result<serde_json::Value, String>>> =
+                Vec::with_capacity(texts.len());
+            for (i, text) in texts.iter().enumerate() {
+                let Some(text) = text.as_deref() else {
+                    parsed.push(None);
+                    continue;
+                };
+                let again = first
+                    .get(text)
+                    .and_then(|&j| parsed.get(j).cloned().flatten());
+                parsed.push(Some(again.unwrap_or_else(|| {
+                    first.insert(text, i);
+                    config_from_text(text)
+                })));
+            }
+            parsed
         })
         .await?;
     // Items refused here keep their place: `None` marks one passed on to the service.

@@ -91,6 +91,40 @@ async fn a_batch_answers_each_item_in_order() {
     );
     assert_eq!(results[1]["status"], 201, "{}", r.text);
 
+    // Repeated config texts (one config's runs) are parsed once per batch; each item still
+    // gets its own answer: the config with its own params, or the same refusal.
+    let r = s
+        .post(
+            "/v1/sessions/batch",
+            &json!({"items": [
+                {"config": "name = \"t\"\n", "params": {"p": "1"}, "options": later},
+                {"config": "name = = 1\n"},
+                {"config": "name = \"t\"\n", "params": {"p": "2"}, "options": later},
+                {"config": "name = = 1\n"},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text);
+    let results = r.json["items"].as_array().expect("items");
+    let statuses: Vec<u64> = results
+        .iter()
+        .map(|i| i["status"].as_u64().expect("status"))
+        .collect();
+    assert_eq!(statuses, [201, 400, 201, 400], "{}", r.text);
+    assert_eq!(results[1]["error"]["code"], "invalid_config", "{}", r.text);
+    assert_eq!(results[1]["error"], results[3]["error"], "{}", r.text);
+    for (i, p) in [(0, "1"), (2, "2")] {
+        let id = results[i]["id"].as_str().expect("id");
+        let got = s.get(&format!("/v1/sessions/{id}")).await;
+        assert_eq!(
+            got.json["job"]["config"],
+            json!({"name": "t"}),
+            "{}",
+            got.text
+        );
+        assert_eq!(got.json["job"]["params"], json!({"p": p}), "{}", got.text);
+    }
+
     // Bounds: an empty batch and one over 1000 items are refused whole.
     s.post("/v1/sessions/batch", &json!({"items": []}))
         .await
