@@ -11,6 +11,17 @@ use serde_json::{Value, json};
 use crate::api_support::{CONFIG, start};
 use crate::proc::Server;
 
+/// A batch's answer (200): its items, and each item's status.
+fn item_statuses(r: &crate::api_support::Resp) -> (Vec<Value>, Vec<u64>) {
+    assert_eq!(r.status.as_u16(), 200, "{}", r.text);
+    let results = r.json["items"].as_array().expect("items").clone();
+    let statuses = results
+        .iter()
+        .map(|i| i["status"].as_u64().expect("status"))
+        .collect();
+    (results, statuses)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_answers_each_item_in_order() {
     let s = start(CONFIG).await;
@@ -28,12 +39,7 @@ async fn a_batch_answers_each_item_in_order() {
         {"config": "name = \"f\"\n", "session_id": "from-toml", "options": later},
     ]});
     let r = s.post("/v1/sessions/batch", &body).await;
-    assert_eq!(r.status.as_u16(), 200, "{}", r.text);
-    let results = r.json["items"].as_array().expect("items");
-    let statuses: Vec<u64> = results
-        .iter()
-        .map(|i| i["status"].as_u64().expect("status"))
-        .collect();
+    let (results, statuses) = item_statuses(&r);
     assert_eq!(
         statuses,
         [201, 400, 409, 201, 409, 400, 400, 201],
@@ -104,12 +110,7 @@ async fn a_batch_answers_each_item_in_order() {
             ]}),
         )
         .await;
-    assert_eq!(r.status.as_u16(), 200, "{}", r.text);
-    let results = r.json["items"].as_array().expect("items");
-    let statuses: Vec<u64> = results
-        .iter()
-        .map(|i| i["status"].as_u64().expect("status"))
-        .collect();
+    let (results, statuses) = item_statuses(&r);
     assert_eq!(statuses, [201, 400, 201, 400], "{}", r.text);
     assert_eq!(results[1]["error"]["code"], "invalid_config", "{}", r.text);
     assert_eq!(results[1]["error"], results[3]["error"], "{}", r.text);
