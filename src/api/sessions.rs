@@ -270,23 +270,14 @@ pub async fn submit_batch(
     let parsed: Vec<Option<Result<serde_json::Value, String>>> = st
         .harvest
         .off_runtime(move || {
-            let mut first: HashMap<&str, usize> = HashMap::with_capacity(texts.len());
-            let mut parsed: Vec<Option<Result<serde_json::Value, String>>> =
-                Vec::with_capacity(texts.len());
-            for (i, text) in texts.iter().enumerate() {
-                let Some(text) = text.as_deref() else {
-                    parsed.push(None);
-                    continue;
-                };
-                let again = first
-                    .get(text)
-                    .and_then(|&j| parsed.get(j).cloned().flatten());
-                parsed.push(Some(again.unwrap_or_else(|| {
-                    first.insert(text, i);
-                    config_from_text(text)
-                })));
-            }
-            parsed
+            let mut seen: HashMap<&str, Result<serde_json::Value, String>> = HashMap::new();
+            texts
+                .iter()
+                .map(|t| {
+                    t.as_deref()
+                        .map(|t| seen.entry(t).or_insert_with(|| config_from_text(t)).clone())
+                })
+                .collect()
         })
         .await?;
     // Items refused here keep their place: `None` marks one passed on to the service.

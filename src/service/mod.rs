@@ -436,13 +436,13 @@ impl Harvest {
         params: BTreeMap<String, String>,
     ) -> Result<(serde_json::Value, BTreeMap<String, String>), HarvestError> {
         let passed = &self.inner.passed;
-        let fingerprint = passed.fingerprint(client, &config, &params);
-        if fingerprint.is_some_and(|f| passed.contains(f)) {
+        let recall = passed.recall(client, &config, &params);
+        if recall.passed() {
             return Ok((config, params));
         }
         let checked = self.check_config(config, params).await;
-        if let (Ok(_), Some(f)) = (&checked, fingerprint) {
-            passed.insert(f);
+        if checked.is_ok() {
+            passed.remember(recall);
         }
         checked
     }

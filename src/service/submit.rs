@@ -150,14 +150,14 @@ impl Harvest {
                 let (job, passed) = (&*h.inner.job, &h.inner.passed);
                 reqs.into_iter()
                     .map(|req| {
-                        let print =
-                            passed.fingerprint(req.client.client_id(), &req.config, &req.params);
-                        if print.is_some_and(|f| passed.contains(f)) {
+                        let recall =
+                            passed.recall(req.client.client_id(), &req.config, &req.params);
+                        if recall.passed() {
                             return (req, Ok(()));
                         }
                         let verdict = super::check_one(job, &req.config, &req.params);
-                        if let (Ok(()), Some(f)) = (&verdict, print) {
-                            passed.insert(f);
+                        if verdict.is_ok() {
+                            passed.remember(recall);
                         }
                         (req, verdict)
                     })

@@ -165,7 +165,7 @@ impl Passed {
 
     /// The fingerprint of `client`'s `config` with `params`; `None` when they are larger than
     /// [`PASS_MAX_BYTES`] (never remembered).
-    pub fn fingerprint(
+    fn fingerprint(
         &self,
         client: &str,
         config: &serde_json::Value,
@@ -195,18 +195,41 @@ impl Passed {
         Some(u128::from(a.finish()) << 64 | u128::from(b.finish()))
     }
 
+    /// Where `client`'s `config` with `params` stands: [`Recall::passed`] when its check passed
+    /// recently (skip it), else the place to [`remember`](Passed::remember) a pass.
+    pub fn recall(
+        &self,
+        client: &str,
+        config: &serde_json::Value,
+        params: &BTreeMap<String, String>,
+    ) -> Recall {
+        let fingerprint = self.fingerprint(client, config, params);
+        Recall {
+            passed: fingerprint.is_some_and(|f| self.contains(f)),
+            fingerprint,
+        }
+    }
+
+    /// Remembers that the check [`recall`](Passed::recall) led to passed (nothing for a config
+    /// too large to remember).
+    pub fn remember(&self, recall: Recall) {
+        if let Some(f) = recall.fingerprint {
+            self.insert(f);
+        }
+    }
+
     fn remembered(&self) -> std::sync::MutexGuard<'_, Remembered> {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the check of `fingerprint` passed recently.
-    pub fn contains(&self, fingerprint: u128) -> bool {
+    fn contains(&self, fingerprint: u128) -> bool {
         self.remembered().set.contains(&fingerprint)
     }
 
     /// Remembers that the check of `fingerprint` passed (forgetting the oldest pass beyond
     /// [`PASSES_REMEMBERED`]).
-    pub fn insert(&self, fingerprint: u128) {
+    fn insert(&self, fingerprint: u128) {
         let mut r = self.remembered();
         if r.set.insert(fingerprint) {
             r.order.push_back(fingerprint);
@@ -216,6 +239,20 @@ impl Passed {
                 }
             }
         }
+    }
+}
+
+/// A submission's place in [`Passed`] ([`Passed::recall`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Recall {
+    passed: bool,
+    fingerprint: Option<u128>,
+}
+
+impl Recall {
+    /// The same client's same config and params passed their check recently.
+    pub fn passed(&self) -> bool {
+        self.passed
     }
 }
 
