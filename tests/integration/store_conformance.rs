@@ -1204,6 +1204,47 @@ pub async fn list_newest_first_with_cursor_and_filters(store: Arc<dyn Store>) {
 
     // s0..s3 are due at 3: claim them, then filter by status.
     assert_eq!(claim(&store, "w", 10, at(3)).await.len(), 4);
+    // Every status at once: the unfiltered listing still pages newest first (the sled store
+    // merges its per-status indexes for it).
+    let mut mixed = Vec::new();
+    for (id, status) in [
+        ("s7", SessionStatus::Completed),
+        ("s8", SessionStatus::Failed),
+        ("s9", SessionStatus::Running),
+    ] {
+        let mut s = session(id);
+        s.run_at = at(3);
+        insert(&store, s).await;
+        let c = claim(&store, "w", 1, at(3)).await;
+        assert_eq!(ids(&c), [id]);
+        if status != SessionStatus::Running {
+            assert!(finish(&store, &aref(&c[0]), status, at(4)).await);
+        }
+        mixed.push(id.to_string());
+    }
+    let everything: Vec<String> = mixed.iter().rev().chain(&newest_first).cloned().collect();
+    for limit in [1, 2, 3, 1000] {
+        assert_eq!(
+            list_all(&store, all(limit)).await,
+            everything,
+            "pages of {limit}"
+        );
+    }
+    let ended = SessionList {
+        status: Some(SessionStatus::Completed),
+        ..all(10)
+    };
+    assert_eq!(list_all(&store, ended).await, ["s7"]);
+    let running = SessionList {
+        status: Some(SessionStatus::Running),
+        ..all(10)
+    };
+    assert_eq!(
+        list_all(&store, running).await,
+        ["s9", "s3", "s2", "s1", "s0"]
+    );
+    let c9 = get(&store, "s9").await;
+    assert!(finish(&store, &aref(&c9), SessionStatus::Cancelled, at(5)).await);
     let running = SessionList {
         status: Some(SessionStatus::Running),
         ..all(3)

@@ -80,9 +80,6 @@ pub(super) fn k_pending_of(s: &Session) -> Vec<u8> {
 pub(super) fn newest(seq: u64) -> [u8; 8] {
     (!seq).to_be_bytes()
 }
-pub(super) fn k_global(s: &Session) -> Vec<u8> {
-    key(b'G', &[&newest(s.seq), &kbs(s)])
-}
 pub(super) fn k_client(s: &Session) -> Vec<u8> {
     let mut k = lp_prefix(b'C', s.client.client_id());
     k.extend_from_slice(&newest(s.seq));
@@ -95,11 +92,24 @@ pub(super) fn k_agent(agent: &str, s: &Session) -> Vec<u8> {
     k.extend_from_slice(&kbs(s));
     k
 }
+/// A status's code in `T`. PENDING and RUNNING share PENDING's (layout 5: "active"), so that a
+/// claim, a requeue and a reclaim leave the key alone; the RUNNING ones among them are the lease
+/// index's sessions (`SledStore::leases`).
+pub(super) fn t_code(status: SessionStatus) -> u8 {
+    match status {
+        SessionStatus::Running => SessionStatus::Pending.code(),
+        other => other.code(),
+    }
+}
+/// Every code `T` uses, once each: together they hold every session (layout 5 lists all
+/// sessions by merging them, where earlier layouts kept a `G` index).
+pub(super) const T_CODES: [u8; 4] = [0, 2, 3, 4];
+/// The `T` prefix that holds `status`'s sessions (PENDING and RUNNING: both, see [`t_code`]).
 pub(super) fn status_prefix(status: SessionStatus) -> Vec<u8> {
-    vec![b'T', status.code()]
+    vec![b'T', t_code(status)]
 }
 pub(super) fn k_status(s: &Session) -> Vec<u8> {
-    key(b'T', &[&[s.status.code()], &newest(s.seq), &kbs(s)])
+    key(b'T', &[&[t_code(s.status)], &newest(s.seq), &kbs(s)])
 }
 /// Active sessions of one client's agent: agents are named per client, so two tenants' agents
 /// of the same name never block each other.

@@ -1,4 +1,5 @@
-//! Layout migrations at open. Version 4 ([`drop_lease_keys`]): the lease index `L` moved to
+//! Layout migrations at open. Version 5 ([`to_layout_5`]): RUNNING sessions' `T` keys take the
+//! code of PENDING ones, and the `G` index is removed. Version 4 ([`drop_lease_keys`]): the lease index `L` moved to
 //! memory, and an older store's `L` keys are removed.
 //!
 //! Layout version 3: session keys carry their tenant. Keys written by layout 2 and before name a
@@ -138,6 +139,59 @@ pub(super) fn drop_lease_keys(db: &sled::Db) -> StoreResult<()> {
         tracing::info!(
             keys = removed,
             "store layout upgraded: the lease index is kept in memory"
+        );
+    }
+    Ok(())
+}
+
+/// Layout 5: moves the `T` keys of RUNNING sessions to the code they share with PENDING ones
+/// ([`t_code`](super::keys::t_code)) and removes the `G` index (a listing of every session merges
+/// the `T` codes instead), in chunks. Resumed by the next open if killed part-way (the layout
+/// version is written after it; a moved key is no longer under the old prefix).
+pub(super) fn to_layout_5(db: &sled::Db) -> StoreResult<()> {
+    use crate::session::SessionStatus;
+    let old_prefix = [b'T', SessionStatus::Running.code()];
+    let new_code = super::keys::t_code(SessionStatus::Running);
+    let (mut moved, mut removed) = (0usize, 0usize);
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in db.scan_prefix(old_prefix).take(CHUNK) {
+            let (k, _) = kv.map_err(sled_err("reading the RUNNING sessions' index keys"))?;
+            let mut new = k.to_vec();
+            new[1] = new_code;
+            batch.insert(new, sled::IVec::default());
+            batch.remove(k);
+            n += 1;
+        }
+        if n == 0 {
+            break;
+        }
+        db.apply_batch(batch)
+            .map_err(sled_err("moving the RUNNING sessions' index keys"))?;
+        moved += n;
+    }
+    loop {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in db.scan_prefix(b"G").take(CHUNK) {
+            let (k, _) = kv.map_err(sled_err("reading the index of all sessions"))?;
+            batch.remove(k);
+            n += 1;
+        }
+        if n == 0 {
+            break;
+        }
+        db.apply_batch(batch)
+            .map_err(sled_err("removing the index of all sessions"))?;
+        removed += n;
+    }
+    if moved + removed > 0 {
+        tracing::info!(
+            moved,
+            removed,
+            "store layout upgraded: RUNNING sessions share the active index key, and the index of \
+             all sessions is gone"
         );
     }
     Ok(())

@@ -20,10 +20,9 @@
 //! | `S` id | `Session` | the sessions |
 //! | `W` run_at seq prio id | empty | scheduled or requeued PENDING sessions not yet moved to the due index |
 //! | `P` !prio run_at seq id | empty | due PENDING sessions, in claim order |
-//! | `G` !seq id | empty | every session, newest first |
 //! | `C` lp(client) !seq id | empty | per client, newest first |
 //! | `A` lp(agent) !seq id | empty | per agent, newest first |
-//! | `T` status !seq id | empty | per status, newest first |
+//! | `T` code !seq id | empty | per status, newest first; PENDING and RUNNING share PENDING's code (layout 5), and the lease index names the RUNNING ones |
 //! | `Y` lp(client) lp(agent) id | empty | active (PENDING or RUNNING) sessions per client's agent |
 //! | (`L` expires_at id) | | RUNNING sessions by lease expiry: in memory since layout 4, rebuilt at open (`SledStore::leases`) |
 //! | `X` cleanup_at id | empty | terminal sessions by cleanup time |
@@ -113,8 +112,13 @@ const META_KEY: &[u8] = b"\0meta";
 /// to the single namespace (`migrate`). 4: the lease index `L` is kept in memory, rebuilt at
 /// open (`SledStore::leases`); an older store's `L` keys are removed at open. A harvest that
 /// knows only layout 3 would find no `L` key for the sessions this one started, and its recovery
-/// at open would leave them RUNNING: it refuses the store.
-pub const LAYOUT_VERSION: u32 = 4;
+/// at open would leave them RUNNING: it refuses the store. 5: RUNNING sessions keep PENDING's
+/// `T` key ([`keys::t_code`]), so a claim writes two keys fewer, and the `G` index is gone (a
+/// listing of every session merges the `T` codes), one key fewer per session; an older store's
+/// RUNNING `T` keys are moved and its `G` keys removed at open (`migrate::to_layout_5`). A
+/// harvest that knows only layout 4 would list a RUNNING session as PENDING, find none at open
+/// and list no session without a filter: it refuses the store.
+pub const LAYOUT_VERSION: u32 = 5;
 
 // sled's page cache. Its default (1 GiB) lets a crawl of millions of URLs grow the process far
 // beyond what the crawl needs; sled's count is of serialized bytes, the nodes take ~3x that in
@@ -166,8 +170,8 @@ pub struct SledStore {
     quotas: std::sync::RwLock<Arc<super::Quotas>>,
     /// The lease index: `L expires_at id` ([`keys::k_lease`]) of every RUNNING session. In
     /// memory since layout 4: only this process runs sessions of this store, and at open every
-    /// RUNNING session is recovered anyway, so the index is rebuilt from the `T` keys of
-    /// RUNNING sessions ([`SledStore::load_leases`]). Kept in sled it was two of the ten writes
+    /// RUNNING session is recovered anyway, so the index is rebuilt from the active `T` keys
+    /// ([`SledStore::load_leases`]). It is also the store's list of RUNNING sessions. Kept in sled it was two of the ten writes
     /// of a session's claim and finish, and two more per heartbeat or checkpoint. Changed only
     /// under the store mutex, after the batch that stages the change is applied.
     leases: std::sync::Mutex<std::collections::BTreeSet<Vec<u8>>>,
@@ -342,6 +346,9 @@ impl SledStore {
                     }
                     if found < 4 {
                         migrate::drop_lease_keys(&db)?;
+                    }
+                    if found < 5 {
+                        migrate::to_layout_5(&db)?;
                     }
                     db.insert(META_KEY, codec::encode(&LAYOUT_VERSION)?)
                         .map_err(sled_err("marking the layout version"))?;

@@ -17,7 +17,7 @@ use sled::IVec;
 
 use super::durability::Batch;
 use super::keys::{
-    data_prefix, id_after, k_active, k_agent, k_cleanup, k_client, k_global, k_lease, k_pending,
+    T_CODES, data_prefix, id_after, k_active, k_agent, k_cleanup, k_client, k_lease, k_pending,
     k_pending_of, k_session, k_status, k_tombstone, k_wait, lp_prefix, newest, show_key,
     status_prefix, upto,
 };
@@ -43,7 +43,7 @@ const LIST_LIMIT_MAX: usize = 1000;
 /// Every index key the session has in its current state, except `W`/`P` (whose presence depends
 /// on promotion, not on the session).
 fn index_keys(s: &Session) -> Vec<Vec<u8>> {
-    let mut keys = vec![k_global(s), k_client(s), k_status(s)];
+    let mut keys = vec![k_client(s), k_status(s)];
     if let Some(agent) = &s.job.agent {
         keys.push(k_agent(agent, s));
         if s.status.is_active() {
@@ -222,22 +222,89 @@ impl SledStore {
         Ok(())
     }
 
-    /// Builds the lease index ([`SledStore::leases`]) from the RUNNING sessions (`T`), at open.
+    /// Builds the lease index ([`SledStore::leases`]) from the RUNNING sessions, at open. They
+    /// share `T`'s active code with the PENDING ones ([`t_code`](super::keys::t_code)), so the
+    /// scan runs oldest first (claims take the oldest due sessions, so RUNNING ones sit at that
+    /// end) and stops once it has found as many as the status counter says there are: none
+    /// after a clean shutdown, and about the RUNNING ones, not the PENDING backlog, after a
+    /// crash. The counter moves in the same atomic batch as every status change.
     pub(super) fn load_leases(&self) -> StoreResult<()> {
+        let expected = self.lock().by_status[SessionStatus::Running.code() as usize];
         let prefix = status_prefix(SessionStatus::Running);
         let mut leases = std::collections::BTreeSet::new();
-        for kv in self.db.scan_prefix(&prefix) {
-            let (k, _) = kv.map_err(sled_err("reading the RUNNING sessions"))?;
+        let mut found = 0u64;
+        for kv in self.db.scan_prefix(&prefix).rev() {
+            if found >= expected {
+                break;
+            }
+            let (k, _) = kv.map_err(sled_err("reading the active sessions"))?;
             match id_after(&k, prefix.len() + 8).and_then(|id| self.load(&id)) {
-                Ok(Some(s)) => leases.extend(lease_key(&s)),
-                Ok(None) => {}
+                Ok(Some(s)) if s.status == SessionStatus::Running => {
+                    found += 1;
+                    leases.extend(lease_key(&s));
+                }
+                Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "skipping an unreadable RUNNING session's lease")
+                    tracing::warn!(error = %e, "skipping an unreadable active session")
                 }
             }
         }
         *self.leases() = leases;
         Ok(())
+    }
+
+    /// The RUNNING sessions, from the lease index (O(running); `T` holds them among the PENDING
+    /// backlog). A session is read once its key is copied out, without the index's lock.
+    fn running(&self) -> StoreResult<Vec<Session>> {
+        let keys: Vec<SessionKey> = self
+            .leases()
+            .iter()
+            .filter_map(|k| match id_after(k, 1 + 8) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a malformed lease entry");
+                    None
+                }
+            })
+            .collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for id in keys {
+            match self.load(&id) {
+                Ok(Some(s)) if s.status == SessionStatus::Running => out.push(s),
+                Ok(_) => {} // ended since the index was read
+                Err(e) => tracing::warn!(error = %e, "skipping an unreadable RUNNING session"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A page of RUNNING sessions, newest first, through [`SledStore::running`].
+    fn list_running(&self, p: &SessionList, cursor: Option<u64>) -> StoreResult<SessionPage> {
+        let mut sessions: Vec<Session> = self
+            .running()?
+            .into_iter()
+            .filter(|s| {
+                cursor.is_none_or(|c| s.seq < c)
+                    && p.client_id
+                        .as_deref()
+                        .is_none_or(|c| c == s.client.client_id())
+                    && p.agent
+                        .as_ref()
+                        .is_none_or(|a| s.job.agent.as_ref() == Some(a))
+            })
+            .collect();
+        sessions.sort_unstable_by_key(|s| std::cmp::Reverse(s.seq));
+        let more = sessions.len() > p.limit;
+        sessions.truncate(p.limit);
+        let next_cursor = if more {
+            sessions.last().map(|s| s.seq.to_string())
+        } else {
+            None
+        };
+        Ok(SessionPage {
+            sessions,
+            next_cursor,
+        })
     }
 
     /// Removes a session and, in bounded chunks, all its data. Returns it and the ticket.
@@ -364,6 +431,9 @@ impl SledStore {
             })?),
             None => None,
         };
+        if p.status == Some(SessionStatus::Running) {
+            return self.list_running(p, cursor);
+        }
         // The most selective index available; the other filters are checked on each session.
         let prefix = if let Some(client) = &p.client_id {
             lp_prefix(b'C', client)
@@ -372,8 +442,21 @@ impl SledStore {
         } else if let Some(status) = p.status {
             status_prefix(status)
         } else {
-            vec![b'G']
+            // No filter: every `T` code's sessions, merged newest first.
+            let merged = Newest(
+                T_CODES
+                    .iter()
+                    .map(|&code| self.newest_after(vec![b'T', code], cursor).peekable())
+                    .collect(),
+            );
+            return self.list_page(p, merged, 2);
         };
+        let keys = self.newest_after(prefix.clone(), cursor);
+        self.list_page(p, keys, prefix.len())
+    }
+
+    /// The keys under `prefix` (`prefix !seq id`), newest first, after the session `cursor`.
+    fn newest_after(&self, prefix: Vec<u8>, cursor: Option<u64>) -> sled::Iter {
         let start = match cursor {
             Some(seq) => {
                 let mut k = prefix.clone();
@@ -383,14 +466,26 @@ impl SledStore {
             }
             None => Bound::Included(prefix.clone()),
         };
+        let end = match prefix_end(&prefix) {
+            Some(end) => Bound::Excluded(end),
+            None => Bound::Unbounded,
+        };
+        self.db.range::<Vec<u8>, _>((start, end))
+    }
+
+    /// A page of the sessions that `keys` (index keys `prefix !seq id`, `prefix` being
+    /// `prefix_len` bytes) name and `p` keeps.
+    fn list_page(
+        &self,
+        p: &SessionList,
+        keys: impl Iterator<Item = sled::Result<(IVec, IVec)>>,
+        prefix_len: usize,
+    ) -> StoreResult<SessionPage> {
         let mut sessions = Vec::new();
         let mut more = false;
-        for kv in self.db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+        for kv in keys {
             let (k, _) = kv.map_err(sled_err("listing sessions"))?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let id = match id_after(&k, prefix.len() + 8) {
+            let id = match id_after(&k, prefix_len + 8) {
                 Ok(id) => id,
                 Err(e) => {
                     tracing::warn!(error = %e, "skipping a malformed list-index key");
@@ -810,21 +905,49 @@ impl SledStore {
         Ok(n)
     }
 
-    /// RUNNING sessions per client, through the `T` index (O(running)).
+    /// RUNNING sessions per client, through the lease index (O(running)).
     fn running_per_client(&self) -> StoreResult<std::collections::BTreeMap<String, u64>> {
-        let prefix = status_prefix(SessionStatus::Running);
         let mut out = std::collections::BTreeMap::new();
-        for kv in self.db.scan_prefix(&prefix) {
-            let (k, _) = kv.map_err(sled_err("counting running sessions"))?;
-            let Ok(key) = id_after(&k, prefix.len() + 8) else {
-                continue;
-            };
-            if let Ok(Some(s)) = self.load(&key)
-                && s.status == SessionStatus::Running
-            {
-                *out.entry(s.client.client_id().to_string()).or_insert(0) += 1;
-            }
+        for s in self.running()? {
+            *out.entry(s.client.client_id().to_string()).or_insert(0) += 1;
         }
         Ok(out)
+    }
+}
+
+/// The first key after every key that starts with `prefix`, `None` when there is none (a prefix
+/// of 0xFF bytes only).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Index iterators of keys `code !seq id` (two bytes, then `!seq`), merged into one sequence
+/// newest first. An error is passed on as soon as one stream shows it.
+struct Newest(Vec<std::iter::Peekable<sled::Iter>>);
+
+impl Iterator for Newest {
+    type Item = sled::Result<(IVec, IVec)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut best: Option<(usize, IVec)> = None;
+        for (i, stream) in self.0.iter_mut().enumerate() {
+            if matches!(stream.peek(), Some(Err(_))) {
+                return stream.next();
+            }
+            if let Some(Ok((k, _))) = stream.peek()
+                && best.as_ref().is_none_or(|(_, b)| k.get(2..) < b.get(2..))
+            {
+                best = Some((i, k.clone()));
+            }
+        }
+        let (i, _) = best?;
+        self.0.get_mut(i)?.next()
     }
 }

@@ -11,7 +11,8 @@ use crate::store::{
     RecordsPage, SeenFilter, SessionClaim, SessionInsert, Store, StoreError, codec,
 };
 
-async fn running(store: &SledStore) -> AttemptRef {
+/// Inserts a PENDING session, due now.
+async fn pending(store: &SledStore) -> SessionId {
     let now = Timestamp::now();
     let id = SessionId::generate();
     let session = Session::pending(
@@ -32,6 +33,13 @@ async fn running(store: &SledStore) -> AttemptRef {
         })
         .await
         .expect("insert");
+    id
+}
+
+/// Inserts a session and claims it: the oldest due session must be this one.
+async fn running(store: &SledStore) -> AttemptRef {
+    let now = Timestamp::now();
+    let id = pending(store).await;
     let claimed = store
         .session_claim(SessionClaim {
             owner: "t".into(),
@@ -536,7 +544,7 @@ async fn a_layout_2_store_is_migrated_at_open_even_after_an_interrupted_migratio
                     moved += 1;
                 }
             }
-            assert!(moved > 20, "session keys rewritten: {moved}");
+            assert!(moved > 12, "session keys rewritten: {moved}");
             db.insert(super::META_KEY, codec::encode(&2u32).expect("enc"))
                 .expect("meta");
             if interrupted {
@@ -735,4 +743,124 @@ async fn the_lease_index_is_rebuilt_at_open_and_old_lease_keys_are_removed() {
         reclaim_all(&store).await.is_empty(),
         "and taken off the index"
     );
+}
+
+/// Layout 5: a RUNNING session keeps PENDING's `T` key and there is no `G` index. A layout-4
+/// store (RUNNING `T` keys under their own code, a `G` key per session) has them moved and
+/// removed at open, then lists every session newest first, lists its RUNNING ones, and finds
+/// them at open among a PENDING backlog, so their recovery reclaims each.
+#[tokio::test]
+async fn a_layout_4_store_is_upgraded_and_its_running_sessions_are_found_at_open() {
+    use super::keys::{id_after, kb, newest, t_code};
+    use crate::session::SessionStatus;
+    use crate::store::SessionList;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut running_ids = Vec::new();
+    {
+        let store = SledStore::open(dir.path()).expect("open");
+        for _ in 0..3 {
+            running_ids.push(running(&store).await.id);
+        }
+        for _ in 0..5 {
+            pending(&store).await;
+        }
+        assert_eq!(store.db.scan_prefix(b"G").count(), 0, "no G key");
+        let running_code = [b'T', SessionStatus::Running.code()];
+        assert_eq!(store.db.scan_prefix(running_code).count(), 0);
+        assert_eq!(store.db.scan_prefix(b"T").count(), 8, "one T key a session");
+        store.close().await.expect("close");
+    }
+    running_ids.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    // Rewrite the keys as layout 4 had them, and mark the store 4.
+    {
+        let store = reopen(dir.path());
+        assert_eq!(store.leases().len(), 3, "found behind the PENDING ones");
+        let active = [b'T', t_code(SessionStatus::Pending)];
+        let keys: Vec<sled::IVec> = store
+            .db
+            .scan_prefix(active)
+            .map(|kv| kv.expect("scan").0)
+            .collect();
+        for k in keys {
+            let s = store
+                .load(&id_after(&k, 10).expect("id"))
+                .expect("load")
+                .expect("session");
+            let mut g = vec![b'G'];
+            g.extend_from_slice(&newest(s.seq));
+            g.extend_from_slice(&kb(&s.key()));
+            store.db.insert(g, Vec::new()).expect("G");
+            if s.status == SessionStatus::Running {
+                let mut old = k.to_vec();
+                old[1] = SessionStatus::Running.code();
+                store.db.remove(&k).expect("remove");
+                store.db.insert(old, Vec::new()).expect("T");
+            }
+        }
+        store
+            .db
+            .insert(super::META_KEY, codec::encode(&4u32).expect("enc"))
+            .expect("meta");
+        store.db.flush().expect("flush");
+        store.close().await.expect("close");
+    }
+    let store = reopen(dir.path());
+    let meta: u32 = codec::decode(
+        &|| "meta".into(),
+        &store.db.get(super::META_KEY).expect("get").expect("meta"),
+    )
+    .expect("meta");
+    assert_eq!(meta, super::LAYOUT_VERSION);
+    assert_eq!(store.db.scan_prefix(b"G").count(), 0, "G removed");
+    let running_code = [b'T', SessionStatus::Running.code()];
+    assert_eq!(store.db.scan_prefix(running_code).count(), 0, "T moved");
+    let list = |status, limit, cursor| SessionList {
+        client_id: None,
+        status,
+        agent: None,
+        limit,
+        cursor,
+    };
+    let mut seqs = Vec::new();
+    let mut cursor = None;
+    for _ in 0..10 {
+        let page = store.list_sync(&list(None, 3, cursor)).expect("list");
+        seqs.extend(page.sessions.iter().map(|s| s.seq));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seqs, (1..=8).rev().collect::<Vec<u64>>(), "every session");
+    let page = store
+        .list_sync(&list(Some(SessionStatus::Running), 2, None))
+        .expect("list");
+    assert_eq!(
+        page.sessions.iter().map(|s| s.seq).collect::<Vec<_>>(),
+        [3, 2]
+    );
+    let rest = store
+        .list_sync(&list(Some(SessionStatus::Running), 2, page.next_cursor))
+        .expect("list");
+    assert_eq!(rest.sessions.iter().map(|s| s.seq).collect::<Vec<_>>(), [1]);
+    assert_eq!(rest.next_cursor, None);
+    let pending_page = store
+        .list_sync(&list(Some(SessionStatus::Pending), 100, None))
+        .expect("list");
+    assert_eq!(pending_page.sessions.len(), 5, "RUNNING ones left out");
+    assert_eq!(reclaim_all(&store).await, running_ids, "every RUNNING one");
+    assert_eq!(store.leases().len(), 0);
+}
+
+/// `T_CODES` is every code `t_code` gives, once.
+#[test]
+fn t_codes_cover_every_status_once() {
+    use crate::session::SessionStatus;
+    let mut codes: Vec<u8> = SessionStatus::ALL
+        .into_iter()
+        .map(super::keys::t_code)
+        .collect();
+    codes.sort_unstable();
+    codes.dedup();
+    assert_eq!(codes, super::keys::T_CODES);
 }
