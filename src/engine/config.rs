@@ -17,12 +17,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use regex::{Regex, RegexBuilder};
+use regex::Regex;
 use scraper::Selector;
 use url::Url;
 
 use super::canon::canonicalize;
 
+mod regex_cache;
 mod schema;
 pub use schema::{FieldSpec, FieldType, FollowRule, HttpSettings, Limits, PageSpec, ScraperConfig};
 
@@ -523,10 +524,7 @@ fn selector(path: &str, s: &str, budget: &Budget) -> Result<Selector, ConfigErro
 fn regex(path: &str, r: &str, budget: &Budget) -> Result<Regex, ConfigError> {
     expression_length(path, "regex", r)?;
     budget.check(path)?;
-    RegexBuilder::new(r)
-        .size_limit(REGEX_SIZE_LIMIT)
-        .dfa_size_limit(REGEX_SIZE_LIMIT)
-        .build()
+    regex_cache::compile(r)
         .map_err(|e| ConfigError::field(path, super::diagnose::regex_error(r, &e)))
 }
 
