@@ -125,6 +125,23 @@ pub struct SessionPage {
     pub next_cursor: Option<String>,
 }
 
+impl SessionPage {
+    /// The page of the first `limit` of `sessions` (newest first, up to `limit + 1` read so that
+    /// one more tells there is a next page), its cursor the last one's seq.
+    pub(crate) fn of(mut sessions: Vec<Session>, limit: usize) -> SessionPage {
+        let next_cursor = if sessions.len() > limit {
+            sessions.truncate(limit);
+            sessions.last().map(|s| s.seq.to_string())
+        } else {
+            None
+        };
+        SessionPage {
+            sessions,
+            next_cursor,
+        }
+    }
+}
+
 /// Claim up to `limit` due PENDING sessions, in order of (priority desc, run_at, seq), making
 /// them RUNNING under a lease held by `owner`, with `attempt + 1`.
 #[derive(Debug, Clone)]

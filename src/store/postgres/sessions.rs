@@ -137,20 +137,11 @@ impl PostgresStore {
             .query(&stmt, &params)
             .await
             .map_err(db_err("listing sessions"))?;
-        let mut sessions = rows
+        let sessions = rows
             .iter()
             .map(session_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
-        let next_cursor = if sessions.len() > p.limit {
-            sessions.truncate(p.limit);
-            sessions.last().map(|s| s.seq.to_string())
-        } else {
-            None
-        };
-        Ok(SessionPage {
-            sessions,
-            next_cursor,
-        })
+        Ok(SessionPage::of(sessions, p.limit))
     }
 
     pub(super) async fn claim_sessions(&self, p: SessionClaim) -> StoreResult<Vec<Session>> {

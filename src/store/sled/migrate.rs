@@ -116,25 +116,28 @@ pub(super) fn to_tenant_keys(db: &sled::Db) -> StoreResult<u64> {
     Ok(moved)
 }
 
-/// Layout 4: removes the lease index `L` (kept in memory from this layout on), in chunks. Resumed
-/// by the next open if killed part-way (the layout version is written after it).
-pub(super) fn drop_lease_keys(db: &sled::Db) -> StoreResult<()> {
+/// Removes every key under `prefix` in chunks of [`CHUNK`]; how many there were.
+fn remove_prefix(db: &sled::Db, prefix: &[u8], what: &'static str) -> StoreResult<usize> {
     let mut removed = 0usize;
     loop {
         let mut batch = sled::Batch::default();
         let mut n = 0;
-        for kv in db.scan_prefix(b"L").take(CHUNK) {
-            let (k, _) = kv.map_err(sled_err("reading the lease index"))?;
-            batch.remove(k);
+        for kv in db.scan_prefix(prefix).take(CHUNK) {
+            batch.remove(kv.map_err(sled_err(what))?.0);
             n += 1;
         }
         if n == 0 {
-            break;
+            return Ok(removed);
         }
-        db.apply_batch(batch)
-            .map_err(sled_err("removing the lease index"))?;
+        db.apply_batch(batch).map_err(sled_err(what))?;
         removed += n;
     }
+}
+
+/// Layout 4: removes the lease index `L` (kept in memory from this layout on), in chunks. Resumed
+/// by the next open if killed part-way (the layout version is written after it).
+pub(super) fn drop_lease_keys(db: &sled::Db) -> StoreResult<()> {
+    let removed = remove_prefix(db, b"L", "removing the lease index")?;
     if removed > 0 {
         tracing::info!(
             keys = removed,
@@ -152,7 +155,7 @@ pub(super) fn to_layout_5(db: &sled::Db) -> StoreResult<()> {
     use crate::session::SessionStatus;
     let old_prefix = [b'T', SessionStatus::Running.code()];
     let new_code = super::keys::t_code(SessionStatus::Running);
-    let (mut moved, mut removed) = (0usize, 0usize);
+    let mut moved = 0usize;
     loop {
         let mut batch = sled::Batch::default();
         let mut n = 0;
@@ -171,21 +174,7 @@ pub(super) fn to_layout_5(db: &sled::Db) -> StoreResult<()> {
             .map_err(sled_err("moving the RUNNING sessions' index keys"))?;
         moved += n;
     }
-    loop {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for kv in db.scan_prefix(b"G").take(CHUNK) {
-            let (k, _) = kv.map_err(sled_err("reading the index of all sessions"))?;
-            batch.remove(k);
-            n += 1;
-        }
-        if n == 0 {
-            break;
-        }
-        db.apply_batch(batch)
-            .map_err(sled_err("removing the index of all sessions"))?;
-        removed += n;
-    }
+    let removed = remove_prefix(db, b"G", "removing the index of all sessions")?;
     if moved + removed > 0 {
         tracing::info!(
             moved,

@@ -283,28 +283,10 @@ impl SledStore {
         let mut sessions: Vec<Session> = self
             .running()?
             .into_iter()
-            .filter(|s| {
-                cursor.is_none_or(|c| s.seq < c)
-                    && p.client_id
-                        .as_deref()
-                        .is_none_or(|c| c == s.client.client_id())
-                    && p.agent
-                        .as_ref()
-                        .is_none_or(|a| s.job.agent.as_ref() == Some(a))
-            })
+            .filter(|s| cursor.is_none_or(|c| s.seq < c) && listed(p, s))
             .collect();
         sessions.sort_unstable_by_key(|s| std::cmp::Reverse(s.seq));
-        let more = sessions.len() > p.limit;
-        sessions.truncate(p.limit);
-        let next_cursor = if more {
-            sessions.last().map(|s| s.seq.to_string())
-        } else {
-            None
-        };
-        Ok(SessionPage {
-            sessions,
-            next_cursor,
-        })
+        Ok(SessionPage::of(sessions, p.limit))
     }
 
     /// Removes a session and, in bounded chunks, all its data. Returns it and the ticket.
@@ -482,7 +464,6 @@ impl SledStore {
         prefix_len: usize,
     ) -> StoreResult<SessionPage> {
         let mut sessions = Vec::new();
-        let mut more = false;
         for kv in keys {
             let (k, _) = kv.map_err(sled_err("listing sessions"))?;
             let id = match id_after(&k, prefix_len + 8) {
@@ -500,32 +481,15 @@ impl SledStore {
                     continue;
                 }
             };
-            let keep = p
-                .client_id
-                .as_deref()
-                .is_none_or(|c| c == s.client.client_id())
-                && p.status.is_none_or(|st| st == s.status)
-                && p.agent
-                    .as_ref()
-                    .is_none_or(|a| s.job.agent.as_ref() == Some(a));
-            if !keep {
+            if !listed(p, &s) {
                 continue;
             }
-            if sessions.len() == p.limit {
-                more = true;
+            sessions.push(s);
+            if sessions.len() > p.limit {
                 break;
             }
-            sessions.push(s);
         }
-        let next_cursor = if more {
-            sessions.last().map(|s: &Session| s.seq.to_string())
-        } else {
-            None
-        };
-        Ok(SessionPage {
-            sessions,
-            next_cursor,
-        })
+        Ok(SessionPage::of(sessions, p.limit))
     }
 
     pub(super) fn claim_sessions(&self, p: SessionClaim) -> StoreResult<Vec<Session>> {
@@ -913,6 +877,17 @@ impl SledStore {
         }
         Ok(out)
     }
+}
+
+/// Whether `s` passes the filters of the listing `p`.
+fn listed(p: &SessionList, s: &Session) -> bool {
+    p.client_id
+        .as_deref()
+        .is_none_or(|c| c == s.client.client_id())
+        && p.status.is_none_or(|st| st == s.status)
+        && p.agent
+            .as_ref()
+            .is_none_or(|a| s.job.agent.as_ref() == Some(a))
 }
 
 /// The first key after every key that starts with `prefix`, `None` when there is none (a prefix

@@ -577,12 +577,7 @@ async fn a_layout_2_store_is_migrated_at_open_even_after_an_interrupted_migratio
                 Err(e) => panic!("reopen: {e:?}"),
             }
         };
-        let meta: u32 = codec::decode(
-            &|| "meta".into(),
-            &store.db.get(super::META_KEY).expect("get").expect("meta"),
-        )
-        .expect("meta");
-        assert_eq!(meta, super::LAYOUT_VERSION);
+        assert_eq!(layout(&store), super::LAYOUT_VERSION);
         for (n, id) in ids.iter().enumerate() {
             let key = SessionKey::single(id.clone());
             let s = store.session_get(&key).await.expect("get").expect("found");
@@ -616,6 +611,15 @@ async fn a_layout_2_store_is_migrated_at_open_even_after_an_interrupted_migratio
             .count();
         assert_eq!(left, 0);
     }
+}
+
+/// The layout version the store has marked.
+fn layout(store: &SledStore) -> u32 {
+    codec::decode(
+        &|| "meta".into(),
+        &store.db.get(super::META_KEY).expect("get").expect("meta"),
+    )
+    .expect("meta")
 }
 
 /// Opens the store in `dir`, waiting (bounded) for a dropped store's sled to let go of its lock.
@@ -728,12 +732,7 @@ async fn the_lease_index_is_rebuilt_at_open_and_old_lease_keys_are_removed() {
         0,
         "the old L keys are gone"
     );
-    let meta: u32 = codec::decode(
-        &|| "meta".into(),
-        &store.db.get(super::META_KEY).expect("get").expect("meta"),
-    )
-    .expect("meta");
-    assert_eq!(meta, super::LAYOUT_VERSION);
+    assert_eq!(layout(&store), super::LAYOUT_VERSION);
     assert_eq!(
         reclaim_all(&store).await,
         ids,
@@ -805,12 +804,7 @@ async fn a_layout_4_store_is_upgraded_and_its_running_sessions_are_found_at_open
         store.close().await.expect("close");
     }
     let store = reopen(dir.path());
-    let meta: u32 = codec::decode(
-        &|| "meta".into(),
-        &store.db.get(super::META_KEY).expect("get").expect("meta"),
-    )
-    .expect("meta");
-    assert_eq!(meta, super::LAYOUT_VERSION);
+    assert_eq!(layout(&store), super::LAYOUT_VERSION);
     assert_eq!(store.db.scan_prefix(b"G").count(), 0, "G removed");
     let running_code = [b'T', SessionStatus::Running.code()];
     assert_eq!(store.db.scan_prefix(running_code).count(), 0, "T moved");
