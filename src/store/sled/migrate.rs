@@ -175,6 +175,7 @@ pub(super) fn to_layout_5(db: &sled::Db) -> StoreResult<()> {
         moved += n;
     }
     let removed = remove_prefix(db, b"G", "removing the index of all sessions")?;
+    recount_running(db)?;
     if moved + removed > 0 {
         tracing::info!(
             moved,
@@ -182,6 +183,55 @@ pub(super) fn to_layout_5(db: &sled::Db) -> StoreResult<()> {
             "store layout upgraded: RUNNING sessions share the active index key, and the index of \
              all sessions is gone"
         );
+    }
+    Ok(())
+}
+
+/// Layout 5's open finds the RUNNING sessions by their count (`SledStore::load_leases` stops
+/// once it has found as many as `\0counters` says), where earlier layouts scanned a prefix of
+/// their own. So the upgrade counts them (one pass over the active `T` code, once) and corrects
+/// the counter, rather than trusting a count no earlier open depended on.
+fn recount_running(db: &sled::Db) -> StoreResult<()> {
+    use super::keys::{id_after, k_session, show_key, t_code};
+    use super::{COUNTERS_KEY, Counters};
+    use crate::session::SessionStatus;
+    use crate::store::codec;
+    let running = SessionStatus::Running.code() as usize;
+    let mut n = 0u64;
+    for kv in db.scan_prefix([b'T', t_code(SessionStatus::Running)]) {
+        let (k, _) = kv.map_err(sled_err("reading the active sessions"))?;
+        let Ok(id) = id_after(&k, 2 + 8) else {
+            continue;
+        };
+        let Some(v) = db
+            .get(k_session(&id))
+            .map_err(sled_err("reading the active sessions"))?
+        else {
+            continue;
+        };
+        if codec::decode_session(&|| show_key(&k), &v)
+            .is_ok_and(|s| s.status == SessionStatus::Running)
+        {
+            n += 1;
+        }
+    }
+    // A missing counters key is reported by the open that follows.
+    let Some(v) = db
+        .get(COUNTERS_KEY)
+        .map_err(sled_err("reading the counters"))?
+    else {
+        return Ok(());
+    };
+    let mut c: Counters = codec::decode(&|| "\\0counters".into(), &v)?;
+    if c.by_status[running] != n {
+        tracing::warn!(
+            counted = n,
+            recorded = c.by_status[running],
+            "the count of RUNNING sessions was off; corrected"
+        );
+        c.by_status[running] = n;
+        db.insert(COUNTERS_KEY, codec::encode(&c)?)
+            .map_err(sled_err("correcting the counters"))?;
     }
     Ok(())
 }

@@ -746,8 +746,9 @@ async fn the_lease_index_is_rebuilt_at_open_and_old_lease_keys_are_removed() {
 
 /// Layout 5: a RUNNING session keeps PENDING's `T` key and there is no `G` index. A layout-4
 /// store (RUNNING `T` keys under their own code, a `G` key per session) has them moved and
-/// removed at open, then lists every session newest first, lists its RUNNING ones, and finds
-/// them at open among a PENDING backlog, so their recovery reclaims each.
+/// removed at open, its count of RUNNING sessions (which the open now depends on) recounted, then
+/// lists every session newest first, lists its RUNNING ones, and finds them at open among a
+/// PENDING backlog, so their recovery reclaims each.
 #[tokio::test]
 async fn a_layout_4_store_is_upgraded_and_its_running_sessions_are_found_at_open() {
     use super::keys::{id_after, kb, newest, t_code};
@@ -796,6 +797,23 @@ async fn a_layout_4_store_is_upgraded_and_its_running_sessions_are_found_at_open
                 store.db.insert(old, Vec::new()).expect("T");
             }
         }
+        // A RUNNING count that no layout-4 open depended on, and that is wrong: the upgrade
+        // recounts.
+        let mut c: super::Counters = codec::decode(
+            &|| "counters".into(),
+            &store
+                .db
+                .get(super::COUNTERS_KEY)
+                .expect("get")
+                .expect("counters"),
+        )
+        .expect("counters");
+        assert_eq!(c.by_status[SessionStatus::Running.code() as usize], 3);
+        c.by_status[SessionStatus::Running.code() as usize] = 1;
+        store
+            .db
+            .insert(super::COUNTERS_KEY, codec::encode(&c).expect("enc"))
+            .expect("counters");
         store
             .db
             .insert(super::META_KEY, codec::encode(&4u32).expect("enc"))
@@ -805,6 +823,12 @@ async fn a_layout_4_store_is_upgraded_and_its_running_sessions_are_found_at_open
     }
     let store = reopen(dir.path());
     assert_eq!(layout(&store), super::LAYOUT_VERSION);
+    assert_eq!(
+        store.lock().by_status[SessionStatus::Running.code() as usize],
+        3,
+        "recounted"
+    );
+    assert_eq!(store.leases().len(), 3, "every RUNNING one found");
     assert_eq!(store.db.scan_prefix(b"G").count(), 0, "G removed");
     let running_code = [b'T', SessionStatus::Running.code()];
     assert_eq!(store.db.scan_prefix(running_code).count(), 0, "T moved");
