@@ -168,6 +168,91 @@ impl Tree {
         }
     }
 
+    /// harvest: sets or removes every key of `ops`, which must be sorted by key with each key
+    /// at most once (`None` removes). Consecutive keys that fall in one leaf are written with
+    /// one copy of the leaf and one page write (`PageCache::replace`, the record a
+    /// consolidation writes), where `insert` copies the leaf and logs one link per key. A group
+    /// stops where the leaf's range ends or once the leaf holds `GROUP_LEAF_MAX` entries, so
+    /// leaves stay within twice the size at which traversals split them; a leaf of more than
+    /// `GROUP_PAGE_MAX` bytes is written key by key. Not atomic, like a run of `insert`s: a
+    /// crash can keep any prefix of the writes, in key order.
+    pub fn apply_sorted(&self, ops: &[(&[u8], Option<&IVec>)]) -> Result<()> {
+        const GROUP_LEAF_MAX: usize = 32;
+        // A leaf holding large values takes the per-key path: each group rewrites the whole
+        // leaf, where links write only the change (and rewrite the leaf every tenth).
+        const GROUP_PAGE_MAX: u64 = 64 * 1024;
+        debug_assert!(ops.windows(2).all(|w| w[0].0 < w[1].0));
+        let mut guard = pin();
+        let _cc = concurrency_control::read();
+        let mut i = 0;
+        while i < ops.len() {
+            let View { node_view, pid, .. } = self.view_for_key(ops[i].0, &guard)?;
+            let node: &Node = &node_view;
+            let in_leaf = |k: &[u8]| node.hi.is_empty() || k < node.hi.as_ref();
+            if self.subscribers.ever_used() || node.merging || node.data.leaf_ref().is_none() {
+                // As `insert` does it.
+                let (k, v) = ops[i];
+                if self.insert_inner(k, v.cloned(), &mut guard)?.is_ok() {
+                    i += 1;
+                }
+                continue;
+            }
+            if node.rss() > GROUP_PAGE_MAX || ops.get(i + 1).map_or(true, |(k, _)| !in_leaf(k)) {
+                // One key: a link, as `insert_inner` makes it, on the leaf just found.
+                let (k, v) = ops[i];
+                let (encoded_key, last) = node.node_kv_pair(k);
+                if v == last.as_ref() {
+                    i += 1;
+                    continue;
+                }
+                let frag = match v {
+                    Some(v) => Link::Set(encoded_key, v.clone()),
+                    None => Link::Del(encoded_key),
+                };
+                let linked = self.context.pagecache.link(pid, node_view.0, frag, &guard)?;
+                if linked.is_ok() {
+                    guard.writeset.push(pid);
+                    i += 1;
+                } else {
+                    M.tree_looped();
+                }
+                continue;
+            }
+            let mut new_node = node.clone();
+            let mut changed = false;
+            let mut j = i;
+            // The first key is in this leaf (`view_for_key`), so a group always makes progress,
+            // even in a leaf already past the limit (a traversal splits it).
+            while j < ops.len()
+                && (j == i || (in_leaf(ops[j].0) && new_node.data.len() < GROUP_LEAF_MAX))
+            {
+                let (k, v) = ops[j];
+                let (encoded_key, last) = new_node.node_kv_pair(k);
+                if v != last.as_ref() {
+                    changed = true;
+                    match v {
+                        Some(v) => new_node.set_leaf(encoded_key, v.clone()),
+                        None => new_node.del_leaf(&encoded_key),
+                    }
+                }
+                j += 1;
+            }
+            if !changed {
+                i = j;
+                continue;
+            }
+            let replaced =
+                self.context.pagecache.replace(pid, node_view.0, new_node, &guard)?;
+            if replaced.is_ok() {
+                guard.writeset.push(pid);
+                i = j;
+            } else {
+                M.tree_looped();
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn insert_inner(
         &self,
         key: &[u8],
