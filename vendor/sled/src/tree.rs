@@ -172,12 +172,13 @@ impl Tree {
     /// at most once (`None` removes). Consecutive keys that fall in one leaf are written with
     /// one copy of the leaf and one page write (`PageCache::replace`, the record a
     /// consolidation writes), where `insert` copies the leaf and logs one link per key. A group
-    /// stops where the leaf's range ends or once the leaf holds `GROUP_LEAF_MAX` entries, so
-    /// leaves stay within twice the size at which traversals split them; a leaf of more than
+    /// stops where the leaf's range ends or once the leaf holds `GROUP_LEAF_MAX` entries: a
+    /// traversal splits a leaf of more than 16 in two, and one of 31 splits once, into 16 and
+    /// 15 (one of 32 would split twice); a leaf of more than
     /// `GROUP_PAGE_MAX` bytes is written key by key. Not atomic, like a run of `insert`s: a
     /// crash can keep any prefix of the writes, in key order.
     pub fn apply_sorted(&self, ops: &[(&[u8], Option<&IVec>)]) -> Result<()> {
-        const GROUP_LEAF_MAX: usize = 32;
+        const GROUP_LEAF_MAX: usize = 31;
         // A leaf holding large values takes the per-key path: each group rewrites the whole
         // leaf, where links write only the change (and rewrite the leaf every tenth).
         const GROUP_PAGE_MAX: u64 = 64 * 1024;
