@@ -779,7 +779,8 @@ mod tests {
     }
 
     /// Large batches fill empty regions (leaves grow by groups and split), empty them again
-    /// and refill them; a leaf holding a value over 64 KiB is written key by key.
+    /// and refill them; values of 5 KiB end groups by their bytes, and a leaf holding a value
+    /// over 64 KiB is written key by key.
     #[test]
     fn large_batches_split_and_empty_leaves() {
         let fill: Vec<_> = (0..3000u16).map(|n| (n, Some(40))).collect();
@@ -789,7 +790,31 @@ mod tests {
             .map(|n| (n, Some(usize::from(n % 7))))
             .collect();
         big.push((1500, Some(100 * 1024)));
+        let wide: Vec<_> = (0..900u16).map(|n| (n * 3, Some(5 * 1024))).collect();
         let empty_all: Vec<_> = (0..3000u16).map(|n| (n, None)).collect();
-        check_against_model(&[fill.clone(), empty_half, big, fill, empty_all]);
+        check_against_model(&[fill.clone(), empty_half, big, wide, fill, empty_all]);
+    }
+
+    /// A batch of 5 KiB values is written in groups small enough that no page becomes a blob
+    /// file (sled writes a page past 128 KiB as one, and the flusher syncs each).
+    #[test]
+    fn grouped_pages_stay_below_blob_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new()
+            .path(dir.path())
+            .flush_every_ms(None)
+            .open()
+            .expect("open");
+        let mut b = Batch::default();
+        for n in 0..600u16 {
+            b.insert(model_key(n * 3), model_value(n, 5 * 1024));
+        }
+        b.apply_to(&db).expect("apply");
+        db.flush().expect("flush");
+        let blobs = std::fs::read_dir(dir.path().join("blobs"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(blobs, 0, "no page of the batch was written as a blob");
+        assert_eq!(db.len(), 600);
     }
 }

@@ -171,16 +171,17 @@ impl Tree {
     /// harvest: sets or removes every key of `ops`, which must be sorted by key with each key
     /// at most once (`None` removes). Consecutive keys that fall in one leaf are written with
     /// one copy of the leaf and one page write (`PageCache::replace`, the record a
-    /// consolidation writes), where `insert` copies the leaf and logs one link per key. A group
-    /// stops where the leaf's range ends or once the leaf holds `GROUP_LEAF_MAX` entries: a
-    /// traversal splits a leaf of more than 16 in two, and one of 31 splits once, into 16 and
-    /// 15 (one of 32 would split twice); a leaf of more than
-    /// `GROUP_PAGE_MAX` bytes is written key by key. Not atomic, like a run of `insert`s: a
-    /// crash can keep any prefix of the writes, in key order.
+    /// consolidation writes), where `insert` copies the leaf and logs one link per key.
+    ///
+    /// A group ends where the leaf's range ends, or where the leaf would pass
+    /// `GROUP_LEAF_MAX` entries or `GROUP_PAGE_MAX` bytes. A traversal splits a leaf of more
+    /// than 16 entries in two: one of 31 splits once, into 16 and 15 (one of 32 would split
+    /// twice, its half of 17 again). The byte bound keeps a group's page below the size at
+    /// which sled writes a page as a blob file of its own (a quarter of a 512 KiB segment). A
+    /// key alone in its group is linked, as `insert` does. Not atomic, like a run of
+    /// `insert`s: a crash can keep any prefix of the writes, in key order.
     pub fn apply_sorted(&self, ops: &[(&[u8], Option<&IVec>)]) -> Result<()> {
         const GROUP_LEAF_MAX: usize = 31;
-        // A leaf holding large values takes the per-key path: each group rewrites the whole
-        // leaf, where links write only the change (and rewrite the leaf every tenth).
         const GROUP_PAGE_MAX: u64 = 64 * 1024;
         debug_assert!(ops.windows(2).all(|w| w[0].0 < w[1].0));
         let mut guard = pin();
@@ -189,7 +190,6 @@ impl Tree {
         while i < ops.len() {
             let View { node_view, pid, .. } = self.view_for_key(ops[i].0, &guard)?;
             let node: &Node = &node_view;
-            let in_leaf = |k: &[u8]| node.hi.is_empty() || k < node.hi.as_ref();
             if self.subscribers.ever_used() || node.merging || node.data.leaf_ref().is_none() {
                 // As `insert` does it.
                 let (k, v) = ops[i];
@@ -198,7 +198,31 @@ impl Tree {
                 }
                 continue;
             }
-            if node.rss() > GROUP_PAGE_MAX || ops.get(i + 1).map_or(true, |(k, _)| !in_leaf(k)) {
+            // The group ops[i..j]: ops[i] is in this leaf (`view_for_key`). Entries and bytes
+            // are counted as if every set added a key and its value (an upper bound).
+            let grows = |(k, v): (&[u8], Option<&IVec>)| match v {
+                Some(v) => (
+                    usize::from(node.leaf_pair_for_key(k).is_none()),
+                    (k.len() + v.len()) as u64,
+                ),
+                None => (0, 0),
+            };
+            let (n, b) = grows(ops[i]);
+            let (mut entries, mut bytes) = (node.data.len() + n, node.rss() + b);
+            let mut j = i + 1;
+            while let Some(&op) = ops.get(j) {
+                if !node.hi.is_empty() && op.0 >= node.hi.as_ref() {
+                    break; // past this leaf
+                }
+                let (n, b) = grows(op);
+                if entries + n > GROUP_LEAF_MAX || bytes + b > GROUP_PAGE_MAX {
+                    break;
+                }
+                entries += n;
+                bytes += b;
+                j += 1;
+            }
+            if j == i + 1 {
                 // One key: a link, as `insert_inner` makes it, on the leaf just found.
                 let (k, v) = ops[i];
                 let (encoded_key, last) = node.node_kv_pair(k);
@@ -221,13 +245,7 @@ impl Tree {
             }
             let mut new_node = node.clone();
             let mut changed = false;
-            let mut j = i;
-            // The first key is in this leaf (`view_for_key`), so a group always makes progress,
-            // even in a leaf already past the limit (a traversal splits it).
-            while j < ops.len()
-                && (j == i || (in_leaf(ops[j].0) && new_node.data.len() < GROUP_LEAF_MAX))
-            {
-                let (k, v) = ops[j];
+            for &(k, v) in &ops[i..j] {
                 let (encoded_key, last) = new_node.node_kv_pair(k);
                 if v != last.as_ref() {
                     changed = true;
@@ -236,7 +254,6 @@ impl Tree {
                         None => new_node.del_leaf(&encoded_key),
                     }
                 }
-                j += 1;
             }
             if !changed {
                 i = j;
