@@ -657,11 +657,7 @@ mod tests {
     #[test]
     fn disk_sync_covers_the_log_and_new_blob_files() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::Config::new()
-            .path(dir.path())
-            .flush_every_ms(None)
-            .open()
-            .expect("open");
+        let db = open_raw(dir.path());
         let mut disk = DiskSync::open(dir.path()).expect("disk sync");
         let none = disk.unsynced_blobs().expect("list");
         assert!(none.is_empty());
@@ -693,6 +689,21 @@ mod tests {
         );
     }
 
+    /// sled itself (no store) in `dir`, as the store opens it, waiting (bounded) for a dropped
+    /// handle's I/O threads to let go of the directory's lock.
+    fn open_raw(dir: &Path) -> sled::Db {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match sled::Config::new().path(dir).flush_every_ms(None).open() {
+                Ok(db) => break db,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("open: {e}"),
+            }
+        }
+    }
+
     /// A key of one of three regions, so that batches span leaves and regions.
     fn model_key(n: u16) -> Vec<u8> {
         let mut k = vec![b"ACT"[usize::from(n % 3)]];
@@ -717,24 +728,7 @@ mod tests {
     /// then after a reopen.
     fn check_against_model(batches: &[Vec<(u16, Option<usize>)>]) {
         let dir = tempfile::tempdir().expect("tempdir");
-        // Bounded wait for a dropped handle's I/O threads to let go of the directory's lock.
-        let open = || {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            loop {
-                match sled::Config::new()
-                    .path(dir.path())
-                    .flush_every_ms(None)
-                    .open()
-                {
-                    Ok(db) => break db,
-                    Err(_) if std::time::Instant::now() < deadline => {
-                        std::thread::sleep(std::time::Duration::from_millis(10));
-                    }
-                    Err(e) => panic!("open: {e}"),
-                }
-            }
-        };
-        let db = open();
+        let db = open_raw(dir.path());
         let mut model = std::collections::BTreeMap::new();
         for ops in batches {
             let mut b = Batch::default();
@@ -755,7 +749,7 @@ mod tests {
         }
         db.flush().expect("flush");
         drop(db);
-        assert_eq!(contents(&open()), model, "after a reopen");
+        assert_eq!(contents(&open_raw(dir.path())), model, "after a reopen");
     }
 
     proptest::proptest! {
@@ -800,11 +794,7 @@ mod tests {
     #[test]
     fn grouped_pages_stay_below_blob_size() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::Config::new()
-            .path(dir.path())
-            .flush_every_ms(None)
-            .open()
-            .expect("open");
+        let db = open_raw(dir.path());
         let mut b = Batch::default();
         for n in 0..600u16 {
             b.insert(model_key(n * 3), model_value(n, 5 * 1024));
