@@ -200,6 +200,7 @@ async fn a_worker_cut_off_in_its_namespace_is_fenced_and_every_session_ends_once
         .collect();
     eprintln!("netns: cutting worker 0, which holds {cut_held:?}");
     net.cut(0);
+    let cut_at = Instant::now();
 
     // The others take its sessions back and run them (a later attempt) while it is cut.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -219,12 +220,24 @@ async fn a_worker_cut_off_in_its_namespace_is_fenced_and_every_session_ends_once
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!("netns: its sessions were reclaimed; restoring its link");
+    let cut_for = cut_at.elapsed();
+    eprintln!(
+        "netns: its sessions were reclaimed after {:.1} s; restoring its link",
+        cut_for.as_secs_f64()
+    );
     net.restore(0);
-    // Its hung writes arrive now, and are refused.
+    // Its hung writes arrive now, and are refused. They arrive at the next retransmission of
+    // each hung connection: TCP doubles its retransmission timeout at every unanswered try, so
+    // after a cut of T seconds the next one can be up to about T away. A cut that a loaded
+    // machine made long (the other worker had to claim and run the sessions first) once took
+    // longer than a fixed 60 s wait here, so the wait grows with the cut.
+    let fenced_within = Duration::from_secs(60).max(cut_for * 2 + Duration::from_secs(30));
     assert!(
-        workers[0].wait_log("attempt stopped", Duration::from_secs(60)),
-        "the cut worker did not report its attempts fenced"
+        workers[0].wait_log("attempt stopped", fenced_within),
+        "the cut worker did not report its attempts fenced within {} s of its link's restore \
+         (cut for {:.1} s)",
+        fenced_within.as_secs(),
+        cut_for.as_secs_f64()
     );
 
     eprintln!("netns: worker 0 was fenced");
