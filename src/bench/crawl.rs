@@ -147,13 +147,11 @@ pub async fn compare(
     let (m, s) = (median(&mut memory.clone()), median(&mut sled.clone()));
     // Each round's own ratio (its two runs were next to each other), so that a reader sees how
     // far one round's figure strays from the median's before judging the ratio against a line.
-    let mut pairs: Vec<f64> = memory
+    let pair_ratios: Vec<f64> = memory
         .iter()
         .zip(&sled)
         .map(|(m, s)| s / m.max(1e-9))
         .collect();
-    let pair_ratios = pairs.clone();
-    pairs.sort_by(f64::total_cmp);
     Ok(serde_json::json!({
         "bench": "crawl_compare",
         "products": products,
@@ -163,8 +161,8 @@ pub async fn compare(
         "sled_pages_per_sec": s,
         "ratio": s / m.max(1e-9),
         "pair_ratios": pair_ratios,
-        "pair_ratio_min": pairs.first(),
-        "pair_ratio_max": pairs.last(),
+        "pair_ratio_min": pair_ratios.iter().copied().reduce(f64::min),
+        "pair_ratio_max": pair_ratios.iter().copied().reduce(f64::max),
         "memory_samples": memory,
         "sled_samples": sled,
         "peak_rss_mb": peak_rss_mb(),

@@ -196,17 +196,20 @@ impl Batch {
     /// that fall in one leaf are written with one copy of it, not one per key; see
     /// `vendor/sled/HARVEST.md`).
     fn last_changes(&self) -> Vec<(&[u8], Option<&IVec>)> {
-        let mut order: Vec<usize> = (0..self.ops.len()).collect();
-        // Stable: of a key's changes, the last one staged sorts last.
-        order.sort_by(|&a, &b| self.ops[a].0.cmp(&self.ops[b].0));
-        let mut out: Vec<(&[u8], Option<&IVec>)> = Vec::with_capacity(order.len());
-        for i in order {
-            let (k, v) = &self.ops[i];
-            match out.last_mut() {
-                Some(last) if last.0 == k.as_ref() => last.1 = v.as_ref(),
-                _ => out.push((k.as_ref(), v.as_ref())),
+        let mut out: Vec<(&[u8], Option<&IVec>)> = self
+            .ops
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v.as_ref()))
+            .collect();
+        // Stable: of a key's changes, the last one staged sorts last, and is the one kept.
+        out.sort_by(|a, b| a.0.cmp(b.0));
+        out.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 = later.1;
             }
-        }
+            same
+        });
         out
     }
 }

@@ -149,8 +149,9 @@ pub(super) fn drop_lease_keys(db: &sled::Db) -> StoreResult<()> {
 
 /// Layout 5: moves the `T` keys of RUNNING sessions to the code they share with PENDING ones
 /// ([`t_code`](super::keys::t_code)) and removes the `G` index (a listing of every session merges
-/// the `T` codes instead), in chunks, then recounts the RUNNING sessions ([`recount_running`]). Resumed by the next open if killed part-way (the layout
-/// version is written after it; a moved key is no longer under the old prefix).
+/// the `T` codes instead), in chunks, then recounts the RUNNING sessions ([`recount_running`]).
+/// Resumed by the next open if killed part-way (the layout version is written after it; a moved
+/// key is no longer under the old prefix).
 pub(super) fn to_layout_5(db: &sled::Db) -> StoreResult<()> {
     use crate::session::SessionStatus;
     let old_prefix = [b'T', SessionStatus::Running.code()];

@@ -174,15 +174,19 @@ impl Tree {
     /// consolidation writes), where `insert` copies the leaf and logs one link per key.
     ///
     /// A group ends where the leaf's range ends, or where the leaf would pass
-    /// `GROUP_LEAF_MAX` entries or `GROUP_PAGE_MAX` bytes. A traversal splits a leaf of more
+    /// `GROUP_LEAF_MAX` entries or `group_page_max` bytes. A traversal splits a leaf of more
     /// than 16 entries in two: one of 31 splits once, into 16 and 15 (one of 32 would split
-    /// twice, its half of 17 again). The byte bound keeps a group's page below the size at
-    /// which sled writes a page as a blob file of its own (a quarter of a 512 KiB segment). A
+    /// twice, its half of 17 again). The byte bound keeps a group's page at half the size at
+    /// which sled writes a page as a blob file of its own (a quarter of a segment). A
     /// key alone in its group is linked, as `insert` does. Not atomic, like a run of
     /// `insert`s: a crash can keep any prefix of the writes, in key order.
     pub fn apply_sorted(&self, ops: &[(&[u8], Option<&IVec>)]) -> Result<()> {
         const GROUP_LEAF_MAX: usize = 31;
-        const GROUP_PAGE_MAX: u64 = 64 * 1024;
+        // Half the size past which the log writes a message as a blob (`Log::reserve`): 64 KiB
+        // with the default 512 KiB segments.
+        let group_page_max = (self.context.pagecache.config.segment_size
+            / crate::pagecache::MINIMUM_ITEMS_PER_SEGMENT
+            / 2) as u64;
         debug_assert!(ops.windows(2).all(|w| w[0].0 < w[1].0));
         let mut guard = pin();
         let _cc = concurrency_control::read();
@@ -215,7 +219,7 @@ impl Tree {
                     break; // past this leaf
                 }
                 let (n, b) = grows(op);
-                if entries + n > GROUP_LEAF_MAX || bytes + b > GROUP_PAGE_MAX {
+                if entries + n > GROUP_LEAF_MAX || bytes + b > group_page_max {
                     break;
                 }
                 entries += n;
