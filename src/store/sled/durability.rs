@@ -121,6 +121,14 @@ impl Batch {
         }
     }
 
+    /// Adds `other`'s changes after this batch's own.
+    pub(super) fn append(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+        self.loose.extend(other.loose);
+        self.leases.extend(other.leases);
+        self.bytes += other.bytes;
+    }
+
     /// The batch without the changes staged after `mark` (a failed item's).
     pub(super) fn truncated(mut self, mark: Mark) -> Batch {
         self.ops.truncate(mark.ops);

@@ -87,6 +87,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use sled::IVec;
 use tokio::sync::Notify;
 
 use super::{
@@ -423,6 +424,11 @@ impl SledStore {
     }
 
     fn load(&self, id: &SessionKey) -> StoreResult<Option<Session>> {
+        Ok(self.load_raw(id)?.map(|(_, s)| s))
+    }
+
+    /// [`SledStore::load`], with the stored bytes the session was decoded from.
+    fn load_raw(&self, id: &SessionKey) -> StoreResult<Option<(IVec, Session)>> {
         match self
             .db
             .get(k_session(id))
@@ -431,7 +437,7 @@ impl SledStore {
             Some(bytes) => {
                 let mut s = codec::decode_session(&|| key_name("sessions", id), &bytes)?;
                 s.tenant = id.client.clone();
-                Ok(Some(s))
+                Ok(Some((bytes, s)))
             }
             None => Ok(None),
         }

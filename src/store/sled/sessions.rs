@@ -1,6 +1,8 @@
 //! Sessions (`S`) and their index keys (`W`, `P`, `G`, `C`, `A`, `T`, `Y`, `L`, `X`): claim, every transition of a running attempt, cancel, removal (`Z` until its data is purged)
 //! and expiry, listings and counts (inserts are in `insert.rs`). Every transition is a read-check-write under the store mutex
-//! that stages the session's new value and index changes into one [`Batch`].
+//! that stages the session's new value and index changes into one [`Batch`]. Claims and
+//! finishes prepare that work before they take the mutex ([`Prepared`]), and under it take a
+//! prepared transition only if the session is still stored as it was read.
 //!
 //! # Claims
 //!
@@ -11,6 +13,7 @@
 //! claim. A session in `P` stays due even if a later claim passes an earlier `now` (clocks only
 //! move forward in practice).
 
+use std::collections::HashMap;
 use std::ops::Bound;
 
 use sled::IVec;
@@ -56,6 +59,27 @@ fn index_keys(s: &Session) -> Vec<Vec<u8>> {
     keys
 }
 
+/// Whether attempt `a` holds `s`: it is RUNNING in that attempt, under that owner's lease.
+fn holds(s: &Session, a: &AttemptRef) -> bool {
+    s.status == SessionStatus::Running
+        && s.attempt == a.attempt
+        && s.lease.as_ref().is_some_and(|l| l.owner == a.owner)
+}
+
+/// A transition staged outside the store lock, from the session as it was read then
+/// ([`SledStore::prepare_claims`], [`SledStore::prepare_finish`]); staged under the lock only
+/// if the session's stored value is still the same bytes ([`SledStore::still_stored`]).
+pub(super) struct Prepared {
+    /// The session's stored value it was prepared from.
+    raw: IVec,
+    /// The session decoded from `raw`, and after the transition.
+    old: Session,
+    new: Session,
+    /// The new value, index and lease changes (not the counters, nor a checkpoint's changes:
+    /// those are staged under the lock).
+    batch: Batch,
+}
+
 /// The session's key in the lease index ([`SledStore::leases`]), when it is RUNNING.
 fn lease_key(s: &Session) -> Option<Vec<u8>> {
     match (s.status, &s.lease) {
@@ -77,11 +101,7 @@ fn validate_terminal(status: SessionStatus) -> StoreResult<()> {
 impl SledStore {
     /// The session when it is RUNNING with this attempt and owner.
     fn load_running(&self, a: &AttemptRef) -> StoreResult<Option<Session>> {
-        Ok(self.load(&a.id)?.filter(|s| {
-            s.status == SessionStatus::Running
-                && s.attempt == a.attempt
-                && s.lease.as_ref().is_some_and(|l| l.owner == a.owner)
-        }))
+        Ok(self.load(&a.id)?.filter(|s| holds(s, a)))
     }
 
     /// Stages `new` (replacing `old`): the value, index changes and status counters.
@@ -91,6 +111,21 @@ impl SledStore {
         old: Option<&Session>,
         new: &Session,
     ) -> StoreResult<()> {
+        Self::count(c, old.map(|o| o.status), new.status);
+        Self::stage_keys(b, old, new)
+    }
+
+    /// Moves one session from status `old` (none: a new session) to `new` in the counters.
+    fn count(c: &mut Counters, old: Option<SessionStatus>, new: SessionStatus) {
+        if let Some(old) = old {
+            let slot = &mut c.by_status[old.code() as usize];
+            *slot = slot.saturating_sub(1);
+        }
+        c.by_status[new.code() as usize] += 1;
+    }
+
+    /// Stages `new` (replacing `old`): the value, index and lease changes, not the counters.
+    fn stage_keys(b: &mut Batch, old: Option<&Session>, new: &Session) -> StoreResult<()> {
         let new_keys = index_keys(new);
         let old_keys = old.map(index_keys).unwrap_or_default();
         for k in &old_keys {
@@ -112,11 +147,6 @@ impl SledStore {
                 b.lease(k);
             }
         }
-        if let Some(old) = old {
-            let slot = &mut c.by_status[old.status.code() as usize];
-            *slot = slot.saturating_sub(1);
-        }
-        c.by_status[new.status.code() as usize] += 1;
         b.insert(k_session(&new.key()), codec::encode(new)?);
         Ok(())
     }
@@ -496,6 +526,17 @@ impl SledStore {
         if p.limit == 0 {
             return Ok(Vec::new());
         }
+        let prepared = self.prepare_claims(&p);
+        self.claim_prepared(p, prepared)
+    }
+
+    /// The claim itself, under the lock: `prepared` ([`SledStore::prepare_claims`]) saves the
+    /// work for each session it has, still stored as it read it.
+    pub(super) fn claim_prepared(
+        &self,
+        p: SessionClaim,
+        mut prepared: HashMap<IVec, Prepared>,
+    ) -> StoreResult<Vec<Session>> {
         let claimed = {
             let mut st = self.lock();
             self.promote(&mut st, p.now)?;
@@ -516,20 +557,33 @@ impl SledStore {
                     break;
                 }
                 let (k, _) = kv.map_err(sled_err("reading the claim queue"))?;
-                let old = match id_after(&k, 1 + 4 + 8 + 8).and_then(|id| self.load(&id)) {
-                    Ok(Some(s)) if s.status == SessionStatus::Pending => s,
-                    other => {
-                        // Unclaimable: drop it from the queue so no claim scans it again.
-                        if let Err(e) = other {
-                            tracing::warn!(error = %e, "dropping an unreadable session from the queue");
-                        }
-                        b.remove(k);
-                        c.due = c.due.saturating_sub(1);
-                        changed = true;
-                        continue;
-                    }
+                let id = id_after(&k, 1 + 4 + 8 + 8);
+                let ready = match (prepared.remove(&k), &id) {
+                    (Some(f), Ok(id)) => self.still_stored(id, f)?,
+                    _ => None,
                 };
-                let client = old.client.client_id();
+                let (s, changes) = match ready {
+                    Some(f) => (f.new, f.batch),
+                    None => match id.and_then(|id| self.load(&id)) {
+                        Ok(Some(old)) if old.status == SessionStatus::Pending => {
+                            let s = old.claimed(&p.owner, p.lease, p.now);
+                            let mut changes = Batch::default();
+                            Self::stage_keys(&mut changes, Some(&old), &s)?;
+                            (s, changes)
+                        }
+                        other => {
+                            // Unclaimable: drop it from the queue so no claim scans it again.
+                            if let Err(e) = other {
+                                tracing::warn!(error = %e, "dropping an unreadable session from the queue");
+                            }
+                            b.remove(k);
+                            c.due = c.due.saturating_sub(1);
+                            changed = true;
+                            continue;
+                        }
+                    },
+                };
+                let client = s.client.client_id();
                 if let Some(limit) = max_running.get(client) {
                     let n = running.entry(client.to_string()).or_insert(0);
                     if *n >= *limit {
@@ -540,8 +594,8 @@ impl SledStore {
                 }
                 b.remove(k);
                 c.due = c.due.saturating_sub(1);
-                let s = old.claimed(&p.owner, p.lease, p.now);
-                Self::stage(&mut c, &mut b, Some(&old), &s)?;
+                Self::count(&mut c, Some(SessionStatus::Pending), s.status);
+                b.append(changes);
                 changed = true;
                 claimed.push(s);
                 // Small intents (a large one becomes a blob file); claims need no flush.
@@ -619,14 +673,34 @@ impl SledStore {
         &self,
         items: &[SessionFinish],
     ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
-        // Outside the lock, as a finish of its own does it.
-        let ready: Vec<StoreResult<()>> = items
+        let ready = self.prepare_finishes(items);
+        self.finish_prepared(items, ready).await
+    }
+
+    /// What [`SledStore::finish_sessions`] does outside the lock, as a finish of its own does it:
+    /// and each finish is prepared from the session as it is now, so that the lock is held only
+    /// to check that it is unchanged ([`SledStore::prepare_finish`]).
+    pub(super) fn prepare_finishes(
+        &self,
+        items: &[SessionFinish],
+    ) -> Vec<StoreResult<Option<Prepared>>> {
+        items
             .iter()
             .map(|p| {
                 validate_terminal(p.status)?;
-                self.index_before(&p.attempt.id, &p.batch)
+                self.index_before(&p.attempt.id, &p.batch)?;
+                Ok(self.prepare_finish(p))
             })
-            .collect();
+            .collect()
+    }
+
+    /// The finishes themselves, under the lock, with what [`SledStore::prepare_finishes`] gave
+    /// for each.
+    pub(super) async fn finish_prepared(
+        &self,
+        items: &[SessionFinish],
+        ready: Vec<StoreResult<Option<Prepared>>>,
+    ) -> StoreResult<Vec<StoreResult<Option<Session>>>> {
         let mut out = Vec::with_capacity(items.len());
         let ticket = {
             let mut st = self.lock();
@@ -635,10 +709,13 @@ impl SledStore {
             let mut ended = std::collections::HashSet::with_capacity(items.len());
             let mut applied = false;
             for (p, ready) in items.iter().zip(ready) {
-                if let Err(e) = ready {
-                    out.push(Err(e));
-                    continue;
-                }
+                let prepared = match ready {
+                    Ok(prepared) => prepared,
+                    Err(e) => {
+                        out.push(Err(e));
+                        continue;
+                    }
+                };
                 if ended.contains(&p.attempt.id) {
                     // An earlier item ended this session (staged, so not yet in the tree that
                     // `stage_finish` reads). A refused one did not: a later item may apply.
@@ -646,7 +723,11 @@ impl SledStore {
                     continue;
                 }
                 let (before, mark) = (c.clone(), b.mark());
-                match self.stage_finish(&mut c, &mut b, p) {
+                let staged = match prepared {
+                    Some(f) => self.stage_prepared_finish(&mut c, &mut b, p, f),
+                    None => self.stage_finish(&mut c, &mut b, p),
+                };
+                match staged {
                     Ok(Some(s)) => {
                         ended.insert(&p.attempt.id);
                         out.push(Ok(Some(s)));
@@ -669,6 +750,96 @@ impl SledStore {
             self.durability.wait(ticket).await?;
         }
         Ok(out)
+    }
+
+    /// Reads the session `p` ends and stages its new value and index changes, without the store
+    /// lock: decoding, the transition and encoding are most of a finish's work, and the lock
+    /// then only checks that the stored value is still the one read
+    /// ([`SledStore::stage_prepared_finish`]). `None` when the attempt does not hold the session
+    /// (or it cannot be read): the finish is then staged under the lock as it always was, which
+    /// reports why.
+    fn prepare_finish(&self, p: &SessionFinish) -> Option<Prepared> {
+        let (raw, old) = self.load_raw(&p.attempt.id).ok()??;
+        if !holds(&old, &p.attempt) {
+            return None;
+        }
+        let new = old.finished(
+            p.status,
+            p.error.clone(),
+            &p.batch.progress(),
+            p.cleanup_after,
+            p.now,
+        );
+        let mut batch = Batch::default();
+        Self::stage_keys(&mut batch, Some(&old), &new).ok()?;
+        Some(Prepared {
+            raw,
+            old,
+            new,
+            batch,
+        })
+    }
+
+    /// `f`, if session `id`'s stored value is still the bytes `f` was prepared from: then the
+    /// session is the one it read, and preparing it again would give the same changes. Called
+    /// under the lock; `None` when something (a cancel, a heartbeat, a reclaim) came between.
+    fn still_stored(&self, id: &SessionKey, f: Prepared) -> StoreResult<Option<Prepared>> {
+        let now = self
+            .db
+            .get(k_session(id))
+            .map_err(sled_err("reading a session"))?;
+        Ok((now.as_ref() == Some(&f.raw)).then_some(f))
+    }
+
+    /// Sessions a claim like `p` would take, each with its claimed state staged, read without
+    /// the lock: decoding, the transition and encoding are most of a claim's work. Keyed by
+    /// their key in `P`; the claim still takes its sessions in `P`'s order under the lock, and
+    /// takes one of these only if it is still stored as read ([`SledStore::still_stored`]).
+    pub(super) fn prepare_claims(&self, p: &SessionClaim) -> HashMap<IVec, Prepared> {
+        let mut out = HashMap::with_capacity(p.limit.min(1024));
+        for kv in self.db.scan_prefix(b"P").take(p.limit) {
+            let Ok((k, _)) = kv else { break };
+            let Ok(Some((raw, old))) =
+                id_after(&k, 1 + 4 + 8 + 8).and_then(|id| self.load_raw(&id))
+            else {
+                continue;
+            };
+            if old.status != SessionStatus::Pending {
+                continue;
+            }
+            let new = old.claimed(&p.owner, p.lease, p.now);
+            let mut batch = Batch::default();
+            if Self::stage_keys(&mut batch, Some(&old), &new).is_ok() {
+                out.insert(
+                    k,
+                    Prepared {
+                        raw,
+                        old,
+                        new,
+                        batch,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// Stages a finish [`SledStore::prepare_finish`] prepared if the session is still stored as
+    /// it read it, else from the session as it is now ([`SledStore::stage_finish`]).
+    fn stage_prepared_finish(
+        &self,
+        c: &mut Counters,
+        b: &mut Batch,
+        p: &SessionFinish,
+        f: Prepared,
+    ) -> StoreResult<Option<Session>> {
+        let Some(f) = self.still_stored(&p.attempt.id, f)? else {
+            return self.stage_finish(c, b, p);
+        };
+        self.stage_batch(b, &f.old, &p.batch)?;
+        b.append(f.batch);
+        Self::count(c, Some(f.old.status), f.new.status);
+        Ok(Some(f.new))
     }
 
     /// Stages ending the attempt `p` names (its last checkpoint and terminal status) into `b`

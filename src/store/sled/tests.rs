@@ -5,10 +5,12 @@ use std::time::Duration;
 use super::SledStore;
 use super::frontier::UrlState;
 use super::keys::{data_prefix, k_chunk, k_url};
+use crate::session::SessionStatus;
 use crate::session::{FrontierEntry, Session, SessionId, SessionKey, Timestamp};
 use crate::store::{
-    AttemptRef, CheckpointBatch, CheckpointCommit, FRONTIER_PAGE_MAX, FrontierDone, FrontierPage,
-    RecordsPage, SeenFilter, SessionClaim, SessionInsert, Store, StoreError, codec,
+    AttemptRef, CancelOutcome, CheckpointBatch, CheckpointCommit, FRONTIER_PAGE_MAX, FrontierDone,
+    FrontierPage, RecordsPage, SeenFilter, SessionCancel, SessionClaim, SessionFinish,
+    SessionInsert, SessionRequeue, Store, StoreError, codec,
 };
 
 /// Inserts a PENDING session, due now.
@@ -68,6 +70,113 @@ async fn checkpoint(store: &SledStore, a: &AttemptRef, batch: CheckpointBatch) {
         .await
         .expect("checkpoint");
     assert!(ok.is_some(), "checkpoint applied");
+}
+
+fn claim_one(now: Timestamp) -> SessionClaim {
+    SessionClaim {
+        owner: "t".into(),
+        limit: 1,
+        lease: Duration::from_secs(600),
+        now,
+    }
+}
+
+/// A claim prepares its sessions before it takes the lock, and takes a prepared one only if it
+/// is still stored as it was read. Here another claimer takes the session and hands it back, due
+/// at the same time, in between: its queue key is the one prepared, its value is not, and the
+/// claim must start the session's next attempt, not a copy of the first.
+#[tokio::test]
+async fn a_claim_stages_again_a_session_that_changed_after_it_was_prepared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let key: SessionKey = pending(&store).await.into();
+    let run_at = store
+        .session_get(&key)
+        .await
+        .expect("get")
+        .expect("stored")
+        .run_at;
+    let now = Timestamp::now();
+    let prepared = store.prepare_claims(&claim_one(now));
+    assert_eq!(prepared.len(), 1, "the session was prepared");
+
+    let first = store.session_claim(claim_one(now)).await.expect("claim");
+    assert_eq!(first.len(), 1);
+    let handed_back = store
+        .session_requeue_if_running(SessionRequeue {
+            attempt: AttemptRef {
+                id: key.clone(),
+                attempt: first[0].attempt,
+                owner: "t".into(),
+            },
+            spend_attempt: false,
+            run_at,
+            error: None,
+            cleanup_after: Duration::from_secs(60),
+            now,
+        })
+        .await
+        .expect("requeue")
+        .expect("requeued");
+    assert_eq!(handed_back.status, SessionStatus::Pending);
+
+    let second = store
+        .claim_prepared(claim_one(now), prepared)
+        .expect("claim");
+    assert_eq!(second.len(), 1, "the session is due again");
+    assert!(second[0].attempt > first[0].attempt, "a new attempt");
+    let stored = store.session_get(&key).await.expect("get").expect("stored");
+    assert_eq!(stored.status, SessionStatus::Running);
+    assert_eq!(stored.attempt, second[0].attempt);
+    assert_eq!(stored.attempts.len(), 2, "both attempts are in its history");
+}
+
+/// A finish is prepared before it takes the lock; a cancel asked in between must survive it.
+#[tokio::test]
+async fn a_finish_keeps_a_cancel_request_made_after_it_was_prepared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let a = running(&store).await;
+    let finish = SessionFinish {
+        attempt: a.clone(),
+        status: SessionStatus::Completed,
+        error: None,
+        batch: CheckpointBatch::default(),
+        cleanup_after: Duration::from_secs(60),
+        now: Timestamp::now(),
+    };
+    let ready = store.prepare_finishes(std::slice::from_ref(&finish));
+    assert!(
+        matches!(ready[..], [Ok(Some(_))]),
+        "the finish was prepared"
+    );
+
+    let asked = store
+        .session_cancel(SessionCancel {
+            id: a.id.clone(),
+            cleanup_after: Duration::from_secs(60),
+            now: Timestamp::now(),
+        })
+        .await
+        .expect("cancel");
+    assert!(matches!(asked, CancelOutcome::Requested(_)), "{asked:?}");
+
+    let out = store
+        .finish_prepared(std::slice::from_ref(&finish), ready)
+        .await
+        .expect("finish");
+    let ended = match &out[..] {
+        [Ok(Some(s))] => s,
+        other => panic!("the finish applies: {other:?}"),
+    };
+    assert!(ended.cancel_requested);
+    let stored = store
+        .session_get(&a.id)
+        .await
+        .expect("get")
+        .expect("stored");
+    assert_eq!(stored.status, SessionStatus::Completed);
+    assert!(stored.cancel_requested, "the request is kept");
 }
 
 /// Records span several chunks; a chunk a crashed checkpoint left after the committed count
