@@ -237,25 +237,33 @@ impl EventBus {
         if self.is_external() {
             return;
         }
-        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        ring.last_id += 1;
-        let event = Event {
-            id: ring.last_id,
+        // Copied before the lock and the oldest event dropped after it: every worker's
+        // transitions publish here, and the lock only numbers the event.
+        let mut event = Event {
+            id: 0,
             kind,
             session_id: session.id.clone(),
             tenant: session.tenant.clone(),
             client_id: session.client.client_id().to_string(),
             session: Some(Box::new(session.clone())),
         };
-        if ring.events.len() >= RING_MAX {
-            ring.events.pop_front();
-        }
-        // Sent under the lock, so subscribers see ids in increasing order; copied only for a
-        // subscriber (the ring keeps the event for Last-Event-ID either way).
-        if self.tx.receiver_count() > 0 {
-            let _ = self.tx.send(event.clone());
-        }
-        ring.events.push_back(event);
+        let _dropped = {
+            let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            ring.last_id += 1;
+            event.id = ring.last_id;
+            let dropped = if ring.events.len() >= RING_MAX {
+                ring.events.pop_front()
+            } else {
+                None
+            };
+            // Sent under the lock, so subscribers see ids in increasing order; copied only for
+            // a subscriber (the ring keeps the event for Last-Event-ID either way).
+            if self.tx.receiver_count() > 0 {
+                let _ = self.tx.send(event.clone());
+            }
+            ring.events.push_back(event);
+            dropped
+        };
     }
 
     /// Delivers an event read from the store's log (ids increasing).

@@ -62,7 +62,9 @@ impl WorkerSettings {
 /// The stop signals of the attempts in flight, by session.
 #[derive(Default)]
 pub(crate) struct Running {
-    signals: std::sync::Mutex<Vec<(u64, SessionKey, StopSignal)>>,
+    /// Keyed by registration: each attempt's end removes its own entry in O(1) (a scan of every
+    /// attempt in flight was 2% of a burn-down's CPU).
+    signals: std::sync::Mutex<std::collections::HashMap<u64, (SessionKey, StopSignal)>>,
     next: AtomicU64,
     stopped: AtomicBool,
     /// Told when a cancel stopped a signal: the claimer ends the buffered sessions it names.
@@ -73,7 +75,7 @@ impl Running {
     /// Adds an attempt's signal until the returned guard drops (even if the attempt panics).
     pub fn register(self: &Arc<Self>, session: SessionKey, s: StopSignal) -> Registered {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        lock(&self.signals).push((id, session, s));
+        lock(&self.signals).insert(id, (session, s));
         Registered {
             running: self.clone(),
             id,
@@ -81,7 +83,7 @@ impl Running {
     }
 
     fn stop_all(&self, reason: StopReason) {
-        for (_, _, s) in lock(&self.signals).iter() {
+        for (_, s) in lock(&self.signals).values() {
             s.stop(reason);
         }
     }
@@ -89,7 +91,7 @@ impl Running {
     /// Stops the attempts of one session (a client cancelled it); whether one runs here.
     fn stop_session(&self, id: &SessionKey, reason: StopReason) -> bool {
         let mut found = false;
-        for (_, _, s) in lock(&self.signals).iter().filter(|(_, sid, _)| sid == id) {
+        for (_, s) in lock(&self.signals).values().filter(|(sid, _)| sid == id) {
             s.stop(reason);
             found = true;
         }
@@ -128,7 +130,8 @@ pub(crate) struct Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        lock(&self.running.signals).retain(|(i, _, _)| *i != self.id);
+        // Dropped after the lock is released.
+        let _entry = lock(&self.running.signals).remove(&self.id);
     }
 }
 
