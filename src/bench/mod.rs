@@ -18,6 +18,17 @@ pub fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU time this process has used so far (user and system, every thread), in seconds.
+pub fn process_cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
 /// The `q`-quantile (0..=1) of sorted durations, in milliseconds.
 pub fn quantile_ms(sorted: &[std::time::Duration], q: f64) -> f64 {
     if sorted.is_empty() {

@@ -22,7 +22,10 @@
 //! 4. idle latency: one session at a time into an idle queue, submit → `started`;
 //! 5. burn down: `--burn` sessions submitted in batches of 1000 (`submit_many`) with no worker
 //!    running, then the workers started, claiming `--prefetch` sessions ahead of their free
-//!    slots: `burn_per_sec` is sessions / time until the last COMPLETED.
+//!    slots: `burn_per_sec` is sessions / time until the last COMPLETED, and
+//!    `burn_cpu_us_per_session` this process's CPU time (every thread) over the same span per
+//!    session: on a shared machine whose speed changes from run to run, the CPU a session costs
+//!    moves less than the rate (on PostgreSQL it leaves out the server's).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -249,8 +252,9 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
         "idle_latency_p50_ms": idle.as_ref().map(|l| super::quantile_ms(l, 0.5)),
         "idle_latency_p99_ms": idle.as_ref().map(|l| super::quantile_ms(l, 0.99)),
         "burn_sessions": args.burn,
-        "batch_submit_per_sec": burn.map(|b| b.0.round()),
-        "burn_per_sec": burn.map(|b| b.1.round()),
+        "batch_submit_per_sec": burn.map(|b| b.submit_per_sec.round()),
+        "burn_per_sec": burn.map(|b| b.per_sec.round()),
+        "burn_cpu_us_per_session": burn.map(|b| (b.cpu_us_per_session * 10.0).round() / 10.0),
         "burn_prefetch": args.prefetch,
     }))
 }
@@ -357,12 +361,20 @@ async fn idle_latency(
     Ok(Some(lats))
 }
 
+/// What phase 5 measured.
+#[derive(Clone, Copy)]
+struct Burn {
+    /// Batch submits per second.
+    submit_per_sec: f64,
+    /// Sessions burned down per second.
+    per_sec: f64,
+    /// This process's CPU time during the burn-down, per session, in microseconds.
+    cpu_us_per_session: f64,
+}
+
 /// Phase 5: `--burn` sessions submitted in batches with no worker running, then burned down by
-/// `--workers` worker slots. Returns (batch submits/s, sessions burned/s).
-async fn burn_down(
-    args: &QueueBenchArgs,
-    backend: &Backend<'_>,
-) -> anyhow::Result<Option<(f64, f64)>> {
+/// `--workers` worker slots.
+async fn burn_down(args: &QueueBenchArgs, backend: &Backend<'_>) -> anyhow::Result<Option<Burn>> {
     if args.burn == 0 {
         return Ok(None);
     }
@@ -400,6 +412,7 @@ async fn burn_down(
         args,
         &format!("batch submit: {:.0}/s", args.burn as f64 / submit_secs),
     );
+    let cpu0 = super::process_cpu_secs();
     let t1 = Instant::now();
     harvest.start();
     let deadline = t1 + Duration::from_secs(600);
@@ -416,6 +429,7 @@ async fn burn_down(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let burn_secs = t1.elapsed().as_secs_f64();
+    let burn_cpu = super::process_cpu_secs() - cpu0;
     let done = harvest
         .store()
         .session_counts(harvest.clock().now())
@@ -433,7 +447,11 @@ async fn burn_down(
     place.remove().await?;
     let burn = args.burn as f64 / burn_secs;
     say(args, &format!("burn down: {burn:.0}/s"));
-    Ok(Some((args.burn as f64 / submit_secs, burn)))
+    Ok(Some(Burn {
+        submit_per_sec: args.burn as f64 / submit_secs,
+        per_sec: burn,
+        cpu_us_per_session: burn_cpu * 1e6 / args.burn as f64,
+    }))
 }
 
 /// Whether no session is left PENDING or RUNNING.

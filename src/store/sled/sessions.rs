@@ -66,6 +66,17 @@ fn holds(s: &Session, a: &AttemptRef) -> bool {
         && s.lease.as_ref().is_some_and(|l| l.owner == a.owner)
 }
 
+/// `s` after the finish `p` asks for.
+fn finished_by(s: &Session, p: &SessionFinish) -> Session {
+    s.finished(
+        p.status,
+        p.error.clone(),
+        &p.batch.progress(),
+        p.cleanup_after,
+        p.now,
+    )
+}
+
 /// A transition staged outside the store lock, from the session as it was read then
 /// ([`SledStore::prepare_claims`], [`SledStore::prepare_finish`]); staged under the lock only
 /// if the session's stored value is still the same bytes ([`SledStore::still_stored`]).
@@ -763,13 +774,7 @@ impl SledStore {
         if !holds(&old, &p.attempt) {
             return None;
         }
-        let new = old.finished(
-            p.status,
-            p.error.clone(),
-            &p.batch.progress(),
-            p.cleanup_after,
-            p.now,
-        );
+        let new = finished_by(&old, p);
         let mut batch = Batch::default();
         Self::stage_keys(&mut batch, Some(&old), &new).ok()?;
         Some(Prepared {
@@ -854,13 +859,7 @@ impl SledStore {
             return Ok(None);
         };
         self.stage_batch(b, &old, &p.batch)?;
-        let s = old.finished(
-            p.status,
-            p.error.clone(),
-            &p.batch.progress(),
-            p.cleanup_after,
-            p.now,
-        );
+        let s = finished_by(&old, p);
         self.stage_transition(c, b, &old, &s)?;
         Ok(Some(s))
     }
