@@ -1093,6 +1093,17 @@ impl Iterator for Newest {
             }
         }
         let (i, _) = best?;
-        self.0.get_mut(i)?.next()
+        let item = self.0.get_mut(i)?.next();
+        // Each stream reads the tree when the merge first gets to it, so a session that moved to
+        // another code while a listing ran (RUNNING → COMPLETED: `T` 0 → 2) can be in two
+        // streams, under the same `!seq id`: it is listed once.
+        if let Some(Ok((k, _))) = &item {
+            for (j, stream) in self.0.iter_mut().enumerate() {
+                if j != i && matches!(stream.peek(), Some(Ok((o, _))) if o.get(2..) == k.get(2..)) {
+                    stream.next();
+                }
+            }
+        }
+        item
     }
 }
