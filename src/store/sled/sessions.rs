@@ -83,8 +83,10 @@ fn finished_by(s: &Session, p: &SessionFinish) -> Session {
 pub(super) struct Prepared {
     /// The session's stored value it was prepared from.
     raw: IVec,
-    /// The session decoded from `raw`, and after the transition.
-    old: Session,
+    /// The session decoded from `raw`, kept for a finish (its checkpoint is staged from it
+    /// under the lock); none for a claim, so that the claim does not drop it under the lock.
+    old: Option<Session>,
+    /// The session after the transition.
     new: Session,
     /// The new value, index and lease changes (not the counters, nor a checkpoint's changes:
     /// those are staged under the lock).
@@ -779,7 +781,7 @@ impl SledStore {
         Self::stage_keys(&mut batch, Some(&old), &new).ok()?;
         Some(Prepared {
             raw,
-            old,
+            old: Some(old),
             new,
             batch,
         })
@@ -815,11 +817,12 @@ impl SledStore {
             let new = old.claimed(&p.owner, p.lease, p.now);
             let mut batch = Batch::default();
             if Self::stage_keys(&mut batch, Some(&old), &new).is_ok() {
+                drop(old);
                 out.insert(
                     k,
                     Prepared {
                         raw,
-                        old,
+                        old: None,
                         new,
                         batch,
                     },
@@ -838,13 +841,19 @@ impl SledStore {
         p: &SessionFinish,
         f: Prepared,
     ) -> StoreResult<Option<Session>> {
-        let Some(f) = self.still_stored(&p.attempt.id, f)? else {
+        let Some(Prepared {
+            old: Some(old),
+            new,
+            batch,
+            ..
+        }) = self.still_stored(&p.attempt.id, f)?
+        else {
             return self.stage_finish(c, b, p);
         };
-        self.stage_batch(b, &f.old, &p.batch)?;
-        b.append(f.batch);
-        Self::count(c, Some(f.old.status), f.new.status);
-        Ok(Some(f.new))
+        self.stage_batch(b, &old, &p.batch)?;
+        b.append(batch);
+        Self::count(c, Some(old.status), new.status);
+        Ok(Some(new))
     }
 
     /// Stages ending the attempt `p` names (its last checkpoint and terminal status) into `b`

@@ -72,6 +72,18 @@ async fn checkpoint(store: &SledStore, a: &AttemptRef, batch: CheckpointBatch) {
     assert!(ok.is_some(), "checkpoint applied");
 }
 
+/// Every session, newest first (a test store holds fewer than 10).
+async fn list_all(store: &SledStore) -> Vec<Session> {
+    store
+        .session_list(crate::store::SessionList {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .sessions
+}
+
 fn claim_one(now: Timestamp) -> SessionClaim {
     SessionClaim {
         owner: "t".into(),
@@ -196,14 +208,8 @@ async fn a_session_read_under_two_status_codes_is_listed_once() {
         .db
         .insert(super::keys::k_status(&ended), sled::IVec::default())
         .expect("insert");
-    let page = store
-        .session_list(crate::store::SessionList {
-            limit: 10,
-            ..Default::default()
-        })
-        .await
-        .expect("list");
-    let ids: Vec<&SessionId> = page.sessions.iter().map(|s| &s.id).collect();
+    let listed = list_all(&store).await;
+    let ids: Vec<&SessionId> = listed.iter().map(|s| &s.id).collect();
     assert_eq!(ids, [&other.id, &key.id], "newest first, each once");
 }
 
@@ -732,14 +738,7 @@ async fn a_layout_2_store_is_migrated_at_open_even_after_an_interrupted_migratio
             assert_eq!(log.len(), 1);
             assert_eq!(log[0].message, format!("line of {n}"));
         }
-        let listed = store
-            .session_list(crate::store::SessionList {
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .expect("list");
-        assert_eq!(listed.sessions.len(), 3);
+        assert_eq!(list_all(&store).await.len(), 3);
         // No key of the old layout is left.
         let left = store
             .db
