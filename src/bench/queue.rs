@@ -25,7 +25,13 @@
 //!    slots: `burn_per_sec` is sessions / time until the last COMPLETED, and
 //!    `burn_cpu_us_per_session` this process's CPU time (every thread) over the same span per
 //!    session: on a shared machine whose speed changes from run to run, the CPU a session costs
-//!    moves less than the rate (on PostgreSQL it leaves out the server's).
+//!    moves less than the rate (on PostgreSQL it leaves out the server's);
+//!    5b. the same-run baseline of the burn-down: as many sessions burned down through the
+//!    store's own calls, without the worker runtime (no attempts, jobs, events or leases kept):
+//!    4 tasks each claiming 256 and finishing them as one batch, until none is left
+//!    (`store_burn_per_sec`, and `store_burn_cpu_us_per_session` as above). It is the ceiling
+//!    the runtime works under on this store and this machine in this run; `burn_vs_store` is
+//!    the ratio.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -255,6 +261,10 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
         "batch_submit_per_sec": burn.map(|b| b.submit_per_sec.round()),
         "burn_per_sec": burn.map(|b| b.per_sec.round()),
         "burn_cpu_us_per_session": burn.map(|b| (b.cpu_us_per_session * 10.0).round() / 10.0),
+        "store_burn_per_sec": burn.map(|b| b.store.per_sec.round()),
+        "store_burn_cpu_us_per_session": burn
+            .map(|b| (b.store.cpu_us_per_session * 10.0).round() / 10.0),
+        "burn_vs_store": burn.map(|b| (b.per_sec / b.store.per_sec * 100.0).round() / 100.0),
         "burn_prefetch": args.prefetch,
     }))
 }
@@ -370,6 +380,8 @@ struct Burn {
     per_sec: f64,
     /// This process's CPU time during the burn-down, per session, in microseconds.
     cpu_us_per_session: f64,
+    /// The same-run baseline: the store's calls alone (phase 5b).
+    store: StoreBurn,
 }
 
 /// Phase 5: `--burn` sessions submitted in batches with no worker running, then burned down by
@@ -384,29 +396,7 @@ async fn burn_down(args: &QueueBenchArgs, backend: &Backend<'_>) -> anyhow::Resu
     );
     let (harvest, place) = open(backend, args.workers, args.prefetch).await?;
     let t0 = Instant::now();
-    let mut batches = Vec::new();
-    let per_task = args.burn.div_ceil(4);
-    for task in 0..4 {
-        let harvest = harvest.clone();
-        let n = per_task.min(args.burn.saturating_sub(task * per_task));
-        batches.push(tokio::spawn(async move {
-            let mut left = n;
-            while left > 0 {
-                let k = left.min(harvest::service::MAX_BATCH);
-                let reqs = (0..k)
-                    .map(|_| SubmitRequest::new(json!({"name": "noop"})))
-                    .collect();
-                for r in harvest.submit_many(reqs).await? {
-                    r?;
-                }
-                left -= k;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for b in batches {
-        b.await??;
-    }
+    submit_batches(&harvest, args.burn).await?;
     let submit_secs = t0.elapsed().as_secs_f64();
     say(
         args,
@@ -447,11 +437,132 @@ async fn burn_down(args: &QueueBenchArgs, backend: &Backend<'_>) -> anyhow::Resu
     place.remove().await?;
     let burn = args.burn as f64 / burn_secs;
     say(args, &format!("burn down: {burn:.0}/s"));
+    let store = store_burn(args, backend).await?;
+    say(
+        args,
+        &format!(
+            "store alone: {:.0}/s (the runtime at {:.2}×)",
+            store.per_sec,
+            burn / store.per_sec
+        ),
+    );
     Ok(Some(Burn {
         submit_per_sec: args.burn as f64 / submit_secs,
         per_sec: burn,
         cpu_us_per_session: burn_cpu * 1e6 / args.burn as f64,
+        store,
     }))
+}
+
+/// Submits `total` no-op sessions in batches of [`harvest::service::MAX_BATCH`] from 4 tasks.
+async fn submit_batches(harvest: &Harvest, total: usize) -> anyhow::Result<()> {
+    let per_task = total.div_ceil(4);
+    let mut batches = Vec::new();
+    for task in 0..4 {
+        let harvest = harvest.clone();
+        let n = per_task.min(total.saturating_sub(task * per_task));
+        batches.push(tokio::spawn(async move {
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(harvest::service::MAX_BATCH);
+                let reqs = (0..k)
+                    .map(|_| SubmitRequest::new(json!({"name": "noop"})))
+                    .collect();
+                for r in harvest.submit_many(reqs).await? {
+                    r?;
+                }
+                left -= k;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for b in batches {
+        b.await??;
+    }
+    Ok(())
+}
+
+/// Phase 5b: `--burn` sessions submitted as in phase 5, then burned down by 4 tasks calling the
+/// store directly: claim 256, finish them COMPLETED in one `session_finish_many`, until a claim
+/// comes back empty. Sessions per second over the burn-down.
+async fn store_burn(args: &QueueBenchArgs, backend: &Backend<'_>) -> anyhow::Result<StoreBurn> {
+    const CLAIM: usize = 256;
+    const TASKS: usize = 4;
+    let (harvest, place) = open(backend, 0, 0).await?;
+    submit_batches(&harvest, args.burn).await?;
+    let cpu0 = super::process_cpu_secs();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let harvest = harvest.clone();
+        tasks.push(tokio::spawn(async move {
+            let store = harvest.store();
+            let mut done = 0usize;
+            for round in 0u64.. {
+                let now = harvest.clock().now();
+                let claimed = store
+                    .session_claim(harvest::store::SessionClaim {
+                        owner: format!("bench-{task}-{round}"),
+                        limit: CLAIM,
+                        lease: Duration::from_secs(600),
+                        now,
+                    })
+                    .await?;
+                if claimed.is_empty() {
+                    break;
+                }
+                let finishes: Vec<_> = claimed
+                    .iter()
+                    .map(|s| harvest::store::SessionFinish {
+                        attempt: harvest::store::AttemptRef {
+                            id: s.key(),
+                            attempt: s.attempt,
+                            owner: format!("bench-{task}-{round}"),
+                        },
+                        status: harvest::session::SessionStatus::Completed,
+                        error: None,
+                        batch: Default::default(),
+                        cleanup_after: Duration::from_secs(3600),
+                        now,
+                    })
+                    .collect();
+                for r in store.session_finish_many(&finishes).await? {
+                    anyhow::ensure!(
+                        r?.is_some(),
+                        "store burn-down: a claimed session did not finish"
+                    );
+                    done += 1;
+                }
+            }
+            anyhow::Ok(done)
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await??;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = super::process_cpu_secs() - cpu0;
+    anyhow::ensure!(
+        done == args.burn,
+        "store burn-down: {done} of {} sessions completed",
+        args.burn
+    );
+    harvest.shutdown(Duration::from_secs(5)).await?;
+    place.remove().await?;
+    Ok(StoreBurn {
+        per_sec: args.burn as f64 / secs,
+        cpu_us_per_session: cpu * 1e6 / args.burn as f64,
+    })
+}
+
+/// What phase 5b measured.
+#[derive(Clone, Copy)]
+struct StoreBurn {
+    /// Sessions burned down per second through the store's calls alone.
+    per_sec: f64,
+    /// This process's CPU time over that burn-down, per session, in microseconds.
+    cpu_us_per_session: f64,
 }
 
 /// Whether no session is left PENDING or RUNNING.

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use tokio_postgres::types::ToSql;
 
 use super::rows::{
-    SESSION_COLUMNS, error_columns, row_get, session_from_row, to_i32, to_i64, usage_columns,
+    SESSION_COLUMN_COUNT, SESSION_COLUMNS, error_columns, row_get, session_from_row, to_i32,
+    to_i64, usage_columns,
 };
 use super::sessions::if_running;
 use super::{
@@ -303,7 +304,7 @@ impl PostgresStore {
 
 /// A row of [`finish_sql`]: the item it answers (`sent[ord - 1]`) and the session.
 fn finished_row(row: &tokio_postgres::Row, sent: &[usize]) -> StoreResult<(usize, Session)> {
-    let n: i64 = row_get(row, SESSION_COLUMNS.split(',').count(), "sessions/ord")?;
+    let n: i64 = row_get(row, SESSION_COLUMN_COUNT, "sessions/ord")?;
     let Some(&i) = usize::try_from(n - 1).ok().and_then(|k| sent.get(k)) else {
         return Err(StoreError::Corrupt {
             key: "sessions".into(),

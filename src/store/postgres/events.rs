@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
 
-use super::rows::{SESSION_COLUMNS, SPEC_COLUMN, row_get, session_from_row, to_i64, to_u64};
+use super::rows::{
+    SESSION_COLUMN_COUNT, SESSION_COLUMNS, SPEC_COLUMN, row_get, session_from_row, to_i64, to_u64,
+};
 use super::{PostgresStore, db_err, index_planned};
 use crate::event::{Event, EventKind, EventScope};
 use crate::session::SessionId;
@@ -66,7 +68,7 @@ impl PostgresStore {
         }
         let mut client = self.client().await?;
         let columns = event_columns();
-        let n = SESSION_COLUMNS.split(',').count();
+        let n = SESSION_COLUMN_COUNT;
         // A read takes the next events in the primary key's order, whatever the planner
         // believes ([`BEGIN_INDEX_PLANS`]). The log grows faster than autovacuum analyzes it, and
         // without statistics for the ids just written the planner assumes a third of the log
