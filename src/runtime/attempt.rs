@@ -676,7 +676,7 @@ impl Attempt {
                 if let Err(e) = self.s.effects.checkpointed(&done, counts, kept.as_ref()) {
                     tracing::error!(error = %e, "the last checkpoint could not be followed up");
                 }
-                self.s.effects.transitioned(&done);
+                self.s.effects.transitioned(done);
             }
             Ok(None) => self.say_why_lost().await,
             Err(e) if e.is_unavailable() && !self.s.store.exclusive() => {
@@ -729,7 +729,7 @@ impl Attempt {
                         crate::store::outage::answered("handing a session back");
                         tracing::info!(status = %after.status, "the session was handed back now that the store answers");
                     }
-                    self.s.effects.transitioned(&after);
+                    self.s.effects.transitioned(after);
                     return;
                 }
                 Err(e) if e.is_unavailable() && !self.s.store.exclusive() => {

@@ -90,13 +90,14 @@ impl Effects {
 
     /// The session moved to a new status by anything but a claim: PENDING again (`requeued`)
     /// or terminal (counted as finished, with its event).
-    pub fn transitioned(&self, session: &Session) {
+    pub fn transitioned(&self, session: Session) {
         match session.status {
-            SessionStatus::Pending => self.events.publish(EventKind::Requeued, session),
+            SessionStatus::Pending => self.events.publish_owned(EventKind::Requeued, session),
             SessionStatus::Running => {}
             status => {
-                crate::metrics::session_finished(session);
-                self.events.publish(EventKind::for_status(status), session);
+                crate::metrics::session_finished(&session);
+                self.events
+                    .publish_owned(EventKind::for_status(status), session);
             }
         }
     }

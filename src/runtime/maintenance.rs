@@ -172,12 +172,13 @@ impl Maintainer {
                 now,
             })
             .await?;
-        crate::metrics::lease_reclaims(reclaimed.len() as u64);
-        for r in &reclaimed {
+        let count = reclaimed.len();
+        crate::metrics::lease_reclaims(count as u64);
+        for r in reclaimed {
             tracing::info!(session = %r.id, attempt = r.attempt, outcome = ?r.outcome, "{why}");
-            self.effects.transitioned(&r.session);
+            self.effects.transitioned(*r.session);
         }
-        Ok(reclaimed.len())
+        Ok(count)
     }
 
     /// One maintenance pass at the clock's current time, the gauges refreshed at its end.
@@ -283,7 +284,7 @@ impl Maintainer {
             if let Some(done) = ended_now {
                 ended += 1;
                 tracing::warn!(session = %s.id, attempt = s.attempt, "attempt past max_duration ended by maintenance");
-                self.effects.transitioned(&done);
+                self.effects.transitioned(done);
             }
         }
         Ok(ended)

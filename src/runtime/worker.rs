@@ -409,7 +409,7 @@ impl Claimer {
                 })
                 .await;
             match res {
-                Ok(Some(after)) => self.s.effects.transitioned(&after),
+                Ok(Some(after)) => self.s.effects.transitioned(after),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(session = %b.session.id, error = %e, "handing a buffered session back failed; it returns when its lease expires")

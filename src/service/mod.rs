@@ -635,7 +635,7 @@ impl Harvest {
             .await?;
         // A RUNNING session's worker hears of it through the store's cancel requests.
         if let CancelOutcome::Cancelled(s) = &out {
-            self.inner.effects.transitioned(s);
+            self.inner.effects.transitioned(Session::clone(s));
         }
         Ok(out)
     }
