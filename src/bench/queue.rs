@@ -500,9 +500,10 @@ async fn store_burn(args: &QueueBenchArgs, backend: &Backend<'_>) -> anyhow::Res
             let mut done = 0usize;
             for round in 0u64.. {
                 let now = harvest.clock().now();
+                let owner = format!("bench-{task}-{round}");
                 let claimed = store
                     .session_claim(harvest::store::SessionClaim {
-                        owner: format!("bench-{task}-{round}"),
+                        owner: owner.clone(),
                         limit: CLAIM,
                         lease: Duration::from_secs(600),
                         now,
@@ -517,7 +518,7 @@ async fn store_burn(args: &QueueBenchArgs, backend: &Backend<'_>) -> anyhow::Res
                         attempt: harvest::store::AttemptRef {
                             id: s.key(),
                             attempt: s.attempt,
-                            owner: format!("bench-{task}-{round}"),
+                            owner: owner.clone(),
                         },
                         status: harvest::session::SessionStatus::Completed,
                         error: None,

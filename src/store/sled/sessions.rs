@@ -579,10 +579,7 @@ impl SledStore {
                     Some(f) => (f.new, f.batch),
                     None => match id.and_then(|id| self.load(&id)) {
                         Ok(Some(old)) if old.status == SessionStatus::Pending => {
-                            let s = old.claimed(&p.owner, p.lease, p.now);
-                            let mut changes = Batch::default();
-                            Self::stage_keys(&mut changes, Some(&old), &s)?;
-                            (s, changes)
+                            Self::claim_changes(&old, &p)?
                         }
                         other => {
                             // Unclaimable: drop it from the queue so no claim scans it again.
@@ -814,9 +811,7 @@ impl SledStore {
             if old.status != SessionStatus::Pending {
                 continue;
             }
-            let new = old.claimed(&p.owner, p.lease, p.now);
-            let mut batch = Batch::default();
-            if Self::stage_keys(&mut batch, Some(&old), &new).is_ok() {
+            if let Ok((new, batch)) = Self::claim_changes(&old, p) {
                 drop(old);
                 out.insert(
                     k,
@@ -830,6 +825,15 @@ impl SledStore {
             }
         }
         out
+    }
+
+    /// PENDING session `old` claimed by `p`, with its new value, index and lease changes (not
+    /// its queue entry nor the counters, which the claim stages as it scans `P`).
+    fn claim_changes(old: &Session, p: &SessionClaim) -> StoreResult<(Session, Batch)> {
+        let new = old.claimed(&p.owner, p.lease, p.now);
+        let mut batch = Batch::default();
+        Self::stage_keys(&mut batch, Some(old), &new)?;
+        Ok((new, batch))
     }
 
     /// Stages a finish [`SledStore::prepare_finish`] prepared if the session is still stored as
