@@ -11,7 +11,8 @@
 //!    connections each committing one INSERT per write;
 //! 2. submit: 16 concurrent submitters, each waiting for its own durable acknowledgment (every
 //!    submission carries the same config, so after the first its check is remembered, as for
-//!    an agent's runs: see `service::validation::Passed`);
+//!    an agent's runs: see `service::validation::Passed`); `submit_cpu_us_per_session` is this
+//!    process's CPU time (every thread) over the phase per submission;
 //! 3. end to end: the same submitters with workers claiming and completing the sessions; latency
 //!    is submit → COMPLETED per session. The submitters do not wait for the workers, so when
 //!    they outpace them a backlog builds and this latency is mostly queueing: see 3b;
@@ -191,14 +192,20 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
         Backend::Postgres(_) => "postgres",
     };
     say(args, &format!("phase 2/3 ({name}): durable submissions"));
-    let (submit_per_sec, submit_lat) = {
+    let (submit_per_sec, submit_cpu, submit_lat) = {
         let (harvest, place) = open(&backend, 0, 0).await?;
         let t0 = Instant::now();
+        let cpu0 = super::process_cpu_secs();
         let lats = submit_all(&harvest, args.sessions, args.submitters, None).await?;
+        let cpu = super::process_cpu_secs() - cpu0;
         let secs = t0.elapsed().as_secs_f64();
         harvest.shutdown(Duration::from_secs(1)).await?;
         place.remove().await?;
-        (args.sessions as f64 / secs, lats)
+        (
+            args.sessions as f64 / secs,
+            cpu * 1e6 / args.sessions as f64,
+            lats,
+        )
     };
     say(args, &format!("submit: {submit_per_sec:.0}/s"));
 
@@ -246,6 +253,7 @@ async fn phases(args: &QueueBenchArgs, backend: Backend<'_>) -> anyhow::Result<s
         "submitters": args.submitters,
         "workers": args.workers,
         "submit_per_sec": submit_per_sec.round(),
+        "submit_cpu_us_per_session": (submit_cpu * 10.0).round() / 10.0,
         "submit_latency_p50_ms": super::quantile_ms(&submit_lat, 0.5),
         "submit_latency_p99_ms": super::quantile_ms(&submit_lat, 0.99),
         "sessions_per_sec": sessions_per_sec.round(),

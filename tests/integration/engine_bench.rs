@@ -67,6 +67,7 @@ async fn bench_queue_reports_every_figure() {
     println!("{r}");
     for key in [
         "submit_per_sec",
+        "submit_cpu_us_per_session",
         "sessions_per_sec",
         "burn_per_sec",
         "store_burn_per_sec",

@@ -800,6 +800,112 @@ mod tests {
         check_against_model(&[fill.clone(), empty_half, big, wide, fill, empty_all]);
     }
 
+    /// Keys inserted one at a time in ascending order (an index of sequence numbers or
+    /// time-ordered ids), or in descending order (one kept newest first), leave full leaves
+    /// behind them: the vendored sled splits a leaf where its traversal's key goes (13 of 17
+    /// entries on the side nothing is added to), not in the middle, which left every leaf
+    /// behind the insertion point half empty and split more often.
+    #[test]
+    fn ascending_single_inserts_leave_full_leaves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = open_raw(dir.path());
+        for n in 0..2000u32 {
+            db.insert(n.to_be_bytes(), &b"v"[..]).expect("insert");
+        }
+        let lengths = db.leaf_lengths().expect("leaves");
+        assert_eq!(lengths.iter().sum::<usize>(), 2000);
+        let (last, full) = lengths.split_last().expect("a leaf");
+        assert!(*last <= 17, "the last leaf: {last}");
+        // A leaf of 17 splits into 13 and 4 (the right side keeps the merge threshold's 4);
+        // in the middle, 9 and 8.
+        assert!(
+            full.iter().all(|&n| n == 13),
+            "every leaf but the last holds 13 entries: {lengths:?}"
+        );
+
+        // Newest first (an index by descending sequence number): the mirror image.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = open_raw(dir.path());
+        for n in (0..2000u32).rev() {
+            db.insert(n.to_be_bytes(), &b"v"[..]).expect("insert");
+        }
+        let lengths = db.leaf_lengths().expect("leaves");
+        assert_eq!(lengths.iter().sum::<usize>(), 2000);
+        let (first, full) = lengths.split_first().expect("a leaf");
+        assert!(*first <= 17, "the first leaf: {first}");
+        assert!(
+            full.iter().all(|&n| n == 13),
+            "every leaf but the first holds 13 entries: {lengths:?}"
+        );
+    }
+
+    /// Appends to several ascending regions at once, removals from their fronts (a queue),
+    /// inserts into the middle and reads, one key at a time: the tree holds what a map does,
+    /// before and after a reopen, and leaves split in the middle by reads or inserts inside
+    /// them keep working with leaves split at their ends by appends.
+    #[test]
+    fn appends_removals_and_inserts_inside_leaves_keep_the_tree_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = open_raw(dir.path());
+        let mut model = std::collections::BTreeMap::new();
+        // A fixed, simple pseudo-random sequence: the test is the same at every run.
+        let mut x: u32 = 0x9e37_79b9;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        let key = |region: u8, n: u32| {
+            let mut k = vec![region];
+            k.extend_from_slice(&n.to_be_bytes());
+            k
+        };
+        let (mut head, mut tail) = ([0u32; 3], [0u32; 3]);
+        for step in 0..6000u32 {
+            let r = next();
+            let region = (r % 3) as u8;
+            let i = usize::from(region);
+            match (r >> 8) % 8 {
+                0..=3 => {
+                    let k = key(b'a' + region, tail[i] * 4);
+                    tail[i] += 1;
+                    db.insert(k.clone(), &step.to_be_bytes()[..])
+                        .expect("append");
+                    model.insert(k, step.to_be_bytes().to_vec());
+                }
+                4 if head[i] < tail[i] => {
+                    let k = key(b'a' + region, head[i] * 4);
+                    head[i] += 1;
+                    db.remove(&k).expect("remove");
+                    model.remove(&k);
+                }
+                5 if tail[i] > 0 => {
+                    // Between two appended keys, anywhere in the region.
+                    let k = key(b'a' + region, (r >> 12) % (tail[i] * 4));
+                    db.insert(k.clone(), &b"inside"[..]).expect("insert inside");
+                    model.insert(k, b"inside".to_vec());
+                }
+                _ => {
+                    let k = key(b'a' + region, (r >> 12) % (tail[i] * 4 + 1));
+                    assert_eq!(
+                        db.get(&k).expect("get").map(|v| v.to_vec()),
+                        model.get(&k).cloned()
+                    );
+                }
+            }
+        }
+        assert_eq!(contents(&db), model);
+        let lengths = db.leaf_lengths().expect("leaves");
+        assert_eq!(lengths.iter().sum::<usize>(), model.len());
+        assert!(lengths.iter().all(|&n| n <= 17), "{lengths:?}");
+        db.flush().expect("flush");
+        drop(db);
+        let db = open_raw(dir.path());
+        assert_eq!(contents(&db), model, "after a reopen");
+        db.verify_integrity().expect("integrity");
+    }
+
     /// A batch of 5 KiB values is written in groups small enough that no page becomes a blob
     /// file (sled writes a page past 128 KiB as one, and the flusher syncs each).
     #[test]

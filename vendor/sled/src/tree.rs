@@ -176,7 +176,7 @@ impl Tree {
     /// A group ends where the leaf's range ends, or where the leaf would pass
     /// `GROUP_LEAF_MAX` entries or `group_page_max` bytes. A traversal splits a leaf of more
     /// than 16 entries in two: one of 31 splits once, into 16 and 15 (one of 32 would split
-    /// twice, its half of 17 again). The byte bound keeps a group's page at half the size at
+    /// twice, one of its halves of 17 again; see `node::split_point`). The byte bound keeps a group's page at half the size at
     /// which sled writes a page as a blob file of its own (a quarter of a segment). A
     /// key alone in its group is linked, as `insert` does. Not atomic, like a run of
     /// `insert`s: a crash can keep any prefix of the writes, in key order.
@@ -1559,11 +1559,12 @@ impl Tree {
         view: &View<'g>,
         parent_view: &Option<View<'g>>,
         root_pid: PageId,
+        at: Option<usize>,
         guard: &'g Guard,
     ) -> Result<()> {
         trace!("splitting node {}", view.pid);
         // split node
-        let (mut lhs, rhs) = view.deref().clone().split();
+        let (mut lhs, rhs) = view.deref().clone().split(at);
         let rhs_lo = rhs.lo.clone();
 
         // install right side
@@ -1778,7 +1779,8 @@ impl Tree {
             }
 
             if view.should_split() {
-                self.split_node(&view, &parent_view, root_pid, guard)?;
+                let at = view.insertion_point(key.as_ref());
+                self.split_node(&view, &parent_view, root_pid, at, guard)?;
                 retry!();
             }
 
@@ -2230,6 +2232,33 @@ impl Tree {
         }
 
         Ok(())
+    }
+
+    /// harvest: the number of entries of each leaf, left to right, for tests of the split
+    /// policy (see `node::split_point`).
+    #[doc(hidden)]
+    pub fn leaf_lengths(&self) -> Result<Vec<usize>> {
+        let guard = pin();
+        let mut pid = self.root.load(Acquire);
+        loop {
+            let view = match self.view_for_pid(pid, &guard)? {
+                Some(view) => view,
+                None => return Ok(Vec::new()),
+            };
+            match view.data.index_ref() {
+                Some(index) => pid = index.pointers[0],
+                None => break,
+            }
+        }
+        let mut lengths = Vec::new();
+        while let Some(view) = self.view_for_pid(pid, &guard)? {
+            lengths.push(view.data.len());
+            match view.next {
+                Some(next) => pid = next.get(),
+                None => break,
+            }
+        }
+        Ok(lengths)
     }
 
     #[doc(hidden)]
