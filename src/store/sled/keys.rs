@@ -30,67 +30,96 @@ pub(super) fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
 
 /// `tag lp(s)`: the prefix of a per-string keyspace.
 pub(super) fn lp_prefix(tag: u8, s: &str) -> Vec<u8> {
-    let mut k = vec![tag];
+    let mut k = Vec::with_capacity(5 + s.len());
+    k.push(tag);
     lp(&mut k, s.as_bytes());
     k
 }
 
-/// `lp(tenant) id`: a session's key at the end of a key (`""`: the single namespace).
+/// `lp(tenant) id`: a session's key at the end of a key (`""`: the single namespace). The
+/// builders below append it in place; tests build it alone.
+#[cfg(test)]
 pub(super) fn kb(key: &SessionKey) -> Vec<u8> {
-    kb_of(key.tenant(), &key.id)
-}
-
-fn kb_of(tenant: &str, id: &SessionId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(4 + tenant.len() + id.as_str().len());
-    lp(&mut k, tenant.as_bytes());
-    k.extend_from_slice(id.as_str().as_bytes());
+    let mut k = Vec::with_capacity(kb_len(key.tenant(), &key.id));
+    push_kb(&mut k, key.tenant(), &key.id);
     k
 }
 
-/// [`kb`] of a session.
-fn kbs(s: &Session) -> Vec<u8> {
-    kb_of(s.tenant.as_deref().unwrap_or(""), &s.id)
+fn kb_len(tenant: &str, id: &SessionId) -> usize {
+    4 + tenant.len() + id.as_str().len()
+}
+
+fn push_kb(k: &mut Vec<u8>, tenant: &str, id: &SessionId) {
+    lp(k, tenant.as_bytes());
+    k.extend_from_slice(id.as_str().as_bytes());
+}
+
+/// `tag fixed.. lp(tenant) id`, in one allocation of its exact size: the index keys of a
+/// session are built for every write of it (a session's life writes about ten).
+fn session_key_after(tag: u8, fixed: &[&[u8]], tenant: &str, id: &SessionId) -> Vec<u8> {
+    let len = 1 + fixed.iter().map(|p| p.len()).sum::<usize>() + kb_len(tenant, id);
+    let mut k = Vec::with_capacity(len);
+    k.push(tag);
+    for p in fixed {
+        k.extend_from_slice(p);
+    }
+    push_kb(&mut k, tenant, id);
+    k
+}
+
+/// [`session_key_after`] for a session.
+fn of_session(tag: u8, fixed: &[&[u8]], s: &Session) -> Vec<u8> {
+    session_key_after(tag, fixed, s.tenant.as_deref().unwrap_or(""), &s.id)
+}
+
+/// [`session_key_after`] for a session's key.
+fn of_key(tag: u8, fixed: &[&[u8]], key: &SessionKey) -> Vec<u8> {
+    session_key_after(tag, fixed, key.tenant(), &key.id)
 }
 
 pub(super) fn k_session(id: &SessionKey) -> Vec<u8> {
-    key(b'S', &[&kb(id)])
+    of_key(b'S', &[], id)
+}
+/// [`k_session`] of a session, without building its [`SessionKey`].
+pub(super) fn k_session_of(s: &Session) -> Vec<u8> {
+    of_session(b'S', &[], s)
 }
 pub(super) fn k_wait(s: &Session) -> Vec<u8> {
-    key(
+    of_session(
         b'W',
         &[
             &ts(s.run_at),
             &s.seq.to_be_bytes(),
             &prio_desc(s.options.priority),
-            &kbs(s),
         ],
+        s,
     )
 }
 pub(super) fn k_pending(prio: [u8; 4], run_at: [u8; 8], seq: [u8; 8], id: &[u8]) -> Vec<u8> {
     key(b'P', &[&prio, &run_at, &seq, id])
 }
 pub(super) fn k_pending_of(s: &Session) -> Vec<u8> {
-    k_pending(
-        prio_desc(s.options.priority),
-        ts(s.run_at),
-        s.seq.to_be_bytes(),
-        &kbs(s),
+    of_session(
+        b'P',
+        &[
+            &prio_desc(s.options.priority),
+            &ts(s.run_at),
+            &s.seq.to_be_bytes(),
+        ],
+        s,
     )
 }
 pub(super) fn newest(seq: u64) -> [u8; 8] {
     (!seq).to_be_bytes()
 }
 pub(super) fn k_client(s: &Session) -> Vec<u8> {
-    let mut k = lp_prefix(b'C', s.client.client_id());
-    k.extend_from_slice(&newest(s.seq));
-    k.extend_from_slice(&kbs(s));
-    k
+    let client = s.client.client_id().as_bytes();
+    let len = (client.len() as u32).to_be_bytes();
+    of_session(b'C', &[&len, client, &newest(s.seq)], s)
 }
 pub(super) fn k_agent(agent: &str, s: &Session) -> Vec<u8> {
-    let mut k = lp_prefix(b'A', agent);
-    k.extend_from_slice(&newest(s.seq));
-    k.extend_from_slice(&kbs(s));
-    k
+    let len = (agent.len() as u32).to_be_bytes();
+    of_session(b'A', &[&len, agent.as_bytes(), &newest(s.seq)], s)
 }
 /// A status's code in `T`. PENDING and RUNNING share PENDING's (layout 5: "active"), so that a
 /// claim, a requeue and a reclaim leave the key alone; the RUNNING ones among them are the lease
@@ -109,7 +138,7 @@ pub(super) fn status_prefix(status: SessionStatus) -> Vec<u8> {
     vec![b'T', t_code(status)]
 }
 pub(super) fn k_status(s: &Session) -> Vec<u8> {
-    key(b'T', &[&[t_code(s.status)], &newest(s.seq), &kbs(s)])
+    of_session(b'T', &[&[t_code(s.status)], &newest(s.seq)], s)
 }
 /// Active sessions of one client's agent: agents are named per client, so two tenants' agents
 /// of the same name never block each other.
@@ -119,24 +148,31 @@ pub(super) fn active_prefix(client: &str, agent: &str) -> Vec<u8> {
     k
 }
 pub(super) fn k_active(client: &str, agent: &str, id: &SessionKey) -> Vec<u8> {
-    let mut k = active_prefix(client, agent);
-    k.extend_from_slice(&kb(id));
-    k
+    let (client, agent) = (client.as_bytes(), agent.as_bytes());
+    let (client_len, agent_len) = (
+        (client.len() as u32).to_be_bytes(),
+        (agent.len() as u32).to_be_bytes(),
+    );
+    of_key(b'Y', &[&client_len, client, &agent_len, agent], id)
 }
 pub(super) fn k_lease(expires: Timestamp, id: &SessionKey) -> Vec<u8> {
-    key(b'L', &[&ts(expires), &kb(id)])
+    of_key(b'L', &[&ts(expires)], id)
 }
 pub(super) fn k_cleanup(at: Timestamp, id: &SessionKey) -> Vec<u8> {
-    key(b'X', &[&ts(at), &kb(id)])
+    of_key(b'X', &[&ts(at)], id)
 }
 pub(super) fn k_tombstone(id: &SessionKey) -> Vec<u8> {
-    key(b'Z', &[&kb(id)])
+    of_key(b'Z', &[], id)
 }
 /// Prefix of a session's data keyspace (`E`, `R`, `B`, `J`, `K`, `U`, `I`, `O`, `H`, and the
 /// legacy `F`, `Q`, `V`): `tag lp(tenant) lp(id)`.
 pub(super) fn data_prefix(tag: u8, id: &SessionKey) -> Vec<u8> {
-    let mut k = lp_prefix(tag, id.tenant());
-    lp(&mut k, id.id.as_str().as_bytes());
+    let (tenant, id) = (id.tenant().as_bytes(), id.id.as_str().as_bytes());
+    // Room for the 8-byte position most data keys end with.
+    let mut k = Vec::with_capacity(9 + tenant.len() + id.len() + 8);
+    k.push(tag);
+    lp(&mut k, tenant);
+    lp(&mut k, id);
     k
 }
 pub(super) fn k_record(id: &SessionKey, n: u64) -> Vec<u8> {
@@ -231,8 +267,85 @@ mod fuzz {
             })
     }
 
+    /// A session with the fields the index keys are made of.
+    fn session() -> impl Strategy<Value = Session> {
+        (
+            session_key(),
+            ".{0,20}",
+            any::<u64>(),
+            any::<i32>(),
+            any::<i64>(),
+            0usize..SessionStatus::ALL.len(),
+        )
+            .prop_map(|(key, client, seq, priority, run_at, status)| {
+                let mut s = Session::pending(
+                    key.id.clone(),
+                    crate::session::ClientContext::of(client),
+                    crate::session::JobSpec {
+                        config: serde_json::json!({}),
+                        params: Default::default(),
+                        agent: None,
+                    },
+                    Default::default(),
+                    Timestamp(run_at),
+                );
+                s.tenant = key.client;
+                s.seq = seq;
+                s.options.priority = priority;
+                s.status = SessionStatus::ALL[status];
+                s
+            })
+    }
+
+    /// The layout as the module doc gives it, field by field: what the builders above, which
+    /// make each key in one allocation, must produce byte for byte.
+    fn spelled_out(tag: u8, fields: &[&[u8]], s: &Session) -> Vec<u8> {
+        let mut k = vec![tag];
+        for f in fields {
+            k.extend_from_slice(f);
+        }
+        lp(&mut k, s.tenant.as_deref().unwrap_or("").as_bytes());
+        k.extend_from_slice(s.id.as_str().as_bytes());
+        k
+    }
+
+    fn lp_of(s: &str) -> Vec<u8> {
+        let mut k = Vec::new();
+        lp(&mut k, s.as_bytes());
+        k
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn session_keys_are_laid_out_as_documented(s in session(), agent in ".{0,20}", t in any::<i64>()) {
+            let key = s.key();
+            let (prio, run_at, seq) = (prio_desc(s.options.priority), ts(s.run_at), s.seq.to_be_bytes());
+            prop_assert_eq!(k_session(&key), spelled_out(b'S', &[], &s));
+            prop_assert_eq!(k_session_of(&s), spelled_out(b'S', &[], &s));
+            prop_assert_eq!(k_wait(&s), spelled_out(b'W', &[&run_at, &seq, &prio], &s));
+            prop_assert_eq!(k_pending_of(&s), spelled_out(b'P', &[&prio, &run_at, &seq], &s));
+            prop_assert_eq!(k_pending_of(&s), k_pending(prio, run_at, seq, &kb(&key)));
+            let newest = newest(s.seq);
+            let client = lp_of(s.client.client_id());
+            prop_assert_eq!(k_client(&s), spelled_out(b'C', &[&client, &newest], &s));
+            prop_assert_eq!(k_agent(&agent, &s), spelled_out(b'A', &[&lp_of(&agent), &newest], &s));
+            prop_assert_eq!(k_status(&s), spelled_out(b'T', &[&[t_code(s.status)], &newest], &s));
+            prop_assert_eq!(
+                k_active(s.client.client_id(), &agent, &key),
+                spelled_out(b'Y', &[&client, &lp_of(&agent)], &s)
+            );
+            prop_assert!(k_active(s.client.client_id(), &agent, &key)
+                .starts_with(&active_prefix(s.client.client_id(), &agent)));
+            prop_assert_eq!(k_lease(Timestamp(t), &key), spelled_out(b'L', &[&ts(Timestamp(t))], &s));
+            prop_assert_eq!(k_cleanup(Timestamp(t), &key), spelled_out(b'X', &[&ts(Timestamp(t))], &s));
+            prop_assert_eq!(k_tombstone(&key), spelled_out(b'Z', &[], &s));
+            let mut data = vec![b'E'];
+            lp(&mut data, key.tenant().as_bytes());
+            lp(&mut data, key.id.as_str().as_bytes());
+            prop_assert_eq!(data_prefix(b'E', &key), data);
+        }
 
         #[test]
         fn index_keys_read_back_their_session_key(k in session_key(), t in any::<i64>()) {

@@ -21,8 +21,8 @@ use sled::IVec;
 use super::durability::Batch;
 use super::keys::{
     T_CODES, data_prefix, id_after, k_active, k_agent, k_cleanup, k_client, k_lease, k_pending,
-    k_pending_of, k_session, k_status, k_tombstone, k_wait, lp_prefix, newest, show_key,
-    status_prefix, upto,
+    k_pending_of, k_session, k_session_of, k_status, k_tombstone, k_wait, lp_prefix, newest,
+    show_key, status_prefix, upto,
 };
 use super::{COUNTERS_KEY, Counters, SledStore, blocking, sled_err};
 use crate::session::{CancelDecision, Session, SessionKey, SessionStatus, Timestamp};
@@ -160,7 +160,7 @@ impl SledStore {
                 b.lease(k);
             }
         }
-        b.insert(k_session(&new.key()), codec::encode(new)?);
+        b.insert(k_session_of(new), codec::encode(new)?);
         Ok(())
     }
 
