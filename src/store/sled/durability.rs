@@ -807,13 +807,19 @@ mod tests {
     /// behind the insertion point half empty and split more often.
     #[test]
     fn ascending_single_inserts_leave_full_leaves() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = open_raw(dir.path());
-        for n in 0..2000u32 {
-            db.insert(n.to_be_bytes(), &b"v"[..]).expect("insert");
+        /// The entries of each leaf, left to right, after inserting `keys` one at a time.
+        fn leaves_after(keys: impl Iterator<Item = u32>) -> Vec<usize> {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let db = open_raw(dir.path());
+            for n in keys {
+                db.insert(n.to_be_bytes(), &b"v"[..]).expect("insert");
+            }
+            let lengths = db.leaf_lengths().expect("leaves");
+            assert_eq!(lengths.iter().sum::<usize>(), 2000);
+            lengths
         }
-        let lengths = db.leaf_lengths().expect("leaves");
-        assert_eq!(lengths.iter().sum::<usize>(), 2000);
+
+        let lengths = leaves_after(0..2000);
         let (last, full) = lengths.split_last().expect("a leaf");
         assert!(*last <= 17, "the last leaf: {last}");
         // A leaf of 17 splits into 13 and 4 (the right side keeps the merge threshold's 4);
@@ -824,13 +830,7 @@ mod tests {
         );
 
         // Newest first (an index by descending sequence number): the mirror image.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = open_raw(dir.path());
-        for n in (0..2000u32).rev() {
-            db.insert(n.to_be_bytes(), &b"v"[..]).expect("insert");
-        }
-        let lengths = db.leaf_lengths().expect("leaves");
-        assert_eq!(lengths.iter().sum::<usize>(), 2000);
+        let lengths = leaves_after((0..2000).rev());
         let (first, full) = lengths.split_first().expect("a leaf");
         assert!(*first <= 17, "the first leaf: {first}");
         assert!(
