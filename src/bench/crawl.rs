@@ -247,15 +247,23 @@ async fn run(config: &serde_json::Value, store: bool) -> Result<serde_json::Valu
             state: state.clone(),
         });
         let job = ScrapeJob::new(EngineSettings::default());
-        let outcome = job
-            .crawl(
+        // On the runtime's worker threads, as a worker's attempt runs (the `--store` crawl
+        // above): awaited in place, the crawl would run on the thread that blocks on `main`,
+        // and every wake-up of it from a worker would cross threads through a futex (ten times
+        // the futex calls of the crawl with a store, and a slower baseline).
+        let counting = sink.clone();
+        let outcome = tokio::spawn(async move {
+            job.crawl(
                 cfg,
                 ResumeState::default(),
                 state,
-                sink.clone(),
+                counting,
                 StopSignal::new(),
             )
-            .await;
+            .await
+        })
+        .await
+        .map_err(|e| BenchError::Crawl(format!("the crawl's task ended: {e}")))?;
         match outcome {
             JobOutcome::Completed(b) => sink.add(&b),
             JobOutcome::Stopped(_) => return Err(BenchError::Crawl("stopped".into())),
