@@ -2,7 +2,7 @@
 //! (every session staged under one lock, in intents of bounded size, waiting for one flush).
 
 use super::durability::Batch;
-use super::keys::{active_prefix, id_after, k_session, k_session_of, k_tombstone};
+use super::keys::{active_prefix, id_after, k_session, k_tombstone};
 use super::{SledStore, sled_err};
 use crate::session::{Session, SessionStatus};
 use crate::store::{InsertOutcome, SessionInsert, StoreError, StoreResult};
@@ -20,11 +20,11 @@ impl SledStore {
             let mut st = self.lock();
             if self
                 .db
-                .contains_key(k_session_of(&s))
+                .contains_key(k_session(&s))
                 .map_err(sled_err("checking for the session"))?
                 || self
                     .db
-                    .contains_key(k_tombstone(&s.key()))
+                    .contains_key(k_tombstone(&s))
                     .map_err(sled_err("checking for the session"))?
             {
                 return Err(StoreError::Duplicate(s.id));

@@ -14,13 +14,23 @@ pub(super) fn prio_desc(p: i32) -> [u8; 4] {
     (!((p as u32) ^ (1 << 31))).to_be_bytes()
 }
 
+/// The 4-byte length that prefixes a string in `lp(s)`.
+fn lp_len(s: &[u8]) -> [u8; 4] {
+    (s.len() as u32).to_be_bytes()
+}
+
 pub(super) fn lp(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(&lp_len(s));
     out.extend_from_slice(s);
 }
 
 pub(super) fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+    key_with_room(tag, parts, 0)
+}
+
+/// `tag parts..` in a vector with room for `room` more bytes: one allocation for the whole key.
+fn key_with_room(tag: u8, parts: &[&[u8]], room: usize) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>() + room);
     k.push(tag);
     for p in parts {
         k.extend_from_slice(p);
@@ -30,62 +40,64 @@ pub(super) fn key(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
 
 /// `tag lp(s)`: the prefix of a per-string keyspace.
 pub(super) fn lp_prefix(tag: u8, s: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(5 + s.len());
-    k.push(tag);
-    lp(&mut k, s.as_bytes());
-    k
+    key(tag, &[&lp_len(s.as_bytes()), s.as_bytes()])
 }
 
-/// `lp(tenant) id`: a session's key at the end of a key (`""`: the single namespace). The
-/// builders below append it in place; tests build it alone.
+/// What names a session in a key: a session, or its [`SessionKey`], so that a key is built
+/// from a session without cloning its tenant and id into a `SessionKey` first.
+pub(super) trait Named {
+    /// The tenant (`""`: the single namespace).
+    fn tenant_str(&self) -> &str;
+    /// The id within it.
+    fn session_id(&self) -> &SessionId;
+}
+
+impl Named for SessionKey {
+    fn tenant_str(&self) -> &str {
+        self.tenant()
+    }
+    fn session_id(&self) -> &SessionId {
+        &self.id
+    }
+}
+
+impl Named for Session {
+    fn tenant_str(&self) -> &str {
+        self.tenant.as_deref().unwrap_or("")
+    }
+    fn session_id(&self) -> &SessionId {
+        &self.id
+    }
+}
+
+/// `lp(tenant) id`: a session's key at the end of a key. The builders below append it in
+/// place; tests build it alone.
 #[cfg(test)]
 pub(super) fn kb(key: &SessionKey) -> Vec<u8> {
-    let mut k = Vec::with_capacity(kb_len(key.tenant(), &key.id));
-    push_kb(&mut k, key.tenant(), &key.id);
+    let mut k = Vec::new();
+    push_kb(&mut k, key);
     k
 }
 
-fn kb_len(tenant: &str, id: &SessionId) -> usize {
-    4 + tenant.len() + id.as_str().len()
-}
-
-fn push_kb(k: &mut Vec<u8>, tenant: &str, id: &SessionId) {
-    lp(k, tenant.as_bytes());
-    k.extend_from_slice(id.as_str().as_bytes());
+fn push_kb(k: &mut Vec<u8>, s: &impl Named) {
+    lp(k, s.tenant_str().as_bytes());
+    k.extend_from_slice(s.session_id().as_str().as_bytes());
 }
 
 /// `tag fixed.. lp(tenant) id`, in one allocation of its exact size: the index keys of a
 /// session are built for every write of it (a session's life writes about ten).
-fn session_key_after(tag: u8, fixed: &[&[u8]], tenant: &str, id: &SessionId) -> Vec<u8> {
-    let len = 1 + fixed.iter().map(|p| p.len()).sum::<usize>() + kb_len(tenant, id);
-    let mut k = Vec::with_capacity(len);
-    k.push(tag);
-    for p in fixed {
-        k.extend_from_slice(p);
-    }
-    push_kb(&mut k, tenant, id);
+fn session_key(tag: u8, fixed: &[&[u8]], s: &impl Named) -> Vec<u8> {
+    let room = 4 + s.tenant_str().len() + s.session_id().as_str().len();
+    let mut k = key_with_room(tag, fixed, room);
+    push_kb(&mut k, s);
     k
 }
 
-/// [`session_key_after`] for a session.
-fn of_session(tag: u8, fixed: &[&[u8]], s: &Session) -> Vec<u8> {
-    session_key_after(tag, fixed, s.tenant.as_deref().unwrap_or(""), &s.id)
-}
-
-/// [`session_key_after`] for a session's key.
-fn of_key(tag: u8, fixed: &[&[u8]], key: &SessionKey) -> Vec<u8> {
-    session_key_after(tag, fixed, key.tenant(), &key.id)
-}
-
-pub(super) fn k_session(id: &SessionKey) -> Vec<u8> {
-    of_key(b'S', &[], id)
-}
-/// [`k_session`] of a session, without building its [`SessionKey`].
-pub(super) fn k_session_of(s: &Session) -> Vec<u8> {
-    of_session(b'S', &[], s)
+pub(super) fn k_session(s: &impl Named) -> Vec<u8> {
+    session_key(b'S', &[], s)
 }
 pub(super) fn k_wait(s: &Session) -> Vec<u8> {
-    of_session(
+    session_key(
         b'W',
         &[
             &ts(s.run_at),
@@ -99,7 +111,7 @@ pub(super) fn k_pending(prio: [u8; 4], run_at: [u8; 8], seq: [u8; 8], id: &[u8])
     key(b'P', &[&prio, &run_at, &seq, id])
 }
 pub(super) fn k_pending_of(s: &Session) -> Vec<u8> {
-    of_session(
+    session_key(
         b'P',
         &[
             &prio_desc(s.options.priority),
@@ -114,12 +126,11 @@ pub(super) fn newest(seq: u64) -> [u8; 8] {
 }
 pub(super) fn k_client(s: &Session) -> Vec<u8> {
     let client = s.client.client_id().as_bytes();
-    let len = (client.len() as u32).to_be_bytes();
-    of_session(b'C', &[&len, client, &newest(s.seq)], s)
+    session_key(b'C', &[&lp_len(client), client, &newest(s.seq)], s)
 }
 pub(super) fn k_agent(agent: &str, s: &Session) -> Vec<u8> {
-    let len = (agent.len() as u32).to_be_bytes();
-    of_session(b'A', &[&len, agent.as_bytes(), &newest(s.seq)], s)
+    let agent = agent.as_bytes();
+    session_key(b'A', &[&lp_len(agent), agent, &newest(s.seq)], s)
 }
 /// A status's code in `T`. PENDING and RUNNING share PENDING's (layout 5: "active"), so that a
 /// claim, a requeue and a reclaim leave the key alone; the RUNNING ones among them are the lease
@@ -138,7 +149,7 @@ pub(super) fn status_prefix(status: SessionStatus) -> Vec<u8> {
     vec![b'T', t_code(status)]
 }
 pub(super) fn k_status(s: &Session) -> Vec<u8> {
-    of_session(b'T', &[&[t_code(s.status)], &newest(s.seq)], s)
+    session_key(b'T', &[&[t_code(s.status)], &newest(s.seq)], s)
 }
 /// Active sessions of one client's agent: agents are named per client, so two tenants' agents
 /// of the same name never block each other.
@@ -147,33 +158,25 @@ pub(super) fn active_prefix(client: &str, agent: &str) -> Vec<u8> {
     lp(&mut k, agent.as_bytes());
     k
 }
-pub(super) fn k_active(client: &str, agent: &str, id: &SessionKey) -> Vec<u8> {
+pub(super) fn k_active(client: &str, agent: &str, s: &impl Named) -> Vec<u8> {
     let (client, agent) = (client.as_bytes(), agent.as_bytes());
-    let (client_len, agent_len) = (
-        (client.len() as u32).to_be_bytes(),
-        (agent.len() as u32).to_be_bytes(),
-    );
-    of_key(b'Y', &[&client_len, client, &agent_len, agent], id)
+    session_key(b'Y', &[&lp_len(client), client, &lp_len(agent), agent], s)
 }
-pub(super) fn k_lease(expires: Timestamp, id: &SessionKey) -> Vec<u8> {
-    of_key(b'L', &[&ts(expires)], id)
+pub(super) fn k_lease(expires: Timestamp, s: &impl Named) -> Vec<u8> {
+    session_key(b'L', &[&ts(expires)], s)
 }
-pub(super) fn k_cleanup(at: Timestamp, id: &SessionKey) -> Vec<u8> {
-    of_key(b'X', &[&ts(at)], id)
+pub(super) fn k_cleanup(at: Timestamp, s: &impl Named) -> Vec<u8> {
+    session_key(b'X', &[&ts(at)], s)
 }
-pub(super) fn k_tombstone(id: &SessionKey) -> Vec<u8> {
-    of_key(b'Z', &[], id)
+pub(super) fn k_tombstone(s: &impl Named) -> Vec<u8> {
+    session_key(b'Z', &[], s)
 }
 /// Prefix of a session's data keyspace (`E`, `R`, `B`, `J`, `K`, `U`, `I`, `O`, `H`, and the
 /// legacy `F`, `Q`, `V`): `tag lp(tenant) lp(id)`.
 pub(super) fn data_prefix(tag: u8, id: &SessionKey) -> Vec<u8> {
     let (tenant, id) = (id.tenant().as_bytes(), id.id.as_str().as_bytes());
     // Room for the 8-byte position most data keys end with.
-    let mut k = Vec::with_capacity(9 + tenant.len() + id.len() + 8);
-    k.push(tag);
-    lp(&mut k, tenant);
-    lp(&mut k, id);
-    k
+    key_with_room(tag, &[&lp_len(tenant), tenant, &lp_len(id), id], 8)
 }
 pub(super) fn k_record(id: &SessionKey, n: u64) -> Vec<u8> {
     let mut k = data_prefix(b'R', id);
@@ -323,7 +326,11 @@ mod fuzz {
             let key = s.key();
             let (prio, run_at, seq) = (prio_desc(s.options.priority), ts(s.run_at), s.seq.to_be_bytes());
             prop_assert_eq!(k_session(&key), spelled_out(b'S', &[], &s));
-            prop_assert_eq!(k_session_of(&s), spelled_out(b'S', &[], &s));
+            prop_assert_eq!(k_session(&s), spelled_out(b'S', &[], &s));
+            prop_assert_eq!(k_cleanup(Timestamp(t), &s), k_cleanup(Timestamp(t), &key));
+            prop_assert_eq!(k_lease(Timestamp(t), &s), k_lease(Timestamp(t), &key));
+            prop_assert_eq!(k_tombstone(&s), k_tombstone(&key));
+            prop_assert_eq!(k_active(s.client.client_id(), &agent, &s), k_active(s.client.client_id(), &agent, &key));
             prop_assert_eq!(k_wait(&s), spelled_out(b'W', &[&run_at, &seq, &prio], &s));
             prop_assert_eq!(k_pending_of(&s), spelled_out(b'P', &[&prio, &run_at, &seq], &s));
             prop_assert_eq!(k_pending_of(&s), k_pending(prio, run_at, seq, &kb(&key)));

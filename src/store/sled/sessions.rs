@@ -21,8 +21,8 @@ use sled::IVec;
 use super::durability::Batch;
 use super::keys::{
     T_CODES, data_prefix, id_after, k_active, k_agent, k_cleanup, k_client, k_lease, k_pending,
-    k_pending_of, k_session, k_session_of, k_status, k_tombstone, k_wait, lp_prefix, newest,
-    show_key, status_prefix, upto,
+    k_pending_of, k_session, k_status, k_tombstone, k_wait, lp_prefix, newest, show_key,
+    status_prefix, upto,
 };
 use super::{COUNTERS_KEY, Counters, SledStore, blocking, sled_err};
 use crate::session::{CancelDecision, Session, SessionKey, SessionStatus, Timestamp};
@@ -50,11 +50,11 @@ fn index_keys(s: &Session) -> Vec<Vec<u8>> {
     if let Some(agent) = &s.job.agent {
         keys.push(k_agent(agent, s));
         if s.status.is_active() {
-            keys.push(k_active(s.client.client_id(), agent, &s.key()));
+            keys.push(k_active(s.client.client_id(), agent, s));
         }
     }
     if let (true, Some(at)) = (s.status.is_terminal(), s.cleanup_at) {
-        keys.push(k_cleanup(at, &s.key()));
+        keys.push(k_cleanup(at, s));
     }
     keys
 }
@@ -96,7 +96,7 @@ pub(super) struct Prepared {
 /// The session's key in the lease index ([`SledStore::leases`]), when it is RUNNING.
 fn lease_key(s: &Session) -> Option<Vec<u8>> {
     match (s.status, &s.lease) {
-        (SessionStatus::Running, Some(lease)) => Some(k_lease(lease.expires_at, &s.key())),
+        (SessionStatus::Running, Some(lease)) => Some(k_lease(lease.expires_at, s)),
         _ => None,
     }
 }
@@ -160,7 +160,7 @@ impl SledStore {
                 b.lease(k);
             }
         }
-        b.insert(k_session_of(new), codec::encode(new)?);
+        b.insert(k_session(new), codec::encode(new)?);
         Ok(())
     }
 
@@ -917,8 +917,7 @@ impl SledStore {
                     Ok(Some(s))
                         if s.status == SessionStatus::Running
                             && s.lease.as_ref().is_some_and(|l| {
-                                l.expires_at <= p.expired_before
-                                    && k_lease(l.expires_at, &s.key()) == *k
+                                l.expires_at <= p.expired_before && k_lease(l.expires_at, &s) == *k
                             }) =>
                     {
                         s
