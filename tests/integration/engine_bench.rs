@@ -16,6 +16,31 @@ async fn bench_crawl_10k_products_at_64() {
     assert_eq!(r["records"], serde_json::json!(products));
 }
 
+/// `harvest bench crawl --compare` (small): both crawls ran the whole site each round, and the
+/// ratio is reported with and without the store's opening and closing (the store rounds' own
+/// rate runs from the submission to the durable completion, so it is the higher of the two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_crawl_compare_reports_the_ratio_with_and_without_setup() {
+    let r = bench(&["crawl", "--products", "100", "--compare", "1", "--json"]).await;
+    println!("{r}");
+    assert_eq!(r["bench"], "crawl_compare");
+    for key in [
+        "memory_pages_per_sec",
+        "sled_pages_per_sec",
+        "sled_with_setup_pages_per_sec",
+        "ratio",
+        "ratio_with_setup",
+    ] {
+        let v = r[key].as_f64().unwrap_or(0.0);
+        assert!(v > 0.0, "{key} = {v} in {r}");
+    }
+    let (own, with_setup) = (
+        r["sled_pages_per_sec"].as_f64().unwrap_or(0.0),
+        r["sled_with_setup_pages_per_sec"].as_f64().unwrap_or(0.0),
+    );
+    assert!(own > with_setup, "setup excluded: {own} > {with_setup}");
+}
+
 /// `harvest bench frontier` at 100,000 distinct URLs through a real sled store, in its own process
 /// (the real binary, so that its peak RSS is the crawl's alone, not the test harness's): every
 /// page once, one record each, peak RSS at most 200 MB. Runs in CI (debug build: ~20 s on 2
