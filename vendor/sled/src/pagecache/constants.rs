@@ -27,6 +27,11 @@ pub(crate) const BATCH_MANIFEST_PID: PageId = PageId::max_value() - 666;
 pub(crate) const PAGE_CONSOLIDATION_THRESHOLD: usize = 10;
 pub(crate) const SEGMENT_CLEANUP_THRESHOLD: usize = 50;
 
+// harvest: a sealed segment whose live bytes fall to this share (percent) of it is drained:
+// its live pages are rewritten, one with each later page write, so that it can be freed. The
+// release drained at SEGMENT_CLEANUP_THRESHOLD (50). See HARVEST.md, item 6.
+pub(crate) const SEGMENT_DRAIN_LIVE_PCT: usize = 20;
+
 // Allows for around 1 trillion items to be stored
 // 2^37 * (assuming 50% node fill, 8 items per leaf)
 // and well below 1% of nodes being non-leaf nodes.

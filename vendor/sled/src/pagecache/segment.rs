@@ -834,7 +834,7 @@ impl SegmentAccountant {
         idx: usize,
         lsn: Lsn,
     ) -> Result<()> {
-        let cleanup_threshold = SEGMENT_CLEANUP_THRESHOLD;
+        let cleanup_threshold = SEGMENT_DRAIN_LIVE_PCT;
 
         let segment_start = (idx * self.config.segment_size) as LogOffset;
 
