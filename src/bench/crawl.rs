@@ -306,9 +306,9 @@ async fn run(config: &serde_json::Value, store: bool) -> Result<serde_json::Valu
 
 /// The crawl as `harvest serve` runs it: the runtime over a sled store in a temporary directory,
 /// whose one worker claims the session and commits every checkpoint under its lease, and nothing
-/// else. (Until this version the bench ran `harvest run`'s path, which also writes every record
-/// as a JSON line and has each checkpoint batch cloned for that writer: work a served worker does
-/// not do.) Returns pages, records, HTTP errors and checkpoints, as the session counted them,
+/// else. (Not `harvest run`'s path, which also writes every record as a JSON line and has each
+/// checkpoint batch cloned for that writer: work a served worker does not do.) Returns pages,
+/// records, HTTP errors and checkpoints, as the session counted them,
 /// and the time from the submission to the durable completion (without opening the store and
 /// the service, and shutting them down).
 async fn served(
