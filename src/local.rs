@@ -162,9 +162,30 @@ pub async fn run_local(
     run_in(config, params, job, out, progress, stop, dir.path()).await
 }
 
+/// The service of a local run: one worker over a sled store in `dir` (created if needed),
+/// running `job`, with `observer` told of every committed checkpoint. Not started.
+pub async fn open_local(
+    dir: &Path,
+    job: Kinds,
+    observer: Option<Arc<dyn CommitObserver>>,
+) -> Result<Harvest, RunError> {
+    let store = crate::store::sled::SledStore::open(dir)
+        .map_err(|e| RunError::Store(format!("resume store: {e}")))?;
+    let mut service = Config::default();
+    service.workers.concurrency = 1;
+    service.data_dir = dir.to_path_buf();
+    let mut builder = Harvest::builder(service)
+        .store(Arc::new(store))
+        .job(Arc::new(job));
+    if let Some(observer) = observer {
+        builder = builder.observe_commits(observer);
+    }
+    Ok(builder.open().await?)
+}
+
 /// The jobs of a local run: the scraper, and Web-Harvest with its files under `./exports` (as
 /// the service's default `export.dir`).
-fn kinds(settings: &EngineSettings) -> Kinds {
+pub fn kinds(settings: &EngineSettings) -> Kinds {
     let webharvest = crate::webharvest::WebHarvestSettings {
         guard: settings.guard.clone(),
         export_dir: Some(Config::default().export.dir),
@@ -217,18 +238,8 @@ async fn run_in(
         .unwrap_or("run")
         .to_string();
     let started = Instant::now();
-    let store = crate::store::sled::SledStore::open(dir)
-        .map_err(|e| RunError::Store(format!("resume store: {e}")))?;
     let printer = Arc::new(Printer::new(out, progress));
-    let mut service = Config::default();
-    service.workers.concurrency = 1;
-    service.data_dir = dir.to_path_buf();
-    let harvest = Harvest::builder(service)
-        .store(Arc::new(store))
-        .job(Arc::new(job))
-        .observe_commits(printer.clone())
-        .open()
-        .await?;
+    let harvest = open_local(dir, job, Some(printer.clone() as Arc<dyn CommitObserver>)).await?;
     let id = SessionId::parse(LOCAL_SESSION)
         .map_err(|e| RunError::Store(format!("the local session id: {e}")))?;
     let existing = harvest.get(&id).await?;

@@ -13,15 +13,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::sitegen::{SiteOptions, serve};
-use harvest::config::Config;
 use harvest::engine::MemoryCrawlState;
 use harvest::engine::{EngineSettings, ScrapeJob, compile, parse_config_text};
 use harvest::job::{CheckpointSink, CommitError, JobOutcome, StopSignal};
-use harvest::kinds::Kinds;
-use harvest::store::sled::SledStore;
+use harvest::local::{kinds, open_local};
 use harvest::store::{CheckpointBatch, ResumeState};
-use harvest::webharvest::WebHarvestSettings;
-use harvest::{ClientContext, Harvest, SessionStatus, SubmitRequest};
+use harvest::{ClientContext, SessionStatus, SubmitRequest};
 
 /// The config every crawl bench runs: the README's example (examples/catalog.toml).
 pub const CATALOG_TOML: &str = include_str!("../../examples/catalog.toml");
@@ -316,15 +313,8 @@ async fn served(
 ) -> Result<((u64, u64, u64, u64), Duration), BenchError> {
     let crawl = |what: &str, e: &dyn std::fmt::Display| BenchError::Crawl(format!("{what}: {e}"));
     let dir = tempfile::TempDir::new().map_err(|e| crawl("a temporary directory", &e))?;
-    let store = SledStore::open(dir.path()).map_err(|e| crawl("the sled store", &e))?;
-    let mut service = Config::default();
-    service.workers.concurrency = 1;
-    service.data_dir = dir.path().to_path_buf();
-    let kinds = Kinds::new(EngineSettings::default(), WebHarvestSettings::default());
-    let harvest = Harvest::builder(service)
-        .store(Arc::new(store))
-        .job(Arc::new(kinds))
-        .open()
+    // `harvest run`'s service and jobs, without its record printer.
+    let harvest = open_local(dir.path(), kinds(&EngineSettings::default()), None)
         .await
         .map_err(|e| crawl("opening the service", &e))?;
     let submitted = Instant::now();
