@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -33,12 +34,35 @@ impl<T, R> Clone for Batcher<T, R> {
     }
 }
 
+/// How many batches are written at once, and when a second one goes beside the first.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Lanes {
+    /// At most this many batches being written at once.
+    pub(crate) max: usize,
+    /// How long a batch waits for one being written to end before it goes beside it; zero: it
+    /// goes at once. Waiting makes batches larger (the items that arrive meanwhile join the
+    /// waiting one), which pays where each statement costs much (PostgreSQL), while the bound
+    /// keeps a batch that stalls (on a row lock another process holds) from stalling every
+    /// call behind it.
+    pub(crate) overlap_after: Duration,
+}
+
+impl Lanes {
+    /// Up to `max` batches at once, each going as soon as a lane is free.
+    pub(crate) const fn at_once(max: usize) -> Lanes {
+        Lanes {
+            max,
+            overlap_after: Duration::ZERO,
+        }
+    }
+}
+
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
-    /// Starts the batching task: batches of at most `max` items, at most `in_flight` of them
-    /// being written at once, each by `write`.
+    /// Starts the batching task: batches of at most `max` items, written by `write` in
+    /// `lanes`.
     pub(crate) fn start<W, F>(
         max: usize,
-        in_flight: usize,
+        lanes: Lanes,
         write: W,
     ) -> (Batcher<T, R>, tokio::task::JoinHandle<()>)
     where
@@ -46,7 +70,11 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         F: Future<Output = ()> + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(rx, max.max(1), in_flight.max(1), write));
+        let lanes = Lanes {
+            max: lanes.max.max(1),
+            ..lanes
+        };
+        let task = tokio::spawn(run(rx, max.max(1), lanes, write));
         (Batcher { tx }, task)
     }
 
@@ -62,7 +90,7 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
 async fn run<T, R, W, F>(
     mut rx: mpsc::UnboundedReceiver<(T, oneshot::Sender<R>)>,
     max: usize,
-    in_flight: usize,
+    lanes: Lanes,
     write: W,
 ) where
     T: Send + 'static,
@@ -70,13 +98,19 @@ async fn run<T, R, W, F>(
     W: Fn(Batch<T, R>) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(in_flight));
+    let slots = Arc::new(Semaphore::new(lanes.max));
     let mut writing = JoinSet::new();
     while let Some(first) = rx.recv().await {
         // Wait for a free slot first: items arriving meanwhile join this batch.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
+        while writing.try_join_next().is_some() {}
+        if !lanes.overlap_after.is_zero() && !writing.is_empty() {
+            // A batch is being written: give it `overlap_after` to end (cancel-safe: a write
+            // that ends later is joined later).
+            let _ = tokio::time::timeout(lanes.overlap_after, writing.join_next()).await;
+        }
         let mut batch = vec![first];
         while batch.len() < max {
             match rx.try_recv() {
@@ -163,53 +197,133 @@ mod tests {
     /// each gets its own answer.
     #[tokio::test]
     async fn calls_arriving_during_a_write_go_together_and_each_gets_its_answer() {
-        let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
-        let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
-        let seen = sizes.clone();
-        let (batcher, task) = Batcher::<u32, u32>::start(64, 1, move |batch| {
-            let seen = seen.clone();
-            let mut gate = gate_rx.clone();
-            async move {
-                if let Ok(mut s) = seen.lock() {
-                    s.push(batch.len());
-                }
-                // The first batch is held until the others are queued.
-                let _ = gate.wait_for(|open| *open).await;
-                for (item, answer) in batch {
-                    let _ = answer.send(item * 10);
-                }
-            }
-        });
-        let first = tokio::spawn({
-            let b = batcher.clone();
-            async move { b.call(1).await }
-        });
-        // Bounded wait for the first batch to start.
-        for _ in 0..200 {
-            if sizes.lock().map(|s| s.len()).unwrap_or(0) == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let rest: Vec<_> = (2..=5)
-            .map(|i| {
-                let b = batcher.clone();
-                tokio::spawn(async move { b.call(i).await })
-            })
-            .collect();
+        let g = Gated::start(Lanes::at_once(1));
+        let (first, rest) = g.one_held_then_four().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let _ = gate_tx.send(true);
+        let _ = g.gate.send(true);
         assert_eq!(first.await.ok().flatten(), Some(10));
         for (i, r) in (2..=5).zip(rest) {
             assert_eq!(r.await.ok().flatten(), Some(i * 10));
         }
-        assert_eq!(sizes.lock().map(|s| s.clone()).unwrap_or_default(), [1, 4]);
-        drop(batcher);
+        assert_eq!(g.sizes(), [1, 4]);
+        drop(g.batcher);
         assert!(
-            tokio::time::timeout(Duration::from_secs(5), task)
+            tokio::time::timeout(Duration::from_secs(5), g.task)
                 .await
                 .is_ok()
         );
+    }
+
+    /// A batcher whose writer records each batch's size and holds the batch holding item 1
+    /// until `gate` opens; every other batch is answered at once.
+    struct Gated {
+        batcher: Batcher<u32, u32>,
+        sizes: Arc<Mutex<Vec<usize>>>,
+        gate: tokio::sync::watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Gated {
+        fn start(lanes: Lanes) -> Gated {
+            let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+            let (gate, gate_rx) = tokio::sync::watch::channel(false);
+            let seen = sizes.clone();
+            let (batcher, task) = Batcher::<u32, u32>::start(64, lanes, move |batch| {
+                let seen = seen.clone();
+                let mut gate = gate_rx.clone();
+                async move {
+                    if let Ok(mut s) = seen.lock() {
+                        s.push(batch.len());
+                    }
+                    if batch.iter().any(|(item, _)| *item == 1) {
+                        let _ = gate.wait_for(|open| *open).await;
+                    }
+                    for (item, answer) in batch {
+                        let _ = answer.send(item * 10);
+                    }
+                }
+            });
+            Gated {
+                batcher,
+                sizes,
+                gate,
+                task,
+            }
+        }
+
+        fn sizes(&self) -> Vec<usize> {
+            self.sizes.lock().map(|s| s.clone()).unwrap_or_default()
+        }
+
+        /// Sends item 1 (held), waits until its batch is being written, then sends 2 to 5;
+        /// their answers.
+        async fn one_held_then_four(
+            &self,
+        ) -> (
+            tokio::task::JoinHandle<Option<u32>>,
+            Vec<tokio::task::JoinHandle<Option<u32>>>,
+        ) {
+            let first = tokio::spawn({
+                let b = self.batcher.clone();
+                async move { b.call(1).await }
+            });
+            for _ in 0..200 {
+                if self.sizes().len() == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let rest = (2..=5)
+                .map(|i| {
+                    let b = self.batcher.clone();
+                    tokio::spawn(async move { b.call(i).await })
+                })
+                .collect();
+            (first, rest)
+        }
+    }
+
+    /// With two lanes and an `overlap_after`, the next batch waits for the one being written
+    /// (gathering what arrives meanwhile) rather than going beside it at once.
+    #[tokio::test]
+    async fn a_batch_waits_for_the_one_being_written_up_to_overlap_after() {
+        let g = Gated::start(Lanes {
+            max: 2,
+            overlap_after: Duration::from_secs(30),
+        });
+        let (first, rest) = g.one_held_then_four().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            g.sizes(),
+            [1],
+            "the second lane opened while the first batch was written, well before overlap_after"
+        );
+        let _ = g.gate.send(true);
+        assert_eq!(first.await.ok().flatten(), Some(10));
+        for (i, r) in (2..=5).zip(rest) {
+            assert_eq!(r.await.ok().flatten(), Some(i * 10));
+        }
+        assert_eq!(g.sizes(), [1, 4]);
+    }
+
+    /// A batch that stalls longer than `overlap_after` (a finish blocked on a row lock) does
+    /// not hold up the calls behind it: they go in the second lane and are answered while it
+    /// still waits.
+    #[tokio::test]
+    async fn a_stalled_batch_lets_the_next_go_beside_it_after_overlap_after() {
+        let g = Gated::start(Lanes {
+            max: 2,
+            overlap_after: Duration::from_millis(50),
+        });
+        let (first, rest) = g.one_held_then_four().await;
+        for (i, r) in (2..=5).zip(rest) {
+            let got = tokio::time::timeout(Duration::from_secs(10), r).await;
+            assert_eq!(got.ok().and_then(|r| r.ok()).flatten(), Some(i * 10));
+        }
+        assert!(!first.is_finished(), "the first batch is still held");
+        assert_eq!(g.sizes(), [1, 4]);
+        let _ = g.gate.send(true);
+        assert_eq!(first.await.ok().flatten(), Some(10));
     }
 
     /// A writer whose batch fails with `fail`; counts the items written on their own.

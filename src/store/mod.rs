@@ -776,6 +776,16 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// Whether batches of writes (finishes, combined submissions) are better written one at a
+    /// time: each statement costs much beside each row in it, so a batch that waits for the one
+    /// being written gathers more and costs less per session (PostgreSQL). The batcher then
+    /// lets a second batch go beside the first only when the first is slow (a finish blocked
+    /// on a row lock another process holds). `false` (sled): staging the
+    /// next batch while the flusher makes the previous one durable costs nothing extra.
+    fn batches_one_at_a_time(&self) -> bool {
+        false
+    }
+
     /// Whether the store records every session event itself, with the transition that causes
     /// it, in one log shared by every process using it (PostgreSQL). Then the runtime feeds each
     /// process's event bus from [`Store::events_after`] instead of publishing what the process

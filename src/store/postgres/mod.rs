@@ -446,6 +446,10 @@ impl Store for PostgresStore {
         true
     }
 
+    fn batches_one_at_a_time(&self) -> bool {
+        true
+    }
+
     async fn events_after(
         &self,
         p: crate::store::EventsAfter,
