@@ -230,8 +230,8 @@ const COMBINE_MAX: usize = 256;
 /// (1048 -> 617 INSERTs per 5000 sessions end to end) but no faster in alternating runs
 /// (x0.74-1.07), and left a batch that waits, or one rewritten item by item, alone in its lane.
 /// Letting the second lane open only after 10 ms, as finishes do on PostgreSQL
-/// ([`Lanes::overlap_after`]): 1.09x the submissions per second but 0.97x end to end, in one
-/// round of four alternating binaries; not taken.
+/// ([`Lanes::overlap_after`]), alternating with it at once in 6 pairs: 0.98-1.09x the
+/// submissions per second (median 1.06x) but 0.90-1.02x end to end (median 0.93x); not taken.
 const COMBINE_IN_FLIGHT: usize = 2;
 
 /// Most submissions waiting in or for the batches in flight. Beyond it a submission goes alone
