@@ -605,7 +605,7 @@ impl Fetcher {
         *usage += robots_usage;
         let refused = match robots {
             Robots::AllowAll => return Ok(()),
-            Robots::Rules(r) if r.allowed(url.as_str()) => return Ok(()),
+            Robots::Rules(r) if r.allowed(robots_target(url)) => return Ok(()),
             Robots::Rules(_) => PageError::RobotsBlocked,
             Robots::DisallowAll(why) => PageError::RobotsUnreachable(why.clone()),
         };
@@ -673,4 +673,65 @@ fn retry_after_value(v: Option<&str>) -> Option<Duration> {
     let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
     let delta = when.timestamp_millis() - chrono::Utc::now().timestamp_millis();
     Some(Duration::from_millis(delta.max(0) as u64))
+}
+
+/// What robots.txt rules are matched against: `url`'s path, query and fragment, as `Url`
+/// serializes them (percent-encoded). `Robot::allowed` takes a whole URL too, but then parses
+/// it again to cut out this very part: a parse per page (about 6,000 instructions, 1.7% of an
+/// in-memory crawl's under callgrind). Given this part, it parses nothing (a string starting
+/// with `/` is not an absolute URL) and only percent-encodes what `Url` already has.
+fn robots_target(url: &Url) -> &str {
+    &url[url::Position::BeforePath..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The part handed to `Robot::allowed` decides as the whole URL does, for paths that are
+    /// encoded, unicode, spaced, doubled, queried or wildcarded.
+    #[test]
+    fn robots_rules_decide_the_same_on_the_path_as_on_the_whole_url() {
+        let rules = b"User-agent: *\n\
+            Disallow: /private\n\
+            Disallow: /*.pdf$\n\
+            Disallow: /search?q=\n\
+            Allow: /private/open\n\
+            Disallow: /caf%C3%A9\n\
+            Disallow: /a%20b\n\
+            Disallow: //double\n";
+        let robot = Robot::new("harvest", rules).expect("rules");
+        let urls = [
+            "http://h.test/",
+            "http://h.test",
+            "http://h.test/private/x",
+            "http://h.test/private/open/y",
+            "http://h.test/doc.pdf",
+            "http://h.test/doc.pdf?x=1",
+            "http://h.test/search?q=shoes",
+            "http://h.test/search?page=2",
+            "http://h.test/café",
+            "http://h.test/a b",
+            "http://h.test/a%20b",
+            "http://h.test//double/x",
+            "http://h.test/x#frag",
+            "http://h.test/robots.txt",
+            "https://user:pw@h.test:8443/private?x=<y>",
+        ];
+        for raw in urls {
+            let url = Url::parse(raw).expect(raw);
+            assert_eq!(
+                robot.allowed(robots_target(&url)),
+                robot.allowed(url.as_str()),
+                "{raw}: {}",
+                robots_target(&url)
+            );
+        }
+        // The cases above do decide both ways.
+        let decided = |raw: &str| robot.allowed(robots_target(&Url::parse(raw).expect(raw)));
+        assert!(!decided("http://h.test/private/x"));
+        assert!(decided("http://h.test/private/open/y"));
+        assert!(!decided("http://h.test/café"));
+        assert!(!decided("http://h.test/a b"));
+    }
 }
