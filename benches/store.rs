@@ -110,7 +110,7 @@ fn pending(now: Timestamp) -> Session {
         SessionId::generate(),
         ClientContext::of("bench"),
         JobSpec {
-            config: CONFIG.clone(),
+            config: CONFIG.clone().into(),
             params: Default::default(),
             agent: None,
         },

@@ -351,7 +351,7 @@ mod tests {
             SessionId::parse(id).expect("id"),
             ClientContext::of(client),
             JobSpec {
-                config: serde_json::json!({}),
+                config: serde_json::json!({}).into(),
                 params: Default::default(),
                 agent: None,
             },

@@ -288,7 +288,7 @@ impl JobView {
     /// The job of a session.
     pub fn of(s: &Session) -> JobView {
         JobView {
-            config: s.job.config.clone(),
+            config: s.job.config.value().clone(),
             params: s.job.params.clone(),
             agent: s.job.agent.clone(),
         }

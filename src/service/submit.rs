@@ -50,7 +50,7 @@ impl Harvest {
             id.clone(),
             req.client,
             JobSpec {
-                config: req.config,
+                config: req.config.into(),
                 params: req.params,
                 agent: req.agent.clone(),
             },

@@ -390,7 +390,7 @@ mod tests {
             SessionId::parse("s").unwrap(),
             ClientContext::of("c"),
             JobSpec {
-                config: serde_json::json!({}),
+                config: serde_json::json!({}).into(),
                 params: Default::default(),
                 agent: None,
             },

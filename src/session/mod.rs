@@ -4,6 +4,7 @@
 //! by the `api` module (JSON) and moved through its states only by compare-and-set methods of the
 //! `Store` trait. Nothing in this module does I/O.
 
+mod config;
 mod error;
 mod lifecycle;
 mod options;
@@ -11,6 +12,7 @@ mod progress;
 mod time;
 mod v1;
 
+pub use config::JobConfig;
 pub use error::{ErrorKind, SessionError};
 pub use lifecycle::{CancelDecision, Progress, RequeueOutcome, Transition};
 pub use options::{OptionsPatch, SessionOptions};
@@ -350,9 +352,8 @@ pub type Context = BTreeMap<String, ContextValue>;
 /// What a session runs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
-    /// The scraper config, normalized to JSON (validated at submission).
-    #[serde(with = "json_text")]
-    pub config: serde_json::Value,
+    /// The scraper config, normalized to JSON (validated at submission); parsed on first read.
+    pub config: JobConfig,
     /// Session parameters; they override the config's `[vars]`.
     pub params: BTreeMap<String, String>,
     /// The agent this session runs for, if any.

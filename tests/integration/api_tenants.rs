@@ -337,7 +337,7 @@ async fn a_session_stored_before_tenant_scoped_ids_stays_its_clients() {
         "legacy".parse().unwrap(),
         harvest::ClientContext::of("acme"),
         harvest::session::JobSpec {
-            config: json!({"name": "x"}),
+            config: json!({"name": "x"}).into(),
             params: Default::default(),
             agent: None,
         },

@@ -650,7 +650,7 @@ fn session(config: Value) -> Session {
         client: ClientContext::of("test"),
         status: SessionStatus::Running,
         job: JobSpec {
-            config,
+            config: config.into(),
             params: BTreeMap::new(),
             agent: None,
         },

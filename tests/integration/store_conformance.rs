@@ -146,7 +146,7 @@ pub fn session(id: &str) -> Session {
         client: ClientContext::of("c1"),
         status: SessionStatus::Pending,
         job: JobSpec {
-            config: serde_json::json!({"name": "t", "start_urls": ["http://127.0.0.1:1/"]}),
+            config: serde_json::json!({"name": "t", "start_urls": ["http://127.0.0.1:1/"]}).into(),
             params: BTreeMap::new(),
             agent: None,
         },

@@ -122,7 +122,7 @@ fn session(xml: &str, params: &[(&str, &str)]) -> Session {
         SessionId::parse("wh-session").expect("id"),
         ClientContext::of("tests"),
         JobSpec {
-            config: Value::String(xml.to_string()),
+            config: Value::String(xml.to_string()).into(),
             params: params
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -285,7 +285,7 @@ mod fuzz {
                     key.id.clone(),
                     crate::session::ClientContext::of(client),
                     crate::session::JobSpec {
-                        config: serde_json::json!({}),
+                        config: serde_json::json!({}).into(),
                         params: Default::default(),
                         agent: None,
                     },

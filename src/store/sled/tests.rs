@@ -21,7 +21,7 @@ async fn pending(store: &SledStore) -> SessionId {
         id.clone(),
         crate::session::ClientContext::of("t"),
         crate::session::JobSpec {
-            config: serde_json::json!({}),
+            config: serde_json::json!({}).into(),
             params: Default::default(),
             agent: None,
         },
