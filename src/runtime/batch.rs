@@ -251,6 +251,14 @@ mod tests {
             }
         }
 
+        /// Two lanes, the second opening after `overlap_after`.
+        fn two_lanes(overlap_after: Duration) -> Gated {
+            Gated::start(Lanes {
+                max: 2,
+                overlap_after,
+            })
+        }
+
         fn sizes(&self) -> Vec<usize> {
             self.sizes.lock().map(|s| s.clone()).unwrap_or_default()
         }
@@ -287,10 +295,7 @@ mod tests {
     /// (gathering what arrives meanwhile) rather than going beside it at once.
     #[tokio::test]
     async fn a_batch_waits_for_the_one_being_written_up_to_overlap_after() {
-        let g = Gated::start(Lanes {
-            max: 2,
-            overlap_after: Duration::from_secs(30),
-        });
+        let g = Gated::two_lanes(Duration::from_secs(30));
         let (first, rest) = g.one_held_then_four().await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
@@ -311,10 +316,7 @@ mod tests {
     /// still waits.
     #[tokio::test]
     async fn a_stalled_batch_lets_the_next_go_beside_it_after_overlap_after() {
-        let g = Gated::start(Lanes {
-            max: 2,
-            overlap_after: Duration::from_millis(50),
-        });
+        let g = Gated::two_lanes(Duration::from_millis(50));
         let (first, rest) = g.one_held_then_four().await;
         for (i, r) in (2..=5).zip(rest) {
             let got = tokio::time::timeout(Duration::from_secs(10), r).await;

@@ -6,8 +6,9 @@
 //! once; finishes that arrive while [`IN_FLIGHT`] batches are being written (on PostgreSQL,
 //! while one is and for up to [`OVERLAP_AFTER`]) queue up and go together as the next batch.
 //! So an idle queue pays no latency, and a busy one pays one durable commit per batch instead
-//! of one per session. Each attempt still gets its own answer and keeps its own retries: a finish is a compare-and-set on (status, attempt, owner), so
-//! batching changes when it is written, never what.
+//! of one per session. Each attempt still gets its own answer and keeps its own retries: a
+//! finish is a compare-and-set on (status, attempt, owner), so batching changes when it is
+//! written, never what.
 
 use std::sync::Arc;
 
