@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tracing::Instrument;
+use futures::FutureExt;
 
 use super::finisher::Finisher;
 use super::worker::{Registered, Slot, WorkerSettings};
@@ -359,7 +359,6 @@ impl Attempt {
                 .await;
             return;
         }
-        let span = tracing::Span::current();
         // Frontier, seen set and records are only ever written by checkpoints: a session that
         // has committed none has nothing to resume, and skipping the read saves three queries
         // per session on PostgreSQL (measured with bench queue).
@@ -414,22 +413,26 @@ impl Attempt {
             sink,
             stop: self.stop.clone(),
         };
+        // The job runs inside this task, not a task of its own: it cannot outlive the attempt
+        // (dropping its future is aborting it), a panic is caught here as one of a spawned task
+        // would be, and a session pays one task spawn, not two (callgrind, `bench queue` on
+        // sled: the second spawn, its join handle and the wake-up across tasks at the job's end
+        // were about 3,900 instructions per session, a fifth of the attempt task's own). A job
+        // that computes for long between awaits delays only its own heartbeats: the crawl
+        // processes pages in tasks of their own.
         let job = self.s.job.clone();
-        let job_task = tokio::spawn(async move { job.run(ctx).await }.instrument(span));
-        let Some(outcome) = self.supervise(job_task).await else {
-            return;
-        };
+        let run = std::panic::AssertUnwindSafe(job.run(ctx)).catch_unwind();
+        let outcome = self.supervise(run).await;
         self.conclude(outcome, &export).await;
     }
 
     /// Waits for the job while renewing the lease, relaying a client's cancel and enforcing
-    /// `max_duration`; `None` when the job's task was cancelled from outside.
+    /// `max_duration`.
     async fn supervise(
         &self,
-        mut job_task: tokio::task::JoinHandle<JobOutcome>,
-    ) -> Option<JobOutcome> {
-        // The job must not outlive the attempt, even when this code panics.
-        let _abort = AbortOnDrop(job_task.abort_handle());
+        job: impl Future<Output = std::thread::Result<JobOutcome>>,
+    ) -> JobOutcome {
+        let mut job = std::pin::pin!(job);
         let lease = self.s.workers.lease();
         let beat_every = (lease / 3).max(Duration::from_millis(200));
         let max_duration = self.session.options.max_duration();
@@ -444,18 +447,17 @@ impl Attempt {
                 (None, None) => started + Duration::from_secs(365 * 86400),
             };
             tokio::select! {
-                res = &mut job_task => {
+                res = &mut job => {
                     return match res {
-                        Ok(o) => Some(o),
-                        Err(e) if e.is_panic() => {
+                        Ok(o) => o,
+                        Err(_) => {
                             tracing::error!("the job panicked");
-                            Some(JobOutcome::Failed {
+                            JobOutcome::Failed {
                                 error: SessionError::new(ErrorKind::JobPanicked, "the job panicked; see the service log"),
                                 retry: Retry::Backoff,
                                 batch: CheckpointBatch::default(),
-                            })
+                            }
                         }
-                        Err(_) => None,
                     };
                 }
                 _ = beat.tick() => {
@@ -483,8 +485,7 @@ impl Attempt {
                     if stop_deadline.is_some() {
                         // The job ignored its stop signal for STOP_GRACE: abort it.
                         tracing::warn!("the job did not stop within {STOP_GRACE:?}; aborting it");
-                        job_task.abort();
-                        return Some(JobOutcome::Stopped(CheckpointBatch::default()));
+                        return JobOutcome::Stopped(CheckpointBatch::default());
                     }
                     stop.stop(StopReason::MaxDuration);
                     stop_deadline = Some(tokio::time::Instant::now() + STOP_GRACE);
@@ -746,14 +747,5 @@ impl Attempt {
                 }
             }
         }
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
