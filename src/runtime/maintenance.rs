@@ -38,8 +38,8 @@ pub fn leader_ttl(interval: Duration) -> Duration {
     (interval * 5).max(Duration::from_secs(5))
 }
 
-/// Most sessions one store call of a job handles; reclaims and overdue checks leave the rest to
-/// the next tick, cleanup goes on for up to half a tick ([`Maintainer::expire`]).
+/// Most sessions one store call of a job handles; reclaims and cleanup go on for up to half a
+/// tick ([`Maintainer::in_pages`]), overdue checks leave the rest to the next tick.
 const PER_TICK: usize = 1000;
 
 /// The gauges' refresh takes at most 1/`COUNTS_DUTY` of the time: the next one waits this many
@@ -209,12 +209,15 @@ impl Maintainer {
     async fn jobs(&self) -> Result<MaintenanceReport, StoreError> {
         let now = self.clock.now();
         let reclaimed = self
-            .reclaim(
-                now,
-                self.reclaim_backoff,
-                now,
-                "lease expired; session reclaimed",
-            )
+            .in_pages(|| async move {
+                self.reclaim(
+                    now,
+                    self.reclaim_backoff,
+                    now,
+                    "lease expired; session reclaimed",
+                )
+                .await
+            })
             .await?;
         let overdue = self.end_overdue(now).await?;
         let expired = self.expire(now).await?;
@@ -225,15 +228,32 @@ impl Maintainer {
         })
     }
 
-    /// Removes sessions past their timeout, [`PER_TICK`] at a time, until fewer than a page are
-    /// due or half a tick has gone by. One page per tick capped cleanup at 1,000 sessions a
-    /// second (with the default 1 s tick): a queue ending more than that never caught up, and
-    /// the soak's release build (1.6-1.8k short sessions a second) ended with 40-50k expired
-    /// sessions still stored. The bound keeps a backlog from starving the tick's other jobs.
-    async fn expire(&self, now: Timestamp) -> Result<usize, StoreError> {
+    /// Calls `page` (a job handling up to [`PER_TICK`] sessions, returning how many it did)
+    /// until a page comes back short or half a tick has gone by; the total. One page per tick
+    /// capped cleanup at 1,000 sessions a second (with the default 1 s tick): a queue ending
+    /// more than that never caught up (the soak's release build, 1.6-1.8k short sessions a
+    /// second, ended with 40-50k expired sessions still stored), and the sessions of a dead
+    /// worker with a full local buffer (`workers.prefetch` and more) waited one tick per
+    /// thousand for their reclaim. The bound keeps a backlog from starving the tick's other
+    /// jobs.
+    async fn in_pages<F: Future<Output = Result<usize, StoreError>>>(
+        &self,
+        mut page: impl FnMut() -> F,
+    ) -> Result<usize, StoreError> {
         let started = Instant::now();
         let mut total = 0;
         loop {
+            let n = page().await?;
+            total += n;
+            if n < PER_TICK || started.elapsed() >= self.interval / 2 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Removes sessions past their timeout, [`PER_TICK`] at a time ([`Maintainer::in_pages`]).
+    async fn expire(&self, now: Timestamp) -> Result<usize, StoreError> {
+        self.in_pages(|| async move {
             let expired = self
                 .store
                 .sessions_expire(SessionsExpire {
@@ -241,13 +261,10 @@ impl Maintainer {
                     limit: PER_TICK,
                 })
                 .await?;
-            let n = expired.len();
             self.effects.removed(&expired).await;
-            total += n;
-            if n < PER_TICK || started.elapsed() >= self.interval / 2 {
-                return Ok(total);
-            }
-        }
+            Ok(expired.len())
+        })
+        .await
     }
 
     /// Ends RUNNING sessions past `max_duration + MAX_DURATION_BACKSTOP` as FAILED

@@ -231,6 +231,45 @@ async fn reclaim_racing_a_late_heartbeat_has_exactly_one_winner() {
     assert_eq!(renewed + reclaimed, 20);
 }
 
+/// A dead worker's sessions come back in one pass however many it held: a worker with a full
+/// local buffer (`workers.prefetch` and more) leaves thousands of expired leases at once, and
+/// one page of 1,000 per tick made the rest wait a tick per thousand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pass_reclaims_more_expired_leases_than_a_page() {
+    const N: usize = 2_500;
+    let f = fixture(|_| {}).await;
+    for chunk in 0..N.div_ceil(1000) {
+        let reqs = (chunk * 1000..((chunk + 1) * 1000).min(N))
+            .map(|i| submit_req(&format!("s{i}"), SessionOptions::default()))
+            .collect();
+        for r in f.harvest.submit_many(reqs).await.expect("submit") {
+            r.expect("created");
+        }
+    }
+    let mut claimed = 0;
+    loop {
+        let got = claim(&f, "dead-worker", 1000).await.len();
+        if got == 0 {
+            break;
+        }
+        claimed += got;
+    }
+    assert_eq!(claimed, N);
+    f.clock.advance(Duration::from_secs(4));
+    let report = f.harvest.maintain_once().await.expect("maintenance");
+    assert_eq!(report.reclaimed, N, "every expired lease in one pass");
+    let counts = f
+        .harvest
+        .store()
+        .session_counts(f.clock.now())
+        .await
+        .expect("counts");
+    assert_eq!(
+        counts.by_status.get(&SessionStatus::Pending).copied(),
+        Some(N as u64)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_duration_ends_an_attempt_that_never_finishes() {
     let f = fixture(|_| {}).await;
