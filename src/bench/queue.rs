@@ -441,10 +441,12 @@ async fn burn_down(args: &QueueBenchArgs, backend: &Backend<'_>) -> anyhow::Resu
         "burn down: {done} of {} sessions completed",
         args.burn
     );
+    let burn = args.burn as f64 / burn_secs;
+    // Said before the shutdown and the removal of the bench's sessions, so that the line's time
+    // ends the phase in a profile of it (as the store-alone phase's own lines do).
+    say(args, &format!("burn down: {burn:.0}/s"));
     harvest.shutdown(Duration::from_secs(5)).await?;
     place.remove().await?;
-    let burn = args.burn as f64 / burn_secs;
-    say(args, &format!("burn down: {burn:.0}/s"));
     let store = store_burn(args, backend).await?;
     say(
         args,
@@ -498,6 +500,7 @@ async fn store_burn(args: &QueueBenchArgs, backend: &Backend<'_>) -> anyhow::Res
     const TASKS: usize = 4;
     let (harvest, place) = open(backend, 0, 0).await?;
     submit_batches(&harvest, args.burn).await?;
+    say(args, "store alone: burning down");
     let cpu0 = super::process_cpu_secs();
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -552,6 +555,7 @@ async fn store_burn(args: &QueueBenchArgs, backend: &Backend<'_>) -> anyhow::Res
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = super::process_cpu_secs() - cpu0;
+    say(args, "store alone: burnt down");
     anyhow::ensure!(
         done == args.burn,
         "store burn-down: {done} of {} sessions completed",
